@@ -1,0 +1,1 @@
+//! The appliance: tun, DNS and netstack sidecar for unmodified apps (being built).

@@ -1,0 +1,485 @@
+//! `hybridlink hc ...`: manage hybrid connections through the relay's
+//! management API (plain HTTP, normally on the relay host's loopback).
+//!
+//! Every command prints the API's JSON answer on stdout, pretty-printed; an
+//! error becomes a one-line reason (the API's own where it gave one).
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use proto::name::{HcName, Host};
+use serde_json::{Value, json};
+
+/// Where the management API is and how to authenticate to it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Base URL of the relay's management API (plain http; the relay serves
+    /// it on loopback, see `relay serve --api`).
+    #[arg(
+        long = "api",
+        value_name = "URL",
+        env = "HYBRIDLINK_API",
+        default_value = "http://127.0.0.1:9444",
+        global = true
+    )]
+    pub api: String,
+
+    /// The relay's data directory, to read the manage key from DIR/manage.key
+    /// (works on the relay host). The environment variable
+    /// HYBRIDLINK_MANAGE_KEY, if set, gives the key directly and takes
+    /// precedence.
+    #[arg(long, value_name = "DIR", env = "HYBRIDLINK_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A rule of a hybrid connection, for `hc regenerate --rule`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleArg {
+    /// The send rule: the application side (appliance, connect, forward).
+    Send,
+    /// The listen rule: the on-premises agent.
+    Listen,
+}
+
+/// One of a rule's two keys, for `hc regenerate --key`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotArg {
+    /// The primary key.
+    Primary,
+    /// The secondary key.
+    Secondary,
+}
+
+/// Hybrid-connection management commands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum HcCommand {
+    /// Create a hybrid connection for HOST:PORT and print it with its four
+    /// connection strings (send and listen, primary and secondary), as JSON.
+    ///
+    /// Give a listen string to `hybridlink agent run` next to the service and
+    /// a send string to the application side.
+    Create {
+        /// Name of the hybrid connection: 1-64 characters of a-z, 0-9 and
+        /// '-', not starting or ending with '-' (upper case is folded).
+        name: HcName,
+        /// Host the agent dials: a DNS name (FQDN or short) or an IPv4
+        /// address, as the application knows it.
+        #[arg(long)]
+        host: Host,
+        /// TCP port the agent dials (1-65535).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: u16,
+    },
+    /// List the hybrid connections (name, host, port, creation time) as JSON.
+    List,
+    /// Show one hybrid connection as JSON.
+    Show {
+        /// Name of the hybrid connection.
+        name: HcName,
+    },
+    /// Delete a hybrid connection and its keys, and print what it was as JSON.
+    Delete {
+        /// Name of the hybrid connection.
+        name: HcName,
+    },
+    /// Print the four connection strings of a hybrid connection as JSON:
+    /// send and listen, each with its primary and secondary key.
+    Keys {
+        /// Name of the hybrid connection.
+        name: HcName,
+    },
+    /// Replace one key of one rule with a new random key and print the
+    /// connection strings as JSON. New sessions signed with the old key are
+    /// refused at once; move clients to the other key first.
+    Regenerate {
+        /// Name of the hybrid connection.
+        name: HcName,
+        /// The rule whose key to replace.
+        #[arg(long, value_enum)]
+        rule: RuleArg,
+        /// Which of the rule's two keys to replace.
+        #[arg(long, value_enum)]
+        key: SlotArg,
+    },
+}
+
+/// Runs one `hc` command against the management API and prints its JSON
+/// answer on stdout.
+pub fn run(cmd: HcCommand, api: &ApiArgs) -> anyhow::Result<()> {
+    let client = Client::new(api)?;
+    let answer = match cmd {
+        HcCommand::Create { name, host, port } => client.call(
+            "POST",
+            "/api/v1/hcs",
+            Some(json!({ "name": name, "host": host, "port": port })),
+        )?,
+        HcCommand::List => client.call("GET", "/api/v1/hcs", None)?,
+        HcCommand::Show { name } => client.call("GET", &format!("/api/v1/hcs/{name}"), None)?,
+        HcCommand::Delete { name } => {
+            client.call("DELETE", &format!("/api/v1/hcs/{name}"), None)?
+        }
+        HcCommand::Keys { name } => {
+            client.call("GET", &format!("/api/v1/hcs/{name}/keys"), None)?
+        }
+        HcCommand::Regenerate { name, rule, key } => {
+            let rule = match rule {
+                RuleArg::Send => "send",
+                RuleArg::Listen => "listen",
+            };
+            let key = match key {
+                SlotArg::Primary => "primary",
+                SlotArg::Secondary => "secondary",
+            };
+            client.call(
+                "POST",
+                &format!("/api/v1/hcs/{name}/keys/regenerate"),
+                Some(json!({ "rule": rule, "key": key })),
+            )?
+        }
+    };
+    let text = serde_json::to_string_pretty(&answer)?;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        // A reader that stops early (`| head`) is not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.context("writing to stdout"),
+    }
+}
+
+/// Reads the manage key: `HYBRIDLINK_MANAGE_KEY`, else `DIR/manage.key`.
+fn manage_key(api: &ApiArgs) -> anyhow::Result<String> {
+    if let Ok(key) = std::env::var("HYBRIDLINK_MANAGE_KEY") {
+        let key = key.trim();
+        if !key.is_empty() {
+            return Ok(key.to_owned());
+        }
+    }
+    let Some(dir) = &api.data_dir else {
+        bail!(
+            "no manage key: pass --data-dir DIR (the relay's data directory, which holds manage.key) or set HYBRIDLINK_MANAGE_KEY"
+        );
+    };
+    let path = dir.join("manage.key");
+    let key = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read the manage key from {}; is --data-dir the relay's data directory, and may this user read it?",
+            path.display()
+        )
+    })?;
+    let key = key.trim();
+    if key.is_empty() {
+        bail!(
+            "{} is empty; restart the relay to rewrite it",
+            path.display()
+        );
+    }
+    Ok(key.to_owned())
+}
+
+/// A blocking client of the management API.
+struct Client {
+    base: String,
+    key: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    fn new(api: &ApiArgs) -> anyhow::Result<Client> {
+        let base = api.api.trim_end_matches('/').to_owned();
+        if !base.starts_with("http://") {
+            bail!(
+                "--api {} must be an http:// URL (the management API is plain HTTP on loopback)",
+                api.api
+            );
+        }
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build();
+        Ok(Client {
+            base,
+            key: manage_key(api)?,
+            agent: ureq::Agent::new_with_config(config),
+        })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let auth = format!("Bearer {}", self.key);
+        let result = match (method, body) {
+            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("Authorization", &auth)
+                .call(),
+            (_, Some(body)) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(body),
+            (_, None) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_empty(),
+        };
+        let mut response = result.map_err(|e| {
+            anyhow!(
+                "cannot reach the management API at {}: {e}; is `hybridlink relay serve` running, and is --api right?",
+                self.base
+            )
+        })?;
+        let status = response.status();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| anyhow!("reading the management API's answer failed: {e}"))?;
+        let json: Option<Value> = serde_json::from_str(&text).ok();
+        if !status.is_success() {
+            let reason = json
+                .as_ref()
+                .and_then(|j| j.get("error"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("management API answered {status}: {}", text.trim()));
+            bail!("{reason}");
+        }
+        json.ok_or_else(|| anyhow!("management API answered {status} with a body that is not JSON"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir =
+                std::env::temp_dir().join(format!("hybridlink-hc-test-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[derive(Parser, Debug)]
+    struct TestCli {
+        #[command(subcommand)]
+        cmd: HcCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    }
+
+    #[test]
+    fn parses_every_command() {
+        let cli = TestCli::try_parse_from([
+            "t",
+            "create",
+            "Payroll",
+            "--host",
+            "sql.corp",
+            "--port",
+            "1433",
+            "--api",
+            "http://x:1",
+        ])
+        .unwrap();
+        match cli.cmd {
+            HcCommand::Create { name, host, port } => {
+                assert_eq!(name.as_str(), "payroll");
+                assert_eq!(host.to_string(), "sql.corp");
+                assert_eq!(port, 1433);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(cli.api.api, "http://x:1");
+        let cli = TestCli::try_parse_from([
+            "t",
+            "regenerate",
+            "payroll",
+            "--rule",
+            "listen",
+            "--key",
+            "secondary",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.cmd,
+            HcCommand::Regenerate {
+                rule: RuleArg::Listen,
+                key: SlotArg::Secondary,
+                ..
+            }
+        ));
+        for args in [
+            &["t", "create", "bad_name", "--host", "h", "--port", "1"][..],
+            &["t", "create", "a", "--host", "h", "--port", "0"],
+            &["t", "create", "a", "--host", "bad host", "--port", "1"],
+            &[
+                "t",
+                "regenerate",
+                "a",
+                "--rule",
+                "manage",
+                "--key",
+                "primary",
+            ],
+            &["t", "show"],
+        ] {
+            assert!(TestCli::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+
+    /// Serves one canned HTTP answer and returns the request it got.
+    fn serve_once(status: &str, body: &str) -> (String, std::thread::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let answer = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let handle = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream);
+            let mut head = String::new();
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                head.push_str(&line);
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            reader.get_mut().write_all(answer.as_bytes()).unwrap();
+            head + &String::from_utf8(body).unwrap()
+        });
+        (url, handle)
+    }
+
+    fn args(url: String, dir: &std::path::Path) -> ApiArgs {
+        ApiArgs {
+            api: url,
+            data_dir: Some(dir.to_owned()),
+        }
+    }
+
+    #[test]
+    fn sends_the_key_and_body_and_returns_json() {
+        let dir = TempDir::new();
+        std::fs::write(dir.path().join("manage.key"), "secret-key\n").unwrap();
+        let (url, server) = serve_once("201 Created", "{\"name\":\"payroll\"}");
+        let client = Client::new(&args(url, dir.path())).unwrap();
+        let answer = client
+            .call("POST", "/api/v1/hcs", Some(json!({"name": "payroll"})))
+            .unwrap();
+        assert_eq!(answer, json!({"name": "payroll"}));
+        let request = server.join().unwrap();
+        assert!(
+            request.starts_with("POST /api/v1/hcs HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(
+            request
+                .to_ascii_lowercase()
+                .contains("authorization: bearer secret-key\r\n"),
+            "{request}"
+        );
+        let (_, body) = request.split_once("\r\n\r\n").unwrap();
+        let body: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body, json!({"name": "payroll"}));
+    }
+
+    #[test]
+    fn api_errors_become_their_one_line_reason() {
+        let dir = TempDir::new();
+        std::fs::write(dir.path().join("manage.key"), "k").unwrap();
+        let (url, server) = serve_once(
+            "409 Conflict",
+            "{\"error\":\"hybrid connection payroll already exists\"}",
+        );
+        let client = Client::new(&args(url, dir.path())).unwrap();
+        let err = client.call("GET", "/api/v1/hcs/payroll", None).unwrap_err();
+        assert_eq!(err.to_string(), "hybrid connection payroll already exists");
+        server.join().unwrap();
+
+        let (url, server) = serve_once("502 Bad Gateway", "upstream down");
+        let client = Client::new(&args(url, dir.path())).unwrap();
+        let err = client.call("GET", "/api/v1/hcs", None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "management API answered 502 Bad Gateway: upstream down"
+        );
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn unreachable_api_and_missing_key_are_clear() {
+        let dir = TempDir::new();
+        // Take a free port, then close it so nothing listens there.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::write(dir.path().join("manage.key"), "k").unwrap();
+        let client = Client::new(&args(format!("http://127.0.0.1:{port}"), dir.path())).unwrap();
+        let err = client.call("GET", "/api/v1/hcs", None).unwrap_err();
+        assert!(
+            err.to_string().starts_with(&format!(
+                "cannot reach the management API at http://127.0.0.1:{port}: "
+            )),
+            "{err}"
+        );
+
+        let err = Client::new(&args("https://relay:9444".into(), dir.path()))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("must be an http:// URL"), "{err}");
+
+        // The tests never set HYBRIDLINK_MANAGE_KEY, so the file is needed.
+        if std::env::var_os("HYBRIDLINK_MANAGE_KEY").is_none() {
+            let empty = TempDir::new();
+            let err = manage_key(&args("http://x".into(), empty.path())).unwrap_err();
+            assert!(
+                format!("{err:#}").starts_with("cannot read the manage key from "),
+                "{err:#}"
+            );
+            let err = manage_key(&ApiArgs {
+                api: "http://x".into(),
+                data_dir: None,
+            })
+            .unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with("no manage key: pass --data-dir DIR")
+            );
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! `hybridlink`: one binary for every role. Thin wiring only; the work is in
+//! the library crates.
+
+mod agent_cmd;
+mod hc;
+mod relay_cmd;
+mod send_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// hybridlink: reach a TCP service inside a private network by its host name
+/// and port, from an unmodified application elsewhere, with no VPN and no
+/// inbound firewall hole. Both sides dial out to a relay.
+///
+/// Typical setup: run `hybridlink relay serve` on a host both sides can reach,
+/// create a hybrid connection with `hybridlink hc create`, give its listen
+/// connection string to `hybridlink agent run` next to the service, and its
+/// send connection string to the application side (`appliance`, `connect` or
+/// `forward`).
+///
+/// Exit codes: 0 ok, 2 bad usage, 1 anything else (the reason is printed on
+/// stderr). Logs go to stderr; set RUST_LOG (e.g. `RUST_LOG=debug`) for more.
+#[derive(Parser, Debug)]
+#[command(name = "hybridlink", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the relay: the rendezvous both sides dial out to.
+    Relay {
+        #[command(subcommand)]
+        cmd: relay_cmd::RelayCommand,
+    },
+    /// Manage hybrid connections through the relay's management API.
+    Hc {
+        #[command(subcommand)]
+        cmd: hc::HcCommand,
+        #[command(flatten)]
+        api: hc::ApiArgs,
+    },
+    /// Run or inspect the on-premises agent.
+    Agent {
+        #[command(subcommand)]
+        cmd: agent_cmd::AgentCommand,
+    },
+    /// Open one stream to a hybrid connection and join it to stdin/stdout,
+    /// like `nc`. Needs no root. Also a quick reachability check: it fails
+    /// with the agent's reason when the target refuses or cannot be reached.
+    Connect(send_cmd::ConnectArgs),
+    /// Listen on a local TCP port and forward every connection to a hybrid
+    /// connection. Needs no root.
+    Forward(send_cmd::ForwardArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match &cli.command {
+        // `connect` owns stdout; keep stderr quiet unless asked.
+        Command::Connect(_) => "warn",
+        _ => "info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let result = match cli.command {
+        Command::Hc { cmd, api } => hc::run(cmd, &api),
+        other => runtime().and_then(|rt| {
+            rt.block_on(async move {
+                match other {
+                    Command::Relay { cmd } => relay_cmd::run(cmd).await,
+                    Command::Agent { cmd } => agent_cmd::run(cmd).await,
+                    Command::Connect(args) => send_cmd::connect(args).await,
+                    Command::Forward(args) => send_cmd::forward(args).await,
+                    Command::Hc { .. } => unreachable!("handled above"),
+                }
+            })
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hybridlink: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

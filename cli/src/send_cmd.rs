@@ -1,0 +1,139 @@
+//! `hybridlink connect` and `hybridlink forward`: the sending side without
+//! root, for scripts, troubleshooting and apps that can be pointed at a
+//! local port.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use proto::connection_string::ConnectionString;
+use tokio::io::{AsyncWriteExt, copy};
+use tokio::net::TcpListener;
+use tracing::{Instrument, info, info_span, warn};
+use transport::sender::{Sender, SenderOptions};
+
+/// Options shared by `connect` and `forward`.
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    /// How many seconds to wait for the relay and a live agent.
+    #[arg(long, default_value_t = 10)]
+    pub wait: u64,
+}
+
+/// `hybridlink connect`.
+#[derive(Args, Debug)]
+pub struct ConnectArgs {
+    /// A send connection string (`hybridlink hc keys NAME`).
+    #[arg(env = "HYBRIDLINK_CONNECTION_STRING")]
+    pub connection_string: ConnectionString,
+    #[command(flatten)]
+    pub send: SendArgs,
+}
+
+/// `hybridlink forward`.
+#[derive(Args, Debug)]
+pub struct ForwardArgs {
+    /// Local address to listen on, e.g. 127.0.0.1:5432.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// A send connection string (`hybridlink hc keys NAME`).
+    #[arg(env = "HYBRIDLINK_CONNECTION_STRING")]
+    pub connection_string: ConnectionString,
+    #[command(flatten)]
+    pub send: SendArgs,
+}
+
+fn sender(cs: &ConnectionString, args: &SendArgs, label: &str) -> anyhow::Result<Sender> {
+    let options = SenderOptions {
+        ready_timeout: Duration::from_secs(args.wait),
+        label: label.to_string(),
+        ..SenderOptions::default()
+    };
+    Ok(Sender::start(vec![cs.clone()], options)?)
+}
+
+/// Joins one stream to stdin/stdout. stdin's end is passed on as a
+/// half-close; the command ends when the remote side closes.
+pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
+    let cs = args.connection_string;
+    let sender = sender(&cs, &args.send, "connect")?;
+    let stream = sender.open(&cs.entity).await?;
+    let (mut rx, mut tx) = tokio::io::split(stream);
+    let upload = async move {
+        let mut stdin = tokio::io::stdin();
+        let r = copy(&mut stdin, &mut tx).await;
+        let _ = tx.shutdown().await;
+        r
+    };
+    let download = async move {
+        let mut stdout = tokio::io::stdout();
+        let r = copy(&mut rx, &mut stdout).await;
+        let _ = stdout.flush().await;
+        r
+    };
+    tokio::pin!(upload);
+    let mut upload_done = false;
+    tokio::pin!(download);
+    loop {
+        tokio::select! {
+            r = &mut upload, if !upload_done => {
+                upload_done = true;
+                r.context("sending stdin")?;
+            }
+            r = &mut download => {
+                r.context("receiving from the hybrid connection")?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Accepts local connections and forwards each through its own stream.
+pub async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
+    let cs = args.connection_string;
+    let sender = sender(&cs, &args.send, "forward")?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    info!(listen = %local, hc = %cs.entity, "forwarding");
+    println!(
+        "{}",
+        serde_json::json!({ "listen": local.to_string(), "hc": cs.entity.to_string() })
+    );
+    let mut flow = 0u64;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (mut conn, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                flow += 1;
+                let sender = sender.clone();
+                let hc = cs.entity.clone();
+                let span = info_span!("flow", %hc, flow, %peer);
+                tokio::spawn(async move {
+                    let _ = conn.set_nodelay(true);
+                    match sender.open(&hc).await {
+                        Ok(mut stream) => {
+                            let _ = tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut stream, 256 * 1024, 256 * 1024).await;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "stream refused; resetting the local connection");
+                            // Closing with linger 0 sends RST: the client sees
+                            // a refused connection, not an empty answer.
+                            let _ = conn.set_zero_linger();
+                        }
+                    }
+                }.instrument(span));
+            }
+            _ = crate::shutdown_signal() => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! The management REST API: create, list, show and delete hybrid
+//! connections, and read and regenerate their keys.
+//!
+//! It speaks plain HTTP and is meant to be bound to loopback (the CLI on the
+//! relay's host uses it); put it behind a TLS proxy if it must be reached
+//! from elsewhere. Every request needs `Authorization: Bearer <manage key>`,
+//! the relay-wide key in `DATA_DIR/manage.key`. Every error is a JSON body
+//! `{"error": "<one line a person can act on>"}`.
+//!
+//! | method and path | answer |
+//! | --- | --- |
+//! | `GET /api/v1/hcs` | `[HC, ...]` |
+//! | `POST /api/v1/hcs` `{"name","host","port"}` | 201, the HC with its `connection_strings` |
+//! | `GET /api/v1/hcs/{name}` | the HC |
+//! | `DELETE /api/v1/hcs/{name}` | the deleted HC |
+//! | `GET /api/v1/hcs/{name}/keys` | `{"name", "connection_strings"}` |
+//! | `POST /api/v1/hcs/{name}/keys/regenerate` `{"rule","key"}` | `{"name", "connection_strings"}` with the new key |
+//!
+//! An HC reads `{"name","host","port","endpoint","created_unix"}`;
+//! `connection_strings` reads
+//! `{"send":{"primary","secondary"},"listen":{"primary","secondary"}}`.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use proto::connection_string::ConnectionString;
+use proto::key::{KeySlot, Right};
+use proto::name::{Endpoint, HcName, Host};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::registry::{HcRecord, Registry, RegistryError, SlotKeys};
+
+/// What the API handlers share.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// The HC registry.
+    pub registry: Registry,
+    /// Host name or address clients dial the relay at, for connection strings.
+    pub public_host: String,
+    /// Port clients dial the relay at, for connection strings.
+    pub public_port: u16,
+    /// SHA-256 of the relay's certificate, for connection strings.
+    pub cert_sha256: [u8; 32],
+}
+
+/// The management API, to be served over plain HTTP on a loopback address.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/v1/hcs", get(list_hcs).post(create_hc))
+        .route("/api/v1/hcs/{name}", get(show_hc).delete(delete_hc))
+        .route("/api/v1/hcs/{name}/keys", get(show_keys))
+        .route("/api/v1/hcs/{name}/keys/regenerate", post(regenerate_key))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+/// An HC as the API shows it (no keys).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HcView {
+    /// The HC's name.
+    pub name: HcName,
+    /// Host agents dial.
+    pub host: Host,
+    /// Port agents dial.
+    pub port: u16,
+    /// `host:port`.
+    pub endpoint: Endpoint,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+impl From<&HcRecord> for HcView {
+    fn from(hc: &HcRecord) -> HcView {
+        HcView {
+            name: hc.name.clone(),
+            host: hc.endpoint.host().clone(),
+            port: hc.endpoint.port(),
+            endpoint: hc.endpoint.clone(),
+            created_unix: hc.created_unix,
+        }
+    }
+}
+
+/// The two connection strings of one rule.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SlotStrings {
+    /// Made with the primary key.
+    pub primary: ConnectionString,
+    /// Made with the secondary key.
+    pub secondary: ConnectionString,
+}
+
+/// The four connection strings of an HC.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionStrings {
+    /// For senders (appliances).
+    pub send: SlotStrings,
+    /// For listeners (agents).
+    pub listen: SlotStrings,
+}
+
+/// Answer of `POST /api/v1/hcs`: the HC and its connection strings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedHc {
+    /// The HC.
+    #[serde(flatten)]
+    pub hc: HcView,
+    /// Its connection strings.
+    pub connection_strings: ConnectionStrings,
+}
+
+/// Answer of the `keys` endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HcKeys {
+    /// The HC.
+    pub name: HcName,
+    /// Its connection strings.
+    pub connection_strings: ConnectionStrings,
+}
+
+/// Body of `POST /api/v1/hcs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    host: String,
+    port: serde_json::Value,
+}
+
+/// Body of `POST /api/v1/hcs/{name}/keys/regenerate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegenerateBody {
+    rule: String,
+    key: String,
+}
+
+/// An error answer: a status and a one-line reason.
+#[derive(Debug)]
+struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad_request(reason: impl ToString) -> ApiError {
+        ApiError(StatusCode::BAD_REQUEST, reason.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(err: RegistryError) -> ApiError {
+        let status = match &err {
+            RegistryError::Duplicate(_) => StatusCode::CONFLICT,
+            RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+            RegistryError::NoSuchRule(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %err, "management API request failed");
+        }
+        ApiError(status, err.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+async fn authorize(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|value| value.to_str().unwrap_or_default());
+    let reason = match presented {
+        None => Some(
+            "missing Authorization header; send `Authorization: Bearer <manage key>` (the key is in DATA_DIR/manage.key)",
+        ),
+        Some(value) => match value.split_once(' ') {
+            Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => {
+                if state.registry.manage_key().matches(key.trim()) {
+                    None
+                } else {
+                    Some("wrong manage key; use the key in the relay's DATA_DIR/manage.key")
+                }
+            }
+            _ => Some("Authorization header is not `Bearer <manage key>`"),
+        },
+    };
+    match reason {
+        None => next.run(request).await,
+        Some(reason) => {
+            tracing::info!(reason, "management API request rejected");
+            let mut response =
+                ApiError(StatusCode::UNAUTHORIZED, reason.to_owned()).into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            response
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no such API endpoint; the API lives under /api/v1/hcs".to_owned(),
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this endpoint".to_owned(),
+    )
+}
+
+fn parse_name(name: &str) -> ApiResult<HcName> {
+    name.parse().map_err(ApiError::bad_request)
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "request body is not valid JSON for this endpoint: {e}"
+        ))
+    })
+}
+
+/// Runs a registry change (which writes and fsyncs) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("registry task failed: {e}"),
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
+fn connection_strings(state: &ApiState, hc: &HcRecord) -> ConnectionStrings {
+    let make = |right: Right, keys: &SlotKeys, slot: KeySlot| ConnectionString {
+        relay_host: state.public_host.clone(),
+        relay_port: state.public_port,
+        key_name: right.rule_name().to_owned(),
+        key: keys.get(slot).clone(),
+        entity: hc.name.clone(),
+        cert_sha256: Some(state.cert_sha256),
+    };
+    let rule = |right: Right, keys: &SlotKeys| SlotStrings {
+        primary: make(right, keys, KeySlot::Primary),
+        secondary: make(right, keys, KeySlot::Secondary),
+    };
+    ConnectionStrings {
+        send: rule(Right::Send, &hc.send),
+        listen: rule(Right::Listen, &hc.listen),
+    }
+}
+
+async fn list_hcs(State(state): State<ApiState>) -> axum::Json<Vec<HcView>> {
+    axum::Json(state.registry.list().iter().map(HcView::from).collect())
+}
+
+async fn create_hc(
+    State(state): State<ApiState>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, axum::Json<CreatedHc>)> {
+    let body: CreateBody = parse_body(&body)?;
+    let name = parse_name(&body.name)?;
+    let host: Host = body.host.parse().map_err(ApiError::bad_request)?;
+    let port = body
+        .port
+        .as_u64()
+        .or_else(|| body.port.as_str().and_then(|s| s.parse().ok()))
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "port {} is not a number from 1 to 65535",
+                body.port
+            ))
+        })?;
+    let endpoint = Endpoint::new(host, port).map_err(ApiError::bad_request)?;
+    let registry = state.registry.clone();
+    let hc = blocking(move || registry.create(name, endpoint)).await?;
+    tracing::info!(hc = %hc.name, endpoint = %hc.endpoint, "hybrid connection created");
+    let created = CreatedHc {
+        hc: HcView::from(&hc),
+        connection_strings: connection_strings(&state, &hc),
+    };
+    Ok((StatusCode::CREATED, axum::Json(created)))
+}
+
+fn find(state: &ApiState, name: &str) -> ApiResult<HcRecord> {
+    let name = parse_name(name)?;
+    state
+        .registry
+        .get(&name)
+        .ok_or_else(|| RegistryError::NotFound(name).into())
+}
+
+async fn show_hc(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<HcView>> {
+    Ok(axum::Json(HcView::from(&find(&state, &name)?)))
+}
+
+async fn delete_hc(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<HcView>> {
+    let name = parse_name(&name)?;
+    let registry = state.registry.clone();
+    let hc = blocking(move || registry.delete(&name)).await?;
+    tracing::info!(hc = %hc.name, "hybrid connection deleted");
+    Ok(axum::Json(HcView::from(&hc)))
+}
+
+async fn show_keys(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<HcKeys>> {
+    let hc = find(&state, &name)?;
+    Ok(axum::Json(HcKeys {
+        connection_strings: connection_strings(&state, &hc),
+        name: hc.name,
+    }))
+}
+
+async fn regenerate_key(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<axum::Json<HcKeys>> {
+    let name = parse_name(&name)?;
+    let body: RegenerateBody = parse_body(&body)?;
+    let right = match body.rule.parse::<Right>() {
+        Ok(right @ (Right::Send | Right::Listen)) => right,
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "unknown rule {:?}; use send or listen",
+                body.rule
+            )));
+        }
+    };
+    let slot: KeySlot = body.key.parse().map_err(ApiError::bad_request)?;
+    let registry = state.registry.clone();
+    let hc = blocking(move || registry.regenerate(&name, right, slot)).await?;
+    tracing::info!(hc = %hc.name, rule = %right, key = %slot, "key regenerated");
+    Ok(axum::Json(HcKeys {
+        connection_strings: connection_strings(&state, &hc),
+        name: hc.name,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> (tempfile::TempDir, ApiState) {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        let state = ApiState {
+            registry,
+            public_host: "relay.example".into(),
+            public_port: 9443,
+            cert_sha256: [7; 32],
+        };
+        (dir, state)
+    }
+
+    #[test]
+    fn connection_strings_carry_relay_entity_rule_and_pin() {
+        let (_dir, state) = state();
+        let hc = state
+            .registry
+            .create("payroll".parse().unwrap(), "sql:1433".parse().unwrap())
+            .unwrap();
+        let strings = connection_strings(&state, &hc);
+        let cs = &strings.listen.secondary;
+        assert_eq!(cs.key, hc.listen.secondary);
+        assert_eq!(cs.key_name, "listen");
+        assert_eq!(
+            cs.to_string(),
+            format!(
+                "Endpoint=sb://relay.example:9443/;SharedAccessKeyName=listen;SharedAccessKey={};EntityPath=payroll;CertificateSha256={}",
+                hc.listen.secondary.as_str(),
+                "07".repeat(32)
+            )
+        );
+        assert_eq!(strings.send.primary.key, hc.send.primary);
+        assert_eq!(strings.send.primary.key_name, "send");
+    }
+
+    #[test]
+    fn registry_errors_map_to_statuses() {
+        let name: HcName = "x".parse().unwrap();
+        assert_eq!(
+            ApiError::from(RegistryError::Duplicate(name.clone())).0,
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            ApiError::from(RegistryError::NotFound(name)).0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            ApiError::from(RegistryError::NoSuchRule(Right::Manage)).0,
+            StatusCode::BAD_REQUEST
+        );
+    }
+}

@@ -1,0 +1,609 @@
+//! The relay's live state: control sessions, who is attached to which hybrid
+//! connection, and pipe tickets waiting for their two ends.
+//!
+//! All of it sits behind one mutex that is held only for short, non-async
+//! critical sections. Messages to sessions go through each session's bounded
+//! queue; a session too slow to drain it is dropped rather than letting the
+//! relay's memory grow.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use proto::control::{
+    AgentInfo, DetachReason, Fingerprint, PeerRole, RelayMessage, TICKET_LEN, Ticket,
+};
+use proto::key::Right;
+use proto::name::HcName;
+use proto::sas;
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::registry::Registry;
+
+/// How long a pipe ticket waits for both ends.
+pub const TICKET_TTL: Duration = Duration::from_secs(10);
+/// Depth of each session's outgoing queue.
+pub const SESSION_QUEUE: usize = 4096;
+/// Listeners per hybrid connection, as in the original product.
+pub const MAX_LISTENERS_PER_HC: usize = 25;
+
+/// The relay's id of a control session.
+pub type SessionId = u64;
+
+#[derive(Debug)]
+struct Attachment {
+    token: String,
+    expires: u64,
+}
+
+#[derive(Debug)]
+struct Session {
+    role: PeerRole,
+    identity: Fingerprint,
+    label: String,
+    addr: SocketAddr,
+    since: SystemTime,
+    tx: mpsc::Sender<RelayMessage>,
+    attached: HashMap<HcName, Attachment>,
+}
+
+/// The first end of a pipe to arrive waits here for the other.
+#[derive(Debug)]
+struct PendingPipe {
+    created: Instant,
+    sender: SessionId,
+    agent: SessionId,
+    waiting: Option<(proto::control::PipeRole, oneshot::Sender<TcpStream>)>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sessions: HashMap<SessionId, Session>,
+    tickets: HashMap<Ticket, PendingPipe>,
+}
+
+/// A snapshot of one agent of a hybrid connection, for the status API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ListenerStatus {
+    /// Relay session id.
+    pub id: SessionId,
+    /// The agent's own name.
+    pub label: String,
+    /// Its address as the relay sees it.
+    pub address: String,
+    /// Unix seconds when its control channel came up.
+    pub connected_since: u64,
+}
+
+/// What happened to a pipe connection presenting a ticket.
+#[derive(Debug)]
+pub enum PipeMeeting {
+    /// This end is first: keep `conn` and wait for the other end's connection
+    /// on `partner`, then splice the two.
+    Wait {
+        /// Delivers the other end's connection.
+        partner: oneshot::Receiver<TcpStream>,
+        /// This end's connection, handed back.
+        conn: TcpStream,
+    },
+    /// The other end was waiting and now has this connection.
+    Handed,
+}
+
+/// Why a pipe connection was turned away.
+#[derive(Debug, thiserror::Error)]
+pub enum PipeRefused {
+    /// Unknown, used or expired ticket.
+    #[error("unknown or expired pipe ticket")]
+    UnknownTicket,
+    /// Both connections claimed the same end.
+    #[error("both ends of the pipe claimed the same role")]
+    SameRole,
+}
+
+/// The relay's live state. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    state: Mutex<State>,
+    next_session: AtomicU64,
+    rng: SystemRandom,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Hub {
+    /// A hub over `registry`.
+    pub fn new(registry: Registry) -> Hub {
+        Hub {
+            inner: Arc::new(Inner {
+                registry,
+                state: Mutex::new(State::default()),
+                next_session: AtomicU64::new(1),
+                rng: SystemRandom::new(),
+            }),
+        }
+    }
+
+    /// The registry this hub checks tokens against.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent before it can
+        // panic, so a poisoned lock is still usable.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new control session; returns its id.
+    pub fn register(
+        &self,
+        role: PeerRole,
+        identity: Fingerprint,
+        label: String,
+        addr: SocketAddr,
+        tx: mpsc::Sender<RelayMessage>,
+    ) -> SessionId {
+        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        let session = Session {
+            role,
+            identity,
+            label,
+            addr,
+            since: SystemTime::now(),
+            tx,
+            attached: HashMap::new(),
+        };
+        self.lock().sessions.insert(id, session);
+        id
+    }
+
+    /// Removes a session and everything it was attached to.
+    pub fn unregister(&self, id: SessionId) {
+        let mut state = self.lock();
+        let entities: Vec<HcName> = match state.sessions.get(&id) {
+            Some(s) => s.attached.keys().cloned().collect(),
+            None => return,
+        };
+        for entity in entities {
+            detach_locked(&mut state, id, &entity);
+        }
+        state.sessions.remove(&id);
+    }
+
+    /// Handles an `Attach` or `Renew`: verifies the token and, on success,
+    /// records the attachment and tells the others.
+    pub fn attach(&self, id: SessionId, entity: HcName, token: String, renew: bool) {
+        let now = unix_now();
+        let mut state = self.lock();
+        let Some(session) = state.sessions.get(&id) else {
+            return;
+        };
+        let role = session.role;
+        let tx = session.tx.clone();
+        let needed = match role {
+            PeerRole::Sender => Right::Send,
+            PeerRole::Listener => Right::Listen,
+        };
+        let Some(record) = self.inner.registry.get(&entity) else {
+            let _ = tx.try_send(RelayMessage::Detached {
+                message: format!("no hybrid connection named {entity} on this relay"),
+                entity,
+                reason: DetachReason::UnknownEntity,
+            });
+            return;
+        };
+        let verified = sas::verify(&token, &entity, needed, &record.rules(), now);
+        let expires = match verified {
+            Ok(v) => v.expires_unix,
+            Err(e) => {
+                warn!(session = id, hc = %entity, error = %e, "token rejected");
+                if state
+                    .sessions
+                    .get(&id)
+                    .is_some_and(|s| s.attached.contains_key(&entity))
+                {
+                    detach_locked(&mut state, id, &entity);
+                }
+                let _ = tx.try_send(RelayMessage::Detached {
+                    entity,
+                    reason: DetachReason::Unauthorized,
+                    message: e.to_string(),
+                });
+                return;
+            }
+        };
+        if renew
+            && let Some(a) = state
+                .sessions
+                .get_mut(&id)
+                .and_then(|s| s.attached.get_mut(&entity))
+        {
+            a.token = token;
+            a.expires = expires;
+            let _ = tx.try_send(RelayMessage::Renewed { entity, expires });
+            return;
+        }
+        if role == PeerRole::Listener && listeners_of(&state, &entity).len() >= MAX_LISTENERS_PER_HC
+        {
+            let _ = tx.try_send(RelayMessage::Detached {
+                message: format!("{entity} already has {MAX_LISTENERS_PER_HC} listeners, the most a hybrid connection may have"),
+                entity,
+                reason: DetachReason::Quota,
+            });
+            return;
+        }
+        let fresh = state
+            .sessions
+            .get_mut(&id)
+            .map(|s| {
+                s.attached
+                    .insert(entity.clone(), Attachment { token, expires })
+                    .is_none()
+            })
+            .unwrap_or(false);
+        // Listeners dial the endpoint; senders (the appliance) route and
+        // name it locally.
+        let endpoint = Some(record.endpoint.clone());
+        let _ = tx.try_send(RelayMessage::Attached {
+            entity: entity.clone(),
+            endpoint,
+            expires,
+        });
+        if !fresh {
+            return;
+        }
+        let Some(session) = state.sessions.get(&id) else {
+            return;
+        };
+        info!(session = id, hc = %entity, role = ?role, peer = %session.label, addr = %session.addr, "attached");
+        let identity = session.identity;
+        match role {
+            PeerRole::Sender => {
+                let _ = tx.try_send(RelayMessage::Agents {
+                    entity: entity.clone(),
+                    agents: agents_of(&state, &entity),
+                });
+                for l in listeners_of(&state, &entity) {
+                    send_to(
+                        &state,
+                        l,
+                        RelayMessage::Grant {
+                            peer: identity,
+                            entity: entity.clone(),
+                        },
+                    );
+                }
+            }
+            PeerRole::Listener => {
+                for s in senders_of(&state, &entity) {
+                    let peer = state.sessions[&s].identity;
+                    let _ = tx.try_send(RelayMessage::Grant {
+                        peer,
+                        entity: entity.clone(),
+                    });
+                }
+                announce_agents(&state, &entity);
+            }
+        }
+    }
+
+    /// A sender asks for a pipe to an agent: both get the same one-time ticket.
+    pub fn request_pipe(&self, sender: SessionId, request_id: u64, agent: SessionId) {
+        let mut state = self.lock();
+        let Some(s) = state.sessions.get(&sender) else {
+            return;
+        };
+        let reply = s.tx.clone();
+        let sender_identity = s.identity;
+        let shared = state
+            .sessions
+            .get(&agent)
+            .filter(|a| a.role == PeerRole::Listener)
+            .is_some_and(|a| a.attached.keys().any(|hc| s.attached.contains_key(hc)));
+        if s.role != PeerRole::Sender || !shared {
+            let _ = reply.try_send(RelayMessage::PipeFailed {
+                request_id,
+                message: format!(
+                    "agent {agent} serves none of your hybrid connections (it may have just left)"
+                ),
+            });
+            return;
+        }
+        let mut ticket = [0u8; TICKET_LEN];
+        if self.inner.rng.fill(&mut ticket).is_err() {
+            let _ = reply.try_send(RelayMessage::PipeFailed {
+                request_id,
+                message: "relay could not draw a random ticket".into(),
+            });
+            return;
+        }
+        let ticket = Ticket(ticket);
+        state
+            .tickets
+            .retain(|_, p| p.created.elapsed() < TICKET_TTL);
+        state.tickets.insert(
+            ticket,
+            PendingPipe {
+                created: Instant::now(),
+                sender,
+                agent,
+                waiting: None,
+            },
+        );
+        send_to(
+            &state,
+            agent,
+            RelayMessage::PipeOffer {
+                ticket,
+                peer: sender_identity,
+            },
+        );
+        let _ = reply.try_send(RelayMessage::PipeTicket {
+            request_id,
+            agent,
+            ticket,
+        });
+    }
+
+    /// A pipe connection presented `ticket` as `role`.
+    pub fn meet(
+        &self,
+        ticket: Ticket,
+        role: proto::control::PipeRole,
+        conn: TcpStream,
+    ) -> Result<PipeMeeting, PipeRefused> {
+        let mut state = self.lock();
+        let pending = state
+            .tickets
+            .get_mut(&ticket)
+            .ok_or(PipeRefused::UnknownTicket)?;
+        if pending.created.elapsed() > TICKET_TTL {
+            state.tickets.remove(&ticket);
+            return Err(PipeRefused::UnknownTicket);
+        }
+        match pending.waiting.take() {
+            None => {
+                let (tx, rx) = oneshot::channel();
+                pending.waiting = Some((role, tx));
+                Ok(PipeMeeting::Wait { partner: rx, conn })
+            }
+            Some((first_role, tx)) => {
+                if first_role == role {
+                    pending.waiting = Some((first_role, tx));
+                    return Err(PipeRefused::SameRole);
+                }
+                let (sender, agent) = (pending.sender, pending.agent);
+                state.tickets.remove(&ticket);
+                info!(sender, agent, "pipe spliced");
+                // If the first end gave up in the meantime, this one is dropped.
+                let _ = tx.send(conn);
+                Ok(PipeMeeting::Handed)
+            }
+        }
+    }
+
+    /// Ends attachments whose token expired without renewal.
+    pub fn expire_tokens(&self) {
+        let now = unix_now();
+        let mut state = self.lock();
+        let expired: Vec<(SessionId, HcName)> = state
+            .sessions
+            .iter()
+            .flat_map(|(id, s)| {
+                s.attached
+                    .iter()
+                    .filter(|(_, a)| a.expires <= now)
+                    .map(move |(hc, _)| (*id, hc.clone()))
+            })
+            .collect();
+        for (id, hc) in expired {
+            detach_locked(&mut state, id, &hc);
+            send_to(
+                &state,
+                id,
+                RelayMessage::Detached {
+                    message: format!("the token for {hc} expired and was not renewed"),
+                    entity: hc,
+                    reason: DetachReason::TokenExpired,
+                },
+            );
+        }
+    }
+
+    /// Re-checks every attachment to `entity` after its keys changed or it
+    /// was deleted: sessions whose token no longer verifies are detached.
+    pub fn recheck(&self, entity: &HcName) {
+        let now = unix_now();
+        let record = self.inner.registry.get(entity);
+        let mut state = self.lock();
+        let attached: Vec<(SessionId, PeerRole, String)> = state
+            .sessions
+            .iter()
+            .filter_map(|(id, s)| {
+                s.attached
+                    .get(entity)
+                    .map(|a| (*id, s.role, a.token.clone()))
+            })
+            .collect();
+        for (id, role, token) in attached {
+            let (reason, message) = match &record {
+                None => (
+                    DetachReason::Deleted,
+                    format!("hybrid connection {entity} was deleted"),
+                ),
+                Some(record) => {
+                    let needed = match role {
+                        PeerRole::Sender => Right::Send,
+                        PeerRole::Listener => Right::Listen,
+                    };
+                    match sas::verify(&token, entity, needed, &record.rules(), now) {
+                        Ok(_) => continue,
+                        Err(e) => (
+                            DetachReason::KeyRegenerated,
+                            format!("the key of this connection string was regenerated ({e})"),
+                        ),
+                    }
+                }
+            };
+            info!(session = id, hc = %entity, ?reason, "detached");
+            detach_locked(&mut state, id, entity);
+            send_to(
+                &state,
+                id,
+                RelayMessage::Detached {
+                    entity: entity.clone(),
+                    reason,
+                    message,
+                },
+            );
+        }
+        if let Some(record) = record {
+            let mut peers = listeners_of(&state, entity);
+            peers.extend(senders_of(&state, entity));
+            for l in peers {
+                send_to(
+                    &state,
+                    l,
+                    RelayMessage::EndpointChanged {
+                        entity: entity.clone(),
+                        endpoint: record.endpoint.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Every hybrid connection some session is attached to.
+    pub fn attached_entities(&self) -> Vec<HcName> {
+        let state = self.lock();
+        let set: HashSet<HcName> = state
+            .sessions
+            .values()
+            .flat_map(|s| s.attached.keys().cloned())
+            .collect();
+        set.into_iter().collect()
+    }
+
+    /// The agents currently serving `entity`.
+    pub fn listeners(&self, entity: &HcName) -> Vec<ListenerStatus> {
+        let state = self.lock();
+        listeners_of(&state, entity)
+            .into_iter()
+            .filter_map(|id| {
+                let s = state.sessions.get(&id)?;
+                Some(ListenerStatus {
+                    id,
+                    label: s.label.clone(),
+                    address: s.addr.to_string(),
+                    connected_since: s
+                        .since
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+}
+
+fn send_to(state: &State, id: SessionId, msg: RelayMessage) {
+    if let Some(s) = state.sessions.get(&id)
+        && s.tx.try_send(msg).is_err()
+    {
+        warn!(session = id, "control session queue full; message dropped");
+    }
+}
+
+fn listeners_of(state: &State, entity: &HcName) -> Vec<SessionId> {
+    let mut ids: Vec<SessionId> = state
+        .sessions
+        .iter()
+        .filter(|(_, s)| s.role == PeerRole::Listener && s.attached.contains_key(entity))
+        .map(|(id, _)| *id)
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+fn senders_of(state: &State, entity: &HcName) -> Vec<SessionId> {
+    state
+        .sessions
+        .iter()
+        .filter(|(_, s)| s.role == PeerRole::Sender && s.attached.contains_key(entity))
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+fn agents_of(state: &State, entity: &HcName) -> Vec<AgentInfo> {
+    listeners_of(state, entity)
+        .into_iter()
+        .map(|id| AgentInfo {
+            id,
+            identity: state.sessions[&id].identity,
+        })
+        .collect()
+}
+
+fn announce_agents(state: &State, entity: &HcName) {
+    let agents = agents_of(state, entity);
+    for s in senders_of(state, entity) {
+        send_to(
+            state,
+            s,
+            RelayMessage::Agents {
+                entity: entity.clone(),
+                agents: agents.clone(),
+            },
+        );
+    }
+}
+
+/// Removes one attachment and tells whoever depended on it.
+fn detach_locked(state: &mut State, id: SessionId, entity: &HcName) {
+    let Some(session) = state.sessions.get_mut(&id) else {
+        return;
+    };
+    if session.attached.remove(entity).is_none() {
+        return;
+    }
+    let (role, identity) = (session.role, session.identity);
+    match role {
+        PeerRole::Listener => announce_agents(state, entity),
+        PeerRole::Sender => {
+            // Another session of the same identity may still hold the grant.
+            let still: HashSet<SessionId> = senders_of(state, entity)
+                .into_iter()
+                .filter(|s| state.sessions[s].identity == identity)
+                .collect();
+            if still.is_empty() {
+                for l in listeners_of(state, entity) {
+                    send_to(
+                        state,
+                        l,
+                        RelayMessage::Revoke {
+                            peer: identity,
+                            entity: entity.clone(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+}

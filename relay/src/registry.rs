@@ -1,0 +1,781 @@
+//! The hybrid-connection registry: every HC the relay knows, its endpoint and
+//! its keys, plus the relay-wide `manage` key.
+//!
+//! It lives in `DATA_DIR/registry.json` (mode 0600: it holds every key). The
+//! manage key is also written to `DATA_DIR/manage.key` (mode 0600) so that
+//! the CLI on the same host can authenticate to the management API;
+//! `registry.json` is authoritative and `manage.key` is rewritten from it at
+//! start when it is missing or differs.
+//!
+//! Every change is written to disk before it becomes visible: the new state
+//! goes to a temporary file, which is fsynced, renamed over the old file, and
+//! the directory is fsynced, so a crash leaves either the old or the new
+//! registry, never a torn one. A registry file that cannot be read or parsed
+//! is an error at start, naming the file; it is never silently reset.
+//!
+//! Changes are announced on a broadcast channel ([`Registry::subscribe`]) so
+//! that the control server can end sessions whose key was regenerated or
+//! whose HC was deleted.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use proto::key::{Key, KeyError, KeySlot, Right};
+use proto::name::{Endpoint, HcName};
+use proto::sas::RuleKeys;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::broadcast;
+
+/// File name of the registry inside the data directory.
+pub const REGISTRY_FILE: &str = "registry.json";
+
+/// File name of the manage key inside the data directory.
+pub const MANAGE_KEY_FILE: &str = "manage.key";
+
+/// Version of the `registry.json` format this code reads and writes.
+pub const REGISTRY_VERSION: u32 = 1;
+
+/// How many events a slow subscriber may fall behind before it sees
+/// [`broadcast::error::RecvError::Lagged`].
+const EVENT_CAPACITY: usize = 256;
+
+/// Why the registry could not be opened or changed.
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A file exists but cannot be read.
+    #[error(
+        "cannot read {path}: {source}; check its permissions (the relay never replaces a registry it cannot read)"
+    )]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// `registry.json` is not a valid registry.
+    #[error(
+        "{path} is corrupt: {source}; restore it from a backup or fix it by hand (the relay never replaces a corrupt registry)"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What the JSON parser found.
+        source: serde_json::Error,
+    },
+    /// `registry.json` was written by a newer version.
+    #[error(
+        "{path} has format version {found}, but this relay reads version {REGISTRY_VERSION}; run a newer hybridlink"
+    )]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// The version found in the file.
+        found: u32,
+    },
+    /// `registry.json` lists one HC twice.
+    #[error("{path} is corrupt: hybrid connection {name} appears twice; remove one by hand")]
+    DuplicateInFile {
+        /// The file.
+        path: PathBuf,
+        /// The repeated name.
+        name: HcName,
+    },
+    /// A file could not be written.
+    #[error("cannot write {path}: {source}; the change was not made")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A new key could not be made.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// `create` with a name already in use.
+    #[error("hybrid connection {0} already exists; pick another name or delete it first")]
+    Duplicate(HcName),
+    /// No HC of that name.
+    #[error("hybrid connection {0} does not exist; see `hybridlink hc list`")]
+    NotFound(HcName),
+    /// Regenerate of a rule HCs do not have.
+    #[error("hybrid connections have no {0} rule; regenerate send or listen")]
+    NoSuchRule(Right),
+}
+
+/// The two keys of one rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotKeys {
+    /// The primary key.
+    pub primary: Key,
+    /// The secondary key.
+    pub secondary: Key,
+}
+
+impl SlotKeys {
+    /// Two fresh random keys.
+    pub fn generate() -> Result<SlotKeys, KeyError> {
+        Ok(SlotKeys {
+            primary: Key::generate()?,
+            secondary: Key::generate()?,
+        })
+    }
+
+    /// The key in `slot`.
+    pub fn get(&self, slot: KeySlot) -> &Key {
+        match slot {
+            KeySlot::Primary => &self.primary,
+            KeySlot::Secondary => &self.secondary,
+        }
+    }
+
+    fn get_mut(&mut self, slot: KeySlot) -> &mut Key {
+        match slot {
+            KeySlot::Primary => &mut self.primary,
+            KeySlot::Secondary => &mut self.secondary,
+        }
+    }
+}
+
+/// One hybrid connection as the relay stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HcRecord {
+    /// The HC's name.
+    pub name: HcName,
+    /// The `host:port` agents dial for it.
+    pub endpoint: Endpoint,
+    /// When it was created, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// Keys of the `send` rule.
+    pub send: SlotKeys,
+    /// Keys of the `listen` rule.
+    pub listen: SlotKeys,
+}
+
+impl HcRecord {
+    /// The keys of the rule granting `right`; `None` for [`Right::Manage`],
+    /// which is relay-wide.
+    pub fn keys(&self, right: Right) -> Option<&SlotKeys> {
+        match right {
+            Right::Send => Some(&self.send),
+            Right::Listen => Some(&self.listen),
+            Right::Manage => None,
+        }
+    }
+
+    /// The HC's two rules, `send` and `listen`, for [`proto::sas::verify`].
+    pub fn rules(&self) -> [RuleKeys<'_>; 2] {
+        [
+            RuleKeys {
+                name: Right::Send.rule_name(),
+                right: Right::Send,
+                primary: &self.send.primary,
+                secondary: &self.send.secondary,
+            },
+            RuleKeys {
+                name: Right::Listen.rule_name(),
+                right: Right::Listen,
+                primary: &self.listen.primary,
+                secondary: &self.listen.secondary,
+            },
+        ]
+    }
+}
+
+/// A change to the registry, announced after it is on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryEvent {
+    /// An HC was created.
+    Created {
+        /// Its name.
+        name: HcName,
+    },
+    /// An HC was deleted: end all its sessions.
+    Deleted {
+        /// Its name.
+        name: HcName,
+    },
+    /// One key of one rule of an HC was regenerated: end the sessions that
+    /// authenticated with that rule and slot.
+    KeysChanged {
+        /// The HC.
+        name: HcName,
+        /// The rule whose key changed.
+        right: Right,
+        /// The slot that changed.
+        slot: KeySlot,
+    },
+    /// An HC's endpoint changed.
+    Updated {
+        /// Its name.
+        name: HcName,
+    },
+}
+
+/// What `registry.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    version: u32,
+    manage_key: Key,
+    hcs: Vec<HcRecord>,
+}
+
+#[derive(Debug)]
+struct State {
+    manage_key: Key,
+    hcs: BTreeMap<HcName, HcRecord>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    state: Mutex<State>,
+    events: broadcast::Sender<RegistryEvent>,
+}
+
+/// The registry of hybrid connections, shared by the management API and the
+/// control server. Cheap to clone; all clones see the same state.
+///
+/// Methods block on file I/O (a write and two fsyncs per change); call the
+/// changing ones from `tokio::task::spawn_blocking` in async code.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+impl Registry {
+    /// Opens the registry in `dir`, creating the directory (mode 0700), a new
+    /// empty registry and a new manage key on first start.
+    pub fn open(dir: &Path) -> Result<Registry, RegistryError> {
+        create_data_dir(dir)?;
+        let path = dir.join(REGISTRY_FILE);
+        let state = match fs::read(&path) {
+            Ok(bytes) => {
+                let file: RegistryFile =
+                    serde_json::from_slice(&bytes).map_err(|source| RegistryError::Corrupt {
+                        path: path.clone(),
+                        source,
+                    })?;
+                if file.version != REGISTRY_VERSION {
+                    return Err(RegistryError::UnsupportedVersion {
+                        path,
+                        found: file.version,
+                    });
+                }
+                let mut hcs = BTreeMap::new();
+                for hc in file.hcs {
+                    let name = hc.name.clone();
+                    if hcs.insert(name.clone(), hc).is_some() {
+                        return Err(RegistryError::DuplicateInFile { path, name });
+                    }
+                }
+                State {
+                    manage_key: file.manage_key,
+                    hcs,
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let state = State {
+                    manage_key: Key::generate()?,
+                    hcs: BTreeMap::new(),
+                };
+                save(dir, &state)?;
+                state
+            }
+            Err(source) => return Err(RegistryError::Read { path, source }),
+        };
+        sync_manage_key_file(dir, &state.manage_key)?;
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        Ok(Registry {
+            inner: Arc::new(Inner {
+                dir: dir.to_owned(),
+                state: Mutex::new(state),
+                events,
+            }),
+        })
+    }
+
+    /// The data directory this registry lives in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Every HC, sorted by name.
+    pub fn list(&self) -> Vec<HcRecord> {
+        self.lock().hcs.values().cloned().collect()
+    }
+
+    /// The HC called `name`, if any.
+    pub fn get(&self, name: &HcName) -> Option<HcRecord> {
+        self.lock().hcs.get(name).cloned()
+    }
+
+    /// The relay-wide manage key, which guards the management API.
+    pub fn manage_key(&self) -> Key {
+        self.lock().manage_key.clone()
+    }
+
+    /// Creates an HC with fresh keys. Fails if the name is taken.
+    pub fn create(&self, name: HcName, endpoint: Endpoint) -> Result<HcRecord, RegistryError> {
+        let record = HcRecord {
+            name: name.clone(),
+            endpoint,
+            created_unix: unix_now(),
+            send: SlotKeys::generate()?,
+            listen: SlotKeys::generate()?,
+        };
+        self.change(RegistryEvent::Created { name: name.clone() }, |hcs| {
+            if hcs.contains_key(&name) {
+                return Err(RegistryError::Duplicate(name.clone()));
+            }
+            hcs.insert(name.clone(), record.clone());
+            Ok(record.clone())
+        })
+    }
+
+    /// Deletes an HC and returns what it was.
+    pub fn delete(&self, name: &HcName) -> Result<HcRecord, RegistryError> {
+        self.change(RegistryEvent::Deleted { name: name.clone() }, |hcs| {
+            hcs.remove(name)
+                .ok_or_else(|| RegistryError::NotFound(name.clone()))
+        })
+    }
+
+    /// Replaces one key of one rule (`send` or `listen`) of an HC with a
+    /// fresh one and returns the updated HC.
+    pub fn regenerate(
+        &self,
+        name: &HcName,
+        right: Right,
+        slot: KeySlot,
+    ) -> Result<HcRecord, RegistryError> {
+        if right == Right::Manage {
+            return Err(RegistryError::NoSuchRule(right));
+        }
+        let key = Key::generate()?;
+        let event = RegistryEvent::KeysChanged {
+            name: name.clone(),
+            right,
+            slot,
+        };
+        self.change(event, |hcs| {
+            let hc = hcs
+                .get_mut(name)
+                .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
+            let keys = match right {
+                Right::Send => &mut hc.send,
+                _ => &mut hc.listen,
+            };
+            *keys.get_mut(slot) = key.clone();
+            Ok(hc.clone())
+        })
+    }
+
+    /// Changes the endpoint of an HC and returns the updated HC.
+    pub fn set_endpoint(
+        &self,
+        name: &HcName,
+        endpoint: Endpoint,
+    ) -> Result<HcRecord, RegistryError> {
+        self.change(RegistryEvent::Updated { name: name.clone() }, |hcs| {
+            let hc = hcs
+                .get_mut(name)
+                .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
+            hc.endpoint = endpoint.clone();
+            Ok(hc.clone())
+        })
+    }
+
+    /// A receiver of every change made after this call.
+    pub fn subscribe(&self) -> broadcast::Receiver<RegistryEvent> {
+        self.inner.events.subscribe()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-changed:
+        // `change` swaps in a fully built map only after the write succeeded.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Applies `edit` to a copy of the HCs, writes the result, then makes it
+    /// current and announces `event`. On any error nothing changes.
+    fn change<T>(
+        &self,
+        event: RegistryEvent,
+        edit: impl FnOnce(&mut BTreeMap<HcName, HcRecord>) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let mut state = self.lock();
+        let mut hcs = state.hcs.clone();
+        let out = edit(&mut hcs)?;
+        let next = State {
+            manage_key: state.manage_key.clone(),
+            hcs,
+        };
+        save(&self.inner.dir, &next)?;
+        *state = next;
+        drop(state);
+        // No subscribers is fine.
+        let _ = self.inner.events.send(event);
+        Ok(out)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn create_data_dir(dir: &Path) -> Result<(), RegistryError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| RegistryError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+fn save(dir: &Path, state: &State) -> Result<(), RegistryError> {
+    let file = RegistryFile {
+        version: REGISTRY_VERSION,
+        manage_key: state.manage_key.clone(),
+        hcs: state.hcs.values().cloned().collect(),
+    };
+    let mut json = serde_json::to_vec_pretty(&file).map_err(|e| RegistryError::Write {
+        path: dir.join(REGISTRY_FILE),
+        source: io::Error::other(e),
+    })?;
+    json.push(b'\n');
+    let path = dir.join(REGISTRY_FILE);
+    write_file_atomically(&path, &json, 0o600)
+        .map_err(|source| RegistryError::Write { path, source })
+}
+
+fn sync_manage_key_file(dir: &Path, key: &Key) -> Result<(), RegistryError> {
+    let path = dir.join(MANAGE_KEY_FILE);
+    let current = match fs::read_to_string(&path) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(source) => return Err(RegistryError::Read { path, source }),
+    };
+    if current.as_deref().map(str::trim) != Some(key.as_str()) {
+        let text = format!("{}\n", key.as_str());
+        write_file_atomically(&path, text.as_bytes(), 0o600)
+            .map_err(|source| RegistryError::Write { path, source })?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the
+/// new one: temporary file in the same directory (created with `mode`),
+/// fsync, rename, fsync of the directory.
+pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let mut tmp_name = file_name.to_owned();
+    tmp_name.push(format!(".tmp.{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // `mode` only applies to new files; a leftover temp file keeps its own.
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::sas;
+    use std::os::unix::fs::MetadataExt;
+
+    fn name(s: &str) -> HcName {
+        s.parse().unwrap()
+    }
+
+    fn endpoint(s: &str) -> Endpoint {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn first_open_makes_an_empty_registry_and_a_manage_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let registry = Registry::open(&data).unwrap();
+        assert!(registry.list().is_empty());
+        let key = registry.manage_key();
+        assert_eq!(key.as_str().len(), 44);
+        let on_disk = fs::read_to_string(data.join(MANAGE_KEY_FILE)).unwrap();
+        assert_eq!(on_disk.trim(), key.as_str());
+        for file in [MANAGE_KEY_FILE, REGISTRY_FILE] {
+            let mode = fs::metadata(data.join(file)).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{file}");
+        }
+        assert_eq!(fs::metadata(&data).unwrap().mode() & 0o777, 0o700);
+        // Reopening keeps the key.
+        assert_eq!(Registry::open(&data).unwrap().manage_key(), key);
+    }
+
+    #[test]
+    fn changes_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        let payroll = registry
+            .create(name("payroll"), endpoint("sql.corp:1433"))
+            .unwrap();
+        registry
+            .create(name("billing"), endpoint("10.4.5.6:5432"))
+            .unwrap();
+        assert_ne!(payroll.send.primary, payroll.send.secondary);
+        assert_ne!(payroll.send.primary, payroll.listen.primary);
+        assert!(payroll.created_unix > 1_700_000_000);
+        let regenerated = registry
+            .regenerate(&name("payroll"), Right::Listen, KeySlot::Secondary)
+            .unwrap();
+        assert_ne!(regenerated.listen.secondary, payroll.listen.secondary);
+        assert_eq!(regenerated.listen.primary, payroll.listen.primary);
+        assert_eq!(regenerated.send, payroll.send);
+        registry
+            .set_endpoint(&name("billing"), endpoint("10.4.5.7:5432"))
+            .unwrap();
+
+        let reopened = Registry::open(dir.path()).unwrap();
+        let names: Vec<String> = reopened.list().iter().map(|h| h.name.to_string()).collect();
+        assert_eq!(names, ["billing", "payroll"]);
+        assert_eq!(reopened.get(&name("payroll")).unwrap(), regenerated);
+        assert_eq!(
+            reopened.get(&name("billing")).unwrap().endpoint,
+            endpoint("10.4.5.7:5432")
+        );
+        assert_eq!(reopened.manage_key(), registry.manage_key());
+
+        reopened.delete(&name("payroll")).unwrap();
+        assert!(
+            Registry::open(dir.path())
+                .unwrap()
+                .get(&name("payroll"))
+                .is_none()
+        );
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn errors_for_duplicates_unknown_names_and_manage() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        registry
+            .create(name("payroll"), endpoint("sql:1433"))
+            .unwrap();
+        let err = registry
+            .create(name("payroll"), endpoint("other:1"))
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Duplicate(_)));
+        assert_eq!(
+            err.to_string(),
+            "hybrid connection payroll already exists; pick another name or delete it first"
+        );
+        assert_eq!(
+            registry.get(&name("payroll")).unwrap().endpoint,
+            endpoint("sql:1433")
+        );
+        let err = registry.delete(&name("nope")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "hybrid connection nope does not exist; see `hybridlink hc list`"
+        );
+        assert!(matches!(
+            registry.regenerate(&name("nope"), Right::Send, KeySlot::Primary),
+            Err(RegistryError::NotFound(_))
+        ));
+        assert!(matches!(
+            registry.regenerate(&name("payroll"), Right::Manage, KeySlot::Primary),
+            Err(RegistryError::NoSuchRule(Right::Manage))
+        ));
+    }
+
+    #[test]
+    fn corrupt_or_unreadable_files_are_errors_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        registry.create(name("payroll"), endpoint("sql:1")).unwrap();
+        let path = dir.path().join(REGISTRY_FILE);
+        let good = fs::read(&path).unwrap();
+
+        fs::write(&path, &good[..good.len() / 2]).unwrap();
+        let err = Registry::open(dir.path()).unwrap_err();
+        assert!(matches!(err, RegistryError::Corrupt { .. }));
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("{} is corrupt: ", path.display())),
+            "{msg}"
+        );
+        assert!(msg.contains("never replaces a corrupt registry"), "{msg}");
+        // The corrupt file was left alone.
+        assert_eq!(fs::read(&path).unwrap(), &good[..good.len() / 2]);
+
+        let bad_name = String::from_utf8(good.clone())
+            .unwrap()
+            .replace("\"payroll\"", "\"pay roll\"");
+        fs::write(&path, bad_name).unwrap();
+        let err = Registry::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("contains ' '"), "{err}");
+
+        let newer = String::from_utf8(good.clone())
+            .unwrap()
+            .replace("\"version\": 1", "\"version\": 7");
+        fs::write(&path, newer).unwrap();
+        assert!(matches!(
+            Registry::open(dir.path()),
+            Err(RegistryError::UnsupportedVersion { found: 7, .. })
+        ));
+
+        fs::remove_file(&path).unwrap();
+        fs::create_dir(&path).unwrap();
+        let err = Registry::open(dir.path()).unwrap_err();
+        assert!(matches!(err, RegistryError::Read { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot read {}", path.display()))
+        );
+    }
+
+    #[test]
+    fn manage_key_file_is_restored_from_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Registry::open(dir.path()).unwrap().manage_key();
+        let key_path = dir.path().join(MANAGE_KEY_FILE);
+        fs::remove_file(&key_path).unwrap();
+        Registry::open(dir.path()).unwrap();
+        assert_eq!(fs::read_to_string(&key_path).unwrap().trim(), key.as_str());
+        fs::write(&key_path, "stale").unwrap();
+        Registry::open(dir.path()).unwrap();
+        assert_eq!(fs::read_to_string(&key_path).unwrap().trim(), key.as_str());
+    }
+
+    #[test]
+    fn events_follow_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        let mut events = registry.subscribe();
+        registry.create(name("payroll"), endpoint("sql:1")).unwrap();
+        let _ = registry.create(name("payroll"), endpoint("sql:1"));
+        registry
+            .regenerate(&name("payroll"), Right::Send, KeySlot::Primary)
+            .unwrap();
+        registry
+            .set_endpoint(&name("payroll"), endpoint("sql:2"))
+            .unwrap();
+        registry.delete(&name("payroll")).unwrap();
+        let mut seen = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            seen.push(event);
+        }
+        assert_eq!(
+            seen,
+            [
+                RegistryEvent::Created {
+                    name: name("payroll")
+                },
+                RegistryEvent::KeysChanged {
+                    name: name("payroll"),
+                    right: Right::Send,
+                    slot: KeySlot::Primary
+                },
+                RegistryEvent::Updated {
+                    name: name("payroll")
+                },
+                RegistryEvent::Deleted {
+                    name: name("payroll")
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn rules_verify_tokens_and_regeneration_revokes() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        let hc = registry.create(name("payroll"), endpoint("sql:1")).unwrap();
+        let resource = "http://relay:9443/payroll";
+        let token = sas::sign(resource, "listen", &hc.listen.primary, 2_000_000_000);
+        let verified =
+            sas::verify(&token, &hc.name, Right::Listen, &hc.rules(), 1_900_000_000).unwrap();
+        assert_eq!(verified.slot, KeySlot::Primary);
+        let hc = registry
+            .regenerate(&hc.name, Right::Listen, KeySlot::Primary)
+            .unwrap();
+        assert!(matches!(
+            sas::verify(&token, &hc.name, Right::Listen, &hc.rules(), 1_900_000_000),
+            Err(sas::SasError::BadSignature { .. })
+        ));
+        assert_eq!(hc.keys(Right::Send), Some(&hc.send));
+        assert_eq!(hc.keys(Right::Manage), None);
+    }
+
+    #[test]
+    fn failed_write_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        // Make the directory read-only so the temp file cannot be created.
+        // Root ignores permissions, so skip the check there.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o500)).unwrap();
+        let probe = dir.path().join("probe");
+        let can_still_write = fs::write(&probe, b"x").is_ok();
+        let result = registry.create(name("payroll"), endpoint("sql:1"));
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        if can_still_write {
+            return;
+        }
+        let err = result.unwrap_err();
+        assert!(matches!(err, RegistryError::Write { .. }));
+        assert!(
+            err.to_string().ends_with("the change was not made"),
+            "{err}"
+        );
+        assert!(registry.list().is_empty());
+        assert!(Registry::open(dir.path()).unwrap().list().is_empty());
+    }
+}

@@ -1,0 +1,171 @@
+//! Starting a relay: data dir, ports, background tasks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::hub::Hub;
+use crate::identity::RelayIdentity;
+use crate::registry::Registry;
+use crate::{api, identity, registry, server};
+
+/// How a relay is run.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Where the certificate, registry and manage key live.
+    pub data_dir: PathBuf,
+    /// The one port agents and senders dial (control channels and pipes).
+    pub listen: SocketAddr,
+    /// The management API (plain HTTP; keep it on loopback or behind a proxy).
+    pub api: SocketAddr,
+    /// Host name written into connection strings; defaults to the listen IP.
+    pub public_host: Option<String>,
+    /// Port written into connection strings; defaults to the bound port.
+    pub public_port: Option<u16>,
+}
+
+/// Errors starting a relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Certificate could not be made or loaded.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// Registry could not be opened.
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
+    /// A port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The socket error.
+        source: std::io::Error,
+    },
+}
+
+/// A started relay.
+#[derive(Debug)]
+pub struct RunningRelay {
+    /// Where the relay port is bound.
+    pub listen: SocketAddr,
+    /// Where the management API is bound.
+    pub api: SocketAddr,
+    /// SHA-256 of the relay certificate, as in connection strings.
+    pub cert_sha256: [u8; 32],
+    /// The live state.
+    pub hub: Hub,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningRelay {
+    /// Stops accepting (open connections are dropped with the runtime).
+    pub fn stop(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for RunningRelay {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, RelayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RelayError::Bind { addr, source })
+}
+
+impl RelayConfig {
+    /// Loads or creates the data dir, binds both ports and starts serving.
+    pub async fn start(self) -> Result<RunningRelay, RelayError> {
+        let mut names = vec!["localhost".to_string()];
+        if let Some(h) = &self.public_host {
+            names.push(h.clone());
+        }
+        let identity = RelayIdentity::load_or_create_with_names(&self.data_dir, &names)?;
+        let registry = Registry::open(&self.data_dir)?;
+        let listener = bind(self.listen).await?;
+        let api_listener = bind(self.api).await?;
+        let listen = listener.local_addr().map_err(|source| RelayError::Bind {
+            addr: self.listen,
+            source,
+        })?;
+        let api = api_listener
+            .local_addr()
+            .map_err(|source| RelayError::Bind {
+                addr: self.api,
+                source,
+            })?;
+        let hub = Hub::new(registry.clone());
+        let public_host = self
+            .public_host
+            .clone()
+            .unwrap_or_else(|| listen.ip().to_string());
+        let public_port = self.public_port.unwrap_or(listen.port());
+        let state = api::ApiState {
+            registry: registry.clone(),
+            public_host,
+            public_port,
+            cert_sha256: identity.cert_sha256(),
+        };
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(server::accept_loop(
+            listener,
+            hub.clone(),
+            identity.server_config(),
+        )));
+        let router = api::router(state);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(api_listener, router).await {
+                tracing::error!(error = %e, "management API stopped");
+            }
+        }));
+        // Tokens expire; sessions whose keys change or whose HC goes away are
+        // re-checked at once.
+        let sweeper = hub.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                sweeper.expire_tokens();
+            }
+        }));
+        let mut changes = registry.subscribe();
+        let watcher = hub.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match changes.recv().await {
+                    Ok(event) => {
+                        let name = match &event {
+                            registry::RegistryEvent::Created { name } => name,
+                            registry::RegistryEvent::Deleted { name } => name,
+                            registry::RegistryEvent::KeysChanged { name, .. } => name,
+                            registry::RegistryEvent::Updated { name } => name,
+                        };
+                        watcher.recheck(name);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        for name in watcher.attached_entities() {
+                            watcher.recheck(&name);
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+        info!(%listen, %api, "relay serving");
+        Ok(RunningRelay {
+            listen,
+            api,
+            cert_sha256: identity.cert_sha256(),
+            hub,
+            tasks,
+        })
+    }
+}

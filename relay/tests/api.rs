@@ -1,0 +1,401 @@
+//! The management API over real HTTP: the router is served on 127.0.0.1:0
+//! and driven with hand-written HTTP/1.1 requests.
+
+use std::net::SocketAddr;
+
+use proto::connection_string::ConnectionString;
+use proto::key::{KeySlot, Right};
+use proto::name::HcName;
+use proto::sas;
+use relay::api::{ApiState, router};
+use relay::registry::Registry;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Api {
+    addr: SocketAddr,
+    key: String,
+    registry: Registry,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::open(dir.path()).unwrap();
+    let state = ApiState {
+        registry: registry.clone(),
+        public_host: "relay.example".into(),
+        public_port: 9443,
+        cert_sha256: [0xab; 32],
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
+    Api {
+        addr,
+        key: registry.manage_key().as_str().to_owned(),
+        registry,
+        _dir: dir,
+    }
+}
+
+/// One request on a fresh connection; returns the status and the body
+/// (parsed as JSON).
+async fn raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(auth) = auth {
+        request.push_str(&format!("Authorization: {auth}\r\n"));
+    }
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let chunked = head
+        .lines()
+        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    let json = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+    };
+    (status, json)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+impl Api {
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let auth = format!("Bearer {}", self.key);
+        let body = body.map(|b| b.to_string());
+        raw(self.addr, method, path, Some(&auth), body.as_deref()).await
+    }
+}
+
+fn error_of(body: &Value) -> &str {
+    body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {body}"))
+}
+
+fn cs(body: &Value, rule: &str, slot: &str) -> ConnectionString {
+    body["connection_strings"][rule][slot]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {rule}/{slot} in {body}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn requests_without_the_manage_key_are_refused() {
+    let api = start().await;
+    let cases = [
+        (None, "missing Authorization header"),
+        (Some("Bearer nope".to_owned()), "wrong manage key"),
+        (
+            Some(format!("Basic {}", api.key)),
+            "not `Bearer <manage key>`",
+        ),
+    ];
+    for (auth, reason) in cases {
+        for (method, path) in [
+            ("GET", "/api/v1/hcs"),
+            ("POST", "/api/v1/hcs"),
+            ("GET", "/elsewhere"),
+        ] {
+            let (status, body) = raw(api.addr, method, path, auth.as_deref(), None).await;
+            assert_eq!(status, 401, "{method} {path} {auth:?}");
+            assert!(error_of(&body).contains(reason), "{body}");
+        }
+    }
+    let (status, _) = raw(
+        api.addr,
+        "GET",
+        "/api/v1/hcs",
+        Some(&format!("bearer {}", api.key)),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn create_list_show_keys_delete() {
+    let api = start().await;
+    let (status, body) = api.call("GET", "/api/v1/hcs", None).await;
+    assert_eq!((status, body), (200, json!([])));
+
+    let (status, created) = api
+        .call(
+            "POST",
+            "/api/v1/hcs",
+            Some(json!({"name": "Payroll", "host": "SQL.corp", "port": 1433})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["name"], "payroll");
+    assert_eq!(created["host"], "sql.corp");
+    assert_eq!(created["port"], 1433);
+    assert_eq!(created["endpoint"], "sql.corp:1433");
+    assert!(created["created_unix"].as_u64().unwrap() > 1_700_000_000);
+    let hc = api.registry.get(&"payroll".parse().unwrap()).unwrap();
+    for (rule, right) in [("send", Right::Send), ("listen", Right::Listen)] {
+        for slot in [KeySlot::Primary, KeySlot::Secondary] {
+            let cs = cs(&created, rule, slot.as_str());
+            assert_eq!(cs.relay_host, "relay.example");
+            assert_eq!(cs.relay_port, 9443);
+            assert_eq!(cs.key_name, rule);
+            assert_eq!(cs.entity.as_str(), "payroll");
+            assert_eq!(cs.cert_sha256, Some([0xab; 32]));
+            assert_eq!(&cs.key, hc.keys(right).unwrap().get(slot));
+            // The string is good for what it is meant for.
+            let token = cs.token(4_000_000_000);
+            let ok = sas::verify(&token, &hc.name, right, &hc.rules(), 1_900_000_000).unwrap();
+            assert_eq!(ok.slot, slot);
+        }
+    }
+
+    api.call(
+        "POST",
+        "/api/v1/hcs",
+        Some(json!({"name": "billing", "host": "198.18.0.9", "port": "5432"})),
+    )
+    .await;
+    let (status, list) = api.call("GET", "/api/v1/hcs", None).await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["billing", "payroll"]);
+    assert!(list[0].get("connection_strings").is_none());
+    assert_eq!(list[0]["host"], "198.18.0.9");
+    assert_eq!(list[0]["port"], 5432);
+
+    let (status, shown) = api.call("GET", "/api/v1/hcs/payroll", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(shown["endpoint"], "sql.corp:1433");
+    assert_eq!(shown["created_unix"], created["created_unix"]);
+
+    let (status, keys) = api.call("GET", "/api/v1/hcs/payroll/keys", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(keys["name"], "payroll");
+    assert_eq!(keys["connection_strings"], created["connection_strings"]);
+
+    let (status, deleted) = api.call("DELETE", "/api/v1/hcs/payroll", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(deleted["name"], "payroll");
+    assert!(api.registry.get(&"payroll".parse().unwrap()).is_none());
+    let (status, body) = api.call("GET", "/api/v1/hcs/payroll", None).await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        error_of(&body),
+        "hybrid connection payroll does not exist; see `hybridlink hc list`"
+    );
+}
+
+#[tokio::test]
+async fn create_rejects_bad_input_with_reasons() {
+    let api = start().await;
+    let auth = format!("Bearer {}", api.key);
+    let cases: [(&str, &str); 10] = [
+        ("{\"name\":", "request body is not valid JSON"),
+        ("", "request body is not valid JSON"),
+        ("[1,2]", "request body is not valid JSON"),
+        ("{\"name\":\"a\",\"host\":\"h\"}", "missing field `port`"),
+        (
+            "{\"name\":\"a\",\"host\":\"h\",\"port\":1,\"x\":1}",
+            "unknown field `x`",
+        ),
+        (
+            "{\"name\":\"bad_name\",\"host\":\"h\",\"port\":1}",
+            "contains '_'",
+        ),
+        (
+            "{\"name\":\"a\",\"host\":\"bad host\",\"port\":1}",
+            "not a valid DNS name",
+        ),
+        ("{\"name\":\"a\",\"host\":\"::1\",\"port\":1}", "IPv6"),
+        (
+            "{\"name\":\"a\",\"host\":\"h\",\"port\":0}",
+            "port 0 is not a number from 1 to 65535",
+        ),
+        (
+            "{\"name\":\"a\",\"host\":\"h\",\"port\":70000}",
+            "port 70000 is not a number from 1 to 65535",
+        ),
+    ];
+    for (body, reason) in cases {
+        let (status, answer) = raw(api.addr, "POST", "/api/v1/hcs", Some(&auth), Some(body)).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(error_of(&answer).contains(reason), "{body}: {answer}");
+    }
+    assert!(api.registry.list().is_empty());
+
+    let good = json!({"name": "payroll", "host": "sql", "port": 1433});
+    assert_eq!(
+        api.call("POST", "/api/v1/hcs", Some(good.clone())).await.0,
+        201
+    );
+    let (status, body) = api.call("POST", "/api/v1/hcs", Some(good)).await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        error_of(&body),
+        "hybrid connection payroll already exists; pick another name or delete it first"
+    );
+}
+
+#[tokio::test]
+async fn unknown_and_invalid_names() {
+    let api = start().await;
+    for (method, path) in [
+        ("GET", "/api/v1/hcs/ghost"),
+        ("DELETE", "/api/v1/hcs/ghost"),
+        ("GET", "/api/v1/hcs/ghost/keys"),
+    ] {
+        let (status, body) = api.call(method, path, None).await;
+        assert_eq!(status, 404, "{method} {path}");
+        assert!(error_of(&body).contains("ghost does not exist"), "{body}");
+    }
+    let (status, body) = api
+        .call(
+            "POST",
+            "/api/v1/hcs/ghost/keys/regenerate",
+            Some(json!({"rule": "send", "key": "primary"})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    assert!(error_of(&body).contains("ghost does not exist"));
+    let (status, body) = api.call("GET", "/api/v1/hcs/-bad-", None).await;
+    assert_eq!(status, 400);
+    assert!(
+        error_of(&body).contains("starts or ends with '-'"),
+        "{body}"
+    );
+    let (status, body) = api.call("GET", "/api/v2/things", None).await;
+    assert_eq!(status, 404);
+    assert!(error_of(&body).contains("no such API endpoint"));
+    let (status, body) = api.call("PUT", "/api/v1/hcs", None).await;
+    assert_eq!(status, 405);
+    assert!(error_of(&body).contains("method not allowed"));
+}
+
+#[tokio::test]
+async fn regenerate_replaces_exactly_one_key() {
+    let api = start().await;
+    let (_, created) = api
+        .call(
+            "POST",
+            "/api/v1/hcs",
+            Some(json!({"name": "payroll", "host": "sql", "port": 1433})),
+        )
+        .await;
+    let mut events = api.registry.subscribe();
+    let (status, keys) = api
+        .call(
+            "POST",
+            "/api/v1/hcs/payroll/keys/regenerate",
+            Some(json!({"rule": "listen", "key": "secondary"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{keys}");
+    assert_eq!(keys["name"], "payroll");
+    assert_ne!(
+        cs(&keys, "listen", "secondary"),
+        cs(&created, "listen", "secondary")
+    );
+    assert_eq!(
+        cs(&keys, "listen", "primary"),
+        cs(&created, "listen", "primary")
+    );
+    assert_eq!(
+        cs(&keys, "send", "primary"),
+        cs(&created, "send", "primary")
+    );
+    assert_eq!(
+        cs(&keys, "send", "secondary"),
+        cs(&created, "send", "secondary")
+    );
+    let (_, fetched) = api.call("GET", "/api/v1/hcs/payroll/keys", None).await;
+    assert_eq!(fetched, keys);
+    let name: HcName = "payroll".parse().unwrap();
+    assert_eq!(
+        events.try_recv().unwrap(),
+        relay::registry::RegistryEvent::KeysChanged {
+            name: name.clone(),
+            right: Right::Listen,
+            slot: KeySlot::Secondary
+        }
+    );
+    // The old key no longer verifies.
+    let hc = api.registry.get(&name).unwrap();
+    let old = cs(&created, "listen", "secondary").token(4_000_000_000);
+    assert!(matches!(
+        sas::verify(&old, &name, Right::Listen, &hc.rules(), 1_900_000_000),
+        Err(sas::SasError::BadSignature { .. })
+    ));
+
+    let bad: [(Value, &str); 5] = [
+        (
+            json!({"rule": "manage", "key": "primary"}),
+            "unknown rule \"manage\"; use send or listen",
+        ),
+        (
+            json!({"rule": "admin", "key": "primary"}),
+            "unknown rule \"admin\"; use send or listen",
+        ),
+        (
+            json!({"rule": "send", "key": "third"}),
+            "unknown key \"third\"; use primary or secondary",
+        ),
+        (json!({"rule": "send"}), "missing field `key`"),
+        (json!("send"), "request body is not valid JSON"),
+    ];
+    for (body, reason) in bad {
+        let (status, answer) = api
+            .call(
+                "POST",
+                "/api/v1/hcs/payroll/keys/regenerate",
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(error_of(&answer).contains(reason), "{body}: {answer}");
+    }
+    assert_eq!(api.registry.get(&name).unwrap(), hc);
+}

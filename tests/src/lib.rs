@@ -1,0 +1,389 @@
+//! Shared helpers for the end-to-end tests: start the real `hybridlink`
+//! binary (relay, agent, forward) on loopback, create hybrid connections
+//! through the CLI, and run small target servers in the test process.
+//!
+//! Every child process is killed when its handle drops, so a failing test
+//! leaves nothing behind. Ports are always chosen by the kernel (port 0).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use proto::connection_string::ConnectionString;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Path of the `hybridlink` binary, built once per test run if needed.
+pub fn binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("HYBRIDLINK_BIN") {
+            return PathBuf::from(p);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ has a parent")
+            .to_path_buf();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        // The cargo running these tests (same toolchain, so no rebuild of
+        // the dependencies), else the one on PATH.
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "hybridlink", "--bin", "hybridlink"])
+            .current_dir(&root)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building hybridlink failed");
+        target.join("debug").join("hybridlink")
+    })
+    .clone()
+}
+
+/// A child process killed on drop.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Proc {
+    /// Starts `hybridlink ARGS...` with stderr passed through (for test logs)
+    /// and stdout piped.
+    pub fn start(name: &str, args: &[&str]) -> Result<Proc> {
+        let child = Command::new(binary())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc {
+            child,
+            name: name.to_string(),
+        })
+    }
+
+    /// Reads the first line the process prints on stdout (its ready line).
+    pub fn ready_line(&mut self) -> Result<serde_json::Value> {
+        let stdout = self.child.stdout.take().context("stdout already taken")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .with_context(|| format!("{} printed no ready line", self.name))?;
+        serde_json::from_str(&line).with_context(|| format!("{} ready line {line:?}", self.name))
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits up to 5 s.
+    pub fn terminate(&mut self) {
+        let pid = self.child.id() as i32;
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A relay process with its own data dir.
+#[derive(Debug)]
+pub struct Relay {
+    /// The process.
+    pub proc: Proc,
+    /// Relay port.
+    pub listen: SocketAddr,
+    /// Management API.
+    pub api: SocketAddr,
+    /// Its data dir.
+    pub data_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Relay {
+    /// Starts a relay on loopback with a fresh data dir.
+    pub fn start() -> Result<Relay> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().to_path_buf();
+        let mut relay = Relay::start_in(&data_dir, "127.0.0.1:0")?;
+        relay._dir = Some(dir);
+        Ok(relay)
+    }
+
+    /// Starts a relay with `data_dir` listening on `listen`.
+    pub fn start_in(data_dir: &Path, listen: &str) -> Result<Relay> {
+        let dir = data_dir.to_str().context("utf-8 path")?;
+        let mut proc = Proc::start(
+            "relay",
+            &[
+                "relay",
+                "serve",
+                "--data-dir",
+                dir,
+                "--listen",
+                listen,
+                "--api",
+                "127.0.0.1:0",
+            ],
+        )?;
+        let ready = proc.ready_line()?;
+        let addr = |k: &str| -> Result<SocketAddr> {
+            ready[k]
+                .as_str()
+                .context("address in ready line")?
+                .parse()
+                .context("address parses")
+        };
+        Ok(Relay {
+            listen: addr("listen")?,
+            api: addr("api")?,
+            proc,
+            data_dir: data_dir.to_path_buf(),
+            _dir: None,
+        })
+    }
+
+    /// Stops this relay and starts it again with the same data dir and port.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.kill();
+        let listen = self.listen.to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Relay::start_in(&self.data_dir, &listen) {
+                Ok(mut fresh) => {
+                    std::mem::swap(&mut self.proc, &mut fresh.proc);
+                    self.api = fresh.api;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("relay restart: {e:#}; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs `hybridlink hc ARGS...` against this relay; returns its JSON.
+    pub fn hc(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let api = format!("http://{}", self.api);
+        let out = Command::new(binary())
+            .arg("hc")
+            .args([
+                "--api",
+                &api,
+                "--data-dir",
+                self.data_dir.to_str().context("utf-8")?,
+            ])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "hc {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if out.stdout.iter().all(u8::is_ascii_whitespace) {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "hc {args:?} printed {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Creates a hybrid connection to `endpoint`; returns (send, listen)
+    /// primary connection strings.
+    pub fn create_hc(
+        &self,
+        name: &str,
+        endpoint: SocketAddr,
+    ) -> Result<(ConnectionString, ConnectionString)> {
+        self.hc(&[
+            "create",
+            name,
+            "--host",
+            &endpoint.ip().to_string(),
+            "--port",
+            &endpoint.port().to_string(),
+        ])?;
+        self.strings(name)
+    }
+
+    /// The primary send and listen connection strings of `name`.
+    pub fn strings(&self, name: &str) -> Result<(ConnectionString, ConnectionString)> {
+        let keys = self.hc(&["keys", name])?;
+        let find = |rule: &str| -> Result<ConnectionString> {
+            let s = keys["connection_strings"][rule]["primary"]
+                .as_str()
+                .with_context(|| format!("no {rule}.primary in {keys}"))?;
+            s.parse().map_err(|e| anyhow::anyhow!("{e}"))
+        };
+        Ok((find("send")?, find("listen")?))
+    }
+}
+
+/// An agent process.
+#[derive(Debug)]
+pub struct Agent {
+    /// The process.
+    pub proc: Proc,
+    /// Its status socket.
+    pub status_socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts `hybridlink agent run` for these listen strings.
+    pub fn start(strings: &[&ConnectionString], extra: &[&str]) -> Result<Agent> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("agent.sock");
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "run".into(),
+            "--status-socket".into(),
+            socket.display().to_string(),
+        ];
+        for cs in strings {
+            args.push("--connection-string".into());
+            args.push(cs.to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = Proc::start("agent", &argv)?;
+        Ok(Agent {
+            proc,
+            status_socket: socket,
+            _dir: dir,
+        })
+    }
+
+    /// `hybridlink agent status --json`, parsed.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = Command::new(binary())
+            .args(["agent", "status", "--json", "--status-socket"])
+            .arg(&self.status_socket)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "agent status failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits until every hybrid connection of the agent is `connected`.
+    pub fn wait_connected(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(status) = self.status() {
+                let all = status.as_array().is_some_and(|hcs| {
+                    !hcs.is_empty() && hcs.iter().all(|h| h["connection"]["state"] == "connected")
+                });
+                if all {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    bail!("agent not connected: {status}");
+                }
+            } else if Instant::now() > deadline {
+                bail!("agent status socket never answered");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A TCP echo server on loopback; returns its address.
+pub async fn echo_server() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = conn.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A server that reads everything, then answers with the SHA-256 of what it
+/// read (32 bytes) and closes: checks integrity and half-close at once.
+pub async fn digest_server() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match conn.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => ctx.update(&buf[..n]),
+                        Err(_) => return,
+                    }
+                }
+                let _ = conn.write_all(ctx.finish().as_ref()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), cheap enough for GiBs.
+pub fn pattern_block(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

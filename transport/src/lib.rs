@@ -1,0 +1,17 @@
+//! The tokio side of hybridlink: everything that moves bytes between sockets
+//! and the sans-I/O machines of `proto`.
+//!
+//! - [`control`]: a peer's control channel to the relay (keep-alives,
+//!   reconnects, token renewal).
+//! - [`pipe`]: pipes through the relay with TLS end to end.
+//! - [`mux`]: streams multiplexed over a pipe.
+//! - [`sender`]: the sending side's API, used by the appliance, `connect` and
+//!   `forward`.
+//! - [`tls`]: pinned-key TLS configurations and the data identity.
+
+pub mod backoff;
+pub mod control;
+pub mod mux;
+pub mod pipe;
+pub mod sender;
+pub mod tls;

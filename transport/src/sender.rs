@@ -1,0 +1,513 @@
+//! The sending side: opens streams to hybrid connections.
+//!
+//! A [`Sender`] keeps one control channel to the relay (send tokens), learns
+//! the live agents of each hybrid connection, keeps a pipe open to each of
+//! them ahead of need, and opens each new stream on the next agent in round
+//! robin order. Opening a stream then costs one round trip to the agent, which
+//! dials the target before it answers: a stream that opens is connected to the
+//! target, and a refused target is an error here, not a stream that closes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proto::connection_string::ConnectionString;
+use proto::control::{
+    AgentInfo, Fingerprint, PeerMessage, PeerRole, RefusalCode, RelayMessage, StreamRefusal,
+    StreamRequest, Ticket,
+};
+use proto::name::{Endpoint, HcName};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::control::{
+    self, ControlClientError, ControlConfig, ControlEvent, ControlHandle, RelayAddr,
+};
+use crate::mux::{MuxConfig, MuxHandle, MuxStream, OpenError};
+use crate::pipe::{self, PipeError};
+use crate::tls::DataIdentity;
+
+/// A stream to a hybrid connection's target.
+pub type Stream = MuxStream;
+
+/// Options of a [`Sender`].
+#[derive(Clone, Debug)]
+pub struct SenderOptions {
+    /// How long `open` waits for the relay and an agent before giving up.
+    pub ready_timeout: Duration,
+    /// Lifetime of the send tokens (renewed at 80 %).
+    pub token_ttl: Duration,
+    /// Multiplexer settings of the pipes.
+    pub mux: MuxConfig,
+    /// A name for the relay's logs.
+    pub label: String,
+}
+
+impl Default for SenderOptions {
+    fn default() -> Self {
+        SenderOptions {
+            ready_timeout: Duration::from_secs(10),
+            token_ttl: Duration::from_secs(3600),
+            mux: MuxConfig::default(),
+            label: "sender".into(),
+        }
+    }
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The hybrid connection is not among this sender's connection strings.
+    #[error("no connection string for hybrid connection {0}")]
+    UnknownHc(HcName),
+    /// The relay refused our send token for the HC.
+    #[error("the relay refused hybrid connection {hc}: {message}")]
+    NotAuthorized {
+        /// The HC.
+        hc: HcName,
+        /// The relay's reason.
+        message: String,
+    },
+    /// The relay could not be reached or no agent is connected.
+    #[error("hybrid connection {hc} is not reachable: {reason}")]
+    NotReady {
+        /// The HC.
+        hc: HcName,
+        /// What was missing.
+        reason: String,
+    },
+    /// The agent refused the stream (target refused, unreachable, policy...).
+    #[error("{hc}: {}", .refusal.message)]
+    Refused {
+        /// The HC.
+        hc: HcName,
+        /// The agent's answer.
+        refusal: StreamRefusal,
+    },
+    /// The pipe to the agent failed.
+    #[error(transparent)]
+    Pipe(#[from] PipeError),
+    /// The relay did not arrange a pipe to the agent.
+    #[error("could not arrange a pipe to the agent: {0}")]
+    NoPipe(String),
+    /// Setting up the control channel failed.
+    #[error(transparent)]
+    Control(#[from] ControlClientError),
+}
+
+impl SendError {
+    /// The refusal code when the agent refused the stream.
+    pub fn refusal_code(&self) -> Option<RefusalCode> {
+        match self {
+            SendError::Refused { refusal, .. } => Some(refusal.code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+enum HcStatus {
+    #[default]
+    Attaching,
+    Attached,
+    Refused(String),
+}
+
+#[derive(Debug, Default)]
+struct HcState {
+    status: HcStatus,
+    agents: Vec<AgentInfo>,
+    next: usize,
+    /// The target `host:port`, as the relay announced it.
+    endpoint: Option<Endpoint>,
+}
+
+type PipeSlot = Arc<tokio::sync::Mutex<Option<MuxHandle>>>;
+
+/// Where the relay's answer to a pipe request goes: the agent id and ticket,
+/// or the relay's reason.
+type TicketReply = oneshot::Sender<Result<(u64, Ticket), String>>;
+
+#[derive(Debug, Default)]
+struct State {
+    connected: bool,
+    last_error: Option<String>,
+    hcs: HashMap<HcName, HcState>,
+    /// Pipes by agent identity (stable across relay restarts, unlike ids).
+    pipes: HashMap<Fingerprint, PipeSlot>,
+    tickets: HashMap<u64, TicketReply>,
+    next_request: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    relay: RelayAddr,
+    identity: DataIdentity,
+    control: ControlHandle,
+    options: SenderOptions,
+    state: Mutex<State>,
+    /// Bumped on every change of `state` that `open` may be waiting for.
+    changed: watch::Sender<u64>,
+}
+
+/// Opens streams to hybrid connections through one relay. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Sender {
+    inner: Arc<Inner>,
+}
+
+impl Sender {
+    /// Starts a sender for these send connection strings (all for one relay).
+    /// Returns at once; `open` waits for the relay and agents as needed.
+    pub fn start(
+        strings: Vec<ConnectionString>,
+        options: SenderOptions,
+    ) -> Result<Sender, SendError> {
+        let identity = DataIdentity::generate().map_err(ControlClientError::from)?;
+        let mut config = ControlConfig::new(
+            PeerRole::Sender,
+            identity.fingerprint(),
+            options.label.clone(),
+            strings.clone(),
+        )?;
+        config.token_ttl = options.token_ttl;
+        let relay = config.relay.clone();
+        let (control, events) = control::spawn(config)?;
+        let mut state = State::default();
+        for cs in &strings {
+            state.hcs.insert(cs.entity.clone(), HcState::default());
+        }
+        let inner = Arc::new(Inner {
+            relay,
+            identity,
+            control,
+            options,
+            state: Mutex::new(state),
+            changed: watch::channel(0).0,
+        });
+        tokio::spawn(handle_events(Arc::downgrade(&inner), events));
+        Ok(Sender { inner })
+    }
+
+    /// The hybrid connections this sender can open streams to.
+    pub fn hcs(&self) -> Vec<HcName> {
+        self.inner.lock().hcs.keys().cloned().collect()
+    }
+
+    /// Each hybrid connection with its endpoint, once the relay has announced
+    /// it. The appliance names and routes these.
+    pub fn endpoints(&self) -> Vec<(HcName, Option<Endpoint>)> {
+        let state = self.inner.lock();
+        let mut out: Vec<_> = state.hcs.iter().map(|(n, h)| (n.clone(), h.endpoint.clone())).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Ticks whenever something `endpoints`, `agents` or `open` depend on
+    /// changed (attachments, agents, endpoints, the control channel).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+
+    /// The live agents of `hc` as last announced by the relay.
+    pub fn agents(&self, hc: &HcName) -> Vec<AgentInfo> {
+        self.inner
+            .lock()
+            .hcs
+            .get(hc)
+            .map(|h| h.agents.clone())
+            .unwrap_or_default()
+    }
+
+    /// Opens a stream to the target of `hc` through the next live agent.
+    /// Resolves once the agent has connected to the target.
+    pub async fn open(&self, hc: &HcName) -> Result<Stream, SendError> {
+        let agent = self.next_agent(hc).await?;
+        // A pipe can die between our pick and the open (agent just left):
+        // then retry once on a fresh pick.
+        match self.open_on(hc, &agent).await {
+            Err(SendError::Pipe(_) | SendError::NoPipe(_) | SendError::NotReady { .. }) => {
+                let agent = self.next_agent(hc).await?;
+                self.open_on(hc, &agent).await
+            }
+            other => other,
+        }
+    }
+
+    /// Opens a stream on an agent of `route` with an arbitrary request: for
+    /// tests that play a hostile sender. Agents must refuse anything but a
+    /// well-formed request for a hybrid connection the sender was granted.
+    #[doc(hidden)]
+    pub async fn open_raw(&self, route: &HcName, request: Bytes) -> Result<Stream, SendError> {
+        let agent = self.next_agent(route).await?;
+        self.open_request(route, &agent, request).await
+    }
+
+    async fn open_on(&self, hc: &HcName, agent: &AgentInfo) -> Result<Stream, SendError> {
+        // Serialising a struct of one validated string cannot fail.
+        #[allow(clippy::expect_used)]
+        let request =
+            serde_json::to_vec(&StreamRequest { hc: hc.clone() }).expect("request serialises");
+        self.open_request(hc, agent, Bytes::from(request)).await
+    }
+
+    async fn open_request(
+        &self,
+        hc: &HcName,
+        agent: &AgentInfo,
+        request: Bytes,
+    ) -> Result<Stream, SendError> {
+        let mux = self.inner.pipe_to(agent).await?;
+        match mux.open(request).await {
+            Ok((stream, _)) => Ok(stream),
+            Err(OpenError::Rejected(payload)) => {
+                let refusal =
+                    serde_json::from_slice::<StreamRefusal>(&payload).unwrap_or_else(|_| {
+                        StreamRefusal {
+                            code: RefusalCode::BadRequest,
+                            message: String::from_utf8_lossy(&payload).into_owned(),
+                        }
+                    });
+                Err(SendError::Refused {
+                    hc: hc.clone(),
+                    refusal,
+                })
+            }
+            Err(e) => Err(SendError::NotReady {
+                hc: hc.clone(),
+                reason: format!("pipe to agent closed: {e}"),
+            }),
+        }
+    }
+
+    /// Waits until `hc` has a live agent, then picks the next one round robin.
+    async fn next_agent(&self, hc: &HcName) -> Result<AgentInfo, SendError> {
+        let mut changed = self.inner.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + self.inner.options.ready_timeout;
+        loop {
+            {
+                let mut state = self.inner.lock();
+                let connected = state.connected;
+                let last_error = state.last_error.clone();
+                let Some(h) = state.hcs.get_mut(hc) else {
+                    return Err(SendError::UnknownHc(hc.clone()));
+                };
+                if let HcStatus::Refused(message) = &h.status {
+                    return Err(SendError::NotAuthorized {
+                        hc: hc.clone(),
+                        message: message.clone(),
+                    });
+                }
+                if !h.agents.is_empty() {
+                    let agent = h.agents[h.next % h.agents.len()].clone();
+                    h.next = h.next.wrapping_add(1);
+                    return Ok(agent);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    let reason = if !connected {
+                        last_error.unwrap_or_else(|| "the relay has not answered yet".into())
+                    } else {
+                        "no agent is connected for it (is `hybridlink agent run` up with its listen key?)".into()
+                    };
+                    return Err(SendError::NotReady {
+                        hc: hc.clone(),
+                        reason,
+                    });
+                }
+            }
+            let _ = tokio::time::timeout_at(deadline, changed.changed()).await;
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock is a bug elsewhere; the state is
+        // still consistent enough to keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// The open pipe to `agent`, setting one up if there is none.
+    async fn pipe_to(&self, agent: &AgentInfo) -> Result<MuxHandle, SendError> {
+        let slot = self.lock().pipes.entry(agent.identity).or_default().clone();
+        let mut guard = slot.lock().await;
+        if let Some(mux) = guard.as_ref().filter(|m| !m.is_closed()) {
+            return Ok(mux.clone());
+        }
+        let ticket = self.request_ticket(agent.id).await?;
+        let (mux, mut incoming) = pipe::connect_as_sender(
+            &self.relay,
+            &ticket,
+            &self.identity,
+            agent.identity,
+            self.options.mux.clone(),
+        )
+        .await?;
+        // Agents never open streams towards us; refuse any that try.
+        tokio::spawn(async move {
+            while let Some(pending) = incoming.next().await {
+                pending.reject(Bytes::from_static(b"senders accept no streams"));
+            }
+        });
+        info!(agent = agent.id, identity = %agent.identity, "pipe to agent open");
+        *guard = Some(mux.clone());
+        Ok(mux)
+    }
+
+    async fn request_ticket(&self, agent: u64) -> Result<Ticket, SendError> {
+        let (tx, rx) = oneshot::channel();
+        let request_id = {
+            let mut state = self.lock();
+            state.next_request += 1;
+            let id = state.next_request;
+            state.tickets.insert(id, tx);
+            id
+        };
+        self.control
+            .send(PeerMessage::PipeRequest { request_id, agent });
+        let not_ready = SendError::NoPipe;
+        match tokio::time::timeout(pipe::PIPE_SETUP_TIMEOUT, rx).await {
+            Ok(Ok(Ok((_, ticket)))) => Ok(ticket),
+            Ok(Ok(Err(message))) => Err(not_ready(format!("relay refused a pipe: {message}"))),
+            Ok(Err(_)) | Err(_) => {
+                self.lock().tickets.remove(&request_id);
+                Err(not_ready(
+                    "relay did not hand out a pipe ticket in time".into(),
+                ))
+            }
+        }
+    }
+
+    fn handle(&self, event: ControlEvent) {
+        let mut state = self.lock();
+        match event {
+            ControlEvent::Connected => {
+                state.connected = true;
+                state.last_error = None;
+            }
+            ControlEvent::Disconnected(reason) => {
+                state.connected = false;
+                state.last_error = Some(reason);
+                for h in state.hcs.values_mut() {
+                    h.agents.clear();
+                    if matches!(h.status, HcStatus::Attached) {
+                        h.status = HcStatus::Attaching;
+                    }
+                }
+                state.tickets.clear();
+            }
+            ControlEvent::Message(msg) => match msg {
+                RelayMessage::Attached {
+                    entity, endpoint, ..
+                } => {
+                    if let Some(h) = state.hcs.get_mut(&entity) {
+                        info!(hc = %entity, "attached to relay");
+                        h.status = HcStatus::Attached;
+                        if endpoint.is_some() {
+                            h.endpoint = endpoint;
+                        }
+                    }
+                }
+                RelayMessage::EndpointChanged { entity, endpoint } => {
+                    if let Some(h) = state.hcs.get_mut(&entity) {
+                        info!(hc = %entity, %endpoint, "endpoint changed");
+                        h.endpoint = Some(endpoint);
+                    }
+                }
+                RelayMessage::Detached {
+                    entity,
+                    reason,
+                    message,
+                } => {
+                    if let Some(h) = state.hcs.get_mut(&entity) {
+                        warn!(hc = %entity, ?reason, %message, "relay refused the send key");
+                        h.status = HcStatus::Refused(message);
+                        h.agents.clear();
+                    }
+                }
+                RelayMessage::Agents { entity, agents } => {
+                    debug!(hc = %entity, count = agents.len(), "agents changed");
+                    if let Some(h) = state.hcs.get_mut(&entity) {
+                        h.agents = agents;
+                    }
+                    prune_pipes(&mut state);
+                }
+                RelayMessage::PipeTicket {
+                    request_id,
+                    agent,
+                    ticket,
+                } => {
+                    if let Some(tx) = state.tickets.remove(&request_id) {
+                        let _ = tx.send(Ok((agent, ticket)));
+                    }
+                }
+                RelayMessage::PipeFailed {
+                    request_id,
+                    message,
+                } => {
+                    if let Some(tx) = state.tickets.remove(&request_id) {
+                        let _ = tx.send(Err(message));
+                    }
+                }
+                other => debug!(?other, "ignored relay message"),
+            },
+        }
+        drop(state);
+        self.bump();
+    }
+}
+
+/// Closes pipes to agents that no HC lists any more: a dead agent's pipe is
+/// dropped, and its open streams end with an error.
+fn prune_pipes(state: &mut State) {
+    let live: std::collections::HashSet<Fingerprint> = state
+        .hcs
+        .values()
+        .flat_map(|h| h.agents.iter().map(|a| a.identity))
+        .collect();
+    state.pipes.retain(|identity, slot| {
+        if live.contains(identity) {
+            return true;
+        }
+        if let Ok(guard) = slot.try_lock()
+            && let Some(mux) = guard.as_ref()
+        {
+            mux.close();
+        }
+        false
+    });
+}
+
+async fn handle_events(
+    inner: std::sync::Weak<Inner>,
+    mut events: mpsc::UnboundedReceiver<ControlEvent>,
+) {
+    while let Some(event) = events.recv().await {
+        let Some(inner) = inner.upgrade() else { return };
+        inner.handle(event);
+        // Open pipes ahead of need so that the first stream costs no handshake.
+        let wanted: Vec<AgentInfo> = {
+            let state = inner.lock();
+            state
+                .hcs
+                .values()
+                .flat_map(|h| h.agents.iter())
+                .filter(|a| !state.pipes.contains_key(&a.identity))
+                .cloned()
+                .collect()
+        };
+        for agent in wanted {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                if let Err(e) = inner.pipe_to(&agent).await {
+                    debug!(agent = agent.id, error = %e, "opening a pipe ahead of need failed; will retry on demand");
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! TLS with pinned keys.
+//!
+//! Two uses, one idea: trust exactly the certificate whose SHA-256 we were
+//! told, and check the handshake signatures made with its key.
+//!
+//! - The control channel to the relay pins the relay certificate named by the
+//!   connection string's `CertificateSha256`.
+//! - Inside a pipe, sender and agent each present a *data identity* (a
+//!   self-signed certificate made at process start, never written to disk)
+//!   and pin the other's, as announced by the relay over the authenticated
+//!   control channel. The relay splices the pipe but never holds these keys,
+//!   so it cannot read or alter the streams.
+
+use std::sync::Arc;
+
+use proto::control::Fingerprint;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+/// The one crypto provider of the workspace (ring). Having two enabled makes
+/// rustls refuse to pick one at run time, so every config is built from this.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The server name a pipe's TLS client presents. Certificates are pinned by
+/// fingerprint, so the name only has to be syntactically valid.
+const PIPE_SERVER_NAME: &str = "hybridlink-peer";
+
+/// Errors building TLS configurations.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// rcgen could not make the data certificate.
+    #[error("could not generate the data certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("TLS configuration rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A process's data identity: a fresh self-signed certificate and its key.
+#[derive(Clone)]
+pub struct DataIdentity {
+    cert: CertificateDer<'static>,
+    key: Arc<PrivatePkcs8KeyDer<'static>>,
+    fingerprint: Fingerprint,
+}
+
+impl std::fmt::Debug for DataIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataIdentity")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DataIdentity {
+    /// Makes a new identity (ECDSA P-256: the cheapest handshake signatures).
+    pub fn generate() -> Result<Self, TlsError> {
+        let certified = rcgen::generate_simple_self_signed(vec![PIPE_SERVER_NAME.to_string()])?;
+        let cert = certified.cert.der().clone();
+        let key = PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
+        let fingerprint = Fingerprint::of_der(&cert);
+        Ok(DataIdentity {
+            cert,
+            key: Arc::new(key),
+            fingerprint,
+        })
+    }
+
+    /// What the relay announces to the other end of a pipe.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    fn key_der(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.as_ref().clone_key())
+    }
+
+    /// Client config for the sender's end of a pipe to the agent `peer`.
+    pub fn pipe_client_config(
+        &self,
+        peer: Fingerprint,
+    ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let provider = provider();
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCert::new(peer, &provider)))
+            .with_client_auth_cert(vec![self.cert.clone()], self.key_der())?;
+        Ok(Arc::new(config))
+    }
+
+    /// Server config for the agent's end of a pipe from the sender `peer`.
+    pub fn pipe_server_config(
+        &self,
+        peer: Fingerprint,
+    ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let provider = provider();
+        let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(Arc::new(PinnedCert::new(peer, &provider)))
+            .with_single_cert(vec![self.cert.clone()], self.key_der())?;
+        // A pipe is long-lived and opened once; no resumption to manage.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        Ok(Arc::new(config))
+    }
+}
+
+/// The server name to pass to a pipe's TLS client.
+pub fn pipe_server_name() -> ServerName<'static> {
+    // A constant, valid DNS name.
+    #[allow(clippy::expect_used)]
+    ServerName::try_from(PIPE_SERVER_NAME).expect("constant is a valid DNS name")
+}
+
+/// Client config for a control channel to a relay whose certificate has the
+/// SHA-256 `relay_cert` (from the connection string).
+pub fn relay_client_config(relay_cert: Fingerprint) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCert::new(relay_cert, &provider)))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Accepts exactly one certificate, named by its SHA-256, and checks that the
+/// handshake was signed with its key.
+#[derive(Debug)]
+struct PinnedCert {
+    expected: Fingerprint,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl PinnedCert {
+    fn new(expected: Fingerprint, provider: &CryptoProvider) -> Self {
+        PinnedCert {
+            expected,
+            algorithms: provider.signature_verification_algorithms,
+        }
+    }
+
+    fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let got = Fingerprint::of_der(end_entity);
+        if got == self.expected {
+            Ok(())
+        } else {
+            tracing::warn!(expected = %self.expected, got = %got, "peer certificate does not match the pinned fingerprint");
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity)
+            .map(|()| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for PinnedCert {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity)
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
