@@ -1,1 +1,15 @@
-//! The appliance: tun, DNS and netstack sidecar for unmodified apps (being built).
+//! The appliance: the sidecar that lets unmodified apps reach on-prem
+//! services by host name. It creates a tun device and routes a virtual range
+//! (and every IPv4-literal endpoint) into it, answers DNS for the hybrid
+//! connections' host names with addresses from that range, terminates the
+//! app's TCP flows with the userspace netstack, and sends each flow as a
+//! stream through the relay.
+
+pub mod config;
+pub mod dns;
+pub mod flows;
+pub mod names;
+pub mod resolv;
+pub mod routing;
+pub mod service;
+pub mod table;

@@ -2,6 +2,7 @@
 //! the library crates.
 
 mod agent_cmd;
+mod appliance_cmd;
 mod hc;
 mod relay_cmd;
 mod send_cmd;
@@ -48,6 +49,12 @@ enum Command {
         #[command(subcommand)]
         cmd: agent_cmd::AgentCommand,
     },
+    /// Run the appliance: the sidecar that lets unmodified apps reach
+    /// on-prem services by host name.
+    Appliance {
+        #[command(subcommand)]
+        cmd: appliance_cmd::ApplianceCommand,
+    },
     /// Open one stream to a hybrid connection and join it to stdin/stdout,
     /// like `nc`. Needs no root. Also a quick reachability check: it fails
     /// with the agent's reason when the target refuses or cannot be reached.
@@ -62,7 +69,8 @@ fn main() -> ExitCode {
     let default_level = match &cli.command {
         // `connect` owns stdout; keep stderr quiet unless asked.
         Command::Connect(_) => "warn",
-        _ => "info",
+        // hickory logs every DNS request at INFO; keep its warnings only.
+        _ => "info,hickory_server=warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
@@ -78,6 +86,7 @@ fn main() -> ExitCode {
                 match other {
                     Command::Relay { cmd } => relay_cmd::run(cmd).await,
                     Command::Agent { cmd } => agent_cmd::run(cmd).await,
+                    Command::Appliance { cmd } => appliance_cmd::run(cmd).await,
                     Command::Connect(args) => send_cmd::connect(args).await,
                     Command::Forward(args) => send_cmd::forward(args).await,
                     Command::Hc { .. } => unreachable!("handled above"),

@@ -17,6 +17,8 @@ use proto::connection_string::ConnectionString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+pub mod lab;
+
 /// Path of the `hybridlink` binary, built once per test run if needed.
 pub fn binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -56,10 +58,37 @@ impl Proc {
     /// Starts `hybridlink ARGS...` with stderr passed through (for test logs)
     /// and stdout piped.
     pub fn start(name: &str, args: &[&str]) -> Result<Proc> {
-        let child = Command::new(binary())
+        Proc::start_program(binary(), name, args)
+    }
+
+    /// Starts any program the same way (stdout piped for its ready line).
+    pub fn start_program(
+        program: impl AsRef<std::ffi::OsStr>,
+        name: &str,
+        args: &[&str],
+    ) -> Result<Proc> {
+        Proc::spawn(program, name, args, Stdio::piped())
+    }
+
+    /// Starts any program with its stdout discarded.
+    pub fn start_program_quiet(
+        program: impl AsRef<std::ffi::OsStr>,
+        name: &str,
+        args: &[&str],
+    ) -> Result<Proc> {
+        Proc::spawn(program, name, args, Stdio::null())
+    }
+
+    fn spawn(
+        program: impl AsRef<std::ffi::OsStr>,
+        name: &str,
+        args: &[&str],
+        stdout: Stdio,
+    ) -> Result<Proc> {
+        let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(stdout)
             .stderr(Stdio::inherit())
             .env(
                 "RUST_LOG",

@@ -52,7 +52,9 @@ async fn connect_fails_with_the_reason_and_exit_code_1() -> Result<()> {
 
     // A connection string with a field missing is a usage error (2) that
     // names the field.
-    let broken = send.to_string().replace("SharedAccessKey=", "SharedAccessKeyX=");
+    let broken = send
+        .to_string()
+        .replace("SharedAccessKey=", "SharedAccessKeyX=");
     let out = Command::new(binary()).args(["connect", &broken]).output()?;
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -69,7 +71,14 @@ async fn forward_serves_a_local_port_and_resets_refused_streams() -> Result<()> 
     agent.wait_connected()?;
     let mut forward = Proc::start(
         "forward",
-        &["forward", "--listen", "127.0.0.1:0", "--wait", "2", &send.to_string()],
+        &[
+            "forward",
+            "--listen",
+            "127.0.0.1:0",
+            "--wait",
+            "2",
+            &send.to_string(),
+        ],
     )?;
     let local: SocketAddr = forward.ready_line()?["listen"]
         .as_str()

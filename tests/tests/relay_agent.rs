@@ -531,7 +531,9 @@ async fn a_frozen_agent_leaves_the_rotation_within_the_keepalive_timeout() -> Re
     // SIGSTOP: the process and its sockets stay, but it answers nothing, as
     // with a hung host or a silently dropped network path.
     let pid = first.proc.pid().to_string();
-    std::process::Command::new("kill").args(["-STOP", &pid]).status()?;
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()?;
     let frozen_at = Instant::now();
     while sender.agents(&send.entity).len() != 1 {
         assert!(
@@ -548,6 +550,8 @@ async fn a_frozen_agent_leaves_the_rotation_within_the_keepalive_timeout() -> Re
         let mut s = sender.open(&send.entity).await?;
         echo_roundtrip(&mut s, b"served by the live one").await?;
     }
-    std::process::Command::new("kill").args(["-CONT", &pid]).status()?;
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()?;
     Ok(())
 }

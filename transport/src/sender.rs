@@ -199,7 +199,11 @@ impl Sender {
     /// it. The appliance names and routes these.
     pub fn endpoints(&self) -> Vec<(HcName, Option<Endpoint>)> {
         let state = self.inner.lock();
-        let mut out: Vec<_> = state.hcs.iter().map(|(n, h)| (n.clone(), h.endpoint.clone())).collect();
+        let mut out: Vec<_> = state
+            .hcs
+            .iter()
+            .map(|(n, h)| (n.clone(), h.endpoint.clone()))
+            .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }

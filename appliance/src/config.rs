@@ -1,0 +1,250 @@
+//! The appliance's configuration: a TOML file, or the same settings from the
+//! command line. Parsed once into types that cannot hold an invalid value.
+//!
+//! ```toml
+//! # /etc/hybridlink/appliance.toml
+//! connection_strings = [
+//!   "Endpoint=sb://relay.example:9443/;SharedAccessKeyName=send;SharedAccessKey=...;EntityPath=payroll;CertificateSha256=...",
+//! ]
+//! virtual_range = "127.77.0.0/16"   # where host names resolve to
+//! tun = "hl0"
+//! mtu = 65535
+//! dns_listen = "127.0.0.53:53"
+//! state_dir = "/var/lib/hybridlink-appliance"
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use netstack::Ipv4Range;
+use proto::connection_string::ConnectionString;
+use serde::Deserialize;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the appliance config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("the appliance config {path} is not valid: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// What the TOML parser said (with line and column).
+        message: String,
+    },
+    /// A connection string did not parse.
+    #[error("connection string #{index} in the appliance config: {message}")]
+    ConnectionString {
+        /// Its 1-based position.
+        index: usize,
+        /// The parser's message, which names the field.
+        message: String,
+    },
+    /// A send string was expected.
+    #[error(
+        "connection string for {0} uses rule {1:?}; the appliance needs send connection strings (`hybridlink hc keys NAME`)"
+    )]
+    NotSend(String, String),
+    /// No connection string at all.
+    #[error(
+        "no connection string: give --connection-string or a config file with connection_strings"
+    )]
+    Empty,
+    /// The virtual range is unusable.
+    #[error(
+        "virtual_range {0:?} is not an IPv4 network like 127.77.0.0/16 with a prefix between /8 and /30"
+    )]
+    Range(String),
+    /// A name for the tun device that Linux would refuse.
+    #[error("tun name {0:?} must be 1 to 15 characters of letters, digits, '-' or '_'")]
+    TunName(String),
+}
+
+/// The raw file, as written by a person.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    connection_strings: Vec<String>,
+    virtual_range: Option<String>,
+    tun: Option<String>,
+    mtu: Option<u16>,
+    dns_listen: Option<SocketAddr>,
+    state_dir: Option<PathBuf>,
+}
+
+/// A validated appliance configuration.
+#[derive(Clone, Debug)]
+pub struct ApplianceConfig {
+    /// Send connection strings, one per hybrid connection.
+    pub connection_strings: Vec<ConnectionString>,
+    /// Host names resolve to addresses in this range, which is routed into
+    /// the tun.
+    pub virtual_range: Ipv4Range,
+    /// The tun device's name.
+    pub tun: String,
+    /// The tun device's MTU; 65535 is the fastest.
+    pub mtu: u16,
+    /// Where the DNS server listens (inside the appliance's namespace).
+    pub dns_listen: SocketAddr,
+    /// Where the name map and the resolv.conf backup live.
+    pub state_dir: PathBuf,
+}
+
+/// The default virtual range: a private slice of loopback, so nothing can
+/// leak out of the host if the tun is down.
+pub const DEFAULT_RANGE: &str = "127.77.0.0/16";
+
+impl ApplianceConfig {
+    /// A configuration with defaults for everything but the strings.
+    pub fn new(connection_strings: Vec<ConnectionString>) -> Result<Self, ConfigError> {
+        check_strings(&connection_strings)?;
+        Ok(ApplianceConfig {
+            connection_strings,
+            virtual_range: parse_range(DEFAULT_RANGE)?,
+            tun: "hl0".into(),
+            mtu: 65535,
+            dns_listen: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 53), 53)),
+            state_dir: PathBuf::from("/var/lib/hybridlink-appliance"),
+        })
+    }
+
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates the text of a TOML file; `path` is only for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let strings = raw
+            .connection_strings
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                ConnectionString::from_str(s).map_err(|e| ConfigError::ConnectionString {
+                    index: i + 1,
+                    message: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut config = ApplianceConfig::new(strings)?;
+        if let Some(r) = raw.virtual_range {
+            config.virtual_range = parse_range(&r)?;
+        }
+        if let Some(t) = raw.tun {
+            config.tun = check_tun(t)?;
+        }
+        if let Some(m) = raw.mtu {
+            config.mtu = m.max(576);
+        }
+        if let Some(d) = raw.dns_listen {
+            config.dns_listen = d;
+        }
+        if let Some(s) = raw.state_dir {
+            config.state_dir = s;
+        }
+        Ok(config)
+    }
+}
+
+fn check_strings(strings: &[ConnectionString]) -> Result<(), ConfigError> {
+    if strings.is_empty() {
+        return Err(ConfigError::Empty);
+    }
+    for cs in strings {
+        if cs.key_name == "listen" || cs.key_name == "manage" {
+            return Err(ConfigError::NotSend(
+                cs.entity.to_string(),
+                cs.key_name.clone(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parses a virtual range like `127.77.0.0/16`.
+pub fn parse_range(s: &str) -> Result<Ipv4Range, ConfigError> {
+    let range: Ipv4Range = s.parse().map_err(|_| ConfigError::Range(s.to_string()))?;
+    if !(8..=30).contains(&range.prefix_len()) {
+        return Err(ConfigError::Range(s.to_string()));
+    }
+    Ok(range)
+}
+
+/// Checks a tun device name.
+pub fn check_tun(name: String) -> Result<String, ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(name)
+    } else {
+        Err(ConfigError::TunName(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CS: &str = "Endpoint=sb://127.0.0.1:9443/;SharedAccessKeyName=send;SharedAccessKey=Q2hhbmdlTWUtdGhpcy1pcy1hLXRlc3Qta2V5LTAwMDE=;EntityPath=payroll;CertificateSha256=86c1c84aa76199659d205375087f92c891470d3cc71eb8b9ef3f5af42a222551";
+
+    #[test]
+    fn a_full_file_parses_and_defaults_fill_the_rest() {
+        let text = format!(
+            "connection_strings = [\"{CS}\"]\nvirtual_range = \"127.78.0.0/24\"\ntun = \"hl9\"\n"
+        );
+        let c = ApplianceConfig::parse(&text, Path::new("a.toml")).unwrap();
+        assert_eq!(c.connection_strings.len(), 1);
+        assert_eq!(c.virtual_range.to_string(), "127.78.0.0/24");
+        assert_eq!(c.tun, "hl9");
+        assert_eq!(c.mtu, 65535);
+        assert_eq!(c.dns_listen, "127.0.0.53:53".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        let p = Path::new("a.toml");
+        let err = ApplianceConfig::parse("connection_strings = [\"Endpoint=x\"]", p).unwrap_err();
+        assert!(err.to_string().contains("connection string #1"), "{err}");
+        let err = ApplianceConfig::parse("connection_strings = []", p).unwrap_err();
+        assert!(matches!(err, ConfigError::Empty));
+        let err =
+            ApplianceConfig::parse(&format!("connection_strings = [\"{CS}\"]\ncolour = 1"), p)
+                .unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        let err = ApplianceConfig::parse(
+            &format!("connection_strings = [\"{CS}\"]\nvirtual_range = \"10.0.0.0/31\""),
+            p,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Range(_)), "{err}");
+        let err = ApplianceConfig::parse(
+            &format!("connection_strings = [\"{CS}\"]\ntun = \"a/b\""),
+            p,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::TunName(_)), "{err}");
+        let listen = CS.replace("SharedAccessKeyName=send", "SharedAccessKeyName=listen");
+        let err =
+            ApplianceConfig::parse(&format!("connection_strings = [\"{listen}\"]"), p).unwrap_err();
+        assert!(matches!(err, ConfigError::NotSend(..)), "{err}");
+    }
+}

@@ -1,0 +1,90 @@
+//! Serving the app's TCP flows: each SYN from the tun is matched to a
+//! hybrid connection, a stream is opened through the relay (the agent dials
+//! the target before it answers), and only then is the SYN answered. A
+//! refused or unreachable target reaches the app as a refused connection.
+
+use std::net::Ipv4Addr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use netstack::{IncomingFlow, IncomingFlows};
+use tracing::{Instrument, debug, info, info_span, warn};
+use transport::sender::Sender;
+
+use crate::table::FlowTable;
+
+/// Copy buffer per direction between an app flow and its stream.
+const COPY_BUFFER: usize = 256 * 1024;
+
+/// How long a SYN may wait for the agent's answer. The netstack refuses
+/// undecided flows after its own decision timeout anyway.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// What the flow loop consults for every new flow; replaced as a whole on
+/// reload.
+#[derive(Debug, Default)]
+pub struct Routing {
+    /// Destination → hybrid connection.
+    pub table: FlowTable,
+    /// Virtual address → host name.
+    pub names: std::collections::HashMap<Ipv4Addr, String>,
+}
+
+/// Accepts flows until the netstack stops.
+pub async fn serve(mut flows: IncomingFlows, sender: Sender, routing: Arc<RwLock<Routing>>) {
+    let mut next_id = 0u64;
+    while let Some(flow) = flows.next().await {
+        next_id += 1;
+        let hc = {
+            // A poisoned lock only means a reload panicked; the last table
+            // is still the best we have.
+            let r = routing.read().unwrap_or_else(|p| p.into_inner());
+            r.table
+                .lookup(flow.dst(), |ip| r.names.get(&ip).cloned())
+                .cloned()
+        };
+        let Some(hc) = hc else {
+            debug!(src = %flow.src(), dst = %flow.dst(), "no hybrid connection for this address and port; refused");
+            flow.refuse();
+            continue;
+        };
+        let span = info_span!("flow", %hc, id = next_id, src = %flow.src(), dst = %flow.dst());
+        let sender = sender.clone();
+        tokio::spawn(
+            async move {
+                serve_flow(flow, sender, hc).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_flow(flow: IncomingFlow, sender: Sender, hc: proto::name::HcName) {
+    let opened = tokio::time::timeout(OPEN_TIMEOUT, sender.open(&hc)).await;
+    let mut stream = match opened {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            info!(reason = %e, "refusing the app's connection");
+            flow.refuse();
+            return;
+        }
+        Err(_) => {
+            warn!("no answer from the agent in time; refusing the app's connection");
+            flow.refuse();
+            return;
+        }
+    };
+    let mut app = match flow.accept().await {
+        Ok(app) => app,
+        Err(e) => {
+            debug!(error = %e, "app went away before the handshake finished");
+            return;
+        }
+    };
+    match tokio::io::copy_bidirectional_with_sizes(&mut app, &mut stream, COPY_BUFFER, COPY_BUFFER)
+        .await
+    {
+        Ok((up, down)) => debug!(up, down, "flow closed"),
+        Err(e) => debug!(error = %e, "flow ended with an error"),
+    }
+}
