@@ -20,36 +20,40 @@ const COPY_BUFFER: usize = 256 * 1024;
 /// undecided flows after its own decision timeout anyway.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(8);
 
-/// What the flow loop consults for every new flow; replaced as a whole on
-/// reload.
-#[derive(Debug, Default)]
+/// What the flow loop consults for every new flow; updated when the relay
+/// announces new endpoints and replaced on reload.
+#[derive(Debug)]
 pub struct Routing {
     /// Destination → hybrid connection.
     pub table: FlowTable,
     /// Virtual address → host name.
     pub names: std::collections::HashMap<Ipv4Addr, String>,
+    /// The relay client new flows go through. A reload with new connection
+    /// strings puts a new one here; flows already open keep the old one.
+    pub sender: Sender,
 }
 
 /// Accepts flows until the netstack stops.
-pub async fn serve(mut flows: IncomingFlows, sender: Sender, routing: Arc<RwLock<Routing>>) {
+pub async fn serve(mut flows: IncomingFlows, routing: Arc<RwLock<Routing>>) {
     let mut next_id = 0u64;
     while let Some(flow) = flows.next().await {
         next_id += 1;
-        let hc = {
+        let found = {
             // A poisoned lock only means a reload panicked; the last table
             // is still the best we have.
             let r = routing.read().unwrap_or_else(|p| p.into_inner());
-            r.table
+            let hc = r
+                .table
                 .lookup(flow.dst(), |ip| r.names.get(&ip).cloned())
-                .cloned()
+                .cloned();
+            hc.map(|hc| (hc, r.sender.clone()))
         };
-        let Some(hc) = hc else {
+        let Some((hc, sender)) = found else {
             debug!(src = %flow.src(), dst = %flow.dst(), "no hybrid connection for this address and port; refused");
             flow.refuse();
             continue;
         };
         let span = info_span!("flow", %hc, id = next_id, src = %flow.src(), dst = %flow.dst());
-        let sender = sender.clone();
         tokio::spawn(
             async move {
                 serve_flow(flow, sender, hc).await;

@@ -3,11 +3,14 @@
 //! down again in the reverse order.
 
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use netstack::{Ipv4Range, Netstack, StackConfig};
+use proto::connection_string::ConnectionString;
 use proto::name::{Endpoint, HcName};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 use transport::sender::{Sender, SenderOptions};
 
@@ -59,10 +62,20 @@ pub enum ApplianceError {
     },
 }
 
+/// How often the config file is checked for changes.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+
 /// Runs the appliance until `shutdown` resolves, then undoes every change
 /// it made to the namespace.
+///
+/// With `reload_from`, the config file is read again on SIGHUP and whenever
+/// it changes ("Sync keys"): new connection strings get a new relay client
+/// for new flows, while flows already open keep theirs, so streams of
+/// unchanged hybrid connections are never cut. The range, tun and DNS
+/// address are fixed for the life of the process.
 pub async fn run(
     config: ApplianceConfig,
+    reload_from: Option<PathBuf>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ApplianceError> {
     std::fs::create_dir_all(&config.state_dir).map_err(|source| ApplianceError::StateDir {
@@ -82,13 +95,7 @@ pub async fn run(
     }
     resolv::recover(&resolv_paths)?;
 
-    let sender = Sender::start(
-        config.connection_strings.clone(),
-        SenderOptions {
-            label: "appliance".into(),
-            ..SenderOptions::default()
-        },
-    )?;
+    let sender = Sender::start(config.connection_strings.clone(), sender_options())?;
     let endpoints = wait_for_endpoints(&sender).await;
     let table = FlowTable::new(endpoints.iter().map(|(n, e)| (n, e)));
 
@@ -137,44 +144,95 @@ pub async fn run(
     let routing_state = Arc::new(RwLock::new(Routing {
         table,
         names: names.iter().map(|(n, ip)| (ip, n.to_string())).collect(),
+        sender: sender.clone(),
     }));
-    let flow_task = tokio::spawn(flows::serve(flow_rx, sender.clone(), routing_state.clone()));
+    let flow_task = tokio::spawn(flows::serve(flow_rx, routing_state.clone()));
     for (name, ip) in names.iter() {
         info!(%name, %ip, "name mapped");
     }
     info!(tun = %config.tun, range = %range, dns = %config.dns_listen, "appliance running");
 
     // Follow the relay: new or changed endpoints are named and routed.
+    let mut sender = sender;
+    let mut strings = config.connection_strings.clone();
     let mut changes = sender.changes();
+    let mut hangup = signal(SignalKind::hangup()).map_err(|e| ApplianceError::Netstack {
+        tun: config.tun.clone(),
+        message: format!("cannot watch SIGHUP: {e}"),
+    })?;
+    let mut last_modified = reload_from.as_deref().and_then(modified);
+    let mut poll = tokio::time::interval(CONFIG_POLL);
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
+        let reload = tokio::select! {
             _ = &mut shutdown => break,
+            _ = hangup.recv() => true,
+            _ = poll.tick() => {
+                let now = reload_from.as_deref().and_then(modified);
+                let changed = now != last_modified;
+                last_modified = now;
+                changed
+            }
             changed = changes.changed() => {
                 if changed.is_err() {
                     break;
                 }
-                let endpoints: Vec<(HcName, Endpoint)> =
-                    sender.endpoints().into_iter().filter_map(|(n, e)| Some((n, e?))).collect();
-                let table = FlowTable::new(endpoints.iter().map(|(n, e)| (n, e)));
-                let unchanged = routing_state.read().map(|r| r.table == table).unwrap_or(false);
-                if unchanged {
-                    continue;
-                }
-                if let Err(e) = names.assign(&table.names()) {
-                    warn!(error = %e, "cannot name a new host");
-                }
-                if let Err(e) = routes.set_hosts(&table.literal_addresses()) {
-                    warn!(error = %e, "cannot route a new IPv4 endpoint");
-                }
-                if let Err(e) = dns.update(name_list(&names)) {
-                    warn!(error = %e, "cannot update the DNS names");
-                }
-                let mut r = routing_state.write().unwrap_or_else(|p| p.into_inner());
-                r.table = table;
-                r.names = names.iter().map(|(n, ip)| (ip, n.to_string())).collect();
-                info!("hybrid connections changed; names and routes updated");
+                false
             }
+        };
+        if reload {
+            match reload_strings(reload_from.as_deref(), &strings) {
+                Some(new) => {
+                    info!(
+                        hcs = new.len(),
+                        "reloading: new connection strings; open flows keep theirs"
+                    );
+                    match Sender::start(new.clone(), sender_options()) {
+                        Ok(fresh) => {
+                            sender = fresh;
+                            strings = new;
+                            changes = sender.changes();
+                            let _ = wait_for_endpoints(&sender).await;
+                            routing_state
+                                .write()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .sender = sender.clone();
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "reload failed; keeping the running configuration")
+                        }
+                    }
+                }
+                None => info!("reload: connection strings unchanged"),
+            }
+        }
+        {
+            let endpoints: Vec<(HcName, Endpoint)> = sender
+                .endpoints()
+                .into_iter()
+                .filter_map(|(n, e)| Some((n, e?)))
+                .collect();
+            let table = FlowTable::new(endpoints.iter().map(|(n, e)| (n, e)));
+            let unchanged = routing_state
+                .read()
+                .map(|r| r.table == table)
+                .unwrap_or(false);
+            if unchanged {
+                continue;
+            }
+            if let Err(e) = names.assign(&table.names()) {
+                warn!(error = %e, "cannot name a new host");
+            }
+            if let Err(e) = routes.set_hosts(&table.literal_addresses()) {
+                warn!(error = %e, "cannot route a new IPv4 endpoint");
+            }
+            if let Err(e) = dns.update(name_list(&names)) {
+                warn!(error = %e, "cannot update the DNS names");
+            }
+            let mut r = routing_state.write().unwrap_or_else(|p| p.into_inner());
+            r.table = table;
+            r.names = names.iter().map(|(n, ip)| (ip, n.to_string())).collect();
+            info!("hybrid connections changed; names and routes updated");
         }
     }
 
@@ -189,6 +247,35 @@ pub async fn run(
     }
     routes.undo()?;
     Ok(())
+}
+
+fn sender_options() -> SenderOptions {
+    SenderOptions {
+        label: "appliance".into(),
+        ..SenderOptions::default()
+    }
+}
+
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Reads the config file again; `Some` with its strings when they differ
+/// from `current` (a bad file is logged and ignored: the running
+/// configuration stays).
+fn reload_strings(
+    path: Option<&Path>,
+    current: &[ConnectionString],
+) -> Option<Vec<ConnectionString>> {
+    let path = path?;
+    match ApplianceConfig::load(path) {
+        Ok(new) if new.connection_strings.as_slice() != current => Some(new.connection_strings),
+        Ok(_) => None,
+        Err(e) => {
+            warn!(error = %e, "reload failed; keeping the running configuration");
+            None
+        }
+    }
 }
 
 fn name_list(names: &NameMap) -> Vec<(String, Ipv4Addr)> {

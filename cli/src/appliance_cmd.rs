@@ -51,10 +51,12 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
         dns_listen,
         state_dir,
     } = cmd;
-    let mut config = match config {
-        Some(path) => ApplianceConfig::load(&path)?,
+    let mut config_from_file = match &config {
+        Some(path) => ApplianceConfig::load(path)?,
         None => ApplianceConfig::new(connection_strings)?,
     };
+    let config_path = config;
+    let config = &mut config_from_file;
     if let Some(r) = virtual_range {
         config.virtual_range = parse_range(&r)?;
     }
@@ -67,7 +69,7 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
     if let Some(s) = state_dir {
         config.state_dir = s;
     }
-    appliance::service::run(config, crate::shutdown_signal())
+    appliance::service::run(config_from_file, config_path, crate::shutdown_signal())
         .await
         .context("appliance")?;
     tracing::info!("appliance stopped; the namespace is as it was");

@@ -194,10 +194,10 @@ async fn serve_control(
                 }
                 None => return Err("session dropped".into()),
             },
+            _ = sleep_until(last_heard + IDLE_TIMEOUT) => {
+                return Err(format!("peer silent for {IDLE_TIMEOUT:?}"));
+            }
             _ = sleep_until(next_ping) => {
-                if last_heard.elapsed() >= IDLE_TIMEOUT {
-                    return Err(format!("peer silent for {IDLE_TIMEOUT:?}"));
-                }
                 nonce += 1;
                 control::encode(&RelayMessage::Ping { nonce }, &mut out);
                 next_ping = Instant::now() + KEEPALIVE_INTERVAL;

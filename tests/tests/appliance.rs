@@ -16,25 +16,53 @@ struct Setup {
     _servers: Vec<Proc>,
     appliance: Option<Proc>,
     state_dir: tempfile::TempDir,
-    send: Vec<String>,
+    /// The on-prem web server's directory.
+    site: tempfile::TempDir,
+    /// Other directories to remove at the end (relay data, databases).
+    _dirs: Vec<tempfile::TempDir>,
+    /// Send strings by hybrid connection name.
+    send: Vec<(String, String)>,
 }
 
 fn fixture(name: &str) -> String {
     format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// What a test needs beyond the basic lab.
+#[derive(Default)]
+struct Options {
+    /// Run PostgreSQL and Redis on-prem.
+    databases: bool,
+    /// The hybrid connections in the appliance's config file at start
+    /// (`None`: all of them).
+    initial: Option<&'static [&'static str]>,
+}
+
+/// The hybrid connections of the lab: name, host, port.
+const HCS: &[(&str, &str, &str)] = &[
+    ("payroll", "payroll.corp", "80"),
+    ("literal", ONPREM_IP, "8080"),
+    ("stopped", "stopped.corp", "81"),
+    ("sql", "sql.corp", "5432"),
+    ("cache", "cache.corp", "6379"),
+];
+
 /// The lab with a relay, an HTTP server on-prem reachable by name and by
 /// IPv4 literal, a port with nothing behind it, an agent and the appliance.
-fn setup(tag: &str) -> Result<Setup> {
+fn setup(tag: &str, options: Options) -> Result<Setup> {
     let lab = Lab::new(tag)?;
-    lab.onprem_hosts(&[("127.0.0.1", "payroll.corp"), ("127.0.0.1", "stopped.corp")])?;
+    lab.onprem_hosts(&[
+        ("127.0.0.1", "payroll.corp"),
+        ("127.0.0.1", "stopped.corp"),
+        ("127.0.0.1", "sql.corp"),
+        ("127.0.0.1", "cache.corp"),
+    ])?;
     let site = tempfile::tempdir()?;
     std::fs::write(
         site.path().join("index.html"),
         "payroll page from on-prem\n",
     )?;
     let site_dir = site.path().to_str().context("utf-8")?.to_string();
-    std::mem::forget(site); // removed with the process' temp dir clean-up; tiny
     let mut servers = vec![
         lab.spawn(
             &lab.onprem,
@@ -79,7 +107,6 @@ fn setup(tag: &str) -> Result<Setup> {
 
     let data = tempfile::tempdir()?;
     let data_dir = data.path().to_str().context("utf-8")?.to_string();
-    std::mem::forget(data);
     let mut relay = lab.hybridlink(
         &lab.relay,
         "relay",
@@ -112,13 +139,15 @@ fn setup(tag: &str) -> Result<Setup> {
         }
         Ok(serde_json::from_slice(&out.stdout)?)
     };
+    let mut dirs = vec![data];
+    if options.databases {
+        let (procs, dir) = start_databases(&lab)?;
+        servers.extend(procs);
+        dirs.push(dir);
+    }
     let mut send = Vec::new();
     let mut listen = Vec::new();
-    for (name, host, port) in [
-        ("payroll", "payroll.corp", "80"),
-        ("literal", ONPREM_IP, "8080"),
-        ("stopped", "stopped.corp", "81"),
-    ] {
+    for (name, host, port) in HCS {
         hc(&["create", name, "--host", host, "--port", port])?;
         let keys = hc(&["keys", name])?;
         let get = |rule: &str| {
@@ -127,7 +156,7 @@ fn setup(tag: &str) -> Result<Setup> {
                 .map(str::to_string)
                 .context("string")
         };
-        send.push(get("send")?);
+        send.push((name.to_string(), get("send")?));
         listen.push(get("listen")?);
     }
     let status_socket = format!("/run/hl-test-agent-{}{tag}.sock", std::process::id());
@@ -138,6 +167,11 @@ fn setup(tag: &str) -> Result<Setup> {
     }
     let agent = lab.hybridlink(&lab.onprem, "agent", &agent_args)?;
     let state_dir = tempfile::tempdir()?;
+    let initial: Vec<String> = send
+        .iter()
+        .filter(|(name, _)| options.initial.is_none_or(|i| i.contains(&name.as_str())))
+        .map(|(_, cs)| cs.clone())
+        .collect();
     let mut setup = Setup {
         lab,
         _relay: relay,
@@ -145,20 +179,45 @@ fn setup(tag: &str) -> Result<Setup> {
         _servers: servers,
         appliance: None,
         state_dir,
+        site,
+        _dirs: dirs,
         send,
     };
+    setup.write_config(&initial)?;
     setup.start_appliance()?;
     Ok(setup)
 }
 
 impl Setup {
+    fn config_path(&self) -> std::path::PathBuf {
+        self.state_dir.path().join("appliance.toml")
+    }
+
+    /// Writes the appliance's config file with these send strings.
+    fn write_config(&self, strings: &[String]) -> Result<()> {
+        let state = self.state_dir.path().join("state");
+        let list: Vec<String> = strings.iter().map(|s| format!("  \"{s}\",")).collect();
+        let text = format!(
+            "connection_strings = [\n{}\n]\nstate_dir = \"{}\"\n",
+            list.join("\n"),
+            state.display()
+        );
+        std::fs::write(self.config_path(), text)?;
+        Ok(())
+    }
+
+    fn send_string(&self, name: &str) -> Result<String> {
+        self.send
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, cs)| cs.clone())
+            .context("no such HC")
+    }
+
     fn start_appliance(&mut self) -> Result<()> {
-        let state = self.state_dir.path().to_str().context("utf-8")?.to_string();
-        let mut args = vec!["appliance", "run", "--state-dir", &state];
-        for cs in &self.send {
-            args.push("--connection-string");
-            args.push(cs);
-        }
+        let config = self.config_path();
+        let config = config.to_str().context("utf-8")?;
+        let args = ["appliance", "run", "--config", config];
         let proc = self.lab.hybridlink(&self.lab.app, "appliance", &args)?;
         self.appliance = Some(proc);
         // Ready when the app's resolver points at the appliance and a name resolves.
@@ -209,7 +268,7 @@ fn unmodified_clients_reach_onprem_servers_by_name_and_literal() -> Result<()> {
         eprintln!("SKIP: the lab needs root");
         return Ok(());
     }
-    let s = setup("a")?;
+    let s = setup("a", Options::default())?;
 
     let out = s.curl("http://payroll.corp/");
     assert!(
@@ -246,6 +305,36 @@ fn unmodified_clients_reach_onprem_servers_by_name_and_literal() -> Result<()> {
     );
     assert!(took < Duration::from_secs(1), "refusal took {took:?}");
 
+    // Half-close end to end: the client shuts down its sending side after
+    // the request; the server still answers through the closed direction.
+    let script = r#"
+import socket
+s = socket.create_connection(("payroll.corp", 80), timeout=10)
+s.sendall(b"GET / HTTP/1.0\r\nHost: payroll.corp\r\n\r\n")
+s.shutdown(socket.SHUT_WR)
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.decode().split("\r\n\r\n", 1)[1], end="")
+"#;
+    let out = s
+        .lab
+        .command(&s.lab.app, "python3")
+        .args(["-c", script])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "half-close client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "payroll page from on-prem\n"
+    );
+
     // A port no hybrid connection serves on a mapped address: refused at once.
     let out = s.curl("http://payroll.corp:9999/");
     assert!(!out.status.success());
@@ -267,7 +356,7 @@ fn the_namespace_is_restored_after_exit_and_after_a_crash() -> Result<()> {
         eprintln!("SKIP: the lab needs root");
         return Ok(());
     }
-    let mut s = setup("b")?;
+    let mut s = setup("b", Options::default())?;
     let running = s.namespace_state()?;
     let mut appliance = s.appliance.take().context("appliance")?;
     appliance.terminate();
@@ -309,5 +398,164 @@ fn the_namespace_is_restored_after_exit_and_after_a_crash() -> Result<()> {
         after, before,
         "the namespace differs after crash, restart and exit"
     );
+    Ok(())
+}
+
+/// PostgreSQL (trust auth, a throwaway cluster) and Redis, on-prem on
+/// 127.0.0.1 only.
+fn start_databases(lab: &Lab) -> Result<(Vec<Proc>, tempfile::TempDir)> {
+    let pg = tempfile::tempdir()?;
+    let pg_dir = pg.path().to_str().context("utf-8")?.to_string();
+    let bin = "/usr/lib/postgresql/15/bin";
+    lab.sh(
+        &lab.onprem,
+        &format!("chown postgres {pg_dir} && su postgres -s /bin/sh -c '{bin}/initdb --no-sync -A trust -U postgres -D {pg_dir}/data >/dev/null'"),
+    )?;
+    let postgres = lab.spawn(
+        &lab.onprem,
+        "postgres",
+        &[
+            "su", "postgres", "-s", "/bin/sh", "-c",
+            &format!("exec {bin}/postgres -D {pg_dir}/data -k {pg_dir} -c listen_addresses=127.0.0.1 -p 5432"),
+        ],
+    )?;
+    let redis = lab.spawn(
+        &lab.onprem,
+        "redis",
+        &[
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "yes",
+        ],
+    )?;
+    // Wait until both accept connections on-prem.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lab
+        .sh(
+            &lab.onprem,
+            "pg_isready -q -h 127.0.0.1 -p 5432 -U postgres && redis-cli -h 127.0.0.1 ping | grep -q PONG",
+        )
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("PostgreSQL or Redis did not start on-prem");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok((vec![postgres, redis], pg))
+}
+
+#[test]
+fn psql_and_redis_cli_work_and_a_reload_keeps_open_streams() -> Result<()> {
+    if !lab::is_root() {
+        eprintln!("SKIP: the lab needs root");
+        return Ok(());
+    }
+    let s = setup(
+        "c",
+        Options {
+            databases: true,
+            initial: Some(&["payroll", "sql", "cache"]),
+        },
+    )?;
+
+    let out = s
+        .lab
+        .command(&s.lab.app, "psql")
+        .args(["-h", "sql.corp", "-U", "postgres", "-tAc", "select 6 * 7"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+
+    let out = s.lab.sh(&s.lab.app, "redis-cli -h cache.corp set greeting hello-from-app && redis-cli -h cache.corp get greeting")?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "OK\nhello-from-app\n");
+
+    // Streams that stay open while the config gains another HC: a download
+    // paced to last seconds, and a Redis call that sleeps 4 s before
+    // answering. Both end normally, and the new HC works.
+    let blob: Vec<u8> = hybridlink_tests::pattern_block(7, 24 << 20);
+    std::fs::write(s.site.path().join("blob"), &blob)?;
+    let download = s.state_dir.path().join("blob.download");
+    let download_arg = download.to_str().context("utf-8")?.to_string();
+    let transfer = s
+        .lab
+        .command(&s.lab.app, "curl")
+        .args([
+            "-sS",
+            "--limit-rate",
+            "6M",
+            "-o",
+            &download_arg,
+            "http://payroll.corp/blob",
+        ])
+        .spawn()?;
+    let long = s
+        .lab
+        .command(&s.lab.app, "redis-cli")
+        .args(["-h", "cache.corp", "debug", "sleep", "4"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let out = s.curl(&format!("http://{ONPREM_IP}:8080/"));
+    assert!(
+        !out.status.success(),
+        "the literal HC is not configured yet"
+    );
+
+    let mut all: Vec<String> = ["payroll", "sql", "cache", "literal"]
+        .iter()
+        .map(|n| s.send_string(n))
+        .collect::<Result<_>>()?;
+    all.sort();
+    s.write_config(&all)?;
+    let pid = s.appliance.as_ref().context("appliance")?.pid().to_string();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = s.curl(&format!("http://{ONPREM_IP}:8080/"));
+        if out.status.success() {
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "payroll page from on-prem\n"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reload never made the literal HC work"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The stream opened before the reload (a 4 s server-side sleep) ends
+    // normally with Redis's answer.
+    let out = long.wait_with_output()?;
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    let out = transfer.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "the download across the reload failed"
+    );
+    assert!(
+        std::fs::read(&download)? == blob,
+        "the download across the reload is not intact"
+    );
+    let out = s
+        .lab
+        .sh(&s.lab.app, "redis-cli -h cache.corp get greeting")?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello-from-app\n");
     Ok(())
 }

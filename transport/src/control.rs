@@ -320,10 +320,10 @@ async fn connect_and_serve(
                 Some(msg) => control::encode(&msg, &mut out),
                 None => return Ok(()),
             },
+            _ = sleep_until(last_heard + IDLE_TIMEOUT) => {
+                return Err(format!("relay silent for {IDLE_TIMEOUT:?}"));
+            }
             _ = sleep_until(next_ping) => {
-                if last_heard.elapsed() >= IDLE_TIMEOUT {
-                    return Err(format!("relay silent for {IDLE_TIMEOUT:?}"));
-                }
                 nonce += 1;
                 pending_pongs.retain(|_, t| t.elapsed() < IDLE_TIMEOUT);
                 pending_pongs.insert(nonce, Instant::now());
