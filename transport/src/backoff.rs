@@ -57,6 +57,11 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let first = b.next_delay();
         assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(101));
+        // Steps 200, 400, 800, 1600 ms, then capped at 2 s.
+        let growing: Vec<_> = (0..4).map(|_| b.next_delay()).collect();
+        for (d, step) in growing.iter().zip([200u64, 400, 800, 1600]) {
+            assert!(*d >= Duration::from_millis(step / 2) && *d <= Duration::from_millis(step + 1));
+        }
         let later: Vec<_> = (0..20).map(|_| b.next_delay()).collect();
         assert!(later.iter().all(|d| *d <= Duration::from_millis(2001)));
         assert!(later.iter().all(|d| *d >= Duration::from_millis(1000)));
