@@ -270,6 +270,17 @@ fn unmodified_clients_reach_onprem_servers_by_name_and_literal() -> Result<()> {
     }
     let s = setup("a", Options::default())?;
 
+    // The appliance runs with glibc's mmap threshold fixed (idle flows stay
+    // small; see the netstack_tun bench).
+    let pid = s.appliance.as_ref().context("appliance")?.pid();
+    let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v == b"MALLOC_MMAP_THRESHOLD_=131072"),
+        "the appliance does not run with the fixed mmap threshold"
+    );
+
     let out = s.curl("http://payroll.corp/");
     assert!(
         out.status.success(),
