@@ -597,14 +597,15 @@ fn strings(args: &[&dyn fmt::Display]) -> Vec<String> {
     args.iter().map(|a| a.to_string()).collect()
 }
 
-fn range_rule_args(verb: &str, c: &RoutingConfig) -> Vec<String> {
+/// `ip rule VERB` for one of our "to DESTINATION lookup TABLE" rules.
+fn to_table_rule_args(verb: &str, c: &RoutingConfig, to: &Ipv4Range) -> Vec<String> {
     strings(&[
         &"rule",
         &verb,
         &"pref",
         &c.prefs.to_table,
         &"to",
-        &c.range,
+        to,
         &"lookup",
         &c.table,
         &"protocol",
@@ -612,19 +613,12 @@ fn range_rule_args(verb: &str, c: &RoutingConfig) -> Vec<String> {
     ])
 }
 
+fn range_rule_args(verb: &str, c: &RoutingConfig) -> Vec<String> {
+    to_table_rule_args(verb, c, &c.range)
+}
+
 fn host_rule_args(verb: &str, c: &RoutingConfig, host: Ipv4Addr) -> Vec<String> {
-    strings(&[
-        &"rule",
-        &verb,
-        &"pref",
-        &c.prefs.to_table,
-        &"to",
-        &Ipv4Range::host(host),
-        &"lookup",
-        &c.table,
-        &"protocol",
-        &RULE_PROTOCOL,
-    ])
+    to_table_rule_args(verb, c, &Ipv4Range::host(host))
 }
 
 fn local_rule_args(verb: &str, pref: u32, proto: Option<u8>) -> Vec<String> {

@@ -304,73 +304,17 @@ mod tests {
 
     #[test]
     fn server_config_completes_a_handshake_pinned_by_hash() {
-        use rustls::client::danger::{
-            HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-        };
-        use rustls::pki_types::{ServerName, UnixTime};
-        use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, ServerConnection};
-
-        #[derive(Debug)]
-        struct Pin([u8; 32], Arc<rustls::crypto::CryptoProvider>);
-        impl ServerCertVerifier for Pin {
-            fn verify_server_cert(
-                &self,
-                end_entity: &CertificateDer<'_>,
-                _: &[CertificateDer<'_>],
-                _: &ServerName<'_>,
-                _: &[u8],
-                _: UnixTime,
-            ) -> Result<ServerCertVerified, rustls::Error> {
-                let hash = digest::digest(&digest::SHA256, end_entity);
-                if hash.as_ref() == self.0 {
-                    Ok(ServerCertVerified::assertion())
-                } else {
-                    Err(rustls::Error::General("pin mismatch".into()))
-                }
-            }
-            fn verify_tls12_signature(
-                &self,
-                message: &[u8],
-                cert: &CertificateDer<'_>,
-                dss: &DigitallySignedStruct,
-            ) -> Result<HandshakeSignatureValid, rustls::Error> {
-                rustls::crypto::verify_tls12_signature(
-                    message,
-                    cert,
-                    dss,
-                    &self.1.signature_verification_algorithms,
-                )
-            }
-            fn verify_tls13_signature(
-                &self,
-                message: &[u8],
-                cert: &CertificateDer<'_>,
-                dss: &DigitallySignedStruct,
-            ) -> Result<HandshakeSignatureValid, rustls::Error> {
-                rustls::crypto::verify_tls13_signature(
-                    message,
-                    cert,
-                    dss,
-                    &self.1.signature_verification_algorithms,
-                )
-            }
-            fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-                self.1.signature_verification_algorithms.supported_schemes()
-            }
-        }
+        use rustls::{ClientConnection, ServerConnection};
 
         let dir = tempfile::tempdir().unwrap();
         let identity = RelayIdentity::load_or_create(dir.path()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let client_config = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pin(identity.cert_sha256(), provider)))
-            .with_no_client_auth();
+        // The client side exactly as agents and senders build it.
+        let client_config = transport::tls::relay_client_config(proto::control::Fingerprint(
+            identity.cert_sha256(),
+        ))
+        .unwrap();
         let mut client =
-            ClientConnection::new(Arc::new(client_config), "localhost".try_into().unwrap())
-                .unwrap();
+            ClientConnection::new(client_config, "localhost".try_into().unwrap()).unwrap();
         let mut server = ServerConnection::new(identity.server_config()).unwrap();
         for _ in 0..10 {
             let mut buf = Vec::new();
