@@ -162,6 +162,45 @@ impl ApplianceConfig {
     }
 }
 
+impl ApplianceConfig {
+    /// The config as a TOML file: the strings, and every other key that is
+    /// not at its default. [`ApplianceConfig::parse`] reads it back as is.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        let defaults = ApplianceConfig::new(self.connection_strings.clone())?;
+        let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+        let mut out = String::from("connection_strings = [\n");
+        for cs in &self.connection_strings {
+            out.push_str(&format!("  {},\n", quote(&cs.to_string())));
+        }
+        out.push_str("]\n");
+        if self.virtual_range != defaults.virtual_range {
+            out.push_str(&format!(
+                "virtual_range = {}\n",
+                quote(&self.virtual_range.to_string())
+            ));
+        }
+        if self.tun != defaults.tun {
+            out.push_str(&format!("tun = {}\n", quote(&self.tun)));
+        }
+        if self.mtu != defaults.mtu {
+            out.push_str(&format!("mtu = {}\n", self.mtu));
+        }
+        if self.dns_listen != defaults.dns_listen {
+            out.push_str(&format!(
+                "dns_listen = {}\n",
+                quote(&self.dns_listen.to_string())
+            ));
+        }
+        if self.state_dir != defaults.state_dir {
+            out.push_str(&format!(
+                "state_dir = {}\n",
+                quote(&self.state_dir.display().to_string())
+            ));
+        }
+        Ok(out)
+    }
+}
+
 fn check_strings(strings: &[ConnectionString]) -> Result<(), ConfigError> {
     if strings.is_empty() {
         return Err(ConfigError::Empty);
@@ -217,6 +256,21 @@ mod tests {
         assert_eq!(c.tun, "hl9");
         assert_eq!(c.mtu, 65535);
         assert_eq!(c.dns_listen, "127.0.0.53:53".parse().unwrap());
+    }
+
+    #[test]
+    fn written_configs_read_back_the_same() {
+        let mut c = ApplianceConfig::new(vec![CS.parse().unwrap()]).unwrap();
+        let text = c.to_toml().unwrap();
+        assert!(!text.contains("tun"), "defaults are left out: {text}");
+        c.tun = "hl7".into();
+        c.state_dir = PathBuf::from("/var/lib/a \"b\"");
+        c.virtual_range = parse_range("127.78.0.0/24").unwrap();
+        let back = ApplianceConfig::parse(&c.to_toml().unwrap(), Path::new("a.toml")).unwrap();
+        assert_eq!(back.tun, "hl7");
+        assert_eq!(back.state_dir, c.state_dir);
+        assert_eq!(back.virtual_range, c.virtual_range);
+        assert_eq!(back.connection_strings[0].to_string(), CS);
     }
 
     #[test]

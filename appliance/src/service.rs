@@ -151,6 +151,9 @@ pub async fn run(
         info!(%name, %ip, "name mapped");
     }
     info!(tun = %config.tun, range = %range, dns = %config.dns_listen, "appliance running");
+    // Under systemd (Type=notify), `systemctl start` returns only now, when
+    // the names resolve and the range is routed.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
     // Follow the relay: new or changed endpoints are named and routed.
     let mut sender = sender;

@@ -1,6 +1,6 @@
 //! `hybridlink agent ...`
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -18,11 +18,15 @@ pub enum AgentCommand {
         /// more hybrid connections.
         #[arg(
             long = "connection-string",
-            required = true,
+            required_unless_present = "connection_strings_file",
             env = "HYBRIDLINK_CONNECTION_STRING",
             value_delimiter = '\n'
         )]
         connection_strings: Vec<ConnectionString>,
+        /// A file of listen connection strings, one per line (`#` starts a
+        /// comment), as `agent install` writes it.
+        #[arg(long, value_name = "FILE")]
+        connection_strings_file: Option<PathBuf>,
         /// Where `agent status` asks this agent for its state.
         #[arg(long, default_value_os_t = agent::control_socket::default_path())]
         status_socket: PathBuf,
@@ -36,6 +40,19 @@ pub enum AgentCommand {
         /// Name shown in the relay's status (default: this host's name).
         #[arg(long)]
         label: Option<String>,
+    },
+    /// Set the agent up as a systemd service, the one-command on-premises
+    /// setup: adds the listen connection strings to /etc/hybridlink/agent.conf
+    /// (mode 0600; a string for a hybrid connection already there replaces
+    /// it), writes /etc/systemd/system/hybridlink-agent.service, enables and
+    /// (re)starts it.
+    Install {
+        /// A listen connection string (`hybridlink hc keys NAME --rule listen
+        /// --key primary`); repeat for more hybrid connections.
+        #[arg(long = "connection-string", required = true)]
+        connection_strings: Vec<ConnectionString>,
+        #[command(flatten)]
+        install: crate::install::InstallArgs,
     },
     /// Show the state of each hybrid connection a running agent serves.
     Status {
@@ -51,13 +68,21 @@ pub enum AgentCommand {
 /// Runs an agent subcommand.
 pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
     match cmd {
-        AgentCommand::Run {
+        AgentCommand::Install {
             connection_strings,
+            install,
+        } => install_agent(connection_strings, &install),
+        AgentCommand::Run {
+            mut connection_strings,
+            connection_strings_file,
             status_socket,
             dial_timeout,
             token_ttl,
             label,
         } => {
+            if let Some(path) = connection_strings_file {
+                connection_strings.extend(read_strings_file(&path)?);
+            }
             let mut options = agent::AgentOptions::new(connection_strings);
             options.dial_timeout = Duration::from_secs(dial_timeout);
             options.token_ttl = Duration::from_secs(token_ttl.max(2));
@@ -109,5 +134,132 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// Where `agent install` keeps the listen connection strings.
+pub const AGENT_CONF: &str = "/etc/hybridlink/agent.conf";
+
+/// Reads a file of connection strings, one per line; `#` starts a comment.
+pub fn read_strings_file(path: &Path) -> anyhow::Result<Vec<ConnectionString>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading connection strings from {}", path.display()))?;
+    parse_strings(&text).with_context(|| format!("in {}", path.display()))
+}
+
+fn parse_strings(text: &str) -> anyhow::Result<Vec<ConnectionString>> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let cs: ConnectionString = line
+            .parse()
+            .map_err(|e| anyhow::anyhow!("line {}: {e}", n + 1))?;
+        out.push(cs);
+    }
+    Ok(out)
+}
+
+/// Adds `new` to `old`: a string for the same hybrid connection on the same
+/// relay replaces the old one.
+fn merge(old: Vec<ConnectionString>, new: Vec<ConnectionString>) -> Vec<ConnectionString> {
+    let same = |a: &ConnectionString, b: &ConnectionString| {
+        a.entity == b.entity && a.relay_host == b.relay_host && a.relay_port == b.relay_port
+    };
+    let mut out: Vec<ConnectionString> = old
+        .into_iter()
+        .filter(|o| !new.iter().any(|n| same(o, n)))
+        .collect();
+    out.extend(new);
+    out
+}
+
+fn install_agent(
+    strings: Vec<ConnectionString>,
+    args: &crate::install::InstallArgs,
+) -> anyhow::Result<()> {
+    for cs in &strings {
+        if cs.key_name != "listen" {
+            anyhow::bail!(
+                "the connection string for {} is a {} string; the agent needs the listen string (`hybridlink hc keys {} --rule listen --key primary`)",
+                cs.entity,
+                cs.key_name,
+                cs.entity
+            );
+        }
+    }
+    let conf = args.under_root(Path::new(AGENT_CONF));
+    let old = if conf.exists() {
+        read_strings_file(&conf)?
+    } else {
+        Vec::new()
+    };
+    let all = merge(old, strings);
+    let mut text = String::from(
+        "# Listen connection strings served by the hybridlink agent, one per line.\n# Written by `hybridlink agent install`, which adds to this list.\n",
+    );
+    for cs in &all {
+        text.push_str(&format!("{cs}\n"));
+    }
+    crate::install::write_file(&conf, &text, 0o600)?;
+    let binary = args.binary()?;
+    let unit = crate::install::Unit {
+        name: "hybridlink-agent",
+        description: "hybridlink agent: serves hybrid connections to on-premises services",
+        exec_start: vec![
+            binary.display().to_string(),
+            "agent".into(),
+            "run".into(),
+            "--connection-strings-file".into(),
+            AGENT_CONF.into(),
+        ],
+        reload_on_hup: false,
+        notify: false,
+        service: [
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "ReadWritePaths=/run",
+            "CapabilityBoundingSet=",
+        ]
+        .map(String::from)
+        .to_vec(),
+        written_by: "hybridlink agent install",
+    };
+    crate::install::install_unit(args, &unit)?;
+    let names: Vec<String> = all.iter().map(|cs| cs.entity.to_string()).collect();
+    println!("the agent serves: {}", names.join(", "));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cs(name: &str, key: &str) -> ConnectionString {
+        format!("Endpoint=sb://relay.test:9443/;SharedAccessKeyName=listen;SharedAccessKey={key};EntityPath={name};CertificateSha256={}", "ab".repeat(32))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn strings_files_skip_comments_and_name_bad_lines() {
+        let text = format!("# c\n\n{}\n  {}  \n", cs("a", "k1"), cs("b", "k2"));
+        assert_eq!(parse_strings(&text).unwrap().len(), 2);
+        let err = parse_strings("# c\nnot a string\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("line 2: "), "{err}");
+    }
+
+    #[test]
+    fn a_new_string_replaces_the_old_one_for_its_connection() {
+        let merged = merge(vec![cs("a", "old"), cs("b", "k")], vec![cs("a", "new")]);
+        let names: Vec<String> = merged.iter().map(|c| c.entity.to_string()).collect();
+        assert_eq!(names, ["b", "a"]);
+        assert_eq!(merged[1].key, cs("a", "new").key);
     }
 }

@@ -39,18 +39,106 @@ pub enum ApplianceCommand {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Set the appliance up as a systemd service on the app's host: adds the
+    /// send connection strings to /etc/hybridlink/appliance.toml (mode 0600;
+    /// a string for a hybrid connection already there replaces it), writes
+    /// /etc/systemd/system/hybridlink-appliance.service, enables and
+    /// (re)starts it. Later changes to the file are picked up on
+    /// `systemctl reload hybridlink-appliance` (SIGHUP).
+    Install {
+        /// A send connection string (`hybridlink hc keys NAME --rule send
+        /// --key primary`); repeat for more hybrid connections.
+        #[arg(long = "connection-string", required = true)]
+        connection_strings: Vec<ConnectionString>,
+        #[command(flatten)]
+        install: crate::install::InstallArgs,
+    },
+}
+
+/// Where `appliance install` keeps the config.
+pub const APPLIANCE_CONF: &str = "/etc/hybridlink/appliance.toml";
+
+fn install(
+    strings: Vec<ConnectionString>,
+    args: &crate::install::InstallArgs,
+) -> anyhow::Result<()> {
+    let path = args.under_root(std::path::Path::new(APPLIANCE_CONF));
+    let mut config = if path.exists() {
+        ApplianceConfig::load(&path)?
+    } else {
+        ApplianceConfig::new(strings.clone())?
+    };
+    config.connection_strings.retain(|old| {
+        !strings.iter().any(|new| {
+            new.entity == old.entity
+                && new.relay_host == old.relay_host
+                && new.relay_port == old.relay_port
+        })
+    });
+    config.connection_strings.extend(strings);
+    // Validates the merged list (send strings only, no duplicates).
+    let text = config.to_toml()?;
+    ApplianceConfig::parse(&text, &path)?;
+    crate::install::write_file(
+        &path,
+        &format!(
+            "# Written by `hybridlink appliance install`, which adds to connection_strings.\n{text}"
+        ),
+        0o600,
+    )?;
+    let binary = args.binary()?;
+    let unit = crate::install::Unit {
+        name: "hybridlink-appliance",
+        description: "hybridlink appliance: host names of on-premises services for the apps on this host",
+        exec_start: vec![
+            binary.display().to_string(),
+            "appliance".into(),
+            "run".into(),
+            "--config".into(),
+            APPLIANCE_CONF.into(),
+        ],
+        reload_on_hup: true,
+        notify: true,
+        service: vec![
+            "NoNewPrivileges=yes".into(),
+            "ProtectHome=yes".into(),
+            "PrivateTmp=yes".into(),
+        ],
+        written_by: "hybridlink appliance install",
+    };
+    crate::install::install_unit(args, &unit)?;
+    let names: Vec<String> = config
+        .connection_strings
+        .iter()
+        .map(|cs| cs.entity.to_string())
+        .collect();
+    println!("the appliance serves: {}", names.join(", "));
+    Ok(())
 }
 
 /// Runs an appliance subcommand.
 pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
-    let ApplianceCommand::Run {
-        config,
-        connection_strings,
-        virtual_range,
-        tun,
-        dns_listen,
-        state_dir,
-    } = cmd;
+    let (config, connection_strings, virtual_range, tun, dns_listen, state_dir) = match cmd {
+        ApplianceCommand::Install {
+            connection_strings,
+            install: args,
+        } => return install(connection_strings, &args),
+        ApplianceCommand::Run {
+            config,
+            connection_strings,
+            virtual_range,
+            tun,
+            dns_listen,
+            state_dir,
+        } => (
+            config,
+            connection_strings,
+            virtual_range,
+            tun,
+            dns_listen,
+            state_dir,
+        ),
+    };
     let mut config_from_file = match &config {
         Some(path) => ApplianceConfig::load(path)?,
         None => ApplianceConfig::new(connection_strings)?,

@@ -43,6 +43,16 @@ pub enum RuleArg {
     Listen,
 }
 
+impl RuleArg {
+    /// The rule's name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleArg::Send => "send",
+            RuleArg::Listen => "listen",
+        }
+    }
+}
+
 /// One of a rule's two keys, for `hc regenerate --key`.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotArg {
@@ -50,6 +60,16 @@ pub enum SlotArg {
     Primary,
     /// The secondary key.
     Secondary,
+}
+
+impl SlotArg {
+    /// The key's name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotArg::Primary => "primary",
+            SlotArg::Secondary => "secondary",
+        }
+    }
 }
 
 /// Hybrid-connection management commands.
@@ -85,10 +105,18 @@ pub enum HcCommand {
         name: HcName,
     },
     /// Print the four connection strings of a hybrid connection as JSON:
-    /// send and listen, each with its primary and secondary key.
+    /// send and listen, each with its primary and secondary key. With
+    /// `--rule` and `--key`, print just that one string (for scripts:
+    /// `CS=$(hybridlink hc keys NAME --rule listen --key primary)`).
     Keys {
         /// Name of the hybrid connection.
         name: HcName,
+        /// Print only a string of this rule (needs `--key`).
+        #[arg(long, value_enum, requires = "key")]
+        rule: Option<RuleArg>,
+        /// Print only a string with this key (needs `--rule`).
+        #[arg(long, value_enum, requires = "rule")]
+        key: Option<SlotArg>,
     },
     /// Replace one key of one rule with a new random key and print the
     /// connection strings as JSON. New sessions signed with the old key are
@@ -120,26 +148,30 @@ pub fn run(cmd: HcCommand, api: &ApiArgs) -> anyhow::Result<()> {
         HcCommand::Delete { name } => {
             client.call("DELETE", &format!("/api/v1/hcs/{name}"), None)?
         }
-        HcCommand::Keys { name } => {
-            client.call("GET", &format!("/api/v1/hcs/{name}/keys"), None)?
+        HcCommand::Keys { name, rule, key } => {
+            let all = client.call("GET", &format!("/api/v1/hcs/{name}/keys"), None)?;
+            match (rule, key) {
+                (Some(rule), Some(key)) => {
+                    let one = &all["connection_strings"][rule.as_str()][key.as_str()];
+                    let one = one
+                        .as_str()
+                        .context("the API's answer has no such connection string")?;
+                    return print_line(one);
+                }
+                _ => all,
+            }
         }
-        HcCommand::Regenerate { name, rule, key } => {
-            let rule = match rule {
-                RuleArg::Send => "send",
-                RuleArg::Listen => "listen",
-            };
-            let key = match key {
-                SlotArg::Primary => "primary",
-                SlotArg::Secondary => "secondary",
-            };
-            client.call(
-                "POST",
-                &format!("/api/v1/hcs/{name}/keys/regenerate"),
-                Some(json!({ "rule": rule, "key": key })),
-            )?
-        }
+        HcCommand::Regenerate { name, rule, key } => client.call(
+            "POST",
+            &format!("/api/v1/hcs/{name}/keys/regenerate"),
+            Some(json!({ "rule": rule.as_str(), "key": key.as_str() })),
+        )?,
     };
-    let text = serde_json::to_string_pretty(&answer)?;
+    print_line(&serde_json::to_string_pretty(&answer)?)
+}
+
+/// Prints `text` and a newline on stdout.
+fn print_line(text: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
         // A reader that stops early (`| head`) is not an error.

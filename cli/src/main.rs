@@ -4,6 +4,8 @@
 mod agent_cmd;
 mod appliance_cmd;
 mod hc;
+mod install;
+mod lab_cmd;
 mod relay_cmd;
 mod send_cmd;
 
@@ -62,6 +64,12 @@ enum Command {
     /// Listen on a local TCP port and forward every connection to a hybrid
     /// connection. Needs no root.
     Forward(send_cmd::ForwardArgs),
+    /// The lab: app, relay and onprem machines as network namespaces on
+    /// this host (root), with real servers and unmodified clients.
+    Lab {
+        #[command(subcommand)]
+        cmd: lab_cmd::LabCommand,
+    },
 }
 
 /// glibc's mmap threshold for the appliance. With glibc's default (a
@@ -103,6 +111,7 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Hc { cmd, api } => hc::run(cmd, &api),
+        Command::Lab { cmd } => lab_cmd::run(cmd),
         other => runtime().and_then(|rt| {
             rt.block_on(async move {
                 match other {
@@ -111,7 +120,7 @@ fn main() -> ExitCode {
                     Command::Appliance { cmd } => appliance_cmd::run(cmd).await,
                     Command::Connect(args) => send_cmd::connect(args).await,
                     Command::Forward(args) => send_cmd::forward(args).await,
-                    Command::Hc { .. } => unreachable!("handled above"),
+                    Command::Hc { .. } | Command::Lab { .. } => unreachable!("handled above"),
                 }
             })
         }),

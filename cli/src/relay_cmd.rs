@@ -30,17 +30,79 @@ pub enum RelayCommand {
         api: SocketAddr,
         /// Host name or address written into connection strings (what the
         /// agents and senders should dial). Defaults to the listen address.
-        #[arg(long)]
+        #[arg(long, env = "HYBRIDLINK_PUBLIC_HOST")]
         public_host: Option<String>,
         /// Port written into connection strings. Defaults to the listen port.
         #[arg(long)]
         public_port: Option<u16>,
+    },
+    /// Set the relay up as a systemd service: writes
+    /// /etc/systemd/system/hybridlink-relay.service, enables and (re)starts
+    /// it. Manage it afterwards on this host with `hybridlink hc ... --data-dir
+    /// DATA_DIR`.
+    Install {
+        /// Directory for the certificate, registry and manage key.
+        #[arg(long, default_value = "/var/lib/hybridlink-relay")]
+        data_dir: PathBuf,
+        /// Address of the relay port that agents and senders dial.
+        #[arg(long, default_value = "0.0.0.0:9443")]
+        listen: SocketAddr,
+        /// Address of the management API.
+        #[arg(long, default_value = "127.0.0.1:9444")]
+        api: SocketAddr,
+        /// Host name or address both sides dial (written into connection
+        /// strings).
+        #[arg(long)]
+        public_host: String,
+        #[command(flatten)]
+        install: crate::install::InstallArgs,
     },
 }
 
 /// Runs a relay subcommand.
 pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
     match cmd {
+        RelayCommand::Install {
+            data_dir,
+            listen,
+            api,
+            public_host,
+            install,
+        } => {
+            let binary = install.binary()?;
+            // The sandbox needs the data directory to exist.
+            let dir = install.under_root(&data_dir);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let unit = crate::install::Unit {
+                name: "hybridlink-relay",
+                description: "hybridlink relay: the rendezvous of hybrid connections",
+                exec_start: vec![
+                    binary.display().to_string(),
+                    "relay".into(),
+                    "serve".into(),
+                    "--data-dir".into(),
+                    data_dir.display().to_string(),
+                    "--listen".into(),
+                    listen.to_string(),
+                    "--api".into(),
+                    api.to_string(),
+                    "--public-host".into(),
+                    public_host,
+                ],
+                reload_on_hup: false,
+                notify: true,
+                service: vec![
+                    "NoNewPrivileges=yes".into(),
+                    "ProtectSystem=strict".into(),
+                    "ProtectHome=yes".into(),
+                    "PrivateTmp=yes".into(),
+                    format!("ReadWritePaths={}", data_dir.display()),
+                    "CapabilityBoundingSet=".into(),
+                ],
+                written_by: "hybridlink relay install",
+            };
+            crate::install::install_unit(&install, &unit)
+        }
         RelayCommand::Serve {
             data_dir,
             listen,
@@ -64,6 +126,8 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 "cert_sha256": hex_encode(&relay.cert_sha256),
             });
             println!("{ready}");
+            // Under systemd (Type=notify), `systemctl start` returns now.
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
             crate::shutdown_signal().await;
             tracing::info!("relay stopping");
             Ok(())

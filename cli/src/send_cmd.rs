@@ -27,6 +27,11 @@ pub struct ConnectArgs {
     /// A send connection string (`hybridlink hc keys NAME`).
     #[arg(env = "HYBRIDLINK_CONNECTION_STRING")]
     pub connection_string: ConnectionString,
+    /// Only check reachability, like a tcpping: open one stream (the agent
+    /// dials the target), print how long that took, close it. Exit 1 with
+    /// the reason when the relay, the agent or the target refuses.
+    #[arg(long)]
+    pub check: bool,
     #[command(flatten)]
     pub send: SendArgs,
 }
@@ -58,7 +63,24 @@ fn sender(cs: &ConnectionString, args: &SendArgs, label: &str) -> anyhow::Result
 pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     let cs = args.connection_string;
     let sender = sender(&cs, &args.send, "connect")?;
+    let started = std::time::Instant::now();
     let stream = sender.open(&cs.entity).await?;
+    if args.check {
+        let took = started.elapsed();
+        let endpoint = sender
+            .endpoints()
+            .into_iter()
+            .find_map(|(name, ep)| ep.filter(|_| name == cs.entity))
+            .map(|ep| ep.to_string())
+            .unwrap_or_else(|| "its endpoint".into());
+        println!(
+            "{}: {endpoint} reachable through the relay and an agent ({} ms)",
+            cs.entity,
+            took.as_millis()
+        );
+        drop(stream);
+        return Ok(());
+    }
     let (mut rx, mut tx) = tokio::io::split(stream);
     let upload = async move {
         let mut stdin = tokio::io::stdin();

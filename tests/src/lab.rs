@@ -12,22 +12,19 @@
 //! `/etc`: the on-prem host names resolve only on-prem, and the app's
 //! resolver is the lab's upstream until the appliance takes over.
 
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use anyhow::{Context, Result, bail};
+use lab::Role;
+use lab::netns::Netns;
+
+pub use lab::{APP_IP, ONPREM_IP, RELAY_IP};
 
 use crate::{Proc, binary};
 
-/// The relay's address, reachable from both sides.
-pub const RELAY_IP: &str = "198.18.0.1";
-/// The app namespace's address.
-pub const APP_IP: &str = "198.18.1.2";
-/// The on-prem namespace's address.
-pub const ONPREM_IP: &str = "198.18.2.2";
 /// The relay namespace's address on the app side, where the lab's upstream
 /// DNS server listens.
-pub const UPSTREAM_DNS_IP: &str = "198.18.1.1";
+pub const UPSTREAM_DNS_IP: &str = lab::RELAY_APP_SIDE_IP;
 
 /// True when this process may build namespaces.
 pub fn is_root() -> bool {
@@ -36,7 +33,8 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// One lab; everything in it is removed on drop.
+/// One lab (the `lab` crate's, as `hybridlink lab` builds it); everything
+/// in it is removed on drop.
 #[derive(Debug)]
 pub struct Lab {
     /// Namespace of the application side.
@@ -45,89 +43,37 @@ pub struct Lab {
     pub relay: String,
     /// Namespace of the on-prem side.
     pub onprem: String,
-}
-
-fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(out)
-}
-
-fn ip(args: &[&str]) -> Result<Output> {
-    run(Command::new("ip").args(args))
+    netns: Netns,
 }
 
 impl Lab {
     /// Builds a lab whose names start with `hl` and contain `tag` (keep it
     /// to 3 characters: interface names are limited to 15).
     pub fn new(tag: &str) -> Result<Lab> {
-        let id = format!("{}{tag}", std::process::id() % 10000);
+        let prefix = format!("hl{}{tag}", std::process::id() % 10000);
+        let root = std::env::temp_dir().join("hybridlink-test-labs");
+        let netns = Netns::new(&prefix, &binary(), &root)?;
         let lab = Lab {
-            app: format!("hl{id}app"),
-            relay: format!("hl{id}rly"),
-            onprem: format!("hl{id}onp"),
+            app: netns.ns(Role::App),
+            relay: netns.ns(Role::Relay),
+            onprem: netns.ns(Role::Onprem),
+            netns,
         };
         // Drop cleans up whatever part of the setup succeeded.
-        lab.build(&id)?;
+        lab.netns.build()?;
         Ok(lab)
     }
 
-    fn build(&self, id: &str) -> Result<()> {
-        for ns in [&self.app, &self.relay, &self.onprem] {
-            ip(&["netns", "add", ns])?;
-            self.sh(ns, "ip link set lo up")?;
+    /// Makes each (ip, name) resolve inside namespace `ns` only.
+    pub fn hosts(&self, ns: &str, entries: &[(&str, &str)]) -> Result<()> {
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for (ip, name) in entries {
+            text.push_str(&format!("{ip} {name}\n"));
         }
-        let (a, ar) = (format!("hl{id}a"), format!("hl{id}ar"));
-        let (o, or) = (format!("hl{id}o"), format!("hl{id}or"));
-        ip(&[
-            "link",
-            "add",
-            &a,
-            "netns",
-            &self.app,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &ar,
-            "netns",
-            &self.relay,
-        ])?;
-        ip(&[
-            "link",
-            "add",
-            &o,
-            "netns",
-            &self.onprem,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &or,
-            "netns",
-            &self.relay,
-        ])?;
-        self.sh(&self.app, &format!("ip addr add {APP_IP}/24 dev {a} && ip link set {a} up && ip route add {RELAY_IP}/32 via 198.18.1.1"))?;
-        self.sh(&self.onprem, &format!("ip addr add {ONPREM_IP}/24 dev {o} && ip link set {o} up && ip route add {RELAY_IP}/32 via 198.18.2.1"))?;
-        self.sh(
-            &self.relay,
-            &format!(
-                "ip addr add 198.18.1.1/24 dev {ar} && ip link set {ar} up && ip addr add 198.18.2.1/24 dev {or} && ip link set {or} up && ip addr add {RELAY_IP}/32 dev lo && sysctl -qw net.ipv4.ip_forward=0"
-            ),
+        std::fs::write(
+            std::path::Path::new("/etc/netns").join(ns).join("hosts"),
+            text,
         )?;
-        for ns in [&self.app, &self.relay, &self.onprem] {
-            std::fs::create_dir_all(etc_dir(ns))?;
-            std::fs::write(etc_dir(ns).join("hosts"), "127.0.0.1 localhost\n")?;
-            std::fs::write(
-                etc_dir(ns).join("resolv.conf"),
-                format!("nameserver {UPSTREAM_DNS_IP}\nsearch lab.test\n"),
-            )?;
-        }
         Ok(())
     }
 
@@ -137,15 +83,13 @@ impl Lab {
         for (ip, name) in entries {
             text.push_str(&format!("{ip} {name}\n"));
         }
-        std::fs::write(etc_dir(&self.onprem).join("hosts"), text)?;
+        std::fs::write(self.netns.hosts_file(Role::Onprem), text)?;
         Ok(())
     }
 
     /// The app namespace's resolv.conf as a process inside it sees it.
     pub fn app_resolv_conf(&self) -> Result<String> {
-        Ok(std::fs::read_to_string(
-            etc_dir(&self.app).join("resolv.conf"),
-        )?)
+        Ok(std::fs::read_to_string(self.netns.resolv_conf(Role::App))?)
     }
 
     /// A command that runs `program` inside namespace `ns`.
@@ -157,7 +101,14 @@ impl Lab {
 
     /// Runs a shell command line inside `ns`; fails on a non-zero exit.
     pub fn sh(&self, ns: &str, line: &str) -> Result<Output> {
-        run(self.command(ns, "sh").args(["-c", line]))
+        let out = self.command(ns, "sh").args(["-c", line]).output()?;
+        if !out.status.success() {
+            bail!(
+                "{line:?} in {ns} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(out)
     }
 
     /// Starts `hybridlink ARGS...` inside `ns`.
@@ -169,6 +120,29 @@ impl Lab {
         Proc::start_program("ip", name, &argv)
     }
 
+    /// Serves the files of `dir` over HTTP at `bind:port` inside `ns`.
+    pub fn web_server(
+        &self,
+        ns: &str,
+        bind: &str,
+        port: u16,
+        dir: &std::path::Path,
+    ) -> Result<Proc> {
+        let dir = dir.to_str().context("utf-8 directory")?;
+        let port = port.to_string();
+        let argv = [
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            bind,
+            &port,
+            "--directory",
+            dir,
+        ];
+        self.spawn(ns, &format!("web-{bind}-{port}"), &argv)
+    }
+
     /// Starts any program inside `ns`, stdout discarded.
     pub fn spawn(&self, ns: &str, name: &str, argv: &[&str]) -> Result<Proc> {
         let mut full = vec!["netns", "exec", ns];
@@ -177,29 +151,12 @@ impl Lab {
     }
 }
 
-fn etc_dir(ns: &str) -> PathBuf {
-    PathBuf::from("/etc/netns").join(ns)
-}
-
 impl Drop for Lab {
     fn drop(&mut self) {
-        for ns in [&self.app, &self.relay, &self.onprem] {
-            // Kill whatever still runs inside, then remove the namespace
-            // (which removes its veths and tun devices with it).
-            if let Ok(out) = Command::new("ip")
-                .args(["netns", "pids", ns])
-                .stderr(Stdio::null())
-                .output()
-            {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            }
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-            let _ = std::fs::remove_dir_all(etc_dir(ns));
+        // Stops what still runs inside, then removes the namespaces (their
+        // veths and tun devices go with them) and their files.
+        if let Err(e) = self.netns.remove() {
+            eprintln!("removing the lab: {e:#}");
         }
     }
 }

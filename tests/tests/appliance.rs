@@ -62,36 +62,9 @@ fn setup(tag: &str, options: Options) -> Result<Setup> {
         site.path().join("index.html"),
         "payroll page from on-prem\n",
     )?;
-    let site_dir = site.path().to_str().context("utf-8")?.to_string();
     let mut servers = vec![
-        lab.spawn(
-            &lab.onprem,
-            "web",
-            &[
-                "python3",
-                "-m",
-                "http.server",
-                "--bind",
-                "127.0.0.1",
-                "80",
-                "--directory",
-                &site_dir,
-            ],
-        )?,
-        lab.spawn(
-            &lab.onprem,
-            "web-literal",
-            &[
-                "python3",
-                "-m",
-                "http.server",
-                "--bind",
-                ONPREM_IP,
-                "8080",
-                "--directory",
-                &site_dir,
-            ],
-        )?,
+        lab.web_server(&lab.onprem, "127.0.0.1", 80, site.path())?,
+        lab.web_server(&lab.onprem, ONPREM_IP, 8080, site.path())?,
     ];
     servers.push(lab.spawn(
         &lab.relay,

@@ -1,0 +1,41 @@
+# Shared by the lab's role scripts (sourced, not run). The same scripts
+# provision the network-namespace lab (`hybridlink lab up`) and the VMs of
+# vagrant/: the caller sets LAB_STATE (this role's directory) and HYBRIDLINK
+# (the binary), and the role's own variables.
+set -eu
+: "${LAB_STATE:?LAB_STATE must name this role's state directory}"
+: "${HYBRIDLINK:=hybridlink}"
+mkdir -p "$LAB_STATE"
+
+# daemon NAME CMD...: start CMD in its own session with its output in
+# $LAB_STATE/NAME.log, unless the one started last time still runs.
+daemon() {
+    name=$1
+    shift
+    if [ -s "$LAB_STATE/$name.pid" ] && kill -0 "$(cat "$LAB_STATE/$name.pid")" 2>/dev/null; then
+        return 0
+    fi
+    setsid "$@" >"$LAB_STATE/$name.log" 2>&1 </dev/null &
+    echo $! >"$LAB_STATE/$name.pid"
+}
+
+# wait_for WHAT SECONDS CMD...: retry CMD every 0.2 s until it succeeds.
+wait_for() {
+    what=$1
+    tries=$(($2 * 5))
+    shift 2
+    while ! "$@" >/dev/null 2>&1; do
+        tries=$((tries - 1))
+        if [ "$tries" -le 0 ]; then
+            echo "lab: $what did not come up; its logs:" >&2
+            tail -n 20 "$LAB_STATE"/*.log >&2 || true
+            exit 1
+        fi
+        sleep 0.2
+    done
+}
+
+# add_host IP NAME: make NAME resolve to IP on this machine.
+add_host() {
+    grep -q "[[:space:]]$2\$" /etc/hosts || echo "$1 $2" >>/etc/hosts
+}

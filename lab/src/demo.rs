@@ -1,0 +1,354 @@
+//! Provisioning the lab's roles and the demo's checks: unmodified clients on
+//! the app machine (curl, psql, redis-cli) reach the on-prem servers by name
+//! through the appliance, the relay and the agent.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Machines, ONPREM_IP, RELAY_IP, Role, shell_quote};
+
+/// The lab's hybrid connections, as `relay.sh` creates them: name, the
+/// endpoint the app uses.
+pub const HCS: &[(&str, &str)] = &[
+    ("payroll", "payroll.corp:80"),
+    ("sql", "sql.corp:5432"),
+    ("cache", "cache.corp:6379"),
+    ("literal", "198.18.2.2:8080"),
+    ("stopped", "stopped.corp:81"),
+];
+
+/// The page the on-prem web server serves.
+const PAGE: &str = "payroll page from on-prem\n";
+
+/// The size of the file behind the throughput figure (`onprem.sh`).
+const BIG_FILE_BYTES: u64 = 256 << 20;
+
+/// The connection strings the relay made, by hybrid connection.
+#[derive(Debug, Default)]
+pub struct Strings {
+    /// Send strings (the app side), name and string.
+    pub send: Vec<(String, String)>,
+    /// Listen strings (the agent), name and string.
+    pub listen: Vec<(String, String)>,
+}
+
+/// Runs `name` (a role script) on `role`'s machine; returns its stdout, or
+/// fails with its stderr.
+fn script(m: &dyn Machines, role: Role, name: &str, env: &[(&str, &str)]) -> Result<String> {
+    let state = m.state(role);
+    let bin = m.hybridlink();
+    let mut all = vec![("LAB_STATE", state.as_str()), ("HYBRIDLINK", bin.as_str())];
+    all.extend_from_slice(env);
+    let line = format!("sh {}/{name}", shell_quote(&m.scripts()));
+    let out = m.sh(role, &line, &all)?;
+    if !out.status.success() {
+        bail!(
+            "provisioning {}: {name} failed: {}",
+            role.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Provisions the three roles in order (relay, onprem, app) with the role
+/// scripts, handing the connection strings from the relay to the others.
+pub fn provision(m: &dyn Machines) -> Result<Strings> {
+    let env = [("RELAY_IP", RELAY_IP), ("ONPREM_IP", ONPREM_IP)];
+    let out = script(m, Role::Relay, "relay.sh", &env)?;
+    let mut strings = Strings::default();
+    for line in out.lines() {
+        let mut parts = line.splitn(3, ' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("send"), Some(name), Some(cs)) => strings.send.push((name.into(), cs.into())),
+            (Some("listen"), Some(name), Some(cs)) => strings.listen.push((name.into(), cs.into())),
+            _ => bail!("relay.sh printed an unexpected line: {line:?}"),
+        }
+    }
+    if strings.send.len() != HCS.len() || strings.listen.len() != HCS.len() {
+        bail!(
+            "relay.sh printed {} send and {} listen strings, expected {} each",
+            strings.send.len(),
+            strings.listen.len(),
+            HCS.len()
+        );
+    }
+    let join = |v: &[(String, String)]| {
+        v.iter()
+            .map(|(_, cs)| cs.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let listen = join(&strings.listen);
+    script(
+        m,
+        Role::Onprem,
+        "onprem.sh",
+        &[("ONPREM_IP", ONPREM_IP), ("LISTEN_STRINGS", &listen)],
+    )?;
+    let send = join(&strings.send);
+    script(m, Role::App, "app.sh", &[("SEND_STRINGS", &send)])?;
+    Ok(strings)
+}
+
+/// One check of the demo.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// What was tried, as a person would say it.
+    pub what: String,
+    /// Whether it did what a user expects.
+    pub ok: bool,
+    /// What was seen.
+    pub detail: String,
+    /// How long it took.
+    pub took: Duration,
+}
+
+/// What the demo saw.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Each check, in order.
+    pub checks: Vec<Check>,
+    /// The app side's view of the on-prem names: name and address.
+    pub names: Vec<(String, String)>,
+    /// `hybridlink agent status` on-prem.
+    pub agent_status: String,
+    /// Throughput of one download through the whole path, in Gbit/s.
+    pub throughput_gbps: Option<f64>,
+}
+
+impl Report {
+    /// True when every check passed.
+    pub fn passed(&self) -> bool {
+        !self.checks.is_empty() && self.checks.iter().all(|c| c.ok)
+    }
+
+    /// The report as a person reads it.
+    pub fn render(&self) -> String {
+        let mut s = String::from("Checks (unmodified clients on the app side)\n");
+        for c in &self.checks {
+            let mark = if c.ok { '✓' } else { '✗' };
+            let _ = writeln!(
+                s,
+                "  {mark} {} — {} ({} ms)",
+                c.what,
+                c.detail,
+                c.took.as_millis()
+            );
+        }
+        s.push_str("\nNames as the app resolves them (the appliance's DNS)\n");
+        for (name, addr) in &self.names {
+            let _ = writeln!(s, "  {name:<16} → {addr}");
+        }
+        s.push_str("\nAgent status (onprem: hybridlink agent status)\n");
+        for line in self.agent_status.lines() {
+            let _ = writeln!(s, "  {line}");
+        }
+        s.push_str("\nThroughput\n");
+        match self.throughput_gbps {
+            Some(g) => {
+                let _ = writeln!(
+                    s,
+                    "  curl http://payroll.corp/big.bin, 256 MiB through appliance, relay and agent: {g:.2} Gbit/s"
+                );
+            }
+            None => s.push_str("  not measured (the download failed)\n"),
+        }
+        let passed = self.checks.iter().filter(|c| c.ok).count();
+        let _ = writeln!(s, "\n{passed} of {} checks passed", self.checks.len());
+        s
+    }
+}
+
+/// Runs `line` on the app machine and judges its output.
+fn check(
+    m: &dyn Machines,
+    role: Role,
+    what: &str,
+    line: &str,
+    judge: impl Fn(bool, &str, &str) -> std::result::Result<String, String>,
+) -> Check {
+    let started = Instant::now();
+    let (ok, detail) = match m.sh(role, line, &[]) {
+        Ok(out) => {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            match judge(out.status.success(), &stdout, &stderr) {
+                Ok(d) => (true, d),
+                Err(d) => (false, d),
+            }
+        }
+        Err(e) => (false, format!("{e:#}")),
+    };
+    Check {
+        what: what.to_string(),
+        ok,
+        detail,
+        took: started.elapsed(),
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.trim().lines().next().unwrap_or("").to_string()
+}
+
+/// Expects success and exactly `want` on stdout.
+fn expect(want: &'static str) -> impl Fn(bool, &str, &str) -> std::result::Result<String, String> {
+    move |ok, out, err| {
+        if ok && out == want {
+            Ok(format!("got {:?}", want.trim()))
+        } else if ok {
+            Err(format!("got {:?}, expected {:?}", out.trim(), want.trim()))
+        } else {
+            Err(first_line(err))
+        }
+    }
+}
+
+/// Runs the demo's checks against a provisioned lab.
+pub fn run_checks(m: &dyn Machines) -> Report {
+    let mut report = Report::default();
+    let t = "--max-time 10";
+    report.checks.push(check(
+        m,
+        Role::App,
+        "curl http://payroll.corp/ (by host name)",
+        &format!("curl -sS {t} http://payroll.corp/"),
+        expect(PAGE),
+    ));
+    report.checks.push(check(
+        m,
+        Role::App,
+        &format!("curl http://{ONPREM_IP}:8080/ (IPv4 literal, no DNS)"),
+        &format!("curl -sS {t} http://{ONPREM_IP}:8080/"),
+        expect(PAGE),
+    ));
+    report.checks.push(check(
+        m,
+        Role::App,
+        "psql -h sql.corp (PostgreSQL on-prem)",
+        "PGCONNECT_TIMEOUT=10 psql -h sql.corp -U postgres -tAc 'select 6 * 7'",
+        expect("42\n"),
+    ));
+    report.checks.push(check(
+        m,
+        Role::App,
+        "redis-cli -h cache.corp (Redis on-prem)",
+        "redis-cli -h cache.corp set greeting hello-from-app && redis-cli -h cache.corp get greeting",
+        expect("OK\nhello-from-app\n"),
+    ));
+    report.checks.push(check(
+        m,
+        Role::App,
+        "curl http://stopped.corp:81/ is refused (nothing listens on-prem)",
+        &format!("curl -sS {t} http://stopped.corp:81/"),
+        |ok, _, err| {
+            if !ok && (err.contains("Connection refused") || err.contains("Couldn't connect")) {
+                Ok("refused, as the on-prem port is".into())
+            } else if ok {
+                Err("the connection succeeded".into())
+            } else {
+                Err(first_line(err))
+            }
+        },
+    ));
+    let bin = shell_quote(&m.hybridlink());
+    let relay_data = shell_quote(&format!("{}/data", m.state(Role::Relay)));
+    let send = m
+        .sh(Role::Relay, &format!("{bin} hc --api http://127.0.0.1:9444 --data-dir {relay_data} keys payroll --rule send --key primary"), &[])
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    report.checks.push(check(
+        m,
+        Role::App,
+        "hybridlink connect (a tcpping: one stream, no appliance)",
+        &format!(
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | {bin} connect {}",
+            shell_quote(&send)
+        ),
+        |ok, out, err| {
+            if ok && out.ends_with(PAGE) {
+                Ok("the page came back".into())
+            } else if ok {
+                Err(format!("unexpected answer {:?}", first_line(out)))
+            } else {
+                Err(first_line(err))
+            }
+        },
+    ));
+    let download = check(
+        m,
+        Role::App,
+        "curl http://payroll.corp/big.bin (256 MiB)",
+        "curl -sS --max-time 120 -o /dev/null -w '%{size_download} %{time_total}' http://payroll.corp/big.bin",
+        |ok, out, err| {
+            let mut parts = out.split_whitespace();
+            let size: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            let secs = parts.next().unwrap_or("?");
+            if ok && size == BIG_FILE_BYTES {
+                Ok(format!("{size} bytes in {secs} s"))
+            } else if ok {
+                Err(format!("got {size} bytes"))
+            } else {
+                Err(first_line(err))
+            }
+        },
+    );
+    if download.ok {
+        // curl's own transfer time, from the detail above.
+        let secs: Option<f64> = download
+            .detail
+            .split_whitespace()
+            .nth(3)
+            .and_then(|s| s.parse().ok());
+        report.throughput_gbps = secs
+            .filter(|s| *s > 0.0)
+            .map(|s| BIG_FILE_BYTES as f64 * 8.0 / s / 1e9);
+    }
+    report.checks.push(download);
+
+    let names: Vec<&str> = HCS
+        .iter()
+        .filter_map(|(_, ep)| ep.split(':').next())
+        .filter(|h| h.ends_with(".corp"))
+        .collect();
+    for name in names {
+        let addr = m
+            .sh(Role::App, &format!("getent hosts {name}"), &[])
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .next()
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "(does not resolve)".into());
+        report.names.push((name.to_string(), addr));
+    }
+    let socket = shell_quote(&format!("{}/agent.sock", m.state(Role::Onprem)));
+    report.agent_status = match m.sh(
+        Role::Onprem,
+        &format!("{bin} agent status --status-socket {socket}"),
+        &[],
+    ) {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(o) => format!(
+            "(failed: {})",
+            first_line(&String::from_utf8_lossy(&o.stderr))
+        ),
+        Err(e) => format!("(failed: {e:#})"),
+    };
+    report
+}
+
+/// Reads a role's log file, for error messages.
+pub fn role_log(m: &dyn Machines, role: Role, name: &str) -> Result<String> {
+    let path = shell_quote(&format!("{}/{name}.log", m.state(role)));
+    let out = m.sh(role, &format!("tail -n 30 {path}"), &[])?;
+    String::from_utf8(out.stdout).context("log is not UTF-8")
+}

@@ -1,0 +1,109 @@
+//! The lab of DESIGN.md: three machines, `app` (the appliance and unmodified
+//! clients), `relay` and `onprem` (the agent and real servers), joined so
+//! that app and onprem reach each other only through the relay program.
+//!
+//! The machines are either network namespaces made on the spot ([`netns`])
+//! or the VMs of `vagrant/` ([`vagrant`]). Both are provisioned by the same
+//! role scripts (`lab/provision/*.sh`, compiled into the binary) and checked
+//! by the same demo ([`demo`]), through the [`Machines`] trait.
+
+pub mod demo;
+pub mod netns;
+pub mod packages;
+pub mod vagrant;
+
+use std::process::Output;
+
+use anyhow::Result;
+
+/// The relay's address, reachable from both sides (on the relay's `lo`).
+pub const RELAY_IP: &str = "198.18.0.1";
+/// The app machine's address.
+pub const APP_IP: &str = "198.18.1.2";
+/// The on-prem machine's address.
+pub const ONPREM_IP: &str = "198.18.2.2";
+/// The relay's address on the app side.
+pub const RELAY_APP_SIDE_IP: &str = "198.18.1.1";
+/// The relay's address on the on-prem side.
+pub const RELAY_ONPREM_SIDE_IP: &str = "198.18.2.1";
+
+/// The role scripts, by file name; `common.sh` is sourced by the others.
+pub const SCRIPTS: &[(&str, &str)] = &[
+    ("common.sh", include_str!("../provision/common.sh")),
+    ("relay.sh", include_str!("../provision/relay.sh")),
+    ("onprem.sh", include_str!("../provision/onprem.sh")),
+    ("app.sh", include_str!("../provision/app.sh")),
+];
+
+/// One of the lab's three machines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The application side: appliance and unmodified clients.
+    App,
+    /// The relay.
+    Relay,
+    /// The on-premises side: agent and real servers.
+    Onprem,
+}
+
+impl Role {
+    /// Every role, in provisioning order.
+    pub const ALL: [Role; 3] = [Role::Relay, Role::Onprem, Role::App];
+
+    /// The role's name, as in DESIGN.md and the Vagrantfile.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::App => "app",
+            Role::Relay => "relay",
+            Role::Onprem => "onprem",
+        }
+    }
+}
+
+/// Where the lab runs: something that runs a shell line as root on the
+/// machine of a role.
+pub trait Machines {
+    /// Runs `line` with `sh -c` as root on `role`'s machine, with `env` set,
+    /// and returns its output whatever its exit status.
+    fn sh(&self, role: Role, line: &str, env: &[(&str, &str)]) -> Result<Output>;
+    /// The `hybridlink` binary's path on the machines.
+    fn hybridlink(&self) -> String;
+    /// The directory holding the role scripts on the machines.
+    fn scripts(&self) -> String;
+    /// `role`'s state directory on its machine (logs, pid files, data).
+    fn state(&self, role: Role) -> String;
+}
+
+/// Quotes `s` for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@,+".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_the_shell() {
+        for s in [
+            "plain",
+            "",
+            "two words",
+            "it's",
+            "a;b|c$(x)`y`",
+            "Endpoint=sb://x/;Key=a+b=",
+        ] {
+            let out = std::process::Command::new("sh")
+                .args(["-c", &format!("printf %s {}", shell_quote(s))])
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), s);
+        }
+    }
+}
