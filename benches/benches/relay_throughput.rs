@@ -74,6 +74,7 @@ async fn main() {
         api: "127.0.0.1:0".parse().expect("addr"),
         public_host: None,
         public_port: None,
+        limits: relay::Limits::default(),
     }
     .start()
     .await

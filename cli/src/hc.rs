@@ -32,6 +32,11 @@ pub struct ApiArgs {
     /// precedence.
     #[arg(long, value_name = "DIR", env = "HYBRIDLINK_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
+
+    /// Print the API's JSON answer instead of a table (create, keys and
+    /// regenerate always print JSON).
+    #[arg(long, global = true)]
+    pub json: bool,
 }
 
 /// A rule of a hybrid connection, for `hc regenerate --rule`.
@@ -92,14 +97,34 @@ pub enum HcCommand {
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         port: u16,
     },
-    /// List the hybrid connections (name, host, port, creation time) as JSON.
+    /// List the hybrid connections: name, endpoint, whether an agent serves
+    /// it.
     List,
-    /// Show one hybrid connection as JSON.
+    /// Show one hybrid connection and the agents serving it.
     Show {
         /// Name of the hybrid connection.
         name: HcName,
     },
-    /// Delete a hybrid connection and its keys, and print what it was as JSON.
+    /// Whether each hybrid connection (or just NAME) is served: `Connected`
+    /// with its agents (address, connected since), or `Not connected`.
+    Status {
+        /// Only this hybrid connection.
+        name: Option<HcName>,
+    },
+    /// Change the endpoint of a hybrid connection in place. Agents use the
+    /// new host:port for new streams at once; open streams are not touched.
+    Update {
+        /// Name of the hybrid connection.
+        name: HcName,
+        /// The new host.
+        #[arg(long, required_unless_present = "port")]
+        host: Option<Host>,
+        /// The new port.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
+    },
+    /// Delete a hybrid connection and its keys; its agents and senders are
+    /// detached at once.
     Delete {
         /// Name of the hybrid connection.
         name: HcName,
@@ -143,10 +168,72 @@ pub fn run(cmd: HcCommand, api: &ApiArgs) -> anyhow::Result<()> {
             "/api/v1/hcs",
             Some(json!({ "name": name, "host": host, "port": port })),
         )?,
-        HcCommand::List => client.call("GET", "/api/v1/hcs", None)?,
-        HcCommand::Show { name } => client.call("GET", &format!("/api/v1/hcs/{name}"), None)?,
+        HcCommand::List if api.json => client.call("GET", "/api/v1/hcs", None)?,
+        HcCommand::List => {
+            let all = client.call("GET", "/api/v1/status", None)?;
+            return print_line(&status_table(&all));
+        }
+        HcCommand::Show { name } => {
+            let hc = client.call("GET", &format!("/api/v1/hcs/{name}"), None)?;
+            if api.json {
+                hc
+            } else {
+                let status = client.call("GET", &format!("/api/v1/hcs/{name}/status"), None)?;
+                return print_line(&show_text(&hc, &status));
+            }
+        }
+        HcCommand::Status { name } => {
+            let answer = match &name {
+                Some(name) => {
+                    let one = client.call("GET", &format!("/api/v1/hcs/{name}/status"), None)?;
+                    if api.json {
+                        one
+                    } else {
+                        Value::Array(vec![one])
+                    }
+                }
+                None => client.call("GET", "/api/v1/status", None)?,
+            };
+            if api.json {
+                answer
+            } else {
+                return print_line(&status_table(&answer));
+            }
+        }
+        HcCommand::Update { name, host, port } => {
+            let mut body = serde_json::Map::new();
+            if let Some(host) = host {
+                body.insert("host".into(), json!(host));
+            }
+            if let Some(port) = port {
+                body.insert("port".into(), json!(port));
+            }
+            let hc = client.call(
+                "PATCH",
+                &format!("/api/v1/hcs/{name}"),
+                Some(Value::Object(body)),
+            )?;
+            if api.json {
+                hc
+            } else {
+                return print_line(&format!(
+                    "{} now reaches {}; agents use it for new streams",
+                    hc["name"].as_str().unwrap_or("?"),
+                    hc["endpoint"].as_str().unwrap_or("?")
+                ));
+            }
+        }
         HcCommand::Delete { name } => {
-            client.call("DELETE", &format!("/api/v1/hcs/{name}"), None)?
+            let hc = client.call("DELETE", &format!("/api/v1/hcs/{name}"), None)?;
+            if api.json {
+                hc
+            } else {
+                return print_line(&format!(
+                    "deleted {} ({}) and its keys",
+                    hc["name"].as_str().unwrap_or("?"),
+                    hc["endpoint"].as_str().unwrap_or("?")
+                ));
+            }
         }
         HcCommand::Keys { name, rule, key } => {
             let all = client.call("GET", &format!("/api/v1/hcs/{name}/keys"), None)?;
@@ -168,6 +255,82 @@ pub fn run(cmd: HcCommand, api: &ApiArgs) -> anyhow::Result<()> {
         )?,
     };
     print_line(&serde_json::to_string_pretty(&answer)?)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// "3m ago" for a Unix time.
+fn ago(unix: u64) -> String {
+    let secs = unix_now().saturating_sub(unix);
+    match secs {
+        0..120 => format!("{secs}s ago"),
+        120..7200 => format!("{}m ago", secs / 60),
+        7200..172_800 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
+}
+
+/// A table of HC statuses (the answer of `/api/v1/status`).
+fn status_table(all: &Value) -> String {
+    let mut out = format!(
+        "{:<24} {:<32} {:<14} {}",
+        "NAME", "ENDPOINT", "STATUS", "AGENTS"
+    );
+    let list = all.as_array().map(Vec::as_slice).unwrap_or_default();
+    for hc in list {
+        let agents: Vec<String> = hc["listeners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| {
+                format!(
+                    "{} {} (since {})",
+                    l["label"].as_str().unwrap_or("?"),
+                    l["address"].as_str().unwrap_or("?"),
+                    ago(l["connected_since"].as_u64().unwrap_or(0))
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "\n{:<24} {:<32} {:<14} {}",
+            hc["name"].as_str().unwrap_or("?"),
+            hc["endpoint"].as_str().unwrap_or("?"),
+            hc["status"].as_str().unwrap_or("?"),
+            if agents.is_empty() {
+                "-".to_string()
+            } else {
+                agents.join(", ")
+            }
+        ));
+    }
+    if list.is_empty() {
+        out.push_str("\n(no hybrid connections; create one with `hybridlink hc create`)");
+    }
+    out
+}
+
+/// One HC as `key: value` lines.
+fn show_text(hc: &Value, status: &Value) -> String {
+    let mut out = format!(
+        "name:      {}\nendpoint:  {}\ncreated:   {}\nstatus:    {}",
+        hc["name"].as_str().unwrap_or("?"),
+        hc["endpoint"].as_str().unwrap_or("?"),
+        ago(hc["created_unix"].as_u64().unwrap_or(0)),
+        status["status"].as_str().unwrap_or("?"),
+    );
+    for l in status["listeners"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\nagent:     {} at {}, connected {}",
+            l["label"].as_str().unwrap_or("?"),
+            l["address"].as_str().unwrap_or("?"),
+            ago(l["connected_since"].as_u64().unwrap_or(0))
+        ));
+    }
+    out
 }
 
 /// Prints `text` and a newline on stdout.
@@ -247,6 +410,11 @@ impl Client {
                 .delete(&url)
                 .header("Authorization", &auth)
                 .call(),
+            ("PATCH", Some(body)) => self
+                .agent
+                .patch(&url)
+                .header("Authorization", &auth)
+                .send_json(body),
             (_, Some(body)) => self
                 .agent
                 .post(&url)
@@ -419,6 +587,7 @@ mod tests {
         ApiArgs {
             api: url,
             data_dir: Some(dir.to_owned()),
+            json: false,
         }
     }
 
@@ -506,6 +675,7 @@ mod tests {
             let err = manage_key(&ApiArgs {
                 api: "http://x".into(),
                 data_dir: None,
+                json: false,
             })
             .unwrap_err();
             assert!(

@@ -35,6 +35,14 @@ pub enum RelayCommand {
         /// Port written into connection strings. Defaults to the listen port.
         #[arg(long)]
         public_port: Option<u16>,
+        /// The most hybrid connections this relay holds (creating more is
+        /// refused with a clear error).
+        #[arg(long, default_value_t = relay::Limits::default().max_hcs)]
+        max_hcs: usize,
+        /// The most agents one hybrid connection may have attached (25, as in
+        /// the original product); one more is refused with a clear error.
+        #[arg(long, default_value_t = relay::Limits::default().max_listeners_per_hc)]
+        max_listeners: usize,
     },
     /// Set the relay up as a systemd service: writes
     /// /etc/systemd/system/hybridlink-relay.service, enables and (re)starts
@@ -109,6 +117,8 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             api,
             public_host,
             public_port,
+            max_hcs,
+            max_listeners,
         } => {
             let config = relay::RelayConfig {
                 data_dir: data_dir.clone(),
@@ -116,6 +126,10 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 api,
                 public_host,
                 public_port,
+                limits: relay::Limits {
+                    max_hcs,
+                    max_listeners_per_hc: max_listeners,
+                },
             };
             let relay = config.start().await.with_context(|| {
                 format!("starting the relay with data dir {}", data_dir.display())

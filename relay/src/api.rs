@@ -15,6 +15,10 @@
 //! | `DELETE /api/v1/hcs/{name}` | the deleted HC |
 //! | `GET /api/v1/hcs/{name}/keys` | `{"name", "connection_strings"}` |
 //! | `POST /api/v1/hcs/{name}/keys/regenerate` `{"rule","key"}` | `{"name", "connection_strings"}` with the new key |
+//! | `PATCH /api/v1/hcs/{name}` `{"host"?, "port"?}` | the HC with its new endpoint (agents use it for new streams) |
+//! | `GET /api/v1/hcs/{name}/status` | `HcStatus`: `Connected` or `Not connected`, the agents |
+//! | `GET /api/v1/status` | `[HcStatus, ...]` |
+//! | `GET /openapi.json` | the OpenAPI 3 description of all of this (no key needed) |
 //!
 //! An HC reads `{"name","host","port","endpoint","created_unix"}`;
 //! `connection_strings` reads
@@ -33,7 +37,11 @@ use proto::name::{Endpoint, HcName, Host};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::hub::{Hub, ListenerStatus};
 use crate::registry::{HcRecord, Registry, RegistryError, SlotKeys};
+
+/// The OpenAPI 3 description of this API, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// What the API handlers share.
 #[derive(Debug, Clone)]
@@ -46,19 +54,123 @@ pub struct ApiState {
     pub public_port: u16,
     /// SHA-256 of the relay's certificate, for connection strings.
     pub cert_sha256: [u8; 32],
+    /// The live sessions, for status.
+    pub hub: Hub,
 }
 
 /// The management API, to be served over plain HTTP on a loopback address.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/api/v1/hcs", get(list_hcs).post(create_hc))
-        .route("/api/v1/hcs/{name}", get(show_hc).delete(delete_hc))
+        .route(
+            "/api/v1/hcs/{name}",
+            get(show_hc).delete(delete_hc).patch(update_hc),
+        )
         .route("/api/v1/hcs/{name}/keys", get(show_keys))
         .route("/api/v1/hcs/{name}/keys/regenerate", post(regenerate_key))
+        .route("/api/v1/hcs/{name}/status", get(hc_status))
+        .route("/api/v1/status", get(all_status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
-        .with_state(state)
+        .with_state(state);
+    // The description of the API is public; everything it describes is not.
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .merge(api)
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// Whether an HC has an agent, and which.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HcStatus {
+    /// The HC's name.
+    pub name: HcName,
+    /// `host:port`.
+    pub endpoint: Endpoint,
+    /// `Connected` when at least one agent is attached, else `Not connected`.
+    pub status: String,
+    /// How many agents are attached.
+    pub listener_count: usize,
+    /// The attached agents.
+    pub listeners: Vec<ListenerStatus>,
+}
+
+fn status_of(state: &ApiState, hc: &HcRecord) -> HcStatus {
+    let listeners = state.hub.listeners(&hc.name);
+    HcStatus {
+        name: hc.name.clone(),
+        endpoint: hc.endpoint.clone(),
+        status: if listeners.is_empty() {
+            "Not connected".into()
+        } else {
+            "Connected".into()
+        },
+        listener_count: listeners.len(),
+        listeners,
+    }
+}
+
+async fn hc_status(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<HcStatus>> {
+    let hc = find(&state, &name)?;
+    Ok(axum::Json(status_of(&state, &hc)))
+}
+
+async fn all_status(State(state): State<ApiState>) -> axum::Json<Vec<HcStatus>> {
+    let list = state.registry.list();
+    axum::Json(list.iter().map(|hc| status_of(&state, hc)).collect())
+}
+
+/// Body of `PATCH /api/v1/hcs/{name}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateBody {
+    host: Option<String>,
+    port: Option<serde_json::Value>,
+}
+
+async fn update_hc(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<axum::Json<HcView>> {
+    let hc = find(&state, &name)?;
+    let body: UpdateBody = parse_body(&body)?;
+    if body.host.is_none() && body.port.is_none() {
+        return Err(ApiError::bad_request(
+            "nothing to change; give host, port or both",
+        ));
+    }
+    let host = match body.host {
+        Some(h) => h.parse().map_err(ApiError::bad_request)?,
+        None => hc.endpoint.host().clone(),
+    };
+    let port = match body.port {
+        Some(p) => parse_port(&p)?,
+        None => hc.endpoint.port(),
+    };
+    let endpoint = Endpoint::new(host, port).map_err(ApiError::bad_request)?;
+    let registry = state.registry.clone();
+    let name = hc.name.clone();
+    let hc = blocking(move || registry.set_endpoint(&name, endpoint)).await?;
+    tracing::info!(hc = %hc.name, endpoint = %hc.endpoint, "hybrid connection updated");
+    Ok(axum::Json(HcView::from(&hc)))
+}
+
+fn parse_port(port: &serde_json::Value) -> ApiResult<u16> {
+    port.as_u64()
+        .or_else(|| port.as_str().and_then(|s| s.parse().ok()))
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("port {port} is not a number from 1 to 65535"))
+        })
 }
 
 /// An HC as the API shows it (no keys).
@@ -164,6 +276,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::Duplicate(_) => StatusCode::CONFLICT,
             RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
             RegistryError::NoSuchRule(_) => StatusCode::BAD_REQUEST,
+            RegistryError::Quota(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
@@ -281,18 +394,7 @@ async fn create_hc(
     let body: CreateBody = parse_body(&body)?;
     let name = parse_name(&body.name)?;
     let host: Host = body.host.parse().map_err(ApiError::bad_request)?;
-    let port = body
-        .port
-        .as_u64()
-        .or_else(|| body.port.as_str().and_then(|s| s.parse().ok()))
-        .and_then(|p| u16::try_from(p).ok())
-        .filter(|p| *p != 0)
-        .ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "port {} is not a number from 1 to 65535",
-                body.port
-            ))
-        })?;
+    let port = parse_port(&body.port)?;
     let endpoint = Endpoint::new(host, port).map_err(ApiError::bad_request)?;
     let registry = state.registry.clone();
     let hc = blocking(move || registry.create(name, endpoint)).await?;
@@ -375,6 +477,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let registry = Registry::open(dir.path()).unwrap();
         let state = ApiState {
+            hub: Hub::new(registry.clone()),
             registry,
             public_host: "relay.example".into(),
             public_port: 9443,

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -68,7 +68,7 @@ struct State {
 }
 
 /// A snapshot of one agent of a hybrid connection, for the status API.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ListenerStatus {
     /// Relay session id.
     pub id: SessionId,
@@ -118,6 +118,7 @@ struct Inner {
     state: Mutex<State>,
     next_session: AtomicU64,
     rng: SystemRandom,
+    max_listeners: AtomicUsize,
 }
 
 fn unix_now() -> u64 {
@@ -135,6 +136,7 @@ impl Hub {
                 registry,
                 state: Mutex::new(State::default()),
                 next_session: AtomicU64::new(1),
+                max_listeners: AtomicUsize::new(MAX_LISTENERS_PER_HC),
                 rng: SystemRandom::new(),
             }),
         }
@@ -213,7 +215,14 @@ impl Hub {
         let expires = match verified {
             Ok(v) => v.expires_unix,
             Err(e) => {
-                warn!(session = id, hc = %entity, error = %e, "token rejected");
+                let message = match record.regenerated_at(&token, needed, now) {
+                    Some(at) => format!(
+                        "the key of this connection string was regenerated ({}s ago); get the current one with `hybridlink hc keys {entity}`",
+                        now.saturating_sub(at)
+                    ),
+                    None => e.to_string(),
+                };
+                warn!(session = id, hc = %entity, error = %message, "token rejected");
                 if state
                     .sessions
                     .get(&id)
@@ -224,7 +233,7 @@ impl Hub {
                 let _ = tx.try_send(RelayMessage::Detached {
                     entity,
                     reason: DetachReason::Unauthorized,
-                    message: e.to_string(),
+                    message,
                 });
                 return;
             }
@@ -240,10 +249,10 @@ impl Hub {
             let _ = tx.try_send(RelayMessage::Renewed { entity, expires });
             return;
         }
-        if role == PeerRole::Listener && listeners_of(&state, &entity).len() >= MAX_LISTENERS_PER_HC
-        {
+        let max = self.inner.max_listeners.load(Ordering::Relaxed);
+        if role == PeerRole::Listener && listeners_of(&state, &entity).len() >= max {
             let _ = tx.try_send(RelayMessage::Detached {
-                message: format!("{entity} already has {MAX_LISTENERS_PER_HC} listeners, the most a hybrid connection may have"),
+                message: format!("{entity} already has {max} listeners, the most a hybrid connection may have on this relay"),
                 entity,
                 reason: DetachReason::Quota,
             });
@@ -488,6 +497,11 @@ impl Hub {
                 );
             }
         }
+    }
+
+    /// Limits each hybrid connection to `max` attached agents.
+    pub fn set_max_listeners(&self, max: usize) {
+        self.inner.max_listeners.store(max, Ordering::Relaxed);
     }
 
     /// Every hybrid connection some session is attached to.

@@ -12,4 +12,4 @@ pub mod registry;
 pub mod run;
 pub mod server;
 
-pub use run::{RelayConfig, RelayError, RunningRelay};
+pub use run::{Limits, RelayConfig, RelayError, RunningRelay};

@@ -114,6 +114,11 @@ pub enum RegistryError {
     /// Regenerate of a rule HCs do not have.
     #[error("hybrid connections have no {0} rule; regenerate send or listen")]
     NoSuchRule(Right),
+    /// `create` beyond the relay's limit of hybrid connections.
+    #[error(
+        "this relay already holds {0} hybrid connections, its limit (relay serve --max-hcs); delete one first"
+    )]
+    Quota(usize),
 }
 
 /// The two keys of one rule.
@@ -165,6 +170,28 @@ pub struct HcRecord {
     pub send: SlotKeys,
     /// Keys of the `listen` rule.
     pub listen: SlotKeys,
+    /// Keys replaced by `regenerate`, newest last (at most
+    /// [`RETIRED_KEYS_KEPT`]): they no longer open anything, but a token
+    /// signed with one is refused as "regenerated", not as a forgery.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<RetiredKey>,
+}
+
+/// How many replaced keys an HC remembers.
+pub const RETIRED_KEYS_KEPT: usize = 4;
+
+/// A key that `regenerate` replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetiredKey {
+    /// The rule it belonged to.
+    pub right: Right,
+    /// Its slot.
+    pub slot: KeySlot,
+    /// The key.
+    pub key: Key,
+    /// When it was replaced, seconds since the Unix epoch.
+    pub retired_unix: u64,
 }
 
 impl HcRecord {
@@ -176,6 +203,22 @@ impl HcRecord {
             Right::Listen => Some(&self.listen),
             Right::Manage => None,
         }
+    }
+
+    /// If `token` was signed with a key that `regenerate` replaced, when that
+    /// was: the reason to give instead of "bad signature".
+    pub fn regenerated_at(&self, token: &str, needed: Right, now_unix: u64) -> Option<u64> {
+        self.retired.iter().rev().find_map(|r| {
+            let rule = RuleKeys {
+                name: r.right.rule_name(),
+                right: r.right,
+                primary: &r.key,
+                secondary: &r.key,
+            };
+            proto::sas::verify(token, &self.name, needed, &[rule], now_unix)
+                .ok()
+                .map(|_| r.retired_unix)
+        })
     }
 
     /// The HC's two rules, `send` and `listen`, for [`proto::sas::verify`].
@@ -247,6 +290,8 @@ struct Inner {
     dir: PathBuf,
     state: Mutex<State>,
     events: broadcast::Sender<RegistryEvent>,
+    /// The most HCs `create` allows.
+    max_hcs: std::sync::atomic::AtomicUsize,
 }
 
 /// The registry of hybrid connections, shared by the management API and the
@@ -307,8 +352,17 @@ impl Registry {
                 dir: dir.to_owned(),
                 state: Mutex::new(state),
                 events,
+                max_hcs: std::sync::atomic::AtomicUsize::new(usize::MAX),
             }),
         })
+    }
+
+    /// Limits `create` to `max` hybrid connections in all (the ones already
+    /// there stay).
+    pub fn set_max_hcs(&self, max: usize) {
+        self.inner
+            .max_hcs
+            .store(max, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The data directory this registry lives in.
@@ -339,10 +393,18 @@ impl Registry {
             created_unix: unix_now(),
             send: SlotKeys::generate()?,
             listen: SlotKeys::generate()?,
+            retired: Vec::new(),
         };
+        let max = self
+            .inner
+            .max_hcs
+            .load(std::sync::atomic::Ordering::Relaxed);
         self.change(RegistryEvent::Created { name: name.clone() }, |hcs| {
             if hcs.contains_key(&name) {
                 return Err(RegistryError::Duplicate(name.clone()));
+            }
+            if hcs.len() >= max {
+                return Err(RegistryError::Quota(max));
             }
             hcs.insert(name.clone(), record.clone());
             Ok(record.clone())
@@ -382,7 +444,15 @@ impl Registry {
                 Right::Send => &mut hc.send,
                 _ => &mut hc.listen,
             };
-            *keys.get_mut(slot) = key.clone();
+            let old = std::mem::replace(keys.get_mut(slot), key.clone());
+            hc.retired.push(RetiredKey {
+                right,
+                slot,
+                key: old,
+                retired_unix: unix_now(),
+            });
+            let excess = hc.retired.len().saturating_sub(RETIRED_KEYS_KEPT);
+            hc.retired.drain(..excess);
             Ok(hc.clone())
         })
     }

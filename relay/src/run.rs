@@ -25,6 +25,28 @@ pub struct RelayConfig {
     pub public_host: Option<String>,
     /// Port written into connection strings; defaults to the bound port.
     pub public_port: Option<u16>,
+    /// Relay-wide quotas.
+    pub limits: Limits,
+}
+
+/// Relay-wide quotas; exceeding one is a clear error for that request or
+/// session, never a crash.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Hybrid connections this relay holds at most.
+    pub max_hcs: usize,
+    /// Agents attached to one hybrid connection at most (25, as in the
+    /// original product).
+    pub max_listeners_per_hc: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_hcs: 10_000,
+            max_listeners_per_hc: crate::hub::MAX_LISTENERS_PER_HC,
+        }
+    }
 }
 
 /// Errors starting a relay.
@@ -102,7 +124,9 @@ impl RelayConfig {
                 addr: self.api,
                 source,
             })?;
+        registry.set_max_hcs(self.limits.max_hcs);
         let hub = Hub::new(registry.clone());
+        hub.set_max_listeners(self.limits.max_listeners_per_hc);
         let public_host = self
             .public_host
             .clone()
@@ -113,6 +137,7 @@ impl RelayConfig {
             public_host,
             public_port,
             cert_sha256: identity.cert_sha256(),
+            hub: hub.clone(),
         };
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(server::accept_loop(

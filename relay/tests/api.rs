@@ -24,6 +24,7 @@ async fn start() -> Api {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::open(dir.path()).unwrap();
     let state = ApiState {
+        hub: relay::hub::Hub::new(registry.clone()),
         registry: registry.clone(),
         public_host: "relay.example".into(),
         public_port: 9443,
@@ -398,4 +399,122 @@ async fn regenerate_replaces_exactly_one_key() {
         assert!(error_of(&answer).contains(reason), "{body}: {answer}");
     }
     assert_eq!(api.registry.get(&name).unwrap(), hc);
+}
+
+#[tokio::test]
+async fn update_changes_the_endpoint_in_place() {
+    let api = start().await;
+    let body = json!({"name": "payroll", "host": "sql.corp", "port": 1433});
+    let (status, created) = api.call("POST", "/api/v1/hcs", Some(body)).await;
+    assert_eq!(status, 201);
+    let (status, hc) = api
+        .call("PATCH", "/api/v1/hcs/payroll", Some(json!({"port": 1434})))
+        .await;
+    assert_eq!(status, 200, "{hc}");
+    assert_eq!(hc["endpoint"], "sql.corp:1434");
+    let (status, hc) = api
+        .call(
+            "PATCH",
+            "/api/v1/hcs/payroll",
+            Some(json!({"host": "10.1.2.3"})),
+        )
+        .await;
+    assert_eq!(
+        (status, hc["endpoint"].as_str()),
+        (200, Some("10.1.2.3:1434"))
+    );
+    // The keys did not change, and the registry has the new endpoint.
+    let (_, keys) = api.call("GET", "/api/v1/hcs/payroll/keys", None).await;
+    assert_eq!(keys["connection_strings"], created["connection_strings"]);
+    let stored = api.registry.get(&"payroll".parse().unwrap()).unwrap();
+    assert_eq!(stored.endpoint.to_string(), "10.1.2.3:1434");
+
+    let cases = [
+        (json!({}), "nothing to change"),
+        (json!({"port": 0}), "port 0 is not a number from 1 to 65535"),
+        (json!({"port": "x"}), "is not a number from 1 to 65535"),
+        (json!({"host": "bad host!"}), "host"),
+        (json!({"colour": "red"}), "unknown field `colour`"),
+        (json!([1]), "not valid JSON for this endpoint"),
+    ];
+    for (body, reason) in cases {
+        let (status, answer) = api
+            .call("PATCH", "/api/v1/hcs/payroll", Some(body.clone()))
+            .await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(error_of(&answer).contains(reason), "{body}: {answer}");
+    }
+    let (status, answer) = api
+        .call("PATCH", "/api/v1/hcs/nobody", Some(json!({"port": 1})))
+        .await;
+    assert_eq!(status, 404, "{answer}");
+}
+
+#[tokio::test]
+async fn status_says_not_connected_without_agents() {
+    let api = start().await;
+    for name in ["a", "b"] {
+        let body = json!({"name": name, "host": "h.corp", "port": 80});
+        assert_eq!(api.call("POST", "/api/v1/hcs", Some(body)).await.0, 201);
+    }
+    let (status, one) = api.call("GET", "/api/v1/hcs/a/status", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        one,
+        json!({"name": "a", "endpoint": "h.corp:80", "status": "Not connected", "listener_count": 0, "listeners": []})
+    );
+    let (status, all) = api.call("GET", "/api/v1/status", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(all.as_array().map(Vec::len), Some(2));
+    assert_eq!(api.call("GET", "/api/v1/hcs/zz/status", None).await.0, 404);
+    assert_eq!(
+        api.call("GET", "/api/v1/hcs/Bad_Name/status", None).await.0,
+        400
+    );
+}
+
+#[tokio::test]
+async fn creating_beyond_the_quota_is_refused_with_the_limit() {
+    let api = start().await;
+    api.registry.set_max_hcs(2);
+    for name in ["a", "b"] {
+        let body = json!({"name": name, "host": "h.corp", "port": 80});
+        assert_eq!(api.call("POST", "/api/v1/hcs", Some(body)).await.0, 201);
+    }
+    let body = json!({"name": "c", "host": "h.corp", "port": 80});
+    let (status, answer) = api.call("POST", "/api/v1/hcs", Some(body.clone())).await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        error_of(&answer).contains("already holds 2 hybrid connections, its limit"),
+        "{answer}"
+    );
+    // Room again after a delete.
+    assert_eq!(api.call("DELETE", "/api/v1/hcs/a", None).await.0, 200);
+    assert_eq!(api.call("POST", "/api/v1/hcs", Some(body)).await.0, 201);
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_public_and_describes_every_route() {
+    let api = start().await;
+    let (status, doc) = raw(api.addr, "GET", "/openapi.json", None, None).await;
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["openapi"], "3.0.3");
+    let paths = doc["paths"].as_object().expect("paths");
+    for (path, methods) in [
+        ("/api/v1/hcs", &["get", "post"][..]),
+        ("/api/v1/hcs/{name}", &["get", "patch", "delete"][..]),
+        ("/api/v1/hcs/{name}/keys", &["get"][..]),
+        ("/api/v1/hcs/{name}/keys/regenerate", &["post"][..]),
+        ("/api/v1/hcs/{name}/status", &["get"][..]),
+        ("/api/v1/status", &["get"][..]),
+    ] {
+        for m in methods {
+            assert!(paths[path][m].is_object(), "{m} {path} is not described");
+        }
+    }
+    // Everything it describes still needs the key.
+    assert_eq!(
+        raw(api.addr, "GET", "/api/v1/status", None, None).await.0,
+        401
+    );
 }

@@ -177,20 +177,25 @@ impl Relay {
 
     /// Starts a relay with `data_dir` listening on `listen`.
     pub fn start_in(data_dir: &Path, listen: &str) -> Result<Relay> {
+        Relay::start_with(data_dir, listen, &[])
+    }
+
+    /// Starts a relay with `data_dir` listening on `listen`, with more
+    /// `relay serve` flags.
+    pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Result<Relay> {
         let dir = data_dir.to_str().context("utf-8 path")?;
-        let mut proc = Proc::start(
+        let mut argv = vec![
             "relay",
-            &[
-                "relay",
-                "serve",
-                "--data-dir",
-                dir,
-                "--listen",
-                listen,
-                "--api",
-                "127.0.0.1:0",
-            ],
-        )?;
+            "serve",
+            "--data-dir",
+            dir,
+            "--listen",
+            listen,
+            "--api",
+            "127.0.0.1:0",
+        ];
+        argv.extend_from_slice(extra);
+        let mut proc = Proc::start("relay", &argv)?;
         let ready = proc.ready_line()?;
         let addr = |k: &str| -> Result<SocketAddr> {
             ready[k]
@@ -229,19 +234,23 @@ impl Relay {
         }
     }
 
-    /// Runs `hybridlink hc ARGS...` against this relay; returns its JSON.
+    /// `hybridlink hc --api ... --data-dir ...` for this relay; add the
+    /// subcommand and run it.
+    pub fn hc_command(&self) -> Result<Command> {
+        let mut cmd = Command::new(binary());
+        cmd.arg("hc").args([
+            "--api",
+            &format!("http://{}", self.api),
+            "--data-dir",
+            self.data_dir.to_str().context("utf-8")?,
+        ]);
+        Ok(cmd)
+    }
+
+    /// Runs `hybridlink hc --json ARGS...` against this relay; returns its
+    /// JSON.
     pub fn hc(&self, args: &[&str]) -> Result<serde_json::Value> {
-        let api = format!("http://{}", self.api);
-        let out = Command::new(binary())
-            .arg("hc")
-            .args([
-                "--api",
-                &api,
-                "--data-dir",
-                self.data_dir.to_str().context("utf-8")?,
-            ])
-            .args(args)
-            .output()?;
+        let out = self.hc_command()?.arg("--json").args(args).output()?;
         if !out.status.success() {
             bail!(
                 "hc {args:?} failed: {}",

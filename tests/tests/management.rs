@@ -1,0 +1,352 @@
+//! The key lifecycle and management as an operator sees them, with the real
+//! binaries on loopback: regenerate (old strings refused with that reason,
+//! open streams kept), endpoint update without restarts, status, quotas, and
+//! a relay killed in the middle of a burst of creates.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use hybridlink_tests::{Agent, Relay, binary};
+use proto::connection_string::ConnectionString;
+
+/// A server that greets every connection with `banner` and closes.
+fn banner_server(banner: &'static str) -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let _ = conn.write_all(banner.as_bytes());
+        }
+    });
+    Ok(addr)
+}
+
+/// A line echo server.
+fn echo_server() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut writer = conn.try_clone().expect("clone");
+                let mut reader = BufReader::new(conn);
+                let mut line = String::new();
+                while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                    let _ = writer.write_all(line.as_bytes());
+                    line.clear();
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// `hybridlink connect CS` with stdin closed: what the target said, or the
+/// failure's stderr.
+fn connect_read(cs: &ConnectionString) -> Result<std::result::Result<String, String>> {
+    let out = Command::new(binary())
+        .args(["connect", &cs.to_string()])
+        .stdin(Stdio::null())
+        .output()?;
+    Ok(if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    })
+}
+
+fn check(cs: &ConnectionString) -> Result<std::process::Output> {
+    Ok(Command::new(binary())
+        .args(["connect", "--check", "--wait", "5", &cs.to_string()])
+        .output()?)
+}
+
+fn string_of(keys: &serde_json::Value, rule: &str, slot: &str) -> Result<ConnectionString> {
+    keys["connection_strings"][rule][slot]
+        .as_str()
+        .context("string")?
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ok()? {
+        ensure!(
+            Instant::now() < deadline,
+            "{what} did not happen within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_regenerated_key_is_refused_with_that_reason_and_open_streams_go_on() -> Result<()> {
+    let relay = Relay::start()?;
+    let (send, listen) = relay.create_hc("payroll", echo_server()?)?;
+    let agent = Agent::start(&[&listen], &[])?;
+    agent.wait_connected()?;
+
+    // A stream opened before the regeneration.
+    let mut open = Command::new(binary())
+        .args(["connect", &send.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut stdin = open.stdin.take().context("stdin")?;
+    let mut stdout = BufReader::new(open.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    stdin.write_all(b"before\n")?;
+    stdout.read_line(&mut line)?;
+    assert_eq!(line, "before\n");
+
+    let keys = relay.hc(&[
+        "regenerate",
+        "payroll",
+        "--rule",
+        "send",
+        "--key",
+        "primary",
+    ])?;
+    let new_send = string_of(&keys, "send", "primary")?;
+    assert_ne!(new_send.key, send.key);
+
+    // The open stream goes on (documented in ARCHITECTURE.md).
+    line.clear();
+    stdin.write_all(b"after\n")?;
+    stdout.read_line(&mut line)?;
+    assert_eq!(
+        line, "after\n",
+        "the open stream was cut by the regeneration"
+    );
+    drop(stdin);
+    let _ = open.wait();
+
+    // A new session with the old string is refused, saying why.
+    let out = check(&send)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("regenerated"), "{err}");
+    assert!(err.contains("hc keys payroll"), "{err}");
+    // The new string works, and so does the untouched secondary.
+    let out = check(&new_send)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("reachable"));
+    assert!(
+        check(&string_of(&keys, "send", "secondary")?)?
+            .status
+            .success()
+    );
+
+    // The agent's key: regenerated, the agent is detached at once and says why.
+    relay.hc(&[
+        "regenerate",
+        "payroll",
+        "--rule",
+        "listen",
+        "--key",
+        "primary",
+    ])?;
+    wait_for("the agent being denied", 5, || {
+        let status = agent.status()?;
+        let c = &status[0]["connection"];
+        Ok(c["state"] == "denied" && c["reason"].as_str().unwrap_or("").contains("regenerated"))
+    })?;
+    let out = check(&new_send)?;
+    assert!(!out.status.success(), "a stream opened with no agent left");
+    Ok(())
+}
+
+#[test]
+fn update_moves_new_streams_to_the_new_endpoint_without_restarts() -> Result<()> {
+    let relay = Relay::start()?;
+    let old = banner_server("old target\n")?;
+    let new = banner_server("new target\n")?;
+    let (send, listen) = relay.create_hc("payroll", old)?;
+    let agent = Agent::start(&[&listen], &[])?;
+    agent.wait_connected()?;
+    assert_eq!(connect_read(&send)?, Ok("old target\n".into()));
+
+    let out = relay
+        .hc_command()?
+        .args(["update", "payroll", "--port", &new.port().to_string()])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("now reaches {new}")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    wait_for("the agent learning the new endpoint", 5, || {
+        Ok(agent.status()?[0]["endpoint"] == new.to_string())
+    })?;
+    assert_eq!(connect_read(&send)?, Ok("new target\n".into()));
+    // Bad updates are refused, the endpoint stays.
+    let out = relay
+        .hc_command()?
+        .args(["update", "payroll", "--port", "0"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let out = relay.hc_command()?.args(["update", "payroll"]).output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let out = relay
+        .hc_command()?
+        .args(["update", "nobody", "--port", "1"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    assert_eq!(relay.hc(&["show", "payroll"])?["endpoint"], new.to_string());
+    Ok(())
+}
+
+#[test]
+fn status_shows_each_agent_and_not_connected_when_none() -> Result<()> {
+    let relay = Relay::start()?;
+    let (_, listen) = relay.create_hc("payroll", echo_server()?)?;
+    relay.create_hc("idle", echo_server()?)?;
+    let mut agent = Agent::start(&[&listen], &["--label", "dc1-agent"])?;
+    agent.wait_connected()?;
+
+    let status = relay.hc(&["status", "payroll"])?;
+    assert_eq!(status["status"], "Connected", "{status}");
+    assert_eq!(status["listener_count"], 1);
+    assert_eq!(status["listeners"][0]["label"], "dc1-agent");
+    assert!(
+        status["listeners"][0]["address"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("127.0.0.1:")
+    );
+    let out = relay.hc_command()?.arg("list").output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        row("payroll").contains("Connected") && row("payroll").contains("dc1-agent"),
+        "{table}"
+    );
+    assert!(row("idle").contains("Not connected"), "{table}");
+
+    agent.proc.kill();
+    wait_for("payroll showing Not connected", 16, || {
+        Ok(relay.hc(&["status", "payroll"])?["status"] == "Not connected")
+    })?;
+    Ok(())
+}
+
+#[test]
+fn quotas_are_enforced_with_clear_errors() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let relay = Relay::start_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--max-hcs", "1", "--max-listeners", "1"],
+    )?;
+    let (_, listen) = relay.create_hc("payroll", echo_server()?)?;
+    let out = relay
+        .hc_command()?
+        .args(["create", "more", "--host", "h.corp", "--port", "80"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already holds 1 hybrid connections, its limit"),
+        "{err}"
+    );
+
+    let first = Agent::start(&[&listen], &[])?;
+    first.wait_connected()?;
+    let second = Agent::start(&[&listen], &[])?;
+    wait_for("the second agent being refused", 10, || {
+        let c = &second.status()?[0]["connection"];
+        Ok(c["state"] == "denied"
+            && c["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("already has 1 listeners"))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_relay_killed_during_a_burst_of_creates_restarts_consistent() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut relay = Relay::start_with(dir.path(), "127.0.0.1:0", &[])?;
+    for round in 0..3 {
+        let api = relay.api;
+        let data_dir = relay.data_dir.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_burst = stop.clone();
+        // Creates as fast as the CLI goes; remembers which ones succeeded.
+        let burst = std::thread::spawn(move || {
+            let mut ok = Vec::new();
+            for i in 0.. {
+                if stop_burst.load(Ordering::Relaxed) {
+                    break;
+                }
+                let name = format!("r{round}-hc{i}");
+                let out = Command::new(binary())
+                    .args(["hc", "--api", &format!("http://{api}"), "--data-dir"])
+                    .arg(&data_dir)
+                    .args(["create", &name, "--host", "h.corp", "--port", "80"])
+                    .output()
+                    .expect("hc runs");
+                if out.status.success() {
+                    ok.push(name);
+                } else {
+                    break;
+                }
+            }
+            ok
+        });
+        std::thread::sleep(Duration::from_millis(400 + 300 * round));
+        relay.proc.kill(); // SIGKILL, mid-burst
+        stop.store(true, Ordering::Relaxed);
+        let created = burst.join().expect("burst thread");
+        ensure!(
+            created.len() >= 3,
+            "round {round}: only {} creates before the kill",
+            created.len()
+        );
+        relay.restart()?;
+        let list = relay.hc(&["list"])?;
+        let names: Vec<&str> = list
+            .as_array()
+            .context("list")?
+            .iter()
+            .filter_map(|hc| hc["name"].as_str())
+            .collect();
+        for name in &created {
+            ensure!(
+                names.contains(&name.as_str()),
+                "round {round}: {name} was acknowledged but is gone"
+            );
+        }
+        // Every HC on disk is whole: its keys are there and valid.
+        for name in &names {
+            let keys = relay.hc(&["keys", name])?;
+            string_of(&keys, "listen", "secondary")?;
+        }
+    }
+    Ok(())
+}
