@@ -12,6 +12,7 @@ pub mod serve;
 pub mod status;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,64 +97,161 @@ pub(crate) struct Shared {
 
 /// A running agent. Dropping it does not stop it; the tasks end with the
 /// runtime.
+///
+/// Its connection strings can be replaced while it runs ([`Agent::reload`]):
+/// a new *generation* of control channels attaches with the new strings
+/// first, then the old one detaches, so the hybrid connections never lose
+/// their listener; streams already open (on pipes of the old generation)
+/// go on until they end.
 #[derive(Clone, Debug)]
 pub struct Agent {
+    inner: Arc<AgentInner>,
+}
+
+#[derive(Debug)]
+struct AgentInner {
+    identity: DataIdentity,
+    options: AgentOptions,
+    current: Mutex<Generation>,
+    /// Streams being served, over all generations.
+    active: Arc<AtomicUsize>,
+}
+
+/// One set of control channels and what they learned.
+#[derive(Debug)]
+struct Generation {
+    strings: Vec<ConnectionString>,
     shared: Arc<Mutex<Shared>>,
+    /// The tasks following each relay's control channel; aborting one
+    /// closes its channel (the relay takes the agent out of rotation).
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// What [`Agent::reload`] changed, by hybrid connection name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadSummary {
+    /// Hybrid connections served now and not before.
+    pub added: Vec<String>,
+    /// Hybrid connections no longer served.
+    pub removed: Vec<String>,
+    /// Hybrid connections whose string (key or relay) changed.
+    pub changed: Vec<String>,
+}
+
+/// How long a reload waits for the new generation to attach before it
+/// retires the old one anyway.
+const RELOAD_ATTACH_WAIT: Duration = Duration::from_secs(10);
+
+fn check_strings(strings: &[ConnectionString]) -> Result<(), AgentError> {
+    if strings.is_empty() {
+        return Err(AgentError::NoConnectionString);
+    }
+    let mut seen = HashSet::new();
+    for cs in strings {
+        if cs.key_name == "send" || cs.key_name == "manage" {
+            return Err(AgentError::NotListen(
+                cs.entity.clone(),
+                cs.key_name.clone(),
+            ));
+        }
+        if !seen.insert(cs.entity.clone()) {
+            return Err(AgentError::Duplicate(cs.entity.clone()));
+        }
+    }
+    Ok(())
 }
 
 impl Agent {
     /// Starts serving. Returns at once; connection to the relay happens in the
     /// background and is retried forever.
     pub fn start(options: AgentOptions) -> Result<Agent, AgentError> {
-        if options.connection_strings.is_empty() {
-            return Err(AgentError::NoConnectionString);
-        }
+        check_strings(&options.connection_strings)?;
         let identity = DataIdentity::generate().map_err(ControlClientError::from)?;
-        let mut shared = Shared::default();
-        let mut by_relay: HashMap<RelayAddr, Vec<ConnectionString>> = HashMap::new();
-        for cs in &options.connection_strings {
-            if cs.key_name == "send" || cs.key_name == "manage" {
-                return Err(AgentError::NotListen(
-                    cs.entity.clone(),
-                    cs.key_name.clone(),
-                ));
-            }
-            if shared
+        let active = Arc::new(AtomicUsize::new(0));
+        let generation = spawn_generation(
+            &identity,
+            &options,
+            options.connection_strings.clone(),
+            &active,
+        )?;
+        Ok(Agent {
+            inner: Arc::new(AgentInner {
+                identity,
+                options,
+                current: Mutex::new(generation),
+                active,
+            }),
+        })
+    }
+
+    /// Serves `strings` instead of the current ones without dropping a
+    /// hybrid connection that stays: the new control channels attach
+    /// (or are refused, or 10 s pass), then the old ones close.
+    pub async fn reload(
+        &self,
+        strings: Vec<ConnectionString>,
+    ) -> Result<ReloadSummary, AgentError> {
+        check_strings(&strings)?;
+        let old_strings = self.current().strings.clone();
+        let summary = summarize(&old_strings, &strings);
+        let next = spawn_generation(
+            &self.inner.identity,
+            &self.inner.options,
+            strings,
+            &self.inner.active,
+        )?;
+        let deadline = tokio::time::Instant::now() + RELOAD_ATTACH_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            let settled = lock(&next.shared)
                 .hcs
-                .insert(cs.entity.clone(), HcState::new())
-                .is_some()
-            {
-                return Err(AgentError::Duplicate(cs.entity.clone()));
+                .values()
+                .all(|s| !matches!(s.connection(), status::Connection::Reconnecting(_)));
+            if settled {
+                break;
             }
-            by_relay
-                .entry(RelayAddr::of(cs)?)
-                .or_default()
-                .push(cs.clone());
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let shared = Arc::new(Mutex::new(shared));
-        for (relay, strings) in by_relay {
-            let mut config = ControlConfig::new(
-                PeerRole::Listener,
-                identity.fingerprint(),
-                options.label.clone(),
-                strings,
-            )?;
-            config.token_ttl = options.token_ttl;
-            let (handle, events) = control::spawn(config)?;
-            let ctx = serve::Context {
-                relay,
-                identity: identity.clone(),
-                shared: shared.clone(),
-                options: options.clone(),
-            };
-            tokio::spawn(run_relay(ctx, handle, events));
+        let old = std::mem::replace(&mut *self.current(), next);
+        drop(old);
+        info!(?summary, "connection strings reloaded");
+        Ok(summary)
+    }
+
+    /// Stops taking new streams: every control channel closes, so the relay
+    /// takes this agent out of rotation at once. Open streams go on.
+    pub fn stop_accepting(&self) {
+        let mut current = self.current();
+        for t in current.tasks.drain(..) {
+            t.abort();
         }
-        Ok(Agent { shared })
+    }
+
+    /// How many streams are being served now.
+    pub fn active_streams(&self) -> usize {
+        self.inner.active.load(Ordering::Relaxed)
+    }
+
+    /// The connection strings being served.
+    pub fn connection_strings(&self) -> Vec<ConnectionString> {
+        self.current().strings.clone()
+    }
+
+    fn current(&self) -> std::sync::MutexGuard<'_, Generation> {
+        self.inner.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The state of each hybrid connection this agent serves.
     pub fn status(&self) -> Vec<HcStatus> {
-        let shared = lock(&self.shared);
+        let shared = self.current().shared.clone();
+        let shared = lock(&shared);
         let mut out: Vec<HcStatus> = shared
             .hcs
             .iter()
@@ -162,6 +260,66 @@ impl Agent {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
+}
+
+fn summarize(old: &[ConnectionString], new: &[ConnectionString]) -> ReloadSummary {
+    let mut summary = ReloadSummary::default();
+    for n in new {
+        match old.iter().find(|o| o.entity == n.entity) {
+            None => summary.added.push(n.entity.to_string()),
+            Some(o) if o.to_string() != n.to_string() => summary.changed.push(n.entity.to_string()),
+            Some(_) => {}
+        }
+    }
+    for o in old {
+        if !new.iter().any(|n| n.entity == o.entity) {
+            summary.removed.push(o.entity.to_string());
+        }
+    }
+    summary
+}
+
+/// Starts one control channel per relay for `strings`.
+fn spawn_generation(
+    identity: &DataIdentity,
+    options: &AgentOptions,
+    strings: Vec<ConnectionString>,
+    active: &Arc<AtomicUsize>,
+) -> Result<Generation, AgentError> {
+    let mut shared = Shared::default();
+    let mut by_relay: HashMap<RelayAddr, Vec<ConnectionString>> = HashMap::new();
+    for cs in &strings {
+        shared.hcs.insert(cs.entity.clone(), HcState::new());
+        by_relay
+            .entry(RelayAddr::of(cs)?)
+            .or_default()
+            .push(cs.clone());
+    }
+    let shared = Arc::new(Mutex::new(shared));
+    let mut tasks = Vec::new();
+    for (relay, relay_strings) in by_relay {
+        let mut config = ControlConfig::new(
+            PeerRole::Listener,
+            identity.fingerprint(),
+            options.label.clone(),
+            relay_strings,
+        )?;
+        config.token_ttl = options.token_ttl;
+        let (handle, events) = control::spawn(config)?;
+        let ctx = serve::Context {
+            relay,
+            identity: identity.clone(),
+            shared: shared.clone(),
+            options: options.clone(),
+            active: active.clone(),
+        };
+        tasks.push(tokio::spawn(run_relay(ctx, handle, events)));
+    }
+    Ok(Generation {
+        strings,
+        shared,
+        tasks,
+    })
 }
 
 pub(crate) fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {

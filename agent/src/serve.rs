@@ -1,6 +1,7 @@
 //! Serving a pipe: every stream a sender opens is checked, dialed and spliced
 //! to its hybrid connection's endpoint.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -23,6 +24,24 @@ pub(crate) struct Context {
     pub identity: DataIdentity,
     pub shared: Arc<Mutex<Shared>>,
     pub options: AgentOptions,
+    /// Streams being served by this agent (all generations).
+    pub active: Arc<AtomicUsize>,
+}
+
+/// Counts a stream as active while it lives.
+struct Active(Arc<AtomicUsize>);
+
+impl Active {
+    fn new(count: &Arc<AtomicUsize>) -> Active {
+        count.fetch_add(1, Ordering::Relaxed);
+        Active(count.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Meets a sender on `ticket` and serves its streams until the pipe closes.
@@ -66,6 +85,7 @@ fn refuse(pending: PendingStream, code: RefusalCode, message: String) {
 }
 
 async fn serve_stream(ctx: Context, peer: Fingerprint, pending: PendingStream, flow: u64) {
+    let _active = Active::new(&ctx.active);
     let request: StreamRequest = match serde_json::from_slice(pending.request()) {
         Ok(r) => r,
         Err(e) => {

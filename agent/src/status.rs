@@ -74,6 +74,11 @@ impl HcState {
         self.since = SystemTime::now();
     }
 
+    /// Whether the relay accepts this agent for the hybrid connection.
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
     /// The endpoint streams of this hybrid connection are dialed to, once
     /// the relay has told us.
     pub fn endpoint(&self) -> Option<&Endpoint> {

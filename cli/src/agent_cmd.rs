@@ -40,6 +40,19 @@ pub enum AgentCommand {
         /// Name shown in the relay's status (default: this host's name).
         #[arg(long)]
         label: Option<String>,
+        /// On SIGTERM or SIGINT, stop taking new streams at once and give the
+        /// open ones this many seconds to finish before exiting.
+        #[arg(long, default_value_t = 10)]
+        drain_timeout: u64,
+    },
+    /// Make a running agent read its --connection-strings-file again (as
+    /// SIGHUP does): new and changed hybrid connections attach first, then the
+    /// old channels close, so nothing it keeps serving is ever unserved and
+    /// open streams go on. Prints what changed.
+    Reload {
+        /// The running agent's status socket.
+        #[arg(long, default_value_os_t = agent::control_socket::default_path())]
+        status_socket: PathBuf,
     },
     /// Set the agent up as a systemd service, the one-command on-premises
     /// setup: adds the listen connection strings to /etc/hybridlink/agent.conf
@@ -79,9 +92,11 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             dial_timeout,
             token_ttl,
             label,
+            drain_timeout,
         } => {
-            if let Some(path) = connection_strings_file {
-                connection_strings.extend(read_strings_file(&path)?);
+            let fixed = connection_strings.clone();
+            if let Some(path) = &connection_strings_file {
+                connection_strings.extend(read_strings_file(path)?);
             }
             let mut options = agent::AgentOptions::new(connection_strings);
             options.dial_timeout = Duration::from_secs(dial_timeout);
@@ -90,13 +105,89 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                 options.label = label;
             }
             let agent = agent::Agent::start(options)?;
-            let _socket = agent::control_socket::serve(&status_socket, agent.clone())
+            let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(4);
+            let reload_tx = connection_strings_file.as_ref().map(|_| reload_tx);
+            let _socket = agent::control_socket::serve(&status_socket, agent.clone(), reload_tx)
                 .with_context(|| {
                     format!("opening the status socket {}", status_socket.display())
                 })?;
-            crate::shutdown_signal().await;
+            let reload = async |agent: &agent::Agent| -> Result<agent::ReloadSummary, String> {
+                let Some(path) = &connection_strings_file else {
+                    return Err("no --connection-strings-file to reload".into());
+                };
+                let mut strings = fixed.clone();
+                strings.extend(read_strings_file(path).map_err(|e| format!("{e:#}"))?);
+                agent.reload(strings).await.map_err(|e| e.to_string())
+            };
+            let mut hangup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            let shutdown = crate::shutdown_signal();
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = hangup.recv() => {
+                        if let Err(e) = reload(&agent).await {
+                            tracing::warn!(error = %e, "reload on SIGHUP failed; still serving the old strings");
+                        }
+                    }
+                    Some(answer) = reload_rx.recv() => {
+                        let result = reload(&agent).await;
+                        if let Err(e) = &result {
+                            tracing::warn!(error = %e, "reload failed; still serving the old strings");
+                        }
+                        let _ = answer.send(result);
+                    }
+                }
+            }
+            // Out of rotation at once; open streams get time to finish.
+            agent.stop_accepting();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(drain_timeout);
+            if agent.active_streams() > 0 {
+                tracing::info!(
+                    open = agent.active_streams(),
+                    "agent stopping; draining open streams"
+                );
+            }
+            while agent.active_streams() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let _ = std::fs::remove_file(&status_socket);
-            tracing::info!("agent stopping");
+            tracing::info!(cut = agent.active_streams(), "agent stopped");
+            Ok(())
+        }
+        AgentCommand::Reload { status_socket } => {
+            let answer = agent::control_socket::request(&status_socket, "reload")
+                .await
+                .with_context(|| {
+                    format!(
+                        "asking the agent at {} (is `hybridlink agent run` running?)",
+                        status_socket.display()
+                    )
+                })?;
+            if let Some(error) = answer["error"].as_str() {
+                anyhow::bail!("{error}");
+            }
+            let r = &answer["reloaded"];
+            let list = |k: &str| {
+                let names: Vec<&str> = r[k]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str())
+                    .collect();
+                if names.is_empty() {
+                    "-".to_string()
+                } else {
+                    names.join(", ")
+                }
+            };
+            println!(
+                "reloaded: added {}; changed {}; removed {}",
+                list("added"),
+                list("changed"),
+                list("removed")
+            );
             Ok(())
         }
         AgentCommand::Status {
@@ -215,7 +306,7 @@ fn install_agent(
             "--connection-strings-file".into(),
             AGENT_CONF.into(),
         ],
-        reload_on_hup: false,
+        reload_on_hup: true,
         notify: false,
         service: [
             "NoNewPrivileges=yes",

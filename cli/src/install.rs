@@ -140,8 +140,14 @@ pub fn install_unit(args: &InstallArgs, unit: &Unit) -> anyhow::Result<()> {
     }
     systemctl(&["daemon-reload"])?;
     systemctl(&["enable", unit.name])?;
-    // A restart picks up a changed config when the service already ran.
-    systemctl(&["restart", unit.name])?;
+    // A service that reloads its config on SIGHUP keeps its open
+    // connections; the others restart to pick the change up.
+    let how = if unit.reload_on_hup {
+        "reload-or-restart"
+    } else {
+        "restart"
+    };
+    systemctl(&[how, unit.name])?;
     println!(
         "{} enabled and started; see `systemctl status {}` and `journalctl -u {}`",
         unit.name, unit.name, unit.name

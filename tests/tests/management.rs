@@ -350,3 +350,188 @@ fn a_relay_killed_during_a_burst_of_creates_restarts_consistent() -> Result<()> 
     }
     Ok(())
 }
+
+/// `hybridlink forward` on a kernel-chosen port; returns the process and
+/// its port.
+fn forward(cs: &ConnectionString) -> Result<(hybridlink_tests::Proc, u16)> {
+    let mut proc = hybridlink_tests::Proc::start(
+        "forward",
+        &["forward", "--listen", "127.0.0.1:0", &cs.to_string()],
+    )?;
+    let ready = proc.ready_line()?;
+    let addr: SocketAddr = ready["listen"].as_str().context("listen")?.parse()?;
+    Ok((proc, addr.port()))
+}
+
+fn agent_reload(agent: &Agent) -> Result<String> {
+    let out = Command::new(binary())
+        .args(["agent", "reload", "--status-socket"])
+        .arg(&agent.status_socket)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "agent reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The rotation procedure of the README, while a client keeps connecting:
+/// both sides move to the secondary keys, the primaries are regenerated,
+/// both sides move back to the new primaries. Not one connection fails, and
+/// the agent is never restarted.
+#[test]
+fn keys_rotate_with_zero_failed_connections() -> Result<()> {
+    use std::sync::atomic::{AtomicU16, AtomicU64};
+    let relay = Relay::start()?;
+    relay.create_hc("payroll", echo_server()?)?;
+    let keys = relay.hc(&["keys", "payroll"])?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("agent.conf");
+    std::fs::write(
+        &file,
+        format!("{}\n", string_of(&keys, "listen", "primary")?),
+    )?;
+    let file_arg = file.to_str().context("utf-8")?;
+    let agent = Agent::start(&[], &["--connection-strings-file", file_arg])?;
+    agent.wait_connected()?;
+    let agent_pid = agent.proc.pid();
+
+    let (mut forward_primary, port) = forward(&string_of(&keys, "send", "primary")?)?;
+    let current = Arc::new(AtomicU16::new(port));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let client = {
+        let (current, stop, ok) = (current.clone(), stop.clone(), ok.clone());
+        std::thread::spawn(move || -> Vec<String> {
+            let mut failures = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let port = current.load(Ordering::Relaxed);
+                let result = (|| -> std::io::Result<String> {
+                    let conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
+                    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    let mut writer = conn.try_clone()?;
+                    writer.write_all(format!("ping {i}\n").as_bytes())?;
+                    let mut line = String::new();
+                    BufReader::new(conn).read_line(&mut line)?;
+                    Ok(line)
+                })();
+                match result {
+                    Ok(line) if line == format!("ping {i}\n") => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(line) => failures.push(format!("#{i} on port {port}: answer {line:?}")),
+                    Err(e) => failures.push(format!("#{i} on port {port}: {e}")),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            failures
+        })
+    };
+    let settle = || std::thread::sleep(Duration::from_millis(400));
+    settle();
+
+    // 1. Both sides to the secondary keys.
+    let (mut forward_secondary, port) = forward(&string_of(&keys, "send", "secondary")?)?;
+    current.store(port, Ordering::Relaxed);
+    settle();
+    forward_primary.terminate();
+    std::fs::write(
+        &file,
+        format!("{}\n", string_of(&keys, "listen", "secondary")?),
+    )?;
+    let said = agent_reload(&agent)?;
+    ensure!(said.contains("changed payroll"), "{said}");
+    settle();
+
+    // 2. Regenerate both primaries: nobody uses them any more.
+    relay.hc(&[
+        "regenerate",
+        "payroll",
+        "--rule",
+        "send",
+        "--key",
+        "primary",
+    ])?;
+    let keys = relay.hc(&[
+        "regenerate",
+        "payroll",
+        "--rule",
+        "listen",
+        "--key",
+        "primary",
+    ])?;
+    settle();
+
+    // 3. Both sides back to the (new) primaries.
+    std::fs::write(
+        &file,
+        format!("{}\n", string_of(&keys, "listen", "primary")?),
+    )?;
+    agent_reload(&agent)?;
+    let (_forward_new, port) = forward(&string_of(&keys, "send", "primary")?)?;
+    current.store(port, Ordering::Relaxed);
+    settle();
+    forward_secondary.terminate();
+    settle();
+
+    stop.store(true, Ordering::Relaxed);
+    let failures = client.join().expect("client thread");
+    let ok = ok.load(Ordering::Relaxed);
+    ensure!(
+        failures.is_empty(),
+        "{} of {} connections failed: {failures:#?}",
+        failures.len(),
+        ok + failures.len() as u64
+    );
+    ensure!(ok >= 50, "only {ok} connections in the whole rotation");
+    // The same agent process served throughout, now with one channel.
+    ensure!(agent.proc.pid() == agent_pid);
+    ensure!(agent.status()?[0]["connection"]["state"] == "connected");
+    wait_for("the relay seeing exactly one listener", 5, || {
+        Ok(relay.hc(&["status", "payroll"])?["listener_count"] == 1)
+    })?;
+    Ok(())
+}
+
+#[test]
+fn an_agent_drains_open_streams_on_sigterm() -> Result<()> {
+    let relay = Relay::start()?;
+    let (send, listen) = relay.create_hc("payroll", echo_server()?)?;
+    let mut agent = Agent::start(&[&listen], &["--drain-timeout", "10"])?;
+    agent.wait_connected()?;
+    let mut open = Command::new(binary())
+        .args(["connect", &send.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut stdin = open.stdin.take().context("stdin")?;
+    let mut stdout = BufReader::new(open.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    stdin.write_all(b"one\n")?;
+    stdout.read_line(&mut line)?;
+    assert_eq!(line, "one\n");
+
+    // SIGTERM: out of rotation at once, but the open stream still works.
+    let pid = agent.proc.pid().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status()?;
+    wait_for("the agent leaving the rotation", 5, || {
+        Ok(relay.hc(&["status", "payroll"])?["status"] == "Not connected")
+    })?;
+    line.clear();
+    stdin.write_all(b"two\n")?;
+    stdout.read_line(&mut line)?;
+    assert_eq!(line, "two\n", "the open stream was cut at SIGTERM");
+    // Closing the stream lets the agent finish.
+    drop(stdin);
+    let _ = open.wait();
+    wait_for("the agent exiting after its last stream", 5, || {
+        Ok(!std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z ")))
+    })?;
+    let _ = &mut agent;
+    Ok(())
+}

@@ -155,10 +155,21 @@ fn fill_in(text: &str, relay: &Machine, cwd: &Path, fake_bin: &Path) -> Result<S
         let inner = &rest[start + 1..start + len];
         let words: Vec<&str> = inner.split(' ').collect();
         out.push_str(&rest[..start]);
-        match words.as_slice() {
-            [rule @ ("listen" | "send"), "string", "of", name] => {
+        let which = match words.as_slice() {
+            [rule @ ("listen" | "send"), "string", "of", name] => Some((*rule, "primary", *name)),
+            [
+                rule @ ("listen" | "send"),
+                slot @ ("primary" | "secondary"),
+                "string",
+                "of",
+                name,
+            ] => Some((*rule, *slot, *name)),
+            _ => None,
+        };
+        match which {
+            Some((rule, slot, name)) => {
                 let got = relay.run(
-                    &format!("hybridlink hc --data-dir /var/lib/hybridlink-relay keys {name} --rule {rule} --key primary"),
+                    &format!("hybridlink hc --data-dir /var/lib/hybridlink-relay keys {name} --rule {rule} --key {slot}"),
                     cwd,
                     fake_bin,
                 )?;
@@ -238,6 +249,7 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
 
     println!("machines ready at {:?}", started.elapsed());
     let mut outputs = Vec::new();
+    let mut service_pids: Vec<(String, String)> = Vec::new();
     for block in &blocks {
         let m = machine(&block.machine);
         if block.machine == "app" && block.text.contains("appliance install") {
@@ -277,16 +289,35 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
             );
         }
         outputs.push((block, stdout));
+        // Which process each installed service runs as, after each block.
+        for (name, m) in &machines {
+            for unit in [
+                "hybridlink-relay",
+                "hybridlink-agent",
+                "hybridlink-appliance",
+            ] {
+                if let Ok(pid) = std::fs::read_to_string(m.dir.join(format!("systemd/{unit}.pid")))
+                {
+                    service_pids.push((format!("{name}/{unit}"), pid));
+                }
+            }
+        }
     }
 
     // What the walkthrough promises a person sees.
     let seen = |needle: &str, what: &str| -> Result<()> {
-        ensure!(
-            outputs
-                .iter()
-                .any(|(b, o)| b.text.contains(needle) && o.contains(what)),
-            "the block with {needle:?} did not show {what:?}"
-        );
+        let blocks: Vec<_> = outputs
+            .iter()
+            .filter(|(b, _)| b.text.contains(needle))
+            .collect();
+        ensure!(!blocks.is_empty(), "no README block runs {needle:?}");
+        for (b, o) in blocks {
+            ensure!(
+                o.contains(what),
+                "the block at line {} ({needle:?}) did not show {what:?}",
+                b.line
+            );
+        }
         Ok(())
     };
     seen("curl http://payroll.corp/", "payroll page from on-prem")?;
@@ -309,6 +340,18 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
         ensure!(
             std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777 == mode,
             "{path} on {m} is not mode {mode:o}"
+        );
+    }
+    // Each service kept its first process all along: the key rotation
+    // reloaded the agent and the appliance, it did not restart them.
+    for (service, pid) in &service_pids {
+        let first = service_pids
+            .iter()
+            .find(|(s, _)| s == service)
+            .map(|(_, p)| p);
+        ensure!(
+            first == Some(pid),
+            "{service} was restarted ({first:?} then {pid})"
         );
     }
     // systemd itself finds nothing to complain about in the units.

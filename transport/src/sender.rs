@@ -466,8 +466,15 @@ impl Inner {
     }
 }
 
-/// Closes pipes to agents that no HC lists any more: a dead agent's pipe is
-/// dropped, and its open streams end with an error.
+/// How long the open streams of an agent that left the rotation may go on
+/// (an agent that stops or reloads drains its streams; a dead agent's pipe
+/// fails by itself long before).
+const LEFT_AGENT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Stops opening streams on pipes to agents that no HC lists any more. Their
+/// open streams go on (a draining agent finishes them) for up to
+/// [`LEFT_AGENT_GRACE`]; then the pipe is closed and what is left of them
+/// ends with an error.
 fn prune_pipes(state: &mut State) {
     let live: std::collections::HashSet<Fingerprint> = state
         .hcs
@@ -481,7 +488,23 @@ fn prune_pipes(state: &mut State) {
         if let Ok(guard) = slot.try_lock()
             && let Some(mux) = guard.as_ref()
         {
-            mux.close();
+            let mux = mux.clone();
+            if mux.open_streams() == 0 {
+                mux.close();
+            } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let deadline = tokio::time::Instant::now() + LEFT_AGENT_GRACE;
+                    while mux.open_streams() > 0
+                        && !mux.is_closed()
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    mux.close();
+                });
+            } else {
+                mux.close();
+            }
         }
         false
     });
