@@ -127,12 +127,32 @@ async fn all_status(State(state): State<ApiState>) -> axum::Json<Vec<HcStatus>> 
     axum::Json(list.iter().map(|hc| status_of(&state, hc)).collect())
 }
 
-/// Body of `PATCH /api/v1/hcs/{name}`.
+/// Body of `PATCH /api/v1/hcs/{name}`: `host`, `port` or both; each, when
+/// present, a real value (`null` is not "unchanged").
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UpdateBody {
+    #[serde(default, deserialize_with = "present")]
     host: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     port: Option<serde_json::Value>,
+}
+
+/// A field that, when given, must not be `null`.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let value = serde_json::Value::deserialize(d)?;
+    if value.is_null() {
+        return Err(serde::de::Error::custom(
+            "null is not a value; leave the field out to keep it",
+        ));
+    }
+    T::deserialize(value)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 async fn update_hc(
@@ -165,7 +185,6 @@ async fn update_hc(
 
 fn parse_port(port: &serde_json::Value) -> ApiResult<u16> {
     port.as_u64()
-        .or_else(|| port.as_str().and_then(|s| s.parse().ok()))
         .and_then(|p| u16::try_from(p).ok())
         .filter(|p| *p != 0)
         .ok_or_else(|| {

@@ -192,7 +192,7 @@ async fn create_list_show_keys_delete() {
     api.call(
         "POST",
         "/api/v1/hcs",
-        Some(json!({"name": "billing", "host": "198.18.0.9", "port": "5432"})),
+        Some(json!({"name": "billing", "host": "198.18.0.9", "port": 5432})),
     )
     .await;
     let (status, list) = api.call("GET", "/api/v1/hcs", None).await;
@@ -433,6 +433,8 @@ async fn update_changes_the_endpoint_in_place() {
         (json!({}), "nothing to change"),
         (json!({"port": 0}), "port 0 is not a number from 1 to 65535"),
         (json!({"port": "x"}), "is not a number from 1 to 65535"),
+        (json!({"port": "80"}), "is not a number from 1 to 65535"),
+        (json!({"port": null}), "null is not a value"),
         (json!({"host": "bad host!"}), "host"),
         (json!({"colour": "red"}), "unknown field `colour`"),
         (json!([1]), "not valid JSON for this endpoint"),
