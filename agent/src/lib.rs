@@ -338,6 +338,7 @@ async fn run_relay(
         match event {
             ControlEvent::Connected => {}
             ControlEvent::Disconnected(reason) => {
+                transport::metrics::metrics().reconnects.inc();
                 let mut shared = lock(&ctx.shared);
                 shared.grants.retain(|(relay, _), _| *relay != ctx.relay);
                 for s in shared.hcs.values_mut() {
@@ -364,7 +365,10 @@ fn handle_message(ctx: &serve::Context, msg: RelayMessage) {
                 s.connected(endpoint);
             }
         }
-        RelayMessage::Renewed { entity, .. } => tracing::debug!(hc = %entity, "token renewed"),
+        RelayMessage::Renewed { entity, .. } => {
+            transport::metrics::metrics().token_renewals.inc();
+            tracing::debug!(hc = %entity, "token renewed");
+        }
         RelayMessage::Detached {
             entity,
             reason,

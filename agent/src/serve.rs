@@ -76,6 +76,15 @@ pub(crate) async fn serve_pipe(ctx: Context, ticket: Ticket, peer: Fingerprint) 
     .await
 }
 
+fn refuse_counted(hc: &str, pending: PendingStream, code: RefusalCode, message: String) {
+    let reason = serde_json::to_value(code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "other".into());
+    transport::metrics::count_refused(hc, &reason);
+    refuse(pending, code, message);
+}
+
 fn refuse(pending: PendingStream, code: RefusalCode, message: String) {
     let body = StreamRefusal { code, message };
     // A struct of an enum and a string always serialises.
@@ -111,7 +120,8 @@ async fn serve_stream(ctx: Context, peer: Fingerprint, pending: PendingStream, f
         };
         let Some(endpoint) = endpoint else {
             warn!("stream for a hybrid connection this agent does not serve");
-            refuse(
+            refuse_counted(
+                hc.as_str(),
                 pending,
                 RefusalCode::UnknownHc,
                 format!("this agent does not serve {hc}"),
@@ -120,7 +130,8 @@ async fn serve_stream(ctx: Context, peer: Fingerprint, pending: PendingStream, f
         };
         if !allowed {
             warn!("sender is not allowed on this hybrid connection");
-            refuse(
+            refuse_counted(
+                hc.as_str(),
                 pending,
                 RefusalCode::NotAllowed,
                 format!("the relay has not granted you {hc}"),
@@ -135,13 +146,23 @@ async fn serve_stream(ctx: Context, peer: Fingerprint, pending: PendingStream, f
             Ok(t) => t,
             Err(refusal) => {
                 info!(%endpoint, reason = %refusal.message, "dial failed");
-                refuse(pending, refusal.code, refusal.message);
+                refuse_counted(hc.as_str(), pending, refusal.code, refusal.message);
                 return;
             }
         };
         debug!(%endpoint, "dialed");
-        let mut stream = pending.accept(Bytes::new());
-        let mut target = target;
+        let metrics = transport::metrics::metrics();
+        metrics
+            .streams_opened
+            .get_or_create(&transport::metrics::HcLabel { hc: hc.to_string() })
+            .inc();
+        let _counted = transport::metrics::ActiveGuard::new(hc.as_str());
+        use transport::metrics::{Counted, Direction, bytes_counter};
+        let mut stream = Counted::new(
+            pending.accept(Bytes::new()),
+            bytes_counter(hc.as_str(), Direction::to_target),
+        );
+        let mut target = Counted::new(target, bytes_counter(hc.as_str(), Direction::from_target));
         match tokio::io::copy_bidirectional_with_sizes(
             &mut stream,
             &mut target,

@@ -472,39 +472,55 @@ impl RequestHandler for Handler {
         let shared = &self.shared;
         if !is_allowed(request.src().ip(), &shared.allow) {
             Counters::bump(&shared.counters.rejected);
+            count_dns("rejected");
             debug!(src = %request.src(), "refused a query from outside the allowed networks");
             return send_error(request, response, ResponseCode::Refused).await;
         }
         if request.metadata.op_code != OpCode::Query {
             Counters::bump(&shared.counters.rejected);
+            count_dns("rejected");
             return send_error(request, response, ResponseCode::NotImp).await;
         }
         let [query] = request.queries.queries() else {
             Counters::bump(&shared.counters.rejected);
+            count_dns("rejected");
             return send_error(request, response, ResponseCode::FormErr).await;
         };
         if let Some(answer) = local_answer(&shared.table(), query) {
             Counters::bump(&shared.counters.answered_locally);
+            count_dns("local");
             trace!(name = %query.name(), qtype = %query.query_type(), ?answer, "local answer");
             return send_local(request, query, answer, shared.ttl, response).await;
         }
         let Ok(_permit) = shared.forwards.try_acquire() else {
             Counters::bump(&shared.counters.failed);
+            count_dns("failed");
             debug!(name = %query.name(), "too many forwards in flight; answering SERVFAIL");
             return send_error(request, response, ResponseCode::ServFail).await;
         };
         match shared.forward(request, query).await {
             Ok(upstream) => {
                 Counters::bump(&shared.counters.forwarded);
+                count_dns("forwarded");
                 send_relayed(request, upstream, response).await
             }
             Err(e) => {
                 Counters::bump(&shared.counters.failed);
+                count_dns("failed");
                 debug!(name = %query.name(), error = %e, "forward failed; answering SERVFAIL");
                 send_error(request, response, ResponseCode::ServFail).await
             }
         }
     }
+}
+
+fn count_dns(answer: &str) {
+    transport::metrics::metrics()
+        .dns_queries
+        .get_or_create(&transport::metrics::AnswerLabel {
+            answer: answer.to_string(),
+        })
+        .inc();
 }
 
 /// The EDNS record for a response to `request`: present when the request

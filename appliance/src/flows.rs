@@ -50,6 +50,7 @@ pub async fn serve(mut flows: IncomingFlows, routing: Arc<RwLock<Routing>>) {
         };
         let Some((hc, sender)) = found else {
             debug!(src = %flow.src(), dst = %flow.dst(), "no hybrid connection for this address and port; refused");
+            transport::metrics::count_refused("", "no_hybrid_connection");
             flow.refuse();
             continue;
         };
@@ -65,26 +66,36 @@ pub async fn serve(mut flows: IncomingFlows, routing: Arc<RwLock<Routing>>) {
 
 async fn serve_flow(flow: IncomingFlow, sender: Sender, hc: proto::name::HcName) {
     let opened = tokio::time::timeout(OPEN_TIMEOUT, sender.open(&hc)).await;
-    let mut stream = match opened {
+    let stream = match opened {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             info!(reason = %e, "refusing the app's connection");
+            transport::metrics::count_refused(hc.as_str(), "refused");
             flow.refuse();
             return;
         }
         Err(_) => {
             warn!("no answer from the agent in time; refusing the app's connection");
+            transport::metrics::count_refused(hc.as_str(), "timeout");
             flow.refuse();
             return;
         }
     };
-    let mut app = match flow.accept().await {
+    transport::metrics::metrics()
+        .streams_opened
+        .get_or_create(&transport::metrics::HcLabel { hc: hc.to_string() })
+        .inc();
+    let _counted = transport::metrics::ActiveGuard::new(hc.as_str());
+    let app = match flow.accept().await {
         Ok(app) => app,
         Err(e) => {
             debug!(error = %e, "app went away before the handshake finished");
             return;
         }
     };
+    use transport::metrics::{Counted, Direction, bytes_counter};
+    let mut app = Counted::new(app, bytes_counter(hc.as_str(), Direction::to_target));
+    let mut stream = Counted::new(stream, bytes_counter(hc.as_str(), Direction::from_target));
     match tokio::io::copy_bidirectional_with_sizes(&mut app, &mut stream, COPY_BUFFER, COPY_BUFFER)
         .await
     {

@@ -44,6 +44,11 @@ pub enum AgentCommand {
         /// open ones this many seconds to finish before exiting.
         #[arg(long, default_value_t = 10)]
         drain_timeout: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics: streams opened,
+        /// refused (by reason, dial failures included) and active per hybrid
+        /// connection, bytes each way, reconnects, token renewals.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Make a running agent read its --connection-strings-file again (as
     /// SIGHUP does): new and changed hybrid connections attach first, then the
@@ -93,6 +98,7 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             token_ttl,
             label,
             drain_timeout,
+            metrics,
         } => {
             let fixed = connection_strings.clone();
             if let Some(path) = &connection_strings_file {
@@ -105,6 +111,14 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                 options.label = label;
             }
             let agent = agent::Agent::start(options)?;
+            if let Some(addr) = metrics {
+                let bound = transport::metrics::serve(addr, || {
+                    transport::metrics::render(transport::metrics::Role::Agent)
+                })
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?;
+                tracing::info!(%bound, "metrics at http://{bound}/metrics");
+            }
             let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(4);
             let reload_tx = connection_strings_file.as_ref().map(|_| reload_tx);
             let _socket = agent::control_socket::serve(&status_socket, agent.clone(), reload_tx)

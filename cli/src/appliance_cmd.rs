@@ -38,6 +38,11 @@ pub enum ApplianceCommand {
         /// /var/lib/hybridlink-appliance).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics: app connections
+        /// carried, refused and active per hybrid connection, bytes each way,
+        /// DNS queries by answer, reconnects, token renewals.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// Set the appliance up as a systemd service on the app's host: adds the
     /// send connection strings to /etc/hybridlink/appliance.toml (mode 0600;
@@ -118,7 +123,8 @@ fn install(
 
 /// Runs an appliance subcommand.
 pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
-    let (config, connection_strings, virtual_range, tun, dns_listen, state_dir) = match cmd {
+    let (config, connection_strings, virtual_range, tun, dns_listen, state_dir, metrics) = match cmd
+    {
         ApplianceCommand::Install {
             connection_strings,
             install: args,
@@ -130,6 +136,7 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
             tun,
             dns_listen,
             state_dir,
+            metrics,
         } => (
             config,
             connection_strings,
@@ -137,6 +144,7 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
             tun,
             dns_listen,
             state_dir,
+            metrics,
         ),
     };
     let mut config_from_file = match &config {
@@ -156,6 +164,14 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
     }
     if let Some(s) = state_dir {
         config.state_dir = s;
+    }
+    if let Some(addr) = metrics {
+        let bound = transport::metrics::serve(addr, || {
+            transport::metrics::render(transport::metrics::Role::Appliance)
+        })
+        .await
+        .with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
     }
     appliance::service::run(config_from_file, config_path, crate::shutdown_signal())
         .await

@@ -54,6 +54,18 @@ pub enum LabCommand {
         #[command(flatten)]
         lab: LabArgs,
     },
+    /// The same lab on three real VMs (vagrant/, libvirt with software
+    /// emulation): prepare the host, build the box if missing, bring the VMs
+    /// up, provision them with the same role scripts, run the demo's checks
+    /// across them, destroy everything. Root; takes about 15 minutes.
+    Vagrant {
+        /// The directory holding the Vagrantfile.
+        #[arg(long, default_value = "vagrant")]
+        dir: PathBuf,
+        /// Leave the VMs running afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn is_root() -> bool {
@@ -151,6 +163,26 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             } else {
                 println!("\n{}", usage(&lab));
             }
+            if !report.passed() {
+                bail!("some checks failed");
+            }
+            Ok(())
+        }
+        LabCommand::Vagrant { dir, keep } => {
+            if !is_root() {
+                bail!("the Vagrant lab sets up libvirt: run it as root");
+            }
+            if !dir.join("Vagrantfile").exists() {
+                bail!(
+                    "no Vagrantfile in {} (run from the repository root, or pass --dir)",
+                    dir.display()
+                );
+            }
+            let dir = dir.canonicalize()?;
+            let exe = std::env::current_exe().context("finding the hybridlink binary")?;
+            let report = lab::vagrant::run(&dir, &exe, keep)?;
+            println!("hybridlink lab vagrant: VMs app, relay, onprem\n");
+            print!("{}", report.render());
             if !report.passed() {
                 bail!("some checks failed");
             }

@@ -43,6 +43,11 @@ pub enum RelayCommand {
         /// the original product); one more is refused with a clear error.
         #[arg(long, default_value_t = relay::Limits::default().max_listeners_per_hc)]
         max_listeners: usize,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
+        /// 127.0.0.1:9445): agents and senders per hybrid connection, pipes,
+        /// bytes, refusals by reason, token renewals.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// Set the relay up as a systemd service: writes
     /// /etc/systemd/system/hybridlink-relay.service, enables and (re)starts
@@ -119,6 +124,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             public_port,
             max_hcs,
             max_listeners,
+            metrics,
         } => {
             let config = relay::RelayConfig {
                 data_dir: data_dir.clone(),
@@ -134,11 +140,29 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             let relay = config.start().await.with_context(|| {
                 format!("starting the relay with data dir {}", data_dir.display())
             })?;
-            let ready = serde_json::json!({
+            let mut ready = serde_json::json!({
                 "listen": relay.listen.to_string(),
                 "api": relay.api.to_string(),
                 "cert_sha256": hex_encode(&relay.cert_sha256),
             });
+            if let Some(addr) = metrics {
+                let hub = relay.hub.clone();
+                let bound = transport::metrics::serve(addr, move || {
+                    let m = transport::metrics::metrics();
+                    m.hybrid_connections.set(hub.registry().list().len() as i64);
+                    m.listeners.clear();
+                    m.senders.clear();
+                    for (hc, listeners, senders) in hub.attachment_counts() {
+                        let label = transport::metrics::HcLabel { hc: hc.to_string() };
+                        m.listeners.get_or_create(&label).set(listeners as i64);
+                        m.senders.get_or_create(&label).set(senders as i64);
+                    }
+                    transport::metrics::render(transport::metrics::Role::Relay)
+                })
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?;
+                ready["metrics"] = bound.to_string().into();
+            }
             println!("{ready}");
             // Under systemd (Type=notify), `systemctl start` returns now.
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

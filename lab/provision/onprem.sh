@@ -2,7 +2,8 @@
 # Lab role "onprem": the real servers (a web server by name and by IPv4
 # literal, PostgreSQL, Redis) and the agent that serves the lab's hybrid
 # connections. Needs: ONPREM_IP, LISTEN_STRINGS (listen connection strings,
-# one per line).
+# one per line); BIG_MIB (optional, 256) sizes the file for the throughput
+# figure.
 . "$(dirname "$0")/common.sh"
 : "${ONPREM_IP:?}" "${LISTEN_STRINGS:?}"
 
@@ -14,8 +15,8 @@ done
 site=$LAB_STATE/site
 mkdir -p "$site"
 echo "payroll page from on-prem" >"$site/index.html"
-# A sparse file for the throughput figure.
-truncate -s 256M "$site/big.bin"
+# A sparse file for the throughput figure (BIG_MIB MiB).
+truncate -s "${BIG_MIB:-256}M" "$site/big.bin"
 daemon web python3 -m http.server --bind 127.0.0.1 80 --directory "$site"
 daemon web-literal python3 -m http.server --bind "$ONPREM_IP" 8080 --directory "$site"
 

@@ -22,9 +22,6 @@ pub const HCS: &[(&str, &str)] = &[
 /// The page the on-prem web server serves.
 const PAGE: &str = "payroll page from on-prem\n";
 
-/// The size of the file behind the throughput figure (`onprem.sh`).
-const BIG_FILE_BYTES: u64 = 256 << 20;
-
 /// The connection strings the relay made, by hybrid connection.
 #[derive(Debug, Default)]
 pub struct Strings {
@@ -117,6 +114,8 @@ pub struct Report {
     pub agent_status: String,
     /// Throughput of one download through the whole path, in Gbit/s.
     pub throughput_gbps: Option<f64>,
+    /// The size of that download, MiB.
+    pub big_file_mib: u64,
 }
 
 impl Report {
@@ -210,6 +209,8 @@ fn expect(want: &'static str) -> impl Fn(bool, &str, &str) -> std::result::Resul
 /// Runs the demo's checks against a provisioned lab.
 pub fn run_checks(m: &dyn Machines) -> Report {
     let mut report = Report::default();
+    let big_file_bytes = m.big_file_mib() << 20;
+    report.big_file_mib = m.big_file_mib();
     let t = "--max-time 10";
     report.checks.push(check(
         m,
@@ -283,13 +284,16 @@ pub fn run_checks(m: &dyn Machines) -> Report {
     let download = check(
         m,
         Role::App,
-        "curl http://payroll.corp/big.bin (256 MiB)",
+        &format!(
+            "curl http://payroll.corp/big.bin ({} MiB)",
+            m.big_file_mib()
+        ),
         "curl -sS --max-time 120 -o /dev/null -w '%{size_download} %{time_total}' http://payroll.corp/big.bin",
         |ok, out, err| {
             let mut parts = out.split_whitespace();
             let size: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
             let secs = parts.next().unwrap_or("?");
-            if ok && size == BIG_FILE_BYTES {
+            if ok && size == big_file_bytes {
                 Ok(format!("{size} bytes in {secs} s"))
             } else if ok {
                 Err(format!("got {size} bytes"))
@@ -307,7 +311,7 @@ pub fn run_checks(m: &dyn Machines) -> Report {
             .and_then(|s| s.parse().ok());
         report.throughput_gbps = secs
             .filter(|s| *s > 0.0)
-            .map(|s| BIG_FILE_BYTES as f64 * 8.0 / s / 1e9);
+            .map(|s| big_file_bytes as f64 * 8.0 / s / 1e9);
     }
     report.checks.push(download);
 

@@ -72,6 +72,11 @@ pub trait Machines {
     fn scripts(&self) -> String;
     /// `role`'s state directory on its machine (logs, pid files, data).
     fn state(&self, role: Role) -> String;
+    /// Size of the file behind the demo's throughput figure, in MiB
+    /// (smaller where the machines are emulated).
+    fn big_file_mib(&self) -> u64 {
+        256
+    }
 }
 
 /// Quotes `s` for a POSIX shell.

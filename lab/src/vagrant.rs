@@ -1,9 +1,17 @@
-//! The lab as the three VMs of `vagrant/`, reached with `vagrant ssh`.
+//! The lab as the three VMs of `vagrant/` (libvirt, software emulation):
+//! the same role scripts and checks as the namespace lab, run over ssh.
+//!
+//! [`run`] is `hybridlink lab vagrant`: prepare the host
+//! (`scripts/vagrant-host-setup`), build the box if missing
+//! (`vagrant/build-box`), `vagrant up`, provision the roles in order, run
+//! the demo's checks, then destroy everything and check that nothing is
+//! left (`scripts/vagrant-host-teardown`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::{Machines, Role, shell_quote};
 
@@ -18,21 +26,119 @@ pub const VM_STATE: &str = "/var/lib/hybridlink-lab";
 #[derive(Debug, Clone)]
 pub struct Vagrant {
     dir: PathBuf,
+    binary: PathBuf,
+    /// `vagrant ssh-config`, once the VMs are up: plain ssh is much faster
+    /// than `vagrant ssh` (no Ruby start-up per command).
+    ssh_config: Option<PathBuf>,
 }
 
 impl Vagrant {
-    /// The lab described by `dir/Vagrantfile`.
-    pub fn new(dir: &Path) -> Vagrant {
+    /// The lab described by `dir/Vagrantfile`, with `binary` copied in.
+    pub fn new(dir: &Path, binary: &Path) -> Vagrant {
         Vagrant {
             dir: dir.to_path_buf(),
+            binary: binary.to_path_buf(),
+            ssh_config: None,
         }
     }
 
     /// A `vagrant` command run in the Vagrantfile's directory.
     pub fn command(&self) -> Command {
         let mut c = Command::new("vagrant");
-        c.current_dir(&self.dir);
+        c.current_dir(&self.dir)
+            .env("HYBRIDLINK_BIN", &self.binary)
+            .env("VAGRANT_DEFAULT_PROVIDER", "libvirt");
         c
+    }
+
+    fn scripts_dir(&self) -> PathBuf {
+        self.dir.join("../scripts")
+    }
+
+    fn step(&self, what: &str, cmd: &mut Command) -> Result<()> {
+        let started = Instant::now();
+        eprintln!("lab vagrant: {what}");
+        let status = cmd
+            .stdin(Stdio::null())
+            .status()
+            .with_context(|| format!("{what}: running {cmd:?}"))?;
+        if !status.success() {
+            bail!("{what} failed ({status})");
+        }
+        eprintln!(
+            "lab vagrant: {what}: done in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// Prepares the host, builds the box if missing, brings the VMs up.
+    pub fn up(&mut self) -> Result<()> {
+        self.step(
+            "preparing the host (libvirt, qemu)",
+            &mut Command::new(self.scripts_dir().join("vagrant-host-setup")),
+        )?;
+        self.step(
+            "building the box if missing",
+            &mut Command::new(self.dir.join("build-box")),
+        )?;
+        self.step(
+            "vagrant up (three VMs under software emulation: minutes)",
+            self.command().args(["up", "--provider=libvirt"]),
+        )?;
+        let out = self.command().arg("ssh-config").output()?;
+        if !out.status.success() {
+            bail!(
+                "vagrant ssh-config: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let path = self.dir.join(".vagrant/hybridlink-ssh-config");
+        std::fs::write(&path, &out.stdout)?;
+        self.ssh_config = Some(path);
+        Ok(())
+    }
+
+    /// Destroys the VMs and undoes the host preparation; then checks that
+    /// no VM, lab interface or (when `daemons_were_ours`) libvirt daemon is
+    /// left.
+    pub fn destroy(&self, daemons_were_ours: bool) -> Result<()> {
+        let destroyed = self.step("vagrant destroy", self.command().args(["destroy", "-f"]));
+        let torn = self.step(
+            "tearing the host down",
+            &mut Command::new(self.scripts_dir().join("vagrant-host-teardown")),
+        );
+        destroyed?;
+        torn?;
+        let mut left = Vec::new();
+        let mut checks = vec![("qemu processes", "pgrep", &["-a", "qemu-system"][..])];
+        if daemons_were_ours {
+            checks.push((
+                "libvirt daemons",
+                "pgrep",
+                &["-a", "-x", "libvirtd|virtlogd"][..],
+            ));
+        }
+        for (what, program, args) in checks {
+            if let Ok(o) = Command::new(program).args(args).output()
+                && !o.stdout.is_empty()
+            {
+                left.push(format!(
+                    "{what}: {}",
+                    String::from_utf8_lossy(&o.stdout).trim()
+                ));
+            }
+        }
+        let links = Command::new("ip").args(["-o", "link"]).output()?;
+        for line in String::from_utf8_lossy(&links.stdout).lines() {
+            if line.contains("virbr") || line.contains(": vnet") {
+                left.push(format!("interface: {line}"));
+            }
+        }
+        if !left.is_empty() {
+            bail!("the Vagrant lab left behind: {}", left.join("; "));
+        }
+        Ok(())
     }
 }
 
@@ -45,11 +151,27 @@ impl Machines for Vagrant {
         }
         remote.push_str(" sh -c ");
         remote.push_str(&shell_quote(line));
-        self.command()
-            .args(["ssh", role.name(), "-c", &remote])
+        let mut cmd = match &self.ssh_config {
+            Some(config) => {
+                let mut c = Command::new("ssh");
+                c.arg("-F")
+                    .arg(config)
+                    .args(["-o", "LogLevel=ERROR", role.name(), "--", &remote]);
+                c
+            }
+            None => {
+                let mut c = self.command();
+                c.args(["ssh", role.name(), "-c", &remote]);
+                c
+            }
+        };
+        let mut out = cmd
             .stdin(Stdio::null())
             .output()
-            .with_context(|| format!("vagrant ssh {} -c {line:?}", role.name()))
+            .with_context(|| format!("ssh {} {line:?}", role.name()))?;
+        // A tty may turn newlines into CRLF.
+        out.stdout.retain(|b| *b != b'\r');
+        Ok(out)
     }
 
     fn hybridlink(&self) -> String {
@@ -63,4 +185,41 @@ impl Machines for Vagrant {
     fn state(&self, role: Role) -> String {
         format!("{VM_STATE}/{}", role.name())
     }
+
+    fn big_file_mib(&self) -> u64 {
+        // Software emulation moves about 20 Mbit/s.
+        16
+    }
+}
+
+/// `hybridlink lab vagrant`: the whole VM lab, from nothing to nothing.
+/// Returns the demo's report; everything is destroyed afterwards unless
+/// `keep`.
+pub fn run(dir: &Path, binary: &Path, keep: bool) -> Result<crate::demo::Report> {
+    let mut lab = Vagrant::new(dir, binary);
+    let daemons_were_ours = !Command::new("pgrep")
+        .args(["-x", "libvirtd"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let result = lab.up().and_then(|()| {
+        let started = Instant::now();
+        eprintln!("lab vagrant: provisioning relay, onprem and app");
+        crate::demo::provision(&lab)?;
+        eprintln!(
+            "lab vagrant: provisioned in {:.0} s; running the checks",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(crate::demo::run_checks(&lab))
+    });
+    if keep {
+        eprintln!(
+            "lab vagrant: --keep: the VMs stay up (vagrant destroy -f in {}, then scripts/vagrant-host-teardown)",
+            dir.display()
+        );
+        return result;
+    }
+    let destroyed = lab.destroy(daemons_were_ours);
+    let report = result?;
+    destroyed?;
+    Ok(report)
 }

@@ -207,7 +207,10 @@ impl Hub {
             let _ = tx.try_send(RelayMessage::Detached {
                 message: format!("no hybrid connection named {entity} on this relay"),
                 entity,
-                reason: DetachReason::UnknownEntity,
+                reason: {
+                    count_refused("unknown_hc");
+                    DetachReason::UnknownEntity
+                },
             });
             return;
         };
@@ -215,7 +218,8 @@ impl Hub {
         let expires = match verified {
             Ok(v) => v.expires_unix,
             Err(e) => {
-                let message = match record.regenerated_at(&token, needed, now) {
+                let regenerated = record.regenerated_at(&token, needed, now);
+                let message = match regenerated {
                     Some(at) => format!(
                         "the key of this connection string was regenerated ({}s ago); get the current one with `hybridlink hc keys {entity}`",
                         now.saturating_sub(at)
@@ -232,7 +236,14 @@ impl Hub {
                 }
                 let _ = tx.try_send(RelayMessage::Detached {
                     entity,
-                    reason: DetachReason::Unauthorized,
+                    reason: {
+                        count_refused(if regenerated.is_some() {
+                            "key_regenerated"
+                        } else {
+                            "unauthorized"
+                        });
+                        DetachReason::Unauthorized
+                    },
                     message,
                 });
                 return;
@@ -246,6 +257,7 @@ impl Hub {
         {
             a.token = token;
             a.expires = expires;
+            transport::metrics::metrics().token_renewals.inc();
             let _ = tx.try_send(RelayMessage::Renewed { entity, expires });
             return;
         }
@@ -254,7 +266,10 @@ impl Hub {
             let _ = tx.try_send(RelayMessage::Detached {
                 message: format!("{entity} already has {max} listeners, the most a hybrid connection may have on this relay"),
                 entity,
-                reason: DetachReason::Quota,
+                reason: {
+                    count_refused("quota");
+                    DetachReason::Quota
+                },
             });
             return;
         }
@@ -504,6 +519,24 @@ impl Hub {
         self.inner.max_listeners.store(max, Ordering::Relaxed);
     }
 
+    /// Per attached hybrid connection: (listeners, senders).
+    pub fn attachment_counts(&self) -> Vec<(HcName, usize, usize)> {
+        let state = self.lock();
+        let names: HashSet<HcName> = state
+            .sessions
+            .values()
+            .flat_map(|s| s.attached.keys().cloned())
+            .collect();
+        names
+            .into_iter()
+            .map(|n| {
+                let l = listeners_of(&state, &n).len();
+                let s = senders_of(&state, &n).len();
+                (n, l, s)
+            })
+            .collect()
+    }
+
     /// Every hybrid connection some session is attached to.
     pub fn attached_entities(&self) -> Vec<HcName> {
         let state = self.lock();
@@ -535,6 +568,15 @@ impl Hub {
             })
             .collect()
     }
+}
+
+fn count_refused(reason: &str) {
+    transport::metrics::metrics()
+        .refused
+        .get_or_create(&transport::metrics::ReasonLabel {
+            reason: reason.to_string(),
+        })
+        .inc();
 }
 
 fn send_to(state: &State, id: SessionId, msg: RelayMessage) {

@@ -76,22 +76,57 @@ async fn serve_pipe(mut conn: TcpStream, hub: Hub) -> Result<(), String> {
     let (ticket, role) = control::decode_pipe_preamble(&preamble).map_err(|e| e.to_string())?;
     match hub.meet(ticket, role, conn).map_err(|e| e.to_string())? {
         PipeMeeting::Handed => Ok(()),
-        PipeMeeting::Wait { partner, mut conn } => {
-            let mut other = timeout(TICKET_TTL, partner)
+        PipeMeeting::Wait { partner, conn } => {
+            let other = timeout(TICKET_TTL, partner)
                 .await
                 .map_err(|_| "the other end of the pipe never came".to_string())?
                 .map_err(|_| "the pipe ticket was abandoned".to_string())?;
             // Byte for byte: the relay never looks inside. Each direction's
             // EOF is passed on as a shutdown, so half-closes survive.
-            match tokio::io::copy_bidirectional_with_sizes(
+            let m = transport::metrics::metrics();
+            m.pipes.inc();
+            m.pipes_active.inc();
+            // `conn` is this end's connection, `other` the other end's.
+            let (from_this, from_other) = match role {
+                proto::control::PipeRole::Sender => ("sender_to_agent", "agent_to_sender"),
+                _ => ("agent_to_sender", "sender_to_agent"),
+            };
+            let counter = |reason: &str| {
+                m.pipe_bytes
+                    .get_or_create(&transport::metrics::ReasonLabel {
+                        reason: reason.into(),
+                    })
+                    .clone()
+            };
+            let mut conn = transport::metrics::Counted::new(conn, counter(from_this));
+            let mut other = transport::metrics::Counted::new(other, counter(from_other));
+            let copied = tokio::io::copy_bidirectional_with_sizes(
                 &mut conn,
                 &mut other,
                 SPLICE_BUFFER,
                 SPLICE_BUFFER,
             )
-            .await
-            {
-                Ok((a, b)) => debug!(up = a, down = b, "pipe closed"),
+            .await;
+            m.pipes_active.dec();
+            match copied {
+                Ok((a, b)) => {
+                    // `conn` is this end: `a` went from it to the other.
+                    let (to_agent, to_sender) = match role {
+                        proto::control::PipeRole::Sender => (a, b),
+                        _ => (b, a),
+                    };
+                    for (reason, n) in [
+                        ("sender_to_agent", to_agent),
+                        ("agent_to_sender", to_sender),
+                    ] {
+                        m.pipe_bytes
+                            .get_or_create(&transport::metrics::ReasonLabel {
+                                reason: reason.into(),
+                            })
+                            .inc_by(n);
+                    }
+                    debug!(up = a, down = b, "pipe closed");
+                }
                 Err(e) => debug!(error = %e, "pipe ended"),
             }
             let _ = conn.shutdown().await;

@@ -190,7 +190,14 @@ impl Setup {
     fn start_appliance(&mut self) -> Result<()> {
         let config = self.config_path();
         let config = config.to_str().context("utf-8")?;
-        let args = ["appliance", "run", "--config", config];
+        let args = [
+            "appliance",
+            "run",
+            "--config",
+            config,
+            "--metrics",
+            "127.0.0.1:9460",
+        ];
         let proc = self.lab.hybridlink(&self.lab.app, "appliance", &args)?;
         self.appliance = Some(proc);
         // Ready when the app's resolver points at the appliance and a name resolves.
@@ -288,6 +295,39 @@ fn unmodified_clients_reach_onprem_servers_by_name_and_literal() -> Result<()> {
         "{err}"
     );
     assert!(took < Duration::from_secs(1), "refusal took {took:?}");
+
+    // The appliance's metrics count what just happened.
+    let out = s.curl("http://127.0.0.1:9460/metrics");
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    let value = |line_start: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        value("hybridlink_appliance_flows_opened_total{hc=\"payroll\"}") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("hybridlink_appliance_flows_refused_total{hc=\"stopped\",reason=\"refused\"}") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("hybridlink_appliance_dns_queries_total{answer=\"local\"}") >= 1.0,
+        "{metrics}"
+    );
+    // payroll's page (26 bytes) and more came back, and the request went out.
+    assert!(
+        value("hybridlink_appliance_bytes_total{hc=\"payroll\",direction=\"from_target\"}") >= 26.0,
+        "{metrics}"
+    );
+    assert!(
+        value("hybridlink_appliance_bytes_total{hc=\"payroll\",direction=\"to_target\"}") > 0.0,
+        "{metrics}"
+    );
 
     // Half-close end to end: the client shuts down its sending side after
     // the request; the server still answers through the closed direction.

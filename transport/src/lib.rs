@@ -11,6 +11,7 @@
 
 pub mod backoff;
 pub mod control;
+pub mod metrics;
 pub mod mux;
 pub mod pipe;
 pub mod sender;

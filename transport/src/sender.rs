@@ -395,6 +395,7 @@ impl Inner {
                 state.last_error = None;
             }
             ControlEvent::Disconnected(reason) => {
+                crate::metrics::metrics().reconnects.inc();
                 state.connected = false;
                 state.last_error = Some(reason);
                 for h in state.hcs.values_mut() {
@@ -416,6 +417,9 @@ impl Inner {
                             h.endpoint = endpoint;
                         }
                     }
+                }
+                RelayMessage::Renewed { .. } => {
+                    crate::metrics::metrics().token_renewals.inc();
                 }
                 RelayMessage::EndpointChanged { entity, endpoint } => {
                     if let Some(h) = state.hcs.get_mut(&entity) {

@@ -1,0 +1,390 @@
+//! Prometheus metrics of every role, in the text exposition format, served
+//! on `--metrics ADDR` at `/metrics`.
+//!
+//! One process-wide set of counters ([`metrics()`]); each role serves the
+//! families it fills ([`Role`]). Byte counters grow as bytes are read
+//! ([`Counted`]).
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A hybrid connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HcLabel {
+    /// Its name.
+    pub hc: String,
+}
+
+/// Which way bytes went, seen from the side that counts them.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    /// Towards the on-prem target (app → target).
+    to_target,
+    /// From the on-prem target (target → app).
+    from_target,
+}
+
+/// A hybrid connection and a direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HcDirection {
+    /// The hybrid connection.
+    pub hc: String,
+    /// Which way.
+    pub direction: Direction,
+}
+
+/// A hybrid connection and why something was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HcReason {
+    /// The hybrid connection.
+    pub hc: String,
+    /// Why (a short word: refused, unreachable, timeout, not_allowed, ...).
+    pub reason: String,
+}
+
+/// Why a relay session or request was turned away.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: String,
+}
+
+/// What a DNS query got.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnswerLabel {
+    /// `local`, `forwarded`, `failed` or `rejected`.
+    pub answer: String,
+}
+
+/// Every counter of the process.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Streams opened to a target (agent) or flows carried (appliance).
+    pub streams_opened: Family<HcLabel, Counter>,
+    /// Streams or flows refused, by reason.
+    pub streams_refused: Family<HcReason, Counter>,
+    /// Streams or flows open now.
+    pub streams_active: Family<HcLabel, Gauge>,
+    /// Bytes of streams or flows, each way.
+    pub bytes: Family<HcDirection, Counter>,
+    /// Control channel reconnects.
+    pub reconnects: Counter,
+    /// Tokens renewed.
+    pub token_renewals: Counter,
+    /// Relay: agents attached per hybrid connection (set at scrape).
+    pub listeners: Family<HcLabel, Gauge>,
+    /// Relay: senders attached per hybrid connection (set at scrape).
+    pub senders: Family<HcLabel, Gauge>,
+    /// Relay: hybrid connections in the registry (set at scrape).
+    pub hybrid_connections: Gauge,
+    /// Relay: pipes spliced.
+    pub pipes: Counter,
+    /// Relay: pipes open now.
+    pub pipes_active: Gauge,
+    /// Relay: bytes through pipes (sender → agent and back).
+    pub pipe_bytes: Family<ReasonLabel, Counter>,
+    /// Relay: sessions or attachments refused, by reason.
+    pub refused: Family<ReasonLabel, Counter>,
+    /// Appliance: DNS queries by what they got.
+    pub dns_queries: Family<AnswerLabel, Counter>,
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::default)
+}
+
+/// Which families a process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `relay serve`.
+    Relay,
+    /// `agent run`.
+    Agent,
+    /// `appliance run`.
+    Appliance,
+}
+
+impl Role {
+    fn prefix(self) -> &'static str {
+        match self {
+            Role::Relay => "hybridlink_relay",
+            Role::Agent => "hybridlink_agent",
+            Role::Appliance => "hybridlink_appliance",
+        }
+    }
+}
+
+/// The metrics of `role` in the Prometheus text format.
+pub fn render(role: Role) -> String {
+    let m = metrics();
+    let mut registry = Registry::with_prefix(role.prefix());
+    match role {
+        Role::Relay => {
+            registry.register(
+                "hybrid_connections",
+                "Hybrid connections in the registry",
+                m.hybrid_connections.clone(),
+            );
+            registry.register(
+                "listeners",
+                "Agents attached, per hybrid connection",
+                m.listeners.clone(),
+            );
+            registry.register(
+                "senders",
+                "Senders attached, per hybrid connection",
+                m.senders.clone(),
+            );
+            registry.register("pipes", "Pipes spliced", m.pipes.clone());
+            registry.register("pipes_active", "Pipes open now", m.pipes_active.clone());
+            registry.register(
+                "pipe_bytes",
+                "Bytes through pipes (reason: sender_to_agent or agent_to_sender)",
+                m.pipe_bytes.clone(),
+            );
+            registry.register(
+                "refused",
+                "Attachments refused, by reason",
+                m.refused.clone(),
+            );
+            registry.register(
+                "token_renewals",
+                "Tokens renewed by peers",
+                m.token_renewals.clone(),
+            );
+        }
+        Role::Agent => {
+            registry.register(
+                "streams_opened",
+                "Streams dialed to their target",
+                m.streams_opened.clone(),
+            );
+            registry.register(
+                "streams_refused",
+                "Streams refused, by reason (dial failures included)",
+                m.streams_refused.clone(),
+            );
+            registry.register(
+                "streams_active",
+                "Streams open now",
+                m.streams_active.clone(),
+            );
+            registry.register("bytes", "Bytes of streams, each way", m.bytes.clone());
+            registry.register(
+                "reconnects",
+                "Control channel reconnects",
+                m.reconnects.clone(),
+            );
+            registry.register(
+                "token_renewals",
+                "Listen tokens renewed",
+                m.token_renewals.clone(),
+            );
+        }
+        Role::Appliance => {
+            registry.register(
+                "flows_opened",
+                "App connections carried to their target",
+                m.streams_opened.clone(),
+            );
+            registry.register(
+                "flows_refused",
+                "App connections refused, by reason",
+                m.streams_refused.clone(),
+            );
+            registry.register(
+                "flows_active",
+                "App connections open now",
+                m.streams_active.clone(),
+            );
+            registry.register(
+                "bytes",
+                "Bytes of app connections, each way",
+                m.bytes.clone(),
+            );
+            registry.register(
+                "dns_queries",
+                "DNS queries, by answer",
+                m.dns_queries.clone(),
+            );
+            registry.register(
+                "reconnects",
+                "Control channel reconnects",
+                m.reconnects.clone(),
+            );
+            registry.register(
+                "token_renewals",
+                "Send tokens renewed",
+                m.token_renewals.clone(),
+            );
+        }
+    }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+/// Counts a stream of `hc` as active while it lives.
+#[derive(Debug)]
+pub struct ActiveGuard(HcLabel);
+
+impl ActiveGuard {
+    /// One more active stream of `hc`.
+    pub fn new(hc: &str) -> ActiveGuard {
+        let label = HcLabel { hc: hc.to_string() };
+        metrics().streams_active.get_or_create(&label).inc();
+        ActiveGuard(label)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        metrics().streams_active.get_or_create(&self.0).dec();
+    }
+}
+
+/// The byte counter of `hc` in `direction`.
+pub fn bytes_counter(hc: &str, direction: Direction) -> Counter {
+    metrics()
+        .bytes
+        .get_or_create(&HcDirection {
+            hc: hc.to_string(),
+            direction,
+        })
+        .clone()
+}
+
+/// A stream whose reads are counted as they happen (so a connection that
+/// ends in an error is counted too).
+#[derive(Debug)]
+pub struct Counted<T> {
+    inner: T,
+    read: Counter,
+}
+
+impl<T> Counted<T> {
+    /// Counts every byte read from `inner` into `read`.
+    pub fn new(inner: T, read: Counter) -> Counted<T> {
+        Counted { inner, read }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = polled {
+            self.read.inc_by((buf.filled().len() - before) as u64);
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Counts a refusal of `hc` for `reason`.
+pub fn count_refused(hc: &str, reason: &str) {
+    metrics()
+        .streams_refused
+        .get_or_create(&HcReason {
+            hc: hc.to_string(),
+            reason: reason.to_string(),
+        })
+        .inc();
+}
+
+/// Serves `GET /metrics` on `addr` with what `body` returns; other paths get
+/// 404. Returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    body: impl Fn() -> String + Send + Sync + 'static,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let body = std::sync::Arc::new(body);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                let read = async {
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+                let line = String::from_utf8_lossy(&request);
+                let mut parts = line.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let (status, text) =
+                    if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+                        ("200 OK", body())
+                    } else {
+                        ("404 Not Found", "metrics are at GET /metrics\n".to_string())
+                    };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    text.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(text.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    Ok(bound)
+}
