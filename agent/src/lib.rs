@@ -327,14 +327,26 @@ pub(crate) fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> 
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Follows one relay's control channel. Holding `_control` keeps the channel
+/// Follows one relay's control channel (and reports stream counters on it). Holding `control` keeps the channel
 /// open for as long as this task runs.
 async fn run_relay(
     ctx: serve::Context,
-    _control: control::ControlHandle,
+    control: control::ControlHandle,
     mut events: mpsc::UnboundedReceiver<ControlEvent>,
 ) {
-    while let Some(event) = events.recv().await {
+    let mut report = tokio::time::interval(STATS_INTERVAL);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => return,
+            },
+            _ = report.tick() => {
+                report_stats(&ctx, &control);
+                continue;
+            }
+        };
         match event {
             ControlEvent::Connected => {}
             ControlEvent::Disconnected(reason) => {
@@ -347,6 +359,34 @@ async fn run_relay(
             }
             ControlEvent::Message(msg) => handle_message(&ctx, msg),
         }
+    }
+}
+
+/// How often an agent tells the relay how its streams are doing.
+const STATS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Sends the stream counters of every hybrid connection attached on this
+/// relay (the relay's status shows them).
+fn report_stats(ctx: &serve::Context, control: &control::ControlHandle) {
+    use transport::metrics::{Direction, HcLabel, bytes_counter, metrics};
+    let connected: Vec<(HcName, u64)> = lock(&ctx.shared)
+        .hcs
+        .iter()
+        .filter(|(_, s)| s.is_connected())
+        .map(|(name, s)| (name.clone(), s.streams_refused()))
+        .collect();
+    for (entity, refused) in connected {
+        let label = HcLabel {
+            hc: entity.to_string(),
+        };
+        let stats = proto::control::StreamStats {
+            open: u64::try_from(metrics().streams_active.get_or_create(&label).get()).unwrap_or(0),
+            opened: metrics().streams_opened.get_or_create(&label).get(),
+            refused,
+            bytes_to_target: bytes_counter(entity.as_str(), Direction::to_target).get(),
+            bytes_from_target: bytes_counter(entity.as_str(), Direction::from_target).get(),
+        };
+        control.send(proto::control::PeerMessage::Stats { entity, stats });
     }
 }
 

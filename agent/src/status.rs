@@ -74,6 +74,11 @@ impl HcState {
         self.since = SystemTime::now();
     }
 
+    /// Streams whose target refused or could not be reached.
+    pub fn streams_refused(&self) -> u64 {
+        self.streams_refused
+    }
+
     /// Whether the relay accepts this agent for the hybrid connection.
     pub fn connection(&self) -> &Connection {
         &self.connection

@@ -322,6 +322,16 @@ fn show_text(hc: &Value, status: &Value) -> String {
         ago(hc["created_unix"].as_u64().unwrap_or(0)),
         status["status"].as_str().unwrap_or("?"),
     );
+    let st = &status["streams"];
+    let n = |k: &str| st[k].as_u64().unwrap_or(0);
+    out.push_str(&format!(
+        "\nstreams:   {} open, {} opened, {} refused (as the agents report them)\nbytes:     {} to the target, {} from it",
+        n("open"),
+        n("opened"),
+        n("refused"),
+        n("bytes_to_target"),
+        n("bytes_from_target")
+    ));
     for l in status["listeners"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "\nagent:     {} at {}, connected {}",

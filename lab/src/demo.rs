@@ -79,11 +79,16 @@ pub fn provision(m: &dyn Machines) -> Result<Strings> {
             .join("\n")
     };
     let listen = join(&strings.listen);
+    let mib = m.big_file_mib().to_string();
     script(
         m,
         Role::Onprem,
         "onprem.sh",
-        &[("ONPREM_IP", ONPREM_IP), ("LISTEN_STRINGS", &listen)],
+        &[
+            ("ONPREM_IP", ONPREM_IP),
+            ("LISTEN_STRINGS", &listen),
+            ("BIG_MIB", &mib),
+        ],
     )?;
     let send = join(&strings.send);
     script(m, Role::App, "app.sh", &[("SEND_STRINGS", &send)])?;

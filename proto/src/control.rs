@@ -195,6 +195,35 @@ pub enum PeerMessage {
     Ping { nonce: u64 },
     /// Answer to the relay's keep-alive.
     Pong { nonce: u64 },
+    /// Listener: how its streams of a hybrid connection are doing (sent
+    /// every few seconds; the relay shows the sum over agents in its status).
+    Stats { entity: HcName, stats: StreamStats },
+}
+
+/// An agent's stream counters for one hybrid connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamStats {
+    /// Streams open now.
+    pub open: u64,
+    /// Streams dialed to the target since the agent started.
+    pub opened: u64,
+    /// Streams refused (the target refused or could not be reached).
+    pub refused: u64,
+    /// Bytes from senders to the target.
+    pub bytes_to_target: u64,
+    /// Bytes from the target to senders.
+    pub bytes_from_target: u64,
+}
+
+impl std::ops::AddAssign for StreamStats {
+    fn add_assign(&mut self, other: StreamStats) {
+        self.open += other.open;
+        self.opened += other.opened;
+        self.refused += other.refused;
+        self.bytes_to_target += other.bytes_to_target;
+        self.bytes_from_target += other.bytes_from_target;
+    }
 }
 
 /// Why the relay refused or ended an attachment.

@@ -97,11 +97,19 @@ pub struct HcStatus {
     pub listener_count: usize,
     /// The attached agents.
     pub listeners: Vec<ListenerStatus>,
+    /// The streams of the attached agents, summed (each agent reports its
+    /// own every few seconds; the relay itself never sees inside a pipe).
+    pub streams: proto::control::StreamStats,
 }
 
 fn status_of(state: &ApiState, hc: &HcRecord) -> HcStatus {
     let listeners = state.hub.listeners(&hc.name);
+    let mut streams = proto::control::StreamStats::default();
+    for l in &listeners {
+        streams += l.streams;
+    }
     HcStatus {
+        streams,
         name: hc.name.clone(),
         endpoint: hc.endpoint.clone(),
         status: if listeners.is_empty() {
@@ -314,31 +322,56 @@ async fn authorize(State(state): State<ApiState>, request: Request, next: Next) 
         .map(|value| value.to_str().unwrap_or_default());
     let reason = match presented {
         None => Some(
-            "missing Authorization header; send `Authorization: Bearer <manage key>` (the key is in DATA_DIR/manage.key)",
+            "missing Authorization header; send `Authorization: Bearer <manage key>` (the key is in DATA_DIR/manage.key) or a SharedAccessSignature signed with it".to_owned(),
         ),
         Some(value) => match value.split_once(' ') {
             Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => {
                 if state.registry.manage_key().matches(key.trim()) {
                     None
                 } else {
-                    Some("wrong manage key; use the key in the relay's DATA_DIR/manage.key")
+                    Some("wrong manage key; use the key in the relay's DATA_DIR/manage.key".to_owned())
                 }
             }
-            _ => Some("Authorization header is not `Bearer <manage key>`"),
+            Some((scheme, _)) if scheme.eq_ignore_ascii_case("sharedaccesssignature") => {
+                manage_token_error(&state, value)
+            }
+            _ => Some("Authorization header is not `Bearer <manage key>` or `SharedAccessSignature ...`".to_owned()),
         },
     };
     match reason {
         None => next.run(request).await,
         Some(reason) => {
             tracing::info!(reason, "management API request rejected");
-            let mut response =
-                ApiError(StatusCode::UNAUTHORIZED, reason.to_owned()).into_response();
+            let mut response = ApiError(StatusCode::UNAUTHORIZED, reason).into_response();
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
             );
             response
         }
+    }
+}
+
+/// Checks a SAS token for the management API: resource `.../manage`, key
+/// name `manage`, signed with the manage key. `None` when it is good.
+fn manage_token_error(state: &ApiState, token: &str) -> Option<String> {
+    let key = state.registry.manage_key();
+    let rule = proto::sas::RuleKeys {
+        name: Right::Manage.rule_name(),
+        right: Right::Manage,
+        primary: &key,
+        secondary: &key,
+    };
+    // The token's resource ends in `/manage`, which parses as a name.
+    let entity: HcName = "manage".parse().ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match proto::sas::verify(token, &entity, Right::Manage, &[rule], now) {
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "management token refused: {e} (sign the resource `https://RELAY/manage` with key name `manage` and the manage key)"
+        )),
     }
 }
 

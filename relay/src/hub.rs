@@ -50,6 +50,8 @@ struct Session {
     since: SystemTime,
     tx: mpsc::Sender<RelayMessage>,
     attached: HashMap<HcName, Attachment>,
+    /// Listener: its last stream counters per attached hybrid connection.
+    stats: HashMap<HcName, proto::control::StreamStats>,
 }
 
 /// The first end of a pipe to arrive waits here for the other.
@@ -78,6 +80,8 @@ pub struct ListenerStatus {
     pub address: String,
     /// Unix seconds when its control channel came up.
     pub connected_since: u64,
+    /// Its streams of this hybrid connection, as it last reported them.
+    pub streams: proto::control::StreamStats,
 }
 
 /// What happened to a pipe connection presenting a ticket.
@@ -171,6 +175,7 @@ impl Hub {
             since: SystemTime::now(),
             tx,
             attached: HashMap::new(),
+            stats: HashMap::new(),
         };
         self.lock().sessions.insert(id, session);
         id
@@ -519,6 +524,18 @@ impl Hub {
         self.inner.max_listeners.store(max, Ordering::Relaxed);
     }
 
+    /// Records a listener's stream counters for a hybrid connection it is
+    /// attached to (reports for anything else are ignored).
+    pub fn report_stats(&self, id: SessionId, entity: HcName, stats: proto::control::StreamStats) {
+        let mut state = self.lock();
+        if let Some(s) = state.sessions.get_mut(&id)
+            && s.role == PeerRole::Listener
+            && s.attached.contains_key(&entity)
+        {
+            s.stats.insert(entity, stats);
+        }
+    }
+
     /// Per attached hybrid connection: (listeners, senders).
     pub fn attachment_counts(&self) -> Vec<(HcName, usize, usize)> {
         let state = self.lock();
@@ -564,6 +581,7 @@ impl Hub {
                         .duration_since(UNIX_EPOCH)
                         .map(|d| d.as_secs())
                         .unwrap_or(0),
+                    streams: s.stats.get(entity).copied().unwrap_or_default(),
                 })
             })
             .collect()
@@ -639,6 +657,7 @@ fn detach_locked(state: &mut State, id: SessionId, entity: &HcName) {
     if session.attached.remove(entity).is_none() {
         return;
     }
+    session.stats.remove(entity);
     let (role, identity) = (session.role, session.identity);
     match role {
         PeerRole::Listener => announce_agents(state, entity),

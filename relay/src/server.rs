@@ -216,6 +216,7 @@ async fn serve_control(
                         PeerMessage::PipeRequest { request_id, agent } => hub.request_pipe(id, request_id, agent),
                         PeerMessage::Ping { nonce } => control::encode(&RelayMessage::Pong { nonce }, &mut out),
                         PeerMessage::Pong { .. } => {}
+                        PeerMessage::Stats { entity, stats } => hub.report_stats(id, entity, stats),
                         PeerMessage::Hello { .. } => return Err("second hello".into()),
                     }
                 }

@@ -463,7 +463,10 @@ async fn status_says_not_connected_without_agents() {
     assert_eq!(status, 200);
     assert_eq!(
         one,
-        json!({"name": "a", "endpoint": "h.corp:80", "status": "Not connected", "listener_count": 0, "listeners": []})
+        json!({
+            "name": "a", "endpoint": "h.corp:80", "status": "Not connected", "listener_count": 0, "listeners": [],
+            "streams": {"open": 0, "opened": 0, "refused": 0, "bytes_to_target": 0, "bytes_from_target": 0}
+        })
     );
     let (status, all) = api.call("GET", "/api/v1/status", None).await;
     assert_eq!(status, 200);
@@ -519,4 +522,48 @@ async fn the_openapi_document_is_public_and_describes_every_route() {
         raw(api.addr, "GET", "/api/v1/status", None, None).await.0,
         401
     );
+}
+
+#[tokio::test]
+async fn a_sas_token_signed_with_the_manage_key_is_accepted() {
+    let api = start().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let key = api.registry.manage_key();
+    let good = proto::sas::sign("https://relay.example/manage", "manage", &key, now + 60);
+    let (status, body) = raw(api.addr, "GET", "/api/v1/hcs", Some(&good), None).await;
+    assert_eq!(status, 200, "{body}");
+
+    let other: proto::key::Key = "b3RoZXIta2V5LW90aGVyLWtleS1vdGhlci1rZXktMDE="
+        .parse()
+        .unwrap();
+    let cases = [
+        (
+            proto::sas::sign("https://relay.example/manage", "manage", &other, now + 60),
+            "signed with a key",
+        ),
+        (
+            proto::sas::sign("https://relay.example/manage", "manage", &key, now - 10),
+            "expired",
+        ),
+        (
+            proto::sas::sign("https://relay.example/payroll", "manage", &key, now + 60),
+            "management token refused",
+        ),
+        (
+            proto::sas::sign("https://relay.example/manage", "send", &key, now + 60),
+            "management token refused",
+        ),
+        (
+            "SharedAccessSignature sr=x".to_owned(),
+            "management token refused",
+        ),
+    ];
+    for (token, reason) in cases {
+        let (status, body) = raw(api.addr, "GET", "/api/v1/hcs", Some(&token), None).await;
+        assert_eq!(status, 401, "{token}: {body}");
+        assert!(error_of(&body).contains(reason), "{token}: {body}");
+    }
 }

@@ -254,6 +254,35 @@ fn status_shows_each_agent_and_not_connected_when_none() -> Result<()> {
     );
     assert!(row("idle").contains("Not connected"), "{table}");
 
+    // The agent reports its streams: after one echo, the relay's status
+    // shows it opened, closed, with its bytes each way.
+    let send = relay.strings("payroll")?.0;
+    let mut child = Command::new(binary())
+        .args(["connect", &send.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(b"twelve bytes")?;
+    let out = child.wait_with_output()?;
+    assert_eq!(out.stdout, b"twelve bytes");
+    wait_for("the agent's stream counters at the relay", 10, || {
+        let s = &relay.hc(&["status", "payroll"])?["streams"];
+        Ok(s["opened"] == 1
+            && s["open"] == 0
+            && s["bytes_to_target"] == 12
+            && s["bytes_from_target"] == 12)
+    })?;
+    let out = relay.hc_command()?.args(["show", "payroll"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("streams:   0 open, 1 opened, 0 refused"),
+        "{text}"
+    );
+
     agent.proc.kill();
     wait_for("payroll showing Not connected", 16, || {
         Ok(relay.hc(&["status", "payroll"])?["status"] == "Not connected")
