@@ -155,7 +155,8 @@ impl Report {
             Some(g) => {
                 let _ = writeln!(
                     s,
-                    "  curl http://payroll.corp/big.bin, 256 MiB through appliance, relay and agent: {g:.2} Gbit/s"
+                    "  curl http://payroll.corp/big.bin, {} MiB through appliance, relay and agent: {g:.2} Gbit/s",
+                    self.big_file_mib
                 );
             }
             None => s.push_str("  not measured (the download failed)\n"),

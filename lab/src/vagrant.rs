@@ -82,10 +82,31 @@ impl Vagrant {
             "building the box if missing",
             &mut Command::new(self.dir.join("build-box")),
         )?;
-        self.step(
-            "vagrant up (three VMs under software emulation: minutes)",
-            self.command().args(["up", "--provider=libvirt"]),
-        )?;
+        // vagrant's progress bars would flood a CI log: keep its output in a
+        // file and show the end of it if it fails.
+        let log = self.dir.join(".vagrant/hybridlink-up.log");
+        std::fs::create_dir_all(self.dir.join(".vagrant"))?;
+        let file = std::fs::File::create(&log)?;
+        let up = self.step(
+            &format!(
+                "vagrant up (three VMs under software emulation: minutes; log in {})",
+                log.display()
+            ),
+            self.command()
+                .args(["up", "--provider=libvirt"])
+                .stdout(file.try_clone()?)
+                .stderr(file),
+        );
+        if let Err(e) = up {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(e.context(format!(
+                "the end of {}:\n{}",
+                log.display(),
+                tail.join("\n")
+            )));
+        }
         let out = self.command().arg("ssh-config").output()?;
         if !out.status.success() {
             bail!(
