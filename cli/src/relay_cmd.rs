@@ -43,6 +43,11 @@ pub enum RelayCommand {
         /// the original product); one more is refused with a clear error.
         #[arg(long, default_value_t = relay::Limits::default().max_listeners_per_hc)]
         max_listeners: usize,
+        /// The most pipes spliced at once (a pipe joins one sender to one
+        /// agent and carries all their streams); a sender asking for one
+        /// more gets a clear error.
+        #[arg(long, default_value_t = relay::Limits::default().max_pipes)]
+        max_pipes: usize,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
         /// 127.0.0.1:9445): agents and senders per hybrid connection, pipes,
         /// bytes, refusals by reason, token renewals.
@@ -124,6 +129,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             public_port,
             max_hcs,
             max_listeners,
+            max_pipes,
             metrics,
         } => {
             let config = relay::RelayConfig {
@@ -135,6 +141,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 limits: relay::Limits {
                     max_hcs,
                     max_listeners_per_hc: max_listeners,
+                    max_pipes,
                 },
             };
             let relay = config.start().await.with_context(|| {

@@ -110,6 +110,16 @@ pub enum PipeRefused {
     SameRole,
 }
 
+/// One spliced pipe, counted against `--max-pipes` while it lives.
+#[derive(Debug)]
+pub struct PipeGuard(Arc<Inner>);
+
+impl Drop for PipeGuard {
+    fn drop(&mut self) {
+        self.0.active_pipes.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The relay's live state. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Hub {
@@ -123,6 +133,10 @@ struct Inner {
     next_session: AtomicU64,
     rng: SystemRandom,
     max_listeners: AtomicUsize,
+    /// Pipes (sender-agent pairs, each carrying any number of streams) that
+    /// may be spliced at once, and how many are.
+    max_pipes: AtomicUsize,
+    active_pipes: AtomicUsize,
 }
 
 fn unix_now() -> u64 {
@@ -141,6 +155,8 @@ impl Hub {
                 state: Mutex::new(State::default()),
                 next_session: AtomicU64::new(1),
                 max_listeners: AtomicUsize::new(MAX_LISTENERS_PER_HC),
+                max_pipes: AtomicUsize::new(usize::MAX),
+                active_pipes: AtomicUsize::new(0),
                 rng: SystemRandom::new(),
             }),
         }
@@ -367,6 +383,18 @@ impl Hub {
         state
             .tickets
             .retain(|_, p| p.created.elapsed() < TICKET_TTL);
+        let max = self.inner.max_pipes.load(Ordering::Relaxed);
+        let in_use = self.inner.active_pipes.load(Ordering::Relaxed) + state.tickets.len();
+        if in_use >= max {
+            count_refused("quota");
+            let _ = reply.try_send(RelayMessage::PipeFailed {
+                request_id,
+                message: format!(
+                    "this relay is at its limit of {max} concurrent pipes (relay serve --max-pipes); try again later"
+                ),
+            });
+            return;
+        }
         state.tickets.insert(
             ticket,
             PendingPipe {
@@ -517,6 +545,17 @@ impl Hub {
                 );
             }
         }
+    }
+
+    /// Limits the pipes spliced at once to `max`.
+    pub fn set_max_pipes(&self, max: usize) {
+        self.inner.max_pipes.store(max, Ordering::Relaxed);
+    }
+
+    /// Counts a spliced pipe until the guard drops.
+    pub fn pipe_guard(&self) -> PipeGuard {
+        self.inner.active_pipes.fetch_add(1, Ordering::Relaxed);
+        PipeGuard(self.inner.clone())
     }
 
     /// Limits each hybrid connection to `max` attached agents.

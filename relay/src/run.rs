@@ -38,6 +38,9 @@ pub struct Limits {
     /// Agents attached to one hybrid connection at most (25, as in the
     /// original product).
     pub max_listeners_per_hc: usize,
+    /// Pipes spliced at once (a pipe joins one sender to one agent and
+    /// carries all their streams; the relay cannot count the streams inside).
+    pub max_pipes: usize,
 }
 
 impl Default for Limits {
@@ -45,6 +48,7 @@ impl Default for Limits {
         Limits {
             max_hcs: 10_000,
             max_listeners_per_hc: crate::hub::MAX_LISTENERS_PER_HC,
+            max_pipes: 100_000,
         }
     }
 }
@@ -127,6 +131,7 @@ impl RelayConfig {
         registry.set_max_hcs(self.limits.max_hcs);
         let hub = Hub::new(registry.clone());
         hub.set_max_listeners(self.limits.max_listeners_per_hc);
+        hub.set_max_pipes(self.limits.max_pipes);
         let public_host = self
             .public_host
             .clone()

@@ -83,6 +83,7 @@ async fn serve_pipe(mut conn: TcpStream, hub: Hub) -> Result<(), String> {
                 .map_err(|_| "the pipe ticket was abandoned".to_string())?;
             // Byte for byte: the relay never looks inside. Each direction's
             // EOF is passed on as a shutdown, so half-closes survive.
+            let _counted = hub.pipe_guard();
             let m = transport::metrics::metrics();
             m.pipes.inc();
             m.pipes_active.inc();

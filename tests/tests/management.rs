@@ -310,6 +310,33 @@ fn quotas_are_enforced_with_clear_errors() -> Result<()> {
         "{err}"
     );
 
+    // Pipes: one sender holds the only one; the next sender is told why not.
+    let pipes_dir = tempfile::tempdir()?;
+    let narrow = Relay::start_with(pipes_dir.path(), "127.0.0.1:0", &["--max-pipes", "1"])?;
+    let (narrow_send, narrow_listen) = narrow.create_hc("payroll", echo_server()?)?;
+    let narrow_agent = Agent::start(&[&narrow_listen], &[])?;
+    narrow_agent.wait_connected()?;
+    let mut holder = Command::new(binary())
+        .args(["connect", &narrow_send.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut holder_in = holder.stdin.take().context("stdin")?;
+    let mut holder_out = BufReader::new(holder.stdout.take().context("stdout")?);
+    holder_in.write_all(b"hold\n")?;
+    let mut line = String::new();
+    holder_out.read_line(&mut line)?;
+    assert_eq!(line, "hold\n");
+    let out = check(&narrow_send)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a second pipe opened past --max-pipes 1"
+    );
+    assert!(err.contains("limit of 1 concurrent pipes"), "{err}");
+    drop(holder_in);
+    let _ = holder.wait();
+
     let first = Agent::start(&[&listen], &[])?;
     first.wait_connected()?;
     let second = Agent::start(&[&listen], &[])?;
