@@ -17,33 +17,7 @@ pub enum ApplianceCommand {
     /// each TCP flow of the app to the on-prem target through the relay.
     /// Every change to the namespace (routes, rules, sysctls, resolv.conf)
     /// is undone on exit, and by the next start after a crash.
-    Run {
-        /// A TOML config file (see the README for its keys).
-        #[arg(long, conflicts_with = "connection_strings")]
-        config: Option<PathBuf>,
-        /// A send connection string (`hybridlink hc keys NAME`); repeat for
-        /// more hybrid connections.
-        #[arg(long = "connection-string", required_unless_present = "config")]
-        connection_strings: Vec<ConnectionString>,
-        /// The range host names resolve into (default 127.77.0.0/16).
-        #[arg(long)]
-        virtual_range: Option<String>,
-        /// The tun device's name (default hl0).
-        #[arg(long)]
-        tun: Option<String>,
-        /// Where the DNS server listens (default 127.0.0.53:53).
-        #[arg(long)]
-        dns_listen: Option<SocketAddr>,
-        /// Where the name map and the resolv.conf backup are kept (default
-        /// /var/lib/hybridlink-appliance).
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Serve Prometheus metrics at http://ADDR/metrics: app connections
-        /// carried, refused and active per hybrid connection, bytes each way,
-        /// DNS queries by answer, reconnects, token renewals.
-        #[arg(long, value_name = "ADDR")]
-        metrics: Option<SocketAddr>,
-    },
+    Run(RunArgs),
     /// Set the appliance up as a systemd service on the app's host: adds the
     /// send connection strings to /etc/hybridlink/appliance.toml (mode 0600;
     /// a string for a hybrid connection already there replaces it), writes
@@ -58,6 +32,36 @@ pub enum ApplianceCommand {
         #[command(flatten)]
         install: crate::install::InstallArgs,
     },
+}
+
+/// Options of `appliance run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// A TOML config file (see the README for its keys).
+    #[arg(long, conflicts_with = "connection_strings")]
+    config: Option<PathBuf>,
+    /// A send connection string (`hybridlink hc keys NAME`); repeat for
+    /// more hybrid connections.
+    #[arg(long = "connection-string", required_unless_present = "config")]
+    connection_strings: Vec<ConnectionString>,
+    /// The range host names resolve into (default 127.77.0.0/16).
+    #[arg(long)]
+    virtual_range: Option<String>,
+    /// The tun device's name (default hl0).
+    #[arg(long)]
+    tun: Option<String>,
+    /// Where the DNS server listens (default 127.0.0.53:53).
+    #[arg(long)]
+    dns_listen: Option<SocketAddr>,
+    /// Where the name map and the resolv.conf backup are kept (default
+    /// /var/lib/hybridlink-appliance).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics: app connections
+    /// carried, refused and active per hybrid connection, bytes each way,
+    /// DNS queries by answer, reconnects, token renewals.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 /// Where `appliance install` keeps the config.
@@ -123,30 +127,22 @@ fn install(
 
 /// Runs an appliance subcommand.
 pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
-    let (config, connection_strings, virtual_range, tun, dns_listen, state_dir, metrics) = match cmd
-    {
+    let args = match cmd {
         ApplianceCommand::Install {
             connection_strings,
             install: args,
         } => return install(connection_strings, &args),
-        ApplianceCommand::Run {
-            config,
-            connection_strings,
-            virtual_range,
-            tun,
-            dns_listen,
-            state_dir,
-            metrics,
-        } => (
-            config,
-            connection_strings,
-            virtual_range,
-            tun,
-            dns_listen,
-            state_dir,
-            metrics,
-        ),
+        ApplianceCommand::Run(args) => args,
     };
+    let RunArgs {
+        config,
+        connection_strings,
+        virtual_range,
+        tun,
+        dns_listen,
+        state_dir,
+        metrics,
+    } = args;
     let mut config_from_file = match &config {
         Some(path) => ApplianceConfig::load(path)?,
         None => ApplianceConfig::new(connection_strings)?,

@@ -87,6 +87,47 @@ fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> Result<bool>) -> Resu
     Ok(())
 }
 
+/// One stream held open by `hybridlink connect`, to an echo target.
+struct OpenStream {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl OpenStream {
+    fn open(cs: &ConnectionString) -> Result<OpenStream> {
+        let mut child = Command::new(binary())
+            .args(["connect", &cs.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        Ok(OpenStream {
+            child,
+            stdin: Some(stdin),
+            stdout,
+        })
+    }
+
+    /// Sends `line` and returns the line that comes back.
+    fn echo(&mut self, line: &str) -> Result<String> {
+        self.stdin
+            .as_mut()
+            .context("closed")?
+            .write_all(line.as_bytes())?;
+        let mut back = String::new();
+        self.stdout.read_line(&mut back)?;
+        Ok(back)
+    }
+
+    /// Closes the sending side and waits for the process.
+    fn close(mut self) {
+        self.stdin.take();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn a_regenerated_key_is_refused_with_that_reason_and_open_streams_go_on() -> Result<()> {
     let relay = Relay::start()?;
@@ -95,17 +136,8 @@ fn a_regenerated_key_is_refused_with_that_reason_and_open_streams_go_on() -> Res
     agent.wait_connected()?;
 
     // A stream opened before the regeneration.
-    let mut open = Command::new(binary())
-        .args(["connect", &send.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut stdin = open.stdin.take().context("stdin")?;
-    let mut stdout = BufReader::new(open.stdout.take().context("stdout")?);
-    let mut line = String::new();
-    stdin.write_all(b"before\n")?;
-    stdout.read_line(&mut line)?;
-    assert_eq!(line, "before\n");
+    let mut open = OpenStream::open(&send)?;
+    assert_eq!(open.echo("before\n")?, "before\n");
 
     let keys = relay.hc(&[
         "regenerate",
@@ -119,15 +151,12 @@ fn a_regenerated_key_is_refused_with_that_reason_and_open_streams_go_on() -> Res
     assert_ne!(new_send.key, send.key);
 
     // The open stream goes on (documented in ARCHITECTURE.md).
-    line.clear();
-    stdin.write_all(b"after\n")?;
-    stdout.read_line(&mut line)?;
     assert_eq!(
-        line, "after\n",
+        open.echo("after\n")?,
+        "after\n",
         "the open stream was cut by the regeneration"
     );
-    drop(stdin);
-    let _ = open.wait();
+    open.close();
 
     // A new session with the old string is refused, saying why.
     let out = check(&send)?;
@@ -316,17 +345,8 @@ fn quotas_are_enforced_with_clear_errors() -> Result<()> {
     let (narrow_send, narrow_listen) = narrow.create_hc("payroll", echo_server()?)?;
     let narrow_agent = Agent::start(&[&narrow_listen], &[])?;
     narrow_agent.wait_connected()?;
-    let mut holder = Command::new(binary())
-        .args(["connect", &narrow_send.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut holder_in = holder.stdin.take().context("stdin")?;
-    let mut holder_out = BufReader::new(holder.stdout.take().context("stdout")?);
-    holder_in.write_all(b"hold\n")?;
-    let mut line = String::new();
-    holder_out.read_line(&mut line)?;
-    assert_eq!(line, "hold\n");
+    let mut holder = OpenStream::open(&narrow_send)?;
+    assert_eq!(holder.echo("hold\n")?, "hold\n");
     let out = check(&narrow_send)?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -334,8 +354,7 @@ fn quotas_are_enforced_with_clear_errors() -> Result<()> {
         "a second pipe opened past --max-pipes 1"
     );
     assert!(err.contains("limit of 1 concurrent pipes"), "{err}");
-    drop(holder_in);
-    let _ = holder.wait();
+    holder.close();
 
     let first = Agent::start(&[&listen], &[])?;
     first.wait_connected()?;
@@ -569,17 +588,8 @@ fn an_agent_drains_open_streams_on_sigterm() -> Result<()> {
     let (send, listen) = relay.create_hc("payroll", echo_server()?)?;
     let mut agent = Agent::start(&[&listen], &["--drain-timeout", "10"])?;
     agent.wait_connected()?;
-    let mut open = Command::new(binary())
-        .args(["connect", &send.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut stdin = open.stdin.take().context("stdin")?;
-    let mut stdout = BufReader::new(open.stdout.take().context("stdout")?);
-    let mut line = String::new();
-    stdin.write_all(b"one\n")?;
-    stdout.read_line(&mut line)?;
-    assert_eq!(line, "one\n");
+    let mut open = OpenStream::open(&send)?;
+    assert_eq!(open.echo("one\n")?, "one\n");
 
     // SIGTERM: out of rotation at once, but the open stream still works.
     let pid = agent.proc.pid().to_string();
@@ -587,13 +597,13 @@ fn an_agent_drains_open_streams_on_sigterm() -> Result<()> {
     wait_for("the agent leaving the rotation", 5, || {
         Ok(relay.hc(&["status", "payroll"])?["status"] == "Not connected")
     })?;
-    line.clear();
-    stdin.write_all(b"two\n")?;
-    stdout.read_line(&mut line)?;
-    assert_eq!(line, "two\n", "the open stream was cut at SIGTERM");
+    assert_eq!(
+        open.echo("two\n")?,
+        "two\n",
+        "the open stream was cut at SIGTERM"
+    );
     // Closing the stream lets the agent finish.
-    drop(stdin);
-    let _ = open.wait();
+    open.close();
     wait_for("the agent exiting after its last stream", 5, || {
         Ok(!std::path::Path::new(&format!("/proc/{pid}")).exists()
             || std::fs::read_to_string(format!("/proc/{pid}/stat"))
