@@ -19,6 +19,7 @@
 //! | `GET /api/v1/hcs/{name}/status` | `HcStatus`: `Connected` or `Not connected`, the agents |
 //! | `GET /api/v1/status` | `[HcStatus, ...]` |
 //! | `GET /openapi.json` | the OpenAPI 3 description of all of this (no key needed) |
+//! | `GET /`, `GET /portal/{app.js,style.css,icon.svg}` | the portal, a web page over this API ([`crate::portal`]; no key needed, the page asks for it) |
 //!
 //! An HC reads `{"name","host","port","endpoint","created_unix"}`;
 //! `connection_strings` reads
@@ -74,9 +75,11 @@ pub fn router(state: ApiState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state);
-    // The description of the API is public; everything it describes is not.
+    // The description of the API and the portal's files are public;
+    // everything the API describes is not.
     Router::new()
         .route("/openapi.json", get(openapi))
+        .merge(crate::portal::router())
         .merge(api)
 }
 

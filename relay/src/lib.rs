@@ -8,6 +8,7 @@
 pub mod api;
 pub mod hub;
 pub mod identity;
+pub mod portal;
 pub mod registry;
 pub mod run;
 pub mod server;

@@ -50,6 +50,24 @@ async fn raw(
     auth: Option<&str>,
     body: Option<&str>,
 ) -> (u16, Value) {
+    let (status, _, body) = exchange(addr, method, path, auth, body).await;
+    let json = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+    };
+    (status, json)
+}
+
+/// One request on a fresh connection; returns the status, the header lines
+/// (`name: value`, name in lower case) and the body as text.
+async fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Vec<String>, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(auth) = auth {
@@ -69,20 +87,20 @@ async fn raw(
     let response = String::from_utf8(response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let chunked = head
+    let headers: Vec<String> = head
         .lines()
-        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
-    let body = if chunked {
+        .skip(1)
+        .map(|line| match line.split_once(':') {
+            Some((name, value)) => format!("{}: {}", name.to_ascii_lowercase(), value.trim()),
+            None => line.to_owned(),
+        })
+        .collect();
+    let body = if headers.iter().any(|h| h == "transfer-encoding: chunked") {
         dechunk(body)
     } else {
         body.to_owned()
     };
-    let json = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-    };
-    (status, json)
+    (status, headers, body)
 }
 
 fn dechunk(mut body: &str) -> String {
@@ -522,6 +540,70 @@ async fn the_openapi_document_is_public_and_describes_every_route() {
         raw(api.addr, "GET", "/api/v1/status", None, None).await.0,
         401
     );
+}
+
+#[tokio::test]
+async fn the_portal_is_served_without_a_key_under_a_strict_csp() {
+    let api = start().await;
+    let files = [
+        ("/", "text/html; charset=utf-8"),
+        ("/portal/app.js", "text/javascript; charset=utf-8"),
+        ("/portal/style.css", "text/css; charset=utf-8"),
+        ("/portal/icon.svg", "image/svg+xml"),
+    ];
+    let mut page = String::new();
+    for (path, content_type) in files {
+        let (status, headers, body) = exchange(api.addr, "GET", path, None, None).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        let has =
+            |line: String| assert!(headers.contains(&line), "{path}: no {line} in {headers:?}");
+        has(format!("content-type: {content_type}"));
+        has(format!(
+            "content-security-policy: {}",
+            relay::portal::CONTENT_SECURITY_POLICY
+        ));
+        has("x-content-type-options: nosniff".into());
+        // Nothing is fetched from elsewhere (the SVG namespace is a name, not a fetch).
+        assert!(
+            !body
+                .replace("http://www.w3.org/2000/svg", "")
+                .contains("://"),
+            "{path} refers to another origin"
+        );
+        if path == "/" {
+            page = body;
+        }
+    }
+    assert!(relay::portal::CONTENT_SECURITY_POLICY.starts_with("default-src 'self';"));
+    // Every file the page refers to is one of those served above, and the
+    // page has no inline script or style, which the policy would block.
+    for reference in page
+        .split(['"', '\''])
+        .filter(|s| s.starts_with("/portal/"))
+    {
+        assert!(
+            files.iter().any(|(path, _)| *path == reference),
+            "the page refers to {reference}, which is not served"
+        );
+    }
+    assert!(!page.contains("<script>") && !page.contains("style="));
+    // The API behind the page still wants the key, and so do unknown paths.
+    for path in ["/api/v1/hcs", "/api/v1/status", "/portal/missing.js"] {
+        assert_eq!(
+            raw(api.addr, "GET", path, None, None).await.0,
+            401,
+            "{path}"
+        );
+    }
+    let (status, _) = raw(
+        api.addr,
+        "POST",
+        "/api/v1/hcs",
+        None,
+        Some(r#"{"name":"a","host":"h","port":1}"#),
+    )
+    .await;
+    assert_eq!(status, 401);
 }
 
 #[tokio::test]
