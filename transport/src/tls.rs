@@ -26,6 +26,19 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The provider for pipes, the data path: the same suites, AES-128-GCM
+/// first. Pinned keys leave no reason for AES-256 here, and with AES
+/// instructions AES-128-GCM is the cheapest suite per byte (ring: about a
+/// fifth less work than AES-256-GCM); every byte of every stream is
+/// encrypted once and decrypted once with it.
+fn pipe_provider() -> Arc<CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
+}
+
 /// The server name a pipe's TLS client presents. Certificates are pinned by
 /// fingerprint, so the name only has to be syntactically valid.
 const PIPE_SERVER_NAME: &str = "hybridlink-peer";
@@ -85,7 +98,7 @@ impl DataIdentity {
         &self,
         peer: Fingerprint,
     ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-        let provider = provider();
+        let provider = pipe_provider();
         let config = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
@@ -99,7 +112,7 @@ impl DataIdentity {
         &self,
         peer: Fingerprint,
     ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        let provider = provider();
+        let provider = pipe_provider();
         let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(PinnedCert::new(peer, &provider)))
@@ -229,5 +242,42 @@ impl ClientCertVerifier for PinnedCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a pipe handshake in memory and returns the negotiated suite.
+    fn pipe_suite() -> rustls::SupportedCipherSuite {
+        let (sender, agent) = (
+            DataIdentity::generate().unwrap(),
+            DataIdentity::generate().unwrap(),
+        );
+        let client_config = sender.pipe_client_config(agent.fingerprint()).unwrap();
+        let server_config = agent.pipe_server_config(sender.fingerprint()).unwrap();
+        let mut client = rustls::ClientConnection::new(client_config, pipe_server_name()).unwrap();
+        let mut server = rustls::ServerConnection::new(server_config).unwrap();
+        let mut wire = Vec::new();
+        while client.is_handshaking() || server.is_handshaking() {
+            wire.clear();
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            wire.clear();
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        client.negotiated_cipher_suite().unwrap()
+    }
+
+    #[test]
+    fn pipes_use_aes_128_gcm() {
+        assert_eq!(
+            pipe_suite().suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
     }
 }
