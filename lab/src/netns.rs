@@ -207,6 +207,11 @@ impl Netns {
         run(self.command(role, "sh").args(["-c", line]))
     }
 
+    /// The processes in `role`'s namespace.
+    pub fn pids(&self, role: Role) -> Vec<String> {
+        pids(&self.ns(role))
+    }
+
     /// The namespace's own `/etc/hosts` (what `ip netns exec` shows there).
     pub fn hosts_file(&self, role: Role) -> PathBuf {
         etc_dir(&self.ns(role)).join("hosts")

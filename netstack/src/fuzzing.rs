@@ -52,17 +52,34 @@ fn addr(s: &str) -> SocketAddrV4 {
     s.parse().expect("constant address")
 }
 
+fn lab_range() -> StackConfig {
+    StackConfig::new(vec![
+        Ipv4Range::new(std::net::Ipv4Addr::new(198, 18, 0, 0), 15).expect("constant range"),
+    ])
+}
+
 impl Harness {
+    /// The fuzzing stack: small buffers, so that windows fill quickly, and a
+    /// second flow waiting for a decision.
     fn new() -> Self {
-        let mut config = StackConfig::new(vec![
-            Ipv4Range::new(std::net::Ipv4Addr::new(198, 18, 0, 0), 15).expect("constant range"),
-        ]);
+        let mut config = lab_range();
         config.udp_ports = vec![53];
         config.max_flows = 8;
         config.mtu = 1500;
         config.tcp_rx_buffer = 4096;
         config.tcp_tx_buffer = 4096;
         config.stream_buffer = 4096;
+        let mut h = Self::established(config);
+        // A second flow left undecided: its retransmissions and expiry are
+        // reachable too.
+        h.decide_accept = false;
+        h.feed(build_syn(addr(PENDING_CLIENT), addr(SERVER), 5000));
+        h.step_events_only();
+        h
+    }
+
+    /// A stack with `config` and one accepted flow CLIENT → SERVER.
+    fn established(config: StackConfig) -> Self {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let now = Instant::from_millis(1_000);
         let engine = Engine::new(config, cmd_tx, Arc::new(Counters::default()), now);
@@ -77,11 +94,6 @@ impl Harness {
             server_seq: TcpSeqNumber(0),
         };
         h.establish();
-        // A second flow left undecided: its retransmissions and expiry are
-        // reachable too.
-        h.decide_accept = false;
-        h.feed(build_syn(addr(PENDING_CLIENT), addr(SERVER), 5000));
-        h.step_events_only();
         h
     }
 
@@ -258,6 +270,70 @@ pub fn run_packets(data: &[u8]) {
     // Let every timer fire once.
     h.now += Duration::from_secs(3600);
     h.step();
+}
+
+/// One accepted flow on a stack with the default configuration (MTU 65535)
+/// over an in-memory device, for the netstack micro-benchmark: the engine,
+/// smoltcp and the caller's stream, without the tun.
+#[derive(Debug)]
+pub struct Bulk {
+    h: Harness,
+    payload: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Harness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Harness")
+            .field("now", &self.now)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bulk {
+    /// A flow that will receive segments of `segment` bytes.
+    pub fn new(segment: usize) -> Bulk {
+        Bulk {
+            h: Harness::established(lab_range()),
+            payload: vec![0x5a; segment],
+            buf: vec![0; 256 * 1024],
+        }
+    }
+
+    /// The client sends `count` in-order segments; after each, the stack
+    /// runs and the caller's stream is read dry. Returns the bytes read.
+    pub fn inbound(&mut self, count: usize) -> usize {
+        let mut total = 0;
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..count {
+            let packet = build_tcp(
+                addr(CLIENT),
+                addr(SERVER),
+                TcpControl::Psh,
+                self.h.client_seq,
+                Some(self.h.server_seq),
+                &self.payload,
+            );
+            self.h.client_seq += self.payload.len();
+            self.h.feed(packet);
+            self.h.step();
+            let Some(stream) = self.h.streams.first_mut() else {
+                return total;
+            };
+            loop {
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *stream).poll_read(&mut cx, &mut rb) {
+                    std::task::Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
+                        total += rb.filled().len();
+                    }
+                    _ => break,
+                }
+            }
+            self.h.step();
+            self.h.drain();
+        }
+        total
+    }
 }
 
 /// Inputs that cover each kind of record; the committed corpus starts from

@@ -1,0 +1,351 @@
+//! The full-path benchmark: hybridlink against DESIGN.md's reference set
+//! (direct TCP, an ssh -R/-L pair, rathole with noise, shadowsocks-rust's
+//! tun), each crossing the same three-namespace lab, measured one after the
+//! other in one run. Run it through `./scripts/bench` (root), which installs
+//! the peers and renders the chart.
+//!
+//! For each path: iperf3 throughput with 1 and 8 streams in both
+//! directions; connect-to-first-byte latency (p50, p99) over fresh
+//! connections; new connections per second; resident memory of the path's
+//! processes per idle connection; DNS answers per second where the path has
+//! a DNS server on the app side. Results go to `OUT/latest.json` and
+//! `OUT/latest.md`; each figure is also given as a ratio to direct TCP and
+//! to the best peer.
+
+mod paths;
+mod probe;
+mod report;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use lab::Role;
+use lab::netns::Netns;
+
+use paths::{GREET_PORT, IPERF_PORT, Lab, PathKind, Running};
+use report::{Metric, PathResult, Results};
+
+/// The lab's name prefix; `hybridlink lab down --prefix hlb` removes a lab
+/// left by a killed run.
+const PREFIX: &str = "hlb";
+const STATE_ROOT: &str = "/run/hybridlink-lab";
+
+#[derive(Debug, Parser)]
+#[command(
+    about = "Measure hybridlink's full path against direct TCP, ssh, rathole and shadowsocks-rust across the lab (root)",
+    after_help = "Normally run as ./scripts/bench, which installs the peers first.\n\
+                  A run takes about 10 minutes; --smoke takes well under one."
+)]
+struct Args {
+    /// A few seconds per path instead of the full measurement (CI uses it to
+    /// keep the harness working; its figures mean little).
+    #[arg(long)]
+    smoke: bool,
+    /// Where to write latest.json and latest.md.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// The paths to measure, comma separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,ssh,rathole,shadowsocks,hybridlink"
+    )]
+    paths: Vec<String>,
+    /// Where the paths' configs and logs go (kept after the run).
+    #[arg(long, default_value = "target/bench-run")]
+    logs: PathBuf,
+    /// The directory with `rathole`, `sslocal` and `ssserver`.
+    #[arg(long, default_value = "target/bench-peers/bin")]
+    peers: PathBuf,
+    /// The hybridlink binary to measure.
+    #[arg(long, default_value = "target/release/hybridlink")]
+    hybridlink: PathBuf,
+}
+
+/// How long each measurement runs.
+struct Plan {
+    iperf_secs: u32,
+    iperf_omit: u32,
+    repeats: usize,
+    latency_count: u32,
+    rate_secs: u32,
+    holds: Vec<u32>,
+    dns_secs: u32,
+}
+
+impl Plan {
+    fn new(smoke: bool) -> Plan {
+        if smoke {
+            Plan {
+                iperf_secs: 1,
+                iperf_omit: 0,
+                repeats: 1,
+                latency_count: 100,
+                rate_secs: 1,
+                holds: vec![100],
+                dns_secs: 1,
+            }
+        } else {
+            Plan {
+                iperf_secs: 5,
+                iperf_omit: 1,
+                repeats: 3,
+                latency_count: 2000,
+                rate_secs: 5,
+                holds: vec![1000, 10000],
+                dns_secs: 5,
+            }
+        }
+    }
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    let result = if argv.get(1).map(String::as_str) == Some("probe") {
+        probe::main(&argv[2..])
+    } else {
+        run(Args::parse())
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let kinds = args
+        .paths
+        .iter()
+        .map(|p| PathKind::parse(p))
+        .collect::<Result<Vec<_>>>()?;
+    let hybridlink = std::fs::canonicalize(&args.hybridlink)
+        .with_context(|| format!("the hybridlink binary {}", args.hybridlink.display()))?;
+    let peers = std::path::absolute(&args.peers)?;
+    let netns = Netns::new(PREFIX, &hybridlink, STATE_ROOT.as_ref())?;
+    claim_lab()?;
+    netns.remove()?;
+    netns.build()?;
+    let state = std::path::absolute(&args.logs)?;
+    let _ = std::fs::remove_dir_all(&state);
+    let lab = Lab {
+        state,
+        netns,
+        me: std::env::current_exe()?,
+        hybridlink,
+        peers,
+    };
+    let outcome = measure_all(&lab, &kinds, &Plan::new(args.smoke), &args);
+    let removed = lab.netns.remove();
+    let _ = std::fs::remove_file(PathBuf::from(STATE_ROOT).join(format!("{PREFIX}.bench.pid")));
+    let results = outcome?;
+    removed?;
+    std::fs::create_dir_all(&args.out)?;
+    let json = args.out.join("latest.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
+    let md = args.out.join("latest.md");
+    std::fs::write(&md, report::markdown(&results))?;
+    println!("{}", report::markdown(&results));
+    println!("wrote {} and {}", json.display(), md.display());
+    let failed: Vec<String> = results
+        .paths
+        .iter()
+        .flat_map(|p| p.errors.iter().map(move |e| format!("{}: {e}", p.id)))
+        .collect();
+    if !failed.is_empty() {
+        bail!("some measurements failed:\n  {}", failed.join("\n  "));
+    }
+    Ok(())
+}
+
+/// Refuses to start while another run is alive (it would remove that run's
+/// lab under it); a run that was killed leaves a stale pid file, taken over.
+fn claim_lab() -> Result<()> {
+    let pid_file = PathBuf::from(STATE_ROOT).join(format!("{PREFIX}.bench.pid"));
+    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+        let pid = pid.trim();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "fullpath" && pid != std::process::id().to_string() {
+            bail!("another benchmark run (pid {pid}) is using the lab {PREFIX}");
+        }
+    }
+    std::fs::create_dir_all(STATE_ROOT)?;
+    std::fs::write(&pid_file, std::process::id().to_string())?;
+    Ok(())
+}
+
+fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Result<Results> {
+    std::fs::create_dir_all(&lab.state)?;
+    for role in [Role::App, Role::Relay, Role::Onprem] {
+        // Thousands of connections a second leave sockets in TIME-WAIT.
+        lab.sh(
+            role,
+            "sysctl -qw net.ipv4.ip_local_port_range='1024 65000' net.ipv4.tcp_tw_reuse=1",
+        )?;
+    }
+    let hosts = lab.netns.hosts_file(Role::Onprem);
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n127.0.0.1 {}\n", paths::TARGET_NAME),
+    )?;
+    let me = lab.me.display().to_string();
+    let greet = format!("0.0.0.0:{GREET_PORT}");
+    let mut greeter = lab.spawn(
+        Role::Onprem,
+        "greeter",
+        &[&me, "probe", "greet", &greet],
+        &[],
+    )?;
+    let mut results = Results::new(if args.smoke { "smoke" } else { "full" }, lab, &plan.holds)?;
+    for &kind in kinds {
+        eprintln!("== {}", kind.title());
+        let started = Instant::now();
+        let mut result = PathResult::new(kind);
+        match lab.start(kind) {
+            Ok(mut running) => {
+                measure(lab, &mut running, plan, &mut result);
+                running.stop(lab);
+            }
+            Err(e) => result.errors.push(format!("{e:#}")),
+        }
+        for e in &result.errors {
+            eprintln!("   ✗ {e}");
+        }
+        eprintln!("   ({:.0} s)", started.elapsed().as_secs_f64());
+        results.paths.push(result);
+    }
+    let _ = greeter.kill();
+    let _ = greeter.wait();
+    Ok(results)
+}
+
+/// Runs every measurement on a path that is up, recording figures and
+/// errors in `result`.
+fn measure(lab: &Lab, running: &mut Running, plan: &Plan, result: &mut PathResult) {
+    let host = running.host.to_string();
+    match lab.spawn(
+        Role::Onprem,
+        "iperf3",
+        &["iperf3", "-s", "-p", &IPERF_PORT.to_string()],
+        &[],
+    ) {
+        Ok(mut server) => {
+            std::thread::sleep(Duration::from_millis(300));
+            for (metric, streams, reverse) in [
+                (Metric::Up1, 1, false),
+                (Metric::Up8, 8, false),
+                (Metric::Down1, 1, true),
+                (Metric::Down8, 8, true),
+            ] {
+                result.record(metric, iperf(lab, &host, plan, streams, reverse));
+            }
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        Err(e) => result.errors.push(format!("iperf3 server: {e:#}")),
+    }
+    let target = format!("{host}:{GREET_PORT}");
+    let count = plan.latency_count.to_string();
+    match lab.probe(Role::App, &["latency", &target, &count]) {
+        Ok(v) => {
+            result.record(Metric::P50, number(&v, "p50_ms"));
+            result.record(Metric::P99, number(&v, "p99_ms"));
+            if v["failures"].as_u64().unwrap_or(0) > 0 {
+                result.errors.push(format!(
+                    "latency: {} connections failed: {}",
+                    v["failures"], v["first_error"]
+                ));
+            }
+        }
+        Err(e) => result.errors.push(format!("latency: {e:#}")),
+    }
+    if running.kind != PathKind::Direct {
+        for (&n, metric) in plan.holds.iter().zip([Metric::Mem1k, Metric::Mem10k]) {
+            result.record(metric, idle_memory(lab, running, &target, n));
+        }
+    }
+    let secs = plan.rate_secs.to_string();
+    result.record(
+        Metric::Rate,
+        lab.probe(Role::App, &["rate", &target, &secs, "16"])
+            .and_then(|v| number(&v, "per_sec")),
+    );
+    if let Some((server, name)) = running.dns.clone() {
+        let secs = plan.dns_secs.to_string();
+        result.record(
+            Metric::Dns,
+            lab.probe(Role::App, &["dns", &server, &name, &secs, "8"])
+                .and_then(|v| number(&v, "per_sec")),
+        );
+    }
+}
+
+fn number(v: &serde_json::Value, key: &str) -> Result<f64> {
+    v[key].as_f64().with_context(|| format!("no {key} in {v}"))
+}
+
+/// The median over the plan's repeats of one iperf3 run, in Gbit/s.
+fn iperf(lab: &Lab, host: &str, plan: &Plan, streams: u32, reverse: bool) -> Result<f64> {
+    let mut runs = Vec::new();
+    for _ in 0..plan.repeats {
+        let mut line = format!(
+            "iperf3 -J -c {host} -p {IPERF_PORT} -t {} -O {} -P {streams}",
+            plan.iperf_secs, plan.iperf_omit
+        );
+        if reverse {
+            line.push_str(" -R");
+        }
+        // The server may still be finishing the previous test.
+        let v = paths::wait_for(Duration::from_secs(5), || {
+            let out = lab
+                .netns
+                .command(Role::App, "sh")
+                .args(["-c", &line])
+                .output()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+                format!(
+                    "iperf3 printed no JSON: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+            match v["error"].as_str() {
+                Some(e) => bail!("iperf3: {e}"),
+                None => Ok(v),
+            }
+        })?;
+        runs.push(number(&v["end"]["sum_received"], "bits_per_second")? / 1e9);
+    }
+    runs.sort_by(f64::total_cmp);
+    Ok(runs[runs.len() / 2])
+}
+
+/// Resident memory of the path's processes per idle connection, in KiB:
+/// the growth while `n` greeted connections are held open.
+fn idle_memory(lab: &Lab, running: &Running, target: &str, n: u32) -> Result<f64> {
+    // Let the memory of earlier measurements settle first.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = running.resident_kib(lab);
+    let mut child = lab.probe_child(Role::App, &["hold", target, &n.to_string()])?;
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().context("hold's stdout")?).read_line(&mut first)?;
+    let report: serde_json::Value =
+        serde_json::from_str(&first).with_context(|| format!("hold printed {first:?}"))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let after = running.resident_kib(lab);
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.flush();
+    }
+    let _ = child.wait();
+    let held = report["held"].as_u64().unwrap_or(0);
+    if held < u64::from(n) {
+        bail!(
+            "only {held} of {n} connections opened: {}",
+            report["first_error"]
+        );
+    }
+    // Closing thousands of flows takes the paths a moment.
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(after.saturating_sub(before) as f64 / held as f64)
+}

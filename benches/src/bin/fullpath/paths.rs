@@ -1,0 +1,625 @@
+//! The paths of DESIGN.md's reference set, each set up across the same lab:
+//! the peer's server where our relay runs, its client where our agent runs,
+//! and (for the tun paths) its app-side part in the app namespace.
+//!
+//! Every path ends at the same two targets on the on-prem machine: iperf3
+//! on port 5201 and the greeter (see `probe`) on port 5300. A running path
+//! tells the harness which address the app uses for them.
+
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use lab::netns::Netns;
+use lab::{ONPREM_IP, RELAY_APP_SIDE_IP, RELAY_IP, RELAY_ONPREM_SIDE_IP, Role};
+
+/// A shell prefix that raises the open-files limit to the hard limit (every
+/// process of every path gets the same) and runs its arguments.
+const RAISE_FILES: &str = "ulimit -n \"$(ulimit -Hn)\" && exec \"$@\"";
+
+/// The target ports, the same on every path.
+pub const IPERF_PORT: u16 = 5201;
+pub const GREET_PORT: u16 = 5300;
+/// The name the tun paths resolve; it resolves on-prem (and, for
+/// shadowsocks, on the relay) only.
+pub const TARGET_NAME: &str = "bench.corp";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    Direct,
+    Ssh,
+    Rathole,
+    Shadowsocks,
+    Hybridlink,
+}
+
+impl PathKind {
+    pub const ALL: [PathKind; 5] = [
+        PathKind::Direct,
+        PathKind::Ssh,
+        PathKind::Rathole,
+        PathKind::Shadowsocks,
+        PathKind::Hybridlink,
+    ];
+
+    /// The short name used on the command line and in the results.
+    pub fn id(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::Ssh => "ssh",
+            PathKind::Rathole => "rathole",
+            PathKind::Shadowsocks => "shadowsocks",
+            PathKind::Hybridlink => "hybridlink",
+        }
+    }
+
+    /// The column title of the results table.
+    pub fn title(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct TCP",
+            PathKind::Ssh => "ssh -R + ssh -L",
+            PathKind::Rathole => "rathole (noise)",
+            PathKind::Shadowsocks => "shadowsocks-rust tun",
+            PathKind::Hybridlink => "hybridlink",
+        }
+    }
+
+    /// A peer: one of the tools we compare against (not direct TCP, not us).
+    pub fn is_peer(self) -> bool {
+        matches!(
+            self,
+            PathKind::Ssh | PathKind::Rathole | PathKind::Shadowsocks
+        )
+    }
+
+    pub fn parse(s: &str) -> Result<PathKind> {
+        PathKind::ALL
+            .into_iter()
+            .find(|p| p.id() == s)
+            .with_context(|| {
+                format!("unknown path {s:?}: use direct, ssh, rathole, shadowsocks or hybridlink")
+            })
+    }
+}
+
+/// The lab with the tools the paths need.
+pub struct Lab {
+    pub netns: Netns,
+    /// Where configs, keys and logs go.
+    pub state: PathBuf,
+    /// This program (for the probes).
+    pub me: PathBuf,
+    pub hybridlink: PathBuf,
+    /// Where `rathole`, `sslocal` and `ssserver` are.
+    pub peers: PathBuf,
+}
+
+/// A path that is up: the processes to stop and what the app dials.
+pub struct Running {
+    pub kind: PathKind,
+    /// The address the app dials for both targets.
+    pub host: IpAddr,
+    /// The path's own processes, by namespace and name, for resident memory.
+    pub processes: Vec<(Role, &'static str)>,
+    /// The path's DNS server on the app side and the name to ask it, if any.
+    pub dns: Option<(String, String)>,
+    children: Vec<Child>,
+    /// Shell lines that undo the path's changes to the lab, by role.
+    undo: Vec<(Role, String)>,
+}
+
+impl Lab {
+    /// Starts `argv` in `role`'s namespace with a high open-files limit,
+    /// its output in `state/NAME.log`.
+    pub fn spawn(
+        &self,
+        role: Role,
+        name: &str,
+        argv: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Child> {
+        let log = fs::File::create(self.state.join(format!("{name}.log")))?;
+        let mut cmd = self.netns.command(role, "sh");
+        cmd.args(["-c", RAISE_FILES, "sh"])
+            .args(argv)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        cmd.spawn().with_context(|| format!("starting {name}"))
+    }
+
+    /// Runs a shell line in `role`'s namespace; its stdout, or its stderr as
+    /// the error.
+    pub fn sh(&self, role: Role, line: &str) -> Result<String> {
+        let out = self.netns.sh_ok(role, line)?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// A probe run in `role`'s namespace, its JSON result.
+    pub fn probe(&self, role: Role, args: &[&str]) -> Result<serde_json::Value> {
+        let mut cmd = self.netns.command(role, "sh");
+        cmd.args(["-c", RAISE_FILES, "sh"])
+            .arg(&self.me)
+            .arg("probe")
+            .args(args);
+        let out = cmd.output()?;
+        if !out.status.success() {
+            bail!(
+                "probe {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("probe output")
+    }
+
+    /// A probe started in `role`'s namespace with pipes to talk to it.
+    pub fn probe_child(&self, role: Role, args: &[&str]) -> Result<Child> {
+        let mut cmd = self.netns.command(role, "sh");
+        cmd.args(["-c", RAISE_FILES, "sh"])
+            .arg(&self.me)
+            .arg("probe")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        Ok(cmd.spawn()?)
+    }
+
+    fn peer(&self, name: &str) -> Result<String> {
+        let p = self.peers.join(name);
+        if !p.exists() {
+            bail!(
+                "{} is missing: run ./scripts/bench, which installs the peers",
+                p.display()
+            );
+        }
+        Ok(p.display().to_string())
+    }
+
+    fn write(&self, name: &str, text: &str) -> Result<String> {
+        let p = self.state.join(name);
+        fs::write(&p, text)?;
+        Ok(p.display().to_string())
+    }
+
+    /// Brings `kind` up and waits until a connection through it is greeted.
+    pub fn start(&self, kind: PathKind) -> Result<Running> {
+        let mut running = Running {
+            kind,
+            host: ONPREM_IP.parse()?,
+            processes: Vec::new(),
+            dns: None,
+            children: Vec::new(),
+            undo: Vec::new(),
+        };
+        if let Err(e) = self.start_into(&mut running) {
+            running.stop(self);
+            return Err(e.context(format!("starting the {} path", kind.id())));
+        }
+        let target = format!("{}:{GREET_PORT}", running.host);
+        let ready = wait_for(Duration::from_secs(30), || {
+            self.probe(Role::App, &["latency", &target, "1"])
+        });
+        if let Err(e) = ready {
+            running.stop(self);
+            return Err(e.context(format!(
+                "the {} path never greeted (logs in {})",
+                kind.id(),
+                self.state.display()
+            )));
+        }
+        Ok(running)
+    }
+
+    fn start_into(&self, r: &mut Running) -> Result<()> {
+        match r.kind {
+            PathKind::Direct => self.start_direct(r),
+            PathKind::Ssh => self.start_ssh(r),
+            PathKind::Rathole => self.start_rathole(r),
+            PathKind::Shadowsocks => self.start_shadowsocks(r),
+            PathKind::Hybridlink => self.start_hybridlink(r),
+        }
+    }
+
+    /// The kernel routes app ↔ on-prem through the relay namespace.
+    fn start_direct(&self, r: &mut Running) -> Result<()> {
+        r.undo
+            .push((Role::Relay, "sysctl -qw net.ipv4.ip_forward=0".into()));
+        self.sh(Role::Relay, "sysctl -qw net.ipv4.ip_forward=1")?;
+        r.undo
+            .push((Role::App, format!("ip route del {ONPREM_IP}/32")));
+        self.sh(
+            Role::App,
+            &format!("ip route add {ONPREM_IP}/32 via {RELAY_APP_SIDE_IP}"),
+        )?;
+        let app = lab::APP_IP;
+        r.undo
+            .push((Role::Onprem, format!("ip route del {app}/32")));
+        self.sh(
+            Role::Onprem,
+            &format!("ip route add {app}/32 via {RELAY_ONPREM_SIDE_IP}"),
+        )?;
+        Ok(())
+    }
+
+    /// sshd on the relay; on-prem `ssh -R` publishes the targets there,
+    /// app-side `ssh -L` brings them to the app's loopback.
+    fn start_ssh(&self, r: &mut Running) -> Result<()> {
+        let dir = self.state.join("ssh");
+        fs::create_dir_all(&dir)?;
+        for key in ["host", "client"] {
+            let path = dir.join(key);
+            if !path.exists() {
+                let ok = Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                    .arg(&path)
+                    .status()?
+                    .success();
+                if !ok {
+                    bail!("ssh-keygen failed");
+                }
+            }
+        }
+        fs::copy(dir.join("client.pub"), dir.join("authorized_keys"))?;
+        fs::create_dir_all("/run/sshd")?;
+        let d = dir.display();
+        let config = self.write(
+            "sshd_config",
+            &format!(
+                "ListenAddress {RELAY_IP}:2222\nHostKey {d}/host\nAuthorizedKeysFile {d}/authorized_keys\n\
+                 PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 UsePAM no\nStrictModes no\nAllowTcpForwarding yes\nPidFile none\nLogLevel ERROR\n"
+            ),
+        )?;
+        r.children.push(self.spawn(
+            Role::Relay,
+            "sshd",
+            &["/usr/sbin/sshd", "-D", "-e", "-f", &config],
+            &[],
+        )?);
+        let client = |forward: &str, spec: [String; 2]| -> Vec<String> {
+            let mut v: Vec<String> = ["ssh", "-N", "-p", "2222", "-i"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            v.push(format!("{d}/client"));
+            for o in [
+                "StrictHostKeyChecking=no",
+                "UserKnownHostsFile=/dev/null",
+                "ExitOnForwardFailure=yes",
+                "LogLevel=ERROR",
+                "BatchMode=yes",
+            ] {
+                v.extend(["-o".to_string(), o.to_string()]);
+            }
+            for s in spec {
+                v.extend([forward.to_string(), s]);
+            }
+            v.push(format!("root@{RELAY_IP}"));
+            v
+        };
+        let remote = client(
+            "-R",
+            [
+                format!("127.0.0.1:1{IPERF_PORT}:127.0.0.1:{IPERF_PORT}"),
+                format!("127.0.0.1:1{GREET_PORT}:127.0.0.1:{GREET_PORT}"),
+            ],
+        );
+        let local = client(
+            "-L",
+            [
+                format!("127.0.0.1:{IPERF_PORT}:127.0.0.1:1{IPERF_PORT}"),
+                format!("127.0.0.1:{GREET_PORT}:127.0.0.1:1{GREET_PORT}"),
+            ],
+        );
+        wait_for(Duration::from_secs(10), || {
+            self.sh(
+                Role::Onprem,
+                &format!("bash -c 'exec 3<>/dev/tcp/{RELAY_IP}/2222'"),
+            )
+        })?;
+        fn argv(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+        r.children
+            .push(self.spawn(Role::Onprem, "ssh-R", &argv(&remote), &[])?);
+        // The app side may only forward once the remote ports exist.
+        wait_for(Duration::from_secs(10), || {
+            self.sh(
+                Role::Relay,
+                &format!("bash -c 'exec 3<>/dev/tcp/127.0.0.1/1{GREET_PORT}'"),
+            )
+        })?;
+        r.children
+            .push(self.spawn(Role::App, "ssh-L", &argv(&local), &[])?);
+        r.host = "127.0.0.1".parse()?;
+        r.processes = vec![
+            (Role::Relay, "sshd"),
+            (Role::Onprem, "ssh"),
+            (Role::App, "ssh"),
+        ];
+        Ok(())
+    }
+
+    /// rathole's server on the relay publishes the targets there; its client
+    /// on-prem serves them. Noise transport (encrypted), as in DESIGN.md.
+    fn start_rathole(&self, r: &mut Running) -> Result<()> {
+        let rathole = self.peer("rathole")?;
+        let keys = Command::new(&rathole).arg("--genkey").output()?;
+        let keys = String::from_utf8_lossy(&keys.stdout).into_owned();
+        let (private, public) = parse_rathole_keys(&keys)
+            .with_context(|| format!("rathole --genkey printed {keys:?}"))?;
+        let services = |side: &str| {
+            [("iperf", IPERF_PORT), ("greet", GREET_PORT)]
+                .iter()
+                .map(|(name, port)| {
+                    let addr = if side == "server" {
+                        format!("bind_addr = \"{RELAY_IP}:{port}\"")
+                    } else {
+                        format!("local_addr = \"127.0.0.1:{port}\"")
+                    };
+                    format!("[{side}.services.{name}]\ntoken = \"bench\"\n{addr}\n")
+                })
+                .collect::<String>()
+        };
+        let server = self.write(
+            "rathole-server.toml",
+            &format!(
+                "[server]\nbind_addr = \"{RELAY_IP}:2333\"\n[server.transport]\ntype = \"noise\"\n\
+                 [server.transport.noise]\nlocal_private_key = \"{private}\"\n{}",
+                services("server")
+            ),
+        )?;
+        let client = self.write(
+            "rathole-client.toml",
+            &format!(
+                "[client]\nremote_addr = \"{RELAY_IP}:2333\"\n[client.transport]\ntype = \"noise\"\n\
+                 [client.transport.noise]\nremote_public_key = \"{public}\"\n{}",
+                services("client")
+            ),
+        )?;
+        let quiet = [("RUST_LOG", "warn")];
+        r.children.push(self.spawn(
+            Role::Relay,
+            "rathole-server",
+            &[&rathole, "--server", &server],
+            &quiet,
+        )?);
+        r.children.push(self.spawn(
+            Role::Onprem,
+            "rathole-client",
+            &[&rathole, "--client", &client],
+            &quiet,
+        )?);
+        r.host = RELAY_IP.parse()?;
+        r.processes = vec![(Role::Relay, "rathole"), (Role::Onprem, "rathole")];
+        Ok(())
+    }
+
+    /// `ssserver` on the relay (it alone resolves the target's name);
+    /// `sslocal` in the app namespace with a tun and fake DNS: the app
+    /// resolves the name to a fake address routed into the tun.
+    fn start_shadowsocks(&self, r: &mut Running) -> Result<()> {
+        let (sslocal, ssserver) = (self.peer("sslocal")?, self.peer("ssserver")?);
+        let hosts = self.netns.hosts_file(Role::Relay);
+        let mut text = fs::read_to_string(&hosts)?;
+        if !text.contains(TARGET_NAME) {
+            text.push_str(&format!("{ONPREM_IP} {TARGET_NAME}\n"));
+            fs::write(&hosts, text)?;
+        }
+        let password = "hybridlink-bench";
+        r.children.push(self.spawn(
+            Role::Relay,
+            "ssserver",
+            &[
+                &ssserver,
+                "-s",
+                &format!("{RELAY_IP}:8388"),
+                "-m",
+                "aes-128-gcm",
+                "-k",
+                password,
+            ],
+            &[],
+        )?);
+        let db = self.state.join("ss-fakedns");
+        let _ = fs::remove_dir_all(&db);
+        let config = serde_json::json!({
+            "server": RELAY_IP,
+            "server_port": 8388,
+            "password": password,
+            "method": "aes-128-gcm",
+            "locals": [
+                {
+                    "protocol": "tun",
+                    "tun_interface_name": "hlbss0",
+                    "tun_interface_address": "198.19.128.1/17",
+                },
+                {
+                    "protocol": "fake-dns",
+                    "local_address": "127.0.0.1",
+                    "local_port": 5353,
+                    "fake_dns_ipv4_network": "198.19.128.0/17",
+                    "fake_dns_database_path": db.display().to_string(),
+                },
+            ],
+        });
+        let config = self.write("sslocal.json", &serde_json::to_string_pretty(&config)?)?;
+        r.children
+            .push(self.spawn(Role::App, "sslocal", &[&sslocal, "-c", &config], &[])?);
+        let dns = "127.0.0.1:5353".to_string();
+        let answer = wait_for(Duration::from_secs(20), || {
+            self.probe(Role::App, &["resolve", &dns, TARGET_NAME])
+        })?;
+        r.host = answer["address"]
+            .as_str()
+            .context("fake DNS answer")?
+            .parse()?;
+        r.dns = Some((dns, TARGET_NAME.to_string()));
+        r.processes = vec![(Role::App, "sslocal"), (Role::Relay, "ssserver")];
+        Ok(())
+    }
+
+    /// Our relay, agent and appliance, two hybrid connections
+    /// (bench.corp:5201 and bench.corp:5300).
+    fn start_hybridlink(&self, r: &mut Running) -> Result<()> {
+        let bin = self.hybridlink.display().to_string();
+        let data = self.state.join("relay-data");
+        let _ = fs::remove_dir_all(&data);
+        let data = data.display().to_string();
+        r.children.push(self.spawn(
+            Role::Relay,
+            "relay",
+            &[
+                &bin,
+                "relay",
+                "serve",
+                "--data-dir",
+                &data,
+                "--listen",
+                &format!("{RELAY_IP}:9443"),
+                "--api",
+                "127.0.0.1:9444",
+                "--public-host",
+                RELAY_IP,
+            ],
+            &[],
+        )?);
+        let hc = |args: &str| {
+            self.sh(
+                Role::Relay,
+                &format!("{bin} hc --api http://127.0.0.1:9444 --data-dir {data} {args}"),
+            )
+        };
+        let (mut send, mut listen) = (Vec::new(), Vec::new());
+        for (name, port) in [("iperf", IPERF_PORT), ("greet", GREET_PORT)] {
+            wait_for(Duration::from_secs(20), || {
+                hc(&format!("create {name} --host {TARGET_NAME} --port {port}"))
+            })?;
+            send.push(hc(&format!("keys {name} --rule send --key primary"))?);
+            listen.push(hc(&format!("keys {name} --rule listen --key primary"))?);
+        }
+        let agent_socket = self.state.join("agent.sock").display().to_string();
+        r.children.push(self.spawn(
+            Role::Onprem,
+            "agent",
+            &[
+                &bin,
+                "agent",
+                "run",
+                "--status-socket",
+                &agent_socket,
+                "--label",
+                "bench",
+            ],
+            &[("HYBRIDLINK_CONNECTION_STRING", &listen.join("\n"))],
+        )?);
+        let appliance_state = self.state.join("appliance");
+        let _ = fs::remove_dir_all(&appliance_state);
+        let strings: String = send.iter().map(|s| format!("  \"{s}\",\n")).collect();
+        let config = self.write(
+            "appliance.toml",
+            &format!(
+                "state_dir = \"{}\"\nconnection_strings = [\n{strings}]\n",
+                appliance_state.display()
+            ),
+        )?;
+        r.children.push(self.spawn(
+            Role::App,
+            "appliance",
+            &[&bin, "appliance", "run", "--config", &config],
+            &[],
+        )?);
+        let dns = "127.0.0.53:53".to_string();
+        let answer = wait_for(Duration::from_secs(30), || {
+            self.probe(Role::App, &["resolve", &dns, TARGET_NAME])
+        })?;
+        r.host = answer["address"].as_str().context("DNS answer")?.parse()?;
+        r.dns = Some((dns, TARGET_NAME.to_string()));
+        r.processes = vec![
+            (Role::App, "hybridlink"),
+            (Role::Relay, "hybridlink"),
+            (Role::Onprem, "hybridlink"),
+        ];
+        Ok(())
+    }
+}
+
+impl Running {
+    /// Stops the path's processes (app side first) and undoes its changes.
+    pub fn stop(&mut self, lab: &Lab) {
+        let pids: Vec<String> = self
+            .children
+            .iter()
+            .rev()
+            .map(|c| c.id().to_string())
+            .collect();
+        if !pids.is_empty() {
+            let _ = Command::new("kill").arg("-TERM").args(&pids).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for child in &mut self.children {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.children.clear();
+        for (role, line) in self.undo.drain(..) {
+            let _ = lab.sh(role, &line);
+        }
+    }
+
+    /// The resident memory of the path's processes, in KiB.
+    pub fn resident_kib(&self, lab: &Lab) -> u64 {
+        let mut total = 0;
+        for (role, name) in &self.processes {
+            for pid in lab.netns.pids(*role) {
+                let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.trim() == *name || (name == &"sshd" && comm.starts_with("sshd")) {
+                    total += rss_kib(format!("/proc/{pid}/status"));
+                }
+            }
+        }
+        total
+    }
+}
+
+fn rss_kib(status: impl AsRef<Path>) -> u64 {
+    fs::read_to_string(status)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `rathole --genkey` prints the private and the public key, each on the
+/// line after its heading.
+fn parse_rathole_keys(out: &str) -> Option<(String, String)> {
+    let after = |heading: &str| {
+        let mut lines = out.lines();
+        lines.find(|l| l.to_ascii_lowercase().contains(heading))?;
+        lines.next().map(|l| l.trim().to_string())
+    };
+    Some((after("private key")?, after("public key")?))
+}
+
+/// Retries `f` every 200 ms until it succeeds or `limit` passes.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("still failing after {limit:?}")));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}

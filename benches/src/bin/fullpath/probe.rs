@@ -1,0 +1,291 @@
+//! The load generators and the target server of the full-path benchmark.
+//! The harness runs them inside the lab's namespaces as
+//! `fullpath probe <what> ...`; each prints one JSON object on stdout.
+//!
+//! - `greet LISTEN`: the target. Writes one byte to every connection it
+//!   accepts, then reads until the peer closes.
+//! - `latency TARGET COUNT`: COUNT fresh connections one after another, each
+//!   timed from `connect` to the greeting byte.
+//! - `rate TARGET SECS WORKERS`: connections (connect, greeting, close) per
+//!   second with WORKERS at a time.
+//! - `hold TARGET COUNT`: opens COUNT connections, waits for each greeting,
+//!   prints a first JSON line, and holds them until stdin closes.
+//! - `dns SERVER NAME SECS WORKERS`: A queries per second answered.
+//! - `resolve SERVER NAME`: the first A record SERVER answers for NAME.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+use serde_json::json;
+
+/// How long one connection may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn main(args: &[String]) -> Result<()> {
+    let arg = |i: usize| -> Result<&str> {
+        args.get(i)
+            .map(String::as_str)
+            .with_context(|| format!("probe {}: missing argument {i}", args[0]))
+    };
+    let num = |i: usize| -> Result<u64> {
+        arg(i)?
+            .parse()
+            .with_context(|| format!("probe {}: argument {i} is not a number", args[0]))
+    };
+    let addr = |i: usize| -> Result<SocketAddr> {
+        arg(i)?
+            .parse()
+            .with_context(|| format!("probe {}: argument {i} is not an address", args[0]))
+    };
+    let out = match args.first().map(String::as_str) {
+        Some("greet") => return greet(addr(1)?),
+        Some("latency") => latency(addr(1)?, num(2)?)?,
+        Some("rate") => rate(addr(1)?, num(2)?, num(3)?)?,
+        Some("hold") => return hold(addr(1)?, num(2)?),
+        Some("dns") => dns(addr(1)?, arg(2)?, num(3)?, num(4)?)?,
+        Some("resolve") => resolve(addr(1)?, arg(2)?)?,
+        other => bail!("unknown probe {other:?}"),
+    };
+    println!("{out}");
+    Ok(())
+}
+
+#[tokio::main]
+async fn greet(listen: SocketAddr) -> Result<()> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(listen)?;
+    let listener = socket.listen(4096)?;
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = conn.set_nodelay(true);
+            if conn.write_all(b"!").await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 512];
+            while let Ok(n) = conn.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// One connection up to its greeting byte.
+fn greeted(target: SocketAddr) -> Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)?;
+    s.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    let mut byte = [0u8; 1];
+    s.read_exact(&mut byte)?;
+    if byte != *b"!" {
+        bail!("unexpected greeting {byte:?}");
+    }
+    Ok(s)
+}
+
+fn latency(target: SocketAddr, count: u64) -> Result<serde_json::Value> {
+    let mut times = Vec::with_capacity(count as usize);
+    let mut failures = 0u64;
+    let mut first_error = None;
+    for _ in 0..count {
+        let start = Instant::now();
+        match greeted(target) {
+            Ok(_) => times.push(start.elapsed()),
+            Err(e) => {
+                failures += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    if times.is_empty() {
+        bail!("no connection to {target} succeeded: {first_error:?}");
+    }
+    times.sort();
+    let pct = |p: f64| {
+        let i = ((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1;
+        times[i].as_secs_f64() * 1e3
+    };
+    Ok(json!({
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "ok": times.len(),
+        "failures": failures,
+        "first_error": first_error,
+    }))
+}
+
+fn rate(target: SocketAddr, secs: u64, workers: u64) -> Result<serde_json::Value> {
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..workers)
+        .map(|_| {
+            let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match greeted(target) {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(secs));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let ok = ok.load(Ordering::Relaxed);
+    if ok == 0 {
+        bail!("no connection to {target} succeeded in {secs} s");
+    }
+    Ok(json!({
+        "per_sec": ok as f64 / elapsed,
+        "ok": ok,
+        "failures": failed.load(Ordering::Relaxed),
+    }))
+}
+
+/// Opens `count` connections from a few threads, reports, and holds them
+/// until stdin reaches its end.
+fn hold(target: SocketAddr, count: u64) -> Result<()> {
+    const THREADS: u64 = 16;
+    let start = Instant::now();
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let mine = count / THREADS + u64::from(t < count % THREADS);
+            std::thread::spawn(move || -> Result<Vec<TcpStream>> {
+                (0..mine).map(|_| greeted(target)).collect()
+            })
+        })
+        .collect();
+    let mut held = Vec::with_capacity(count as usize);
+    let mut first_error = None;
+    for t in threads {
+        match t.join().expect("hold thread") {
+            Ok(v) => held.extend(v),
+            Err(e) => {
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    println!(
+        "{}",
+        json!({
+            "held": held.len(),
+            "secs": start.elapsed().as_secs_f64(),
+            "first_error": first_error,
+        })
+    );
+    std::io::stdout().flush()?;
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    drop(held);
+    Ok(())
+}
+
+/// An A query for `name` with id `id`, recursion desired.
+fn dns_query(id: u16, name: &Name) -> Vec<u8> {
+    let mut message = Message::query();
+    message.metadata.id = id;
+    message.metadata.recursion_desired = true;
+    message.add_query(Query::query(name.clone(), RecordType::A));
+    message.to_vec().expect("a query encodes")
+}
+
+/// The A records of an answer to query `id`, or `None` if it is not one.
+fn a_records(id: u16, answer: &[u8]) -> Option<Vec<Ipv4Addr>> {
+    let m = Message::from_vec(answer).ok()?;
+    if m.metadata.id != id || m.metadata.response_code != ResponseCode::NoError {
+        return None;
+    }
+    Some(
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+fn name(s: &str) -> Result<Name> {
+    Name::from_ascii(s).with_context(|| format!("{s:?} is not a DNS name"))
+}
+
+fn dns(server: SocketAddr, host: &str, secs: u64, workers: u64) -> Result<serde_json::Value> {
+    let qname = name(host)?;
+    let answered = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let threads: Vec<_> = (0..workers)
+        .map(|w| {
+            let (answered, failed, qname) = (answered.clone(), failed.clone(), qname.clone());
+            std::thread::spawn(move || -> Result<()> {
+                let sock = UdpSocket::bind("127.0.0.1:0")?;
+                sock.connect(server)?;
+                sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+                let mut buf = [0u8; 4096];
+                let mut id = (w as u16).wrapping_mul(4099);
+                while Instant::now() < deadline {
+                    id = id.wrapping_add(1);
+                    sock.send(&dns_query(id, &qname))?;
+                    // An answer to this query with at least one A record; a
+                    // late answer to an earlier one is skipped.
+                    let good = loop {
+                        match sock.recv(&mut buf) {
+                            Ok(n) if n >= 2 && buf[..2] == id.to_be_bytes() => {
+                                break a_records(id, &buf[..n]).is_some_and(|a| !a.is_empty());
+                            }
+                            Ok(_) => continue,
+                            Err(_) => break false,
+                        }
+                    };
+                    if good {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("dns thread")?;
+    }
+    let answered = answered.load(Ordering::Relaxed);
+    if answered == 0 {
+        bail!("{server} answered no query for {host}");
+    }
+    Ok(json!({
+        "per_sec": answered as f64 / secs as f64,
+        "failures": failed.load(Ordering::Relaxed),
+    }))
+}
+
+fn resolve(server: SocketAddr, host: &str) -> Result<serde_json::Value> {
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.connect(server)?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    sock.send(&dns_query(7, &name(host)?))?;
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf)?;
+    match a_records(7, &buf[..n]).and_then(|a| a.first().copied()) {
+        Some(ip) => Ok(json!({ "address": ip.to_string() })),
+        None => bail!("{server} has no A record for {host}"),
+    }
+}

@@ -1,0 +1,388 @@
+//! The results of a run: JSON for the chart, Markdown for people, with each
+//! figure as a ratio to direct TCP and to the best peer, and the targets of
+//! issue 7 checked.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::process::Command;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use crate::paths::{Lab, PathKind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    Up1,
+    Up8,
+    Down1,
+    Down8,
+    P50,
+    P99,
+    Rate,
+    Mem1k,
+    Mem10k,
+    Dns,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 10] = [
+        Metric::Up1,
+        Metric::Up8,
+        Metric::Down1,
+        Metric::Down8,
+        Metric::P50,
+        Metric::P99,
+        Metric::Rate,
+        Metric::Mem1k,
+        Metric::Mem10k,
+        Metric::Dns,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Metric::Up1 => "throughput app → on-prem, 1 stream",
+            Metric::Up8 => "throughput app → on-prem, 8 streams",
+            Metric::Down1 => "throughput on-prem → app, 1 stream",
+            Metric::Down8 => "throughput on-prem → app, 8 streams",
+            Metric::P50 => "connect to first byte, p50",
+            Metric::P99 => "connect to first byte, p99",
+            Metric::Rate => "new connections per second",
+            Metric::Mem1k => "memory per idle connection (first count)",
+            Metric::Mem10k => "memory per idle connection (second count)",
+            Metric::Dns => "DNS answers per second",
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Metric::Up1 | Metric::Up8 | Metric::Down1 | Metric::Down8 => "Gbit/s",
+            Metric::P50 | Metric::P99 => "ms",
+            Metric::Rate | Metric::Dns => "/s",
+            Metric::Mem1k | Metric::Mem10k => "KiB",
+        }
+    }
+
+    /// Whether more is better.
+    fn higher_is_better(self) -> bool {
+        !matches!(
+            self,
+            Metric::P50 | Metric::P99 | Metric::Mem1k | Metric::Mem10k
+        )
+    }
+
+    pub fn format(self, v: f64) -> String {
+        let digits = match self {
+            Metric::Rate | Metric::Dns => 0,
+            Metric::Mem1k | Metric::Mem10k => 1,
+            _ => 2,
+        };
+        format!("{v:.digits$} {}", self.unit())
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PathResult {
+    pub id: String,
+    pub title: String,
+    pub peer: bool,
+    pub values: BTreeMap<Metric, f64>,
+    pub errors: Vec<String>,
+}
+
+impl PathResult {
+    pub fn new(kind: PathKind) -> PathResult {
+        PathResult {
+            id: kind.id().into(),
+            title: kind.title().into(),
+            peer: kind.is_peer(),
+            values: BTreeMap::new(),
+            errors: Vec::new(),
+        }
+    }
+    /// Keeps a figure (and shows it), or the reason there is none.
+    pub fn record(&mut self, metric: Metric, value: Result<f64>) {
+        match value {
+            Ok(v) => {
+                eprintln!("   {:<44} {}", metric.label(), metric.format(v));
+                self.values.insert(metric, v);
+            }
+            Err(e) => self.errors.push(format!("{}: {e:#}", metric.label())),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Results {
+    pub mode: String,
+    pub date: String,
+    pub machine: String,
+    pub versions: BTreeMap<String, String>,
+    /// The idle-connection counts behind `mem1k` and `mem10k`.
+    pub holds: Vec<u32>,
+    pub paths: Vec<PathResult>,
+}
+
+fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = [o.stdout, o.stderr].concat();
+            String::from_utf8_lossy(&text)
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|e| format!("not found ({e})"))
+}
+
+impl Results {
+    pub fn new(mode: &str, lab: &Lab, holds: &[u32]) -> Result<Results> {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")?
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+            .unwrap_or_default();
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let memory = std::fs::read_to_string("/proc/meminfo")?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .nth(1)
+            .and_then(|k| k.parse::<u64>().ok())
+            .unwrap_or(0);
+        let kernel = first_line("uname", &["-r"]);
+        let machine = format!(
+            "{cpu}, {cores} cores, {:.0} GiB, Linux {kernel}",
+            memory as f64 / 1024.0 / 1024.0
+        );
+        let mut versions = BTreeMap::new();
+        let hl = lab.hybridlink.display().to_string();
+        let peer = |name: &str| lab.peers.join(name).display().to_string();
+        let commit = first_line("git", &["rev-parse", "--short", "HEAD"]);
+        let dirty = Command::new("git")
+            .args(["diff", "--quiet", "HEAD"])
+            .status()
+            .is_ok_and(|s| !s.success());
+        versions.insert(
+            "hybridlink".into(),
+            format!(
+                "{} (commit {commit}{})",
+                first_line(&hl, &["--version"]),
+                if dirty { ", with local changes" } else { "" }
+            ),
+        );
+        versions.insert("rathole".into(), {
+            let out = Command::new(peer("rathole")).arg("--version").output();
+            out.map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Build Version:"))
+                    .map(|v| format!("rathole {}", v.trim()))
+                    .unwrap_or_default()
+            })
+            .unwrap_or_else(|_| "not installed".into())
+        });
+        versions.insert(
+            "shadowsocks-rust".into(),
+            first_line(&peer("ssserver"), &["--version"]),
+        );
+        versions.insert("openssh".into(), first_line("ssh", &["-V"]));
+        versions.insert("iperf3".into(), first_line("iperf3", &["--version"]));
+        let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+        Ok(Results {
+            mode: mode.into(),
+            date,
+            machine,
+            versions,
+            holds: holds.to_vec(),
+            paths: Vec::new(),
+        })
+    }
+
+    fn value(&self, id: &str, m: Metric) -> Option<f64> {
+        self.paths
+            .iter()
+            .find(|p| p.id == id)
+            .and_then(|p| p.values.get(&m).copied())
+    }
+
+    /// The best peer's figure for `m`, and which peer it is.
+    fn best_peer(&self, m: Metric) -> Option<(f64, &str)> {
+        self.paths
+            .iter()
+            .filter(|p| p.peer)
+            .filter_map(|p| p.values.get(&m).map(|v| (*v, p.title.as_str())))
+            .reduce(|a, b| {
+                let b_better = if m.higher_is_better() {
+                    b.0 > a.0
+                } else {
+                    b.0 < a.0
+                };
+                if b_better { b } else { a }
+            })
+    }
+
+    fn label(&self, m: Metric) -> String {
+        match m {
+            Metric::Mem1k | Metric::Mem10k => {
+                let i = usize::from(m == Metric::Mem10k);
+                match self.holds.get(i) {
+                    Some(n) => format!("memory per idle connection, {n} held"),
+                    None => m.label().to_string(),
+                }
+            }
+            _ => m.label().to_string(),
+        }
+    }
+}
+
+/// The results as Markdown: the table, the targets, the machine.
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Full-path benchmark ({} run, {})\n", r.mode, r.date);
+    let _ = writeln!(
+        s,
+        "Every path crosses the same lab (app, relay and on-prem network namespaces joined by \
+         veths): app → relay → on-prem. Each cell: the figure, then its ratio to direct TCP and \
+         to the best peer (ssh, rathole or shadowsocks-rust) for that row. Regenerate with \
+         `sudo ./scripts/bench`.\n"
+    );
+    let _ = write!(s, "| | ");
+    let titles: Vec<&str> = r.paths.iter().map(|p| p.title.as_str()).collect();
+    let _ = writeln!(s, "{} |", titles.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---|".repeat(titles.len()));
+    for m in Metric::ALL {
+        if r.paths.iter().all(|p| !p.values.contains_key(&m)) {
+            continue;
+        }
+        let _ = write!(s, "| {} |", r.label(m));
+        let direct = r.value("direct", m);
+        let best = r.best_peer(m);
+        for p in &r.paths {
+            let Some(v) = p.values.get(&m).copied() else {
+                let _ = write!(s, " – |");
+                continue;
+            };
+            let mut cell = m.format(v);
+            let mut ratios = Vec::new();
+            if let Some(d) = direct.filter(|_| p.id != "direct") {
+                ratios.push(format!("{:.2}× direct", v / d));
+            }
+            if let Some((b, _)) = best.filter(|_| p.id != "direct") {
+                ratios.push(format!("{:.2}× best peer", v / b));
+            }
+            if !ratios.is_empty() {
+                let _ = write!(cell, " ({})", ratios.join(", "));
+            }
+            let _ = write!(s, " {cell} |");
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, "\n## Targets (issue 7)\n");
+    for line in targets(r) {
+        let _ = writeln!(s, "- {line}");
+    }
+    let errors: Vec<String> = r
+        .paths
+        .iter()
+        .flat_map(|p| p.errors.iter().map(move |e| format!("{}: {e}", p.title)))
+        .collect();
+    if !errors.is_empty() {
+        let _ = writeln!(s, "\n## Failed measurements\n");
+        for e in errors {
+            let _ = writeln!(s, "- {e}");
+        }
+    }
+    let _ = writeln!(s, "\n## Machine and versions\n\n- {}", r.machine);
+    for (k, v) in &r.versions {
+        let _ = writeln!(s, "- {k}: {v}");
+    }
+    let _ = writeln!(
+        s,
+        "\nMemory is the growth of the resident set of the path's own processes (hybridlink: \
+         appliance, relay and agent; rathole: server and client; shadowsocks: sslocal and \
+         ssserver; ssh: sshd and both clients) while the connections are held, divided by their \
+         number. Latency and connection rate use a target that sends one byte on accept; \
+         throughput is iperf3 (median of the runs)."
+    );
+    s
+}
+
+/// Each target of issue 7 as a line: met or not, and the figures behind it.
+fn targets(r: &Results) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut check = |what: &str, ours: Metric, peer: &str, factor: f64, at_least: bool| {
+        let (Some(a), Some(b)) = (r.value("hybridlink", ours), r.value(peer, ours)) else {
+            lines.push(format!("{what}: not measured"));
+            return;
+        };
+        let met = if at_least {
+            a >= factor * b
+        } else {
+            a <= factor * b
+        };
+        lines.push(format!(
+            "{} {what}: hybridlink {} vs {peer} {} ({:.2}×)",
+            if met { "✓" } else { "✗" },
+            ours.format(a),
+            ours.format(b),
+            a / b
+        ));
+    };
+    check(
+        "single stream app → on-prem ≥ 1.3× rathole",
+        Metric::Up1,
+        "rathole",
+        1.3,
+        true,
+    );
+    check(
+        "single stream on-prem → app ≥ 1.3× rathole",
+        Metric::Down1,
+        "rathole",
+        1.3,
+        true,
+    );
+    check(
+        "single stream app → on-prem ≥ 2.5× shadowsocks",
+        Metric::Up1,
+        "shadowsocks",
+        2.5,
+        true,
+    );
+    check(
+        "single stream on-prem → app ≥ 2.5× shadowsocks",
+        Metric::Down1,
+        "shadowsocks",
+        2.5,
+        true,
+    );
+    check(
+        "connect-to-first-byte p50 ≤ rathole's",
+        Metric::P50,
+        "rathole",
+        1.0,
+        false,
+    );
+    check(
+        "connect-to-first-byte p99 ≤ 2× rathole's",
+        Metric::P99,
+        "rathole",
+        2.0,
+        false,
+    );
+    check(
+        "memory per idle connection below rathole's",
+        Metric::Mem10k,
+        "rathole",
+        1.0,
+        false,
+    );
+    lines
+}
