@@ -12,5 +12,6 @@ pub mod portal;
 pub mod registry;
 pub mod run;
 pub mod server;
+mod splice;
 
 pub use run::{Limits, RelayConfig, RelayError, RunningRelay};

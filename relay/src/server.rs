@@ -23,8 +23,6 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// TLS handshake and hello must be done within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Copy buffer per direction of a spliced pipe.
-const SPLICE_BUFFER: usize = 256 * 1024;
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -99,39 +97,21 @@ async fn serve_pipe(mut conn: TcpStream, hub: Hub) -> Result<(), String> {
                     })
                     .clone()
             };
-            let mut conn = transport::metrics::Counted::new(conn, counter(from_this));
-            let mut other = transport::metrics::Counted::new(other, counter(from_other));
-            let copied = tokio::io::copy_bidirectional_with_sizes(
-                &mut conn,
-                &mut other,
-                SPLICE_BUFFER,
-                SPLICE_BUFFER,
+            let copied = crate::splice::splice_bidirectional(
+                &conn,
+                &other,
+                &counter(from_this),
+                &counter(from_other),
             )
             .await;
             m.pipes_active.dec();
             match copied {
-                Ok((a, b)) => {
-                    // `conn` is this end: `a` went from it to the other.
-                    let (to_agent, to_sender) = match role {
-                        proto::control::PipeRole::Sender => (a, b),
-                        _ => (b, a),
-                    };
-                    for (reason, n) in [
-                        ("sender_to_agent", to_agent),
-                        ("agent_to_sender", to_sender),
-                    ] {
-                        m.pipe_bytes
-                            .get_or_create(&transport::metrics::ReasonLabel {
-                                reason: reason.into(),
-                            })
-                            .inc_by(n);
-                    }
-                    debug!(up = a, down = b, "pipe closed");
-                }
+                // `conn` is this end: `a` went from it to the other.
+                Ok((a, b)) => debug!(up = a, down = b, "pipe closed"),
                 Err(e) => debug!(error = %e, "pipe ended"),
             }
-            let _ = conn.shutdown().await;
-            let _ = other.shutdown().await;
+            // Dropping both sockets closes them (on an error, the direction
+            // still running ends with them).
             Ok(())
         }
     }
