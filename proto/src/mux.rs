@@ -106,7 +106,11 @@ impl Default for Config {
             max_session_window: 256 * 1024 * 1024,
             keepalive_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
-            max_streams: 1024,
+            // As many as the appliance's netstack holds flows: one sender
+            // keeps one pipe per agent, so this is the most connections an
+            // application can hold to one agent. Memory stays bounded by the
+            // session window, not by the stream count.
+            max_streams: 16_384,
             max_frame_payload: frame::DEFAULT_MAX_PAYLOAD,
             max_buffered_output: 1024 * 1024,
         }

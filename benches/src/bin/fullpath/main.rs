@@ -37,7 +37,7 @@ const STATE_ROOT: &str = "/run/hybridlink-lab";
 #[command(
     about = "Measure hybridlink's full path against direct TCP, ssh, rathole and shadowsocks-rust across the lab (root)",
     after_help = "Normally run as ./scripts/bench, which installs the peers first.\n\
-                  A run takes about 10 minutes; --smoke takes well under one."
+                  A run takes about 20 minutes; --smoke takes well under one."
 )]
 struct Args {
     /// A few seconds per path instead of the full measurement (CI uses it to
@@ -60,6 +60,10 @@ struct Args {
     /// The directory with `rathole`, `sslocal` and `ssserver`.
     #[arg(long, default_value = "target/bench-peers/bin")]
     peers: PathBuf,
+    /// Only write OUT/latest.md again from this latest.json (no lab, no
+    /// measurement).
+    #[arg(long, value_name = "JSON")]
+    report_from: Option<PathBuf>,
     /// The hybridlink binary to measure.
     #[arg(long, default_value = "target/release/hybridlink")]
     hybridlink: PathBuf,
@@ -116,6 +120,15 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
+    if let Some(json) = &args.report_from {
+        let text =
+            std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let results: Results = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a results file", json.display()))?;
+        std::fs::create_dir_all(&args.out)?;
+        std::fs::write(args.out.join("latest.md"), report::markdown(&results))?;
+        return Ok(());
+    }
     let kinds = args
         .paths
         .iter()

@@ -437,7 +437,8 @@ impl Lab {
                 {
                     "protocol": "tun",
                     "tun_interface_name": "hlbss0",
-                    "tun_interface_address": "198.19.128.1/17",
+                    // The fake addresses must not include the tun's own.
+                    "tun_interface_address": "198.19.0.1/16",
                 },
                 {
                     "protocol": "fake-dns",
@@ -445,6 +446,10 @@ impl Lab {
                     "local_port": 5353,
                     "fake_dns_ipv4_network": "198.19.128.0/17",
                     "fake_dns_database_path": db.display().to_string(),
+                    // The harness resolves once per run; by default a fake
+                    // address is forgotten after a few seconds and then
+                    // leaves the tun as itself.
+                    "fake_dns_record_expire_duration": 86400,
                 },
             ],
         });
