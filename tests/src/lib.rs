@@ -387,6 +387,24 @@ pub async fn echo_server() -> Result<SocketAddr> {
     Ok(addr)
 }
 
+/// A TCP echo server on loopback served by plain threads, for tests that
+/// have no tokio runtime; it lives as long as the test process.
+pub fn echo_server_thread() -> Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                if let Ok(mut reader) = conn.try_clone() {
+                    let mut writer = conn;
+                    let _ = std::io::copy(&mut reader, &mut writer);
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
 /// A server that reads everything, then answers with the SHA-256 of what it
 /// read (32 bytes) and closes: checks integrity and half-close at once.
 pub async fn digest_server() -> Result<SocketAddr> {

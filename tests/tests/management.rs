@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use hybridlink_tests::{Agent, Relay, binary};
+use hybridlink_tests::{Agent, Relay, binary, echo_server_thread};
 use proto::connection_string::ConnectionString;
 
 /// A server that greets every connection with `banner` and closes.
@@ -22,26 +22,6 @@ fn banner_server(banner: &'static str) -> Result<SocketAddr> {
         for conn in listener.incoming().flatten() {
             let mut conn = conn;
             let _ = conn.write_all(banner.as_bytes());
-        }
-    });
-    Ok(addr)
-}
-
-/// A line echo server.
-fn echo_server() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut writer = conn.try_clone().expect("clone");
-                let mut reader = BufReader::new(conn);
-                let mut line = String::new();
-                while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-                    let _ = writer.write_all(line.as_bytes());
-                    line.clear();
-                }
-            });
         }
     });
     Ok(addr)
@@ -131,7 +111,7 @@ impl OpenStream {
 #[test]
 fn a_regenerated_key_is_refused_with_that_reason_and_open_streams_go_on() -> Result<()> {
     let relay = Relay::start()?;
-    let (send, listen) = relay.create_hc("payroll", echo_server()?)?;
+    let (send, listen) = relay.create_hc("payroll", echo_server_thread()?)?;
     let agent = Agent::start(&[&listen], &[])?;
     agent.wait_connected()?;
 
@@ -253,8 +233,8 @@ fn update_moves_new_streams_to_the_new_endpoint_without_restarts() -> Result<()>
 #[test]
 fn status_shows_each_agent_and_not_connected_when_none() -> Result<()> {
     let relay = Relay::start()?;
-    let (_, listen) = relay.create_hc("payroll", echo_server()?)?;
-    relay.create_hc("idle", echo_server()?)?;
+    let (_, listen) = relay.create_hc("payroll", echo_server_thread()?)?;
+    relay.create_hc("idle", echo_server_thread()?)?;
     let mut agent = Agent::start(&[&listen], &["--label", "dc1-agent"])?;
     agent.wait_connected()?;
 
@@ -327,7 +307,7 @@ fn quotas_are_enforced_with_clear_errors() -> Result<()> {
         "127.0.0.1:0",
         &["--max-hcs", "1", "--max-listeners", "1"],
     )?;
-    let (_, listen) = relay.create_hc("payroll", echo_server()?)?;
+    let (_, listen) = relay.create_hc("payroll", echo_server_thread()?)?;
     let out = relay
         .hc_command()?
         .args(["create", "more", "--host", "h.corp", "--port", "80"])
@@ -342,7 +322,7 @@ fn quotas_are_enforced_with_clear_errors() -> Result<()> {
     // Pipes: one sender holds the only one; the next sender is told why not.
     let pipes_dir = tempfile::tempdir()?;
     let narrow = Relay::start_with(pipes_dir.path(), "127.0.0.1:0", &["--max-pipes", "1"])?;
-    let (narrow_send, narrow_listen) = narrow.create_hc("payroll", echo_server()?)?;
+    let (narrow_send, narrow_listen) = narrow.create_hc("payroll", echo_server_thread()?)?;
     let narrow_agent = Agent::start(&[&narrow_listen], &[])?;
     narrow_agent.wait_connected()?;
     let mut holder = OpenStream::open(&narrow_send)?;
@@ -470,7 +450,7 @@ fn agent_reload(agent: &Agent) -> Result<String> {
 fn keys_rotate_with_zero_failed_connections() -> Result<()> {
     use std::sync::atomic::{AtomicU16, AtomicU64};
     let relay = Relay::start()?;
-    relay.create_hc("payroll", echo_server()?)?;
+    relay.create_hc("payroll", echo_server_thread()?)?;
     let keys = relay.hc(&["keys", "payroll"])?;
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("agent.conf");
@@ -585,7 +565,7 @@ fn keys_rotate_with_zero_failed_connections() -> Result<()> {
 #[test]
 fn an_agent_drains_open_streams_on_sigterm() -> Result<()> {
     let relay = Relay::start()?;
-    let (send, listen) = relay.create_hc("payroll", echo_server()?)?;
+    let (send, listen) = relay.create_hc("payroll", echo_server_thread()?)?;
     let mut agent = Agent::start(&[&listen], &["--drain-timeout", "10"])?;
     agent.wait_connected()?;
     let mut open = OpenStream::open(&send)?;

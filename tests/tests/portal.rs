@@ -11,7 +11,6 @@
 //! missing.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use hybridlink_tests::{Agent, Relay, binary};
+use hybridlink_tests::{Agent, Relay, binary, echo_server_thread};
 use proto::connection_string::ConnectionString;
 use serde_json::{Value, json};
 
@@ -59,7 +58,7 @@ fn the_portal_creates_keys_watches_and_deletes_hybrid_connections() -> Result<()
 
     let relay = Relay::start()?;
     let key = std::fs::read_to_string(relay.data_dir.join("manage.key"))?;
-    let targets = [echo_server()?, echo_server()?];
+    let targets = [echo_server_thread()?, echo_server_thread()?];
     let child = Command::new("node")
         .arg("portal.mjs")
         .current_dir(&script_dir)
@@ -277,21 +276,4 @@ impl Drop for Traffic {
             let _ = child.wait();
         }
     }
-}
-
-/// A TCP echo server on loopback (threads; it lives as long as the test).
-fn echo_server() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                if let Ok(mut reader) = conn.try_clone() {
-                    let mut writer = conn;
-                    let _ = std::io::copy(&mut reader, &mut writer);
-                }
-            });
-        }
-    });
-    Ok(addr)
 }
