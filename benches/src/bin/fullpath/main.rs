@@ -192,10 +192,13 @@ fn claim_lab() -> Result<()> {
 fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Result<Results> {
     std::fs::create_dir_all(&lab.state)?;
     for role in [Role::App, Role::Relay, Role::Onprem] {
-        // Thousands of connections a second leave sockets in TIME-WAIT.
+        // Thousands of connections a second leave sockets in TIME-WAIT, so
+        // widen the ephemeral range, keeping out the ports the paths listen
+        // on (an outgoing socket on 9444 once kept our relay from starting).
         lab.sh(
             role,
-            "sysctl -qw net.ipv4.ip_local_port_range='1024 65000' net.ipv4.tcp_tw_reuse=1",
+            "sysctl -qw net.ipv4.ip_local_port_range='1024 65000' net.ipv4.tcp_tw_reuse=1 \
+             net.ipv4.ip_local_reserved_ports=2222,2333,5201,5300,5353,8388,9443-9444,15201,15300",
         )?;
     }
     let hosts = lab.netns.hosts_file(Role::Onprem);

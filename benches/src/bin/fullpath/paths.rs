@@ -112,6 +112,14 @@ pub struct Running {
 }
 
 impl Lab {
+    /// A command in `role`'s namespace that raises the open-files limit and
+    /// then runs the arguments it is given.
+    fn raised(&self, role: Role) -> Command {
+        let mut cmd = self.netns.command(role, "sh");
+        cmd.args(["-c", RAISE_FILES, "sh"]);
+        cmd
+    }
+
     /// Starts `argv` in `role`'s namespace with a high open-files limit,
     /// its output in `state/NAME.log`.
     pub fn spawn(
@@ -122,9 +130,8 @@ impl Lab {
         env: &[(&str, &str)],
     ) -> Result<Child> {
         let log = fs::File::create(self.state.join(format!("{name}.log")))?;
-        let mut cmd = self.netns.command(role, "sh");
-        cmd.args(["-c", RAISE_FILES, "sh"])
-            .args(argv)
+        let mut cmd = self.raised(role);
+        cmd.args(argv)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -141,11 +148,8 @@ impl Lab {
 
     /// A probe run in `role`'s namespace, its JSON result.
     pub fn probe(&self, role: Role, args: &[&str]) -> Result<serde_json::Value> {
-        let mut cmd = self.netns.command(role, "sh");
-        cmd.args(["-c", RAISE_FILES, "sh"])
-            .arg(&self.me)
-            .arg("probe")
-            .args(args);
+        let mut cmd = self.raised(role);
+        cmd.arg(&self.me).arg("probe").args(args);
         let out = cmd.output()?;
         if !out.status.success() {
             bail!(
@@ -159,9 +163,8 @@ impl Lab {
 
     /// A probe started in `role`'s namespace with pipes to talk to it.
     pub fn probe_child(&self, role: Role, args: &[&str]) -> Result<Child> {
-        let mut cmd = self.netns.command(role, "sh");
-        cmd.args(["-c", RAISE_FILES, "sh"])
-            .arg(&self.me)
+        let mut cmd = self.raised(role);
+        cmd.arg(&self.me)
             .arg("probe")
             .args(args)
             .stdin(Stdio::piped())
