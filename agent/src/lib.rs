@@ -8,24 +8,27 @@
 
 pub mod control_socket;
 pub mod dial;
+pub mod policy;
 pub mod serve;
 pub mod status;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use proto::connection_string::ConnectionString;
 use proto::control::{Fingerprint, PeerRole, RelayMessage};
+use proto::key::Key;
 use proto::name::{Endpoint, HcName};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 use transport::control::{self, ControlClientError, ControlConfig, ControlEvent, RelayAddr};
 use transport::mux::MuxConfig;
 use transport::tls::DataIdentity;
 
-pub use status::{HcState, HcStatus};
+pub use policy::Policy;
+pub use status::{EndToEnd, HcState, HcStatus};
 
 /// Options of an agent.
 #[derive(Clone, Debug)]
@@ -41,6 +44,9 @@ pub struct AgentOptions {
     pub label: String,
     /// Multiplexer settings of the pipes.
     pub mux: MuxConfig,
+    /// The endpoints this agent may dial (replaceable while it runs with
+    /// [`Agent::set_policy`]).
+    pub policy: Policy,
 }
 
 impl AgentOptions {
@@ -52,6 +58,7 @@ impl AgentOptions {
             token_ttl: Duration::from_secs(3600),
             label: default_label(),
             mux: MuxConfig::default(),
+            policy: Policy::built_in(),
         }
     }
 }
@@ -93,6 +100,70 @@ pub(crate) struct Shared {
     /// Which sender identities may open streams on which hybrid connections,
     /// per relay (grants are only valid on the relay that made them).
     pub grants: HashMap<(RelayAddr, Fingerprint), HashSet<HcName>>,
+    /// End-to-end keys of the hybrid connections that have one.
+    pub end_to_end: HashMap<HcName, Key>,
+}
+
+/// The policy in force, shared by every generation and stream; streams
+/// watch `changed` and end when a new policy refuses them.
+#[derive(Debug)]
+pub(crate) struct PolicyCell {
+    current: RwLock<Arc<Policy>>,
+    changed: watch::Sender<u64>,
+}
+
+impl PolicyCell {
+    fn new(policy: Policy) -> Self {
+        PolicyCell {
+            current: RwLock::new(Arc::new(policy)),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    /// The policy in force now.
+    pub(crate) fn get(&self) -> Arc<Policy> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set(&self, policy: Policy) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Ticks when the policy is replaced.
+    pub(crate) fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// Checks `endpoint` of `hc` against `policy`, records the answer in the
+/// hybrid connection's state and logs it when it changed.
+pub(crate) fn apply_policy(policy: &Policy, hc: &HcName, state: &mut HcState) {
+    let Some(endpoint) = state.endpoint().cloned() else {
+        return;
+    };
+    let refusal = policy
+        .check_endpoint(hc, &endpoint)
+        .err()
+        .map(|d| d.to_string());
+    record_policy(hc, state, refusal);
+}
+
+/// Records a policy answer for `hc`, logging it once when it changes.
+pub(crate) fn record_policy(hc: &HcName, state: &mut HcState, refusal: Option<String>) {
+    if state.set_policy_refusal(refusal.clone()) {
+        match refusal {
+            Some(r) => {
+                warn!(%hc, refusal = %r, "Denied by policy: streams of this hybrid connection are refused")
+            }
+            None => {
+                info!(%hc, endpoint = ?state.endpoint().map(|e| e.to_string()), "the policy allows the endpoint")
+            }
+        }
+    }
 }
 
 /// A running agent. Dropping it does not stop it; the tasks end with the
@@ -112,6 +183,7 @@ pub struct Agent {
 struct AgentInner {
     identity: DataIdentity,
     options: AgentOptions,
+    policy: Arc<PolicyCell>,
     current: Mutex<Generation>,
     /// Streams being served, over all generations.
     active: Arc<AtomicUsize>,
@@ -176,9 +248,12 @@ impl Agent {
         check_strings(&options.connection_strings)?;
         let identity = DataIdentity::generate().map_err(ControlClientError::from)?;
         let active = Arc::new(AtomicUsize::new(0));
+        let policy = Arc::new(PolicyCell::new(options.policy.clone()));
+        info!(policy = %options.policy.describe(), "on-prem policy");
         let generation = spawn_generation(
             &identity,
             &options,
+            &policy,
             options.connection_strings.clone(),
             &active,
         )?;
@@ -186,6 +261,7 @@ impl Agent {
             inner: Arc::new(AgentInner {
                 identity,
                 options,
+                policy,
                 current: Mutex::new(generation),
                 active,
             }),
@@ -205,6 +281,7 @@ impl Agent {
         let next = spawn_generation(
             &self.inner.identity,
             &self.inner.options,
+            &self.inner.policy,
             strings,
             &self.inner.active,
         )?;
@@ -223,6 +300,26 @@ impl Agent {
         drop(old);
         info!(?summary, "connection strings reloaded");
         Ok(summary)
+    }
+
+    /// Replaces the on-prem policy. Hybrid connections are checked again at
+    /// once (status and the relay learn which are refused); open streams
+    /// that the new policy still allows go on, the others are cut.
+    pub fn set_policy(&self, policy: Policy) {
+        info!(policy = %policy.describe(), "on-prem policy replaced");
+        let shared = self.current().shared.clone();
+        {
+            let mut shared = lock(&shared);
+            for (name, state) in shared.hcs.iter_mut() {
+                apply_policy(&policy, name, state);
+            }
+        }
+        self.inner.policy.set(policy);
+    }
+
+    /// The on-prem policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.inner.policy.get()
     }
 
     /// Stops taking new streams: every control channel closes, so the relay
@@ -283,13 +380,21 @@ fn summarize(old: &[ConnectionString], new: &[ConnectionString]) -> ReloadSummar
 fn spawn_generation(
     identity: &DataIdentity,
     options: &AgentOptions,
+    policy: &Arc<PolicyCell>,
     strings: Vec<ConnectionString>,
     active: &Arc<AtomicUsize>,
 ) -> Result<Generation, AgentError> {
     let mut shared = Shared::default();
     let mut by_relay: HashMap<RelayAddr, Vec<ConnectionString>> = HashMap::new();
     for cs in &strings {
-        shared.hcs.insert(cs.entity.clone(), HcState::new());
+        shared
+            .hcs
+            .insert(cs.entity.clone(), HcState::new(cs.end_to_end_key.is_some()));
+        if let Some(key) = &cs.end_to_end_key {
+            shared.end_to_end.insert(cs.entity.clone(), key.clone());
+        } else {
+            warn!(hc = %cs.entity, "end-to-end: relay-trusted (no EndToEndKey in the listen connection string: a relay that lies about the senders' keys could read and inject traffic)");
+        }
         by_relay
             .entry(RelayAddr::of(cs)?)
             .or_default()
@@ -311,6 +416,7 @@ fn spawn_generation(
             identity: identity.clone(),
             shared: shared.clone(),
             options: options.clone(),
+            policy: policy.clone(),
             active: active.clone(),
         };
         tasks.push(tokio::spawn(run_relay(ctx, handle, events)));
@@ -369,13 +475,20 @@ const STATS_INTERVAL: Duration = Duration::from_secs(2);
 /// relay (the relay's status shows them).
 fn report_stats(ctx: &serve::Context, control: &control::ControlHandle) {
     use transport::metrics::{Direction, HcLabel, bytes_counter, metrics};
-    let connected: Vec<(HcName, u64)> = lock(&ctx.shared)
+    let connected: Vec<(HcName, u64, bool, Option<String>)> = lock(&ctx.shared)
         .hcs
         .iter()
         .filter(|(_, s)| s.is_connected())
-        .map(|(name, s)| (name.clone(), s.streams_refused()))
+        .map(|(name, s)| {
+            (
+                name.clone(),
+                s.streams_refused(),
+                s.end_to_end(),
+                s.policy_refusal().map(str::to_string),
+            )
+        })
         .collect();
-    for (entity, refused) in connected {
+    for (entity, refused, end_to_end, policy_refusal) in connected {
         let label = HcLabel {
             hc: entity.to_string(),
         };
@@ -386,7 +499,12 @@ fn report_stats(ctx: &serve::Context, control: &control::ControlHandle) {
             bytes_to_target: bytes_counter(entity.as_str(), Direction::to_target).get(),
             bytes_from_target: bytes_counter(entity.as_str(), Direction::from_target).get(),
         };
-        control.send(proto::control::PeerMessage::Stats { entity, stats });
+        control.send(proto::control::PeerMessage::Stats {
+            entity,
+            stats,
+            end_to_end,
+            policy_refusal,
+        });
     }
 }
 
@@ -403,6 +521,7 @@ fn handle_message(ctx: &serve::Context, msg: RelayMessage) {
                     info!(hc = %entity, %endpoint, "Connected");
                 }
                 s.connected(endpoint);
+                apply_policy(&ctx.policy.get(), &entity, s);
             }
         }
         RelayMessage::Renewed { entity, .. } => {
@@ -425,6 +544,7 @@ fn handle_message(ctx: &serve::Context, msg: RelayMessage) {
             if let Some(s) = shared.hcs.get_mut(&entity) {
                 info!(hc = %entity, %endpoint, "endpoint changed");
                 s.set_endpoint(endpoint);
+                apply_policy(&ctx.policy.get(), &entity, s);
             }
         }
         RelayMessage::Grant { peer, entity } => {

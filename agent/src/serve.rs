@@ -5,14 +5,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use proto::control::{Fingerprint, RefusalCode, StreamRefusal, StreamRequest, Ticket};
+use proto::control::{
+    Fingerprint, RefusalCode, StreamAccept, StreamRefusal, StreamRequest, Ticket,
+};
+use proto::e2e::{self, ChannelBinding, ProofRole};
 use tracing::{Instrument, debug, info, info_span, warn};
 use transport::control::RelayAddr;
 use transport::mux::PendingStream;
 use transport::pipe;
 use transport::tls::DataIdentity;
 
-use crate::{AgentOptions, Shared, dial, endpoint_of, lock};
+use crate::dial::DialError;
+use crate::{AgentOptions, PolicyCell, Shared, dial, endpoint_of, lock, record_policy};
 
 /// Copy buffer per direction between a stream and its target.
 const COPY_BUFFER: usize = 256 * 1024;
@@ -24,6 +28,8 @@ pub(crate) struct Context {
     pub identity: DataIdentity,
     pub shared: Arc<Mutex<Shared>>,
     pub options: AgentOptions,
+    /// The on-prem policy in force.
+    pub policy: Arc<PolicyCell>,
     /// Streams being served by this agent (all generations).
     pub active: Arc<AtomicUsize>,
 }
@@ -48,7 +54,11 @@ impl Drop for Active {
 pub(crate) async fn serve_pipe(ctx: Context, ticket: Ticket, peer: Fingerprint) {
     let span = info_span!("pipe", sender = %peer);
     async move {
-        let (_mux, mut incoming) = match pipe::connect_as_agent(
+        let pipe::Pipe {
+            mux: _mux,
+            mut incoming,
+            binding,
+        } = match pipe::connect_as_agent(
             &ctx.relay,
             &ticket,
             &ctx.identity,
@@ -68,7 +78,7 @@ pub(crate) async fn serve_pipe(ctx: Context, ticket: Ticket, peer: Fingerprint) 
         while let Some(pending) = incoming.next().await {
             flow += 1;
             let ctx = ctx.clone();
-            tokio::spawn(serve_stream(ctx, peer, pending, flow));
+            tokio::spawn(serve_stream(ctx, peer, binding, pending, flow));
         }
         info!("pipe from sender closed");
     }
@@ -93,7 +103,13 @@ fn refuse(pending: PendingStream, code: RefusalCode, message: String) {
     pending.reject(Bytes::from(payload));
 }
 
-async fn serve_stream(ctx: Context, peer: Fingerprint, pending: PendingStream, flow: u64) {
+async fn serve_stream(
+    ctx: Context,
+    peer: Fingerprint,
+    binding: ChannelBinding,
+    pending: PendingStream,
+    flow: u64,
+) {
     let _active = Active::new(&ctx.active);
     let request: StreamRequest = match serde_json::from_slice(pending.request()) {
         Ok(r) => r,
@@ -110,13 +126,17 @@ async fn serve_stream(ctx: Context, peer: Fingerprint, pending: PendingStream, f
     let hc = request.hc;
     let span = info_span!("stream", %hc, flow);
     async move {
-        let (allowed, endpoint) = {
+        let (allowed, endpoint, key) = {
             let shared = lock(&ctx.shared);
             let allowed = shared
                 .grants
                 .get(&(ctx.relay.clone(), peer))
                 .is_some_and(|set| set.contains(&hc));
-            (allowed, endpoint_of(&shared, &hc))
+            (
+                allowed,
+                endpoint_of(&shared, &hc),
+                shared.end_to_end.get(&hc).cloned(),
+            )
         };
         let Some(endpoint) = endpoint else {
             warn!("stream for a hybrid connection this agent does not serve");
@@ -138,19 +158,45 @@ async fn serve_stream(ctx: Context, peer: Fingerprint, pending: PendingStream, f
             );
             return;
         }
-        let dialed = dial::dial(&endpoint, ctx.options.dial_timeout).await;
-        if let Some(s) = lock(&ctx.shared).hcs.get_mut(&hc) {
-            s.count_stream(dialed.is_ok());
+        // The end-to-end check comes before anything is dialed: a sender
+        // (or a relay in the middle) without the key reaches nothing.
+        if let Some(key) = &key
+            && let Err(e) = e2e::verify(
+                key,
+                ProofRole::Sender,
+                &hc,
+                &binding,
+                request.proof.as_deref(),
+            )
+        {
+            warn!(error = %e, "stream refused by the end-to-end check");
+            refuse_counted(hc.as_str(), pending, RefusalCode::EndToEnd, e.to_string());
+            return;
         }
-        let target = match dialed {
+        let policy = ctx.policy.get();
+        let mut policy_changes = ctx.policy.changes();
+        let dialed = dial::dial(&policy, &hc, &endpoint, ctx.options.dial_timeout).await;
+        {
+            let mut shared = lock(&ctx.shared);
+            if let Some(s) = shared.hcs.get_mut(&hc) {
+                s.count_stream(dialed.is_ok());
+                match &dialed {
+                    Err(DialError::Denied(d)) => record_policy(&hc, s, Some(d.to_string())),
+                    Ok(_) if s.endpoint() == Some(&endpoint) => record_policy(&hc, s, None),
+                    _ => {}
+                }
+            }
+        }
+        let dial::Dialed { tcp: target, addr } = match dialed {
             Ok(t) => t,
-            Err(refusal) => {
-                info!(%endpoint, reason = %refusal.message, "dial failed");
+            Err(e) => {
+                let refusal = e.refusal();
+                info!(%endpoint, reason = %refusal.message, "dial refused or failed");
                 refuse_counted(hc.as_str(), pending, refusal.code, refusal.message);
                 return;
             }
         };
-        debug!(%endpoint, "dialed");
+        debug!(%endpoint, %addr, "dialed");
         let metrics = transport::metrics::metrics();
         metrics
             .streams_opened
@@ -158,21 +204,52 @@ async fn serve_stream(ctx: Context, peer: Fingerprint, pending: PendingStream, f
             .inc();
         let _counted = transport::metrics::ActiveGuard::new(hc.as_str());
         use transport::metrics::{Counted, Direction, bytes_counter};
+        let accept = match &key {
+            Some(key) => {
+                let body = StreamAccept {
+                    proof: Some(e2e::prove(key, ProofRole::Agent, &hc, &binding)),
+                };
+                // A struct of one hex string always serialises.
+                #[allow(clippy::expect_used)]
+                Bytes::from(serde_json::to_vec(&body).expect("accept serialises"))
+            }
+            None => Bytes::new(),
+        };
         let mut stream = Counted::new(
-            pending.accept(Bytes::new()),
+            pending.accept(accept),
             bytes_counter(hc.as_str(), Direction::to_target),
         );
         let mut target = Counted::new(target, bytes_counter(hc.as_str(), Direction::from_target));
-        match tokio::io::copy_bidirectional_with_sizes(
+        let copy = tokio::io::copy_bidirectional_with_sizes(
             &mut stream,
             &mut target,
             COPY_BUFFER,
             COPY_BUFFER,
-        )
-        .await
-        {
-            Ok((up, down)) => debug!(up, down, "stream closed"),
-            Err(e) => debug!(error = %e, "stream ended with an error"),
+        );
+        // A new policy that refuses this stream's endpoint or address ends
+        // it; one that still allows it leaves it alone.
+        let refused_later = async {
+            loop {
+                if policy_changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                let policy = ctx.policy.get();
+                let verdict = policy
+                    .check_endpoint(&hc, &endpoint)
+                    .and_then(|rule| policy.check_address(&hc, &endpoint, rule, addr.ip()));
+                if let Err(denial) = verdict {
+                    return denial;
+                }
+            }
+        };
+        tokio::select! {
+            result = copy => match result {
+                Ok((up, down)) => debug!(up, down, "stream closed"),
+                Err(e) => debug!(error = %e, "stream ended with an error"),
+            },
+            denial = refused_later => {
+                warn!(%denial, "stream cut: the new on-prem policy refuses it");
+            }
         }
     }
     .instrument(span)

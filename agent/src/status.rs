@@ -15,6 +15,9 @@ pub enum Connection {
     Connected,
     /// The relay refused the listen key (wrong, regenerated, HC deleted).
     Denied(String),
+    /// Attached, but the on-prem policy refuses the endpoint the relay
+    /// announced: every stream is refused with `denied_by_policy`.
+    DeniedByPolicy(String),
 }
 
 /// One hybrid connection's state inside the agent.
@@ -25,17 +28,39 @@ pub struct HcState {
     since: SystemTime,
     streams_opened: u64,
     streams_refused: u64,
+    end_to_end: bool,
+    policy_refusal: Option<String>,
 }
 
 impl HcState {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(end_to_end: bool) -> Self {
         HcState {
             connection: Connection::Reconnecting("connecting to the relay".into()),
             endpoint: None,
             since: SystemTime::now(),
             streams_opened: 0,
             streams_refused: 0,
+            end_to_end,
+            policy_refusal: None,
         }
+    }
+
+    /// Records what the policy says of the endpoint; returns true when that
+    /// changed (the caller logs it once).
+    pub(crate) fn set_policy_refusal(&mut self, refusal: Option<String>) -> bool {
+        let changed = self.policy_refusal != refusal;
+        self.policy_refusal = refusal;
+        changed
+    }
+
+    /// Why the policy refuses this hybrid connection's endpoint, if it does.
+    pub fn policy_refusal(&self) -> Option<&str> {
+        self.policy_refusal.as_deref()
+    }
+
+    /// Whether this agent holds the hybrid connection's end-to-end key.
+    pub fn end_to_end(&self) -> bool {
+        self.end_to_end
     }
 
     pub(crate) fn count_stream(&mut self, opened: bool) {
@@ -91,10 +116,19 @@ impl HcState {
     }
 
     pub(crate) fn snapshot(&self, name: &HcName) -> HcStatus {
+        let connection = match (&self.connection, &self.policy_refusal) {
+            (Connection::Connected, Some(refusal)) => Connection::DeniedByPolicy(refusal.clone()),
+            (c, _) => c.clone(),
+        };
         HcStatus {
             name: name.clone(),
             endpoint: self.endpoint.as_ref().map(|e| e.to_string()),
-            connection: self.connection.clone(),
+            connection,
+            end_to_end: if self.end_to_end {
+                EndToEnd::Verified
+            } else {
+                EndToEnd::RelayTrusted
+            },
             since: self
                 .since
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -106,6 +140,18 @@ impl HcState {
     }
 }
 
+/// Whether the two ends of a hybrid connection verify each other, or trust
+/// the relay's introductions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndToEnd {
+    /// Every stream carries proofs of the end-to-end key, bound to its pipe.
+    Verified,
+    /// No end-to-end key: a relay that lies about the ends' keys could read
+    /// and alter the streams.
+    RelayTrusted,
+}
+
 /// A snapshot for `hybridlink agent status`.
 #[derive(Clone, Debug, Serialize)]
 pub struct HcStatus {
@@ -113,8 +159,10 @@ pub struct HcStatus {
     pub name: HcName,
     /// Where its streams go.
     pub endpoint: Option<String>,
-    /// Connected, reconnecting or denied, with the reason.
+    /// Connected, reconnecting, denied or denied by policy, with the reason.
     pub connection: Connection,
+    /// `verified` or `relay-trusted`.
+    pub end_to_end: EndToEnd,
     /// Unix seconds since the connection entered this state.
     pub since: u64,
     /// Streams dialed and connected since the agent started.

@@ -92,9 +92,16 @@ async fn main() {
         key: record.keys(right).expect("keys").primary.clone(),
         entity: name.clone(),
         cert_sha256: Some(relay.cert_sha256),
+        end_to_end_key: None,
     };
-    let _agent =
-        agent::Agent::start(agent::AgentOptions::new(vec![cs(Right::Listen)])).expect("agent");
+    let mut options = agent::AgentOptions::new(vec![cs(Right::Listen)]);
+    // The sink listens on loopback, which only a rule naming it may reach.
+    options.policy = agent::Policy::parse(
+        &format!("[[allow]]\nhost = \"{}\"\n", target.ip()),
+        std::path::Path::new("bench-policy.toml"),
+    )
+    .expect("policy");
+    let _agent = agent::Agent::start(options).expect("agent");
     let sender = Sender::start(vec![cs(Right::Send)], SenderOptions::default()).expect("sender");
     // Warm up: the pipe is set up ahead of need and the first stream opens it.
     upload(sender.open(&name).await.expect("open"), 1 << 20).await;

@@ -49,6 +49,30 @@ pub enum AgentCommand {
         /// connection, bytes each way, reconnects, token renewals.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// The on-prem policy: the only hosts and ports this agent may ever
+        /// dial (TOML; see `hybridlink agent allow --help`). Default:
+        /// policy.toml beside --connection-strings-file, else
+        /// /etc/hybridlink/policy.toml; without such a file, any host and
+        /// port except loopback, link-local and unspecified addresses.
+        /// Reread when it changes, on SIGHUP and on `agent reload`.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+    },
+    /// Allow this agent to dial HOST (a name, a wildcard like *.corp, an
+    /// address or a CIDR), on PORT or every port, for one hybrid connection
+    /// (--hc) or all: adds a rule to the on-prem policy and makes a running
+    /// agent reread it. Streams the policy still allows are never cut.
+    Allow(PolicyEdit),
+    /// Refuse HOST (name, wildcard, address or CIDR; a CIDR also refuses
+    /// names that resolve into it) on PORT or every port: adds a deny rule
+    /// to the on-prem policy, which wins over every allow rule. A running
+    /// agent rereads it and cuts the open streams it now refuses.
+    Deny(PolicyEdit),
+    /// Print the on-prem policy's rules and check that the file is valid.
+    Policy {
+        /// The policy file.
+        #[arg(long, default_value = POLICY_FILE)]
+        policy: PathBuf,
     },
     /// Make a running agent read its --connection-strings-file again (as
     /// SIGHUP does): new and changed hybrid connections attach first, then the
@@ -64,15 +88,42 @@ pub enum AgentCommand {
     /// (mode 0600; a string for a hybrid connection already there replaces
     /// it), writes /etc/systemd/system/hybridlink-agent.service, enables and
     /// (re)starts it.
+    ///
+    /// It also makes each new hybrid connection's end-to-end key (kept in
+    /// agent.conf, never sent to the relay; the app side needs it, see
+    /// `agent end-to-end-key`) and writes /etc/hybridlink/policy.toml to
+    /// allow exactly the endpoint the relay names for each hybrid connection
+    /// now (or what --allow says).
     Install {
         /// A listen connection string (`hybridlink hc keys NAME --rule listen
         /// --key primary`); repeat for more hybrid connections.
         #[arg(long = "connection-string", required = true)]
         connection_strings: Vec<ConnectionString>,
+        /// Allow HOST[:PORT] in the policy for these hybrid connections
+        /// instead of asking the relay for their endpoints; repeatable.
+        #[arg(long, value_name = "HOST[:PORT]")]
+        allow: Vec<String>,
+        /// Make no end-to-end key: streams then trust the relay's
+        /// introductions ("relay-trusted"), and a relay that lies could read
+        /// them. For app sides that cannot carry the key.
+        #[arg(long)]
+        no_end_to_end: bool,
         #[command(flatten)]
         install: crate::install::InstallArgs,
     },
-    /// Show the state of each hybrid connection a running agent serves.
+    /// Print the end-to-end key of a hybrid connection this agent serves,
+    /// for the app side: append `;EndToEndKey=KEY` to its send connection
+    /// string. The relay never has this key.
+    EndToEndKey {
+        /// The hybrid connection.
+        name: proto::name::HcName,
+        /// The agent's connection strings file.
+        #[arg(long, default_value = AGENT_CONF)]
+        config: PathBuf,
+    },
+    /// Show the state of each hybrid connection a running agent serves: its
+    /// endpoint, whether the relay accepts it, whether the on-prem policy
+    /// allows the endpoint, and whether its streams are verified end to end.
     Status {
         /// The running agent's status socket.
         #[arg(long, default_value_os_t = agent::control_socket::default_path())]
@@ -83,13 +134,167 @@ pub enum AgentCommand {
     },
 }
 
+/// Where `agent install` writes the on-prem policy.
+pub const POLICY_FILE: &str = "/etc/hybridlink/policy.toml";
+
+/// Arguments of `agent allow` and `agent deny`.
+#[derive(clap::Args, Debug)]
+pub struct PolicyEdit {
+    /// HOST or HOST:PORT (PORT may be a range, 8000-8100).
+    #[arg(required_unless_present = "endpoint_of")]
+    target: Option<String>,
+    /// Instead of HOST:PORT: allow exactly the endpoint the relay names now
+    /// for the hybrid connection of this listen connection string (as
+    /// `agent install` does); repeatable.
+    #[arg(long, value_name = "LISTEN STRING", conflicts_with_all = ["target", "hc"])]
+    endpoint_of: Vec<ConnectionString>,
+    /// Only for this hybrid connection.
+    #[arg(long)]
+    hc: Option<proto::name::HcName>,
+    /// The policy file.
+    #[arg(long, default_value = POLICY_FILE)]
+    policy: PathBuf,
+    /// The running agent to tell (it also rereads the file by itself
+    /// within seconds).
+    #[arg(long, default_value_os_t = agent::control_socket::default_path())]
+    status_socket: PathBuf,
+}
+
+/// Splits `HOST[:PORT]` (an IPv6 address or CIDR has no port).
+fn split_target(target: &str) -> anyhow::Result<(String, Option<agent::policy::PortSpec>)> {
+    use agent::policy::PortSpec;
+    let colons = target.matches(':').count();
+    let (host, port) = match target.rsplit_once(':') {
+        Some((h, p)) if colons == 1 => (h.to_string(), Some(p.to_string())),
+        _ => (target.to_string(), None),
+    };
+    let port = port
+        .map(|p| match p.parse::<u16>() {
+            Ok(n) => Ok(PortSpec::One(n)),
+            Err(_) if p.contains('-') => Ok(PortSpec::Range(p)),
+            Err(_) => Err(anyhow::anyhow!(
+                "{target:?}: the port {p:?} is not a number or a range like 8000-8100"
+            )),
+        })
+        .transpose()?;
+    Ok((host, port))
+}
+
+async fn edit_policy(edit: PolicyEdit, allow: bool) -> anyhow::Result<()> {
+    if !edit.endpoint_of.is_empty() {
+        if !allow {
+            anyhow::bail!("--endpoint-of only allows; name the host to deny");
+        }
+        write_install_policy(&edit.policy, &edit.endpoint_of, &[]).await?;
+        tell_agent(&edit.status_socket).await;
+        return Ok(());
+    }
+    let target = edit.target.as_deref().unwrap_or_default();
+    let (host, port) = split_target(target)?;
+    let rule = agent::policy::RuleText {
+        host,
+        ports: port.map(|p| vec![p]),
+        hc: edit.hc.map(|h| h.to_string()),
+    };
+    let mut text = agent::policy::read_text(&edit.policy)?;
+    let list = if allow {
+        &mut text.allow
+    } else {
+        &mut text.deny
+    };
+    if list.contains(&rule) {
+        println!("{} already has this rule", edit.policy.display());
+    } else {
+        list.push(rule);
+        agent::policy::write_text(&edit.policy, &text)?;
+        println!(
+            "{} rule added to {}",
+            if allow { "allow" } else { "deny" },
+            edit.policy.display()
+        );
+    }
+    tell_agent(&edit.status_socket).await;
+    Ok(())
+}
+
+/// Asks a running agent to reread its files, if one answers.
+async fn tell_agent(socket: &Path) {
+    match agent::control_socket::request(socket, "reload").await {
+        Ok(answer) if answer["error"].is_null() => println!("the running agent reread its policy"),
+        Ok(answer) => println!(
+            "the running agent answered: {}",
+            answer["error"].as_str().unwrap_or("?")
+        ),
+        Err(_) => println!(
+            "no agent answered at {} (a running agent rereads the file within seconds)",
+            socket.display()
+        ),
+    }
+}
+
+/// The policy file an agent uses when not told: beside its connection
+/// strings file, else the system-wide one.
+fn default_policy_path(strings_file: Option<&Path>) -> PathBuf {
+    strings_file
+        .and_then(Path::parent)
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(|d| d.join("policy.toml"))
+        .unwrap_or_else(|| PathBuf::from(POLICY_FILE))
+}
+
+/// Reads the policy at `path`; a missing file is an error only when the
+/// path was given explicitly.
+fn load_policy(path: &Path, explicit: bool) -> anyhow::Result<agent::Policy> {
+    if path.exists() {
+        return Ok(agent::Policy::load(path)?);
+    }
+    if explicit {
+        anyhow::bail!(
+            "no policy file at {}; write one with `hybridlink agent allow HOST:PORT --policy {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    tracing::warn!(
+        path = %path.display(),
+        "no policy file: using the built-in policy (any host and port except loopback, link-local and unspecified addresses); `hybridlink agent allow` writes one"
+    );
+    Ok(agent::Policy::built_in())
+}
+
 /// Runs an agent subcommand.
 pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
     match cmd {
         AgentCommand::Install {
             connection_strings,
+            allow,
+            no_end_to_end,
             install,
-        } => install_agent(connection_strings, &install),
+        } => install_agent(connection_strings, &allow, no_end_to_end, &install).await,
+        AgentCommand::EndToEndKey { name, config } => {
+            let strings = read_strings_file(&config)?;
+            let cs = strings
+                .iter()
+                .find(|cs| cs.entity == name)
+                .with_context(|| {
+                    format!("{} has no connection string for {name}", config.display())
+                })?;
+            let key = cs.end_to_end_key.as_ref().with_context(|| {
+                format!("{name} has no end-to-end key (it was installed with --no-end-to-end): it runs relay-trusted")
+            })?;
+            println!("{}", key.as_str());
+            Ok(())
+        }
+        AgentCommand::Allow(edit) => edit_policy(edit, true).await,
+        AgentCommand::Deny(edit) => edit_policy(edit, false).await,
+        AgentCommand::Policy { policy } => {
+            let p = agent::Policy::load(&policy)?;
+            println!("{}", p.describe());
+            for rule in p.rules() {
+                println!("  {rule}");
+            }
+            Ok(())
+        }
         AgentCommand::Run {
             mut connection_strings,
             connection_strings_file,
@@ -99,12 +304,17 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             label,
             drain_timeout,
             metrics,
+            policy,
         } => {
             let fixed = connection_strings.clone();
             if let Some(path) = &connection_strings_file {
                 connection_strings.extend(read_strings_file(path)?);
             }
+            let policy_explicit = policy.is_some();
+            let policy_path =
+                policy.unwrap_or_else(|| default_policy_path(connection_strings_file.as_deref()));
             let mut options = agent::AgentOptions::new(connection_strings);
+            options.policy = load_policy(&policy_path, policy_explicit)?;
             options.dial_timeout = Duration::from_secs(dial_timeout);
             options.token_ttl = Duration::from_secs(token_ttl.max(2));
             if let Some(label) = label {
@@ -120,14 +330,27 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                 tracing::info!(%bound, "metrics at http://{bound}/metrics");
             }
             let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(4);
-            let reload_tx = connection_strings_file.as_ref().map(|_| reload_tx);
-            let _socket = agent::control_socket::serve(&status_socket, agent.clone(), reload_tx)
-                .with_context(|| {
-                    format!("opening the status socket {}", status_socket.display())
-                })?;
+            let _socket =
+                agent::control_socket::serve(&status_socket, agent.clone(), Some(reload_tx))
+                    .with_context(|| {
+                        format!("opening the status socket {}", status_socket.display())
+                    })?;
+            let policy_stamp = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let mut seen_policy = policy_stamp(&policy_path);
+            let reload_policy = |agent: &agent::Agent| -> Result<(), String> {
+                if !policy_path.exists() && !policy_explicit {
+                    return Ok(());
+                }
+                let fresh = agent::Policy::load(&policy_path).map_err(|e| e.to_string())?;
+                if *agent.policy() != fresh {
+                    agent.set_policy(fresh);
+                }
+                Ok(())
+            };
             let reload = async |agent: &agent::Agent| -> Result<agent::ReloadSummary, String> {
+                reload_policy(agent)?;
                 let Some(path) = &connection_strings_file else {
-                    return Err("no --connection-strings-file to reload".into());
+                    return Ok(agent::ReloadSummary::default());
                 };
                 let mut strings = fixed.clone();
                 strings.extend(read_strings_file(path).map_err(|e| format!("{e:#}"))?);
@@ -137,9 +360,19 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
             let shutdown = crate::shutdown_signal();
             tokio::pin!(shutdown);
+            let mut poll = tokio::time::interval(Duration::from_secs(2));
             loop {
                 tokio::select! {
                     _ = &mut shutdown => break,
+                    _ = poll.tick() => {
+                        let stamp = policy_stamp(&policy_path);
+                        if stamp != seen_policy {
+                            seen_policy = stamp;
+                            if let Err(e) = reload_policy(&agent) {
+                                tracing::warn!(error = %e, "the changed policy file is not valid; still using the previous policy");
+                            }
+                        }
+                    }
                     _ = hangup.recv() => {
                         if let Err(e) = reload(&agent).await {
                             tracing::warn!(error = %e, "reload on SIGHUP failed; still serving the old strings");
@@ -220,8 +453,8 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 println!(
-                    "{:<24} {:<14} {:<32} REASON",
-                    "HYBRID CONNECTION", "STATE", "ENDPOINT"
+                    "{:<24} {:<18} {:<32} {:<15} REASON",
+                    "HYBRID CONNECTION", "STATE", "ENDPOINT", "END-TO-END"
                 );
                 for hc in status.as_array().into_iter().flatten() {
                     let name = hc["name"].as_str().unwrap_or("?");
@@ -230,11 +463,14 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                         "connected" => "Connected",
                         "reconnecting" => "Reconnecting",
                         "denied" => "Denied",
+                        "denied_by_policy" => "Denied by policy",
                         other => other,
                     };
                     let endpoint = hc["endpoint"].as_str().unwrap_or("-");
-                    let reason = hc["connection"]["reason"].as_str().unwrap_or("");
-                    println!("{name:<24} {state:<14} {endpoint:<32} {reason}");
+                    let e2e = hc["end_to_end"].as_str().unwrap_or("?");
+                    let reason =
+                        crate::hc::printable(hc["connection"]["reason"].as_str().unwrap_or(""));
+                    println!("{name:<24} {state:<18} {endpoint:<32} {e2e:<15} {reason}");
                 }
             }
             Ok(())
@@ -281,8 +517,121 @@ fn merge(old: Vec<ConnectionString>, new: Vec<ConnectionString>) -> Vec<Connecti
     out
 }
 
-fn install_agent(
+/// Gives each string an end-to-end key: the one it carries, else the one the
+/// same hybrid connection already has in `old` (a key rotation keeps it),
+/// else a new one (unless `none`).
+fn with_end_to_end_keys(
     strings: Vec<ConnectionString>,
+    old: &[ConnectionString],
+    none: bool,
+) -> anyhow::Result<Vec<ConnectionString>> {
+    strings
+        .into_iter()
+        .map(|mut cs| {
+            if cs.end_to_end_key.is_none() && !none {
+                let kept = old
+                    .iter()
+                    .find(|o| o.entity == cs.entity)
+                    .and_then(|o| o.end_to_end_key.clone());
+                cs.end_to_end_key = Some(match kept {
+                    Some(k) => k,
+                    None => proto::key::Key::generate()
+                        .map_err(|e| anyhow::anyhow!("making an end-to-end key: {e}"))?,
+                });
+            }
+            Ok(cs)
+        })
+        .collect()
+}
+
+/// Adds allow rules to the policy at `path` for the new strings: `allow`
+/// when given, else each endpoint the relay names now (a rule is added only
+/// when the policy does not already allow the endpoint).
+async fn write_install_policy(
+    path: &Path,
+    strings: &[ConnectionString],
+    allow: &[String],
+) -> anyhow::Result<()> {
+    use agent::policy::{RuleText, read_text, write_text};
+    let mut text = read_text(path)?;
+    let mut wanted: Vec<RuleText> = Vec::new();
+    if !allow.is_empty() {
+        for target in allow {
+            let (host, port) = split_target(target)?;
+            for cs in strings {
+                wanted.push(RuleText {
+                    host: host.clone(),
+                    ports: port.clone().map(|p| vec![p]),
+                    hc: Some(cs.entity.to_string()),
+                });
+            }
+        }
+    } else {
+        let current = if path.exists() {
+            Some(agent::Policy::load(path)?)
+        } else {
+            None
+        };
+        let mut by_relay: Vec<Vec<ConnectionString>> = Vec::new();
+        for cs in strings {
+            match by_relay
+                .iter_mut()
+                .find(|g| g[0].relay_host == cs.relay_host && g[0].relay_port == cs.relay_port)
+            {
+                Some(g) => g.push(cs.clone()),
+                None => by_relay.push(vec![cs.clone()]),
+            }
+        }
+        for group in by_relay {
+            let answers = transport::control::describe(&group).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "asking the relay for the endpoints to allow: {e}; pass --allow HOST:PORT to write the policy without asking"
+                )
+            })?;
+            for (hc, answer) in answers {
+                let endpoint = answer
+                    .map_err(|e| anyhow::anyhow!("the relay refused to describe {hc}: {e}"))?;
+                if current
+                    .as_ref()
+                    .is_some_and(|p| p.check_endpoint(&hc, &endpoint).is_ok())
+                {
+                    continue;
+                }
+                wanted.push(RuleText {
+                    host: endpoint.host().to_string(),
+                    ports: Some(vec![agent::policy::PortSpec::One(endpoint.port())]),
+                    hc: Some(hc.to_string()),
+                });
+            }
+        }
+    }
+    for rule in wanted {
+        if !text.allow.contains(&rule) {
+            println!(
+                "policy: allowing {}{} for {}",
+                rule.host,
+                match &rule.ports {
+                    Some(p) => format!(
+                        ":{}",
+                        serde_json::to_string(&p[0])
+                            .unwrap_or_default()
+                            .trim_matches('"')
+                    ),
+                    None => String::new(),
+                },
+                rule.hc.as_deref().unwrap_or("every hybrid connection")
+            );
+            text.allow.push(rule);
+        }
+    }
+    write_text(path, &text)?;
+    Ok(())
+}
+
+async fn install_agent(
+    strings: Vec<ConnectionString>,
+    allow: &[String],
+    no_end_to_end: bool,
     args: &crate::install::InstallArgs,
 ) -> anyhow::Result<()> {
     for cs in &strings {
@@ -301,6 +650,10 @@ fn install_agent(
     } else {
         Vec::new()
     };
+    let strings = with_end_to_end_keys(strings, &old, no_end_to_end)?;
+    let policy = args.under_root(Path::new(POLICY_FILE));
+    write_install_policy(&policy, &strings, allow).await?;
+    let new = strings.clone();
     let all = merge(old, strings);
     let mut text = String::from(
         "# Listen connection strings served by the hybridlink agent, one per line.\n# Written by `hybridlink agent install`, which adds to this list.\n",
@@ -319,6 +672,8 @@ fn install_agent(
             "run".into(),
             "--connection-strings-file".into(),
             AGENT_CONF.into(),
+            "--policy".into(),
+            POLICY_FILE.into(),
         ],
         reload_on_hup: true,
         notify: false,
@@ -337,6 +692,20 @@ fn install_agent(
     crate::install::install_unit(args, &unit)?;
     let names: Vec<String> = all.iter().map(|cs| cs.entity.to_string()).collect();
     println!("the agent serves: {}", names.join(", "));
+    println!("on-prem policy: {POLICY_FILE} (edit with `hybridlink agent allow|deny`)");
+    for cs in &new {
+        match &cs.end_to_end_key {
+            Some(key) => println!(
+                "end-to-end: verified for {name}. On the app side, append this to the send connection string of {name} (the relay never sees it; `hybridlink agent end-to-end-key {name}` prints it again):\n  ;EndToEndKey={key}",
+                name = cs.entity,
+                key = key.as_str()
+            ),
+            None => println!(
+                "end-to-end: relay-trusted for {} (no end-to-end key): a relay that lies about the ends' keys could read and alter its traffic",
+                cs.entity
+            ),
+        }
+    }
     Ok(())
 }
 

@@ -287,12 +287,17 @@ fn status_table(all: &Value) -> String {
             .into_iter()
             .flatten()
             .map(|l| {
-                format!(
-                    "{} {} (since {})",
-                    l["label"].as_str().unwrap_or("?"),
+                let mut line = format!(
+                    "{} {} (since {}, end-to-end: {})",
+                    printable(l["label"].as_str().unwrap_or("?")),
                     l["address"].as_str().unwrap_or("?"),
-                    ago(l["connected_since"].as_u64().unwrap_or(0))
-                )
+                    ago(l["connected_since"].as_u64().unwrap_or(0)),
+                    l["end_to_end"].as_str().unwrap_or("?"),
+                );
+                if let Some(refusal) = l["policy_refusal"].as_str() {
+                    line.push_str(&format!(" [{}]", printable(refusal)));
+                }
+                line
             })
             .collect();
         out.push_str(&format!(
@@ -334,13 +339,32 @@ fn show_text(hc: &Value, status: &Value) -> String {
     ));
     for l in status["listeners"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "\nagent:     {} at {}, connected {}",
-            l["label"].as_str().unwrap_or("?"),
+            "\nagent:     {} at {}, connected {}, end-to-end: {}",
+            printable(l["label"].as_str().unwrap_or("?")),
             l["address"].as_str().unwrap_or("?"),
-            ago(l["connected_since"].as_u64().unwrap_or(0))
+            ago(l["connected_since"].as_u64().unwrap_or(0)),
+            l["end_to_end"].as_str().unwrap_or("?"),
         ));
+        if let Some(refusal) = l["policy_refusal"].as_str() {
+            out.push_str(&format!("\n           {}", printable(refusal)));
+        }
     }
     out
+}
+
+/// `text` with control characters (newlines, terminal escapes) shown as
+/// escapes, so that what a peer reported cannot rewrite the admin's
+/// terminal or forge lines.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 /// Prints `text` and a newline on stdout.

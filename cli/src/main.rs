@@ -113,7 +113,7 @@ fn main() -> ExitCode {
         Command::Hc { cmd, api } => hc::run(cmd, &api),
         Command::Lab { cmd } => lab_cmd::run(cmd),
         other => runtime().and_then(|rt| {
-            rt.block_on(async move {
+            let result = rt.block_on(async move {
                 match other {
                     Command::Relay { cmd } => relay_cmd::run(cmd).await,
                     Command::Agent { cmd } => agent_cmd::run(cmd).await,
@@ -122,7 +122,12 @@ fn main() -> ExitCode {
                     Command::Forward(args) => send_cmd::forward(args).await,
                     Command::Hc { .. } | Command::Lab { .. } => unreachable!("handled above"),
                 }
-            })
+            });
+            // `connect` reads stdin on a blocking thread that nothing can
+            // cancel; waiting for it would keep a cut stream's process
+            // alive until its stdin closes.
+            rt.shutdown_timeout(std::time::Duration::from_millis(100));
+            result
         }),
     };
     match result {

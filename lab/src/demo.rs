@@ -212,6 +212,10 @@ fn expect(want: &'static str) -> impl Fn(bool, &str, &str) -> std::result::Resul
     }
 }
 
+/// The port the demo moves a hybrid connection to, which the lab's on-prem
+/// policy does not allow.
+pub const POLICY_PROBE_PORT: u16 = 18099;
+
 /// Runs the demo's checks against a provisioned lab.
 pub fn run_checks(m: &dyn Machines) -> Report {
     let mut report = Report::default();
@@ -282,6 +286,36 @@ pub fn run_checks(m: &dyn Machines) -> Report {
                 Ok("the page came back".into())
             } else if ok {
                 Err(format!("unexpected answer {:?}", first_line(out)))
+            } else {
+                Err(first_line(err))
+            }
+        },
+    ));
+    // The on-prem policy (written by `agent allow --endpoint-of`, as
+    // `agent install` writes it) allows exactly the endpoints the relay
+    // named at set-up: an endpoint the relay moves elsewhere is refused at
+    // the agent, whatever the relay says.
+    let hc_cmd = format!("{bin} hc --api http://127.0.0.1:9444 --data-dir {relay_data}");
+    let stopped_send = m
+        .sh(
+            Role::Relay,
+            &format!("{hc_cmd} update stopped --port {POLICY_PROBE_PORT} >/dev/null && {hc_cmd} keys stopped --rule send --key primary"),
+            &[],
+        )
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    report.checks.push(check(
+        m,
+        Role::App,
+        &format!("the relay moves stopped.corp to port {POLICY_PROBE_PORT}: the on-prem policy refuses it"),
+        &format!("{bin} connect --check {}", shell_quote(&stopped_send)),
+        |ok, _, err| {
+            if !ok && err.contains("on-prem policy refuses") {
+                Ok(first_line(&err[err.find("on-prem policy").unwrap_or(0)..]))
+            } else if ok {
+                Err("the agent dialed an endpoint its policy does not allow".into())
             } else {
                 Err(first_line(err))
             }

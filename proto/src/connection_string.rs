@@ -12,6 +12,11 @@
 //! DER certificate, as 64 hex digits, `:` separators allowed) is optional:
 //! a relay with a CA-issued certificate omits it.
 //!
+//! `EndToEndKey` is hybridlink's own, optional field: the hybrid
+//! connection's end-to-end key (see [`crate::e2e`]). The relay never makes
+//! or sees it: `hybridlink agent install` makes it on the on-prem side, and a
+//! person adds it to the send string on the app side.
+//!
 //! [`ConnectionString`]'s `Display` prints the canonical form, and parsing
 //! that gives back an equal value.
 
@@ -33,6 +38,7 @@ const KEY_NAME: &str = "SharedAccessKeyName";
 const KEY: &str = "SharedAccessKey";
 const ENTITY_PATH: &str = "EntityPath";
 const CERT_SHA256: &str = "CertificateSha256";
+const END_TO_END_KEY: &str = "EndToEndKey";
 
 /// Why a connection string was rejected. Each message names the field and
 /// says what to do.
@@ -56,7 +62,7 @@ pub enum ConnectionStringError {
     },
     /// A key other than the five known ones.
     #[error(
-        "connection string has an unknown field {field:?}; the fields are Endpoint, SharedAccessKeyName, SharedAccessKey, EntityPath and CertificateSha256"
+        "connection string has an unknown field {field:?}; the fields are Endpoint, SharedAccessKeyName, SharedAccessKey, EntityPath, CertificateSha256 and EndToEndKey"
     )]
     UnknownField {
         /// The unknown key.
@@ -112,6 +118,16 @@ pub enum ConnectionStringError {
         "connection string CertificateSha256 is not 64 hex digits (the SHA-256 of the relay certificate); copy it again with `hybridlink hc keys NAME`, or drop it if the relay has a CA-issued certificate"
     )]
     BadCertificateSha256,
+    /// `EndToEndKey` is not a valid key.
+    #[error(
+        "connection string EndToEndKey is invalid: {0}; copy it again from what `hybridlink agent install` printed on the on-prem host"
+    )]
+    BadEndToEndKey(KeyError),
+    /// `EndToEndKey` is too short to be a 256-bit key.
+    #[error(
+        "connection string EndToEndKey is {0} characters long; end-to-end keys are 256-bit (44 characters) as `hybridlink agent install` makes them; copy it again"
+    )]
+    WeakEndToEndKey(usize),
 }
 
 /// A parsed connection string: relay address, credentials and the hybrid
@@ -131,6 +147,9 @@ pub struct ConnectionString {
     /// SHA-256 of the relay's DER certificate, to pin it; `None` when the
     /// relay's certificate is CA-issued and verified the usual way.
     pub cert_sha256: Option<[u8; 32]>,
+    /// The hybrid connection's end-to-end key, when the two ends verify each
+    /// other without trusting the relay. Never sent to the relay.
+    pub end_to_end_key: Option<Key>,
 }
 
 impl ConnectionString {
@@ -200,8 +219,15 @@ impl FromStr for ConnectionString {
         if s.len() > CONNECTION_STRING_MAX_LEN {
             return Err(E::TooLong { len: s.len() });
         }
-        let mut fields: [Option<&str>; 5] = [None; 5];
-        let names = [ENDPOINT, KEY_NAME, KEY, ENTITY_PATH, CERT_SHA256];
+        let mut fields: [Option<&str>; 6] = [None; 6];
+        let names = [
+            ENDPOINT,
+            KEY_NAME,
+            KEY,
+            ENTITY_PATH,
+            CERT_SHA256,
+            END_TO_END_KEY,
+        ];
         for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let (name, value) = part.split_once('=').ok_or_else(|| E::NotAPair {
                 part: part.chars().take(40).collect(),
@@ -219,7 +245,7 @@ impl FromStr for ConnectionString {
                 });
             }
         }
-        let [endpoint, key_name, key, entity, cert] = fields;
+        let [endpoint, key_name, key, entity, cert, end_to_end] = fields;
         let (relay_host, relay_port) = parse_endpoint(endpoint.ok_or(E::MissingEndpoint)?)?;
         let key_name = key_name.ok_or(E::MissingKeyName)?;
         if key_name.is_empty() {
@@ -231,6 +257,14 @@ impl FromStr for ConnectionString {
             .parse()
             .map_err(E::BadEntityPath)?;
         let cert_sha256 = cert.map(parse_cert_sha256).transpose()?;
+        let end_to_end_key = end_to_end
+            .map(|k| {
+                if k.len() < 43 {
+                    return Err(E::WeakEndToEndKey(k.len()));
+                }
+                k.parse().map_err(E::BadEndToEndKey)
+            })
+            .transpose()?;
         Ok(ConnectionString {
             relay_host,
             relay_port,
@@ -238,6 +272,7 @@ impl FromStr for ConnectionString {
             key,
             entity,
             cert_sha256,
+            end_to_end_key,
         })
     }
 }
@@ -255,6 +290,9 @@ impl fmt::Display for ConnectionString {
         )?;
         if let Some(sha) = &self.cert_sha256 {
             write!(f, ";{CERT_SHA256}={}", hex(sha))?;
+        }
+        if let Some(key) = &self.end_to_end_key {
+            write!(f, ";{END_TO_END_KEY}={}", key.as_str())?;
         }
         Ok(())
     }
@@ -315,6 +353,29 @@ mod tests {
         );
         let cs: ConnectionString = s.parse().unwrap();
         assert_eq!(cs.to_string(), canonical());
+    }
+
+    #[test]
+    fn an_end_to_end_key_is_kept_and_printed_back() {
+        let with = format!("{};EndToEndKey={KEY_TEXT}", canonical());
+        let cs: ConnectionString = with.parse().unwrap();
+        assert_eq!(cs.end_to_end_key.as_ref().map(Key::as_str), Some(KEY_TEXT));
+        assert_eq!(cs.to_string(), with);
+        assert_eq!(
+            canonical()
+                .parse::<ConnectionString>()
+                .unwrap()
+                .end_to_end_key,
+            None
+        );
+        let bad = err(&format!("{};EndToEndKey={}!", canonical(), "a".repeat(43)));
+        assert!(
+            matches!(bad, ConnectionStringError::BadEndToEndKey(_)),
+            "{bad}"
+        );
+        assert!(bad.to_string().contains("agent install"), "{bad}");
+        let weak = err(&format!("{};EndToEndKey=c2hvcnQ=", canonical()));
+        assert_eq!(weak, ConnectionStringError::WeakEndToEndKey(8));
     }
 
     #[test]

@@ -197,7 +197,22 @@ pub enum PeerMessage {
     Pong { nonce: u64 },
     /// Listener: how its streams of a hybrid connection are doing (sent
     /// every few seconds; the relay shows the sum over agents in its status).
-    Stats { entity: HcName, stats: StreamStats },
+    Stats {
+        entity: HcName,
+        stats: StreamStats,
+        /// Whether this agent requires the end-to-end proof on this hybrid
+        /// connection (it holds its `EndToEndKey`).
+        #[serde(default)]
+        end_to_end: bool,
+        /// Set when the agent's local policy refuses the endpoint the relay
+        /// announced: what was asked and which rule refused it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy_refusal: Option<String>,
+    },
+    /// Listener: which endpoint does this hybrid connection have? Checks the
+    /// token like `Attach` but joins nothing (`agent install` asks this to
+    /// write a policy that allows exactly that endpoint).
+    Describe { entity: HcName, token: String },
 }
 
 /// An agent's stream counters for one hybrid connection.
@@ -292,6 +307,8 @@ pub enum RelayMessage {
     Pong { nonce: u64 },
     /// The relay ends the channel; `message` says why.
     Bye { message: String },
+    /// Answer to `Describe` (a refusal comes as `Detached`).
+    Described { entity: HcName, endpoint: Endpoint },
 }
 
 /// The request that opens a stream inside a pipe: which hybrid connection.
@@ -302,6 +319,20 @@ pub enum RelayMessage {
 pub struct StreamRequest {
     /// The hybrid connection the stream belongs to.
     pub hc: HcName,
+    /// The sender's end-to-end proof for this hybrid connection and pipe
+    /// (`crate::e2e`), when it holds the hybrid connection's end-to-end key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
+}
+
+/// The payload of an agent's `ACCEPT`: its end-to-end proof when it holds
+/// the hybrid connection's end-to-end key. An empty payload means none.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamAccept {
+    /// The agent's proof (`crate::e2e`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
 }
 
 /// Why an agent refused a stream.
@@ -320,6 +351,9 @@ pub enum RefusalCode {
     UnknownHc,
     /// The request could not be read.
     BadRequest,
+    /// The end-to-end check failed: the sender did not prove it holds the
+    /// hybrid connection's end-to-end key on this pipe.
+    EndToEnd,
 }
 
 /// The agent's answer when it refuses a stream.

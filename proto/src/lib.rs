@@ -7,6 +7,7 @@
 
 pub mod connection_string;
 pub mod control;
+pub mod e2e;
 pub mod frame;
 pub mod key;
 pub mod mux;

@@ -427,6 +427,7 @@ fn connection_strings(state: &ApiState, hc: &HcRecord) -> ConnectionStrings {
         key: keys.get(slot).clone(),
         entity: hc.name.clone(),
         cert_sha256: Some(state.cert_sha256),
+        end_to_end_key: None,
     };
     let rule = |right: Right, keys: &SlotKeys| SlotStrings {
         primary: make(right, keys, KeySlot::Primary),

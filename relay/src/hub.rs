@@ -51,7 +51,17 @@ struct Session {
     tx: mpsc::Sender<RelayMessage>,
     attached: HashMap<HcName, Attachment>,
     /// Listener: its last stream counters per attached hybrid connection.
-    stats: HashMap<HcName, proto::control::StreamStats>,
+    stats: HashMap<HcName, (proto::control::StreamStats, AgentReport)>,
+}
+
+/// What an agent last said about a hybrid connection besides its counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentReport {
+    /// The agent holds the hybrid connection's end-to-end key and requires
+    /// the end-to-end proof on every stream.
+    pub end_to_end: bool,
+    /// Set when the agent's on-prem policy refuses the endpoint.
+    pub policy_refusal: Option<String>,
 }
 
 /// The first end of a pipe to arrive waits here for the other.
@@ -82,6 +92,12 @@ pub struct ListenerStatus {
     pub connected_since: u64,
     /// Its streams of this hybrid connection, as it last reported them.
     pub streams: proto::control::StreamStats,
+    /// `verified` when the agent requires the end-to-end proof, else
+    /// `relay-trusted` (as the agent last reported it).
+    pub end_to_end: String,
+    /// Why the agent's on-prem policy refuses the endpoint, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_refusal: Option<String>,
 }
 
 /// What happened to a pipe connection presenting a ticket.
@@ -565,14 +581,56 @@ impl Hub {
 
     /// Records a listener's stream counters for a hybrid connection it is
     /// attached to (reports for anything else are ignored).
-    pub fn report_stats(&self, id: SessionId, entity: HcName, stats: proto::control::StreamStats) {
+    pub fn report_stats(
+        &self,
+        id: SessionId,
+        entity: HcName,
+        stats: proto::control::StreamStats,
+        report: AgentReport,
+    ) {
         let mut state = self.lock();
         if let Some(s) = state.sessions.get_mut(&id)
             && s.role == PeerRole::Listener
             && s.attached.contains_key(&entity)
         {
-            s.stats.insert(entity, stats);
+            s.stats.insert(entity, (stats, report));
         }
+    }
+
+    /// A listener asks for a hybrid connection's endpoint without joining
+    /// it: the token is checked as for `attach`; the answer is `Described`
+    /// or `Detached`.
+    pub fn describe(&self, id: SessionId, entity: HcName, token: String) {
+        let now = unix_now();
+        let state = self.lock();
+        let Some(session) = state.sessions.get(&id) else {
+            return;
+        };
+        let tx = session.tx.clone();
+        let needed = match session.role {
+            PeerRole::Sender => Right::Send,
+            PeerRole::Listener => Right::Listen,
+        };
+        drop(state);
+        let refused = |reason, message: String| RelayMessage::Detached {
+            entity: entity.clone(),
+            reason,
+            message,
+        };
+        let answer = match self.inner.registry.get(&entity) {
+            None => refused(
+                DetachReason::UnknownEntity,
+                format!("no hybrid connection named {entity} on this relay"),
+            ),
+            Some(record) => match sas::verify(&token, &entity, needed, &record.rules(), now) {
+                Ok(_) => RelayMessage::Described {
+                    entity: entity.clone(),
+                    endpoint: record.endpoint.clone(),
+                },
+                Err(e) => refused(DetachReason::Unauthorized, e.to_string()),
+            },
+        };
+        let _ = tx.try_send(answer);
     }
 
     /// Per attached hybrid connection: (listeners, senders).
@@ -620,7 +678,16 @@ impl Hub {
                         .duration_since(UNIX_EPOCH)
                         .map(|d| d.as_secs())
                         .unwrap_or(0),
-                    streams: s.stats.get(entity).copied().unwrap_or_default(),
+                    streams: s.stats.get(entity).map(|(st, _)| *st).unwrap_or_default(),
+                    end_to_end: if s.stats.get(entity).is_some_and(|(_, r)| r.end_to_end) {
+                        "verified".into()
+                    } else {
+                        "relay-trusted".into()
+                    },
+                    policy_refusal: s
+                        .stats
+                        .get(entity)
+                        .and_then(|(_, r)| r.policy_refusal.clone()),
                 })
             })
             .collect()

@@ -15,7 +15,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::hub::{Hub, PipeMeeting, SESSION_QUEUE, TICKET_TTL};
+use crate::hub::{AgentReport, Hub, PipeMeeting, SESSION_QUEUE, TICKET_TTL};
 
 /// Keep-alive interval on control channels.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
@@ -197,7 +197,10 @@ async fn serve_control(
                         PeerMessage::PipeRequest { request_id, agent } => hub.request_pipe(id, request_id, agent),
                         PeerMessage::Ping { nonce } => control::encode(&RelayMessage::Pong { nonce }, &mut out),
                         PeerMessage::Pong { .. } => {}
-                        PeerMessage::Stats { entity, stats } => hub.report_stats(id, entity, stats),
+                        PeerMessage::Stats { entity, stats, end_to_end, policy_refusal } => {
+                            hub.report_stats(id, entity, stats, AgentReport { end_to_end, policy_refusal })
+                        }
+                        PeerMessage::Describe { entity, token } => hub.describe(id, entity, token),
                         PeerMessage::Hello { .. } => return Err("second hello".into()),
                     }
                 }

@@ -174,6 +174,9 @@ try {
   await shown('#d-status', /^Connected \(1 agent\)$/);
   await shown('#agent-rows', /127\.0\.0\.1:\d+/);
   assert.equal(await page.locator('#agent-rows tr').count(), 1);
+  // This agent has no end-to-end key, and its policy allows the endpoint.
+  await shown('#agent-rows', /relay-trusted/);
+  await shown('#agent-rows', /allows the endpoint/);
   await page.click('text=All hybrid connections');
   await shown(row('payroll'), /Connected \(1 agent\)/);
   await shown(row('billing'), /Not connected/);

@@ -5,7 +5,7 @@
 //! Every child process is killed when its handle drops, so a failing test
 //! leaves nothing behind. Ports are always chosen by the kernel (port 0).
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +17,7 @@ use proto::connection_string::ConnectionString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+pub mod hostile_relay;
 pub mod lab;
 
 /// Path of the `hybridlink` binary, built once per test run if needed.
@@ -299,6 +300,10 @@ impl Relay {
     }
 }
 
+/// The on-prem policy test agents run with unless told otherwise: loopback
+/// (where the tests' targets listen) and anything else.
+pub const TEST_POLICY: &str = "[[allow]]\nhost = \"127.0.0.0/8\"\n[[allow]]\nhost = \"*\"\n";
+
 /// An agent process.
 #[derive(Debug)]
 pub struct Agent {
@@ -312,6 +317,14 @@ pub struct Agent {
 impl Agent {
     /// Starts `hybridlink agent run` for these listen strings.
     pub fn start(strings: &[&ConnectionString], extra: &[&str]) -> Result<Agent> {
+        let text: Vec<String> = strings.iter().map(|cs| cs.to_string()).collect();
+        let text: Vec<&str> = text.iter().map(String::as_str).collect();
+        Agent::start_with_text(&text, extra)
+    }
+
+    /// Starts `hybridlink agent run` for listen strings given as text, as
+    /// the agent's own parser must read them.
+    pub fn start_with_text(strings: &[&str], extra: &[&str]) -> Result<Agent> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("agent.sock");
         let mut args: Vec<String> = vec![
@@ -322,7 +335,15 @@ impl Agent {
         ];
         for cs in strings {
             args.push("--connection-string".into());
-            args.push(cs.to_string());
+            args.push((*cs).to_string());
+        }
+        if !extra.contains(&"--policy") {
+            // The tests' targets listen on loopback, which the built-in
+            // policy refuses: allow it, as an administrator would.
+            let policy = dir.path().join("policy.toml");
+            std::fs::write(&policy, TEST_POLICY)?;
+            args.push("--policy".into());
+            args.push(policy.display().to_string());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -442,4 +463,59 @@ pub fn pattern_block(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// One stream held open by `hybridlink connect`, to an echo target.
+#[derive(Debug)]
+pub struct OpenStream {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl OpenStream {
+    /// Starts `hybridlink connect` for `cs`.
+    pub fn open(cs: &ConnectionString) -> Result<OpenStream> {
+        let mut child = Command::new(binary())
+            .args(["connect", &cs.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        Ok(OpenStream {
+            child,
+            stdin: Some(stdin),
+            stdout,
+        })
+    }
+
+    /// Sends `line` and returns the line that comes back.
+    pub fn echo(&mut self, line: &str) -> Result<String> {
+        self.stdin
+            .as_mut()
+            .context("closed")?
+            .write_all(line.as_bytes())?;
+        let mut back = String::new();
+        self.stdout.read_line(&mut back)?;
+        Ok(back)
+    }
+
+    /// Whether the `connect` process has ended (its stream was cut).
+    pub fn ended(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Closes the sending side and waits for the process.
+    pub fn close(mut self) {
+        self.stdin.take();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

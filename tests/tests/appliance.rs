@@ -133,12 +133,31 @@ fn setup(tag: &str, options: Options) -> Result<Setup> {
         listen.push(get("listen")?);
     }
     let status_socket = format!("/run/hl-test-agent-{}{tag}.sock", std::process::id());
-    let mut agent_args = vec!["agent", "run", "--status-socket", &status_socket];
+    // The policy `agent install` would write: exactly these endpoints.
+    let policy_dir = tempfile::tempdir()?;
+    let policy_file = policy_dir.path().join("policy.toml");
+    let rules: String = HCS
+        .iter()
+        .map(|(name, host, port)| {
+            format!("[[allow]]\nhost = \"{host}\"\nports = [{port}]\nhc = \"{name}\"\n")
+        })
+        .collect();
+    std::fs::write(&policy_file, rules)?;
+    let policy_arg = policy_file.display().to_string();
+    let mut agent_args = vec![
+        "agent",
+        "run",
+        "--status-socket",
+        &status_socket,
+        "--policy",
+        &policy_arg,
+    ];
     for cs in &listen {
         agent_args.push("--connection-string");
         agent_args.push(cs);
     }
     let agent = lab.hybridlink(&lab.onprem, "agent", &agent_args)?;
+    dirs.push(policy_dir);
     let state_dir = tempfile::tempdir()?;
     let initial: Vec<String> = send
         .iter()

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use hybridlink_tests::{Agent, Relay, binary, echo_server_thread};
+use hybridlink_tests::{Agent, OpenStream, Relay, binary, echo_server_thread};
 use proto::connection_string::ConnectionString;
 
 /// A server that greets every connection with `banner` and closes.
@@ -65,47 +65,6 @@ fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> Result<bool>) -> Resu
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
-}
-
-/// One stream held open by `hybridlink connect`, to an echo target.
-struct OpenStream {
-    child: std::process::Child,
-    stdin: Option<std::process::ChildStdin>,
-    stdout: BufReader<std::process::ChildStdout>,
-}
-
-impl OpenStream {
-    fn open(cs: &ConnectionString) -> Result<OpenStream> {
-        let mut child = Command::new(binary())
-            .args(["connect", &cs.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let stdin = child.stdin.take().context("stdin")?;
-        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
-        Ok(OpenStream {
-            child,
-            stdin: Some(stdin),
-            stdout,
-        })
-    }
-
-    /// Sends `line` and returns the line that comes back.
-    fn echo(&mut self, line: &str) -> Result<String> {
-        self.stdin
-            .as_mut()
-            .context("closed")?
-            .write_all(line.as_bytes())?;
-        let mut back = String::new();
-        self.stdout.read_line(&mut back)?;
-        Ok(back)
-    }
-
-    /// Closes the sending side and waits for the process.
-    fn close(mut self) {
-        self.stdin.take();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -211,12 +211,14 @@ async fn run(
 
 /// Serves one connection; `Ok` means the owner is gone, `Err` why the
 /// connection ended.
-async fn connect_and_serve(
+type RelayStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Dials the relay, runs TLS pinning its certificate, says `Hello` and
+/// waits for `Welcome`, within [`HANDSHAKE_TIMEOUT`].
+async fn handshake(
     config: &ControlConfig,
     tls: &Arc<rustls::ClientConfig>,
-    out_rx: &mut mpsc::UnboundedReceiver<PeerMessage>,
-    events: &mpsc::UnboundedSender<ControlEvent>,
-) -> Result<(), String> {
+) -> Result<(RelayStream, BytesMut, u64), String> {
     let connect = async {
         let tcp = config
             .relay
@@ -251,13 +253,69 @@ async fn connect_and_serve(
             Err(e) => Err(format!("reading welcome: {e}")),
         }
     };
-    let (stream, mut buf, session) =
-        timeout(HANDSHAKE_TIMEOUT, connect).await.map_err(|_| {
-            format!(
-                "relay {} did not answer within {HANDSHAKE_TIMEOUT:?}",
-                config.relay
-            )
-        })??;
+    timeout(HANDSHAKE_TIMEOUT, connect).await.map_err(|_| {
+        format!(
+            "relay {} did not answer within {HANDSHAKE_TIMEOUT:?}",
+            config.relay
+        )
+    })?
+}
+
+/// Asks the relay for the endpoints of these hybrid connections (listen
+/// strings, all for one relay) without attaching: no agent joins the
+/// rotation. Each answer is the endpoint or the relay's refusal.
+pub async fn describe(
+    strings: &[ConnectionString],
+) -> Result<Vec<(HcName, Result<proto::name::Endpoint, String>)>, String> {
+    let config = ControlConfig::new(
+        PeerRole::Listener,
+        Fingerprint([0; 32]),
+        "describe".into(),
+        strings.to_vec(),
+    )
+    .map_err(|e| e.to_string())?;
+    let tls = tls::relay_client_config(config.relay.cert).map_err(|e| e.to_string())?;
+    let (mut stream, mut buf, _) = handshake(&config, &tls).await?;
+    let expiry = unix_now() + 300;
+    for cs in strings {
+        let msg = PeerMessage::Describe {
+            entity: cs.entity.clone(),
+            token: cs.token(expiry),
+        };
+        write_message(&mut stream, &msg)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let mut answers = Vec::new();
+    let read = async {
+        while answers.len() < strings.len() {
+            match read_message::<RelayMessage, _>(&mut stream, &mut buf).await {
+                Ok(Some(RelayMessage::Described { entity, endpoint })) => {
+                    answers.push((entity, Ok(endpoint)));
+                }
+                Ok(Some(RelayMessage::Detached {
+                    entity, message, ..
+                })) => answers.push((entity, Err(message))),
+                Ok(Some(_)) => {}
+                Ok(None) => return Err("the relay closed the channel".to_string()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    };
+    timeout(HANDSHAKE_TIMEOUT, read)
+        .await
+        .map_err(|_| format!("relay {} did not answer in time", config.relay))??;
+    Ok(answers)
+}
+
+async fn connect_and_serve(
+    config: &ControlConfig,
+    tls: &Arc<rustls::ClientConfig>,
+    out_rx: &mut mpsc::UnboundedReceiver<PeerMessage>,
+    events: &mpsc::UnboundedSender<ControlEvent>,
+) -> Result<(), String> {
+    let (stream, mut buf, session) = handshake(config, tls).await?;
     info!(relay = %config.relay, session, "control channel up");
     if events.send(ControlEvent::Connected).is_err() {
         return Ok(());

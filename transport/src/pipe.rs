@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use proto::control::{Fingerprint, PipeRole, Ticket, encode_pipe_preamble};
+use proto::e2e::{BINDING_LEN, ChannelBinding, EXPORTER_LABEL};
 use tokio::io::AsyncWriteExt;
 use tokio::time::timeout;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -60,6 +61,26 @@ async fn dial_with_ticket(
     Ok(tcp)
 }
 
+/// An open pipe: the multiplexer, the streams the other end opens, and the
+/// TLS session's channel binding for end-to-end proofs (`proto::e2e`).
+#[derive(Debug)]
+pub struct Pipe {
+    /// Opens streams.
+    pub mux: MuxHandle,
+    /// Streams the other end opens.
+    pub incoming: Incoming,
+    /// The value both ends of this TLS session (and no other) share.
+    pub binding: ChannelBinding,
+}
+
+/// Exports the channel binding of a finished TLS handshake.
+fn binding_of<D>(conn: &rustls::ConnectionCommon<D>) -> Result<ChannelBinding, PipeError> {
+    let out = conn
+        .export_keying_material([0u8; BINDING_LEN], EXPORTER_LABEL, None)
+        .map_err(TlsError::from)?;
+    Ok(ChannelBinding(out))
+}
+
 /// The sender's end: dial the relay with `ticket`, run TLS as client pinning
 /// the agent's key `agent`, and start the multiplexer.
 pub async fn connect_as_sender(
@@ -68,7 +89,7 @@ pub async fn connect_as_sender(
     identity: &DataIdentity,
     agent: Fingerprint,
     config: MuxConfig,
-) -> Result<(MuxHandle, Incoming), PipeError> {
+) -> Result<Pipe, PipeError> {
     let setup = async {
         let tcp = dial_with_ticket(relay, ticket, PipeRole::Sender).await?;
         let tls = TlsConnector::from(identity.pipe_client_config(agent)?)
@@ -78,7 +99,13 @@ pub async fn connect_as_sender(
                 peer: "agent",
                 source,
             })?;
-        Ok(mux::spawn_session(tls, Side::Client, config))
+        let binding = binding_of(tls.get_ref().1)?;
+        let (mux, incoming) = mux::spawn_session(tls, Side::Client, config);
+        Ok(Pipe {
+            mux,
+            incoming,
+            binding,
+        })
     };
     timeout(PIPE_SETUP_TIMEOUT, setup)
         .await
@@ -93,7 +120,7 @@ pub async fn connect_as_agent(
     identity: &DataIdentity,
     sender: Fingerprint,
     config: MuxConfig,
-) -> Result<(MuxHandle, Incoming), PipeError> {
+) -> Result<Pipe, PipeError> {
     let setup = async {
         let tcp = dial_with_ticket(relay, ticket, PipeRole::Agent).await?;
         let tls = TlsAcceptor::from(identity.pipe_server_config(sender)?)
@@ -103,7 +130,13 @@ pub async fn connect_as_agent(
                 peer: "sender",
                 source,
             })?;
-        Ok(mux::spawn_session(tls, Side::Server, config))
+        let binding = binding_of(tls.get_ref().1)?;
+        let (mux, incoming) = mux::spawn_session(tls, Side::Server, config);
+        Ok(Pipe {
+            mux,
+            incoming,
+            binding,
+        })
     };
     timeout(PIPE_SETUP_TIMEOUT, setup)
         .await

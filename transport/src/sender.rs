@@ -14,9 +14,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use proto::connection_string::ConnectionString;
 use proto::control::{
-    AgentInfo, Fingerprint, PeerMessage, PeerRole, RefusalCode, RelayMessage, StreamRefusal,
-    StreamRequest, Ticket,
+    AgentInfo, Fingerprint, PeerMessage, PeerRole, RefusalCode, RelayMessage, StreamAccept,
+    StreamRefusal, StreamRequest, Ticket,
 };
+use proto::e2e::{self, ChannelBinding, EndToEndError, ProofRole};
+use proto::key::Key;
 use proto::name::{Endpoint, HcName};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -85,6 +87,15 @@ pub enum SendError {
         /// The agent's answer.
         refusal: StreamRefusal,
     },
+    /// The agent did not prove it holds the hybrid connection's end-to-end
+    /// key on this pipe: the stream was closed before any data went out.
+    #[error("{hc}: {error}")]
+    EndToEnd {
+        /// The HC.
+        hc: HcName,
+        /// What the check found.
+        error: EndToEndError,
+    },
     /// The pipe to the agent failed.
     #[error(transparent)]
     Pipe(#[from] PipeError),
@@ -123,7 +134,7 @@ struct HcState {
     endpoint: Option<Endpoint>,
 }
 
-type PipeSlot = Arc<tokio::sync::Mutex<Option<MuxHandle>>>;
+type PipeSlot = Arc<tokio::sync::Mutex<Option<(MuxHandle, ChannelBinding)>>>;
 
 /// Where the relay's answer to a pipe request goes: the agent id and ticket,
 /// or the relay's reason.
@@ -146,6 +157,8 @@ struct Inner {
     identity: DataIdentity,
     control: ControlHandle,
     options: SenderOptions,
+    /// End-to-end keys by hybrid connection, from the connection strings.
+    end_to_end: HashMap<HcName, Key>,
     state: Mutex<State>,
     /// Bumped on every change of `state` that `open` may be waiting for.
     changed: watch::Sender<u64>,
@@ -175,14 +188,24 @@ impl Sender {
         let relay = config.relay.clone();
         let (control, events) = control::spawn(config)?;
         let mut state = State::default();
+        let mut end_to_end = HashMap::new();
         for cs in &strings {
             state.hcs.insert(cs.entity.clone(), HcState::default());
+            if let Some(key) = &cs.end_to_end_key {
+                end_to_end.insert(cs.entity.clone(), key.clone());
+            }
+            if cs.end_to_end_key.is_some() {
+                info!(hc = %cs.entity, "end-to-end: verified (agents must prove the EndToEndKey on every stream)");
+            } else {
+                warn!(hc = %cs.entity, "end-to-end: relay-trusted (no EndToEndKey in the connection string: a relay that lies about the agents' keys could read this traffic)");
+            }
         }
         let inner = Arc::new(Inner {
             relay,
             identity,
             control,
             options,
+            end_to_end,
             state: Mutex::new(state),
             changed: watch::channel(0).0,
         });
@@ -212,6 +235,12 @@ impl Sender {
     /// changed (attachments, agents, endpoints, the control channel).
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.inner.changed.subscribe()
+    }
+
+    /// Whether streams of `hc` are verified end to end (this sender holds its
+    /// end-to-end key) rather than trusting the relay's introductions.
+    pub fn end_to_end(&self, hc: &HcName) -> bool {
+        self.inner.end_to_end.contains_key(hc)
     }
 
     /// The live agents of `hc` as last announced by the relay.
@@ -245,26 +274,58 @@ impl Sender {
     #[doc(hidden)]
     pub async fn open_raw(&self, route: &HcName, request: Bytes) -> Result<Stream, SendError> {
         let agent = self.next_agent(route).await?;
-        self.open_request(route, &agent, request).await
+        let (mux, _) = self.inner.pipe_to(&agent).await?;
+        self.open_request(route, &mux, request, None).await
     }
 
     async fn open_on(&self, hc: &HcName, agent: &AgentInfo) -> Result<Stream, SendError> {
-        // Serialising a struct of one validated string cannot fail.
+        let (mux, binding) = self.inner.pipe_to(agent).await?;
+        let key = self.inner.end_to_end.get(hc);
+        let request = StreamRequest {
+            hc: hc.clone(),
+            proof: key.map(|k| e2e::prove(k, ProofRole::Sender, hc, &binding)),
+        };
+        // Serialising a struct of a validated name and hex cannot fail.
         #[allow(clippy::expect_used)]
-        let request =
-            serde_json::to_vec(&StreamRequest { hc: hc.clone() }).expect("request serialises");
-        self.open_request(hc, agent, Bytes::from(request)).await
+        let request = serde_json::to_vec(&request).expect("request serialises");
+        let verify = key.map(|k| (k, binding));
+        self.open_request(hc, &mux, Bytes::from(request), verify)
+            .await
     }
 
+    /// Opens a stream with `request`; with `verify`, the agent's accept must
+    /// carry a valid end-to-end proof, or the stream is reset before any
+    /// data is sent on it.
     async fn open_request(
         &self,
         hc: &HcName,
-        agent: &AgentInfo,
+        mux: &MuxHandle,
         request: Bytes,
+        verify: Option<(&Key, ChannelBinding)>,
     ) -> Result<Stream, SendError> {
-        let mux = self.inner.pipe_to(agent).await?;
         match mux.open(request).await {
-            Ok((stream, _)) => Ok(stream),
+            Ok((stream, accept)) => {
+                if let Some((key, binding)) = verify {
+                    let proof = if accept.is_empty() {
+                        None
+                    } else {
+                        serde_json::from_slice::<StreamAccept>(&accept)
+                            .ok()
+                            .and_then(|a| a.proof)
+                    };
+                    if let Err(error) =
+                        e2e::verify(key, ProofRole::Agent, hc, &binding, proof.as_deref())
+                    {
+                        warn!(%hc, %error, "stream closed before sending anything");
+                        drop(stream);
+                        return Err(SendError::EndToEnd {
+                            hc: hc.clone(),
+                            error,
+                        });
+                    }
+                }
+                Ok(stream)
+            }
             Err(OpenError::Rejected(payload)) => {
                 let refusal =
                     serde_json::from_slice::<StreamRefusal>(&payload).unwrap_or_else(|_| {
@@ -336,15 +397,20 @@ impl Inner {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// The open pipe to `agent`, setting one up if there is none.
-    async fn pipe_to(&self, agent: &AgentInfo) -> Result<MuxHandle, SendError> {
+    /// The open pipe to `agent` and its channel binding, setting one up if
+    /// there is none.
+    async fn pipe_to(&self, agent: &AgentInfo) -> Result<(MuxHandle, ChannelBinding), SendError> {
         let slot = self.lock().pipes.entry(agent.identity).or_default().clone();
         let mut guard = slot.lock().await;
-        if let Some(mux) = guard.as_ref().filter(|m| !m.is_closed()) {
-            return Ok(mux.clone());
+        if let Some(open) = guard.as_ref().filter(|(m, _)| !m.is_closed()) {
+            return Ok(open.clone());
         }
         let ticket = self.request_ticket(agent.id).await?;
-        let (mux, mut incoming) = pipe::connect_as_sender(
+        let pipe::Pipe {
+            mux,
+            mut incoming,
+            binding,
+        } = pipe::connect_as_sender(
             &self.relay,
             &ticket,
             &self.identity,
@@ -359,8 +425,8 @@ impl Inner {
             }
         });
         info!(agent = agent.id, identity = %agent.identity, "pipe to agent open");
-        *guard = Some(mux.clone());
-        Ok(mux)
+        *guard = Some((mux.clone(), binding));
+        Ok((mux, binding))
     }
 
     async fn request_ticket(&self, agent: u64) -> Result<Ticket, SendError> {
@@ -490,7 +556,7 @@ fn prune_pipes(state: &mut State) {
             return true;
         }
         if let Ok(guard) = slot.try_lock()
-            && let Some(mux) = guard.as_ref()
+            && let Some((mux, _)) = guard.as_ref()
         {
             let mux = mux.clone();
             if mux.open_streams() == 0 {

@@ -263,6 +263,14 @@ function renderDetail(s) {
     el('td', { 'data-label': 'Connected since' },
       el('time', { datetime: new Date(l.connected_since * 1000).toISOString() },
         `${new Date(l.connected_since * 1000).toLocaleString()} (${ago(l.connected_since)})`)),
+    el('td', { 'data-label': 'End-to-end' },
+      el('span', { class: l.end_to_end === 'verified' ? 'badge on' : 'badge',
+        title: l.end_to_end === 'verified'
+          ? 'sender and agent prove an end-to-end key the relay never sees'
+          : 'no end-to-end key: a relay that lies about the ends could read this traffic' },
+        l.end_to_end === 'verified' ? 'end-to-end: verified' : 'relay-trusted')),
+    el('td', { 'data-label': 'On-prem policy', class: 'policy' },
+      l.policy_refusal ? l.policy_refusal : 'allows the endpoint'),
     el('td', { 'data-label': 'Open streams', class: 'num' }, String(l.streams.open)),
     el('td', { 'data-label': 'Bytes to / from target', class: 'num' },
       `${bytes(l.streams.bytes_to_target)} / ${bytes(l.streams.bytes_from_target)}`))));

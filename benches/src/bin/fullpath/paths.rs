@@ -512,6 +512,11 @@ impl Lab {
             listen.push(hc(&format!("keys {name} --rule listen --key primary"))?);
         }
         let agent_socket = self.state.join("agent.sock").display().to_string();
+        // The policy `agent install` would write: exactly the two endpoints.
+        let policy = self.write(
+            "policy.toml",
+            &format!("[[allow]]\nhost = \"{TARGET_NAME}\"\nports = [{IPERF_PORT}, {GREET_PORT}]\n"),
+        )?;
         r.children.push(self.spawn(
             Role::Onprem,
             "agent",
@@ -523,6 +528,8 @@ impl Lab {
                 &agent_socket,
                 "--label",
                 "bench",
+                "--policy",
+                &policy,
             ],
             &[("HYBRIDLINK_CONNECTION_STRING", &listen.join("\n"))],
         )?);
