@@ -46,7 +46,8 @@ impl fmt::Display for AllowSource {
 /// What the appliance does with one hybrid connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HcState {
-    /// The relay has not announced an endpoint yet.
+    /// The relay announces no endpoint: not yet, or no longer (the hybrid
+    /// connection was deleted, or the relay refused the key).
     Waiting,
     /// Served.
     Ok,
@@ -79,7 +80,7 @@ impl HcState {
 impl fmt::Display for HcState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HcState::Waiting => f.write_str("waiting for the relay"),
+            HcState::Waiting => f.write_str("not announced by the relay"),
             HcState::Ok => f.write_str("ok"),
             HcState::OutsideAllowList {
                 host,
@@ -313,7 +314,7 @@ mod tests {
                     "evil",
                     "refused: outside the allow list (no entry matches github.com)"
                 ),
-                ("later", "waiting for the relay"),
+                ("later", "not announced by the relay"),
                 ("lit", "ok"),
                 (
                     "moved",

@@ -333,7 +333,7 @@ fn log_decisions(decisions: &Decisions) {
                 let rule = v.rule.as_ref().map(ToString::to_string).unwrap_or_default();
                 info!(hc = %v.hc, endpoint, allowed_by = %rule, "serving the endpoint the relay announced");
             }
-            HcState::Waiting => info!(hc = %v.hc, "no endpoint from the relay yet"),
+            HcState::Waiting => info!(hc = %v.hc, "the relay announces no endpoint; not served"),
             refused => warn!(
                 hc = %v.hc,
                 endpoint,
@@ -462,6 +462,17 @@ fn reload_config(path: Option<&Path>) -> Option<ApplianceConfig> {
             None
         }
     }
+}
+
+/// Asks the relay for the endpoints of the hybrid connections of `strings`
+/// (as `appliance install` does, to write its allow list): waits until each
+/// is announced or `ENDPOINT_WAIT` (15 s) has passed; `None` for those still
+/// unknown then.
+pub async fn announced_endpoints(
+    strings: Vec<ConnectionString>,
+) -> Result<Vec<(HcName, Option<Endpoint>)>, ApplianceError> {
+    let sender = Sender::start(strings, sender_options())?;
+    Ok(wait_for_endpoints(&sender).await)
 }
 
 /// Waits until the relay has announced an endpoint for every hybrid

@@ -90,7 +90,8 @@ pub struct HcStatus {
     /// Where the app connects: the virtual address of a name, or the
     /// IPv4 literal; `null` when refused or not yet announced.
     pub address: Option<String>,
-    /// `ok`, `waiting for the relay`, or `refused: ...` with the reason.
+    /// `ok`, `not announced by the relay`, or `refused: ...` with the
+    /// reason.
     pub state: String,
 }
 
