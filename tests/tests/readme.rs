@@ -324,6 +324,8 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
     seen("hybridlink forward", "payroll page from on-prem")?;
     seen("connect --check", "reachable")?;
     seen("agent status --json", "\"connected\"")?;
+    seen("appliance status", "payroll.corp:80")?;
+    seen("appliance status", " ok\n")?;
     seen("keys payroll --rule listen", "SharedAccessKeyName=listen")?;
     // The install commands wrote real units and configs, secrets kept private.
     for (m, path, mode) in [
