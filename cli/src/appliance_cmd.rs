@@ -102,13 +102,21 @@ async fn install(
     } else {
         ApplianceConfig::new(strings.clone())?
     };
-    // The allow list: what it held, what was asked for, and the hosts the
-    // relay announces now for the strings being added.
+    // The hosts the relay announces now are learnt for the strings being
+    // added, or for all of them when the config had no list yet (an older
+    // install): the list must not shut out what the appliance serves today.
+    let learn = if config.allow.is_some() || !path.exists() {
+        strings.clone()
+    } else {
+        merge_strings(config.connection_strings.clone(), strings.clone())
+    };
+    config.connection_strings = merge_strings(config.connection_strings.clone(), strings);
+    // The allow list: what it held, what was asked for, and what was learnt.
     let mut list = config.allow.clone().unwrap_or_default();
     for entry in allow {
         list.insert(entry);
     }
-    let announced = appliance::service::announced_endpoints(strings.clone())
+    let announced = appliance::service::announced_endpoints(learn)
         .await
         .context("asking the relay for the endpoints")?;
     for (hc, endpoint) in announced {
@@ -128,14 +136,6 @@ async fn install(
         }
     }
     config.allow = Some(list);
-    config.connection_strings.retain(|old| {
-        !strings.iter().any(|new| {
-            new.entity == old.entity
-                && new.relay_host == old.relay_host
-                && new.relay_port == old.relay_port
-        })
-    });
-    config.connection_strings.extend(strings);
     // Validates the merged list (send strings only, no duplicates).
     let text = config.to_toml()?;
     ApplianceConfig::parse(&text, &path)?;
@@ -176,6 +176,21 @@ async fn install(
         .collect();
     println!("the appliance serves: {}", names.join(", "));
     Ok(())
+}
+
+/// `old` with `new` added; a new string for a hybrid connection of the same
+/// relay replaces the old one.
+fn merge_strings(
+    mut old: Vec<ConnectionString>,
+    new: Vec<ConnectionString>,
+) -> Vec<ConnectionString> {
+    old.retain(|o| {
+        !new.iter().any(|n| {
+            n.entity == o.entity && n.relay_host == o.relay_host && n.relay_port == o.relay_port
+        })
+    });
+    old.extend(new);
+    old
 }
 
 /// Runs an appliance subcommand.
@@ -245,4 +260,26 @@ fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         print!("{}", status.table());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cs(name: &str, key: &str) -> ConnectionString {
+        format!(
+            "Endpoint=sb://relay.test:9443/;SharedAccessKeyName=send;SharedAccessKey={key};EntityPath={name};CertificateSha256={}",
+            "ab".repeat(32)
+        )
+        .parse()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_new_string_replaces_the_old_one_for_its_connection() {
+        let merged = merge_strings(vec![cs("a", "old"), cs("b", "k")], vec![cs("a", "new")]);
+        let names: Vec<String> = merged.iter().map(|c| c.entity.to_string()).collect();
+        assert_eq!(names, ["b", "a"]);
+        assert_eq!(merged[1].key, cs("a", "new").key);
+    }
 }
