@@ -11,6 +11,9 @@
 //! mtu = 65535
 //! dns_listen = "127.0.0.53:53"
 //! state_dir = "/var/lib/hybridlink-appliance"
+//! # which endpoints the relay may make this host answer and route
+//! # (names, .suffixes, IPv4 networks; see `allow`)
+//! allow = ["payroll.corp", ".corp", "10.4.0.0/16"]
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -20,6 +23,8 @@ use std::str::FromStr;
 use netstack::Ipv4Range;
 use proto::connection_string::ConnectionString;
 use serde::Deserialize;
+
+use crate::allow::{AllowError, AllowList};
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +71,9 @@ pub enum ConfigError {
     /// A name for the tun device that Linux would refuse.
     #[error("tun name {0:?} must be 1 to 15 characters of letters, digits, '-' or '_'")]
     TunName(String),
+    /// An entry of `allow` did not parse.
+    #[error("in `allow` of the appliance config: {0}")]
+    Allow(#[from] AllowError),
 }
 
 /// The raw file, as written by a person.
@@ -78,6 +86,7 @@ struct RawConfig {
     mtu: Option<u16>,
     dns_listen: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
+    allow: Option<Vec<String>>,
 }
 
 /// A validated appliance configuration.
@@ -96,6 +105,10 @@ pub struct ApplianceConfig {
     pub dns_listen: SocketAddr,
     /// Where the name map and the resolv.conf backup live.
     pub state_dir: PathBuf,
+    /// The hosts the relay may make this appliance answer and route
+    /// (`allow` in the file). `None`: each hybrid connection's first
+    /// announced host (see `gate::AllowSource::FirstAnnouncement`).
+    pub allow: Option<AllowList>,
 }
 
 /// The default virtual range: a private slice of loopback, so nothing can
@@ -113,6 +126,7 @@ impl ApplianceConfig {
             mtu: 65535,
             dns_listen: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 53), 53)),
             state_dir: PathBuf::from("/var/lib/hybridlink-appliance"),
+            allow: None,
         })
     }
 
@@ -158,6 +172,9 @@ impl ApplianceConfig {
         if let Some(s) = raw.state_dir {
             config.state_dir = s;
         }
+        if let Some(a) = raw.allow {
+            config.allow = Some(AllowList::parse(&a)?);
+        }
         Ok(config)
     }
 }
@@ -196,6 +213,13 @@ impl ApplianceConfig {
                 "state_dir = {}\n",
                 quote(&self.state_dir.display().to_string())
             ));
+        }
+        if let Some(allow) = &self.allow {
+            out.push_str("allow = [\n");
+            for entry in allow.entries() {
+                out.push_str(&format!("  {},\n", quote(&entry.to_string())));
+            }
+            out.push_str("]\n");
         }
         Ok(out)
     }
@@ -267,6 +291,10 @@ mod tests {
         c.state_dir = PathBuf::from("/var/lib/a \"b\"");
         c.virtual_range = parse_range("127.78.0.0/24").unwrap();
         let back = ApplianceConfig::parse(&c.to_toml().unwrap(), Path::new("a.toml")).unwrap();
+        assert_eq!(back.allow, None, "no list is not an empty list");
+        c.allow = Some(AllowList::parse(&["payroll.corp", ".corp", "10.4.0.0/16"]).unwrap());
+        let back = ApplianceConfig::parse(&c.to_toml().unwrap(), Path::new("a.toml")).unwrap();
+        assert_eq!(back.allow, c.allow);
         assert_eq!(back.tun, "hl7");
         assert_eq!(back.state_dir, c.state_dir);
         assert_eq!(back.virtual_range, c.virtual_range);
@@ -296,6 +324,12 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ConfigError::TunName(_)), "{err}");
+        let err = ApplianceConfig::parse(
+            &format!("connection_strings = [\"{CS}\"]\nallow = [\"10.0.0.1/8\"]"),
+            p,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("did you mean 10.0.0.0/8"), "{err}");
         let listen = CS.replace("SharedAccessKeyName=send", "SharedAccessKeyName=listen");
         let err =
             ApplianceConfig::parse(&format!("connection_strings = [\"{listen}\"]"), p).unwrap_err();

@@ -5,11 +5,15 @@
 //! app's TCP flows with the userspace netstack, and sends each flow as a
 //! stream through the relay.
 
+pub mod allow;
 pub mod config;
 pub mod dns;
 pub mod flows;
+pub mod gate;
 pub mod names;
+pub mod never_route;
 pub mod resolv;
 pub mod routing;
 pub mod service;
+pub mod status;
 pub mod table;

@@ -5,13 +5,25 @@
 //! into the tun the appliance, inside its own network namespace:
 //!
 //! ```text
-//! ip rule add pref 100 to 127.77.0.0/16 lookup 77 protocol 104
-//! ip rule add pref 100 to 198.18.9.9/32 lookup 77 protocol 104   (one per IP-literal HC)
+//! ip rule add pref 100 iif lo to 127.77.0.0/16 lookup 77 protocol 104
+//! ip rule add pref 100 iif lo to 198.18.9.9/32 lookup 77 protocol 104   (one per IP-literal HC)
 //! ip rule add pref 200 lookup local protocol 104
 //! ip rule del pref 0                                               (the kernel's `lookup local`)
 //! ip route add default dev hl0 table 77 src 127.0.0.1 proto 104
-//! net.ipv4.conf.{all,hl0}.route_localnet = 1, rp_filter = 0
+//! net.ipv4.conf.hl0.route_localnet = 1, net.ipv4.conf.hl0.rp_filter = 0
 //! ```
+//!
+//! # What this exposes, and to whom
+//!
+//! Nothing to the namespace's neighbours. `route_localnet` is set on the tun
+//! only: a loopback destination arriving on any other interface stays a
+//! martian and is dropped, so no neighbour reaches a service bound to
+//! `127.0.0.1`. The rules that lead into the tun match `iif lo`, which in
+//! policy routing means "generated on this host" (the kernel looks output
+//! routes up with `iif lo`); a packet forwarded from another interface
+//! (`ip_forward=1`) never matches them and never reaches the netstack. The
+//! kernel's reverse-path check looks the source up as if from `lo` too, so
+//! replies from the tun pass it even with `rp_filter` strict on `all`.
 //!
 //! Every rule and route it adds carries the routing protocol
 //! [`RULE_PROTOCOL`], so that [`cleanup_leftovers`] removes what a killed
@@ -98,7 +110,7 @@ pub struct RoutingConfig {
     /// Where to note the sysctl values and the priority-0 rule found before
     /// setup, so that [`cleanup_leftovers`] can put them back after a crash
     /// (a file in the appliance's state dir). `None` keeps no journal: a
-    /// crash then leaves `net.ipv4.conf.all.*` changed.
+    /// crash then leaves the sysctls of a persistent tun changed.
     pub journal: Option<PathBuf>,
 }
 
@@ -604,6 +616,8 @@ fn to_table_rule_args(verb: &str, c: &RoutingConfig, to: &Ipv4Range) -> Vec<Stri
         &verb,
         &"pref",
         &c.prefs.to_table,
+        &"iif",
+        &"lo",
         &"to",
         to,
         &"lookup",
@@ -645,15 +659,14 @@ fn route_args(verb: &str, c: &RoutingConfig) -> Vec<String> {
     ])
 }
 
-/// The sysctls the recipe needs, with their values, `all` first.
+/// The sysctls the recipe needs, with their values: the tun's only, never
+/// `all` or another interface (see the module docs).
 fn sysctl_paths(tun: &str) -> Vec<(PathBuf, &'static str)> {
-    let mut out = Vec::new();
-    for dev in ["all", tun] {
-        let dir = Path::new("/proc/sys/net/ipv4/conf").join(dev);
-        out.push((dir.join("route_localnet"), "1"));
-        out.push((dir.join("rp_filter"), "0"));
-    }
-    out
+    let dir = Path::new("/proc/sys/net/ipv4/conf").join(tun);
+    vec![
+        (dir.join("route_localnet"), "1"),
+        (dir.join("rp_filter"), "0"),
+    ]
 }
 
 fn read_sysctl(path: &Path) -> Result<String, RoutingError> {
@@ -891,7 +904,7 @@ mod tests {
         assert!(r.is_kernel_local());
         assert_eq!(r.proto, Some(2));
 
-        let r = Rule::parse("100:\tfrom all to 127.77.0.0/16 lookup 77 proto 104").unwrap();
+        let r = Rule::parse("100:\tfrom all to 127.77.0.0/16 iif lo lookup 77 proto 104").unwrap();
         assert_eq!(
             (r.pref, r.table, r.proto, r.plain),
             (100, Some(77), Some(104), false)
@@ -917,11 +930,11 @@ mod tests {
         c.hosts.push(Ipv4Addr::new(198, 18, 9, 9));
         assert_eq!(
             command_line(&range_rule_args("add", &c)),
-            "ip rule add pref 100 to 127.77.0.0/16 lookup 77 protocol 104"
+            "ip rule add pref 100 iif lo to 127.77.0.0/16 lookup 77 protocol 104"
         );
         assert_eq!(
             command_line(&host_rule_args("add", &c, Ipv4Addr::new(198, 18, 9, 9))),
-            "ip rule add pref 100 to 198.18.9.9/32 lookup 77 protocol 104"
+            "ip rule add pref 100 iif lo to 198.18.9.9/32 lookup 77 protocol 104"
         );
         assert_eq!(
             command_line(&local_rule_args("add", 200, Some(RULE_PROTOCOL))),

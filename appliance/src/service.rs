@@ -2,7 +2,7 @@
 //! server, the routes, the tun and the netstack together, and takes them
 //! down again in the reverse order.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -18,9 +18,12 @@ use crate::config::ApplianceConfig;
 use crate::dns::parse_resolv_conf;
 use crate::dns::{DnsConfig, DnsServer};
 use crate::flows::{self, Routing};
+use crate::gate::{Decisions, Gate, HcState};
 use crate::names::NameMap;
+use crate::never_route::{self, HostAddress, NeverRoute};
 use crate::resolv::{self, ResolvPaths};
-use crate::routing::{self, RoutingConfig, RulePrefs};
+use crate::routing::{self, RoutingConfig, RoutingGuard, RulePrefs};
+use crate::status::{self, HcStatus, Status};
 use crate::table::FlowTable;
 
 /// How long start-up waits for the relay to announce the endpoints.
@@ -65,6 +68,10 @@ pub enum ApplianceError {
 /// How often the config file is checked for changes.
 const CONFIG_POLL: Duration = Duration::from_secs(2);
 
+/// How often the host's own addresses are read again (they decide the
+/// never-route set and which sources the netstack takes flows from).
+const HOST_ADDRESS_POLL: Duration = Duration::from_secs(10);
+
 /// Runs the appliance until `shutdown` resolves, then undoes every change
 /// it made to the namespace.
 ///
@@ -95,9 +102,27 @@ pub async fn run(
     }
     resolv::recover(&resolv_paths)?;
 
+    // Read before the appliance takes DNS over: where the namespace
+    // resolves, and what the relay's names resolve to.
+    let original = std::fs::read_to_string(&resolv_paths.resolv_conf).unwrap_or_default();
+    let original = parse_resolv_conf(&original);
+    let upstreams: Vec<Ipv4Addr> = original
+        .upstreams()
+        .iter()
+        .filter_map(|a| match a.ip() {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let host = read_host_addresses(&[]);
+    let never = relay_never_route(&config.connection_strings, &upstreams, host.clone()).await;
+    let mut gate = Gate::new(config.allow.clone(), never);
+
     let sender = Sender::start(config.connection_strings.clone(), sender_options())?;
     let endpoints = wait_for_endpoints(&sender).await;
-    let table = FlowTable::new(endpoints.iter().map(|(n, e)| (n, e)));
+    let decisions = gate.decide(&endpoints);
+    log_decisions(&decisions);
+    let table = FlowTable::new(decisions.allowed());
 
     let range = config.virtual_range;
     let net = ipnet::Ipv4Net::new(range.network(), range.prefix_len()).map_err(|e| {
@@ -121,21 +146,23 @@ pub async fn run(
     let mut routes = routing::setup(&routing_config)?;
 
     // Forward other names to whatever the namespace used before us.
-    let original = std::fs::read_to_string(&resolv_paths.resolv_conf).unwrap_or_default();
-    let original = parse_resolv_conf(&original);
     let mut dns_config = DnsConfig::new(config.dns_listen, original.upstreams());
     dns_config.search = original.search.clone();
-    let dns = DnsServer::start(dns_config, name_list(&names)).await?;
+    let served = served_names(&names, &table);
+    let dns = DnsServer::start(dns_config, served.clone()).await?;
     let mut resolv_guard = resolv::point_at(&resolv_paths, config.dns_listen.ip())?;
 
     // Every address the kernel routes into the tun is ours to answer: the
-    // routes decide what enters, the flow table what is served.
+    // routes decide what enters, the flow table what is served. Packets
+    // enter only from this host's own addresses: the rules into the tun
+    // match only locally generated packets, and the netstack checks again.
     let any = Ipv4Range::new(Ipv4Addr::UNSPECIFIED, 0).map_err(|e| ApplianceError::Netstack {
         tun: config.tun.clone(),
         message: e.to_string(),
     })?;
     let mut stack_config = StackConfig::new(vec![any]);
     stack_config.mtu = config.mtu;
+    stack_config.sources = Some(own_sources(&host));
     let stack = Netstack::spawn(tun, stack_config).map_err(|e| ApplianceError::Netstack {
         tun: config.tun.clone(),
         message: e.to_string(),
@@ -147,17 +174,21 @@ pub async fn run(
         sender: sender.clone(),
     }));
     let flow_task = tokio::spawn(flows::serve(flow_rx, routing_state.clone()));
-    for (name, ip) in names.iter() {
+    for (name, ip) in served {
         info!(%name, %ip, "name mapped");
     }
+    let status_path = config.state_dir.join(status::STATUS_FILE);
+    write_status(&status_path, &gate, &decisions, &names);
     info!(tun = %config.tun, range = %range, dns = %config.dns_listen, "appliance running");
     // Under systemd (Type=notify), `systemctl start` returns only now, when
     // the names resolve and the range is routed.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
-    // Follow the relay: new or changed endpoints are named and routed.
+    // Follow the relay: new or changed endpoints are named and routed when
+    // the gate lets them in.
     let mut sender = sender;
     let mut strings = config.connection_strings.clone();
+    let mut allow = config.allow.clone();
     let mut changes = sender.changes();
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| ApplianceError::Netstack {
         tun: config.tun.clone(),
@@ -165,6 +196,9 @@ pub async fn run(
     })?;
     let mut last_modified = reload_from.as_deref().and_then(modified);
     let mut poll = tokio::time::interval(CONFIG_POLL);
+    let mut host_poll = tokio::time::interval(HOST_ADDRESS_POLL);
+    host_poll.tick().await;
+    let mut host = host;
     tokio::pin!(shutdown);
     loop {
         let reload = tokio::select! {
@@ -176,6 +210,15 @@ pub async fn run(
                 last_modified = now;
                 changed
             }
+            _ = host_poll.tick() => {
+                let fresh = read_host_addresses(&host);
+                if gate.never_route_mut().set_host_addresses(fresh.clone()) {
+                    info!(addresses = ?fresh, "this host's addresses changed");
+                    stack_handle.set_sources(Some(own_sources(&fresh)));
+                    host = fresh;
+                }
+                false
+            }
             changed = changes.changed() => {
                 if changed.is_err() {
                     break;
@@ -184,17 +227,19 @@ pub async fn run(
             }
         };
         if reload {
-            match reload_strings(reload_from.as_deref(), &strings) {
-                Some(new) => {
+            match reload_config(reload_from.as_deref()) {
+                Some(new) if new.connection_strings != strings => {
                     info!(
-                        hcs = new.len(),
+                        hcs = new.connection_strings.len(),
                         "reloading: new connection strings; open flows keep theirs"
                     );
-                    match Sender::start(new.clone(), sender_options()) {
+                    match Sender::start(new.connection_strings.clone(), sender_options()) {
                         Ok(fresh) => {
                             sender = fresh;
-                            strings = new;
+                            strings = new.connection_strings.clone();
                             changes = sender.changes();
+                            *gate.never_route_mut() =
+                                relay_never_route(&strings, &upstreams, host.clone()).await;
                             let _ = wait_for_endpoints(&sender).await;
                             routing_state
                                 .write()
@@ -205,37 +250,33 @@ pub async fn run(
                             warn!(error = %e, "reload failed; keeping the running configuration")
                         }
                     }
+                    if new.allow != allow {
+                        info!("reloading: a new allow list");
+                        allow = new.allow.clone();
+                        gate.set_allow(allow.clone());
+                    }
                 }
-                None => info!("reload: connection strings unchanged"),
+                Some(new) if new.allow != allow => {
+                    info!("reloading: a new allow list");
+                    allow = new.allow.clone();
+                    gate.set_allow(allow.clone());
+                }
+                Some(_) => info!("reload: configuration unchanged"),
+                None => {}
             }
         }
-        {
-            let endpoints: Vec<(HcName, Endpoint)> = sender
-                .endpoints()
-                .into_iter()
-                .filter_map(|(n, e)| Some((n, e?)))
-                .collect();
-            let table = FlowTable::new(endpoints.iter().map(|(n, e)| (n, e)));
-            let unchanged = routing_state
-                .read()
-                .map(|r| r.table == table)
-                .unwrap_or(false);
-            if unchanged {
-                continue;
-            }
-            if let Err(e) = names.assign(&table.names()) {
-                warn!(error = %e, "cannot name a new host");
-            }
-            if let Err(e) = routes.set_hosts(&table.literal_addresses()) {
-                warn!(error = %e, "cannot route a new IPv4 endpoint");
-            }
-            if let Err(e) = dns.update(name_list(&names)) {
-                warn!(error = %e, "cannot update the DNS names");
-            }
-            let mut r = routing_state.write().unwrap_or_else(|p| p.into_inner());
-            r.table = table;
-            r.names = names.iter().map(|(n, ip)| (ip, n.to_string())).collect();
-            info!("hybrid connections changed; names and routes updated");
+        let decisions = gate.decide(&sender.endpoints());
+        log_decisions(&decisions);
+        let table = FlowTable::new(decisions.allowed());
+        let unchanged = routing_state
+            .read()
+            .map(|r| r.table == table)
+            .unwrap_or(false);
+        if !unchanged {
+            apply(&table, &mut names, &mut routes, &dns, &routing_state);
+        }
+        if !unchanged || !decisions.changed.is_empty() {
+            write_status(&status_path, &gate, &decisions, &names);
         }
     }
 
@@ -249,7 +290,154 @@ pub async fn run(
         warn!(error = %e, "stopping the DNS server failed");
     }
     routes.undo()?;
+    if let Err(e) = status::remove(&status_path) {
+        warn!(error = %e, path = %status_path.display(), "cannot remove the status file");
+    }
     Ok(())
+}
+
+/// Serves `table`: names get addresses (kept in names.json even when a name
+/// is no longer served, so its address is not handed to another name too
+/// soon), DNS answers only the names served now, and the IPv4 literals
+/// served now are routed into the tun.
+fn apply(
+    table: &FlowTable,
+    names: &mut NameMap,
+    routes: &mut RoutingGuard,
+    dns: &DnsServer,
+    routing_state: &RwLock<Routing>,
+) {
+    if let Err(e) = names.assign(&table.names()) {
+        warn!(error = %e, "cannot name a new host");
+    }
+    if let Err(e) = routes.set_hosts(&table.literal_addresses()) {
+        warn!(error = %e, "cannot route a new IPv4 endpoint");
+    }
+    if let Err(e) = dns.update(served_names(names, table)) {
+        warn!(error = %e, "cannot update the DNS names");
+    }
+    let mut r = routing_state.write().unwrap_or_else(|p| p.into_inner());
+    r.table = table.clone();
+    r.names = names.iter().map(|(n, ip)| (ip, n.to_string())).collect();
+    info!("hybrid connections changed; names and routes updated");
+}
+
+/// One line per change of what the gate decided: WARN for a refusal (once
+/// per refused endpoint, since only changes come here), INFO otherwise.
+fn log_decisions(decisions: &Decisions) {
+    for v in &decisions.changed {
+        let endpoint = v.endpoint.as_ref().map(ToString::to_string);
+        let endpoint = endpoint.as_deref().unwrap_or("-");
+        match &v.state {
+            HcState::Ok => {
+                let rule = v.rule.as_ref().map(ToString::to_string).unwrap_or_default();
+                info!(hc = %v.hc, endpoint, allowed_by = %rule, "serving the endpoint the relay announced");
+            }
+            HcState::Waiting => info!(hc = %v.hc, "the relay announces no endpoint; not served"),
+            refused => warn!(
+                hc = %v.hc,
+                endpoint,
+                reason = %refused,
+                "refusing the endpoint the relay announced: no name answered, no route added"
+            ),
+        }
+    }
+}
+
+/// Writes `status.json`; a failure is logged, never fatal.
+fn write_status(path: &Path, gate: &Gate, decisions: &Decisions, names: &NameMap) {
+    let hcs = decisions
+        .verdicts
+        .iter()
+        .map(|v| {
+            let address = match (&v.state, &v.endpoint) {
+                (HcState::Ok, Some(e)) => match e.host() {
+                    proto::name::Host::Ipv4(ip) => Some(ip.to_string()),
+                    proto::name::Host::Dns(name) => {
+                        names.lookup_name(name).map(|ip| ip.to_string())
+                    }
+                },
+                _ => None,
+            };
+            HcStatus {
+                name: v.hc.to_string(),
+                endpoint: v.endpoint.as_ref().map(ToString::to_string),
+                address,
+                state: v.state.to_string(),
+            }
+        })
+        .collect();
+    let allow = gate
+        .allow()
+        .entries()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let status = Status::new(gate.source().to_string(), allow, hcs);
+    if let Err(e) = status.write(path) {
+        warn!(error = %e, "cannot write the status file");
+    }
+}
+
+/// The names DNS answers: those of the endpoints served now.
+fn served_names(names: &NameMap, table: &FlowTable) -> Vec<(String, Ipv4Addr)> {
+    table
+        .names()
+        .into_iter()
+        .filter_map(|n| {
+            let ip = names.lookup_name(&n)?;
+            Some((n, ip))
+        })
+        .collect()
+}
+
+/// The never-route set for a relay reached through `strings`: their hosts,
+/// and the addresses those resolve to now.
+async fn relay_never_route(
+    strings: &[ConnectionString],
+    upstreams: &[Ipv4Addr],
+    host: Vec<HostAddress>,
+) -> NeverRoute {
+    let relays: Vec<(String, u16)> = strings
+        .iter()
+        .map(|cs| (cs.relay_host.clone(), cs.relay_port))
+        .collect();
+    let hosts: Vec<String> = relays.iter().map(|(h, _)| h.clone()).collect();
+    let addrs = tokio::task::spawn_blocking(move || {
+        let mut all = Vec::new();
+        for (h, port) in relays {
+            let found = never_route::resolve(&h, port);
+            if found.is_empty() {
+                warn!(relay = %h, "the relay's name does not resolve now; only the name itself is kept out of DNS");
+            }
+            all.extend(found);
+        }
+        all
+    })
+    .await
+    .unwrap_or_default();
+    NeverRoute::new(&hosts, &addrs, upstreams, host)
+}
+
+/// This host's addresses, or `previous` when they cannot be read.
+fn read_host_addresses(previous: &[HostAddress]) -> Vec<HostAddress> {
+    match never_route::host_addresses() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "keeping the addresses read before");
+            previous.to_vec()
+        }
+    }
+}
+
+/// The sources the netstack takes packets from: loopback and this host's
+/// own addresses.
+fn own_sources(host: &[HostAddress]) -> Vec<Ipv4Range> {
+    // 127.0.0.0 has no host bits under /8.
+    let loopback = Ipv4Range::new(Ipv4Addr::new(127, 0, 0, 0), 8).expect("127.0.0.0/8 is a range");
+    let mut out = vec![loopback];
+    out.extend(host.iter().map(|a| Ipv4Range::host(a.net.addr())));
+    out
 }
 
 fn sender_options() -> SenderOptions {
@@ -263,17 +451,12 @@ fn modified(path: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// Reads the config file again; `Some` with its strings when they differ
-/// from `current` (a bad file is logged and ignored: the running
-/// configuration stays).
-fn reload_strings(
-    path: Option<&Path>,
-    current: &[ConnectionString],
-) -> Option<Vec<ConnectionString>> {
+/// Reads the config file again; a bad file is logged and ignored (the
+/// running configuration stays).
+fn reload_config(path: Option<&Path>) -> Option<ApplianceConfig> {
     let path = path?;
     match ApplianceConfig::load(path) {
-        Ok(new) if new.connection_strings.as_slice() != current => Some(new.connection_strings),
-        Ok(_) => None,
+        Ok(new) => Some(new),
         Err(e) => {
             warn!(error = %e, "reload failed; keeping the running configuration");
             None
@@ -281,22 +464,27 @@ fn reload_strings(
     }
 }
 
-fn name_list(names: &NameMap) -> Vec<(String, Ipv4Addr)> {
-    names.iter().map(|(n, ip)| (n.to_string(), ip)).collect()
+/// Asks the relay for the endpoints of the hybrid connections of `strings`
+/// (as `appliance install` does, to write its allow list): waits until each
+/// is announced or `ENDPOINT_WAIT` (15 s) has passed; `None` for those still
+/// unknown then.
+pub async fn announced_endpoints(
+    strings: Vec<ConnectionString>,
+) -> Result<Vec<(HcName, Option<Endpoint>)>, ApplianceError> {
+    let sender = Sender::start(strings, sender_options())?;
+    Ok(wait_for_endpoints(&sender).await)
 }
 
 /// Waits until the relay has announced an endpoint for every hybrid
-/// connection, or [`ENDPOINT_WAIT`] has passed; returns those known.
-async fn wait_for_endpoints(sender: &Sender) -> Vec<(HcName, Endpoint)> {
+/// connection, or [`ENDPOINT_WAIT`] has passed; returns them all, `None`
+/// for those still unknown.
+async fn wait_for_endpoints(sender: &Sender) -> Vec<(HcName, Option<Endpoint>)> {
     let mut changes = sender.changes();
     let deadline = tokio::time::Instant::now() + ENDPOINT_WAIT;
     loop {
         let all = sender.endpoints();
-        let known: Vec<(HcName, Endpoint)> = all
-            .iter()
-            .filter_map(|(n, e)| Some((n.clone(), e.clone()?)))
-            .collect();
-        if known.len() == all.len() || tokio::time::Instant::now() >= deadline {
+        let known = all.iter().filter(|(_, e)| e.is_some()).count();
+        if known == all.len() || tokio::time::Instant::now() >= deadline {
             let missing: Vec<String> = all
                 .iter()
                 .filter(|(_, e)| e.is_none())
@@ -308,7 +496,7 @@ async fn wait_for_endpoints(sender: &Sender) -> Vec<(HcName, Endpoint)> {
                     "no endpoint from the relay yet for these; they are added when it arrives"
                 );
             }
-            return known;
+            return all;
         }
         let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
     }

@@ -127,10 +127,13 @@ fn snapshot(tun: &str) -> String {
 }
 
 fn route_get(addr: &str) -> String {
-    let out = Command::new("ip")
-        .args(["route", "get", addr])
-        .output()
-        .unwrap();
+    route_get_args(&["route", "get", addr])
+}
+
+/// What `ip ARGS` prints on stdout and stderr (a refused lookup is an
+/// answer too).
+fn route_get_args(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().unwrap();
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -284,9 +287,19 @@ fn range_and_literal_hosts_reach_the_tun_and_undo_restores_everything() {
             let rt = rt();
             let _in_rt = rt.enter();
             let tun = create_tun(TUN);
-            // Values other than the ones we set, so restoring them shows.
-            set_sysctl("all", "rp_filter", "2");
+            // Values other than the ones we set, so restoring them shows;
+            // `all` strict, as hardened hosts have it, which the recipe
+            // must neither need to change nor trip over.
+            set_sysctl("all", "rp_filter", "1");
             set_sysctl(TUN, "rp_filter", "1");
+            // A neighbour's link, with forwarding on as on container hosts.
+            sh(&[
+                "ip", "link", "add", "hlnb0", "type", "veth", "peer", "name", "hlnb1",
+            ]);
+            sh(&["ip", "addr", "add", "198.18.50.2/24", "dev", "hlnb0"]);
+            sh(&["ip", "link", "set", "hlnb0", "up"]);
+            sh(&["ip", "link", "set", "hlnb1", "up"]);
+            sh(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
             let before = snapshot(TUN);
             assert!(route_get("127.77.0.5").contains("dev lo"));
 
@@ -309,21 +322,35 @@ fn range_and_literal_hosts_reach_the_tun_and_undo_restores_everything() {
                 "{rules}"
             );
             assert!(
-                rules.contains("100:\tfrom all to 127.77.0.0/16 lookup 77 proto 104"),
+                rules.contains("100:\tfrom all to 127.77.0.0/16 iif lo lookup 77 proto 104"),
                 "{rules}"
             );
             assert!(
-                rules.contains("100:\tfrom all to 198.18.9.9 lookup 77 proto 104"),
+                rules.contains("100:\tfrom all to 198.18.9.9 iif lo lookup 77 proto 104"),
                 "{rules}"
             );
-            for dev in ["all", TUN] {
-                let read = |n| std::fs::read_to_string(sysctl_path(dev, n)).unwrap();
-                assert_eq!(read("route_localnet"), "1\n");
-                assert_eq!(read("rp_filter"), "0\n");
-            }
+            let read = |dev, n| std::fs::read_to_string(sysctl_path(dev, n)).unwrap();
+            assert_eq!(read(TUN, "route_localnet"), "1\n");
+            assert_eq!(read(TUN, "rp_filter"), "0\n");
+            // Nothing but the tun changes: loopback stays a martian on
+            // every other interface.
+            assert_eq!(read("all", "route_localnet"), "0\n");
+            assert_eq!(read("all", "rp_filter"), "1\n");
+            assert_eq!(read("hlnb0", "route_localnet"), "0\n");
 
             assert!(route_get("127.77.0.5").contains("dev hl0"));
             assert!(route_get("198.18.9.9").contains("dev hl0"));
+            // What a neighbour sends is never routed into the tun: loopback
+            // destinations are martians on its link, and the rules into
+            // the tun match only packets generated here.
+            let forwarded = |dst: &str| {
+                route_get_args(&["route", "get", dst, "from", "198.18.50.1", "iif", "hlnb0"])
+            };
+            for dst in ["127.0.0.1", "127.77.0.5", "198.18.9.9"] {
+                let got = forwarded(dst);
+                assert!(!got.contains("dev hl0"), "{dst} from a neighbour: {got}");
+            }
+            assert!(forwarded("127.0.0.1").contains("Invalid argument"));
             // The rest of loopback stays local.
             assert!(route_get("127.0.0.1").contains("dev lo"));
             assert!(route_get("127.78.0.1").contains("dev lo"));
@@ -464,7 +491,7 @@ fn leftovers_of_a_killed_appliance_are_removed_and_nothing_else() {
                     rules_removed: 3,
                     routes_flushed: true,
                     local_rule_restored: true,
-                    sysctls_restored: 4,
+                    sysctls_restored: 2,
                 }
             );
             assert_eq!(ip_rules(), before_rules);

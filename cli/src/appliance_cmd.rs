@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use appliance::allow::{AllowEntry, AllowList};
 use appliance::config::{ApplianceConfig, check_tun, parse_range};
+use appliance::status::{STATUS_FILE, Status};
 use clap::Subcommand;
 use proto::connection_string::ConnectionString;
 
@@ -20,17 +22,34 @@ pub enum ApplianceCommand {
     Run(RunArgs),
     /// Set the appliance up as a systemd service on the app's host: adds the
     /// send connection strings to /etc/hybridlink/appliance.toml (mode 0600;
-    /// a string for a hybrid connection already there replaces it), writes
-    /// /etc/systemd/system/hybridlink-appliance.service, enables and
-    /// (re)starts it. Later changes to the file are picked up on
+    /// a string for a hybrid connection already there replaces it), adds the
+    /// hosts the relay announces for them now to its `allow` list (the
+    /// relay may later move an endpoint only within that list; edit it to
+    /// allow more), writes /etc/systemd/system/hybridlink-appliance.service,
+    /// enables and (re)starts it. Later changes to the file are picked up on
     /// `systemctl reload hybridlink-appliance` (SIGHUP).
     Install {
         /// A send connection string (`hybridlink hc keys NAME --rule send
         /// --key primary`); repeat for more hybrid connections.
         #[arg(long = "connection-string", required = true)]
         connection_strings: Vec<ConnectionString>,
+        /// Also allow this host name, `.suffix` or IPv4 network; repeat for
+        /// more.
+        #[arg(long = "allow", value_name = "ENTRY")]
+        allow: Vec<AllowEntry>,
         #[command(flatten)]
         install: crate::install::InstallArgs,
+    },
+    /// Show what the appliance running with this state dir serves: each
+    /// hybrid connection, its endpoint, the address the app connects to,
+    /// and `ok`, `not announced by the relay` or why it is refused.
+    Status {
+        /// The appliance's state dir.
+        #[arg(long, default_value = "/var/lib/hybridlink-appliance")]
+        state_dir: PathBuf,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -57,6 +76,11 @@ pub struct RunArgs {
     /// /var/lib/hybridlink-appliance).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Allow the relay to announce this host name, `.suffix` or IPv4
+    /// network; repeat for more. Replaces the config's `allow`. Without
+    /// either, each hybrid connection's first announced host is allowed.
+    #[arg(long = "allow", value_name = "ENTRY")]
+    allow: Vec<AllowEntry>,
     /// Serve Prometheus metrics at http://ADDR/metrics: app connections
     /// carried, refused and active per hybrid connection, bytes each way,
     /// DNS queries by answer, reconnects, token renewals.
@@ -67,8 +91,9 @@ pub struct RunArgs {
 /// Where `appliance install` keeps the config.
 pub const APPLIANCE_CONF: &str = "/etc/hybridlink/appliance.toml";
 
-fn install(
+async fn install(
     strings: Vec<ConnectionString>,
+    allow: Vec<AllowEntry>,
     args: &crate::install::InstallArgs,
 ) -> anyhow::Result<()> {
     let path = args.under_root(std::path::Path::new(APPLIANCE_CONF));
@@ -77,21 +102,49 @@ fn install(
     } else {
         ApplianceConfig::new(strings.clone())?
     };
-    config.connection_strings.retain(|old| {
-        !strings.iter().any(|new| {
-            new.entity == old.entity
-                && new.relay_host == old.relay_host
-                && new.relay_port == old.relay_port
-        })
-    });
-    config.connection_strings.extend(strings);
+    // The hosts the relay announces now are learnt for the strings being
+    // added, or for all of them when the config had no list yet (an older
+    // install): the list must not shut out what the appliance serves today.
+    let learn = if config.allow.is_some() || !path.exists() {
+        strings.clone()
+    } else {
+        merge_strings(config.connection_strings.clone(), strings.clone())
+    };
+    config.connection_strings = merge_strings(config.connection_strings.clone(), strings);
+    // The allow list: what it held, what was asked for, and what was learnt.
+    let mut list = config.allow.clone().unwrap_or_default();
+    for entry in allow {
+        list.insert(entry);
+    }
+    let announced = appliance::service::announced_endpoints(learn)
+        .await
+        .context("asking the relay for the endpoints")?;
+    for (hc, endpoint) in announced {
+        match endpoint {
+            Some(e) => {
+                let entry = AllowEntry::exactly(e.host());
+                if list.matching(e.host()).is_none() {
+                    println!("allowing {entry} (the endpoint of {hc} now)");
+                }
+                list.insert(entry);
+            }
+            None => println!(
+                "the relay announced no endpoint for {hc}; nothing is allowed for it yet: \
+                 add its host with --allow HOST, or to `allow` in {}",
+                path.display()
+            ),
+        }
+    }
+    config.allow = Some(list);
     // Validates the merged list (send strings only, no duplicates).
     let text = config.to_toml()?;
     ApplianceConfig::parse(&text, &path)?;
     crate::install::write_file(
         &path,
         &format!(
-            "# Written by `hybridlink appliance install`, which adds to connection_strings.\n{text}"
+            "# Written by `hybridlink appliance install`, which adds to connection_strings and allow.\n\
+             # allow: the hosts the relay may make this host answer and route (names, .suffixes,\n\
+             # IPv4 networks); an endpoint moved outside it is refused.\n{text}"
         ),
         0o600,
     )?;
@@ -125,13 +178,30 @@ fn install(
     Ok(())
 }
 
+/// `old` with `new` added; a new string for a hybrid connection of the same
+/// relay replaces the old one.
+fn merge_strings(
+    mut old: Vec<ConnectionString>,
+    new: Vec<ConnectionString>,
+) -> Vec<ConnectionString> {
+    old.retain(|o| {
+        !new.iter().any(|n| {
+            n.entity == o.entity && n.relay_host == o.relay_host && n.relay_port == o.relay_port
+        })
+    });
+    old.extend(new);
+    old
+}
+
 /// Runs an appliance subcommand.
 pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
     let args = match cmd {
         ApplianceCommand::Install {
             connection_strings,
+            allow,
             install: args,
-        } => return install(connection_strings, &args),
+        } => return install(connection_strings, allow, &args).await,
+        ApplianceCommand::Status { state_dir, json } => return status(&state_dir, json),
         ApplianceCommand::Run(args) => args,
     };
     let RunArgs {
@@ -141,6 +211,7 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
         tun,
         dns_listen,
         state_dir,
+        allow,
         metrics,
     } = args;
     let mut config_from_file = match &config {
@@ -161,6 +232,9 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
     if let Some(s) = state_dir {
         config.state_dir = s;
     }
+    if !allow.is_empty() {
+        config.allow = Some(AllowList::new(allow));
+    }
     if let Some(addr) = metrics {
         let bound = transport::metrics::serve(addr, || {
             transport::metrics::render(transport::metrics::Role::Appliance)
@@ -174,4 +248,38 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
         .context("appliance")?;
     tracing::info!("appliance stopped; the namespace is as it was");
     Ok(())
+}
+
+/// `appliance status`: prints the status file of the appliance running with
+/// `state_dir`.
+fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let status = Status::read(&state_dir.join(STATUS_FILE))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.table());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cs(name: &str, key: &str) -> ConnectionString {
+        format!(
+            "Endpoint=sb://relay.test:9443/;SharedAccessKeyName=send;SharedAccessKey={key};EntityPath={name};CertificateSha256={}",
+            "ab".repeat(32)
+        )
+        .parse()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_new_string_replaces_the_old_one_for_its_connection() {
+        let merged = merge_strings(vec![cs("a", "old"), cs("b", "k")], vec![cs("a", "new")]);
+        let names: Vec<String> = merged.iter().map(|c| c.entity.to_string()).collect();
+        assert_eq!(names, ["b", "a"]);
+        assert_eq!(merged[1].key, cs("a", "new").key);
+    }
 }

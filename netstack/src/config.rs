@@ -144,6 +144,11 @@ pub struct StackConfig {
     pub udp_ports: Vec<u16>,
     /// Datagrams queued for the caller before new ones are dropped.
     pub udp_queue: usize,
+    /// Sources whose packets the stack takes in; a packet from any other
+    /// source is dropped before smoltcp sees it (and counted and logged).
+    /// `None` takes packets from anywhere. Change it on a running stack with
+    /// [`StackHandle::set_sources`](crate::StackHandle::set_sources).
+    pub sources: Option<Vec<Ipv4Range>>,
     /// Verify IPv4/TCP/UDP checksums of packets read from the tun. The
     /// kernel always writes valid checksums into a tun, so turning this off
     /// saves a pass over every byte; keep it on when packets may come from
@@ -170,6 +175,7 @@ impl StackConfig {
             stream_buffer: 256 * 1024,
             udp_ports: Vec::new(),
             udp_queue: 1024,
+            sources: None,
             verify_checksums: true,
         }
     }
@@ -199,6 +205,12 @@ impl StackConfig {
 
     pub(crate) fn in_ranges(&self, addr: Ipv4Addr) -> bool {
         self.ranges.iter().any(|r| r.contains(addr))
+    }
+
+    pub(crate) fn source_allowed(&self, addr: Ipv4Addr) -> bool {
+        self.sources
+            .as_ref()
+            .is_none_or(|sources| sources.iter().any(|r| r.contains(addr)))
     }
 }
 

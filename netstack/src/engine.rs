@@ -18,7 +18,7 @@ use smoltcp::socket::tcp::{self, CongestionControl, State};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{HardwareAddress, IpListenEndpoint, TcpSeqNumber};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 
 use crate::config::StackConfig;
 use crate::device::{Packet, QueueDevice};
@@ -33,6 +33,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 const EGRESS_ROUNDS: usize = 256;
 /// A flow's empty stream buffers are freed after this long without traffic.
 const SHRINK_AFTER: Duration = Duration::from_secs(1);
+/// Packets dropped for their source are logged at WARN at most this often.
+const FOREIGN_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Something the caller must hear about.
 #[derive(Debug)]
@@ -62,6 +64,7 @@ pub(crate) struct Counters {
     pub expired: AtomicU64,
     pub reaped_idle: AtomicU64,
     pub dropped_packets: AtomicU64,
+    pub dropped_foreign: AtomicU64,
     pub dropped_datagrams: AtomicU64,
 }
 
@@ -113,6 +116,7 @@ pub(crate) struct Engine {
     cmd: mpsc::UnboundedSender<Command>,
     next_sweep: Instant,
     counters: Arc<Counters>,
+    last_foreign_warning: Option<Instant>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -154,6 +158,7 @@ impl Engine {
             cmd,
             next_sweep: now + SWEEP_INTERVAL,
             counters,
+            last_foreign_warning: None,
         }
     }
 
@@ -174,7 +179,11 @@ impl Engine {
         let classified = match packet::classify(packet.bytes(), &self.config, &self.caps) {
             Ok(c) => c,
             Err(reason) => {
-                trace!(%reason, len, "dropped packet");
+                if reason == packet::DropReason::ForeignSource {
+                    self.foreign_source(packet.bytes(), now);
+                } else {
+                    trace!(%reason, len, "dropped packet");
+                }
                 self.counters
                     .dropped_packets
                     .fetch_add(1, Ordering::Relaxed);
@@ -243,11 +252,42 @@ impl Engine {
         }
     }
 
+    /// Counts and logs a packet dropped for its source: at WARN at most once
+    /// per [`FOREIGN_WARN_EVERY`], which bounds what a flood can write.
+    fn foreign_source(&mut self, bytes: &[u8], now: Instant) {
+        self.counters
+            .dropped_foreign
+            .fetch_add(1, Ordering::Relaxed);
+        // classify parsed the header already, so the fields are there.
+        let (src, dst) = match smoltcp::wire::Ipv4Packet::new_checked(bytes) {
+            Ok(ip) => (ip.src_addr(), ip.dst_addr()),
+            Err(_) => return,
+        };
+        let due = self
+            .last_foreign_warning
+            .is_none_or(|at| now >= at + FOREIGN_WARN_EVERY);
+        if due {
+            self.last_foreign_warning = Some(now);
+            let dropped = self.counters.dropped_foreign.load(Ordering::Relaxed);
+            warn!(
+                %src, %dst, dropped,
+                reason = %packet::DropReason::ForeignSource,
+                "dropped a packet into the tun from a source that is not this host's"
+            );
+        } else {
+            trace!(%src, %dst, "dropped packet from a foreign source");
+        }
+    }
+
     /// Carries out a command from a handle. Returns false for `Shutdown`.
     pub fn handle_command(&mut self, cmd: Command, now: Instant) -> bool {
         match cmd {
             Command::Accept { id, reply } => self.accept(id, reply, now),
             Command::Refuse { id } => self.refuse(id),
+            Command::SetSources(sources) => {
+                debug!(?sources, "accepted sources changed");
+                self.config.sources = sources;
+            }
             Command::Wake { id } => self.mark_dirty(id),
             Command::SendPacket(bytes) => {
                 let len = bytes.len();

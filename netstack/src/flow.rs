@@ -33,6 +33,8 @@ pub(crate) enum Command {
     Wake { id: FlowId },
     /// Write this packet into the tun.
     SendPacket(Vec<u8>),
+    /// Take packets only from these sources from now on (`None`: any).
+    SetSources(Option<Vec<crate::config::Ipv4Range>>),
     /// Stop the stack: every flow is reset.
     Shutdown,
 }

@@ -60,6 +60,8 @@ pub(crate) enum DropReason {
     MalformedUdp,
     #[error("TCP segment to or from port 0")]
     PortZero,
+    #[error("source is not an address of this host (a forwarded packet?)")]
+    ForeignSource,
 }
 
 /// Checksum handling for packets from the tun: always computed on the
@@ -88,6 +90,9 @@ pub(crate) fn classify<'a>(
     let ip_repr = Ipv4Repr::parse(&ip, caps).map_err(|_| DropReason::MalformedIp)?;
     if !config.in_ranges(ip_repr.dst_addr) {
         return Err(DropReason::NotVirtual);
+    }
+    if !config.source_allowed(ip_repr.src_addr) {
+        return Err(DropReason::ForeignSource);
     }
     let src_ip = IpAddress::Ipv4(ip_repr.src_addr);
     let dst_ip = IpAddress::Ipv4(ip_repr.dst_addr);
@@ -323,6 +328,33 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 0xff; // corrupt the TCP checksum region
         assert!(classify(&bad, &config(), &caps).is_err());
+    }
+
+    #[test]
+    fn drops_packets_from_sources_not_allowed() {
+        let caps = checksum_caps(true);
+        let mut c = config();
+        c.sources = Some(vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "10.0.0.1/32".parse().unwrap(),
+        ]);
+        let from = |src: &str| build_syn(addr(src), addr("198.18.0.5:80"), 1);
+        assert!(matches!(
+            classify(&from("127.0.0.1:40000"), &c, &caps),
+            Ok(Classified::TcpSyn { .. })
+        ));
+        assert!(matches!(
+            classify(&from("10.0.0.1:40000"), &c, &caps),
+            Ok(Classified::TcpSyn { .. })
+        ));
+        assert_eq!(
+            classify(&from("10.0.0.2:40000"), &c, &caps),
+            Err(DropReason::ForeignSource)
+        );
+        let udp = build_udp(addr("198.18.99.1:5000"), addr("198.18.0.1:53"), b"q");
+        assert_eq!(classify(&udp, &c, &caps), Err(DropReason::ForeignSource));
+        c.sources = None;
+        assert!(classify(&from("10.0.0.2:40000"), &c, &caps).is_ok());
     }
 
     #[test]

@@ -98,6 +98,8 @@ pub struct Stats {
     pub reaped_idle: u64,
     /// Packets from the tun dropped as malformed or not for us.
     pub dropped_packets: u64,
+    /// Of those, packets from a source not in [`StackConfig::sources`].
+    pub dropped_foreign: u64,
     /// Hooked datagrams dropped because the caller did not keep up.
     pub dropped_datagrams: u64,
 }
@@ -116,6 +118,7 @@ impl StackHandle {
             expired: get(&c.expired),
             reaped_idle: get(&c.reaped_idle),
             dropped_packets: get(&c.dropped_packets),
+            dropped_foreign: get(&c.dropped_foreign),
             dropped_datagrams: get(&c.dropped_datagrams),
         }
     }
@@ -123,6 +126,13 @@ impl StackHandle {
     /// A sender for UDP datagrams from virtual addresses.
     pub fn udp_sender(&self) -> UdpSender {
         self.udp.clone()
+    }
+
+    /// Takes packets only from `sources` from now on (`None`: from any
+    /// source); see [`StackConfig::sources`]. Flows already accepted from a
+    /// source no longer listed lose their packets.
+    pub fn set_sources(&self, sources: Option<Vec<Ipv4Range>>) {
+        let _ = self.cmd.send(Command::SetSources(sources));
     }
 
     /// Stops the stack: every flow is reset and the task ends.

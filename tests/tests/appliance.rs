@@ -1,13 +1,15 @@
 //! The product as the app sees it, in the three-namespace lab: unmodified
 //! clients in `app` reach servers in `onprem` by host name (or IPv4 literal)
 //! through the real appliance, relay and agent binaries. Needs root; skips
-//! with a message otherwise.
+//! with a message otherwise (the tests of the appliance's trust boundary
+//! fail instead when HYBRIDLINK_REQUIRE_TOOLS is set).
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use hybridlink_tests::Proc;
 use hybridlink_tests::lab::{self, Lab, ONPREM_IP, RELAY_IP, UPSTREAM_DNS_IP};
+use serde_json::Value;
 
 struct Setup {
     lab: Lab,
@@ -22,6 +24,11 @@ struct Setup {
     _dirs: Vec<tempfile::TempDir>,
     /// Send strings by hybrid connection name.
     send: Vec<(String, String)>,
+    /// The relay's management API and data dir, for `hybridlink hc`.
+    api: String,
+    data_dir: String,
+    /// The config's `allow` (`None`: no `allow` key).
+    allow: Option<Vec<String>>,
 }
 
 fn fixture(name: &str) -> String {
@@ -36,6 +43,8 @@ struct Options {
     /// The hybrid connections in the appliance's config file at start
     /// (`None`: all of them).
     initial: Option<&'static [&'static str]>,
+    /// The config's `allow` list (`None`: no `allow` key).
+    allow: Option<&'static [&'static str]>,
 }
 
 /// The hybrid connections of the lab: name, host, port.
@@ -174,6 +183,11 @@ fn setup(tag: &str, options: Options) -> Result<Setup> {
         site,
         _dirs: dirs,
         send,
+        api,
+        data_dir,
+        allow: options
+            .allow
+            .map(|a| a.iter().map(|e| e.to_string()).collect()),
     };
     setup.write_config(&initial)?;
     setup.start_appliance()?;
@@ -189,11 +203,15 @@ impl Setup {
     fn write_config(&self, strings: &[String]) -> Result<()> {
         let state = self.state_dir.path().join("state");
         let list: Vec<String> = strings.iter().map(|s| format!("  \"{s}\",")).collect();
-        let text = format!(
+        let mut text = format!(
             "connection_strings = [\n{}\n]\nstate_dir = \"{}\"\n",
             list.join("\n"),
             state.display()
         );
+        if let Some(allow) = &self.allow {
+            let entries: Vec<String> = allow.iter().map(|e| format!("\"{e}\"")).collect();
+            text.push_str(&format!("allow = [{}]\n", entries.join(", ")));
+        }
         std::fs::write(self.config_path(), text)?;
         Ok(())
     }
@@ -246,6 +264,66 @@ impl Setup {
             .args(["-sS", "--max-time", "10", url])
             .output()
             .expect("curl runs")
+    }
+
+    /// `hybridlink hc ARGS...` against the lab's relay (through its
+    /// management API), as an operator would run it.
+    fn hc(&self, args: &[&str]) -> Result<()> {
+        let out = self
+            .lab
+            .command(
+                &self.lab.relay,
+                hybridlink_tests::binary().to_str().context("utf-8")?,
+            )
+            .args(["hc", "--api", &self.api, "--data-dir", &self.data_dir])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("hc {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// `hybridlink appliance status --state-dir ... [--json]` in the app
+    /// namespace: its stdout.
+    fn appliance_status(&self, json: bool) -> Result<String> {
+        let state = self.state_dir.path().join("state");
+        let mut cmd = self.lab.command(
+            &self.lab.app,
+            hybridlink_tests::binary().to_str().context("utf-8")?,
+        );
+        cmd.args(["appliance", "status", "--state-dir"]).arg(&state);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output()?;
+        if !out.status.success() {
+            bail!("appliance status: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// The state `appliance status --json` shows for `hc`.
+    fn hc_state(&self, hc: &str) -> Result<Value> {
+        let status: Value = serde_json::from_str(&self.appliance_status(true)?)?;
+        status["hybrid_connections"]
+            .as_array()
+            .and_then(|hcs| hcs.iter().find(|h| h["name"] == hc).cloned())
+            .with_context(|| format!("no {hc} in {status}"))
+    }
+
+    /// What the app's resolver (the appliance, for our names) answers for
+    /// `name`: its first address, or `None`.
+    fn resolve(&self, name: &str) -> Result<Option<String>> {
+        let out = self
+            .lab
+            .command(&self.lab.app, "getent")
+            .args(["ahostsv4", name])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .map(str::to_string))
     }
 
     fn namespace_state(&self) -> Result<String> {
@@ -507,6 +585,7 @@ fn psql_and_redis_cli_work_and_a_reload_keeps_open_streams() -> Result<()> {
         Options {
             databases: true,
             initial: Some(&["payroll", "sql", "cache"]),
+            ..Options::default()
         },
     )?;
 
@@ -600,5 +679,359 @@ fn psql_and_redis_cli_work_and_a_reload_keeps_open_streams() -> Result<()> {
         .lab
         .sh(&s.lab.app, "redis-cli -h cache.corp get greeting")?;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello-from-app\n");
+    Ok(())
+}
+
+/// Whether the namespace tests can run: as root, yes; otherwise they skip,
+/// or fail when HYBRIDLINK_REQUIRE_TOOLS is set (as in CI).
+fn lab_available(test: &str) -> Result<bool> {
+    if lab::is_root() {
+        return Ok(true);
+    }
+    if std::env::var_os("HYBRIDLINK_REQUIRE_TOOLS").is_some() {
+        bail!("{test} needs root to build network namespaces (HYBRIDLINK_REQUIRE_TOOLS is set)");
+    }
+    eprintln!("SKIP {test}: the lab needs root");
+    Ok(false)
+}
+
+/// A host on a link of the app host: a namespace of its own joined to the
+/// app namespace by a veth pair, removed (with the pair) on drop.
+struct Neighbour {
+    ns: String,
+}
+
+/// The app host's address on the neighbour's link, and the neighbour's.
+const APP_ON_NEIGHBOUR_LINK: &str = "198.18.5.1";
+const NEIGHBOUR_IP: &str = "198.18.5.2";
+
+impl Neighbour {
+    /// A neighbour that sends 127.0.0.0/8, and `via_app` (addresses the app
+    /// host routes into its tun), to the app host, as an attacker on the
+    /// link would.
+    fn new(lab: &Lab, tag: &str, via_app: &[&str]) -> Result<Neighbour> {
+        let ns = format!("hl{}{tag}nb", std::process::id() % 10000);
+        let run = |line: &str| -> Result<()> {
+            let out = std::process::Command::new("sh")
+                .args(["-c", line])
+                .output()?;
+            if !out.status.success() {
+                bail!("{line:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            Ok(())
+        };
+        run(&format!("ip netns add {ns}"))?;
+        let neighbour = Neighbour { ns: ns.clone() };
+        let (a, b) = (format!("{ns}a"), format!("{ns}b"));
+        let app = &lab.app;
+        run(&format!(
+            "ip link add {a} netns {app} type veth peer name {b} netns {ns} && \
+             ip -n {app} addr add {APP_ON_NEIGHBOUR_LINK}/24 dev {a} && ip -n {app} link set {a} up && \
+             ip -n {ns} addr add {NEIGHBOUR_IP}/24 dev {b} && ip -n {ns} link set {b} up && \
+             ip -n {ns} link set lo up"
+        ))?;
+        // Loopback destinations leave through the link: the local table
+        // moves behind a rule that sends 127/8 to the app host, and the
+        // neighbour accepts loopback sources back.
+        run(&format!(
+            "ip netns exec {ns} sysctl -q -w net.ipv4.conf.all.route_localnet=1 \
+               net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.{b}.rp_filter=0 && \
+             ip -n {ns} rule add pref 10 to 127.0.0.0/8 lookup 90 && \
+             ip -n {ns} rule add pref 20 lookup local && ip -n {ns} rule del pref 0 && \
+             ip -n {ns} route add 127.0.0.0/8 via {APP_ON_NEIGHBOUR_LINK} dev {b} table 90"
+        ))?;
+        for dst in via_app {
+            run(&format!(
+                "ip -n {ns} route add {dst}/32 via {APP_ON_NEIGHBOUR_LINK} dev {b}"
+            ))?;
+        }
+        Ok(neighbour)
+    }
+}
+
+impl Drop for Neighbour {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .status();
+    }
+}
+
+/// Connects to host:port from namespace `ns`, sends a request line and
+/// prints `connected <first bytes>` or `failed <why>` (3 s limit each).
+const TRY_CONNECT: &str = r#"
+import socket, sys
+try:
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+    c.settimeout(3)
+    c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    print("connected", c.recv(200))
+except Exception as e:
+    print("failed", type(e).__name__, e)
+"#;
+
+fn try_connect(lab: &Lab, ns: &str, host: &str, port: &str) -> Result<String> {
+    let out = lab
+        .command(ns, "python3")
+        .args(["-c", TRY_CONNECT, host, port])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A TCP server bound to `bind` port 0 in `ns` that greets each connection
+/// with `greeting`; returns it and its port.
+fn greeter(ns: &str, bind: &str, greeting: &str) -> Result<(Proc, String)> {
+    let script = r#"
+import json, socket, sys
+s = socket.socket()
+s.bind((sys.argv[1], 0))
+s.listen(16)
+print(json.dumps({"port": s.getsockname()[1]}), flush=True)
+while True:
+    c, _ = s.accept()
+    try:
+        c.sendall(sys.argv[2].encode() + b"\n")
+    finally:
+        c.close()
+"#;
+    let mut proc = Proc::start_program(
+        "ip",
+        &format!("greeter-{bind}"),
+        &["netns", "exec", ns, "python3", "-c", script, bind, greeting],
+    )?;
+    let port = proc.ready_line()?["port"]
+        .as_u64()
+        .context("greeter port")?
+        .to_string();
+    Ok((proc, port))
+}
+
+#[test]
+fn neighbours_reach_neither_loopback_services_nor_hybrid_connections() -> Result<()> {
+    if !lab_available("neighbours_reach_neither_loopback_services_nor_hybrid_connections")? {
+        return Ok(());
+    }
+    let s = setup("n", Options::default())?;
+    let lab = &s.lab;
+    // Forwarding on, as on every container host.
+    lab.sh(&lab.app, "sysctl -q -w net.ipv4.ip_forward=1")?;
+    let neighbour = Neighbour::new(lab, "n", &[ONPREM_IP])?;
+    let (_secret, secret_port) = greeter(&lab.app, "127.0.0.1", "loopback-secret")?;
+    let (_public, public_port) = greeter(&lab.app, APP_ON_NEIGHBOUR_LINK, "public-service")?;
+    let virtual_ip = s
+        .resolve("payroll.corp")?
+        .context("payroll.corp does not resolve")?;
+    assert!(virtual_ip.starts_with("127.77."), "{virtual_ip}");
+
+    // The appliance changed loopback routing on its tun only.
+    let sysctls = lab.sh(
+        &lab.app,
+        "sysctl -n net.ipv4.conf.all.route_localnet net.ipv4.conf.hl0.route_localnet",
+    )?;
+    assert_eq!(String::from_utf8_lossy(&sysctls.stdout), "0\n1\n");
+
+    // The link works: the neighbour reaches what the app host offers on it.
+    let got = try_connect(lab, &neighbour.ns, APP_ON_NEIGHBOUR_LINK, &public_port)?;
+    assert!(got.contains("public-service"), "{got}");
+
+    // The app itself reaches its loopback service, names and literals.
+    let got = try_connect(lab, &lab.app, "127.0.0.1", &secret_port)?;
+    assert!(got.contains("loopback-secret"), "{got}");
+    for url in [
+        "http://payroll.corp/".to_string(),
+        format!("http://{ONPREM_IP}:8080/"),
+    ] {
+        let out = s.curl(&url);
+        assert!(
+            out.status.success(),
+            "the app cannot reach {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // The neighbour reaches neither the loopback service, nor a hybrid
+    // connection by its virtual address, nor the IPv4-literal one routed
+    // via the app host.
+    for (host, port) in [
+        ("127.0.0.1", secret_port.as_str()),
+        (virtual_ip.as_str(), "80"),
+        (ONPREM_IP, "8080"),
+    ] {
+        let got = try_connect(lab, &neighbour.ns, host, port)?;
+        assert!(
+            got.starts_with("failed"),
+            "the neighbour reached {host}:{port} on the app host: {got}\n{}",
+            s.namespace_state()?
+        );
+    }
+    // And the app still can, afterwards.
+    let out = s.curl("http://payroll.corp/");
+    assert!(out.status.success());
+    Ok(())
+}
+
+#[test]
+fn the_relay_cannot_name_or_route_outside_the_allow_list() -> Result<()> {
+    if !lab_available("the_relay_cannot_name_or_route_outside_the_allow_list")? {
+        return Ok(());
+    }
+    // The relay's own address is listed too: the never-route set wins.
+    let s = setup(
+        "w",
+        Options {
+            allow: Some(&[
+                "payroll.corp",
+                "stopped.corp",
+                "sql.corp",
+                "cache.corp",
+                ONPREM_IP,
+                RELAY_IP,
+            ]),
+            ..Options::default()
+        },
+    )?;
+    let rules = |s: &Setup| -> Result<String> {
+        let out = s
+            .lab
+            .sh(&s.lab.app, "ip rule; echo; ip route show table 77")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let before = rules(&s)?;
+    assert!(
+        before.contains(&format!("to {ONPREM_IP} iif lo lookup 77")),
+        "{before}"
+    );
+    for name in ["payroll.corp", "stopped.corp", "cache.corp"] {
+        let ip = s.resolve(name)?.unwrap_or_default();
+        assert!(ip.starts_with("127.77."), "{name} resolves to {ip:?}");
+    }
+    assert_eq!(s.hc_state("literal")?["state"], "ok");
+
+    // The relay moves endpoints: a literal outside the list, a name outside
+    // the list (stopped.corp is no longer announced), the relay's own
+    // address; and deletes one (cache.corp is no longer announced).
+    s.hc(&[
+        "update",
+        "literal",
+        "--host",
+        "198.18.9.9",
+        "--port",
+        "8080",
+    ])?;
+    s.hc(&[
+        "update",
+        "stopped",
+        "--host",
+        "evil.example",
+        "--port",
+        "81",
+    ])?;
+    s.hc(&["update", "sql", "--host", RELAY_IP, "--port", "9443"])?;
+    s.hc(&["delete", "cache"])?;
+    let expected = [
+        (
+            "literal",
+            "refused: outside the allow list (no entry matches 198.18.9.9)",
+        ),
+        (
+            "stopped",
+            "refused: outside the allow list (no entry matches evil.example)",
+        ),
+        ("sql", "refused: the relay's own address (198.18.0.1)"),
+        ("cache", "not announced by the relay"),
+        ("payroll", "ok"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut pending = Vec::new();
+        for (hc, state) in expected {
+            let got = s.hc_state(hc)?;
+            if got["state"] != state {
+                pending.push(format!("{hc}: {got}"));
+            }
+        }
+        if pending.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("appliance status never showed the refusals: {pending:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(s.hc_state("literal")?["address"].is_null());
+    assert_eq!(s.hc_state("literal")?["endpoint"], "198.18.9.9:8080");
+    assert!(
+        s.hc_state("payroll")?["address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.77.")),
+        "{}",
+        s.hc_state("payroll")?
+    );
+    let table = s.appliance_status(false)?;
+    assert!(
+        table.contains("refused: the relay's own address") && table.contains("allow list (config)"),
+        "{table}"
+    );
+
+    // Nothing of it reaches routes...
+    let after = rules(&s)?;
+    for addr in ["198.18.9.9", RELAY_IP, ONPREM_IP] {
+        assert!(
+            !after.contains(&format!("to {addr} ")),
+            "{addr} routed:\n{after}"
+        );
+    }
+    assert!(
+        after.contains("to 127.77.0.0/16 iif lo lookup 77"),
+        "{after}"
+    );
+    let table77: Vec<&str> = after
+        .split("\n\n")
+        .nth(1)
+        .unwrap_or_default()
+        .lines()
+        .collect();
+    assert_eq!(
+        table77,
+        ["default dev hl0 proto 104 scope link src 127.0.0.1 "],
+        "{after}"
+    );
+    // ...or DNS answers: names no longer announced, or never allowed, are
+    // not answered by the appliance (the upstream knows none of them).
+    for name in ["evil.example", "stopped.corp", "cache.corp"] {
+        let ip = s.resolve(name)?;
+        assert!(ip.is_none(), "{name} still resolves to {ip:?}");
+    }
+
+    // The appliance stays connected: the allowed hybrid connection works.
+    let out = s.curl("http://payroll.corp/");
+    assert!(
+        out.status.success(),
+        "payroll after the refusals: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "payroll page from on-prem\n"
+    );
+
+    // Moved back inside the list, an endpoint is served again.
+    s.hc(&[
+        "update",
+        "stopped",
+        "--host",
+        "stopped.corp",
+        "--port",
+        "81",
+    ])?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.hc_state("stopped")?["state"] != "ok" {
+        if Instant::now() > deadline {
+            bail!("stopped never came back: {}", s.hc_state("stopped")?);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ip = s.resolve("stopped.corp")?.unwrap_or_default();
+    assert!(ip.starts_with("127.77."), "{ip:?}");
     Ok(())
 }

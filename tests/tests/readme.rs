@@ -324,6 +324,8 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
     seen("hybridlink forward", "payroll page from on-prem")?;
     seen("connect --check", "reachable")?;
     seen("agent status --json", "\"connected\"")?;
+    seen("appliance status", "payroll.corp:80")?;
+    seen("appliance status", " ok\n")?;
     seen("keys payroll --rule listen", "SharedAccessKeyName=listen")?;
     // The install commands wrote real units and configs, secrets kept private.
     for (m, path, mode) in [
@@ -342,6 +344,13 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
             "{path} on {m} is not mode {mode:o}"
         );
     }
+    // `appliance install` wrote an allow list of the endpoint it saw.
+    let conf =
+        std::fs::read_to_string(machine("app").dir.join("etc-up/hybridlink/appliance.toml"))?;
+    ensure!(
+        conf.contains("allow = [\n  \"payroll.corp\",\n]"),
+        "appliance.toml has no allow list of what the relay announced:\n{conf}"
+    );
     // Each service kept its first process all along: the key rotation
     // reloaded the agent and the appliance, it did not restart them.
     for (service, pid) in &service_pids {

@@ -502,6 +502,8 @@ impl Inner {
                         warn!(hc = %entity, ?reason, %message, "relay refused the send key");
                         h.status = HcStatus::Refused(message);
                         h.agents.clear();
+                        // No longer announced: the appliance stops naming it.
+                        h.endpoint = None;
                     }
                 }
                 RelayMessage::Agents { entity, agents } => {
