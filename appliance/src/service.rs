@@ -178,7 +178,7 @@ pub async fn run(
         info!(%name, %ip, "name mapped");
     }
     let status_path = config.state_dir.join(status::STATUS_FILE);
-    write_status(&status_path, &gate, &decisions, &names);
+    write_status(&status_path, &gate, &decisions, &names, &sender);
     info!(tun = %config.tun, range = %range, dns = %config.dns_listen, "appliance running");
     // Under systemd (Type=notify), `systemctl start` returns only now, when
     // the names resolve and the range is routed.
@@ -276,7 +276,7 @@ pub async fn run(
             apply(&table, &mut names, &mut routes, &dns, &routing_state);
         }
         if !unchanged || !decisions.changed.is_empty() {
-            write_status(&status_path, &gate, &decisions, &names);
+            write_status(&status_path, &gate, &decisions, &names, &sender);
         }
     }
 
@@ -345,7 +345,7 @@ fn log_decisions(decisions: &Decisions) {
 }
 
 /// Writes `status.json`; a failure is logged, never fatal.
-fn write_status(path: &Path, gate: &Gate, decisions: &Decisions, names: &NameMap) {
+fn write_status(path: &Path, gate: &Gate, decisions: &Decisions, names: &NameMap, sender: &Sender) {
     let hcs = decisions
         .verdicts
         .iter()
@@ -364,6 +364,11 @@ fn write_status(path: &Path, gate: &Gate, decisions: &Decisions, names: &NameMap
                 endpoint: v.endpoint.as_ref().map(ToString::to_string),
                 address,
                 state: v.state.to_string(),
+                end_to_end: if sender.end_to_end(&v.hc) {
+                    "verified".into()
+                } else {
+                    "relay-trusted".into()
+                },
             }
         })
         .collect();

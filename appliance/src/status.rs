@@ -93,6 +93,11 @@ pub struct HcStatus {
     /// `ok`, `not announced by the relay`, or `refused: ...` with the
     /// reason.
     pub state: String,
+    /// `verified` when the send string carries the hybrid connection's
+    /// end-to-end key (agents must prove it on every stream), else
+    /// `relay-trusted`.
+    #[serde(default)]
+    pub end_to_end: String,
 }
 
 impl Status {
@@ -172,16 +177,17 @@ impl Status {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<24} {:<32} {:<16} STATE",
-            "HYBRID CONNECTION", "ENDPOINT", "ADDRESS"
+            "{:<24} {:<32} {:<16} {:<15} STATE",
+            "HYBRID CONNECTION", "ENDPOINT", "ADDRESS", "END-TO-END"
         );
         for hc in &self.hybrid_connections {
             let _ = writeln!(
                 out,
-                "{:<24} {:<32} {:<16} {}",
+                "{:<24} {:<32} {:<16} {:<15} {}",
                 hc.name,
                 hc.endpoint.as_deref().unwrap_or("-"),
                 hc.address.as_deref().unwrap_or("-"),
+                hc.end_to_end,
                 hc.state
             );
         }
@@ -227,12 +233,14 @@ mod tests {
                     endpoint: Some("payroll.corp:80".into()),
                     address: Some("127.77.0.2".into()),
                     state: "ok".into(),
+                    end_to_end: "verified".into(),
                 },
                 HcStatus {
                     name: "web".into(),
                     endpoint: Some("github.com:443".into()),
                     address: None,
                     state: "refused: outside the allow list (no entry matches github.com)".into(),
+                    end_to_end: "relay-trusted".into(),
                 },
             ],
         );

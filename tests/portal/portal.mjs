@@ -177,6 +177,13 @@ try {
   // This agent has no end-to-end key, and its policy allows the endpoint.
   await shown('#agent-rows', /relay-trusted/);
   await shown('#agent-rows', /allows the endpoint/);
+
+  step("the agent's on-prem policy refuses the endpoint: the page says so");
+  await ask({ do: 'policy', text: '' });
+  await shown('#agent-rows', /on-prem policy refuses 127\.0\.0\.1:\d+: no rule allows it for payroll/, 15000);
+  await shot('policy');
+  await ask({ do: 'policy', text: 'allow' });
+  await shown('#agent-rows', /allows the endpoint/, 15000);
   await page.click('text=All hybrid connections');
   await shown(row('payroll'), /Connected \(1 agent\)/);
   await shown(row('billing'), /Not connected/);

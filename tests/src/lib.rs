@@ -311,6 +311,8 @@ pub struct Agent {
     pub proc: Proc,
     /// Its status socket.
     pub status_socket: PathBuf,
+    /// The policy file written for it (when `extra` gave none).
+    pub policy: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -337,13 +339,15 @@ impl Agent {
             args.push("--connection-string".into());
             args.push((*cs).to_string());
         }
+        let mut policy = None;
         if !extra.contains(&"--policy") {
             // The tests' targets listen on loopback, which the built-in
             // policy refuses: allow it, as an administrator would.
-            let policy = dir.path().join("policy.toml");
-            std::fs::write(&policy, TEST_POLICY)?;
+            let path = dir.path().join("policy.toml");
+            std::fs::write(&path, TEST_POLICY)?;
             args.push("--policy".into());
-            args.push(policy.display().to_string());
+            args.push(path.display().to_string());
+            policy = Some(path);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -351,6 +355,7 @@ impl Agent {
         Ok(Agent {
             proc,
             status_socket: socket,
+            policy,
             _dir: dir,
         })
     }
@@ -518,4 +523,17 @@ impl Drop for OpenStream {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Polls `ok` every 100 ms until it says true; fails after `secs` seconds
+/// naming `what`.
+pub fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ok()? {
+        if Instant::now() >= deadline {
+            bail!("{what} did not happen within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }

@@ -8,10 +8,10 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use hybridlink_tests::{Agent, OpenStream, Relay, binary, echo_server_thread};
+use hybridlink_tests::{Agent, OpenStream, Relay, binary, echo_server_thread, wait_for};
 use proto::connection_string::ConnectionString;
 
 /// A server that greets every connection with `banner` and closes.
@@ -53,18 +53,6 @@ fn string_of(keys: &serde_json::Value, rule: &str, slot: &str) -> Result<Connect
         .context("string")?
         .parse()
         .map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !ok()? {
-        ensure!(
-            Instant::now() < deadline,
-            "{what} did not happen within {secs} s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
 }
 
 #[test]

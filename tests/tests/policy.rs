@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use hybridlink_tests::{Agent, OpenStream, Relay, binary, echo_server_thread};
+use hybridlink_tests::{Agent, OpenStream, Relay, binary, echo_server_thread, wait_for};
 use proto::connection_string::ConnectionString;
 use serde_json::Value;
 
@@ -25,18 +25,6 @@ fn check(cs: &ConnectionString) -> Result<(bool, String)> {
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
-}
-
-fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !ok()? {
-        ensure!(
-            Instant::now() < deadline,
-            "{what} did not happen within {secs} s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
 }
 
 /// The agent's status entry for `hc`.
@@ -263,5 +251,104 @@ fn editing_the_policy_takes_effect_at_once_and_cuts_only_what_it_refuses() -> Re
         agent_hc(&agent, "web")?["connection"]["state"] == "denied_by_policy",
         "web is refused now"
     );
+    Ok(())
+}
+
+/// Link-local (the cloud metadata address) and unlisted endpoints, tried
+/// inside a lab namespace: if the agent ever dialed one, the SYN would stay
+/// inside the lab.
+#[test]
+fn metadata_link_local_and_unlisted_endpoints_are_refused() -> Result<()> {
+    if !hybridlink_tests::lab::is_root() {
+        ensure!(
+            std::env::var_os("HYBRIDLINK_REQUIRE_TOOLS").is_none(),
+            "this test needs root (network namespaces)"
+        );
+        eprintln!("SKIP: needs root");
+        return Ok(());
+    }
+    let lab = hybridlink_tests::lab::Lab::new("pol")?;
+    let ns = lab.onprem.clone();
+    let data = tempfile::tempdir()?;
+    let data_dir = data.path().display().to_string();
+    let mut relay = lab.hybridlink(
+        &ns,
+        "relay",
+        &[
+            "relay",
+            "serve",
+            "--data-dir",
+            &data_dir,
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ],
+    )?;
+    let ready = relay.ready_line()?;
+    let api = ready["api"].as_str().context("api")?.to_string();
+    let bin = binary().display().to_string();
+    let hc = |args: &str| -> Result<String> {
+        let out = lab.sh(
+            &ns,
+            &format!("{bin} hc --api http://{api} --data-dir {data_dir} {args}"),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    hc("create web --host 127.0.0.1 --port 9")?;
+    let send = hc("keys web --rule send --key primary")?;
+    let listen = hc("keys web --rule listen --key primary")?;
+    let policy = data.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[allow]]\nhost = \"127.0.0.1\"\nports = [9]\nhc = \"web\"\n[[allow]]\nhost = \"*.corp\"\n",
+    )?;
+    let socket = data.path().join("agent.sock").display().to_string();
+    let policy_arg = policy.display().to_string();
+    let _agent = lab.hybridlink(
+        &ns,
+        "agent",
+        &[
+            "agent",
+            "run",
+            "--connection-string",
+            &listen,
+            "--policy",
+            &policy_arg,
+            "--status-socket",
+            &socket,
+        ],
+    )?;
+    for endpoint in ["169.254.169.254:80", "198.18.250.1:80", "0.0.0.0:9"] {
+        let (host, port) = endpoint.split_once(':').context("host:port")?;
+        hc(&format!("update web --host {host} --port {port}"))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = lab
+                .command(&ns, &bin)
+                .args(["connect", "--check", &send])
+                .output()?;
+            ensure!(!out.status.success(), "the agent dialed {endpoint}");
+            let last = String::from_utf8_lossy(&out.stderr).into_owned();
+            if last.contains(&format!("on-prem policy refuses {endpoint}")) {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{endpoint} not refused by the policy: {last}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let status = lab.sh(
+            &ns,
+            &format!("{bin} agent status --json --status-socket {socket}"),
+        )?;
+        let status: Value = serde_json::from_slice(&status.stdout)?;
+        ensure!(
+            status[0]["connection"]["state"] == "denied_by_policy"
+                && status[0]["endpoint"] == endpoint,
+            "agent status after {endpoint}: {status}"
+        );
+    }
     Ok(())
 }

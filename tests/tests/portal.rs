@@ -205,6 +205,23 @@ impl Helper {
                 self.agents.push(agent);
                 Ok(json!({}))
             }
+            "policy" => {
+                // Rewrites every agent's policy file: "" allows nothing,
+                // "allow" restores what the tests allow. The agents notice
+                // the change by themselves.
+                let text = match request["text"].as_str().unwrap_or_default() {
+                    "allow" => hybridlink_tests::TEST_POLICY,
+                    _ => "",
+                };
+                for agent in &self.agents {
+                    let path = agent
+                        .policy
+                        .as_ref()
+                        .context("agent without a policy file")?;
+                    std::fs::write(path, text)?;
+                }
+                Ok(json!({}))
+            }
             "traffic" => {
                 self.traffic = Some(Traffic::start(&string()?, 2)?);
                 Ok(json!({}))

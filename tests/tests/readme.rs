@@ -144,8 +144,15 @@ impl Machine {
 }
 
 /// Replaces `<listen string of NAME>` and `<send string of NAME>` with the
-/// relay's strings.
-fn fill_in(text: &str, relay: &Machine, cwd: &Path, fake_bin: &Path) -> Result<String> {
+/// relay's strings, and `<end-to-end key of NAME>` with what the on-prem
+/// machine's `agent end-to-end-key NAME` prints.
+fn fill_in(
+    text: &str,
+    relay: &Machine,
+    onprem: &Machine,
+    cwd: &Path,
+    fake_bin: &Path,
+) -> Result<String> {
     let mut out = String::new();
     let mut rest = text;
     while let Some(start) = rest.find('<') {
@@ -155,24 +162,34 @@ fn fill_in(text: &str, relay: &Machine, cwd: &Path, fake_bin: &Path) -> Result<S
         let inner = &rest[start + 1..start + len];
         let words: Vec<&str> = inner.split(' ').collect();
         out.push_str(&rest[..start]);
-        let which = match words.as_slice() {
-            [rule @ ("listen" | "send"), "string", "of", name] => Some((*rule, "primary", *name)),
+        // Which machine prints what the placeholder stands for.
+        let source = match words.as_slice() {
+            [rule @ ("listen" | "send"), "string", "of", name] => Some((
+                relay,
+                format!(
+                    "hybridlink hc --data-dir /var/lib/hybridlink-relay keys {name} --rule {rule} --key primary"
+                ),
+            )),
             [
                 rule @ ("listen" | "send"),
                 slot @ ("primary" | "secondary"),
                 "string",
                 "of",
                 name,
-            ] => Some((*rule, *slot, *name)),
+            ] => Some((
+                relay,
+                format!(
+                    "hybridlink hc --data-dir /var/lib/hybridlink-relay keys {name} --rule {rule} --key {slot}"
+                ),
+            )),
+            ["end-to-end", "key", "of", name] => {
+                Some((onprem, format!("hybridlink agent end-to-end-key {name}")))
+            }
             _ => None,
         };
-        match which {
-            Some((rule, slot, name)) => {
-                let got = relay.run(
-                    &format!("hybridlink hc --data-dir /var/lib/hybridlink-relay keys {name} --rule {rule} --key {slot}"),
-                    cwd,
-                    fake_bin,
-                )?;
+        match source {
+            Some((machine, command)) => {
+                let got = machine.run(&command, cwd, fake_bin)?;
                 ensure!(
                     got.status.success(),
                     "getting {inner}: {}",
@@ -180,7 +197,7 @@ fn fill_in(text: &str, relay: &Machine, cwd: &Path, fake_bin: &Path) -> Result<S
                 );
                 out.push_str(String::from_utf8_lossy(&got.stdout).trim());
             }
-            _ => out.push_str(&rest[start..=start + len]),
+            None => out.push_str(&rest[start..=start + len]),
         }
         rest = &rest[start + len + 1..];
     }
@@ -255,7 +272,13 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
         if block.machine == "app" && block.text.contains("appliance install") {
             wait_until_connected(machine("onprem"), &cwd, &fake_bin)?;
         }
-        let text = fill_in(&block.text, machine("relay"), &cwd, &fake_bin)?;
+        let text = fill_in(
+            &block.text,
+            machine("relay"),
+            machine("onprem"),
+            &cwd,
+            &fake_bin,
+        )?;
         let out = m.run(&text, &cwd, &fake_bin)?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
