@@ -191,7 +191,12 @@ async fn serve_stream(
             Ok(t) => t,
             Err(e) => {
                 let refusal = e.refusal();
-                info!(%endpoint, reason = %refusal.message, "dial refused or failed");
+                // A policy refusal was logged once, when it began.
+                if matches!(e, DialError::Denied(_)) {
+                    debug!(%endpoint, reason = %refusal.message, "stream denied by policy");
+                } else {
+                    info!(%endpoint, reason = %refusal.message, "dial failed");
+                }
                 refuse_counted(hc.as_str(), pending, refusal.code, refusal.message);
                 return;
             }
