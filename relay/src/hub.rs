@@ -16,6 +16,7 @@ use proto::control::{
     AgentInfo, DetachReason, Fingerprint, PeerRole, RelayMessage, TICKET_LEN, Ticket,
 };
 use proto::key::Right;
+use proto::label::PeerLabel;
 use proto::name::HcName;
 use proto::sas;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -45,7 +46,7 @@ struct Attachment {
 struct Session {
     role: PeerRole,
     identity: Fingerprint,
-    label: String,
+    label: PeerLabel,
     addr: SocketAddr,
     since: SystemTime,
     tx: mpsc::Sender<RelayMessage>,
@@ -153,6 +154,21 @@ struct Inner {
     /// may be spliced at once, and how many are.
     max_pipes: AtomicUsize,
     active_pipes: AtomicUsize,
+    /// Checks tokens presented for names the registry does not hold
+    /// ([`Hub::refuse_unknown`]).
+    decoy_key: proto::key::Key,
+}
+
+/// A key no connection string holds, for [`Hub::refuse_unknown`].
+fn decoy_key() -> proto::key::Key {
+    proto::key::Key::generate().unwrap_or_else(|_| {
+        // Without randomness any key will do: a token that verifies against
+        // it is still refused.
+        #[allow(clippy::expect_used)]
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+            .parse()
+            .expect("a constant 32-byte base64 key parses")
+    })
 }
 
 fn unix_now() -> u64 {
@@ -174,6 +190,7 @@ impl Hub {
                 max_pipes: AtomicUsize::new(usize::MAX),
                 active_pipes: AtomicUsize::new(0),
                 rng: SystemRandom::new(),
+                decoy_key: decoy_key(),
             }),
         }
     }
@@ -194,7 +211,7 @@ impl Hub {
         &self,
         role: PeerRole,
         identity: Fingerprint,
-        label: String,
+        label: PeerLabel,
         addr: SocketAddr,
         tx: mpsc::Sender<RelayMessage>,
     ) -> SessionId {
@@ -211,6 +228,15 @@ impl Hub {
         };
         self.lock().sessions.insert(id, session);
         id
+    }
+
+    /// Whether the session holds at least one attachment, i.e. has
+    /// presented a token that verified.
+    pub fn has_attachment(&self, id: SessionId) -> bool {
+        self.lock()
+            .sessions
+            .get(&id)
+            .is_some_and(|s| !s.attached.is_empty())
     }
 
     /// Removes a session and everything it was attached to.
@@ -240,30 +266,36 @@ impl Hub {
             PeerRole::Sender => Right::Send,
             PeerRole::Listener => Right::Listen,
         };
-        let Some(record) = self.inner.registry.get(&entity) else {
-            let _ = tx.try_send(RelayMessage::Detached {
-                message: format!("no hybrid connection named {entity} on this relay"),
-                entity,
-                reason: {
-                    count_refused("unknown_hc");
-                    DetachReason::UnknownEntity
-                },
-            });
-            return;
+        let verified = match self.inner.registry.get(&entity) {
+            Some(record) => match sas::verify(&token, &entity, needed, &record.rules(), now) {
+                Ok(v) => Ok((record, v.expires_unix)),
+                Err(e) => Err((Some(record), e)),
+            },
+            None => Err((None, self.refuse_unknown(&token, &entity, needed, now))),
         };
-        let verified = sas::verify(&token, &entity, needed, &record.rules(), now);
-        let expires = match verified {
-            Ok(v) => v.expires_unix,
-            Err(e) => {
-                let regenerated = record.regenerated_at(&token, needed, now);
+        let (record, expires) = match verified {
+            Ok(ok) => ok,
+            Err((record, e)) => {
+                // A token signed with a retired key of this very hybrid
+                // connection proves its holder knew the name: say what to do.
+                let regenerated = record
+                    .as_ref()
+                    .and_then(|r| r.regenerated_at(&token, needed, now));
                 let message = match regenerated {
                     Some(at) => format!(
                         "the key of this connection string was regenerated ({}s ago); get the current one with `hybridlink hc keys {entity}`",
                         now.saturating_sub(at)
                     ),
-                    None => e.to_string(),
+                    None => not_accepted(&entity, &e),
                 };
-                warn!(session = id, hc = %entity, error = %message, "token rejected");
+                // The relay's own log and metrics keep the precise reason.
+                let (why, counted) = match (&record, regenerated) {
+                    (None, _) => ("no such hybrid connection".to_string(), "unknown_hc"),
+                    (Some(_), Some(_)) => (message.clone(), "key_regenerated"),
+                    (Some(_), None) => (e.to_string(), "unauthorized"),
+                };
+                warn!(session = id, hc = %entity, error = %why, "token rejected");
+                count_refused(counted);
                 if state
                     .sessions
                     .get(&id)
@@ -273,14 +305,7 @@ impl Hub {
                 }
                 let _ = tx.try_send(RelayMessage::Detached {
                     entity,
-                    reason: {
-                        count_refused(if regenerated.is_some() {
-                            "key_regenerated"
-                        } else {
-                            "unauthorized"
-                        });
-                        DetachReason::Unauthorized
-                    },
+                    reason: DetachReason::Unauthorized,
                     message,
                 });
                 return;
@@ -362,6 +387,34 @@ impl Hub {
                 }
                 announce_agents(&state, &entity);
             }
+        }
+    }
+
+    /// Why `token` is refused for `entity`, a name the registry does not
+    /// hold: exactly the error a wrong key for an existing hybrid connection
+    /// of that name would get (the token is checked against keys nobody
+    /// has), so an unauthenticated peer cannot learn which names exist.
+    fn refuse_unknown(
+        &self,
+        token: &str,
+        entity: &HcName,
+        needed: Right,
+        now: u64,
+    ) -> sas::SasError {
+        let decoy = &self.inner.decoy_key;
+        let rules = [Right::Send, Right::Listen].map(|right| sas::RuleKeys {
+            name: right.rule_name(),
+            right,
+            primary: decoy,
+            secondary: decoy,
+        });
+        match sas::verify(token, entity, needed, &rules, now) {
+            Err(e) => e,
+            // Only with the decoy key itself, which nobody is given.
+            Ok(_) => sas::SasError::BadSignature {
+                rule: needed.rule_name().to_string(),
+                entity: entity.clone(),
+            },
         }
     }
 
@@ -618,16 +671,17 @@ impl Hub {
             message,
         };
         let answer = match self.inner.registry.get(&entity) {
-            None => refused(
-                DetachReason::UnknownEntity,
-                format!("no hybrid connection named {entity} on this relay"),
-            ),
+            None => {
+                let e = self.refuse_unknown(&token, &entity, needed, now);
+                warn!(session = id, hc = %entity, "describe refused: no such hybrid connection");
+                refused(DetachReason::Unauthorized, not_accepted(&entity, &e))
+            }
             Some(record) => match sas::verify(&token, &entity, needed, &record.rules(), now) {
                 Ok(_) => RelayMessage::Described {
                     entity: entity.clone(),
                     endpoint: record.endpoint.clone(),
                 },
-                Err(e) => refused(DetachReason::Unauthorized, e.to_string()),
+                Err(e) => refused(DetachReason::Unauthorized, not_accepted(&entity, &e)),
             },
         };
         let _ = tx.try_send(answer);
@@ -671,7 +725,7 @@ impl Hub {
                 let s = state.sessions.get(&id)?;
                 Some(ListenerStatus {
                     id,
-                    label: s.label.clone(),
+                    label: s.label.to_string(),
                     address: s.addr.to_string(),
                     connected_since: s
                         .since
@@ -692,6 +746,12 @@ impl Hub {
             })
             .collect()
     }
+}
+
+/// The one answer a peer gets for a token that did not verify, whether or
+/// not the hybrid connection exists.
+fn not_accepted(entity: &HcName, e: &sas::SasError) -> String {
+    format!("the token was not accepted for {entity}: {e}")
 }
 
 fn count_refused(reason: &str) {
