@@ -266,8 +266,11 @@ async fn the_per_address_cap_closes_the_next_stranger_and_real_peers_go_on() -> 
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn slow_strangers_announcing_a_megabyte_cost_the_relay_little_memory() -> Result<()> {
+/// Opens `CONNECTIONS` control channels that say hello, announce a message
+/// of `announced` bytes and send one byte of it per second; returns the
+/// relay's growth per connection in bytes, (resident, allocated), measured
+/// 3 s in.
+async fn slow_strangers(announced: u32) -> Result<(u64, u64)> {
     const CONNECTIONS: usize = 200;
     let relay = Relay::start()?;
     let (send, _listen) = relay.create_hc("memory", echo_server_thread()?)?;
@@ -276,14 +279,12 @@ async fn slow_strangers_announcing_a_megabyte_cost_the_relay_little_memory() -> 
     drop(welcomed(Ipv4Addr::new(127, 0, 0, 2), &relay, &send, PeerRole::Sender).await?);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = memory_kib(pid)?;
-
-    // Each says hello, announces a 1 MiB message and sends one byte of it
-    // per second; 25 per source address, under the default per-address cap.
+    // 25 per source address, under the default per-address cap.
     let mut slow = tokio::task::JoinSet::new();
     for i in 0..CONNECTIONS {
         let source = Ipv4Addr::new(127, 0, 0, 2 + (i / 25) as u8);
         let (mut tls, _) = welcomed(source, &relay, &send, PeerRole::Sender).await?;
-        tls.write_all(&(1u32 << 20).to_be_bytes()).await?;
+        tls.write_all(&announced.to_be_bytes()).await?;
         tls.flush().await?;
         slow.spawn(async move {
             for _ in 0..8 {
@@ -300,9 +301,16 @@ async fn slow_strangers_announcing_a_megabyte_cost_the_relay_little_memory() -> 
     let each = |before: u64, during: u64| during.saturating_sub(before) * 1024 / CONNECTIONS as u64;
     let (rss, data) = (each(before.0, during.0), each(before.1, during.1));
     eprintln!(
-        "relay VmRSS {} -> {} KiB, VmData {} -> {} KiB with {CONNECTIONS} slow strangers: {rss} resident and {data} allocated bytes each",
+        "announcing {announced} bytes: relay VmRSS {} -> {} KiB, VmData {} -> {} KiB with {CONNECTIONS} slow strangers: {rss} resident and {data} allocated bytes each",
         before.0, during.0, before.1, during.1
     );
+    Ok((rss, data))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_strangers_announcing_a_megabyte_cost_the_relay_little_memory() -> Result<()> {
+    // The attack: a megabyte announced, a byte a second.
+    let (rss, data) = slow_strangers(1 << 20).await?;
     ensure!(
         rss < 16 * 1024,
         "each slow unauthenticated connection grew the relay's resident memory by {rss} bytes"
@@ -310,6 +318,14 @@ async fn slow_strangers_announcing_a_megabyte_cost_the_relay_little_memory() -> 
     ensure!(
         data < 64 * 1024,
         "each slow unauthenticated connection made the relay allocate {data} bytes"
+    );
+    // Within the limit before attachment the relay keeps the connection
+    // (until the attach deadline) and holds only what arrived, besides the
+    // connection's TLS and session state.
+    let (rss, data) = slow_strangers(4 << 10).await?;
+    ensure!(
+        rss < 48 * 1024 && data < 64 * 1024,
+        "each slow unauthenticated connection within the limit costs the relay {rss} resident and {data} allocated bytes"
     );
     Ok(())
 }
