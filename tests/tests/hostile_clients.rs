@@ -24,6 +24,17 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use transport::control::{read_message, write_message};
 
+/// The relay's `/metrics` text.
+fn scrape(addr: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)?;
+    ensure!(text.starts_with("HTTP/1.1 200"), "{text}");
+    Ok(text)
+}
+
 /// The relay's deadline for the first successful attach after hello.
 const ATTACH_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -124,9 +135,18 @@ fn memory_kib(pid: u32) -> Result<(u64, u64)> {
 async fn sessions_that_never_attach_are_closed_by_the_deadline() -> Result<()> {
     let relay = Relay::start()?;
     let (send, _listen) = relay.create_hc("deadline", echo_server_thread()?)?;
+    // Beside them, connections that never finish the handshake: silent TCP,
+    // and TLS with no hello. The handshake deadline (10 s from accept) ends
+    // those.
+    let started = Instant::now();
+    let mut silent = tcp_from(Ipv4Addr::new(127, 0, 0, 6), relay.listen).await?;
+    let mut mute = control_from(Ipv4Addr::new(127, 0, 0, 6), &relay, &send).await?;
+    let handshakes = tokio::spawn(async move {
+        let within = ATTACH_DEADLINE + Duration::from_secs(2);
+        closed_within(&mut silent, within).await && closed_within(&mut mute, within).await
+    });
     // Each session answers the relay's keep-alives, so only the attach
     // deadline can end it (the idle timeout of 15 s never does).
-    let started = Instant::now();
     let mut sessions = tokio::task::JoinSet::new();
     for i in 0..20u8 {
         let (mut tls, mut buf) = welcomed(
@@ -213,10 +233,21 @@ async fn sessions_that_never_attach_are_closed_by_the_deadline() -> Result<()> {
 async fn the_per_address_cap_closes_the_next_stranger_and_real_peers_go_on() -> Result<()> {
     const CAP: usize = 8;
     let dir = tempfile::tempdir()?;
+    let metrics = format!(
+        "127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    );
     let relay = Relay::start_with(
         dir.path(),
         "127.0.0.1:0",
-        &["--max-unauthenticated-per-ip", &CAP.to_string()],
+        &[
+            "--max-unauthenticated-per-ip",
+            &CAP.to_string(),
+            "--metrics",
+            &metrics,
+        ],
     )?;
     let (send, listen) = relay.create_hc("capped", echo_server_thread()?)?;
     let agent = tokio::task::spawn_blocking(move || -> Result<Agent> {
@@ -248,6 +279,11 @@ async fn the_per_address_cap_closes_the_next_stranger_and_real_peers_go_on() -> 
             CAP + 1
         );
     }
+    let text = scrape(&metrics)?;
+    ensure!(
+        text.lines().any(|l| l == "hybridlink_relay_refused_total{reason=\"unauthenticated_per_ip_cap\"} 3"),
+        "the refusals were not counted:\n{text}"
+    );
     // Real peers, authenticated or about to be, from another address.
     let send2 = send.clone();
     tokio::task::spawn_blocking(move || check(&send2)).await??;
