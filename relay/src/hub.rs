@@ -754,7 +754,8 @@ fn not_accepted(entity: &HcName, e: &sas::SasError) -> String {
     format!("the token was not accepted for {entity}: {e}")
 }
 
-fn count_refused(reason: &str) {
+/// Counts a refusal in `refused{reason}` of the relay's metrics.
+pub(crate) fn count_refused(reason: &str) {
     transport::metrics::metrics()
         .refused
         .get_or_create(&transport::metrics::ReasonLabel {
@@ -846,5 +847,86 @@ fn detach_locked(state: &mut State, id: SessionId, entity: &HcName) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::key::{Key, KeySlot};
+
+    fn hub_with(name: &str) -> (Hub, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        registry
+            .create(name.parse().unwrap(), "10.0.0.1:5432".parse().unwrap())
+            .unwrap();
+        (Hub::new(registry), dir)
+    }
+
+    /// Attaches as a sender with a token signed by `key` for `entity`;
+    /// returns the relay's answer.
+    fn attach(hub: &Hub, entity: &str, key: &Key) -> RelayMessage {
+        let (tx, mut rx) = mpsc::channel(8);
+        let label = PeerLabel::parse("test").unwrap();
+        let id = hub.register(
+            PeerRole::Sender,
+            Fingerprint([1; 32]),
+            label,
+            "192.0.2.1:1".parse().unwrap(),
+            tx,
+        );
+        let token = sas::sign(
+            &format!("sb://relay.test/{entity}"),
+            "send",
+            key,
+            unix_now() + 600,
+        );
+        hub.attach(id, entity.parse().unwrap(), token, false);
+        rx.try_recv().unwrap()
+    }
+
+    fn refusal(msg: RelayMessage, entity: &str) -> (DetachReason, String) {
+        match msg {
+            RelayMessage::Detached {
+                reason, message, ..
+            } => (reason, message.replace(entity, "NAME")),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_names_and_wrong_keys_get_one_answer() {
+        let (hub, _dir) = hub_with("payroll");
+        let stranger = Key::generate().unwrap();
+        let wrong_key = refusal(attach(&hub, "payroll", &stranger), "payroll");
+        let unknown = refusal(attach(&hub, "bonuses", &stranger), "bonuses");
+        assert_eq!(wrong_key, unknown);
+        assert_eq!(wrong_key.0, DetachReason::Unauthorized);
+        assert!(
+            wrong_key
+                .1
+                .starts_with("the token was not accepted for NAME: "),
+            "{}",
+            wrong_key.1
+        );
+    }
+
+    #[test]
+    fn a_regenerated_key_of_an_existing_name_still_says_so() {
+        let (hub, _dir) = hub_with("payroll");
+        let name: HcName = "payroll".parse().unwrap();
+        let old = hub.registry().get(&name).unwrap().send.primary.clone();
+        hub.registry()
+            .regenerate(&name, Right::Send, KeySlot::Primary)
+            .unwrap();
+        let (reason, message) = refusal(attach(&hub, "payroll", &old), "payroll");
+        assert_eq!(reason, DetachReason::Unauthorized);
+        assert!(message.contains("was regenerated"), "{message}");
+        let current = hub.registry().get(&name).unwrap().send.primary.clone();
+        assert!(matches!(
+            attach(&hub, "payroll", &current),
+            RelayMessage::Attached { .. }
+        ));
     }
 }

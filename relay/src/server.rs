@@ -64,8 +64,15 @@ pub async fn accept_loop(
             Ok(slot) => slot,
             Err(refused) => {
                 drop(conn);
-                count_refused(refused.reason());
-                refusals.note(addr, &refused);
+                crate::hub::count_refused(refused.reason());
+                if let Some(unlogged) = refusals.note(std::time::Instant::now()) {
+                    warn!(
+                        peer = %addr,
+                        reason = %refused,
+                        also_refused_since_last_line = unlogged,
+                        "connection closed before authentication: too many unauthenticated connections"
+                    );
+                }
                 continue;
             }
         };
@@ -99,41 +106,27 @@ pub async fn accept_loop(
 
 /// Rate-limits the log line about connections refused by the
 /// unauthenticated caps: one line, then silence for
-/// [`REFUSAL_LOG_INTERVAL`], then one line with the count.
+/// [`REFUSAL_LOG_INTERVAL`], then one line with the count left unlogged.
 #[derive(Debug, Default)]
 struct RefusalLog {
-    last: Option<Instant>,
+    last: Option<std::time::Instant>,
     unlogged: u64,
 }
 
 impl RefusalLog {
-    fn note(&mut self, addr: SocketAddr, refused: &crate::preauth::PreAuthRefused) {
-        let now = Instant::now();
+    /// A refusal at `now`: whether to write a line, with how many refusals
+    /// since the last line went unlogged.
+    fn note(&mut self, now: std::time::Instant) -> Option<u64> {
         if self
             .last
             .is_some_and(|last| now < last + REFUSAL_LOG_INTERVAL)
         {
             self.unlogged += 1;
-            return;
+            return None;
         }
-        warn!(
-            peer = %addr,
-            reason = %refused,
-            also_refused_since_last_line = self.unlogged,
-            "connection closed before authentication: too many unauthenticated connections"
-        );
         self.last = Some(now);
-        self.unlogged = 0;
+        Some(std::mem::take(&mut self.unlogged))
     }
-}
-
-fn count_refused(reason: &str) {
-    transport::metrics::metrics()
-        .refused
-        .get_or_create(&transport::metrics::ReasonLabel {
-            reason: reason.to_string(),
-        })
-        .inc();
 }
 
 async fn serve_pipe(
@@ -350,5 +343,22 @@ struct Unregister {
 impl Drop for Unregister {
     fn drop(&mut self) {
         self.hub.unregister(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_once_per_interval_with_the_count_between() {
+        let mut log = RefusalLog::default();
+        let t0 = std::time::Instant::now();
+        assert_eq!(log.note(t0), Some(0));
+        for i in 1..=500u64 {
+            assert_eq!(log.note(t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(log.note(t0 + REFUSAL_LOG_INTERVAL), Some(500));
+        assert_eq!(log.note(t0 + REFUSAL_LOG_INTERVAL), None);
     }
 }
