@@ -32,6 +32,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the welcome, a control channel must attach to a hybrid connection
 /// (present a token that verifies) within this, or it is closed.
 pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tokens (`Attach`, `Renew`, `Describe`) a control channel may present
+/// before one attaches; one more closes it. Each refusal is a log line, so
+/// a stranger must not be able to send them without end.
+pub const MAX_TOKENS_BEFORE_AUTH: u32 = 64;
 /// At most one log line per this long about connections refused by the
 /// unauthenticated caps (with the count since the last one).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -261,6 +265,7 @@ async fn serve_control(
     let attach_deadline = Instant::now() + ATTACH_TIMEOUT;
     // Counted as unauthenticated until a token verifies.
     let mut unauthenticated = Some(slot);
+    let mut tokens_tried = 0u32;
     let mut nonce = 0u64;
     loop {
         if !out.is_empty() {
@@ -289,6 +294,19 @@ async fn serve_control(
                             return Err(message);
                         }
                     };
+                    if unauthenticated.is_some()
+                        && matches!(msg, PeerMessage::Attach { .. } | PeerMessage::Renew { .. } | PeerMessage::Describe { .. })
+                    {
+                        tokens_tried += 1;
+                        if tokens_tried > MAX_TOKENS_BEFORE_AUTH {
+                            let message = format!(
+                                "{MAX_TOKENS_BEFORE_AUTH} tokens presented on this channel and none attached; check the connection strings (`hybridlink hc keys NAME`)"
+                            );
+                            control::encode(&RelayMessage::Bye { message: message.clone() }, &mut out);
+                            let _ = timeout(Duration::from_secs(1), writer.write_all(&out)).await;
+                            return Err(message);
+                        }
+                    }
                     match msg {
                         PeerMessage::Attach { entity, token } => hub.attach(id, entity, token, false),
                         PeerMessage::Renew { entity, token } => hub.attach(id, entity, token, true),

@@ -522,3 +522,53 @@ async fn an_unknown_name_and_a_wrong_key_get_the_same_answer() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stranger_cannot_try_tokens_without_end() -> Result<()> {
+    let logs = tempfile::tempdir()?;
+    let log = logs.path().join("relay.log");
+    let relay = Relay::start_with_log(&[], &log)?;
+    let (send, _listen) = relay.create_hc("payroll", echo_server_thread()?)?;
+    let mut forged = send.clone();
+    forged.key = Key::generate()?;
+    let (mut tls, mut buf) =
+        welcomed(Ipv4Addr::new(127, 0, 0, 2), &relay, &send, PeerRole::Sender).await?;
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 600;
+    // Each refusal is a log line on the relay: a guesser gets 64 of them
+    // per channel, then the channel is closed.
+    for _ in 0..200 {
+        let attach = PeerMessage::Attach {
+            entity: forged.entity.clone(),
+            token: forged.token(expiry),
+        };
+        if write_message(&mut tls, &attach).await.is_err() {
+            break;
+        }
+    }
+    let bye = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match read_message::<RelayMessage, _>(&mut tls, &mut buf).await {
+                Ok(Some(RelayMessage::Bye { message })) => return Some(message),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .context("200 refused tokens and the channel is still open")?;
+    let bye = bye.context("closed without a Bye")?;
+    ensure!(
+        bye.contains("tokens presented on this channel and none attached"),
+        "{bye}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rejected = std::fs::read_to_string(&log)?
+        .lines()
+        .filter(|l| l.contains("token rejected"))
+        .count();
+    ensure!(rejected <= 64, "{rejected} refusals logged for one channel");
+    Ok(())
+}
