@@ -192,6 +192,10 @@ async fn sessions_that_never_attach_are_closed_by_the_deadline() -> Result<()> {
             "{bye}"
         );
     }
+    ensure!(
+        handshakes.await?,
+        "a connection that never said hello outlived the handshake deadline"
+    );
     // A session that attaches is not touched by the deadline.
     let (mut tls, mut buf) =
         welcomed(Ipv4Addr::new(127, 0, 0, 2), &relay, &send, PeerRole::Sender).await?;
