@@ -37,8 +37,9 @@ pub enum AgentCommand {
         /// Lifetime in seconds of the tokens this agent signs (renewed at 80 %).
         #[arg(long, default_value_t = 3600)]
         token_ttl: u64,
-        /// Name shown in the relay's status (default: this host's name).
-        #[arg(long)]
+        /// Name shown in the relay's status (default: this host's name): at
+        /// most 64 printable characters.
+        #[arg(long, value_parser = parse_label)]
         label: Option<String>,
         /// On SIGTERM or SIGINT, stop taking new streams at once and give the
         /// open ones this many seconds to finish before exiting.
@@ -707,6 +708,11 @@ async fn install_agent(
         }
     }
     Ok(())
+}
+
+/// `--label`: refused at once rather than cut or refused by the relay later.
+fn parse_label(text: &str) -> Result<String, proto::label::LabelError> {
+    proto::label::PeerLabel::parse(text).map(|l| l.to_string())
 }
 
 #[cfg(test)]

@@ -48,6 +48,15 @@ pub enum RelayCommand {
         /// more gets a clear error.
         #[arg(long, default_value_t = relay::Limits::default().max_pipes)]
         max_pipes: usize,
+        /// The most connections that have not yet authenticated (a control
+        /// channel before its first successful attach, which must come
+        /// within 10 s of its hello; a pipe before its ticket is found).
+        /// Past it, new connections are closed at once.
+        #[arg(long, default_value_t = relay::Limits::default().max_unauthenticated)]
+        max_unauthenticated: usize,
+        /// The same, from one source address (a NAT's many users share one).
+        #[arg(long, default_value_t = relay::Limits::default().max_unauthenticated_per_ip)]
+        max_unauthenticated_per_ip: usize,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
         /// 127.0.0.1:9445): agents and senders per hybrid connection, pipes,
         /// bytes, refusals by reason, token renewals.
@@ -130,6 +139,8 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             max_hcs,
             max_listeners,
             max_pipes,
+            max_unauthenticated,
+            max_unauthenticated_per_ip,
             metrics,
         } => {
             let config = relay::RelayConfig {
@@ -142,6 +153,8 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                     max_hcs,
                     max_listeners_per_hc: max_listeners,
                     max_pipes,
+                    max_unauthenticated,
+                    max_unauthenticated_per_ip,
                 },
             };
             let relay = config.start().await.with_context(|| {

@@ -16,6 +16,7 @@ use std::str::FromStr;
 use bytes::{Buf, BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use crate::label::PeerLabel;
 use crate::name::{Endpoint, HcName};
 
 /// Version of the control protocol; a relay refuses a peer that speaks another.
@@ -24,6 +25,12 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest control message accepted. Control messages are small; anything
 /// bigger is a broken or hostile peer.
 pub const MAX_MESSAGE_LEN: usize = 1 << 20;
+
+/// Largest control message a relay accepts from a peer that has not yet
+/// attached to a hybrid connection: `Hello`, `Attach` and `Describe` fit in
+/// well under 1 KiB, and nobody should make the relay hold a megabyte
+/// before proving anything.
+pub const PRE_AUTH_MAX_MESSAGE_LEN: usize = 8 << 10;
 
 /// First bytes of a pipe connection to the relay port. A control channel
 /// starts with a TLS record instead (first byte `0x16`), so one port serves
@@ -182,8 +189,9 @@ pub enum PeerMessage {
         role: PeerRole,
         /// Fingerprint of the peer's data certificate.
         identity: Fingerprint,
-        /// A name for logs and status (host name of the agent).
-        label: String,
+        /// A name for logs and status (host name of the agent); short and
+        /// printable, or the whole `Hello` does not decode.
+        label: PeerLabel,
     },
     /// Join a hybrid connection with a SAS token of the right kind.
     Attach { entity: HcName, token: String },
@@ -247,7 +255,9 @@ impl std::ops::AddAssign for StreamStats {
 pub enum DetachReason {
     /// The token did not verify (see the message).
     Unauthorized,
-    /// No such hybrid connection.
+    /// No such hybrid connection. Not sent by this relay: a name that does
+    /// not exist is refused as `Unauthorized`, with the same message as a
+    /// wrong key, so that nobody learns names without a valid signature.
     UnknownEntity,
     /// The key the token was signed with was regenerated.
     KeyRegenerated,
@@ -368,9 +378,15 @@ pub struct StreamRefusal {
 /// Errors of the control codec.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// A length prefix larger than [`MAX_MESSAGE_LEN`].
-    #[error("control message of {0} bytes is larger than the {MAX_MESSAGE_LEN}-byte limit")]
-    TooLarge(usize),
+    /// A length prefix larger than the limit in force.
+    #[error("control message of {len} bytes is larger than the {max}-byte limit")]
+    TooLarge {
+        /// The announced length.
+        len: usize,
+        /// The limit in force ([`MAX_MESSAGE_LEN`], or
+        /// [`PRE_AUTH_MAX_MESSAGE_LEN`] before a peer has attached).
+        max: usize,
+    },
     /// The JSON did not describe a known message.
     #[error("control message is not valid: {0}")]
     Invalid(#[from] serde_json::Error),
@@ -395,15 +411,27 @@ pub fn encode<M: Serialize>(msg: &M, out: &mut BytesMut) {
 
 /// Takes one message from the front of `buf` if it is complete.
 pub fn decode<M: for<'de> Deserialize<'de>>(buf: &mut BytesMut) -> Result<Option<M>, ControlError> {
+    decode_within(buf, MAX_MESSAGE_LEN)
+}
+
+/// Takes one message of at most `max_len` bytes from the front of `buf` if
+/// it is complete; a longer announced length is an error at once.
+///
+/// Nothing is reserved for the announced length: `buf` grows only as bytes
+/// arrive, so a peer announcing a large message and trickling it costs what
+/// it has sent, not what it announced.
+pub fn decode_within<M: for<'de> Deserialize<'de>>(
+    buf: &mut BytesMut,
+    max_len: usize,
+) -> Result<Option<M>, ControlError> {
     if buf.len() < 4 {
         return Ok(None);
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    if len > MAX_MESSAGE_LEN {
-        return Err(ControlError::TooLarge(len));
+    if len > max_len {
+        return Err(ControlError::TooLarge { len, max: max_len });
     }
     if buf.len() < 4 + len {
-        buf.reserve(4 + len - buf.len());
         return Ok(None);
     }
     buf.advance(4);
@@ -452,7 +480,7 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 role: PeerRole::Listener,
                 identity: Fingerprint([7; 32]),
-                label: "onprem-1".into(),
+                label: "onprem-1".parse().unwrap(),
             },
             PeerMessage::Attach {
                 entity: "payroll".parse().unwrap(),
@@ -484,8 +512,20 @@ mod tests {
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff][..]);
         assert!(matches!(
             decode::<PeerMessage>(&mut buf),
-            Err(ControlError::TooLarge(_))
+            Err(ControlError::TooLarge { .. })
         ));
+        // The pre-authentication limit: refused as soon as the length is
+        // read, and nothing is reserved for a length within the limit.
+        let mut buf = BytesMut::new();
+        buf.put_u32(PRE_AUTH_MAX_MESSAGE_LEN as u32 + 1);
+        assert!(matches!(
+            decode_within::<PeerMessage>(&mut buf, PRE_AUTH_MAX_MESSAGE_LEN),
+            Err(ControlError::TooLarge { len, max: PRE_AUTH_MAX_MESSAGE_LEN }) if len == PRE_AUTH_MAX_MESSAGE_LEN + 1
+        ));
+        let mut buf = BytesMut::with_capacity(8);
+        buf.put_u32(MAX_MESSAGE_LEN as u32);
+        assert!(decode::<PeerMessage>(&mut buf).unwrap().is_none());
+        assert!(buf.capacity() < 1024, "reserved {}", buf.capacity());
         let mut buf = BytesMut::new();
         buf.put_u32(5);
         buf.extend_from_slice(b"hello");
@@ -499,6 +539,19 @@ mod tests {
             &mut buf,
         );
         assert!(decode::<PeerMessage>(&mut buf).is_err());
+        // A hello whose label is not short and printable does not decode,
+        // and the error does not repeat the label.
+        let mut buf = BytesMut::new();
+        encode(
+            &serde_json::json!({"type": "hello", "version": 1, "role": "sender",
+                "identity": "00".repeat(32), "label": "evil\n\u{1b}[2Jforged"}),
+            &mut buf,
+        );
+        let err = decode::<PeerMessage>(&mut buf).unwrap_err().to_string();
+        assert!(
+            err.contains("control character") && !err.contains("forged"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod control;
 pub mod e2e;
 pub mod frame;
 pub mod key;
+pub mod label;
 pub mod mux;
 pub mod name;
 pub mod sas;

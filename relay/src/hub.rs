@@ -16,6 +16,7 @@ use proto::control::{
     AgentInfo, DetachReason, Fingerprint, PeerRole, RelayMessage, TICKET_LEN, Ticket,
 };
 use proto::key::Right;
+use proto::label::PeerLabel;
 use proto::name::HcName;
 use proto::sas;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -45,7 +46,7 @@ struct Attachment {
 struct Session {
     role: PeerRole,
     identity: Fingerprint,
-    label: String,
+    label: PeerLabel,
     addr: SocketAddr,
     since: SystemTime,
     tx: mpsc::Sender<RelayMessage>,
@@ -153,6 +154,21 @@ struct Inner {
     /// may be spliced at once, and how many are.
     max_pipes: AtomicUsize,
     active_pipes: AtomicUsize,
+    /// Checks tokens presented for names the registry does not hold
+    /// ([`Hub::refuse_unknown`]).
+    decoy_key: proto::key::Key,
+}
+
+/// A key no connection string holds, for [`Hub::refuse_unknown`].
+fn decoy_key() -> proto::key::Key {
+    proto::key::Key::generate().unwrap_or_else(|_| {
+        // Without randomness any key will do: a token that verifies against
+        // it is still refused.
+        #[allow(clippy::expect_used)]
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+            .parse()
+            .expect("a constant 32-byte base64 key parses")
+    })
 }
 
 fn unix_now() -> u64 {
@@ -174,6 +190,7 @@ impl Hub {
                 max_pipes: AtomicUsize::new(usize::MAX),
                 active_pipes: AtomicUsize::new(0),
                 rng: SystemRandom::new(),
+                decoy_key: decoy_key(),
             }),
         }
     }
@@ -194,7 +211,7 @@ impl Hub {
         &self,
         role: PeerRole,
         identity: Fingerprint,
-        label: String,
+        label: PeerLabel,
         addr: SocketAddr,
         tx: mpsc::Sender<RelayMessage>,
     ) -> SessionId {
@@ -211,6 +228,15 @@ impl Hub {
         };
         self.lock().sessions.insert(id, session);
         id
+    }
+
+    /// Whether the session holds at least one attachment, i.e. has
+    /// presented a token that verified.
+    pub fn has_attachment(&self, id: SessionId) -> bool {
+        self.lock()
+            .sessions
+            .get(&id)
+            .is_some_and(|s| !s.attached.is_empty())
     }
 
     /// Removes a session and everything it was attached to.
@@ -240,30 +266,36 @@ impl Hub {
             PeerRole::Sender => Right::Send,
             PeerRole::Listener => Right::Listen,
         };
-        let Some(record) = self.inner.registry.get(&entity) else {
-            let _ = tx.try_send(RelayMessage::Detached {
-                message: format!("no hybrid connection named {entity} on this relay"),
-                entity,
-                reason: {
-                    count_refused("unknown_hc");
-                    DetachReason::UnknownEntity
-                },
-            });
-            return;
+        let verified = match self.inner.registry.get(&entity) {
+            Some(record) => match sas::verify(&token, &entity, needed, &record.rules(), now) {
+                Ok(v) => Ok((record, v.expires_unix)),
+                Err(e) => Err((Some(record), e)),
+            },
+            None => Err((None, self.refuse_unknown(&token, &entity, needed, now))),
         };
-        let verified = sas::verify(&token, &entity, needed, &record.rules(), now);
-        let expires = match verified {
-            Ok(v) => v.expires_unix,
-            Err(e) => {
-                let regenerated = record.regenerated_at(&token, needed, now);
+        let (record, expires) = match verified {
+            Ok(ok) => ok,
+            Err((record, e)) => {
+                // A token signed with a retired key of this very hybrid
+                // connection proves its holder knew the name: say what to do.
+                let regenerated = record
+                    .as_ref()
+                    .and_then(|r| r.regenerated_at(&token, needed, now));
                 let message = match regenerated {
                     Some(at) => format!(
                         "the key of this connection string was regenerated ({}s ago); get the current one with `hybridlink hc keys {entity}`",
                         now.saturating_sub(at)
                     ),
-                    None => e.to_string(),
+                    None => not_accepted(&entity, &e),
                 };
-                warn!(session = id, hc = %entity, error = %message, "token rejected");
+                // The relay's own log and metrics keep the precise reason.
+                let (why, counted) = match (&record, regenerated) {
+                    (None, _) => ("no such hybrid connection".to_string(), "unknown_hc"),
+                    (Some(_), Some(_)) => (message.clone(), "key_regenerated"),
+                    (Some(_), None) => (e.to_string(), "unauthorized"),
+                };
+                warn!(session = id, hc = %entity, error = %why, "token rejected");
+                count_refused(counted);
                 if state
                     .sessions
                     .get(&id)
@@ -273,14 +305,7 @@ impl Hub {
                 }
                 let _ = tx.try_send(RelayMessage::Detached {
                     entity,
-                    reason: {
-                        count_refused(if regenerated.is_some() {
-                            "key_regenerated"
-                        } else {
-                            "unauthorized"
-                        });
-                        DetachReason::Unauthorized
-                    },
+                    reason: DetachReason::Unauthorized,
                     message,
                 });
                 return;
@@ -362,6 +387,34 @@ impl Hub {
                 }
                 announce_agents(&state, &entity);
             }
+        }
+    }
+
+    /// Why `token` is refused for `entity`, a name the registry does not
+    /// hold: exactly the error a wrong key for an existing hybrid connection
+    /// of that name would get (the token is checked against keys nobody
+    /// has), so an unauthenticated peer cannot learn which names exist.
+    fn refuse_unknown(
+        &self,
+        token: &str,
+        entity: &HcName,
+        needed: Right,
+        now: u64,
+    ) -> sas::SasError {
+        let decoy = &self.inner.decoy_key;
+        let rules = [Right::Send, Right::Listen].map(|right| sas::RuleKeys {
+            name: right.rule_name(),
+            right,
+            primary: decoy,
+            secondary: decoy,
+        });
+        match sas::verify(token, entity, needed, &rules, now) {
+            Err(e) => e,
+            // Only with the decoy key itself, which nobody is given.
+            Ok(_) => sas::SasError::BadSignature {
+                rule: needed.rule_name().to_string(),
+                entity: entity.clone(),
+            },
         }
     }
 
@@ -618,16 +671,17 @@ impl Hub {
             message,
         };
         let answer = match self.inner.registry.get(&entity) {
-            None => refused(
-                DetachReason::UnknownEntity,
-                format!("no hybrid connection named {entity} on this relay"),
-            ),
+            None => {
+                let e = self.refuse_unknown(&token, &entity, needed, now);
+                warn!(session = id, hc = %entity, "describe refused: no such hybrid connection");
+                refused(DetachReason::Unauthorized, not_accepted(&entity, &e))
+            }
             Some(record) => match sas::verify(&token, &entity, needed, &record.rules(), now) {
                 Ok(_) => RelayMessage::Described {
                     entity: entity.clone(),
                     endpoint: record.endpoint.clone(),
                 },
-                Err(e) => refused(DetachReason::Unauthorized, e.to_string()),
+                Err(e) => refused(DetachReason::Unauthorized, not_accepted(&entity, &e)),
             },
         };
         let _ = tx.try_send(answer);
@@ -671,7 +725,7 @@ impl Hub {
                 let s = state.sessions.get(&id)?;
                 Some(ListenerStatus {
                     id,
-                    label: s.label.clone(),
+                    label: s.label.to_string(),
                     address: s.addr.to_string(),
                     connected_since: s
                         .since
@@ -694,7 +748,14 @@ impl Hub {
     }
 }
 
-fn count_refused(reason: &str) {
+/// The one answer a peer gets for a token that did not verify, whether or
+/// not the hybrid connection exists.
+fn not_accepted(entity: &HcName, e: &sas::SasError) -> String {
+    format!("the token was not accepted for {entity}: {e}")
+}
+
+/// Counts a refusal in `refused{reason}` of the relay's metrics.
+pub(crate) fn count_refused(reason: &str) {
     transport::metrics::metrics()
         .refused
         .get_or_create(&transport::metrics::ReasonLabel {
@@ -786,5 +847,86 @@ fn detach_locked(state: &mut State, id: SessionId, entity: &HcName) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::key::{Key, KeySlot};
+
+    fn hub_with(name: &str) -> (Hub, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        registry
+            .create(name.parse().unwrap(), "10.0.0.1:5432".parse().unwrap())
+            .unwrap();
+        (Hub::new(registry), dir)
+    }
+
+    /// Attaches as a sender with a token signed by `key` for `entity`;
+    /// returns the relay's answer.
+    fn attach(hub: &Hub, entity: &str, key: &Key) -> RelayMessage {
+        let (tx, mut rx) = mpsc::channel(8);
+        let label = PeerLabel::parse("test").unwrap();
+        let id = hub.register(
+            PeerRole::Sender,
+            Fingerprint([1; 32]),
+            label,
+            "192.0.2.1:1".parse().unwrap(),
+            tx,
+        );
+        let token = sas::sign(
+            &format!("sb://relay.test/{entity}"),
+            "send",
+            key,
+            unix_now() + 600,
+        );
+        hub.attach(id, entity.parse().unwrap(), token, false);
+        rx.try_recv().unwrap()
+    }
+
+    fn refusal(msg: RelayMessage, entity: &str) -> (DetachReason, String) {
+        match msg {
+            RelayMessage::Detached {
+                reason, message, ..
+            } => (reason, message.replace(entity, "NAME")),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_names_and_wrong_keys_get_one_answer() {
+        let (hub, _dir) = hub_with("payroll");
+        let stranger = Key::generate().unwrap();
+        let wrong_key = refusal(attach(&hub, "payroll", &stranger), "payroll");
+        let unknown = refusal(attach(&hub, "bonuses", &stranger), "bonuses");
+        assert_eq!(wrong_key, unknown);
+        assert_eq!(wrong_key.0, DetachReason::Unauthorized);
+        assert!(
+            wrong_key
+                .1
+                .starts_with("the token was not accepted for NAME: "),
+            "{}",
+            wrong_key.1
+        );
+    }
+
+    #[test]
+    fn a_regenerated_key_of_an_existing_name_still_says_so() {
+        let (hub, _dir) = hub_with("payroll");
+        let name: HcName = "payroll".parse().unwrap();
+        let old = hub.registry().get(&name).unwrap().send.primary.clone();
+        hub.registry()
+            .regenerate(&name, Right::Send, KeySlot::Primary)
+            .unwrap();
+        let (reason, message) = refusal(attach(&hub, "payroll", &old), "payroll");
+        assert_eq!(reason, DetachReason::Unauthorized);
+        assert!(message.contains("was regenerated"), "{message}");
+        let current = hub.registry().get(&name).unwrap().send.primary.clone();
+        assert!(matches!(
+            attach(&hub, "payroll", &current),
+            RelayMessage::Attached { .. }
+        ));
     }
 }

@@ -9,6 +9,7 @@ pub mod api;
 pub mod hub;
 pub mod identity;
 pub mod portal;
+pub mod preauth;
 pub mod registry;
 pub mod run;
 pub mod server;

@@ -41,6 +41,12 @@ pub struct Limits {
     /// Pipes spliced at once (a pipe joins one sender to one agent and
     /// carries all their streams; the relay cannot count the streams inside).
     pub max_pipes: usize,
+    /// Connections not yet authenticated (a control channel before its
+    /// first successful attach, a pipe before its ticket is found), relay-wide;
+    /// more are closed at once.
+    pub max_unauthenticated: usize,
+    /// The same, from one source address.
+    pub max_unauthenticated_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -49,6 +55,8 @@ impl Default for Limits {
             max_hcs: 10_000,
             max_listeners_per_hc: crate::hub::MAX_LISTENERS_PER_HC,
             max_pipes: 100_000,
+            max_unauthenticated: 1024,
+            max_unauthenticated_per_ip: 64,
         }
     }
 }
@@ -149,6 +157,10 @@ impl RelayConfig {
             listener,
             hub.clone(),
             identity.server_config(),
+            crate::preauth::PreAuthGate::new(crate::preauth::PreAuthLimits {
+                max_total: self.limits.max_unauthenticated,
+                max_per_ip: self.limits.max_unauthenticated_per_ip,
+            }),
         )));
         let router = api::router(state);
         tasks.push(tokio::spawn(async move {

@@ -68,7 +68,7 @@ impl Proc {
         name: &str,
         args: &[&str],
     ) -> Result<Proc> {
-        Proc::spawn(program, name, args, Stdio::piped())
+        Proc::spawn(program, name, args, Stdio::piped(), Stdio::inherit())
     }
 
     /// Starts any program with its stdout discarded.
@@ -77,7 +77,7 @@ impl Proc {
         name: &str,
         args: &[&str],
     ) -> Result<Proc> {
-        Proc::spawn(program, name, args, Stdio::null())
+        Proc::spawn(program, name, args, Stdio::null(), Stdio::inherit())
     }
 
     fn spawn(
@@ -85,12 +85,13 @@ impl Proc {
         name: &str,
         args: &[&str],
         stdout: Stdio,
+        stderr: Stdio,
     ) -> Result<Proc> {
         let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -184,6 +185,21 @@ impl Relay {
     /// Starts a relay with `data_dir` listening on `listen`, with more
     /// `relay serve` flags.
     pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Result<Relay> {
+        Relay::start_logging(data_dir, listen, extra, Stdio::inherit())
+    }
+
+    /// Starts a relay on loopback with a fresh data dir and more `relay
+    /// serve` flags, its log (stderr) written to `log`.
+    pub fn start_with_log(extra: &[&str], log: &Path) -> Result<Relay> {
+        let dir = tempfile::tempdir()?;
+        let file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut relay = Relay::start_logging(dir.path(), "127.0.0.1:0", extra, file.into())?;
+        relay._dir = Some(dir);
+        Ok(relay)
+    }
+
+    fn start_logging(data_dir: &Path, listen: &str, extra: &[&str], log: Stdio) -> Result<Relay> {
         let dir = data_dir.to_str().context("utf-8 path")?;
         let mut argv = vec![
             "relay",
@@ -196,7 +212,7 @@ impl Relay {
             "127.0.0.1:0",
         ];
         argv.extend_from_slice(extra);
-        let mut proc = Proc::start("relay", &argv)?;
+        let mut proc = Proc::spawn(binary(), "relay", &argv, Stdio::piped(), log)?;
         let ready = proc.ready_line()?;
         let addr = |k: &str| -> Result<SocketAddr> {
             ready[k]

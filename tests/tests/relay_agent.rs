@@ -256,7 +256,7 @@ async fn raw_attach(
         version: PROTOCOL_VERSION,
         role: PeerRole::Sender,
         identity: Fingerprint([1; 32]),
-        label: "raw".into(),
+        label: "raw".parse()?,
     };
     transport::control::write_message(&mut tls, &hello).await?;
     let token = cs.token(u64::MAX / 4);

@@ -123,7 +123,9 @@ pub struct ControlConfig {
     pub role: PeerRole,
     /// This process's data identity fingerprint.
     pub identity: Fingerprint,
-    /// A name for the relay's logs and status.
+    /// A name for the relay's logs and status; made into a valid
+    /// [`proto::label::PeerLabel`] (cut, control characters replaced) if it
+    /// is not one.
     pub label: String,
     /// The hybrid connections to attach to, with their keys.
     pub attachments: Vec<ConnectionString>,
@@ -241,7 +243,7 @@ async fn handshake(
             version: PROTOCOL_VERSION,
             role: config.role,
             identity: config.identity,
-            label: config.label.clone(),
+            label: proto::label::PeerLabel::lossy(&config.label),
         };
         write_message(&mut stream, &hello)
             .await
@@ -415,8 +417,22 @@ where
     M: for<'de> serde::Deserialize<'de>,
     R: AsyncRead + Unpin,
 {
+    read_message_within(r, buf, control::MAX_MESSAGE_LEN).await
+}
+
+/// Reads one length-prefixed control message of at most `max_len` bytes;
+/// `Ok(None)` on a clean EOF. `buf` grows only as bytes arrive.
+pub async fn read_message_within<M, R>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max_len: usize,
+) -> std::io::Result<Option<M>>
+where
+    M: for<'de> serde::Deserialize<'de>,
+    R: AsyncRead + Unpin,
+{
     loop {
-        match control::decode::<M>(buf) {
+        match control::decode_within::<M>(buf, max_len) {
             Ok(Some(m)) => return Ok(Some(m)),
             Ok(None) => {}
             Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),

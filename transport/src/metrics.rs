@@ -92,7 +92,8 @@ pub struct Metrics {
     pub pipes_active: Gauge,
     /// Relay: bytes through pipes (sender → agent and back).
     pub pipe_bytes: Family<ReasonLabel, Counter>,
-    /// Relay: sessions or attachments refused, by reason.
+    /// Relay: connections, sessions or attachments refused, by reason
+    /// (`unauthorized`, `unknown_hc`, `quota`, `unauthenticated_cap`, ...).
     pub refused: Family<ReasonLabel, Counter>,
     /// Appliance: DNS queries by what they got.
     pub dns_queries: Family<AnswerLabel, Counter>,
@@ -155,7 +156,7 @@ pub fn render(role: Role) -> String {
             );
             registry.register(
                 "refused",
-                "Attachments refused, by reason",
+                "Connections, sessions and attachments refused, by reason",
                 m.refused.clone(),
             );
             registry.register(

@@ -1,0 +1,578 @@
+//! Hostile clients against the real relay (`hybridlink relay serve`): anyone
+//! may connect to the relay port, so what a stranger who has proved nothing
+//! can make it hold, log or reveal is bounded. Each test repeats one attack
+//! through the network and asserts the bound; the legitimate peers are the
+//! real `hybridlink agent run` and `hybridlink connect`.
+//!
+//! Hostile connections come from 127.0.0.2 and up (any 127/8 address is
+//! loopback on Linux), so per-address caps they hit do not touch the real
+//! peers on 127.0.0.1.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use bytes::BytesMut;
+use hybridlink_tests::{Agent, Relay, binary, echo_server_thread};
+use proto::connection_string::ConnectionString;
+use proto::control::{Fingerprint, PROTOCOL_VERSION, PeerMessage, PeerRole, RelayMessage};
+use proto::key::Key;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+use transport::control::{read_message, write_message};
+
+/// The relay's `/metrics` text.
+fn scrape(addr: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)?;
+    ensure!(text.starts_with("HTTP/1.1 200"), "{text}");
+    Ok(text)
+}
+
+/// The relay's deadline for the first successful attach after hello.
+const ATTACH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A TCP connection to the relay port from `source` (a loopback address).
+async fn tcp_from(source: Ipv4Addr, relay: SocketAddr) -> Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
+    Ok(socket.connect(relay).await?)
+}
+
+/// A control channel (TLS, relay pinned) from `source`, nothing said yet.
+async fn control_from(
+    source: Ipv4Addr,
+    relay: &Relay,
+    cs: &ConnectionString,
+) -> Result<TlsStream<TcpStream>> {
+    let pin = Fingerprint(cs.cert_sha256.context("pinned string")?);
+    let config = transport::tls::relay_client_config(pin)?;
+    let tcp = tcp_from(source, relay.listen).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    Ok(tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?)
+}
+
+fn hello(role: PeerRole, label: &str) -> Result<PeerMessage> {
+    Ok(PeerMessage::Hello {
+        version: PROTOCOL_VERSION,
+        role,
+        identity: Fingerprint([7; 32]),
+        label: label.parse()?,
+    })
+}
+
+/// A control channel that said hello and was welcomed.
+async fn welcomed(
+    source: Ipv4Addr,
+    relay: &Relay,
+    cs: &ConnectionString,
+    role: PeerRole,
+) -> Result<(TlsStream<TcpStream>, BytesMut)> {
+    let mut tls = control_from(source, relay, cs).await?;
+    write_message(&mut tls, &hello(role, "hostile")?).await?;
+    let mut buf = BytesMut::new();
+    match read_message::<RelayMessage, _>(&mut tls, &mut buf).await? {
+        Some(RelayMessage::Welcome { .. }) => Ok((tls, buf)),
+        other => bail!("relay answered hello with {other:?}"),
+    }
+}
+
+/// Whether the relay closes `conn` (EOF or reset) within `within`.
+async fn closed_within<R: AsyncRead + Unpin>(conn: &mut R, within: Duration) -> bool {
+    let mut sink = [0u8; 4096];
+    let ended = async {
+        loop {
+            match conn.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(within, ended).await.is_ok()
+}
+
+/// `hybridlink connect --check` through the relay: the legitimate path.
+fn check(cs: &ConnectionString) -> Result<()> {
+    let out = Command::new(binary())
+        .args(["connect", "--check", "--wait", "10", &cs.to_string()])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "connect --check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A process's memory in KiB: resident (`VmRSS`) and allocated (`VmData`,
+/// which counts what was reserved even if never touched, so it does not
+/// depend on the kernel's huge-page policy), from /proc/PID/status.
+fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no {name}"))?;
+        line.split_whitespace()
+            .nth(1)
+            .context("value")?
+            .parse()
+            .context("number")
+    };
+    Ok((field("VmRSS:")?, field("VmData:")?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_that_never_attach_are_closed_by_the_deadline() -> Result<()> {
+    let relay = Relay::start()?;
+    let (send, _listen) = relay.create_hc("deadline", echo_server_thread()?)?;
+    // Beside them, connections that never finish the handshake: silent TCP,
+    // and TLS with no hello. The handshake deadline (10 s from accept) ends
+    // those.
+    let started = Instant::now();
+    let mut silent = tcp_from(Ipv4Addr::new(127, 0, 0, 6), relay.listen).await?;
+    let mut mute = control_from(Ipv4Addr::new(127, 0, 0, 6), &relay, &send).await?;
+    let handshakes = tokio::spawn(async move {
+        let within = ATTACH_DEADLINE + Duration::from_secs(2);
+        closed_within(&mut silent, within).await && closed_within(&mut mute, within).await
+    });
+    // Each session answers the relay's keep-alives, so only the attach
+    // deadline can end it (the idle timeout of 15 s never does).
+    let mut sessions = tokio::task::JoinSet::new();
+    for i in 0..20u8 {
+        let (mut tls, mut buf) = welcomed(
+            Ipv4Addr::new(127, 0, 0, 2 + i % 4),
+            &relay,
+            &send,
+            PeerRole::Sender,
+        )
+        .await?;
+        sessions.spawn(async move {
+            loop {
+                match read_message::<RelayMessage, _>(&mut tls, &mut buf).await {
+                    Ok(Some(RelayMessage::Ping { nonce })) => {
+                        let _ = write_message(&mut tls, &PeerMessage::Pong { nonce }).await;
+                        let _ = write_message(&mut tls, &PeerMessage::Ping { nonce }).await;
+                    }
+                    Ok(Some(RelayMessage::Bye { message })) => return Some(message),
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => return None,
+                }
+            }
+        });
+    }
+    let all = async {
+        let mut byes = Vec::new();
+        while let Some(bye) = sessions.join_next().await {
+            byes.push(bye?);
+        }
+        Ok::<_, anyhow::Error>(byes)
+    };
+    let byes = tokio::time::timeout(ATTACH_DEADLINE + Duration::from_secs(4), all)
+        .await
+        .context("sessions that never attached were still open 14 s after hello")??;
+    ensure!(
+        started.elapsed() >= ATTACH_DEADLINE - Duration::from_secs(1),
+        "closed after {:?}, before the deadline",
+        started.elapsed()
+    );
+    for bye in byes {
+        let bye = bye.context("closed without a Bye")?;
+        ensure!(
+            bye.contains("no hybrid connection attached within"),
+            "{bye}"
+        );
+    }
+    ensure!(
+        handshakes.await?,
+        "a connection that never said hello outlived the handshake deadline"
+    );
+    // A session that attaches is not touched by the deadline.
+    let (mut tls, mut buf) =
+        welcomed(Ipv4Addr::new(127, 0, 0, 2), &relay, &send, PeerRole::Sender).await?;
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 600;
+    write_message(
+        &mut tls,
+        &PeerMessage::Attach {
+            entity: send.entity.clone(),
+            token: send.token(expiry),
+        },
+    )
+    .await?;
+    let until = Instant::now() + ATTACH_DEADLINE + Duration::from_secs(3);
+    while Instant::now() < until {
+        let msg = tokio::time::timeout(
+            Duration::from_secs(6),
+            read_message::<RelayMessage, _>(&mut tls, &mut buf),
+        )
+        .await
+        .context("relay silent")??;
+        match msg {
+            Some(RelayMessage::Ping { nonce }) => {
+                write_message(&mut tls, &PeerMessage::Pong { nonce }).await?
+            }
+            Some(RelayMessage::Bye { message }) => {
+                bail!("an attached session was closed: {message}")
+            }
+            None => bail!("an attached session was closed"),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_per_address_cap_closes_the_next_stranger_and_real_peers_go_on() -> Result<()> {
+    const CAP: usize = 8;
+    let dir = tempfile::tempdir()?;
+    let metrics = format!(
+        "127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    );
+    let relay = Relay::start_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            "--max-unauthenticated-per-ip",
+            &CAP.to_string(),
+            "--metrics",
+            &metrics,
+        ],
+    )?;
+    let (send, listen) = relay.create_hc("capped", echo_server_thread()?)?;
+    let agent = tokio::task::spawn_blocking(move || -> Result<Agent> {
+        let agent = Agent::start(&[&listen], &[])?;
+        agent.wait_connected()?;
+        Ok(agent)
+    })
+    .await??;
+
+    // CAP strangers from one address: plain TCP, saying nothing.
+    let stranger = Ipv4Addr::new(127, 0, 0, 2);
+    let mut held = Vec::new();
+    for _ in 0..CAP {
+        held.push(tcp_from(stranger, relay.listen).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for conn in &mut held {
+        ensure!(
+            !closed_within(conn, Duration::from_millis(50)).await,
+            "a connection within the cap was closed"
+        );
+    }
+    // The next one from that address is closed at once.
+    for _ in 0..3 {
+        let mut extra = tcp_from(stranger, relay.listen).await?;
+        ensure!(
+            closed_within(&mut extra, Duration::from_secs(2)).await,
+            "connection {} from one address was not closed at once",
+            CAP + 1
+        );
+    }
+    let text = scrape(&metrics)?;
+    ensure!(
+        text.lines().any(|l| l == "hybridlink_relay_refused_total{reason=\"unauthenticated_per_ip_cap\"} 3"),
+        "the refusals were not counted:\n{text}"
+    );
+    // Real peers, authenticated or about to be, from another address.
+    let send2 = send.clone();
+    tokio::task::spawn_blocking(move || check(&send2)).await??;
+    ensure!(
+        agent.status()?[0]["connection"]["state"] == "connected",
+        "the agent lost its attachment"
+    );
+    // With the strangers gone, their address may connect again.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut again = tcp_from(stranger, relay.listen).await?;
+    ensure!(
+        !closed_within(&mut again, Duration::from_millis(500)).await,
+        "the address was still refused after its connections closed"
+    );
+    Ok(())
+}
+
+/// Opens `CONNECTIONS` control channels that say hello, announce a message
+/// of `announced` bytes and send one byte of it per second; returns the
+/// relay's growth per connection in bytes, (resident, allocated), measured
+/// 3 s in.
+async fn slow_strangers(announced: u32) -> Result<(u64, u64)> {
+    const CONNECTIONS: usize = 200;
+    let relay = Relay::start()?;
+    let (send, _listen) = relay.create_hc("memory", echo_server_thread()?)?;
+    let pid = relay.proc.pid();
+    // Warm up: the relay has served a control channel once.
+    drop(welcomed(Ipv4Addr::new(127, 0, 0, 2), &relay, &send, PeerRole::Sender).await?);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = memory_kib(pid)?;
+    // 25 per source address, under the default per-address cap.
+    let mut slow = tokio::task::JoinSet::new();
+    for i in 0..CONNECTIONS {
+        let source = Ipv4Addr::new(127, 0, 0, 2 + (i / 25) as u8);
+        let (mut tls, _) = welcomed(source, &relay, &send, PeerRole::Sender).await?;
+        tls.write_all(&announced.to_be_bytes()).await?;
+        tls.flush().await?;
+        slow.spawn(async move {
+            for _ in 0..8 {
+                if tls.write_all(b"{").await.is_err() || tls.flush().await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = memory_kib(pid)?;
+    slow.abort_all();
+    let each = |before: u64, during: u64| during.saturating_sub(before) * 1024 / CONNECTIONS as u64;
+    let (rss, data) = (each(before.0, during.0), each(before.1, during.1));
+    eprintln!(
+        "announcing {announced} bytes: relay VmRSS {} -> {} KiB, VmData {} -> {} KiB with {CONNECTIONS} slow strangers: {rss} resident and {data} allocated bytes each",
+        before.0, during.0, before.1, during.1
+    );
+    Ok((rss, data))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_strangers_announcing_a_megabyte_cost_the_relay_little_memory() -> Result<()> {
+    // The attack: a megabyte announced, a byte a second.
+    let (rss, data) = slow_strangers(1 << 20).await?;
+    ensure!(
+        rss < 16 * 1024,
+        "each slow unauthenticated connection grew the relay's resident memory by {rss} bytes"
+    );
+    ensure!(
+        data < 64 * 1024,
+        "each slow unauthenticated connection made the relay allocate {data} bytes"
+    );
+    // Within the limit before attachment the relay keeps the connection
+    // (until the attach deadline) and holds only what arrived, besides the
+    // connection's TLS and session state.
+    let (rss, data) = slow_strangers(4 << 10).await?;
+    ensure!(
+        rss < 48 * 1024 && data < 64 * 1024,
+        "each slow unauthenticated connection within the limit costs the relay {rss} resident and {data} allocated bytes"
+    );
+    Ok(())
+}
+
+/// Bytes and lines of a log file.
+fn log_size(path: &Path) -> Result<(usize, usize)> {
+    let bytes = std::fs::read(path)?;
+    Ok((bytes.len(), bytes.iter().filter(|b| **b == b'\n').count()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_megabyte_label_of_escapes_neither_floods_nor_forges_the_log() -> Result<()> {
+    let logs = tempfile::tempdir()?;
+    let log = logs.path().join("relay.log");
+    let relay = Relay::start_with_log(&[], &log)?;
+    let (send, _listen) = relay.create_hc("labels", echo_server_thread()?)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (bytes_before, lines_before) = log_size(&log)?;
+
+    // 1 MB of newlines, forged log lines and ANSI escapes (clear screen,
+    // set the terminal title) in the label of a hello: 1 MB once encoded,
+    // under the 1 MiB that any control message may have.
+    let unit = "\n2026-01-01T00:00:00Z  INFO relay: admin logged in\u{1b}[2J\u{1b}]0;pwned\u{7}";
+    let encoded = serde_json::to_string(unit)?.len() - 2;
+    let evil = unit.repeat(1_000_000 / encoded);
+    const HELLOS: usize = 20;
+    for i in 0..HELLOS {
+        let mut tls =
+            control_from(Ipv4Addr::new(127, 0, 0, 2 + (i % 4) as u8), &relay, &send).await?;
+        let hello = serde_json::json!({
+            "type": "hello", "version": PROTOCOL_VERSION, "role": "sender",
+            "identity": "00".repeat(32), "label": evil,
+        });
+        // The relay may close while we still write: that is the point.
+        let _ = write_message(&mut tls, &hello).await;
+        closed_within(&mut tls, Duration::from_secs(12)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (bytes_after, lines_after) = log_size(&log)?;
+    let (grew, new_lines) = (bytes_after - bytes_before, lines_after - lines_before);
+    let text = std::fs::read(&log)?;
+    ensure!(
+        new_lines <= 2 * HELLOS,
+        "{HELLOS} hostile hellos wrote {new_lines} log lines"
+    );
+    ensure!(
+        grew <= 1024 * HELLOS,
+        "{HELLOS} hostile hellos grew the log by {grew} bytes"
+    );
+    ensure!(
+        !String::from_utf8_lossy(&text)
+            .lines()
+            .any(|l| l.starts_with("2026-01-01")),
+        "a forged line reached the log"
+    );
+
+    // A short label with the same bytes fits any size cap: it is refused
+    // for what it is, saying so.
+    let mut tls = control_from(Ipv4Addr::new(127, 0, 0, 2), &relay, &send).await?;
+    let short: String = evil.chars().take(120).collect();
+    write_message(
+        &mut tls,
+        &serde_json::json!({
+            "type": "hello", "version": PROTOCOL_VERSION, "role": "sender",
+            "identity": "00".repeat(32), "label": short,
+        }),
+    )
+    .await?;
+    let mut buf = BytesMut::new();
+    match read_message::<RelayMessage, _>(&mut tls, &mut buf).await? {
+        Some(RelayMessage::Bye { message }) => ensure!(
+            message.contains("label") && !message.contains('\u{1b}') && !message.contains("admin"),
+            "{message}"
+        ),
+        other => bail!("a label with escapes was answered with {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(
+        !std::fs::read(&log)?.contains(&0x1b),
+        "an escape byte reached the relay's log"
+    );
+    Ok(())
+}
+
+/// Attaches (or describes) with `cs`'s token on a fresh channel; returns the
+/// relay's refusal.
+async fn refusal(
+    relay: &Relay,
+    cs: &ConnectionString,
+    role: PeerRole,
+    describe: bool,
+) -> Result<(String, String)> {
+    let (mut tls, mut buf) = welcomed(Ipv4Addr::new(127, 0, 0, 2), relay, cs, role).await?;
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 600;
+    let (entity, token) = (cs.entity.clone(), cs.token(expiry));
+    let msg = if describe {
+        PeerMessage::Describe { entity, token }
+    } else {
+        PeerMessage::Attach { entity, token }
+    };
+    write_message(&mut tls, &msg).await?;
+    loop {
+        match read_message::<RelayMessage, _>(&mut tls, &mut buf).await? {
+            Some(RelayMessage::Detached {
+                reason, message, ..
+            }) => {
+                return Ok((
+                    serde_json::to_string(&reason)?,
+                    message.replace(cs.entity.as_str(), "NAME"),
+                ));
+            }
+            Some(RelayMessage::Ping { .. }) => {}
+            other => bail!("expected a refusal, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unknown_name_and_a_wrong_key_get_the_same_answer() -> Result<()> {
+    let logs = tempfile::tempdir()?;
+    let log = logs.path().join("relay.log");
+    let relay = Relay::start_with_log(&[], &log)?;
+    let (send, listen) = relay.create_hc("payroll", echo_server_thread()?)?;
+    let forged = |cs: &ConnectionString, name: &str| -> Result<ConnectionString> {
+        let mut cs = cs.clone();
+        cs.key = Key::generate()?;
+        cs.entity = name.parse()?;
+        Ok(cs)
+    };
+    for (cs, role, describe) in [
+        (&send, PeerRole::Sender, false),
+        (&listen, PeerRole::Listener, false),
+        (&listen, PeerRole::Listener, true),
+    ] {
+        // Same length, so not even the message length differs.
+        let wrong_key = refusal(&relay, &forged(cs, "payroll")?, role, describe).await?;
+        let unknown = refusal(&relay, &forged(cs, "bonuses")?, role, describe).await?;
+        ensure!(
+            wrong_key == unknown,
+            "a stranger can tell names apart: wrong key {wrong_key:?}, unknown name {unknown:?}"
+        );
+        ensure!(
+            wrong_key.1.contains("the token was not accepted for NAME"),
+            "{wrong_key:?}"
+        );
+    }
+    // The relay's own log still says which it was.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = std::fs::read_to_string(&log)?;
+    ensure!(text.contains("no such hybrid connection"), "{text}");
+    ensure!(
+        text.contains("token was signed with a key this relay does not hold"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stranger_cannot_try_tokens_without_end() -> Result<()> {
+    let logs = tempfile::tempdir()?;
+    let log = logs.path().join("relay.log");
+    let relay = Relay::start_with_log(&[], &log)?;
+    let (send, _listen) = relay.create_hc("payroll", echo_server_thread()?)?;
+    let mut forged = send.clone();
+    forged.key = Key::generate()?;
+    let (mut tls, mut buf) =
+        welcomed(Ipv4Addr::new(127, 0, 0, 2), &relay, &send, PeerRole::Sender).await?;
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 600;
+    // Each refusal is a log line on the relay: a guesser gets 64 of them
+    // per channel, then the channel is closed.
+    for _ in 0..200 {
+        let attach = PeerMessage::Attach {
+            entity: forged.entity.clone(),
+            token: forged.token(expiry),
+        };
+        if write_message(&mut tls, &attach).await.is_err() {
+            break;
+        }
+    }
+    let bye = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match read_message::<RelayMessage, _>(&mut tls, &mut buf).await {
+                Ok(Some(RelayMessage::Bye { message })) => return Some(message),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .context("200 refused tokens and the channel is still open")?;
+    let bye = bye.context("closed without a Bye")?;
+    ensure!(
+        bye.contains("tokens presented on this channel and none attached"),
+        "{bye}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rejected = std::fs::read_to_string(&log)?
+        .lines()
+        .filter(|l| l.contains("token rejected"))
+        .count();
+    ensure!(rejected <= 64, "{rejected} refusals logged for one channel");
+    Ok(())
+}
