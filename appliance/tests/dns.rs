@@ -640,8 +640,7 @@ fn non_loopback_sources_are_refused_unless_allowed() {
     const INSIDE: &str = "HYBRIDLINK_DNS_TEST_IN_NETNS";
     if std::env::var_os(INSIDE).is_none() {
         let exe = std::env::current_exe().unwrap();
-        if !is_root() {
-            eprintln!("skipped: creating a network namespace needs root");
+        if !lab::preconditions::root_or_skip("the DNS server in a namespace") {
             return;
         }
         let output = std::process::Command::new("unshare")
@@ -701,13 +700,4 @@ fn non_loopback_sources_are_refused_unless_allowed() {
         let answer = Message::from_vec(&buf[..len]).unwrap();
         assert_eq!(a_records(&answer), vec![Ipv4Addr::new(127, 77, 0, 2)]);
     });
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }

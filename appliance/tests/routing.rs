@@ -34,17 +34,6 @@ impl Drop for ChildGuard {
     }
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// Runs `body` in a fresh network and mount namespace with `lo` up.
 fn in_netns(name: &str, body: impl FnOnce()) {
     if std::env::var(CHILD_ENV).as_deref() == Ok(name) {
@@ -52,8 +41,7 @@ fn in_netns(name: &str, body: impl FnOnce()) {
         body();
         return;
     }
-    if !is_root() {
-        eprintln!("SKIP {name}: needs root to create network namespaces and tun devices");
+    if !lab::preconditions::root_or_skip(name) {
         return;
     }
     let exe = std::env::current_exe().unwrap();

@@ -34,14 +34,7 @@ fn main() {
         run();
         return;
     }
-    let is_root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
-    if !is_root {
-        eprintln!("SKIP netstack_tun: needs root for a network namespace and a tun device");
+    if !lab::preconditions::root_or_skip("netstack_tun") {
         return;
     }
     let exe = std::env::current_exe().expect("own path");

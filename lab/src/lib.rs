@@ -10,6 +10,7 @@
 pub mod demo;
 pub mod netns;
 pub mod packages;
+pub mod preconditions;
 pub mod vagrant;
 
 use std::process::Output;

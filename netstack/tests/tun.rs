@@ -29,17 +29,6 @@ impl Drop for ChildGuard {
     }
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// Runs `body` inside a new network namespace with a tun named [`TUN`]
 /// routing 198.18.0.0/16, and a stack on it built from `config`.
 fn in_netns<F, Fut>(name: &str, config: impl FnOnce(&mut StackConfig), body: F)
@@ -51,8 +40,7 @@ where
         run_child(config, body);
         return;
     }
-    if !is_root() {
-        eprintln!("SKIP {name}: needs root to create a network namespace and a tun device");
+    if !lab::preconditions::root_or_skip(name) {
         return;
     }
     let exe = std::env::current_exe().unwrap();

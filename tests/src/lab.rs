@@ -26,12 +26,7 @@ use crate::{Proc, binary};
 /// DNS server listens.
 pub const UPSTREAM_DNS_IP: &str = lab::RELAY_APP_SIDE_IP;
 
-/// True when this process may build namespaces.
-pub fn is_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
-}
+pub use ::lab::preconditions::{is_root, root_or_skip};
 
 /// One lab (the `lab` crate's, as `hybridlink lab` builds it); everything
 /// in it is removed on drop.

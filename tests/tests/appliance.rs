@@ -341,8 +341,7 @@ impl Setup {
 
 #[test]
 fn unmodified_clients_reach_onprem_servers_by_name_and_literal() -> Result<()> {
-    if !lab::is_root() {
-        eprintln!("SKIP: the lab needs root");
+    if !lab::root_or_skip("unmodified_clients_reach_onprem_servers_by_name_and_literal") {
         return Ok(());
     }
     let s = setup("a", Options::default())?;
@@ -473,8 +472,7 @@ print(data.decode().split("\r\n\r\n", 1)[1], end="")
 
 #[test]
 fn the_namespace_is_restored_after_exit_and_after_a_crash() -> Result<()> {
-    if !lab::is_root() {
-        eprintln!("SKIP: the lab needs root");
+    if !lab::root_or_skip("the_namespace_is_restored_after_exit_and_after_a_crash") {
         return Ok(());
     }
     let mut s = setup("b", Options::default())?;
@@ -576,8 +574,7 @@ fn start_databases(lab: &Lab) -> Result<(Vec<Proc>, tempfile::TempDir)> {
 
 #[test]
 fn psql_and_redis_cli_work_and_a_reload_keeps_open_streams() -> Result<()> {
-    if !lab::is_root() {
-        eprintln!("SKIP: the lab needs root");
+    if !lab::root_or_skip("psql_and_redis_cli_work_and_a_reload_keeps_open_streams") {
         return Ok(());
     }
     let s = setup(
@@ -682,17 +679,9 @@ fn psql_and_redis_cli_work_and_a_reload_keeps_open_streams() -> Result<()> {
     Ok(())
 }
 
-/// Whether the namespace tests can run: as root, yes; otherwise they skip,
-/// or fail when HYBRIDLINK_REQUIRE_TOOLS is set (as in CI).
+/// Whether the namespace tests can run (see `lab::root_or_skip`).
 fn lab_available(test: &str) -> Result<bool> {
-    if lab::is_root() {
-        return Ok(true);
-    }
-    if std::env::var_os("HYBRIDLINK_REQUIRE_TOOLS").is_some() {
-        bail!("{test} needs root to build network namespaces (HYBRIDLINK_REQUIRE_TOOLS is set)");
-    }
-    eprintln!("SKIP {test}: the lab needs root");
-    Ok(false)
+    Ok(lab::root_or_skip(test))
 }
 
 /// A host on a link of the app host: a namespace of its own joined to the

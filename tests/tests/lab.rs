@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 use anyhow::{Result, ensure};
 use hybridlink_tests::binary;
-use hybridlink_tests::lab::is_root;
+use hybridlink_tests::lab::root_or_skip;
 
 fn hybridlink_lab(args: &[&str]) -> Result<Output> {
     Ok(Command::new(binary()).arg("lab").args(args).output()?)
@@ -80,8 +80,7 @@ fn checks(report: &str) -> Vec<(bool, String)> {
 
 #[test]
 fn lab_demo_passes_every_check_and_leaves_nothing() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: the lab needs root");
+    if !root_or_skip("lab_demo_passes_every_check_and_leaves_nothing") {
         return Ok(());
     }
     let prefix = format!("hl{}d", std::process::id() % 10000);
@@ -147,8 +146,7 @@ fn lab_demo_passes_every_check_and_leaves_nothing() -> Result<()> {
 
 #[test]
 fn lab_up_recovers_from_a_crash_and_down_removes_everything() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: the lab needs root");
+    if !root_or_skip("lab_up_recovers_from_a_crash_and_down_removes_everything") {
         return Ok(());
     }
     let prefix = format!("hl{}u", std::process::id() % 10000);

@@ -259,12 +259,9 @@ fn editing_the_policy_takes_effect_at_once_and_cuts_only_what_it_refuses() -> Re
 /// inside the lab.
 #[test]
 fn metadata_link_local_and_unlisted_endpoints_are_refused() -> Result<()> {
-    if !hybridlink_tests::lab::is_root() {
-        ensure!(
-            std::env::var_os("HYBRIDLINK_REQUIRE_TOOLS").is_none(),
-            "this test needs root (network namespaces)"
-        );
-        eprintln!("SKIP: needs root");
+    if !hybridlink_tests::lab::root_or_skip(
+        "metadata_link_local_and_unlisted_endpoints_are_refused",
+    ) {
         return Ok(());
     }
     let lab = hybridlink_tests::lab::Lab::new("pol")?;

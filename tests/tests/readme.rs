@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use hybridlink_tests::lab::{Lab, RELAY_IP, is_root};
+use hybridlink_tests::lab::{Lab, RELAY_IP, root_or_skip};
 use hybridlink_tests::{Proc, binary};
 
 /// A block of the README: the machine it runs on and its text.
@@ -207,8 +207,7 @@ fn fill_in(
 
 #[test]
 fn the_readme_walkthrough_works_as_written() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: the walkthrough needs root");
+    if !root_or_skip("the_readme_walkthrough_works_as_written") {
         return Ok(());
     }
     let started = Instant::now();
