@@ -115,6 +115,36 @@ impl Lab {
         Proc::start_program("ip", name, &argv)
     }
 
+    /// Starts `hybridlink relay serve` inside `ns` with `data_dir`,
+    /// listening on `listen` and its API on the namespace's loopback, with
+    /// more `extra` flags; returns the process and the API's `http://` URL.
+    pub fn start_relay(
+        &self,
+        ns: &str,
+        data_dir: &str,
+        listen: &str,
+        extra: &[&str],
+    ) -> Result<(Proc, String)> {
+        let mut args = vec![
+            "relay",
+            "serve",
+            "--data-dir",
+            data_dir,
+            "--listen",
+            listen,
+            "--api",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let mut relay = self.hybridlink(ns, "relay", &args)?;
+        let ready = relay.ready_line()?;
+        let api = format!(
+            "http://{}",
+            ready["api"].as_str().context("api in ready line")?
+        );
+        Ok((relay, api))
+    }
+
     /// Serves the files of `dir` over HTTP at `bind:port` inside `ns`.
     pub fn web_server(
         &self,

@@ -89,24 +89,12 @@ fn setup(tag: &str, options: Options) -> Result<Setup> {
 
     let data = tempfile::tempdir()?;
     let data_dir = data.path().to_str().context("utf-8")?.to_string();
-    let mut relay = lab.hybridlink(
+    let (relay, api) = lab.start_relay(
         &lab.relay,
-        "relay",
-        &[
-            "relay",
-            "serve",
-            "--data-dir",
-            &data_dir,
-            "--listen",
-            "0.0.0.0:9443",
-            "--api",
-            "127.0.0.1:0",
-            "--public-host",
-            RELAY_IP,
-        ],
+        &data_dir,
+        "0.0.0.0:9443",
+        &["--public-host", RELAY_IP],
     )?;
-    let ready = relay.ready_line()?;
-    let api = format!("http://{}", ready["api"].as_str().context("api")?);
     let hc = |args: &[&str]| -> Result<serde_json::Value> {
         let out = lab
             .command(

@@ -86,6 +86,14 @@ async fn welcomed(
 }
 
 /// Whether the relay closes `conn` (EOF or reset) within `within`.
+/// A token expiry ten minutes from now, in Unix seconds.
+fn ten_minutes_from_now() -> Result<u64> {
+    Ok(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 600)
+}
+
 async fn closed_within<R: AsyncRead + Unpin>(conn: &mut R, within: Duration) -> bool {
     let mut sink = [0u8; 4096];
     let ended = async {
@@ -199,10 +207,7 @@ async fn sessions_that_never_attach_are_closed_by_the_deadline() -> Result<()> {
     // A session that attaches is not touched by the deadline.
     let (mut tls, mut buf) =
         welcomed(Ipv4Addr::new(127, 0, 0, 2), &relay, &send, PeerRole::Sender).await?;
-    let expiry = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 600;
+    let expiry = ten_minutes_from_now()?;
     write_message(
         &mut tls,
         &PeerMessage::Attach {
@@ -460,10 +465,7 @@ async fn refusal(
     describe: bool,
 ) -> Result<(String, String)> {
     let (mut tls, mut buf) = welcomed(Ipv4Addr::new(127, 0, 0, 2), relay, cs, role).await?;
-    let expiry = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 600;
+    let expiry = ten_minutes_from_now()?;
     let (entity, token) = (cs.entity.clone(), cs.token(expiry));
     let msg = if describe {
         PeerMessage::Describe { entity, token }
@@ -537,10 +539,7 @@ async fn a_stranger_cannot_try_tokens_without_end() -> Result<()> {
     forged.key = Key::generate()?;
     let (mut tls, mut buf) =
         welcomed(Ipv4Addr::new(127, 0, 0, 2), &relay, &send, PeerRole::Sender).await?;
-    let expiry = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 600;
+    let expiry = ten_minutes_from_now()?;
     // Each refusal is a log line on the relay: a guesser gets 64 of them
     // per channel, then the channel is closed.
     for _ in 0..200 {

@@ -268,27 +268,12 @@ fn metadata_link_local_and_unlisted_endpoints_are_refused() -> Result<()> {
     let ns = lab.onprem.clone();
     let data = tempfile::tempdir()?;
     let data_dir = data.path().display().to_string();
-    let mut relay = lab.hybridlink(
-        &ns,
-        "relay",
-        &[
-            "relay",
-            "serve",
-            "--data-dir",
-            &data_dir,
-            "--listen",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ],
-    )?;
-    let ready = relay.ready_line()?;
-    let api = ready["api"].as_str().context("api")?.to_string();
+    let (_relay, api) = lab.start_relay(&ns, &data_dir, "127.0.0.1:0", &[])?;
     let bin = binary().display().to_string();
     let hc = |args: &str| -> Result<String> {
         let out = lab.sh(
             &ns,
-            &format!("{bin} hc --api http://{api} --data-dir {data_dir} {args}"),
+            &format!("{bin} hc --api {api} --data-dir {data_dir} {args}"),
         )?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
