@@ -173,8 +173,10 @@ async fn serve_stream(
             refuse_counted(hc.as_str(), pending, RefusalCode::EndToEnd, e.to_string());
             return;
         }
-        let policy = ctx.policy.get();
+        // Watch before reading, so a policy replaced in between is still
+        // seen as a change by this stream.
         let mut policy_changes = ctx.policy.changes();
+        let policy = ctx.policy.get();
         let dialed = dial::dial(&policy, &hc, &endpoint, ctx.options.dial_timeout).await;
         {
             let mut shared = lock(&ctx.shared);
