@@ -5,6 +5,7 @@
 //! deadlines out. That keeps every decoder of untrusted input testable with
 //! plain unit tests and fuzzable.
 
+pub mod channel;
 pub mod connection_string;
 pub mod control;
 pub mod e2e;

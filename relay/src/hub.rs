@@ -3,8 +3,8 @@
 //!
 //! All of it sits behind one mutex that is held only for short, non-async
 //! critical sections. Messages to sessions go through each session's bounded
-//! queue; a session too slow to drain it is dropped rather than letting the
-//! relay's memory grow.
+//! [`Outbox`]; a session too slow to drain it is closed (and its peer
+//! reconnects), never sent a partial history.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -21,7 +21,7 @@ use proto::name::HcName;
 use proto::sas;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::registry::Registry;
@@ -32,6 +32,48 @@ pub const TICKET_TTL: Duration = Duration::from_secs(10);
 pub const SESSION_QUEUE: usize = 4096;
 /// Listeners per hybrid connection, as in the original product.
 pub const MAX_LISTENERS_PER_HC: usize = 25;
+
+/// Where the hub puts messages for one control session: a bounded queue
+/// that is never allowed to lose a message. When it is full, the session is
+/// told to close (its peer reconnects and is sent the whole state again)
+/// instead of the message being dropped: a lost `Revoke` would leave a
+/// grant in place.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    tx: mpsc::Sender<RelayMessage>,
+    overflow: Arc<Notify>,
+}
+
+/// The session's end of its [`Outbox`].
+#[derive(Debug)]
+pub struct Inbox {
+    /// The messages, in order.
+    pub messages: mpsc::Receiver<RelayMessage>,
+    /// Notified when a message could not be queued: close the session.
+    pub overflow: Arc<Notify>,
+}
+
+impl Outbox {
+    /// A queue of `capacity` messages.
+    pub fn new(capacity: usize) -> (Outbox, Inbox) {
+        let (tx, messages) = mpsc::channel(capacity);
+        let overflow = Arc::new(Notify::new());
+        let inbox = Inbox {
+            messages,
+            overflow: overflow.clone(),
+        };
+        (Outbox { tx, overflow }, inbox)
+    }
+
+    /// Queues `msg`, or tells the session to close if its queue is full.
+    /// A session already gone is ignored.
+    pub fn send(&self, msg: RelayMessage) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(msg) {
+            // Stored as a permit if the session is not waiting right now.
+            self.overflow.notify_one();
+        }
+    }
+}
 
 /// The relay's id of a control session.
 pub type SessionId = u64;
@@ -49,7 +91,7 @@ struct Session {
     label: PeerLabel,
     addr: SocketAddr,
     since: SystemTime,
-    tx: mpsc::Sender<RelayMessage>,
+    tx: Outbox,
     attached: HashMap<HcName, Attachment>,
     /// Listener: its last stream counters per attached hybrid connection.
     stats: HashMap<HcName, (proto::control::StreamStats, AgentReport)>,
@@ -213,7 +255,7 @@ impl Hub {
         identity: Fingerprint,
         label: PeerLabel,
         addr: SocketAddr,
-        tx: mpsc::Sender<RelayMessage>,
+        tx: Outbox,
     ) -> SessionId {
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
         let session = Session {
@@ -303,7 +345,7 @@ impl Hub {
                 {
                     detach_locked(&mut state, id, &entity);
                 }
-                let _ = tx.try_send(RelayMessage::Detached {
+                tx.send(RelayMessage::Detached {
                     entity,
                     reason: DetachReason::Unauthorized,
                     message,
@@ -320,12 +362,12 @@ impl Hub {
             a.token = token;
             a.expires = expires;
             transport::metrics::metrics().token_renewals.inc();
-            let _ = tx.try_send(RelayMessage::Renewed { entity, expires });
+            tx.send(RelayMessage::Renewed { entity, expires });
             return;
         }
         let max = self.inner.max_listeners.load(Ordering::Relaxed);
         if role == PeerRole::Listener && listeners_of(&state, &entity).len() >= max {
-            let _ = tx.try_send(RelayMessage::Detached {
+            tx.send(RelayMessage::Detached {
                 message: format!("{entity} already has {max} listeners, the most a hybrid connection may have on this relay"),
                 entity,
                 reason: {
@@ -347,7 +389,7 @@ impl Hub {
         // Listeners dial the endpoint; senders (the appliance) route and
         // name it locally.
         let endpoint = Some(record.endpoint.clone());
-        let _ = tx.try_send(RelayMessage::Attached {
+        tx.send(RelayMessage::Attached {
             entity: entity.clone(),
             endpoint,
             expires,
@@ -362,7 +404,7 @@ impl Hub {
         let identity = session.identity;
         match role {
             PeerRole::Sender => {
-                let _ = tx.try_send(RelayMessage::Agents {
+                tx.send(RelayMessage::Agents {
                     entity: entity.clone(),
                     agents: agents_of(&state, &entity),
                 });
@@ -380,7 +422,7 @@ impl Hub {
             PeerRole::Listener => {
                 for s in senders_of(&state, &entity) {
                     let peer = state.sessions[&s].identity;
-                    let _ = tx.try_send(RelayMessage::Grant {
+                    tx.send(RelayMessage::Grant {
                         peer,
                         entity: entity.clone(),
                     });
@@ -432,7 +474,7 @@ impl Hub {
             .filter(|a| a.role == PeerRole::Listener)
             .is_some_and(|a| a.attached.keys().any(|hc| s.attached.contains_key(hc)));
         if s.role != PeerRole::Sender || !shared {
-            let _ = reply.try_send(RelayMessage::PipeFailed {
+            reply.send(RelayMessage::PipeFailed {
                 request_id,
                 message: format!(
                     "agent {agent} serves none of your hybrid connections (it may have just left)"
@@ -442,7 +484,7 @@ impl Hub {
         }
         let mut ticket = [0u8; TICKET_LEN];
         if self.inner.rng.fill(&mut ticket).is_err() {
-            let _ = reply.try_send(RelayMessage::PipeFailed {
+            reply.send(RelayMessage::PipeFailed {
                 request_id,
                 message: "relay could not draw a random ticket".into(),
             });
@@ -456,7 +498,7 @@ impl Hub {
         let in_use = self.inner.active_pipes.load(Ordering::Relaxed) + state.tickets.len();
         if in_use >= max {
             count_refused("quota");
-            let _ = reply.try_send(RelayMessage::PipeFailed {
+            reply.send(RelayMessage::PipeFailed {
                 request_id,
                 message: format!(
                     "this relay is at its limit of {max} concurrent pipes (relay serve --max-pipes); try again later"
@@ -481,7 +523,7 @@ impl Hub {
                 peer: sender_identity,
             },
         );
-        let _ = reply.try_send(RelayMessage::PipeTicket {
+        reply.send(RelayMessage::PipeTicket {
             request_id,
             agent,
             ticket,
@@ -684,7 +726,7 @@ impl Hub {
                 Err(e) => refused(DetachReason::Unauthorized, not_accepted(&entity, &e)),
             },
         };
-        let _ = tx.try_send(answer);
+        tx.send(answer);
     }
 
     /// Per attached hybrid connection: (listeners, senders).
@@ -765,10 +807,8 @@ pub(crate) fn count_refused(reason: &str) {
 }
 
 fn send_to(state: &State, id: SessionId, msg: RelayMessage) {
-    if let Some(s) = state.sessions.get(&id)
-        && s.tx.try_send(msg).is_err()
-    {
-        warn!(session = id, "control session queue full; message dropped");
+    if let Some(s) = state.sessions.get(&id) {
+        s.tx.send(msg);
     }
 }
 
@@ -867,7 +907,7 @@ mod tests {
     /// Attaches as a sender with a token signed by `key` for `entity`;
     /// returns the relay's answer.
     fn attach(hub: &Hub, entity: &str, key: &Key) -> RelayMessage {
-        let (tx, mut rx) = mpsc::channel(8);
+        let (tx, mut inbox) = Outbox::new(8);
         let label = PeerLabel::parse("test").unwrap();
         let id = hub.register(
             PeerRole::Sender,
@@ -883,7 +923,36 @@ mod tests {
             unix_now() + 600,
         );
         hub.attach(id, entity.parse().unwrap(), token, false);
-        rx.try_recv().unwrap()
+        inbox.messages.try_recv().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_closes_its_session_instead_of_dropping_a_message() {
+        let (outbox, mut inbox) = Outbox::new(2);
+        let revoke = RelayMessage::Revoke {
+            peer: Fingerprint([1; 32]),
+            entity: "payroll".parse().unwrap(),
+        };
+        let wait = Duration::from_millis(20);
+        outbox.send(revoke.clone());
+        outbox.send(revoke.clone());
+        assert!(
+            tokio::time::timeout(wait, inbox.overflow.notified())
+                .await
+                .is_err(),
+            "two messages fit"
+        );
+        // The third cannot be queued: the session is told to close, and
+        // what was queued is still there, in order.
+        outbox.send(revoke.clone());
+        assert!(
+            tokio::time::timeout(wait, inbox.overflow.notified())
+                .await
+                .is_ok()
+        );
+        assert_eq!(inbox.messages.try_recv().unwrap(), revoke);
+        assert_eq!(inbox.messages.try_recv().unwrap(), revoke);
+        assert!(inbox.messages.try_recv().is_err());
     }
 
     fn refusal(msg: RelayMessage, entity: &str) -> (DetachReason, String) {

@@ -3,39 +3,23 @@
 //! their first byte.
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use proto::control::{
-    self, MAX_MESSAGE_LEN, PIPE_PREAMBLE_LEN, PRE_AUTH_MAX_MESSAGE_LEN, PROTOCOL_VERSION,
-    PeerMessage, RelayMessage,
-};
+use proto::channel::{HANDSHAKE_TIMEOUT, RelayEvent, RelaySession, Timing};
+use proto::control::{self, PIPE_PREAMBLE_LEN, PeerMessage};
 use proto::label::sanitized;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tokio::time::{Instant, timeout, timeout_at};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
+use transport::control::Ended;
 
-use crate::hub::{AgentReport, Hub, PipeMeeting, SESSION_QUEUE, TICKET_TTL};
+use crate::hub::{AgentReport, Hub, Inbox, Outbox, PipeMeeting, SESSION_QUEUE, TICKET_TTL};
 use crate::preauth::{PreAuthGate, PreAuthSlot};
 
-/// Keep-alive interval on control channels.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-/// A control channel silent this long is dead.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-/// From accept, the first byte, the TLS handshake and the hello must be done
-/// within this (a pipe's preamble too).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// After the welcome, a control channel must attach to a hybrid connection
-/// (present a token that verifies) within this, or it is closed.
-pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Tokens (`Attach`, `Renew`, `Describe`) a control channel may present
-/// before one attaches; one more closes it. Each refusal is a log line, so
-/// a stranger must not be able to send them without end.
-pub const MAX_TOKENS_BEFORE_AUTH: u32 = 64;
 /// At most one log line per this long about connections refused by the
 /// unauthenticated caps (with the count since the last one).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -84,6 +68,8 @@ pub async fn accept_loop(
         let hub = hub.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
+            // The first byte, the TLS handshake and the hello (or a pipe's
+            // preamble) must all arrive by this.
             let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
             let mut first = [0u8; 1];
             match timeout_at(deadline, conn.peek(&mut first)).await {
@@ -201,156 +187,100 @@ async fn serve_control(
     slot: PreAuthSlot,
     deadline: Instant,
 ) -> Result<(), String> {
-    let mut stream = timeout_at(deadline, acceptor.accept(conn))
+    let stream = timeout_at(deadline, acceptor.accept(conn))
         .await
         .map_err(|_| "no TLS handshake in time".to_string())?
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    // Until the peer attaches, its messages are small ones.
-    let mut buf = BytesMut::new();
-    let hello = timeout_at(
-        deadline,
-        transport::control::read_message_within::<PeerMessage, _>(
-            &mut stream,
-            &mut buf,
-            PRE_AUTH_MAX_MESSAGE_LEN,
-        ),
-    )
-    .await;
-    let hello = match hello {
-        Err(_) => return Err("no hello in time".into()),
-        Ok(Err(e)) => {
-            let message = format!("bad hello: {}", sanitized(&e.to_string(), LOGGED_CHARS));
-            let bye = RelayMessage::Bye {
-                message: message.clone(),
-            };
-            let _ = timeout(
-                Duration::from_secs(1),
-                transport::control::write_message(&mut stream, &bye),
-            )
-            .await;
-            return Err(message);
-        }
-        Ok(Ok(hello)) => hello,
-    };
-    let Some(PeerMessage::Hello {
-        version,
-        role,
-        identity,
-        label,
-    }) = hello
-    else {
-        return Err("first message was not a hello".into());
-    };
-    if version != PROTOCOL_VERSION {
-        let bye = RelayMessage::Bye {
-            message: format!(
-                "this relay speaks protocol {PROTOCOL_VERSION}, you speak {version}; upgrade the older side"
-            ),
-        };
-        let _ = transport::control::write_message(&mut stream, &bye).await;
-        return Err(format!("protocol version {version}"));
-    }
-    let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
-    let id = hub.register(role, identity, label.clone(), addr, tx);
-    let _guard = Unregister {
-        hub: hub.clone(),
-        id,
-    };
-    info!(session = id, ?role, %label, "control channel up");
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut out = BytesMut::new();
-    control::encode(&RelayMessage::Welcome { session: id }, &mut out);
-    let mut last_heard = Instant::now();
-    let mut next_ping = Instant::now() + KEEPALIVE_INTERVAL;
-    let attach_deadline = Instant::now() + ATTACH_TIMEOUT;
+    let mut session = RelaySession::new(
+        Timing::default(),
+        std::time::Instant::now(),
+        deadline.into_std(),
+    );
+    let (outbox, inbox) = Outbox::new(SESSION_QUEUE);
+    let Inbox {
+        messages: mut rx,
+        overflow,
+    } = inbox;
+    // The hub holds the outbox once the session registers.
+    let mut tx = Some(outbox);
     // Counted as unauthenticated until a token verifies.
     let mut unauthenticated = Some(slot);
-    let mut tokens_tried = 0u32;
-    let mut nonce = 0u64;
-    loop {
-        if !out.is_empty() {
-            writer.write_all(&out).await.map_err(|e| e.to_string())?;
-            out.clear();
-        }
-        tokio::select! {
-            read = reader.read_buf(&mut buf) => {
-                match read {
-                    Ok(0) => return Err("peer closed".into()),
-                    Ok(_) => last_heard = Instant::now(),
-                    Err(e) => return Err(e.to_string()),
-                }
-                loop {
-                    let max_len = if unauthenticated.is_some() { PRE_AUTH_MAX_MESSAGE_LEN } else { MAX_MESSAGE_LEN };
-                    let msg = match control::decode_within::<PeerMessage>(&mut buf, max_len) {
-                        Ok(Some(m)) => m,
-                        Ok(None) => break,
-                        Err(e) => {
-                            let mut message = format!("bad message: {}", sanitized(&e.to_string(), LOGGED_CHARS));
-                            if unauthenticated.is_some() {
-                                message.push_str(" (before a hybrid connection is attached)");
-                            }
-                            control::encode(&RelayMessage::Bye { message: message.clone() }, &mut out);
-                            let _ = timeout(Duration::from_secs(1), writer.write_all(&out)).await;
-                            return Err(message);
-                        }
-                    };
-                    if unauthenticated.is_some()
-                        && matches!(msg, PeerMessage::Attach { .. } | PeerMessage::Renew { .. } | PeerMessage::Describe { .. })
-                    {
-                        tokens_tried += 1;
-                        if tokens_tried > MAX_TOKENS_BEFORE_AUTH {
-                            let message = format!(
-                                "{MAX_TOKENS_BEFORE_AUTH} tokens presented on this channel and none attached; check the connection strings (`hybridlink hc keys NAME`)"
-                            );
-                            control::encode(&RelayMessage::Bye { message: message.clone() }, &mut out);
-                            let _ = timeout(Duration::from_secs(1), writer.write_all(&out)).await;
-                            return Err(message);
-                        }
-                    }
-                    match msg {
-                        PeerMessage::Attach { entity, token } => hub.attach(id, entity, token, false),
-                        PeerMessage::Renew { entity, token } => hub.attach(id, entity, token, true),
-                        PeerMessage::PipeRequest { request_id, agent } => hub.request_pipe(id, request_id, agent),
-                        PeerMessage::Ping { nonce } => control::encode(&RelayMessage::Pong { nonce }, &mut out),
-                        PeerMessage::Pong { .. } => {}
-                        PeerMessage::Stats { entity, stats, end_to_end, policy_refusal } => {
-                            hub.report_stats(id, entity, stats, AgentReport { end_to_end, policy_refusal })
-                        }
-                        PeerMessage::Describe { entity, token } => hub.describe(id, entity, token),
-                        PeerMessage::Hello { .. } => return Err("second hello".into()),
-                    }
-                    if unauthenticated.is_some() && hub.has_attachment(id) {
-                        unauthenticated = None;
-                    }
+    let mut registered: Option<Unregister> = None;
+    let served = transport::control::drive(stream, &mut session, &mut rx, |session, event| {
+        match event {
+            RelayEvent::Hello {
+                role,
+                identity,
+                label,
+            } => {
+                let Some(tx) = tx.take() else {
+                    return ControlFlow::Break(());
+                };
+                let id = hub.register(role, identity, label.clone(), addr, tx);
+                registered = Some(Unregister {
+                    hub: hub.clone(),
+                    id,
+                });
+                info!(session = id, ?role, %label, "control channel up");
+                if session.welcome(id, std::time::Instant::now()).is_err() {
+                    return ControlFlow::Break(());
                 }
             }
-            msg = rx.recv() => match msg {
-                Some(msg) => {
-                    control::encode(&msg, &mut out);
-                    while let Ok(more) = rx.try_recv() {
-                        control::encode(&more, &mut out);
+            RelayEvent::Message(msg) => {
+                let Some(id) = registered.as_ref().map(|r| r.id) else {
+                    return ControlFlow::Break(());
+                };
+                match msg {
+                    PeerMessage::Attach { entity, token } => hub.attach(id, entity, token, false),
+                    PeerMessage::Renew { entity, token } => hub.attach(id, entity, token, true),
+                    PeerMessage::PipeRequest { request_id, agent } => {
+                        hub.request_pipe(id, request_id, agent)
                     }
+                    PeerMessage::Stats {
+                        entity,
+                        stats,
+                        end_to_end,
+                        policy_refusal,
+                    } => hub.report_stats(
+                        id,
+                        entity,
+                        stats,
+                        AgentReport {
+                            end_to_end,
+                            policy_refusal,
+                        },
+                    ),
+                    PeerMessage::Describe { entity, token } => hub.describe(id, entity, token),
+                    // The session answers keep-alives and refuses a second
+                    // hello itself.
+                    PeerMessage::Hello { .. }
+                    | PeerMessage::Ping { .. }
+                    | PeerMessage::Pong { .. } => {}
                 }
-                None => return Err("session dropped".into()),
-            },
-            _ = sleep_until(attach_deadline), if unauthenticated.is_some() => {
-                let message = format!(
-                    "no hybrid connection attached within {ATTACH_TIMEOUT:?} of hello; attach with a token made from a connection string (`hybridlink hc keys NAME`)"
-                );
-                control::encode(&RelayMessage::Bye { message: message.clone() }, &mut out);
-                let _ = timeout(Duration::from_secs(1), writer.write_all(&out)).await;
-                return Err(message);
-            }
-            _ = sleep_until(last_heard + IDLE_TIMEOUT) => {
-                return Err(format!("peer silent for {IDLE_TIMEOUT:?}"));
-            }
-            _ = sleep_until(next_ping) => {
-                nonce += 1;
-                control::encode(&RelayMessage::Ping { nonce }, &mut out);
-                next_ping = Instant::now() + KEEPALIVE_INTERVAL;
+                if unauthenticated.is_some() && hub.has_attachment(id) {
+                    session.authenticated();
+                    unauthenticated = None;
+                }
             }
         }
-    }
+        ControlFlow::Continue(())
+    });
+    let ended = tokio::select! {
+        ended = served => ended,
+        () = overflow.notified() => {
+            return Err(format!(
+                "closed: more than {SESSION_QUEUE} messages waiting for this session; the peer will reconnect and resync"
+            ));
+        }
+    };
+    drop(registered);
+    Err(match ended {
+        Ended::Eof => "peer closed".to_string(),
+        Ended::Commands => "session dropped".to_string(),
+        Ended::Stopped => "session ended".to_string(),
+        Ended::Io(e) => e.to_string(),
+        Ended::Session(e) => e.to_string(),
+    })
 }
 
 struct Unregister {

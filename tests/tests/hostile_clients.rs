@@ -575,3 +575,77 @@ async fn a_stranger_cannot_try_tokens_without_end() -> Result<()> {
     ensure!(rejected <= 64, "{rejected} refusals logged for one channel");
     Ok(())
 }
+
+/// An attached agent whose process stops reading its socket, while it
+/// still sends keep-alives of its own (so the relay keeps hearing from
+/// it): the relay notices its own keep-alives go unanswered and closes the
+/// session, which takes the agent out of the rotation, within one
+/// keep-alive interval plus the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_that_stops_reading_leaves_the_rotation_within_the_keepalive_timeout() -> Result<()>
+{
+    const KEEPALIVE: Duration = Duration::from_secs(5);
+    const IDLE: Duration = Duration::from_secs(15);
+    let relay = Relay::start()?;
+    let (_send, listen) = relay.create_hc("stuck", echo_server_thread()?)?;
+    let (mut tls, mut buf) = welcomed(
+        Ipv4Addr::new(127, 0, 0, 3),
+        &relay,
+        &listen,
+        PeerRole::Listener,
+    )
+    .await?;
+    write_message(
+        &mut tls,
+        &PeerMessage::Attach {
+            entity: listen.entity.clone(),
+            token: listen.token(ten_minutes_from_now()?),
+        },
+    )
+    .await?;
+    loop {
+        match read_message::<RelayMessage, _>(&mut tls, &mut buf).await? {
+            Some(RelayMessage::Attached { .. }) => break,
+            Some(RelayMessage::Ping { nonce }) => {
+                write_message(&mut tls, &PeerMessage::Pong { nonce }).await?
+            }
+            Some(RelayMessage::Detached { message, .. }) => bail!("not attached: {message}"),
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    let listeners = || -> Result<usize> {
+        let status = relay.hc(&["status", "stuck"])?;
+        Ok(status["listeners"].as_array().map_or(0, Vec::len))
+    };
+    ensure!(listeners()? == 1, "the agent is not in the rotation");
+
+    // From here on: a keep-alive every second, and not one byte read.
+    let stopped = Instant::now();
+    let (_unread, mut writer) = tokio::io::split(tls);
+    let pinger = tokio::spawn(async move {
+        for nonce in 1.. {
+            let mut out = BytesMut::new();
+            proto::control::encode(&PeerMessage::Ping { nonce }, &mut out);
+            if writer.write_all(&out).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let limit = KEEPALIVE + IDLE + Duration::from_secs(3);
+    while listeners()? == 1 {
+        ensure!(
+            stopped.elapsed() < limit,
+            "a session that reads nothing was still in the rotation {limit:?} after it stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // It was the unanswered keep-alive that ended it, not silence.
+    ensure!(
+        stopped.elapsed() >= IDLE - Duration::from_secs(1),
+        "closed after {:?}, before a keep-alive could go unanswered",
+        stopped.elapsed()
+    );
+    pinger.abort();
+    Ok(())
+}

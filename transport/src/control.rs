@@ -6,13 +6,14 @@
 //! [`PeerMessage`]s through a [`ControlHandle`]; it never sees the reconnects
 //! except as `Connected` / `Disconnected` events.
 
-use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
+use proto::channel::{Clock, PeerEvent, PeerHello, PeerSession, Session, Timing};
 use proto::connection_string::ConnectionString;
-use proto::control::{self, Fingerprint, PROTOCOL_VERSION, PeerMessage, PeerRole, RelayMessage};
+use proto::control::{self, Fingerprint, PeerMessage, PeerRole, RelayMessage};
 use proto::name::HcName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,12 +25,7 @@ use tracing::{debug, info, warn};
 use crate::backoff::Backoff;
 use crate::tls;
 
-/// How often a keep-alive is sent on an idle channel.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-/// A channel with nothing received for this long is dead.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-/// Connect + TLS + welcome must finish within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub use proto::channel::{HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE_INTERVAL};
 
 /// Where a relay is and which certificate it must present.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -104,13 +100,16 @@ pub enum ControlEvent {
 /// down are dropped: owners time out their requests and retry.
 #[derive(Clone, Debug)]
 pub struct ControlHandle {
-    tx: mpsc::UnboundedSender<PeerMessage>,
+    tx: mpsc::Sender<PeerMessage>,
 }
 
 impl ControlHandle {
-    /// Queues a message for the relay.
+    /// Queues a message for the relay; dropped if the queue is full, as if
+    /// the channel were down.
     pub fn send(&self, msg: PeerMessage) {
-        let _ = self.tx.send(msg);
+        if let Err(mpsc::error::TrySendError::Full(msg)) = self.tx.try_send(msg) {
+            debug!(?msg, "control channel queue full; message dropped");
+        }
     }
 }
 
@@ -162,13 +161,19 @@ impl ControlConfig {
     }
 }
 
+/// Depth of the queue of messages from the owner to a control channel.
+/// Owners send a handful per stream set-up; a full queue means the relay
+/// is unreachable or stuck, and the message is dropped like one sent while
+/// the channel is down.
+const COMMAND_QUEUE: usize = 1024;
+
 /// Starts the control channel task. It runs until the returned receiver is
 /// dropped.
 pub fn spawn(
     config: ControlConfig,
 ) -> Result<(ControlHandle, mpsc::UnboundedReceiver<ControlEvent>), ControlClientError> {
     let tls = tls::relay_client_config(config.relay.cert)?;
-    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let (out_tx, out_rx) = mpsc::channel(COMMAND_QUEUE);
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     tokio::spawn(run(config, tls, out_rx, ev_tx));
     Ok((ControlHandle { tx: out_tx }, ev_rx))
@@ -181,10 +186,18 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The clocks a session reads, now.
+pub fn clock() -> Clock {
+    Clock {
+        now: std::time::Instant::now(),
+        unix: unix_now(),
+    }
+}
+
 async fn run(
     config: ControlConfig,
     tls: Arc<rustls::ClientConfig>,
-    mut out_rx: mpsc::UnboundedReceiver<PeerMessage>,
+    mut out_rx: mpsc::Receiver<PeerMessage>,
     events: mpsc::UnboundedSender<ControlEvent>,
 ) {
     let mut backoff = Backoff::default();
@@ -211,16 +224,14 @@ async fn run(
     }
 }
 
-/// Serves one connection; `Ok` means the owner is gone, `Err` why the
-/// connection ended.
 type RelayStream = tokio_rustls::client::TlsStream<TcpStream>;
 
-/// Dials the relay, runs TLS pinning its certificate, says `Hello` and
-/// waits for `Welcome`, within [`HANDSHAKE_TIMEOUT`].
-async fn handshake(
+/// Dials the relay and runs TLS pinning its certificate, within
+/// [`HANDSHAKE_TIMEOUT`].
+async fn connect(
     config: &ControlConfig,
     tls: &Arc<rustls::ClientConfig>,
-) -> Result<(RelayStream, BytesMut, u64), String> {
+) -> Result<RelayStream, String> {
     let connect = async {
         let tcp = config
             .relay
@@ -234,26 +245,10 @@ async fn handshake(
                     config.relay.host
                 )
             })?;
-        let mut stream = TlsConnector::from(tls.clone())
+        TlsConnector::from(tls.clone())
             .connect(server_name, tcp)
             .await
-            .map_err(|e| format!("TLS with relay {} failed: {e}", config.relay))?;
-        let mut buf = BytesMut::new();
-        let hello = PeerMessage::Hello {
-            version: PROTOCOL_VERSION,
-            role: config.role,
-            identity: config.identity,
-            label: proto::label::PeerLabel::lossy(&config.label),
-        };
-        write_message(&mut stream, &hello)
-            .await
-            .map_err(|e| e.to_string())?;
-        match read_message::<RelayMessage, _>(&mut stream, &mut buf).await {
-            Ok(Some(RelayMessage::Welcome { session })) => Ok((stream, buf, session)),
-            Ok(Some(RelayMessage::Bye { message })) => Err(format!("relay refused us: {message}")),
-            Ok(other) => Err(format!("relay answered hello with {other:?}")),
-            Err(e) => Err(format!("reading welcome: {e}")),
-        }
+            .map_err(|e| format!("TLS with relay {} failed: {e}", config.relay))
     };
     timeout(HANDSHAKE_TIMEOUT, connect).await.map_err(|_| {
         format!(
@@ -261,6 +256,21 @@ async fn handshake(
             config.relay
         )
     })?
+}
+
+/// A session that says hello for `config` and attaches `attachments`.
+fn peer_session(config: &ControlConfig, attachments: Vec<ConnectionString>) -> PeerSession {
+    PeerSession::new(
+        Timing::default(),
+        PeerHello {
+            role: config.role,
+            identity: config.identity,
+            label: proto::label::PeerLabel::lossy(&config.label),
+        },
+        attachments,
+        config.token_ttl,
+        std::time::Instant::now(),
+    )
 }
 
 /// Asks the relay for the endpoints of these hybrid connections (listen
@@ -277,128 +287,208 @@ pub async fn describe(
     )
     .map_err(|e| e.to_string())?;
     let tls = tls::relay_client_config(config.relay.cert).map_err(|e| e.to_string())?;
-    let (mut stream, mut buf, _) = handshake(&config, &tls).await?;
-    let expiry = unix_now() + 300;
-    for cs in strings {
-        let msg = PeerMessage::Describe {
-            entity: cs.entity.clone(),
-            token: cs.token(expiry),
-        };
-        write_message(&mut stream, &msg)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
+    let stream = connect(&config, &tls).await?;
+    let mut session = peer_session(&config, Vec::new());
+    // Nothing else is sent: the commands end with the session's own.
+    let (_commands_tx, mut commands) = mpsc::channel(1);
     let mut answers = Vec::new();
-    let read = async {
-        while answers.len() < strings.len() {
-            match read_message::<RelayMessage, _>(&mut stream, &mut buf).await {
-                Ok(Some(RelayMessage::Described { entity, endpoint })) => {
-                    answers.push((entity, Ok(endpoint)));
+    let mut failure = None;
+    let talk = drive(stream, &mut session, &mut commands, |session, event| {
+        match event {
+            PeerEvent::Up { .. } => {
+                let expiry = unix_now() + 300;
+                for cs in strings {
+                    let msg = PeerMessage::Describe {
+                        entity: cs.entity.clone(),
+                        token: cs.token(expiry),
+                    };
+                    if let Err(e) = session.send(&msg) {
+                        failure = Some(e.to_string());
+                        return ControlFlow::Break(());
+                    }
                 }
-                Ok(Some(RelayMessage::Detached {
-                    entity, message, ..
-                })) => answers.push((entity, Err(message))),
-                Ok(Some(_)) => {}
-                Ok(None) => return Err("the relay closed the channel".to_string()),
-                Err(e) => return Err(e.to_string()),
             }
+            PeerEvent::Message(RelayMessage::Described { entity, endpoint }) => {
+                answers.push((entity, Ok(endpoint)));
+            }
+            PeerEvent::Message(RelayMessage::Detached {
+                entity, message, ..
+            }) => answers.push((entity, Err(message))),
+            PeerEvent::Message(_) => {}
         }
-        Ok(())
-    };
-    timeout(HANDSHAKE_TIMEOUT, read)
+        if answers.len() < strings.len() {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(())
+        }
+    });
+    let ended = timeout(2 * HANDSHAKE_TIMEOUT, talk)
         .await
-        .map_err(|_| format!("relay {} did not answer in time", config.relay))??;
-    Ok(answers)
+        .map_err(|_| format!("relay {} did not answer in time", config.relay))?;
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    match ended {
+        Ended::Stopped => Ok(answers),
+        other => Err(other.to_string()),
+    }
 }
 
 async fn connect_and_serve(
     config: &ControlConfig,
     tls: &Arc<rustls::ClientConfig>,
-    out_rx: &mut mpsc::UnboundedReceiver<PeerMessage>,
+    out_rx: &mut mpsc::Receiver<PeerMessage>,
     events: &mpsc::UnboundedSender<ControlEvent>,
 ) -> Result<(), String> {
-    let (stream, mut buf, session) = handshake(config, tls).await?;
-    info!(relay = %config.relay, session, "control channel up");
-    if events.send(ControlEvent::Connected).is_err() {
-        return Ok(());
-    }
-
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut out = BytesMut::new();
-    let renew_every = config.token_ttl.mul_f32(0.8).max(Duration::from_secs(1));
-    let sign = |cs: &ConnectionString| cs.token(unix_now() + config.token_ttl.as_secs());
-    for cs in &config.attachments {
-        control::encode(
-            &PeerMessage::Attach {
-                entity: cs.entity.clone(),
-                token: sign(cs),
-            },
-            &mut out,
-        );
-    }
-    let mut last_heard = Instant::now();
-    let mut next_ping = Instant::now() + KEEPALIVE_INTERVAL;
-    let mut next_renew = Instant::now() + renew_every;
-    let mut nonce = 0u64;
-    let mut pending_pongs: HashMap<u64, Instant> = HashMap::new();
-
-    loop {
-        if !out.is_empty() {
-            writer
-                .write_all(&out)
-                .await
-                .map_err(|e| format!("writing to relay: {e}"))?;
-            out.clear();
+    let stream = connect(config, tls).await?;
+    let mut session = peer_session(config, config.attachments.clone());
+    let relay = &config.relay;
+    let ended = drive(stream, &mut session, out_rx, |_, event| {
+        let event = match event {
+            PeerEvent::Up { session } => {
+                info!(%relay, session, "control channel up");
+                ControlEvent::Connected
+            }
+            PeerEvent::Message(msg) => ControlEvent::Message(msg),
+        };
+        match events.send(event) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
         }
+    })
+    .await;
+    match ended {
+        // The owner went away.
+        Ended::Commands | Ended::Stopped => Ok(()),
+        Ended::Eof => Err("relay closed the control channel".into()),
+        other => Err(other.to_string()),
+    }
+}
+
+/// How a driven control channel ended.
+#[derive(Debug, thiserror::Error)]
+pub enum Ended<E: std::error::Error> {
+    /// The owner dropped its sender of commands.
+    #[error("the session's owner closed it")]
+    Commands,
+    /// The event handler asked to stop.
+    #[error("stopped")]
+    Stopped,
+    /// The other side closed the connection.
+    #[error("the other side closed the connection")]
+    Eof,
+    /// Reading or writing failed.
+    #[error("{0}")]
+    Io(std::io::Error),
+    /// The session ended it (a deadline, a bad message, a refusal).
+    #[error(transparent)]
+    Session(E),
+}
+
+/// How long a closing channel may take to write what it queued last (a
+/// `Bye` with the reason).
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Runs a control channel over `io` until it ends: reads and writes in one
+/// `select!` with the session's deadline, so a write that cannot complete
+/// never holds up a timeout. `on_event` handles each event and may stop the
+/// channel. When the session fails, what it queued last is written for up
+/// to [`FAREWELL_TIMEOUT`].
+pub async fn drive<S, IO, F>(
+    io: IO,
+    session: &mut S,
+    commands: &mut mpsc::Receiver<S::Command>,
+    mut on_event: F,
+) -> Ended<S::Error>
+where
+    S: Session,
+    IO: AsyncRead + AsyncWrite,
+    F: FnMut(&mut S, S::Event) -> ControlFlow<()>,
+{
+    let (mut reader, mut writer) = tokio::io::split(io);
+    // Control messages are small; a bigger one arrives in several reads.
+    let mut read_buf = BytesMut::with_capacity(4096);
+    let mut writing: Option<BytesMut> = None;
+    let mut needs_flush = false;
+    let ended = 'serve: loop {
+        let now = std::time::Instant::now();
+        if writing.is_none() {
+            writing = session.channel_mut().poll_transmit(now);
+        }
+        let deadline = Instant::from_std(session.poll_timeout());
         tokio::select! {
-            read = reader.read_buf(&mut buf) => {
-                match read {
-                    Ok(0) => return Err("relay closed the control channel".into()),
-                    Ok(_) => last_heard = Instant::now(),
-                    Err(e) => return Err(format!("reading from relay: {e}")),
+            read = reader.read_buf(&mut read_buf) => match read {
+                Ok(0) => break Ended::Eof,
+                Ok(_) => {
+                    session.channel_mut().receive(&read_buf, std::time::Instant::now());
+                    read_buf.clear();
                 }
-                loop {
-                    match control::decode::<RelayMessage>(&mut buf) {
-                        Ok(Some(RelayMessage::Ping { nonce })) => control::encode(&PeerMessage::Pong { nonce }, &mut out),
-                        Ok(Some(RelayMessage::Pong { nonce })) => {
-                            if let Some(sent) = pending_pongs.remove(&nonce) {
-                                debug!(rtt = ?sent.elapsed(), "control keep-alive answered");
-                            }
+                Err(e) => break Ended::Io(e),
+            },
+            // One branch writes, or flushes once everything is written
+            // (TLS may hold records back until flushed).
+            written = async {
+                match writing.as_deref() {
+                    Some(buf) => writer.write(buf).await.map(Some),
+                    None => writer.flush().await.map(|()| None),
+                }
+            }, if writing.is_some() || needs_flush => match written {
+                Ok(Some(0)) => break Ended::Eof,
+                Ok(Some(n)) => {
+                    session.channel_mut().transmitted(n, std::time::Instant::now());
+                    if let Some(buf) = writing.as_mut() {
+                        buf.advance(n);
+                        if buf.is_empty() {
+                            writing = None;
+                            needs_flush = true;
                         }
-                        Ok(Some(RelayMessage::Bye { message })) => return Err(format!("relay said goodbye: {message}")),
-                        Ok(Some(msg)) => {
-                            if events.send(ControlEvent::Message(msg)).is_err() {
-                                return Ok(());
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => return Err(format!("relay sent a bad message: {e}")),
                     }
                 }
-            }
-            msg = out_rx.recv() => match msg {
-                Some(msg) => control::encode(&msg, &mut out),
-                None => return Ok(()),
+                Ok(None) => needs_flush = false,
+                Err(e) => break Ended::Io(e),
             },
-            _ = sleep_until(last_heard + IDLE_TIMEOUT) => {
-                return Err(format!("relay silent for {IDLE_TIMEOUT:?}"));
-            }
-            _ = sleep_until(next_ping) => {
-                nonce += 1;
-                pending_pongs.retain(|_, t| t.elapsed() < IDLE_TIMEOUT);
-                pending_pongs.insert(nonce, Instant::now());
-                control::encode(&PeerMessage::Ping { nonce }, &mut out);
-                next_ping = Instant::now() + KEEPALIVE_INTERVAL;
-            }
-            _ = sleep_until(next_renew) => {
-                for cs in &config.attachments {
-                    control::encode(&PeerMessage::Renew { entity: cs.entity.clone(), token: sign(cs) }, &mut out);
+            command = commands.recv() => match command {
+                Some(command) => {
+                    if let Err(e) = session.command(command) {
+                        break Ended::Session(e);
+                    }
                 }
-                debug!(count = config.attachments.len(), "tokens renewed");
-                next_renew = Instant::now() + renew_every;
+                None => break Ended::Commands,
+            },
+            _ = sleep_until(deadline) => {
+                if let Err(e) = session.handle_timeout(clock()) {
+                    break Ended::Session(e);
+                }
             }
         }
+        loop {
+            match session.poll_event(clock()) {
+                Ok(Some(event)) => {
+                    if on_event(session, event).is_break() {
+                        break 'serve Ended::Stopped;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => break 'serve Ended::Session(e),
+            }
+        }
+    };
+    if let Ended::Session(_) = ended {
+        let farewell = async {
+            if let Some(buf) = writing.take() {
+                writer.write_all(&buf).await?;
+            }
+            if let Some(buf) = session
+                .channel_mut()
+                .poll_transmit(std::time::Instant::now())
+            {
+                writer.write_all(&buf).await?;
+            }
+            writer.flush().await
+        };
+        let _ = timeout(FAREWELL_TIMEOUT, farewell).await;
     }
+    ended
 }
 
 /// Writes one length-prefixed control message.
