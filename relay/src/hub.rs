@@ -3,8 +3,8 @@
 //!
 //! All of it sits behind one mutex that is held only for short, non-async
 //! critical sections. Messages to sessions go through each session's bounded
-//! queue; a session too slow to drain it is dropped rather than letting the
-//! relay's memory grow.
+//! queue ([`SESSION_QUEUE`]); a message for a session whose queue is full is
+//! dropped (and logged) rather than letting the relay's memory grow.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
