@@ -4,7 +4,7 @@
 //! It runs inside the appliance's network namespace, on an address the
 //! caller chooses (for example `127.0.0.53:53`), over UDP and TCP. Apps in
 //! the namespace reach it through the namespace's `/etc/resolv.conf`, which
-//! the routing code points at it while the appliance runs.
+//! [`crate::resolv`] points at it while the appliance runs.
 //!
 //! # What it answers
 //!

@@ -1,5 +1,5 @@
-//! `hybridlink lab ...`: the three-machine lab of DESIGN.md on this host,
-//! in network namespaces (root), or as Vagrant VMs.
+//! `hybridlink lab ...`: the three-machine lab of ARCHITECTURE.md ("The
+//! lab") on this host, in network namespaces (root), or as Vagrant VMs.
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,7 @@
-//! The lab of DESIGN.md: three machines, `app` (the appliance and unmodified
-//! clients), `relay` and `onprem` (the agent and real servers), joined so
-//! that app and onprem reach each other only through the relay program.
+//! The lab (ARCHITECTURE.md, "The lab"): three machines, `app` (the
+//! appliance and unmodified clients), `relay` and `onprem` (the agent and
+//! real servers), joined so that app and onprem reach each other only
+//! through the relay program.
 //!
 //! The machines are either network namespaces made on the spot ([`netns`])
 //! or the VMs of `vagrant/` ([`vagrant`]). Both are provisioned by the same
@@ -51,7 +52,7 @@ impl Role {
     /// Every role, in provisioning order.
     pub const ALL: [Role; 3] = [Role::Relay, Role::Onprem, Role::App];
 
-    /// The role's name, as in DESIGN.md and the Vagrantfile.
+    /// The role's name, as in ARCHITECTURE.md and the Vagrantfile.
     pub fn name(self) -> &'static str {
         match self {
             Role::App => "app",

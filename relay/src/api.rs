@@ -3,9 +3,11 @@
 //!
 //! It speaks plain HTTP and is meant to be bound to loopback (the CLI on the
 //! relay's host uses it); put it behind a TLS proxy if it must be reached
-//! from elsewhere. Every request needs `Authorization: Bearer <manage key>`,
-//! the relay-wide key in `DATA_DIR/manage.key`. Every error is a JSON body
-//! `{"error": "<one line a person can act on>"}`.
+//! from elsewhere. Every request under `/api/` needs `Authorization: Bearer
+//! <manage key>` (the relay-wide key in `DATA_DIR/manage.key`) or
+//! `Authorization: SharedAccessSignature ...`, a SAS token for the resource
+//! `https://RELAY/manage` signed with that key under the rule name `manage`.
+//! Every error is a JSON body `{"error": "<one line a person can act on>"}`.
 //!
 //! | method and path | answer |
 //! | --- | --- |

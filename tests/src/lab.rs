@@ -1,5 +1,5 @@
-//! The three-namespace lab of DESIGN.md, made on the spot for one test and
-//! removed when it drops (even when the test fails):
+//! The three-namespace lab of ARCHITECTURE.md ("The lab"), made on the spot
+//! for one test and removed when it drops (even when the test fails):
 //!
 //! ```text
 //!  app 198.18.1.2 ──veth── 198.18.1.1 relay 198.18.2.1 ──veth── 198.18.2.2 onprem

@@ -8,6 +8,8 @@
 //! - [`sender`]: the sending side's API, used by the appliance, `connect` and
 //!   `forward`.
 //! - [`tls`]: pinned-key TLS configurations and the data identity.
+//! - [`backoff`]: jittered exponential backoff for reconnects.
+//! - [`metrics`]: the Prometheus metrics every role shares.
 
 pub mod backoff;
 pub mod control;

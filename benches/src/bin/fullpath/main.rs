@@ -1,8 +1,9 @@
-//! The full-path benchmark: hybridlink against DESIGN.md's reference set
-//! (direct TCP, an ssh -R/-L pair, rathole with noise, shadowsocks-rust's
-//! tun), each crossing the same three-namespace lab, measured one after the
-//! other in one run. Run it through `./scripts/bench` (root), which installs
-//! the peers and renders the chart.
+//! The full-path benchmark: hybridlink against the reference set of
+//! ARCHITECTURE.md ("How performance is measured": direct TCP, an ssh -R/-L
+//! pair, rathole with noise, shadowsocks-rust's tun), each crossing the same
+//! three-namespace lab, measured one after the other in one run. Run it
+//! through `./scripts/bench` (root), which installs the peers and renders
+//! the chart.
 //!
 //! For each path: iperf3 throughput with 1 and 8 streams in both
 //! directions; connect-to-first-byte latency (p50, p99) over fresh

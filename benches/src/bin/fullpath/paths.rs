@@ -1,6 +1,7 @@
-//! The paths of DESIGN.md's reference set, each set up across the same lab:
-//! the peer's server where our relay runs, its client where our agent runs,
-//! and (for the tun paths) its app-side part in the app namespace.
+//! The paths of the reference set (ARCHITECTURE.md, "How performance is
+//! measured"), each set up across the same lab: the peer's server where our
+//! relay runs, its client where our agent runs, and (for the tun paths) its
+//! app-side part in the app namespace.
 //!
 //! Every path ends at the same two targets on the on-prem machine: iperf3
 //! on port 5201 and the greeter (see `probe`) on port 5300. A running path
@@ -349,7 +350,8 @@ impl Lab {
     }
 
     /// rathole's server on the relay publishes the targets there; its client
-    /// on-prem serves them. Noise transport (encrypted), as in DESIGN.md.
+    /// on-prem serves them. Noise transport (encrypted), as in the reference
+    /// set.
     fn start_rathole(&self, r: &mut Running) -> Result<()> {
         let rathole = self.peer("rathole")?;
         let keys = Command::new(&rathole).arg("--genkey").output()?;
