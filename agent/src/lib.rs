@@ -538,6 +538,14 @@ fn handle_message(ctx: &serve::Context, msg: RelayMessage) {
             if let Some(s) = shared.hcs.get_mut(&entity) {
                 s.denied(&message);
             }
+            // Detached, the agent no longer learns of revocations for this
+            // hybrid connection: every grant it holds for it from this relay
+            // goes now, whatever the relay still sends or fails to send.
+            for ((relay, _), set) in shared.grants.iter_mut() {
+                if *relay == ctx.relay {
+                    set.remove(&entity);
+                }
+            }
         }
         RelayMessage::EndpointChanged { entity, endpoint } => {
             let mut shared = lock(&ctx.shared);

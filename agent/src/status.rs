@@ -94,7 +94,10 @@ impl HcState {
         }
     }
 
+    /// The relay refused or ended the attachment: the endpoint it gave is
+    /// forgotten, so no stream can be served for it.
     pub(crate) fn denied(&mut self, reason: &str) {
+        self.endpoint = None;
         self.connection = Connection::Denied(reason.to_string());
         self.since = SystemTime::now();
     }

@@ -137,10 +137,14 @@ async fn serve_pipe(
     match meeting {
         PipeMeeting::Handed => Ok(()),
         PipeMeeting::Wait { partner, conn } => {
-            let other = timeout(TICKET_TTL, partner)
-                .await
-                .map_err(|_| "the other end of the pipe never came".to_string())?
-                .map_err(|_| "the pipe ticket was abandoned".to_string())?;
+            let other = match timeout(TICKET_TTL, partner).await {
+                Ok(Ok(other)) => other,
+                Ok(Err(_)) => return Err("the pipe ticket was abandoned".to_string()),
+                Err(_) => {
+                    hub.abandon(&ticket);
+                    return Err("the other end of the pipe never came".to_string());
+                }
+            };
             // Byte for byte: the relay never looks inside. Each direction's
             // EOF is passed on as a shutdown, so half-closes survive.
             let _counted = hub.pipe_guard();

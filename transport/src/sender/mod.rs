@@ -7,6 +7,8 @@
 //! dials the target before it answers: a stream that opens is connected to the
 //! target, and a refused target is an error here, not a stream that closes.
 
+mod roster;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +31,7 @@ use crate::control::{
 use crate::mux::{MuxConfig, MuxHandle, MuxStream, OpenError};
 use crate::pipe::{self, PipeError};
 use crate::tls::DataIdentity;
+use roster::{Roster, Unavailable};
 
 /// A stream to a hybrid connection's target.
 pub type Stream = MuxStream;
@@ -117,23 +120,6 @@ impl SendError {
     }
 }
 
-#[derive(Debug, Clone, Default)]
-enum HcStatus {
-    #[default]
-    Attaching,
-    Attached,
-    Refused(String),
-}
-
-#[derive(Debug, Default)]
-struct HcState {
-    status: HcStatus,
-    agents: Vec<AgentInfo>,
-    next: usize,
-    /// The target `host:port`, as the relay announced it.
-    endpoint: Option<Endpoint>,
-}
-
 type PipeSlot = Arc<tokio::sync::Mutex<Option<(MuxHandle, ChannelBinding)>>>;
 
 /// Where the relay's answer to a pipe request goes: the agent id and ticket,
@@ -142,9 +128,7 @@ type TicketReply = oneshot::Sender<Result<(u64, Ticket), String>>;
 
 #[derive(Debug, Default)]
 struct State {
-    connected: bool,
-    last_error: Option<String>,
-    hcs: HashMap<HcName, HcState>,
+    roster: Roster,
     /// Pipes by agent identity (stable across relay restarts, unlike ids).
     pipes: HashMap<Fingerprint, PipeSlot>,
     tickets: HashMap<u64, TicketReply>,
@@ -187,10 +171,12 @@ impl Sender {
         config.token_ttl = options.token_ttl;
         let relay = config.relay.clone();
         let (control, events) = control::spawn(config)?;
-        let mut state = State::default();
+        let state = State {
+            roster: Roster::new(strings.iter().map(|cs| cs.entity.clone())),
+            ..State::default()
+        };
         let mut end_to_end = HashMap::new();
         for cs in &strings {
-            state.hcs.insert(cs.entity.clone(), HcState::default());
             if let Some(key) = &cs.end_to_end_key {
                 end_to_end.insert(cs.entity.clone(), key.clone());
             }
@@ -215,20 +201,13 @@ impl Sender {
 
     /// The hybrid connections this sender can open streams to.
     pub fn hcs(&self) -> Vec<HcName> {
-        self.inner.lock().hcs.keys().cloned().collect()
+        self.inner.lock().roster.names()
     }
 
     /// Each hybrid connection with its endpoint, once the relay has announced
     /// it. The appliance names and routes these.
     pub fn endpoints(&self) -> Vec<(HcName, Option<Endpoint>)> {
-        let state = self.inner.lock();
-        let mut out: Vec<_> = state
-            .hcs
-            .iter()
-            .map(|(n, h)| (n.clone(), h.endpoint.clone()))
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        self.inner.lock().roster.endpoints()
     }
 
     /// Ticks whenever something `endpoints`, `agents` or `open` depend on
@@ -245,12 +224,7 @@ impl Sender {
 
     /// The live agents of `hc` as last announced by the relay.
     pub fn agents(&self, hc: &HcName) -> Vec<AgentInfo> {
-        self.inner
-            .lock()
-            .hcs
-            .get(hc)
-            .map(|h| h.agents.clone())
-            .unwrap_or_default()
+        self.inner.lock().roster.agents(hc)
     }
 
     /// Opens a stream to the target of `hc` through the next live agent.
@@ -353,31 +327,21 @@ impl Sender {
         loop {
             {
                 let mut state = self.inner.lock();
-                let connected = state.connected;
-                let last_error = state.last_error.clone();
-                let Some(h) = state.hcs.get_mut(hc) else {
-                    return Err(SendError::UnknownHc(hc.clone()));
-                };
-                if let HcStatus::Refused(message) = &h.status {
-                    return Err(SendError::NotAuthorized {
-                        hc: hc.clone(),
-                        message: message.clone(),
-                    });
-                }
-                if !h.agents.is_empty() {
-                    let agent = h.agents[h.next % h.agents.len()].clone();
-                    h.next = h.next.wrapping_add(1);
-                    return Ok(agent);
+                match state.roster.pick(hc) {
+                    Ok(agent) => return Ok(agent),
+                    Err(Unavailable::Unknown) => return Err(SendError::UnknownHc(hc.clone())),
+                    Err(Unavailable::Refused(message)) => {
+                        return Err(SendError::NotAuthorized {
+                            hc: hc.clone(),
+                            message,
+                        });
+                    }
+                    Err(Unavailable::NoAgent) => {}
                 }
                 if tokio::time::Instant::now() >= deadline {
-                    let reason = if !connected {
-                        last_error.unwrap_or_else(|| "the relay has not answered yet".into())
-                    } else {
-                        "no agent is connected for it (is `hybridlink agent run` up with its listen key?)".into()
-                    };
                     return Err(SendError::NotReady {
                         hc: hc.clone(),
-                        reason,
+                        reason: state.roster.not_ready_reason(),
                     });
                 }
             }
@@ -456,62 +420,15 @@ impl Inner {
     fn handle(&self, event: ControlEvent) {
         let mut state = self.lock();
         match event {
-            ControlEvent::Connected => {
-                state.connected = true;
-                state.last_error = None;
-            }
+            ControlEvent::Connected => state.roster.connected(),
             ControlEvent::Disconnected(reason) => {
                 crate::metrics::metrics().reconnects.inc();
-                state.connected = false;
-                state.last_error = Some(reason);
-                for h in state.hcs.values_mut() {
-                    h.agents.clear();
-                    if matches!(h.status, HcStatus::Attached) {
-                        h.status = HcStatus::Attaching;
-                    }
-                }
+                state.roster.disconnected(reason);
                 state.tickets.clear();
             }
             ControlEvent::Message(msg) => match msg {
-                RelayMessage::Attached {
-                    entity, endpoint, ..
-                } => {
-                    if let Some(h) = state.hcs.get_mut(&entity) {
-                        info!(hc = %entity, "attached to relay");
-                        h.status = HcStatus::Attached;
-                        if endpoint.is_some() {
-                            h.endpoint = endpoint;
-                        }
-                    }
-                }
                 RelayMessage::Renewed { .. } => {
                     crate::metrics::metrics().token_renewals.inc();
-                }
-                RelayMessage::EndpointChanged { entity, endpoint } => {
-                    if let Some(h) = state.hcs.get_mut(&entity) {
-                        info!(hc = %entity, %endpoint, "endpoint changed");
-                        h.endpoint = Some(endpoint);
-                    }
-                }
-                RelayMessage::Detached {
-                    entity,
-                    reason,
-                    message,
-                } => {
-                    if let Some(h) = state.hcs.get_mut(&entity) {
-                        warn!(hc = %entity, ?reason, %message, "relay refused the send key");
-                        h.status = HcStatus::Refused(message);
-                        h.agents.clear();
-                        // No longer announced: the appliance stops naming it.
-                        h.endpoint = None;
-                    }
-                }
-                RelayMessage::Agents { entity, agents } => {
-                    debug!(hc = %entity, count = agents.len(), "agents changed");
-                    if let Some(h) = state.hcs.get_mut(&entity) {
-                        h.agents = agents;
-                    }
-                    prune_pipes(&mut state);
                 }
                 RelayMessage::PipeTicket {
                     request_id,
@@ -530,7 +447,11 @@ impl Inner {
                         let _ = tx.send(Err(message));
                     }
                 }
-                other => debug!(?other, "ignored relay message"),
+                other => {
+                    if state.roster.apply(&other) {
+                        prune_pipes(&mut state);
+                    }
+                }
             },
         }
         drop(state);
@@ -548,11 +469,7 @@ const LEFT_AGENT_GRACE: std::time::Duration = std::time::Duration::from_secs(30)
 /// [`LEFT_AGENT_GRACE`]; then the pipe is closed and what is left of them
 /// ends with an error.
 fn prune_pipes(state: &mut State) {
-    let live: std::collections::HashSet<Fingerprint> = state
-        .hcs
-        .values()
-        .flat_map(|h| h.agents.iter().map(|a| a.identity))
-        .collect();
+    let live = state.roster.live_identities();
     state.pipes.retain(|identity, slot| {
         if live.contains(identity) {
             return true;
@@ -593,9 +510,8 @@ async fn handle_events(
         let wanted: Vec<AgentInfo> = {
             let state = inner.lock();
             state
-                .hcs
-                .values()
-                .flat_map(|h| h.agents.iter())
+                .roster
+                .all_agents()
                 .filter(|a| !state.pipes.contains_key(&a.identity))
                 .cloned()
                 .collect()

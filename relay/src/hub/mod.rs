@@ -1,0 +1,472 @@
+//! The relay's live state: control sessions, who is attached to which hybrid
+//! connection, and pipe tickets waiting for their two ends.
+//!
+//! The decisions are made by [`state::HubState`], which does no I/O; this
+//! module is its shell. It keeps the state behind one mutex held only for
+//! short, non-async critical sections, looks records up in the registry,
+//! reads the clocks, draws tickets, and delivers what the state decides:
+//! messages go to each session's bounded [`Outbox`] (a session too slow to
+//! drain it is closed and its peer reconnects, never sent a partial
+//! history), refusals to the metrics. The two TCP connections of a pipe
+//! meet in [`rendezvous`].
+
+pub mod rendezvous;
+pub mod state;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use proto::control::{Fingerprint, PeerRole, PipeRole, RelayMessage, TICKET_LEN, Ticket};
+use proto::label::PeerLabel;
+use proto::name::HcName;
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::registry::Registry;
+use rendezvous::Rendezvous;
+pub use state::{
+    AgentReport, Claim, HubState, ListenerStatus, MAX_LISTENERS_PER_HC, Output, PipeRefused,
+    Quotas, SessionId, TICKET_TTL,
+};
+
+/// Depth of each session's outgoing queue.
+pub const SESSION_QUEUE: usize = 4096;
+
+/// Where the hub puts messages for one control session: a bounded queue
+/// that is never allowed to lose a message. When it is full, the session is
+/// told to close (its peer reconnects and is sent the whole state again)
+/// instead of the message being dropped: a lost `Revoke` would leave a
+/// grant in place.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    tx: mpsc::Sender<RelayMessage>,
+    overflow: Arc<Notify>,
+}
+
+/// The session's end of its [`Outbox`].
+#[derive(Debug)]
+pub struct Inbox {
+    /// The messages, in order.
+    pub messages: mpsc::Receiver<RelayMessage>,
+    /// Notified when a message could not be queued: close the session.
+    pub overflow: Arc<Notify>,
+}
+
+impl Outbox {
+    /// A queue of `capacity` messages.
+    pub fn new(capacity: usize) -> (Outbox, Inbox) {
+        let (tx, messages) = mpsc::channel(capacity);
+        let overflow = Arc::new(Notify::new());
+        let inbox = Inbox {
+            messages,
+            overflow: overflow.clone(),
+        };
+        (Outbox { tx, overflow }, inbox)
+    }
+
+    /// Queues `msg`, or tells the session to close if its queue is full.
+    /// A session already gone is ignored.
+    pub fn send(&self, msg: RelayMessage) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(msg) {
+            // Stored as a permit if the session is not waiting right now.
+            self.overflow.notify_one();
+        }
+    }
+}
+
+/// What a pipe connection with a valid ticket should do next.
+#[derive(Debug)]
+pub enum PipeMeeting {
+    /// It arrived first: wait for the other end's connection on `partner`,
+    /// then splice the two.
+    Wait {
+        /// Delivers the other end's connection.
+        partner: oneshot::Receiver<TcpStream>,
+        /// This end's connection, handed back.
+        conn: TcpStream,
+    },
+    /// The other end was waiting and now has this connection.
+    Handed,
+}
+
+/// One spliced pipe, counted against `--max-pipes` while it lives.
+#[derive(Debug)]
+pub struct PipeGuard(Arc<Inner>);
+
+impl Drop for PipeGuard {
+    fn drop(&mut self) {
+        self.0.active_pipes.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The relay's live state. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    shared: Mutex<Shared>,
+    next_session: AtomicU64,
+    rng: SystemRandom,
+    /// Pipes (sender-agent pairs, each carrying any number of streams)
+    /// spliced now.
+    active_pipes: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: HubState,
+    outboxes: HashMap<SessionId, Outbox>,
+    rendezvous: Rendezvous,
+}
+
+impl Shared {
+    /// Carries out what the state decided.
+    fn deliver(&mut self) {
+        while let Some(output) = self.state.poll_output() {
+            match output {
+                Output::Send(id, msg) => {
+                    if let Some(outbox) = self.outboxes.get(&id) {
+                        outbox.send(msg);
+                    }
+                }
+                Output::Refused(reason) => count_refused(reason),
+                Output::Renewed => {
+                    transport::metrics::metrics().token_renewals.inc();
+                }
+            }
+        }
+    }
+}
+
+/// A key no connection string holds, for tokens of unknown names.
+fn decoy_key() -> proto::key::Key {
+    proto::key::Key::generate().unwrap_or_else(|_| {
+        // Without randomness any key will do: a token that verifies against
+        // it is still refused.
+        #[allow(clippy::expect_used)]
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+            .parse()
+            .expect("a constant 32-byte base64 key parses")
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Hub {
+    /// A hub over `registry`.
+    pub fn new(registry: Registry) -> Hub {
+        Hub {
+            inner: Arc::new(Inner {
+                registry,
+                shared: Mutex::new(Shared {
+                    state: HubState::new(Quotas::default(), decoy_key()),
+                    outboxes: HashMap::new(),
+                    rendezvous: Rendezvous::default(),
+                }),
+                next_session: AtomicU64::new(1),
+                active_pipes: AtomicUsize::new(0),
+                rng: SystemRandom::new(),
+            }),
+        }
+    }
+
+    /// The registry this hub checks tokens against.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        // Every critical section leaves the state consistent before it can
+        // panic, so a poisoned lock is still usable.
+        self.inner.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the state under the lock, then delivers what it decided.
+    fn with_state<T>(&self, f: impl FnOnce(&mut HubState) -> T) -> T {
+        let mut shared = self.lock();
+        let out = f(&mut shared.state);
+        shared.deliver();
+        out
+    }
+
+    /// Registers a new control session; returns its id.
+    pub fn register(
+        &self,
+        role: PeerRole,
+        identity: Fingerprint,
+        label: PeerLabel,
+        addr: SocketAddr,
+        outbox: Outbox,
+    ) -> SessionId {
+        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        let mut shared = self.lock();
+        shared.outboxes.insert(id, outbox);
+        shared
+            .state
+            .register(id, role, identity, label, addr, unix_now());
+        id
+    }
+
+    /// Whether the session holds at least one attachment, i.e. has
+    /// presented a token that verified.
+    pub fn has_attachment(&self, id: SessionId) -> bool {
+        self.lock().state.has_attachment(id)
+    }
+
+    /// Removes a session and everything it was attached to.
+    pub fn unregister(&self, id: SessionId) {
+        let mut shared = self.lock();
+        shared.state.unregister(id);
+        shared.deliver();
+        shared.outboxes.remove(&id);
+    }
+
+    /// Handles an `Attach` or `Renew`: verifies the token and, on success,
+    /// records the attachment and tells the others.
+    pub fn attach(&self, id: SessionId, entity: HcName, token: String, renew: bool) {
+        let record = self.inner.registry.get(&entity);
+        let now = unix_now();
+        self.with_state(|s| s.attach(id, entity, token, renew, record.as_ref(), now));
+    }
+
+    /// A listener asks for a hybrid connection's endpoint without joining
+    /// it: the answer is `Described` or `Detached`.
+    pub fn describe(&self, id: SessionId, entity: HcName, token: String) {
+        let record = self.inner.registry.get(&entity);
+        let now = unix_now();
+        self.with_state(|s| s.describe(id, entity, token, record.as_ref(), now));
+    }
+
+    /// A sender asks for a pipe to an agent: both get the same one-time ticket.
+    pub fn request_pipe(&self, sender: SessionId, request_id: u64, agent: SessionId) {
+        let mut ticket = [0u8; TICKET_LEN];
+        let ticket = self
+            .inner
+            .rng
+            .fill(&mut ticket)
+            .ok()
+            .map(|()| Ticket(ticket));
+        let active = self.inner.active_pipes.load(Ordering::Relaxed);
+        let now = Instant::now();
+        self.with_state(|s| s.request_pipe(sender, request_id, agent, ticket, active, now));
+    }
+
+    /// A pipe connection presented `ticket` as `role`.
+    pub fn meet(
+        &self,
+        ticket: Ticket,
+        role: PipeRole,
+        conn: TcpStream,
+    ) -> Result<PipeMeeting, PipeRefused> {
+        let mut shared = self.lock();
+        match shared.state.claim(&ticket, role, Instant::now())? {
+            Claim::First => Ok(PipeMeeting::Wait {
+                partner: shared.rendezvous.wait(ticket),
+                conn,
+            }),
+            Claim::Second { .. } => {
+                shared.rendezvous.hand(&ticket, conn);
+                Ok(PipeMeeting::Handed)
+            }
+        }
+    }
+
+    /// The first end of a pipe gave up waiting for the second.
+    pub fn abandon(&self, ticket: &Ticket) {
+        self.lock().rendezvous.abandon(ticket);
+    }
+
+    /// Ends attachments whose token expired without renewal, and forgets
+    /// expired tickets.
+    pub fn expire_tokens(&self) {
+        let now = unix_now();
+        self.with_state(|s| {
+            s.expire_tokens(now);
+            s.expire_tickets(Instant::now());
+        });
+    }
+
+    /// Re-checks every attachment to `entity` after its keys changed or it
+    /// was deleted: sessions whose token no longer verifies are detached.
+    pub fn recheck(&self, entity: &HcName) {
+        let record = self.inner.registry.get(entity);
+        let now = unix_now();
+        self.with_state(|s| s.recheck(entity, record.as_ref(), now));
+    }
+
+    /// Limits the pipes spliced or pending at once to `max`.
+    pub fn set_max_pipes(&self, max: usize) {
+        self.with_state(|s| {
+            let quotas = Quotas {
+                max_pipes: max,
+                ..s.quotas()
+            };
+            s.set_quotas(quotas);
+        });
+    }
+
+    /// Limits each hybrid connection to `max` attached agents.
+    pub fn set_max_listeners(&self, max: usize) {
+        self.with_state(|s| {
+            let quotas = Quotas {
+                max_listeners: max,
+                ..s.quotas()
+            };
+            s.set_quotas(quotas);
+        });
+    }
+
+    /// Counts a spliced pipe until the guard drops.
+    pub fn pipe_guard(&self) -> PipeGuard {
+        self.inner.active_pipes.fetch_add(1, Ordering::Relaxed);
+        PipeGuard(self.inner.clone())
+    }
+
+    /// Records a listener's stream counters for a hybrid connection it is
+    /// attached to (reports for anything else are ignored).
+    pub fn report_stats(
+        &self,
+        id: SessionId,
+        entity: HcName,
+        stats: proto::control::StreamStats,
+        report: AgentReport,
+    ) {
+        self.with_state(|s| s.report_stats(id, entity, stats, report));
+    }
+
+    /// Per attached hybrid connection: (listeners, senders).
+    pub fn attachment_counts(&self) -> Vec<(HcName, usize, usize)> {
+        self.lock().state.attachment_counts()
+    }
+
+    /// Every hybrid connection some session is attached to.
+    pub fn attached_entities(&self) -> Vec<HcName> {
+        self.lock().state.attached_entities()
+    }
+
+    /// The agents currently serving `entity`.
+    pub fn listeners(&self, entity: &HcName) -> Vec<ListenerStatus> {
+        self.lock().state.listeners(entity)
+    }
+}
+
+/// Counts a refusal in `refused{reason}` of the relay's metrics.
+pub(crate) fn count_refused(reason: &str) {
+    transport::metrics::metrics()
+        .refused
+        .get_or_create(&transport::metrics::ReasonLabel {
+            reason: reason.to_string(),
+        })
+        .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proto::control::DetachReason;
+    use proto::key::{Key, KeySlot, Right};
+    use proto::sas;
+
+    use super::*;
+
+    fn hub_with(name: &str) -> (Hub, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        registry
+            .create(name.parse().unwrap(), "10.0.0.1:5432".parse().unwrap())
+            .unwrap();
+        (Hub::new(registry), dir)
+    }
+
+    /// Attaches as a sender with a token signed by `key` for `entity`;
+    /// returns the relay's answer.
+    fn attach(hub: &Hub, entity: &str, key: &Key) -> RelayMessage {
+        let (tx, mut inbox) = Outbox::new(8);
+        let label = PeerLabel::parse("test").unwrap();
+        let id = hub.register(
+            PeerRole::Sender,
+            Fingerprint([1; 32]),
+            label,
+            "192.0.2.1:1".parse().unwrap(),
+            tx,
+        );
+        let token = sas::sign(
+            &format!("sb://relay.test/{entity}"),
+            "send",
+            key,
+            unix_now() + 600,
+        );
+        hub.attach(id, entity.parse().unwrap(), token, false);
+        inbox.messages.try_recv().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_closes_its_session_instead_of_dropping_a_message() {
+        let (outbox, mut inbox) = Outbox::new(2);
+        let revoke = RelayMessage::Revoke {
+            peer: Fingerprint([1; 32]),
+            entity: "payroll".parse().unwrap(),
+        };
+        let wait = Duration::from_millis(20);
+        outbox.send(revoke.clone());
+        outbox.send(revoke.clone());
+        assert!(
+            tokio::time::timeout(wait, inbox.overflow.notified())
+                .await
+                .is_err(),
+            "two messages fit"
+        );
+        // The third cannot be queued: the session is told to close, and
+        // what was queued is still there, in order.
+        outbox.send(revoke.clone());
+        assert!(
+            tokio::time::timeout(wait, inbox.overflow.notified())
+                .await
+                .is_ok()
+        );
+        assert_eq!(inbox.messages.try_recv().unwrap(), revoke);
+        assert_eq!(inbox.messages.try_recv().unwrap(), revoke);
+        assert!(inbox.messages.try_recv().is_err());
+    }
+
+    fn refusal(msg: RelayMessage, entity: &str) -> (DetachReason, String) {
+        match msg {
+            RelayMessage::Detached {
+                reason, message, ..
+            } => (reason, message.replace(entity, "NAME")),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_regenerated_key_of_an_existing_name_still_says_so() {
+        let (hub, _dir) = hub_with("payroll");
+        let name: HcName = "payroll".parse().unwrap();
+        let old = hub.registry().get(&name).unwrap().send.primary.clone();
+        hub.registry()
+            .regenerate(&name, Right::Send, KeySlot::Primary)
+            .unwrap();
+        let (reason, message) = refusal(attach(&hub, "payroll", &old), "payroll");
+        assert_eq!(reason, DetachReason::Unauthorized);
+        assert!(message.contains("was regenerated"), "{message}");
+        let current = hub.registry().get(&name).unwrap().send.primary.clone();
+        assert!(matches!(
+            attach(&hub, "payroll", &current),
+            RelayMessage::Attached { .. }
+        ));
+    }
+}

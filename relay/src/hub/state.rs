@@ -1,0 +1,865 @@
+//! The hub's decisions, without I/O: who is attached to which hybrid
+//! connection, which tokens verify, who must hear of a grant or a revoke,
+//! which pipe tickets are pending and whether a quota is reached.
+//!
+//! Calls carry the time (monotonic for tickets, Unix seconds for tokens) and
+//! the registry record they need; what the hub must do comes out of
+//! [`HubState::poll_output`]: a message for a session, or a refusal to
+//! count. The shell in the parent module owns the sockets, the queues, the
+//! random numbers and the clocks.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use proto::control::{
+    AgentInfo, DetachReason, Fingerprint, PeerRole, PipeRole, RelayMessage, StreamStats, Ticket,
+};
+use proto::key::{Key, Right};
+use proto::label::PeerLabel;
+use proto::name::HcName;
+use proto::sas;
+use tracing::{info, warn};
+
+use crate::registry::HcRecord;
+
+/// The relay's id of a control session.
+pub type SessionId = u64;
+
+/// How long a pipe ticket waits for both ends.
+pub const TICKET_TTL: Duration = Duration::from_secs(10);
+/// Listeners per hybrid connection, as in the original product.
+pub const MAX_LISTENERS_PER_HC: usize = 25;
+/// Pipe tickets one sender session may hold waiting at once. A sender
+/// opens a pipe per agent and reuses it; more than this in flight is a
+/// flood, and it must not take the relay-wide quota from other tenants.
+pub const MAX_PENDING_TICKETS_PER_SESSION: usize = 64;
+
+/// What the hub must do after a call.
+#[derive(Debug, PartialEq)]
+pub enum Output {
+    /// Queue this message for this session.
+    Send(SessionId, RelayMessage),
+    /// Count a refusal under this reason (`refused{reason}`).
+    Refused(&'static str),
+    /// Count a renewed token.
+    Renewed,
+}
+
+/// The limits the hub enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Agents per hybrid connection.
+    pub max_listeners: usize,
+    /// Pipes spliced or pending at once, relay-wide.
+    pub max_pipes: usize,
+    /// Pending tickets per sender session.
+    pub max_pending_per_session: usize,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            max_listeners: MAX_LISTENERS_PER_HC,
+            max_pipes: usize::MAX,
+            max_pending_per_session: MAX_PENDING_TICKETS_PER_SESSION,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Attachment {
+    token: String,
+    expires: u64,
+}
+
+#[derive(Debug)]
+struct Session {
+    role: PeerRole,
+    identity: Fingerprint,
+    label: PeerLabel,
+    addr: SocketAddr,
+    since_unix: u64,
+    attached: HashMap<HcName, Attachment>,
+    /// Listener: its last stream counters per attached hybrid connection.
+    stats: HashMap<HcName, (StreamStats, AgentReport)>,
+    /// Sender: its tickets still waiting for both ends.
+    pending_tickets: usize,
+}
+
+/// What an agent last said about a hybrid connection besides its counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentReport {
+    /// The agent holds the hybrid connection's end-to-end key and requires
+    /// the end-to-end proof on every stream.
+    pub end_to_end: bool,
+    /// Set when the agent's on-prem policy refuses the endpoint.
+    pub policy_refusal: Option<String>,
+}
+
+/// A snapshot of one agent of a hybrid connection, for the status API.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ListenerStatus {
+    /// Relay session id.
+    pub id: SessionId,
+    /// The agent's own name.
+    pub label: String,
+    /// Its address as the relay sees it.
+    pub address: String,
+    /// Unix seconds when its control channel came up.
+    pub connected_since: u64,
+    /// Its streams of this hybrid connection, as it last reported them.
+    pub streams: StreamStats,
+    /// `verified` when the agent requires the end-to-end proof, else
+    /// `relay-trusted` (as the agent last reported it).
+    pub end_to_end: String,
+    /// Why the agent's on-prem policy refuses the endpoint, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_refusal: Option<String>,
+}
+
+/// A ticket handed to both ends, waiting for their connections.
+#[derive(Debug)]
+struct PendingTicket {
+    created: Instant,
+    sender: SessionId,
+    agent: SessionId,
+    /// The role of the end that arrived first, if one did.
+    arrived: Option<PipeRole>,
+}
+
+/// Why a pipe connection was turned away.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PipeRefused {
+    /// Unknown, used or expired ticket.
+    #[error("unknown or expired pipe ticket")]
+    UnknownTicket,
+    /// Both connections claimed the same end.
+    #[error("both ends of the pipe claimed the same role")]
+    SameRole,
+}
+
+/// What a pipe connection presenting a valid ticket should do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// It is the first end: wait for the other.
+    First,
+    /// It is the second end: join the one waiting.
+    Second {
+        /// The sender session that asked for the pipe.
+        sender: SessionId,
+        /// The agent session it goes to.
+        agent: SessionId,
+    },
+}
+
+/// The relay's live state: sessions, attachments and pending tickets.
+#[derive(Debug)]
+pub struct HubState {
+    sessions: HashMap<SessionId, Session>,
+    tickets: HashMap<Ticket, PendingTicket>,
+    /// Tickets in the order they were drawn, for expiry in O(1) amortised:
+    /// entries whose ticket was already used are skipped when they reach
+    /// the front.
+    ticket_order: VecDeque<(Instant, Ticket)>,
+    quotas: Quotas,
+    /// Tokens for names the registry does not hold are checked against
+    /// this key, which nobody has (see [`HubState::refuse_unknown`]).
+    decoy: Key,
+    out: VecDeque<Output>,
+}
+
+/// The right a token must grant for a session of `role`.
+fn needed(role: PeerRole) -> Right {
+    match role {
+        PeerRole::Sender => Right::Send,
+        PeerRole::Listener => Right::Listen,
+    }
+}
+
+/// The one answer a peer gets for a token that did not verify, whether or
+/// not the hybrid connection exists.
+fn not_accepted(entity: &HcName, e: &sas::SasError) -> String {
+    format!("the token was not accepted for {entity}: {e}")
+}
+
+impl HubState {
+    /// An empty hub. `decoy` must be a key no connection string holds.
+    pub fn new(quotas: Quotas, decoy: Key) -> HubState {
+        HubState {
+            sessions: HashMap::new(),
+            tickets: HashMap::new(),
+            ticket_order: VecDeque::new(),
+            quotas,
+            decoy,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn quotas(&self) -> Quotas {
+        self.quotas
+    }
+
+    /// Changes the limits; sessions already attached keep their place.
+    pub fn set_quotas(&mut self, quotas: Quotas) {
+        self.quotas = quotas;
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    fn send(&mut self, id: SessionId, msg: RelayMessage) {
+        if self.sessions.contains_key(&id) {
+            self.out.push_back(Output::Send(id, msg));
+        }
+    }
+
+    /// A new control session.
+    pub fn register(
+        &mut self,
+        id: SessionId,
+        role: PeerRole,
+        identity: Fingerprint,
+        label: PeerLabel,
+        addr: SocketAddr,
+        since_unix: u64,
+    ) {
+        self.sessions.insert(
+            id,
+            Session {
+                role,
+                identity,
+                label,
+                addr,
+                since_unix,
+                attached: HashMap::new(),
+                stats: HashMap::new(),
+                pending_tickets: 0,
+            },
+        );
+    }
+
+    /// Whether the session holds at least one attachment, i.e. has
+    /// presented a token that verified.
+    pub fn has_attachment(&self, id: SessionId) -> bool {
+        self.sessions
+            .get(&id)
+            .is_some_and(|s| !s.attached.is_empty())
+    }
+
+    /// Removes a session and everything it was attached to.
+    pub fn unregister(&mut self, id: SessionId) {
+        let Some(session) = self.sessions.get(&id) else {
+            return;
+        };
+        let entities: Vec<HcName> = session.attached.keys().cloned().collect();
+        for entity in entities {
+            self.detach(id, &entity);
+        }
+        self.sessions.remove(&id);
+    }
+
+    /// Why `token` is refused for `entity`, a name the registry does not
+    /// hold: exactly the error a wrong key for an existing hybrid connection
+    /// of that name would get (the token is checked against a key nobody
+    /// has), so an unauthenticated peer cannot learn which names exist.
+    fn refuse_unknown(
+        &self,
+        token: &str,
+        entity: &HcName,
+        needed: Right,
+        now_unix: u64,
+    ) -> sas::SasError {
+        let rules = [Right::Send, Right::Listen].map(|right| sas::RuleKeys {
+            name: right.rule_name(),
+            right,
+            primary: &self.decoy,
+            secondary: &self.decoy,
+        });
+        match sas::verify(token, entity, needed, &rules, now_unix) {
+            Err(e) => e,
+            // Only with the decoy key itself, which nobody is given.
+            Ok(_) => sas::SasError::BadSignature {
+                rule: needed.rule_name().to_string(),
+                entity: entity.clone(),
+            },
+        }
+    }
+
+    /// Handles an `Attach` (or a `Renew`) of `entity`, whose registry record
+    /// is `record`: verifies the token and, on success, records the
+    /// attachment and tells everyone concerned.
+    pub fn attach(
+        &mut self,
+        id: SessionId,
+        entity: HcName,
+        token: String,
+        renew: bool,
+        record: Option<&HcRecord>,
+        now_unix: u64,
+    ) {
+        let Some(session) = self.sessions.get(&id) else {
+            return;
+        };
+        let role = session.role;
+        let needed = needed(role);
+        let verified = match record {
+            Some(record) => sas::verify(&token, &entity, needed, &record.rules(), now_unix)
+                .map(|v| v.expires_unix)
+                .map_err(|e| (Some(record), e)),
+            None => Err((None, self.refuse_unknown(&token, &entity, needed, now_unix))),
+        };
+        let expires = match verified {
+            Ok(expires) => expires,
+            Err((record, e)) => {
+                // A token signed with a retired key of this very hybrid
+                // connection proves its holder knew the name: say what to do.
+                let regenerated = record.and_then(|r| r.regenerated_at(&token, needed, now_unix));
+                let message = match regenerated {
+                    Some(at) => format!(
+                        "the key of this connection string was regenerated ({}s ago); get the current one with `hybridlink hc keys {entity}`",
+                        now_unix.saturating_sub(at)
+                    ),
+                    None => not_accepted(&entity, &e),
+                };
+                // The relay's own log and metrics keep the precise reason.
+                let (why, counted) = match (record, regenerated) {
+                    (None, _) => ("no such hybrid connection".to_string(), "unknown_hc"),
+                    (Some(_), Some(_)) => (message.clone(), "key_regenerated"),
+                    (Some(_), None) => (e.to_string(), "unauthorized"),
+                };
+                warn!(session = id, hc = %entity, error = %why, "token rejected");
+                self.out.push_back(Output::Refused(counted));
+                self.detach(id, &entity);
+                self.send(
+                    id,
+                    RelayMessage::Detached {
+                        entity,
+                        reason: DetachReason::Unauthorized,
+                        message,
+                    },
+                );
+                return;
+            }
+        };
+        // Verified, so `record` is there.
+        let Some(record) = record else {
+            return;
+        };
+        if renew
+            && let Some(a) = self
+                .sessions
+                .get_mut(&id)
+                .and_then(|s| s.attached.get_mut(&entity))
+        {
+            a.token = token;
+            a.expires = expires;
+            self.out.push_back(Output::Renewed);
+            self.send(id, RelayMessage::Renewed { entity, expires });
+            return;
+        }
+        let max = self.quotas.max_listeners;
+        let already = self
+            .sessions
+            .get(&id)
+            .is_some_and(|s| s.attached.contains_key(&entity));
+        if role == PeerRole::Listener && !already && self.listeners_of(&entity).len() >= max {
+            self.out.push_back(Output::Refused("quota"));
+            self.send(
+                id,
+                RelayMessage::Detached {
+                    message: format!(
+                        "{entity} already has {max} listeners, the most a hybrid connection may have on this relay"
+                    ),
+                    entity,
+                    reason: DetachReason::Quota,
+                },
+            );
+            return;
+        }
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let fresh = session
+            .attached
+            .insert(entity.clone(), Attachment { token, expires })
+            .is_none();
+        let identity = session.identity;
+        // Listeners dial the endpoint; senders (the appliance) route and
+        // name it locally.
+        self.send(
+            id,
+            RelayMessage::Attached {
+                entity: entity.clone(),
+                endpoint: Some(record.endpoint.clone()),
+                expires,
+            },
+        );
+        if !fresh {
+            return;
+        }
+        if let Some(s) = self.sessions.get(&id) {
+            info!(session = id, hc = %entity, role = ?role, peer = %s.label, addr = %s.addr, "attached");
+        }
+        match role {
+            PeerRole::Sender => {
+                let agents = self.agents_of(&entity);
+                self.send(
+                    id,
+                    RelayMessage::Agents {
+                        entity: entity.clone(),
+                        agents,
+                    },
+                );
+                for l in self.listeners_of(&entity) {
+                    self.send(
+                        l,
+                        RelayMessage::Grant {
+                            peer: identity,
+                            entity: entity.clone(),
+                        },
+                    );
+                }
+            }
+            PeerRole::Listener => {
+                for peer in self.sender_identities(&entity) {
+                    self.send(
+                        id,
+                        RelayMessage::Grant {
+                            peer,
+                            entity: entity.clone(),
+                        },
+                    );
+                }
+                self.announce_agents(&entity);
+            }
+        }
+    }
+
+    /// A listener asks for a hybrid connection's endpoint without joining
+    /// it: the token is checked as for `attach`; the answer is `Described`
+    /// or `Detached`.
+    pub fn describe(
+        &mut self,
+        id: SessionId,
+        entity: HcName,
+        token: String,
+        record: Option<&HcRecord>,
+        now_unix: u64,
+    ) {
+        let Some(session) = self.sessions.get(&id) else {
+            return;
+        };
+        let needed = needed(session.role);
+        let answer = match record {
+            None => {
+                let e = self.refuse_unknown(&token, &entity, needed, now_unix);
+                warn!(session = id, hc = %entity, "describe refused: no such hybrid connection");
+                Err(not_accepted(&entity, &e))
+            }
+            Some(record) => match sas::verify(&token, &entity, needed, &record.rules(), now_unix) {
+                Ok(_) => Ok(record.endpoint.clone()),
+                Err(e) => Err(not_accepted(&entity, &e)),
+            },
+        };
+        let msg = match answer {
+            Ok(endpoint) => RelayMessage::Described { entity, endpoint },
+            Err(message) => RelayMessage::Detached {
+                entity,
+                reason: DetachReason::Unauthorized,
+                message,
+            },
+        };
+        self.send(id, msg);
+    }
+
+    /// A sender asks for a pipe to an agent. `ticket` is a fresh random
+    /// ticket (`None` if none could be drawn); `active_pipes` the pipes
+    /// being spliced now. Both ends get the same ticket, or the sender a
+    /// `PipeFailed`.
+    pub fn request_pipe(
+        &mut self,
+        sender: SessionId,
+        request_id: u64,
+        agent: SessionId,
+        ticket: Option<Ticket>,
+        active_pipes: usize,
+        now: Instant,
+    ) {
+        self.expire_tickets(now);
+        let Some(s) = self.sessions.get(&sender) else {
+            return;
+        };
+        let sender_identity = s.identity;
+        let shared = self
+            .sessions
+            .get(&agent)
+            .filter(|a| a.role == PeerRole::Listener)
+            .is_some_and(|a| a.attached.keys().any(|hc| s.attached.contains_key(hc)));
+        let refusal = if s.role != PeerRole::Sender || !shared {
+            Some(format!(
+                "agent {agent} serves none of your hybrid connections (it may have just left)"
+            ))
+        } else if s.pending_tickets >= self.quotas.max_pending_per_session {
+            self.out.push_back(Output::Refused("quota"));
+            Some(format!(
+                "{} pipe requests of this session are already waiting for their ends; wait for them",
+                self.quotas.max_pending_per_session
+            ))
+        } else if active_pipes + self.tickets.len() >= self.quotas.max_pipes {
+            self.out.push_back(Output::Refused("quota"));
+            Some(format!(
+                "this relay is at its limit of {} concurrent pipes (relay serve --max-pipes); try again later",
+                self.quotas.max_pipes
+            ))
+        } else if ticket.is_none() {
+            Some("relay could not draw a random ticket".into())
+        } else {
+            None
+        };
+        let (Some(ticket), None) = (ticket, refusal.as_ref()) else {
+            let message = refusal.unwrap_or_default();
+            self.send(
+                sender,
+                RelayMessage::PipeFailed {
+                    request_id,
+                    message,
+                },
+            );
+            return;
+        };
+        self.tickets.insert(
+            ticket,
+            PendingTicket {
+                created: now,
+                sender,
+                agent,
+                arrived: None,
+            },
+        );
+        self.ticket_order.push_back((now, ticket));
+        if let Some(s) = self.sessions.get_mut(&sender) {
+            s.pending_tickets += 1;
+        }
+        self.send(
+            agent,
+            RelayMessage::PipeOffer {
+                ticket,
+                peer: sender_identity,
+            },
+        );
+        self.send(
+            sender,
+            RelayMessage::PipeTicket {
+                request_id,
+                agent,
+                ticket,
+            },
+        );
+    }
+
+    /// Forgets tickets older than [`TICKET_TTL`].
+    pub fn expire_tickets(&mut self, now: Instant) {
+        while let Some((created, ticket)) = self.ticket_order.front().copied() {
+            if now < created + TICKET_TTL {
+                break;
+            }
+            self.ticket_order.pop_front();
+            // Skipped if it was used (or drawn again, which 128 random bits
+            // do not do).
+            if self
+                .tickets
+                .get(&ticket)
+                .is_some_and(|p| p.created == created)
+            {
+                self.remove_ticket(&ticket);
+            }
+        }
+    }
+
+    fn remove_ticket(&mut self, ticket: &Ticket) -> Option<PendingTicket> {
+        let pending = self.tickets.remove(ticket)?;
+        if let Some(s) = self.sessions.get_mut(&pending.sender) {
+            s.pending_tickets = s.pending_tickets.saturating_sub(1);
+        }
+        Some(pending)
+    }
+
+    /// Tickets waiting for their ends.
+    pub fn pending_tickets(&self) -> usize {
+        self.tickets.len()
+    }
+
+    /// A pipe connection presented `ticket` as `role`.
+    pub fn claim(
+        &mut self,
+        ticket: &Ticket,
+        role: PipeRole,
+        now: Instant,
+    ) -> Result<Claim, PipeRefused> {
+        self.expire_tickets(now);
+        let pending = self
+            .tickets
+            .get_mut(ticket)
+            .ok_or(PipeRefused::UnknownTicket)?;
+        match pending.arrived {
+            None => {
+                pending.arrived = Some(role);
+                Ok(Claim::First)
+            }
+            Some(first) if first == role => Err(PipeRefused::SameRole),
+            Some(_) => {
+                let pending = self
+                    .remove_ticket(ticket)
+                    .ok_or(PipeRefused::UnknownTicket)?;
+                info!(
+                    sender = pending.sender,
+                    agent = pending.agent,
+                    "pipe spliced"
+                );
+                Ok(Claim::Second {
+                    sender: pending.sender,
+                    agent: pending.agent,
+                })
+            }
+        }
+    }
+
+    /// Ends attachments whose token expired without renewal.
+    pub fn expire_tokens(&mut self, now_unix: u64) {
+        let mut expired: Vec<(SessionId, HcName)> = self
+            .sessions
+            .iter()
+            .flat_map(|(id, s)| {
+                s.attached
+                    .iter()
+                    .filter(|(_, a)| a.expires <= now_unix)
+                    .map(move |(hc, _)| (*id, hc.clone()))
+            })
+            .collect();
+        expired.sort();
+        for (id, hc) in expired {
+            self.detach(id, &hc);
+            self.send(
+                id,
+                RelayMessage::Detached {
+                    message: format!("the token for {hc} expired and was not renewed"),
+                    entity: hc,
+                    reason: DetachReason::TokenExpired,
+                },
+            );
+        }
+    }
+
+    /// Re-checks every attachment to `entity` after its keys changed or it
+    /// was deleted (`record` is then `None`): sessions whose token no longer
+    /// verifies are detached. Senders go first, so every agent still
+    /// attached hears every revoke before it is detached itself.
+    pub fn recheck(&mut self, entity: &HcName, record: Option<&HcRecord>, now_unix: u64) {
+        let mut attached: Vec<(PeerRole, SessionId, String)> = self
+            .sessions
+            .iter()
+            .filter_map(|(id, s)| {
+                s.attached
+                    .get(entity)
+                    .map(|a| (s.role, *id, a.token.clone()))
+            })
+            .collect();
+        // `Sender` sorts before `Listener`.
+        attached.sort_by_key(|(role, id, _)| (*role != PeerRole::Sender, *id));
+        for (role, id, token) in attached {
+            let (reason, message) = match record {
+                None => (
+                    DetachReason::Deleted,
+                    format!("hybrid connection {entity} was deleted"),
+                ),
+                Some(record) => {
+                    match sas::verify(&token, entity, needed(role), &record.rules(), now_unix) {
+                        Ok(_) => continue,
+                        Err(e) => (
+                            DetachReason::KeyRegenerated,
+                            format!("the key of this connection string was regenerated ({e})"),
+                        ),
+                    }
+                }
+            };
+            info!(session = id, hc = %entity, ?reason, "detached");
+            self.detach(id, entity);
+            self.send(
+                id,
+                RelayMessage::Detached {
+                    entity: entity.clone(),
+                    reason,
+                    message,
+                },
+            );
+        }
+        if let Some(record) = record {
+            let mut peers = self.listeners_of(entity);
+            peers.extend(self.senders_of(entity));
+            for p in peers {
+                self.send(
+                    p,
+                    RelayMessage::EndpointChanged {
+                        entity: entity.clone(),
+                        endpoint: record.endpoint.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Records a listener's stream counters for a hybrid connection it is
+    /// attached to (reports for anything else are ignored).
+    pub fn report_stats(
+        &mut self,
+        id: SessionId,
+        entity: HcName,
+        stats: StreamStats,
+        report: AgentReport,
+    ) {
+        if let Some(s) = self.sessions.get_mut(&id)
+            && s.role == PeerRole::Listener
+            && s.attached.contains_key(&entity)
+        {
+            s.stats.insert(entity, (stats, report));
+        }
+    }
+
+    /// Per attached hybrid connection: (listeners, senders), by name.
+    pub fn attachment_counts(&self) -> Vec<(HcName, usize, usize)> {
+        self.attached_entities()
+            .into_iter()
+            .map(|n| {
+                let l = self.listeners_of(&n).len();
+                let s = self.senders_of(&n).len();
+                (n, l, s)
+            })
+            .collect()
+    }
+
+    /// Every hybrid connection some session is attached to, by name.
+    pub fn attached_entities(&self) -> Vec<HcName> {
+        let set: BTreeSet<&HcName> = self
+            .sessions
+            .values()
+            .flat_map(|s| s.attached.keys())
+            .collect();
+        set.into_iter().cloned().collect()
+    }
+
+    /// The agents currently serving `entity`.
+    pub fn listeners(&self, entity: &HcName) -> Vec<ListenerStatus> {
+        self.listeners_of(entity)
+            .into_iter()
+            .filter_map(|id| {
+                let s = self.sessions.get(&id)?;
+                let (streams, report) = s.stats.get(entity).cloned().unwrap_or_default();
+                Some(ListenerStatus {
+                    id,
+                    label: s.label.to_string(),
+                    address: s.addr.to_string(),
+                    connected_since: s.since_unix,
+                    streams,
+                    end_to_end: if report.end_to_end {
+                        "verified".into()
+                    } else {
+                        "relay-trusted".into()
+                    },
+                    policy_refusal: report.policy_refusal,
+                })
+            })
+            .collect()
+    }
+
+    /// Listener sessions attached to `entity`, by id (the rotation order).
+    fn listeners_of(&self, entity: &HcName) -> Vec<SessionId> {
+        self.attached_as(entity, PeerRole::Listener)
+    }
+
+    fn senders_of(&self, entity: &HcName) -> Vec<SessionId> {
+        self.attached_as(entity, PeerRole::Sender)
+    }
+
+    fn attached_as(&self, entity: &HcName, role: PeerRole) -> Vec<SessionId> {
+        let mut ids: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.role == role && s.attached.contains_key(entity))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The distinct identities of the senders attached to `entity`.
+    fn sender_identities(&self, entity: &HcName) -> Vec<Fingerprint> {
+        let set: BTreeSet<Fingerprint> = self
+            .senders_of(entity)
+            .into_iter()
+            .map(|s| self.sessions[&s].identity)
+            .collect();
+        set.into_iter().collect()
+    }
+
+    fn agents_of(&self, entity: &HcName) -> Vec<AgentInfo> {
+        self.listeners_of(entity)
+            .into_iter()
+            .map(|id| AgentInfo {
+                id,
+                identity: self.sessions[&id].identity,
+            })
+            .collect()
+    }
+
+    fn announce_agents(&mut self, entity: &HcName) {
+        let agents = self.agents_of(entity);
+        for s in self.senders_of(entity) {
+            self.send(
+                s,
+                RelayMessage::Agents {
+                    entity: entity.clone(),
+                    agents: agents.clone(),
+                },
+            );
+        }
+    }
+
+    /// Removes one attachment and tells whoever depended on it.
+    fn detach(&mut self, id: SessionId, entity: &HcName) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if session.attached.remove(entity).is_none() {
+            return;
+        }
+        session.stats.remove(entity);
+        let (role, identity) = (session.role, session.identity);
+        match role {
+            PeerRole::Listener => self.announce_agents(entity),
+            PeerRole::Sender => {
+                // Another session of the same identity may still hold the
+                // grant.
+                let still: HashSet<Fingerprint> =
+                    self.sender_identities(entity).into_iter().collect();
+                if !still.contains(&identity) {
+                    for l in self.listeners_of(entity) {
+                        self.send(
+                            l,
+                            RelayMessage::Revoke {
+                                peer: identity,
+                                entity: entity.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
