@@ -10,6 +10,7 @@ pub mod control_socket;
 pub mod dial;
 pub mod policy;
 pub mod serve;
+pub mod shares;
 pub mod status;
 
 use std::collections::{HashMap, HashSet};
@@ -22,7 +23,7 @@ use proto::control::{Fingerprint, PeerRole, RelayMessage};
 use proto::key::Key;
 use proto::name::{Endpoint, HcName};
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use transport::control::{self, ControlClientError, ControlConfig, ControlEvent, RelayAddr};
 use transport::mux::MuxConfig;
 use transport::tls::DataIdentity;
@@ -385,6 +386,7 @@ fn spawn_generation(
     active: &Arc<AtomicUsize>,
 ) -> Result<Generation, AgentError> {
     let mut shared = Shared::default();
+    let shares = Arc::new(shares::Shares::default());
     let mut by_relay: HashMap<RelayAddr, Vec<ConnectionString>> = HashMap::new();
     for cs in &strings {
         shared
@@ -418,6 +420,7 @@ fn spawn_generation(
             options: options.clone(),
             policy: policy.clone(),
             active: active.clone(),
+            shares: shares.clone(),
         };
         tasks.push(tokio::spawn(run_relay(ctx, handle, events)));
     }
@@ -569,8 +572,29 @@ fn handle_message(ctx: &serve::Context, msg: RelayMessage) {
             }
         }
         RelayMessage::PipeOffer { ticket, peer } => {
-            let ctx = ctx.clone();
-            tokio::spawn(async move { serve::serve_pipe(ctx, ticket, peer).await });
+            // A pipe is charged to every hybrid connection its sender was
+            // granted here; a sender granted none has nothing to open.
+            let granted: Vec<HcName> = lock(&ctx.shared)
+                .grants
+                .get(&(ctx.relay.clone(), peer))
+                .map(|set| set.iter().cloned().collect())
+                .unwrap_or_default();
+            if granted.is_empty() {
+                debug!(sender = %peer, "pipe offer from a sender granted nothing here; ignored");
+                return;
+            }
+            let mut accounts = vec![shares::Account::SetupsBy(peer)];
+            accounts.extend(granted.into_iter().map(shares::Account::SetupsFor));
+            match ctx.shares.try_take(accounts) {
+                Ok(share) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move { serve::serve_pipe(ctx, ticket, peer, share).await });
+                }
+                Err(full) => {
+                    transport::metrics::count_refused(full.label(), "pipe_setups");
+                    debug!(sender = %peer, account = ?full, "pipe offer ignored: at the cap of pipe set-ups in progress");
+                }
+            }
         }
         other => tracing::debug!(?other, "ignored relay message"),
     }

@@ -16,6 +16,7 @@ use transport::pipe;
 use transport::tls::DataIdentity;
 
 use crate::dial::DialError;
+use crate::shares::{Account, Share, Shares};
 use crate::{AgentOptions, PolicyCell, Shared, dial, endpoint_of, lock, record_policy};
 
 /// Copy buffer per direction between a stream and its target.
@@ -32,6 +33,8 @@ pub(crate) struct Context {
     pub policy: Arc<PolicyCell>,
     /// Streams being served by this agent (all generations).
     pub active: Arc<AtomicUsize>,
+    /// Each tenant's share of pipe set-ups and dials.
+    pub shares: Arc<Shares>,
 }
 
 /// Counts a stream as active while it lives.
@@ -51,7 +54,9 @@ impl Drop for Active {
 }
 
 /// Meets a sender on `ticket` and serves its streams until the pipe closes.
-pub(crate) async fn serve_pipe(ctx: Context, ticket: Ticket, peer: Fingerprint) {
+/// `setup` counts the set-up against its sender's and hybrid connections'
+/// shares until the pipe is open.
+pub(crate) async fn serve_pipe(ctx: Context, ticket: Ticket, peer: Fingerprint, setup: Share) {
     let span = info_span!("pipe", sender = %peer);
     async move {
         let pipe::Pipe {
@@ -73,6 +78,7 @@ pub(crate) async fn serve_pipe(ctx: Context, ticket: Ticket, peer: Fingerprint) 
                 return;
             }
         };
+        drop(setup);
         info!("pipe from sender open");
         let mut flow = 0u64;
         while let Some(pending) = incoming.next().await {
@@ -177,7 +183,34 @@ async fn serve_stream(
         // seen as a change by this stream.
         let mut policy_changes = ctx.policy.changes();
         let policy = ctx.policy.get();
+        // A place among the dials in progress of this sender and this
+        // hybrid connection, waiting as long as a dial may take.
+        let patience = ctx.options.dial_timeout;
+        let dialing = match ctx
+            .shares
+            .take(
+                vec![Account::DialsBy(peer), Account::DialsFor(hc.clone())],
+                patience,
+            )
+            .await
+        {
+            Ok(share) => share,
+            Err(full) => {
+                let message = format!(
+                    "the agent has {} dials in progress for {} already; try again",
+                    full.cap(),
+                    match full {
+                        Account::DialsBy(_) => "this sender",
+                        _ => "this hybrid connection",
+                    }
+                );
+                warn!(%message, "stream refused: too many dials in progress");
+                refuse_counted(hc.as_str(), pending, RefusalCode::Refused, message);
+                return;
+            }
+        };
         let dialed = dial::dial(&policy, &hc, &endpoint, ctx.options.dial_timeout).await;
+        drop(dialing);
         {
             let mut shared = lock(&ctx.shared);
             if let Some(s) = shared.hcs.get_mut(&hc) {

@@ -649,3 +649,109 @@ async fn an_agent_that_stops_reading_leaves_the_rotation_within_the_keepalive_ti
     pinger.abort();
     Ok(())
 }
+
+/// Open file descriptors of a process.
+fn fds(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// A tenant holding only one hybrid connection's send key floods the relay
+/// with pipe requests for the agent it shares with another tenant, from
+/// many sessions each claiming its own identity, and never comes to its end
+/// of a pipe. The relay caps each session's pending tickets and the agent
+/// caps pipe set-ups per hybrid connection, so the agent's sockets stay
+/// few and the other tenant's connections on the same agent keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_flooding_pipe_requests_leaves_the_other_tenants_working() -> Result<()> {
+    let relay = Relay::start()?;
+    let (flooded_send, flooded_listen) = relay.create_hc("flooded", echo_server_thread()?)?;
+    let (quiet_send, quiet_listen) = relay.create_hc("quiet", echo_server_thread()?)?;
+    let agent = Agent::start(&[&flooded_listen, &quiet_listen], &[])?;
+    agent.wait_connected()?;
+    let agent_pid = agent.proc.pid();
+    let baseline = fds(agent_pid)?;
+
+    let mut floods = tokio::task::JoinSet::new();
+    for i in 0..10u8 {
+        let mut tls = control_from(Ipv4Addr::new(127, 0, 0, 7), &relay, &flooded_send).await?;
+        let hello = PeerMessage::Hello {
+            version: PROTOCOL_VERSION,
+            role: PeerRole::Sender,
+            identity: Fingerprint([0x80 + i; 32]),
+            label: "flood".parse()?,
+        };
+        write_message(&mut tls, &hello).await?;
+        let attach = PeerMessage::Attach {
+            entity: flooded_send.entity.clone(),
+            token: flooded_send.token(ten_minutes_from_now()?),
+        };
+        write_message(&mut tls, &attach).await?;
+        floods.spawn(async move {
+            let mut buf = BytesMut::new();
+            let mut agent = None;
+            let mut failed = 0u32;
+            let mut sent = 0u64;
+            let until = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < until {
+                let next = tokio::time::timeout(
+                    Duration::from_millis(20),
+                    read_message::<RelayMessage, _>(&mut tls, &mut buf),
+                )
+                .await;
+                match next {
+                    Ok(Ok(Some(RelayMessage::Agents { agents, .. }))) => {
+                        agent = agents.first().map(|a| a.id);
+                    }
+                    Ok(Ok(Some(RelayMessage::Ping { nonce }))) => {
+                        let _ = write_message(&mut tls, &PeerMessage::Pong { nonce }).await;
+                    }
+                    Ok(Ok(Some(RelayMessage::PipeFailed { .. }))) => failed += 1,
+                    Ok(Ok(None)) | Ok(Err(_)) => break,
+                    _ => {}
+                }
+                // 300 requests a session, as fast as the relay reads them.
+                if let Some(agent) = agent
+                    && sent < 300
+                {
+                    for _ in 0..50 {
+                        sent += 1;
+                        let request = PeerMessage::PipeRequest {
+                            request_id: sent,
+                            agent,
+                        };
+                        if write_message(&mut tls, &request).await.is_err() {
+                            return failed;
+                        }
+                    }
+                }
+            }
+            failed
+        });
+    }
+    // While the flood goes on, the other tenant connects, again and again.
+    let mut most_fds = baseline;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let quiet = quiet_send.clone();
+        tokio::task::spawn_blocking(move || check(&quiet))
+            .await?
+            .context("the quiet tenant's connection failed during the flood")?;
+        most_fds = most_fds.max(fds(agent_pid)?);
+    }
+    let mut refused = 0;
+    while let Some(failed) = floods.join_next().await {
+        refused += failed?;
+    }
+    // 3,000 requests: the relay refused most of them (64 pending tickets a
+    // session), and the agent never held more than its per-hybrid-
+    // connection share of pipe set-ups on top of its baseline.
+    ensure!(
+        refused >= 2000,
+        "the relay refused only {refused} of 3000 flood requests"
+    );
+    ensure!(
+        most_fds <= baseline + 32 + 16,
+        "the agent went from {baseline} to {most_fds} open files under the flood"
+    );
+    Ok(())
+}
