@@ -563,3 +563,60 @@ async fn a_frozen_agent_leaves_the_rotation_within_the_keepalive_timeout() -> Re
         .status()?;
     Ok(())
 }
+
+/// Deleting a hybrid connection revokes it at the agent over a pipe that
+/// stays open (it serves other hybrid connections): twenty hybrid
+/// connections share one sender, one agent and one pipe, and are deleted
+/// one by one. After each delete, a stream for the deleted one, sent by a
+/// sender that ignores the relay's `Detached` (`open_raw` on a route still
+/// attached), is refused; the others still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_a_hybrid_connection_revokes_it_on_an_open_pipe_every_time() -> Result<()> {
+    const N: usize = 20;
+    let relay = Relay::start()?;
+    let echo = echo_server().await?;
+    let mut sends = Vec::new();
+    let mut listens = Vec::new();
+    for i in 0..=N {
+        let (send, listen) = relay.create_hc(&format!("hc{i}"), echo)?;
+        sends.push(send);
+        listens.push(listen);
+    }
+    let agent = Agent::start(&listens.iter().collect::<Vec<_>>(), &[])?;
+    agent.wait_connected()?;
+    let sender = Sender::start(sends.clone(), SenderOptions::default())?;
+    for send in &sends {
+        wait_for_agents(&sender, send, 1).await;
+        let mut s = sender.open(&send.entity).await?;
+        echo_roundtrip(&mut s, b"before").await?;
+    }
+    // hc0 is never deleted: the route the hostile requests ride on.
+    let route = &sends[0].entity;
+    for send in &sends[1..] {
+        let name = send.entity.as_str();
+        relay.hc(&["delete", name])?;
+        let request = Bytes::from(format!(r#"{{"hc":"{name}"}}"#));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let refused = loop {
+            match sender.open_raw(route, request.clone()).await {
+                Err(e) if e.refusal_code().is_some() => break e,
+                Err(e) => return Err(e).context("the open pipe failed"),
+                Ok(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(_) => anyhow::bail!("{name} still opens 3 s after it was deleted"),
+            }
+        };
+        assert!(
+            matches!(
+                refused.refusal_code(),
+                Some(RefusalCode::NotAllowed | RefusalCode::UnknownHc)
+            ),
+            "{name}: {refused}"
+        );
+        // The pipe and the hybrid connection still there are unharmed.
+        let mut s = sender.open(route).await?;
+        echo_roundtrip(&mut s, b"after").await?;
+    }
+    Ok(())
+}
