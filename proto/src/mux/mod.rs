@@ -550,7 +550,8 @@ impl Mux {
                     s.state = State::Open;
                     self.events.push_back(Event::Accepted { id, payload });
                 } else {
-                    self.reset(id);
+                    // The REJECT ended the stream on both sides: no RST.
+                    self.release(id);
                     self.events.push_back(Event::Rejected { id, payload });
                 }
             }

@@ -209,6 +209,46 @@ fn reject_carries_the_payload_and_forgets_the_stream() {
     );
 }
 
+/// Every frame in `bytes`, which must hold whole frames only.
+fn frames(mut bytes: BytesMut) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    while let Some(f) = Frame::decode(&mut bytes, frame::DEFAULT_MAX_PAYLOAD).unwrap() {
+        frames.push(f);
+    }
+    assert!(bytes.is_empty(), "a partial frame is left");
+    frames
+}
+
+#[test]
+fn no_rst_follows_a_reject() {
+    let mut p = Pair::new(Config::default());
+    let id = p.client.open(Bytes::from_static(b"db")).unwrap();
+    p.drive();
+    p.server.reject(id, Bytes::from_static(b"refused")).unwrap();
+    // The application drops its side of the stream too, as the driver does.
+    p.server.reset(id);
+    let mut to_client = BytesMut::new();
+    p.server.poll_transmit(&mut to_client);
+    let sent = frames(to_client.clone());
+    assert!(
+        matches!(sent[..], [Frame::Reject { id: rejected, .. }] if rejected == id),
+        "the server sends exactly the REJECT: {sent:?}"
+    );
+    p.client.handle_input(&mut to_client, p.now);
+    assert!(matches!(
+        p.client.poll_event(),
+        Some(Event::Rejected { .. })
+    ));
+    p.client.reset(id);
+    let mut to_server = BytesMut::new();
+    p.client.poll_transmit(&mut to_server);
+    let answered = frames(to_server);
+    assert!(
+        !answered.iter().any(|f| matches!(f, Frame::Rst { .. })),
+        "the REJECT already ended the stream, yet the client sends {answered:?}"
+    );
+}
+
 #[test]
 fn server_opens_even_ids_and_ids_increase() {
     let mut p = Pair::new(Config::default());
