@@ -15,12 +15,12 @@ use tracing::{info, warn};
 use transport::sender::{Sender, SenderOptions};
 
 use crate::config::ApplianceConfig;
-use crate::dns::parse_resolv_conf;
 use crate::dns::{DnsConfig, DnsServer};
 use crate::flows::{self, Routing};
 use crate::gate::{Decisions, Gate, HcState};
 use crate::names::NameMap;
 use crate::never_route::{self, HostAddress, NeverRoute};
+use crate::resolv::parse_resolv_conf;
 use crate::resolv::{self, ResolvPaths};
 use crate::routing::{self, RoutingConfig, RoutingGuard, RulePrefs};
 use crate::status::{self, HcStatus, Status};
