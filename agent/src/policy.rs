@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use proto::name::{Endpoint, HcName};
 use serde::{Deserialize, Serialize};
+use transport::atomic_file::AtomicFile;
 
 /// Why a policy file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -508,8 +509,8 @@ pub const HEADER: &str = "\
 # Edit with `hybridlink agent allow|deny`, or by hand; the agent rereads it.
 ";
 
-/// Writes `text` to `path` atomically (a temporary file renamed over it),
-/// mode 0644, after checking that it parses.
+/// Writes `text` to `path` atomically (0644 under the usual umask), after
+/// checking that it parses.
 pub fn write_text(path: &Path, text: &PolicyText) -> Result<(), PolicyError> {
     let body = toml::to_string(text).map_err(|e| PolicyError::Parse {
         path: path.to_path_buf(),
@@ -517,16 +518,13 @@ pub fn write_text(path: &Path, text: &PolicyText) -> Result<(), PolicyError> {
     })?;
     let full = format!("{HEADER}\n{body}");
     Policy::parse(&full, path)?;
-    let write_err = |source| PolicyError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(write_err)?;
-    }
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, full).map_err(write_err)?;
-    std::fs::rename(&tmp, path).map_err(write_err)
+    AtomicFile::new(path)
+        .create_dir()
+        .write(full.as_bytes())
+        .map_err(|source| PolicyError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -34,13 +34,14 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
+use transport::atomic_file::AtomicFile;
 
 /// The default virtual range: a private slice of the loopback network.
 pub const DEFAULT_RANGE: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(127, 77, 0, 0), 16);
@@ -299,9 +300,8 @@ impl NameMap {
         &self.path
     }
 
-    /// Writes the map to a temporary file beside the state file, syncs it
-    /// and renames it over the state file, so that a crash leaves either the
-    /// old or the new map, never half of one.
+    /// Writes the map atomically, so that a crash leaves either the old or
+    /// the new map, never half of one.
     fn save(&self) -> Result<(), NamesError> {
         let write_err = |source| NamesError::Write {
             path: self.path.clone(),
@@ -314,29 +314,7 @@ impl NameMap {
         let mut text = serde_json::to_vec_pretty(&state)
             .map_err(|e| write_err(io::Error::other(e.to_string())))?;
         text.push(b'\n');
-        let file_name = self
-            .path
-            .file_name()
-            .ok_or_else(|| write_err(io::Error::other("the path names no file")))?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(file_name);
-        tmp_name.push(".tmp");
-        let tmp = self.path.with_file_name(tmp_name);
-        let result = (|| {
-            let mut file = fs::File::create(&tmp)?;
-            file.write_all(&text)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &self.path)?;
-            let dir = match self.path.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d,
-                _ => Path::new("."),
-            };
-            fs::File::open(dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.map_err(write_err)
+        AtomicFile::new(&self.path).write(&text).map_err(write_err)
     }
 }
 

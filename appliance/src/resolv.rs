@@ -12,10 +12,12 @@
 //! `/etc/netns/NAME/resolv.conf`, where a rename fails with `EBUSY`; and
 //! when it is a symlink, opening it writes the file it points to.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+
+use transport::atomic_file::AtomicFile;
 
 use crate::names::normalize_name;
 
@@ -360,26 +362,16 @@ fn write_in_place(path: &Path, text: &str) -> Result<(), ResolvError> {
     f.sync_all().map_err(err)
 }
 
-/// Writes the backup atomically (temporary file, fsync, rename, fsync of
-/// the directory): a crash leaves either no backup or a whole one.
+/// Writes the backup atomically: a crash leaves either no backup or a whole
+/// one.
 fn write_backup(path: &Path, text: &str) -> Result<(), ResolvError> {
-    let err = |source| ResolvError::Backup {
-        path: path.to_owned(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = File::create(&tmp).map_err(err)?;
-    f.write_all(text.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+    AtomicFile::new(path)
+        .create_dir()
+        .write(text.as_bytes())
+        .map_err(|source| ResolvError::Backup {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 fn remove_backup(path: &Path) -> Result<(), ResolvError> {

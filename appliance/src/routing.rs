@@ -37,12 +37,13 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::io::{self, Write as _};
+use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use netstack::Ipv4Range;
+use transport::atomic_file::AtomicFile;
 
 /// The routing table that holds the route into the tun, unless configured.
 pub const DEFAULT_TABLE: u32 = 77;
@@ -859,29 +860,19 @@ fn read_journal(path: &Path) -> Result<Option<Journal>, RoutingError> {
     }
 }
 
-/// Writes the journal durably (temporary file, fsync, rename) so a crash
-/// never leaves half of it.
+/// Writes the journal atomically, so a crash never leaves half of it.
 fn write_journal(
     path: &Path,
     kernel_local: Option<u8>,
     sysctls: &[(PathBuf, String)],
 ) -> Result<(), RoutingError> {
-    let err = |source| RoutingError::Journal {
-        path: path.to_owned(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(render_journal(kernel_local, sysctls).as_bytes())
-        .map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
-    Ok(())
+    AtomicFile::new(path)
+        .create_dir()
+        .write(render_journal(kernel_local, sysctls).as_bytes())
+        .map_err(|source| RoutingError::Journal {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 fn remove_journal(path: &Path) -> Result<(), RoutingError> {
