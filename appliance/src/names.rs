@@ -38,17 +38,11 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
-use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use transport::atomic_file::AtomicFile;
 
-/// The default virtual range: a private slice of the loopback network.
-pub const DEFAULT_RANGE: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(127, 77, 0, 0), 16);
-
-/// The longest prefix a virtual range may have: a /30 still has one address
-/// to hand out after the reserved ones.
-pub const MAX_PREFIX_LEN: u8 = 30;
+use crate::virtual_range::VirtualRange;
 
 /// The version written in the state file.
 const STATE_VERSION: u32 = 1;
@@ -91,19 +85,13 @@ pub enum NamesError {
         /// Which rule it breaks.
         reason: &'static str,
     },
-    /// The virtual range is too small to hold any name.
-    #[error("the virtual range {range} is too small: use a prefix of /{MAX_PREFIX_LEN} or shorter")]
-    RangeTooSmall {
-        /// The range as configured.
-        range: Ipv4Net,
-    },
     /// Every usable address of the range is taken.
     #[error(
         "the virtual range {range} has no free address left for {name:?}; configure a wider range"
     )]
     RangeFull {
         /// The range as configured.
-        range: Ipv4Net,
+        range: VirtualRange,
         /// The name that found no address.
         name: String,
     },
@@ -127,7 +115,7 @@ struct StateFile {
 #[derive(Debug)]
 pub struct NameMap {
     path: PathBuf,
-    range: Ipv4Net,
+    range: VirtualRange,
     by_name: BTreeMap<String, Ipv4Addr>,
     by_addr: BTreeMap<Ipv4Addr, String>,
 }
@@ -142,12 +130,11 @@ impl NameMap {
     /// [`assign`](Self::assign). A file that cannot be parsed, has an unknown
     /// version, an invalid name or two names on one address is an error,
     /// never silently replaced.
-    pub fn load_or_create(path: impl AsRef<Path>, range: Ipv4Net) -> Result<NameMap, NamesError> {
+    pub fn load_or_create(
+        path: impl AsRef<Path>,
+        range: VirtualRange,
+    ) -> Result<NameMap, NamesError> {
         let path = path.as_ref().to_path_buf();
-        let range = range.trunc();
-        if range.prefix_len() > MAX_PREFIX_LEN {
-            return Err(NamesError::RangeTooSmall { range });
-        }
         let mut map = NameMap {
             path,
             range,
@@ -291,7 +278,7 @@ impl NameMap {
     }
 
     /// The virtual range the addresses come from.
-    pub fn range(&self) -> Ipv4Net {
+    pub fn range(&self) -> VirtualRange {
         self.range
     }
 
@@ -352,11 +339,11 @@ pub fn normalize_name(name: &str) -> Result<String, NamesError> {
 }
 
 /// Whether `addr` may be handed out from `range` (see the module docs).
-fn is_assignable(range: Ipv4Net, addr: Ipv4Addr) -> bool {
+fn is_assignable(range: VirtualRange, addr: Ipv4Addr) -> bool {
     let network = u32::from(range.network());
     let a = u32::from(addr);
     let last = addr.octets()[3];
-    range.contains(&addr)
+    range.contains(addr)
         && a != network
         && a != network.wrapping_add(1)
         && addr != range.broadcast()
@@ -365,7 +352,7 @@ fn is_assignable(range: Ipv4Net, addr: Ipv4Addr) -> bool {
 }
 
 /// Every assignable address of `range`, in ascending order.
-fn assignable_addrs(range: Ipv4Net) -> impl Iterator<Item = Ipv4Addr> {
+fn assignable_addrs(range: VirtualRange) -> impl Iterator<Item = Ipv4Addr> {
     let first = u32::from(range.network());
     let last = u32::from(range.broadcast());
     (first..=last)
@@ -384,7 +371,8 @@ mod tests {
     #[test]
     fn assigns_lowest_free_skipping_reserved() {
         let dir = tempfile::tempdir().unwrap();
-        let mut map = NameMap::load_or_create(dir.path().join("n.json"), DEFAULT_RANGE).unwrap();
+        let mut map =
+            NameMap::load_or_create(dir.path().join("n.json"), VirtualRange::DEFAULT).unwrap();
         map.assign(&names(&["sql.corp", "payroll.corp"])).unwrap();
         assert_eq!(
             map.lookup_name("sql.corp"),
@@ -404,7 +392,8 @@ mod tests {
     #[test]
     fn names_are_case_insensitive_and_dot_insensitive() {
         let dir = tempfile::tempdir().unwrap();
-        let mut map = NameMap::load_or_create(dir.path().join("n.json"), DEFAULT_RANGE).unwrap();
+        let mut map =
+            NameMap::load_or_create(dir.path().join("n.json"), VirtualRange::DEFAULT).unwrap();
         map.assign(&names(&["SQL.Corp.", "sql.corp", "10.4.5.6", "::1"]))
             .unwrap();
         assert_eq!(map.len(), 1);
@@ -416,7 +405,8 @@ mod tests {
     #[test]
     fn old_names_keep_addresses_when_new_ones_arrive() {
         let dir = tempfile::tempdir().unwrap();
-        let mut map = NameMap::load_or_create(dir.path().join("n.json"), DEFAULT_RANGE).unwrap();
+        let mut map =
+            NameMap::load_or_create(dir.path().join("n.json"), VirtualRange::DEFAULT).unwrap();
         map.assign(&names(&["b", "a"])).unwrap();
         let (a, b) = (map.lookup_name("a").unwrap(), map.lookup_name("b").unwrap());
         map.assign(&names(&["c", "a"])).unwrap();
@@ -430,7 +420,7 @@ mod tests {
     fn small_range_fills_up_and_skips_dot_zero_and_dot_255() {
         let dir = tempfile::tempdir().unwrap();
         // 10.0.0.252/30: .252 network, .253 reserved, .254 free, .255 broadcast.
-        let range: Ipv4Net = "10.0.0.252/30".parse().unwrap();
+        let range: VirtualRange = "10.0.0.252/30".parse().unwrap();
         let mut map = NameMap::load_or_create(dir.path().join("n.json"), range).unwrap();
         map.assign(&names(&["one"])).unwrap();
         assert_eq!(map.lookup_name("one"), Some(Ipv4Addr::new(10, 0, 0, 254)));
@@ -439,7 +429,7 @@ mod tests {
         assert_eq!(map.len(), 1);
 
         // A /23 crossing an octet: .0 and .255 of each /24 are skipped.
-        let range: Ipv4Net = "10.1.0.0/23".parse().unwrap();
+        let range: VirtualRange = "10.1.0.0/23".parse().unwrap();
         let all: Vec<_> = assignable_addrs(range).collect();
         assert_eq!(all.len(), 512 - 5);
         assert!(!all.contains(&Ipv4Addr::new(10, 1, 0, 255)));
@@ -449,22 +439,14 @@ mod tests {
     }
 
     #[test]
-    fn too_small_range_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let range: Ipv4Net = "10.0.0.0/31".parse().unwrap();
-        let err = NameMap::load_or_create(dir.path().join("n.json"), range).unwrap_err();
-        assert!(matches!(err, NamesError::RangeTooSmall { .. }));
-    }
-
-    #[test]
     fn survives_reload_and_rejects_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.json");
-        let mut map = NameMap::load_or_create(&path, DEFAULT_RANGE).unwrap();
+        let mut map = NameMap::load_or_create(&path, VirtualRange::DEFAULT).unwrap();
         map.assign(&names(&["x.corp", "y.corp"])).unwrap();
         let before: Vec<_> = map.iter().map(|(n, a)| (n.to_string(), a)).collect();
         drop(map);
-        let mut map = NameMap::load_or_create(&path, DEFAULT_RANGE).unwrap();
+        let mut map = NameMap::load_or_create(&path, VirtualRange::DEFAULT).unwrap();
         let after: Vec<_> = map.iter().map(|(n, a)| (n.to_string(), a)).collect();
         assert_eq!(before, after);
         // A new name does not take an address already held.
@@ -483,7 +465,7 @@ mod tests {
             r#"{"version":1,"names":{},"extra":1}"#,
         ] {
             fs::write(&path, bad).unwrap();
-            let err = NameMap::load_or_create(&path, DEFAULT_RANGE).unwrap_err();
+            let err = NameMap::load_or_create(&path, VirtualRange::DEFAULT).unwrap_err();
             assert!(matches!(err, NamesError::Corrupt { .. }), "{bad}: {err}");
             assert_eq!(
                 fs::read_to_string(&path).unwrap(),
@@ -502,7 +484,7 @@ mod tests {
             r#"{"version":1,"names":{"a":"127.77.0.2","b":"127.78.0.2","c":"127.77.0.1"}}"#,
         )
         .unwrap();
-        let mut map = NameMap::load_or_create(&path, DEFAULT_RANGE).unwrap();
+        let mut map = NameMap::load_or_create(&path, VirtualRange::DEFAULT).unwrap();
         assert_eq!(map.lookup_name("a"), Some(Ipv4Addr::new(127, 77, 0, 2)));
         assert_eq!(map.lookup_name("b"), None);
         assert_eq!(map.lookup_name("c"), None);
@@ -531,7 +513,7 @@ mod tests {
     fn unwritable_state_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missing-dir").join("n.json");
-        let err = NameMap::load_or_create(&path, DEFAULT_RANGE).unwrap_err();
+        let err = NameMap::load_or_create(&path, VirtualRange::DEFAULT).unwrap_err();
         assert!(matches!(err, NamesError::Write { .. }), "{err}");
     }
 }

@@ -125,13 +125,7 @@ pub async fn run(
     let table = FlowTable::new(decisions.allowed());
 
     let range = config.virtual_range;
-    let net = ipnet::Ipv4Net::new(range.network(), range.prefix_len()).map_err(|e| {
-        ApplianceError::Netstack {
-            tun: config.tun.clone(),
-            message: format!("virtual range: {e}"),
-        }
-    })?;
-    let mut names = NameMap::load_or_create(config.state_dir.join("names.json"), net)?;
+    let mut names = NameMap::load_or_create(config.state_dir.join("names.json"), range)?;
     names.assign(&table.names())?;
 
     let tun =
