@@ -32,7 +32,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
-use proto::name::{Endpoint, HcName};
+use proto::name::{Endpoint, HcName, canonical_dns_name};
 use serde::{Deserialize, Serialize};
 use transport::atomic_file::AtomicFile;
 
@@ -90,23 +90,12 @@ impl HostPattern {
         if let Ok(net) = s.parse::<IpNet>() {
             return Ok(HostPattern::Net(net.trunc()));
         }
-        let valid_name = |n: &str| {
-            !n.is_empty()
-                && n.len() <= 253
-                && n.split('.').all(|label| {
-                    !label.is_empty()
-                        && label.len() <= 63
-                        && label
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                })
-        };
         if let Some(rest) = s.strip_prefix("*.") {
-            if valid_name(rest) {
-                return Ok(HostPattern::Suffix(rest.to_ascii_lowercase()));
+            if let Ok(suffix) = canonical_dns_name(rest) {
+                return Ok(HostPattern::Suffix(suffix));
             }
-        } else if valid_name(s) {
-            return Ok(HostPattern::Name(s.to_ascii_lowercase()));
+        } else if let Ok(name) = canonical_dns_name(s) {
+            return Ok(HostPattern::Name(name));
         }
         Err(format!(
             "host {s:?} is not a name, a wildcard (*.corp or *), an address or a CIDR"

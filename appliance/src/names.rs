@@ -38,6 +38,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
+use proto::name::{NameError, canonical_dns_name};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use transport::atomic_file::AtomicFile;
@@ -78,13 +79,8 @@ pub enum NamesError {
         source: io::Error,
     },
     /// A host name is not a valid DNS name.
-    #[error("{name:?} is not a valid DNS host name: {reason}")]
-    InvalidName {
-        /// The name as given.
-        name: String,
-        /// Which rule it breaks.
-        reason: &'static str,
-    },
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
     /// Every usable address of the range is taken.
     #[error(
         "the virtual range {range} has no free address left for {name:?}; configure a wider range"
@@ -169,7 +165,7 @@ impl NameMap {
         let mut dropped = false;
         let mut entries = Vec::with_capacity(state.names.len());
         for (name, addr) in state.names {
-            let normal = normalize_name(&name).map_err(|e| corrupt(e.to_string()))?;
+            let normal = canonical_dns_name(&name).map_err(|e| corrupt(e.to_string()))?;
             if normal != name {
                 return Err(corrupt(format!(
                     "name {name:?} is not in canonical form {normal:?}"
@@ -210,7 +206,7 @@ impl NameMap {
             if name.trim_end_matches('.').parse::<IpAddr>().is_ok() {
                 continue;
             }
-            let name = normalize_name(name)?;
+            let name = canonical_dns_name(name)?;
             if !self.by_name.contains_key(&name) && !new_names.contains(&name) {
                 new_names.push(name);
             }
@@ -303,39 +299,6 @@ impl NameMap {
         text.push(b'\n');
         AtomicFile::new(&self.path).write(&text).map_err(write_err)
     }
-}
-
-/// Puts a host name in the form the map stores: lower-case, without a
-/// trailing dot; and checks that it is a valid DNS host name.
-pub fn normalize_name(name: &str) -> Result<String, NamesError> {
-    let invalid = |reason| NamesError::InvalidName {
-        name: name.to_string(),
-        reason,
-    };
-    let trimmed = name.strip_suffix('.').unwrap_or(name);
-    if trimmed.is_empty() {
-        return Err(invalid("it is empty"));
-    }
-    if trimmed.len() > 253 {
-        return Err(invalid("it is longer than 253 characters"));
-    }
-    for label in trimmed.split('.') {
-        if label.is_empty() {
-            return Err(invalid("it has an empty label"));
-        }
-        if label.len() > 63 {
-            return Err(invalid("a label is longer than 63 characters"));
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(invalid(
-                "only letters, digits, '-' and '_' may appear in a label",
-            ));
-        }
-    }
-    Ok(trimmed.to_ascii_lowercase())
 }
 
 /// Whether `addr` may be handed out from `range` (see the module docs).
@@ -490,23 +453,6 @@ mod tests {
         assert_eq!(map.lookup_name("c"), None);
         map.assign(&names(&["b"])).unwrap();
         assert_eq!(map.lookup_name("b"), Some(Ipv4Addr::new(127, 77, 0, 3)));
-    }
-
-    #[test]
-    fn invalid_names_are_rejected() {
-        for bad in [
-            "",
-            ".",
-            "a..b",
-            "a b",
-            "-\u{e9}",
-            &"x".repeat(64),
-            &"a.".repeat(130),
-        ] {
-            assert!(normalize_name(bad).is_err(), "{bad:?}");
-        }
-        assert_eq!(normalize_name("Sql.Corp.").unwrap(), "sql.corp");
-        assert_eq!(normalize_name("_svc.x-1").unwrap(), "_svc.x-1");
     }
 
     #[test]

@@ -17,9 +17,8 @@ use std::io::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use proto::name::canonical_dns_name;
 use transport::atomic_file::AtomicFile;
-
-use crate::names::normalize_name;
 
 /// The resolver configuration of the network namespace.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -135,10 +134,10 @@ pub fn parse_resolv_conf(text: &str) -> ResolvConf {
                 let list: Vec<String> = if keyword == "domain" {
                     words
                         .take(1)
-                        .filter_map(|w| normalize_name(w).ok())
+                        .filter_map(|w| canonical_dns_name(w).ok())
                         .collect()
                 } else {
-                    words.filter_map(|w| normalize_name(w).ok()).collect()
+                    words.filter_map(|w| canonical_dns_name(w).ok()).collect()
                 };
                 conf.search = list;
             }

@@ -12,8 +12,9 @@ use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 
+use proto::name::canonical_dns_name;
+
 use super::{DnsError, response_edns, send};
-use crate::names::{NamesError, normalize_name};
 
 /// The configured names with their addresses, replaceable while queries
 /// are answered.
@@ -36,7 +37,7 @@ impl LocalNames {
     ) -> Result<LocalNames, DnsError> {
         let search = search
             .iter()
-            .map(|s| normalize_name(s))
+            .map(|s| canonical_dns_name(s))
             .collect::<Result<Vec<_>, _>>()?;
         let table = NameTable::build(names, &search)?;
         Ok(LocalNames {
@@ -82,7 +83,7 @@ impl NameTable {
     fn build(names: &[(String, Ipv4Addr)], search: &[String]) -> Result<NameTable, DnsError> {
         let mut exact = Vec::with_capacity(names.len());
         for (name, addr) in names {
-            exact.push((normalize_name(name)?, *addr));
+            exact.push((canonical_dns_name(name)?, *addr));
         }
         let mut entries = HashMap::with_capacity(exact.len() * (1 + search.len()));
         for (name, addr) in &exact {
@@ -94,10 +95,7 @@ impl NameTable {
             }
         }
         for (name, addr) in &exact {
-            let key = lower_name(name).ok_or_else(|| NamesError::InvalidName {
-                name: name.clone(),
-                reason: "it cannot be encoded as a DNS name",
-            })?;
+            let key = lower_name(name).ok_or_else(|| DnsError::Unencodable(name.clone()))?;
             entries.insert(key, *addr);
         }
         Ok(NameTable { entries })

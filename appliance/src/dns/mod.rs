@@ -62,6 +62,9 @@
 //! `hickory_server`; the binary should filter that target to `warn`. This
 //! module logs per-query events at DEBUG and TRACE only.
 
+mod answer;
+mod forward;
+
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -76,14 +79,11 @@ use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
 use ipnet::IpNet;
+use proto::name::NameError;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, trace, warn};
 
-mod answer;
-mod forward;
-
-use crate::names::NamesError;
 use answer::{LocalNames, send_local};
 use forward::{Forwarder, is_self, send_relayed};
 
@@ -159,7 +159,10 @@ pub enum DnsError {
     },
     /// A configured name or search domain is not a valid DNS name.
     #[error(transparent)]
-    InvalidName(#[from] NamesError),
+    InvalidName(#[from] NameError),
+    /// A valid name that the DNS library cannot encode.
+    #[error("{0:?} cannot be encoded as a DNS name")]
+    Unencodable(String),
     /// An upstream is the server's own address: every forward would loop.
     #[error(
         "upstream {addr} is this DNS server itself; pass the nameservers of resolv.conf as it \
