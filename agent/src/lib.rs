@@ -208,7 +208,7 @@ impl Drop for Generation {
 }
 
 /// What [`Agent::reload`] changed, by hybrid connection name.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReloadSummary {
     /// Hybrid connections served now and not before.
     pub added: Vec<String>,

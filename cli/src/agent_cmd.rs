@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agent::control_socket::ReloadAnswer;
 use anyhow::Context;
 use clap::Subcommand;
 use proto::connection_string::ConnectionString;
@@ -220,12 +221,9 @@ async fn edit_policy(edit: PolicyEdit, allow: bool) -> anyhow::Result<()> {
 
 /// Asks a running agent to reread its files, if one answers.
 async fn tell_agent(socket: &Path) {
-    match agent::control_socket::request(socket, "reload").await {
-        Ok(answer) if answer["error"].is_null() => println!("the running agent reread its policy"),
-        Ok(answer) => println!(
-            "the running agent answered: {}",
-            answer["error"].as_str().unwrap_or("?")
-        ),
+    match agent::control_socket::reload(socket).await {
+        Ok(ReloadAnswer::Reloaded(_)) => println!("the running agent reread its policy"),
+        Ok(ReloadAnswer::Error(error)) => println!("the running agent answered: {error}"),
         Err(_) => println!(
             "no agent answered at {} (a running agent rereads the file within seconds)",
             socket.display()
@@ -405,7 +403,7 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AgentCommand::Reload { status_socket } => {
-            let answer = agent::control_socket::request(&status_socket, "reload")
+            let answer = agent::control_socket::reload(&status_socket)
                 .await
                 .with_context(|| {
                     format!(
@@ -413,17 +411,11 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                         status_socket.display()
                     )
                 })?;
-            if let Some(error) = answer["error"].as_str() {
-                anyhow::bail!("{error}");
-            }
-            let r = &answer["reloaded"];
-            let list = |k: &str| {
-                let names: Vec<&str> = r[k]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|v| v.as_str())
-                    .collect();
+            let summary = match answer {
+                ReloadAnswer::Reloaded(summary) => summary,
+                ReloadAnswer::Error(error) => anyhow::bail!("{error}"),
+            };
+            let list = |names: &[String]| {
                 if names.is_empty() {
                     "-".to_string()
                 } else {
@@ -432,9 +424,9 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             };
             println!(
                 "reloaded: added {}; changed {}; removed {}",
-                list("added"),
-                list("changed"),
-                list("removed")
+                list(&summary.added),
+                list(&summary.changed),
+                list(&summary.removed)
             );
             Ok(())
         }
@@ -442,7 +434,7 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             status_socket,
             json,
         } => {
-            let status = agent::control_socket::query(&status_socket)
+            let status = agent::control_socket::status(&status_socket)
                 .await
                 .with_context(|| {
                     format!(
@@ -451,26 +443,21 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                     )
                 })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                // Through a Value, whose keys are sorted, as this output has
+                // always been.
+                let value = serde_json::to_value(&status)?;
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 println!(
                     "{:<24} {:<18} {:<32} {:<15} REASON",
                     "HYBRID CONNECTION", "STATE", "ENDPOINT", "END-TO-END"
                 );
-                for hc in status.as_array().into_iter().flatten() {
-                    let name = hc["name"].as_str().unwrap_or("?");
-                    let state = hc["connection"]["state"].as_str().unwrap_or("?");
-                    let state = match state {
-                        "connected" => "Connected",
-                        "reconnecting" => "Reconnecting",
-                        "denied" => "Denied",
-                        "denied_by_policy" => "Denied by policy",
-                        other => other,
-                    };
-                    let endpoint = hc["endpoint"].as_str().unwrap_or("-");
-                    let e2e = hc["end_to_end"].as_str().unwrap_or("?");
-                    let reason =
-                        crate::hc::printable(hc["connection"]["reason"].as_str().unwrap_or(""));
+                for hc in &status {
+                    let name = hc.name.as_str();
+                    let state = &hc.connection;
+                    let endpoint = hc.endpoint.as_deref().unwrap_or("-");
+                    let e2e = hc.end_to_end;
+                    let reason = crate::hc::printable(hc.connection.reason());
                     println!("{name:<24} {state:<18} {endpoint:<32} {e2e:<15} {reason}");
                 }
             }
