@@ -55,6 +55,16 @@ pub enum PolicyError {
         /// What is wrong, with line and column when TOML knows them.
         message: String,
     },
+    /// A policy file named explicitly does not exist.
+    #[error(
+        "no policy file at {}; write one with `hybridlink agent allow HOST:PORT --policy {}`",
+        path.display(),
+        path.display()
+    )]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
     /// The file could not be written.
     #[error("cannot write the policy {path}: {source}")]
     Write {
