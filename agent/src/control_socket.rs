@@ -1,14 +1,18 @@
 //! The local control socket of a running agent, used by `hybridlink agent
 //! status` and `hybridlink agent reload`: a Unix socket where a client
 //! writes one command line (`status` or `reload`), and the agent answers
-//! with JSON and closes.
+//! with JSON and closes. `status` is answered with a list of [`HcStatus`],
+//! `reload` (and a command the agent does not know) with a
+//! [`ReloadAnswer`]; [`status`] and [`reload`] ask for them.
 
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::Agent;
+use crate::{Agent, HcStatus, ReloadSummary};
 
 /// The default socket path: `/run/hybridlink-agent.sock` for root, else in
 /// `$XDG_RUNTIME_DIR` (or `/tmp`).
@@ -25,7 +29,18 @@ pub fn default_path() -> PathBuf {
 }
 
 /// A reload request: the answer goes back on the sender.
-pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<crate::ReloadSummary, String>>;
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<ReloadSummary, String>>;
+
+/// The agent's answer to `reload`, and to a command it does not know. On
+/// the socket: `{"reloaded": {...}}` or `{"error": "..."}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadAnswer {
+    /// The agent reread its files; what changed.
+    Reloaded(ReloadSummary),
+    /// Why nothing was reloaded.
+    Error(String),
+}
 
 /// Serves `agent` on `path` until the returned task is dropped or aborted.
 /// `reload` receives the reload requests (none: `reload` is refused). A
@@ -69,7 +84,7 @@ async fn answer(
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
     let command = String::from_utf8_lossy(&command).trim().to_string();
     let body = match command.as_str() {
-        "status" | "" => serde_json::to_value(agent.status()),
+        "status" | "" => serde_json::to_vec(&agent.status()),
         "reload" => {
             let result = match reload {
                 None => Err("this agent has no connection strings file to reload (start it with --connection-strings-file)".to_string()),
@@ -82,29 +97,33 @@ async fn answer(
                     }
                 }
             };
-            Ok(match result {
-                Ok(summary) => serde_json::json!({ "reloaded": summary }),
-                Err(error) => serde_json::json!({ "error": error }),
+            serde_json::to_vec(&match result {
+                Ok(summary) => ReloadAnswer::Reloaded(summary),
+                Err(error) => ReloadAnswer::Error(error),
             })
         }
-        other => Ok(
-            serde_json::json!({ "error": format!("unknown command {other:?}; use status or reload") }),
-        ),
+        other => serde_json::to_vec(&ReloadAnswer::Error(format!(
+            "unknown command {other:?}; use status or reload"
+        ))),
     };
-    let body = body
-        .map(|b| serde_json::to_vec(&b).unwrap_or_default())
-        .unwrap_or_default();
+    let body = body.unwrap_or_default();
     let _ = conn.write_all(&body).await;
     let _ = conn.shutdown().await;
 }
 
-/// Asks the agent listening on `path` for its status.
-pub async fn query(path: &Path) -> std::io::Result<serde_json::Value> {
+/// Asks the agent listening on `path` for the state of each hybrid
+/// connection it serves.
+pub async fn status(path: &Path) -> std::io::Result<Vec<HcStatus>> {
     request(path, "status").await
 }
 
+/// Asks the agent listening on `path` to reread its files.
+pub async fn reload(path: &Path) -> std::io::Result<ReloadAnswer> {
+    request(path, "reload").await
+}
+
 /// Sends `command` to the agent listening on `path`; returns its answer.
-pub async fn request(path: &Path, command: &str) -> std::io::Result<serde_json::Value> {
+async fn request<T: DeserializeOwned>(path: &Path, command: &str) -> std::io::Result<T> {
     let mut conn = UnixStream::connect(path).await?;
     conn.write_all(format!("{command}\n").as_bytes()).await?;
     conn.shutdown().await?;
@@ -112,4 +131,58 @@ pub async fn request(path: &Path, command: &str) -> std::io::Result<serde_json::
     conn.read_to_end(&mut body).await?;
     serde_json::from_slice(&body)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AgentOptions;
+
+    const LISTEN: &str = "Endpoint=sb://127.0.0.1:1/;SharedAccessKeyName=listen;SharedAccessKey=Q2hhbmdlTWUtdGhpcy1pcy1hLXRlc3Qta2V5LTAwMDE=;EntityPath=payroll;CertificateSha256=86c1c84aa76199659d205375087f92c891470d3cc71eb8b9ef3f5af42a222551";
+
+    #[test]
+    fn reload_answers_keep_their_wire_form() {
+        let summary = ReloadSummary {
+            added: vec!["a".into()],
+            removed: vec![],
+            changed: vec!["b".into()],
+        };
+        let ok = serde_json::to_value(ReloadAnswer::Reloaded(summary.clone())).unwrap();
+        assert_eq!(
+            ok,
+            serde_json::json!({"reloaded": {"added": ["a"], "removed": [], "changed": ["b"]}})
+        );
+        let err = serde_json::to_value(ReloadAnswer::Error("no".into())).unwrap();
+        assert_eq!(err, serde_json::json!({"error": "no"}));
+        assert_eq!(
+            serde_json::from_value::<ReloadAnswer>(ok).unwrap(),
+            ReloadAnswer::Reloaded(summary)
+        );
+    }
+
+    #[tokio::test]
+    async fn status_and_reload_are_typed_end_to_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let agent = Agent::start(AgentOptions::new(vec![LISTEN.parse().unwrap()])).unwrap();
+        let server = serve(&path, agent.clone(), None).unwrap();
+
+        let hcs = status(&path).await.unwrap();
+        assert_eq!(hcs.len(), 1);
+        assert_eq!(hcs[0].name.as_str(), "payroll");
+        assert!(
+            matches!(
+                hcs[0].connection,
+                crate::status::Connection::Reconnecting(_)
+            ),
+            "{:?}",
+            hcs[0].connection
+        );
+        match reload(&path).await.unwrap() {
+            ReloadAnswer::Error(e) => assert!(e.contains("--connection-strings-file"), "{e}"),
+            other => panic!("an agent without a reload channel reloaded: {other:?}"),
+        }
+        server.abort();
+        agent.stop_accepting();
+    }
 }

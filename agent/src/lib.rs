@@ -9,9 +9,11 @@
 pub mod control_socket;
 pub mod dial;
 pub mod policy;
+pub mod reload;
 pub mod serve;
 pub mod shares;
 pub mod status;
+pub mod strings_file;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -209,7 +211,7 @@ impl Drop for Generation {
 }
 
 /// What [`Agent::reload`] changed, by hybrid connection name.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReloadSummary {
     /// Hybrid connections served now and not before.
     pub added: Vec<String>,
@@ -330,6 +332,24 @@ impl Agent {
         for t in current.tasks.drain(..) {
             t.abort();
         }
+    }
+
+    /// Takes the agent out of rotation at once ([`Agent::stop_accepting`])
+    /// and waits up to `timeout` for its open streams to end. Returns how
+    /// many were still open.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        self.stop_accepting();
+        let deadline = tokio::time::Instant::now() + timeout;
+        if self.active_streams() > 0 {
+            info!(
+                open = self.active_streams(),
+                "agent stopping; draining open streams"
+            );
+        }
+        while self.active_streams() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.active_streams()
     }
 
     /// How many streams are being served now.

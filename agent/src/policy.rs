@@ -32,8 +32,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
-use proto::name::{Endpoint, HcName};
+use proto::name::{Endpoint, HcName, canonical_dns_name};
 use serde::{Deserialize, Serialize};
+use transport::atomic_file::AtomicFile;
 
 /// Why a policy file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,16 @@ pub enum PolicyError {
         path: PathBuf,
         /// What is wrong, with line and column when TOML knows them.
         message: String,
+    },
+    /// A policy file named explicitly does not exist.
+    #[error(
+        "no policy file at {}; write one with `hybridlink agent allow HOST:PORT --policy {}`",
+        path.display(),
+        path.display()
+    )]
+    Missing {
+        /// The file.
+        path: PathBuf,
     },
     /// The file could not be written.
     #[error("cannot write the policy {path}: {source}")]
@@ -89,23 +100,12 @@ impl HostPattern {
         if let Ok(net) = s.parse::<IpNet>() {
             return Ok(HostPattern::Net(net.trunc()));
         }
-        let valid_name = |n: &str| {
-            !n.is_empty()
-                && n.len() <= 253
-                && n.split('.').all(|label| {
-                    !label.is_empty()
-                        && label.len() <= 63
-                        && label
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                })
-        };
         if let Some(rest) = s.strip_prefix("*.") {
-            if valid_name(rest) {
-                return Ok(HostPattern::Suffix(rest.to_ascii_lowercase()));
+            if let Ok(suffix) = canonical_dns_name(rest) {
+                return Ok(HostPattern::Suffix(suffix));
             }
-        } else if valid_name(s) {
-            return Ok(HostPattern::Name(s.to_ascii_lowercase()));
+        } else if let Ok(name) = canonical_dns_name(s) {
+            return Ok(HostPattern::Name(name));
         }
         Err(format!(
             "host {s:?} is not a name, a wildcard (*.corp or *), an address or a CIDR"
@@ -508,8 +508,8 @@ pub const HEADER: &str = "\
 # Edit with `hybridlink agent allow|deny`, or by hand; the agent rereads it.
 ";
 
-/// Writes `text` to `path` atomically (a temporary file renamed over it),
-/// mode 0644, after checking that it parses.
+/// Writes `text` to `path` atomically (0644 under the usual umask), after
+/// checking that it parses.
 pub fn write_text(path: &Path, text: &PolicyText) -> Result<(), PolicyError> {
     let body = toml::to_string(text).map_err(|e| PolicyError::Parse {
         path: path.to_path_buf(),
@@ -517,16 +517,13 @@ pub fn write_text(path: &Path, text: &PolicyText) -> Result<(), PolicyError> {
     })?;
     let full = format!("{HEADER}\n{body}");
     Policy::parse(&full, path)?;
-    let write_err = |source| PolicyError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(write_err)?;
-    }
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, full).map_err(write_err)?;
-    std::fs::rename(&tmp, path).map_err(write_err)
+    AtomicFile::new(path)
+        .create_dir()
+        .write(full.as_bytes())
+        .map_err(|source| PolicyError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]

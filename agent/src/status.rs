@@ -1,12 +1,13 @@
 //! The agent's view of each hybrid connection it serves.
 
+use std::fmt;
 use std::time::SystemTime;
 
 use proto::name::{Endpoint, HcName};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Whether the relay currently accepts this agent for a hybrid connection.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state", content = "reason")]
 pub enum Connection {
     /// Not yet attached, or the relay is being dialed again.
@@ -18,6 +19,30 @@ pub enum Connection {
     /// Attached, but the on-prem policy refuses the endpoint the relay
     /// announced: every stream is refused with `denied_by_policy`.
     DeniedByPolicy(String),
+}
+
+impl Connection {
+    /// Why the hybrid connection is in this state; empty when connected.
+    pub fn reason(&self) -> &str {
+        match self {
+            Connection::Connected => "",
+            Connection::Reconnecting(reason)
+            | Connection::Denied(reason)
+            | Connection::DeniedByPolicy(reason) => reason,
+        }
+    }
+}
+
+impl fmt::Display for Connection {
+    /// The state as `agent status` shows it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            Connection::Connected => "Connected",
+            Connection::Reconnecting(_) => "Reconnecting",
+            Connection::Denied(_) => "Denied",
+            Connection::DeniedByPolicy(_) => "Denied by policy",
+        })
+    }
 }
 
 /// One hybrid connection's state inside the agent.
@@ -145,7 +170,7 @@ impl HcState {
 
 /// Whether the two ends of a hybrid connection verify each other, or trust
 /// the relay's introductions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EndToEnd {
     /// Every stream carries proofs of the end-to-end key, bound to its pipe.
@@ -155,8 +180,19 @@ pub enum EndToEnd {
     RelayTrusted,
 }
 
-/// A snapshot for `hybridlink agent status`.
-#[derive(Clone, Debug, Serialize)]
+impl fmt::Display for EndToEnd {
+    /// `verified` or `relay-trusted`, as in the JSON.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            EndToEnd::Verified => "verified",
+            EndToEnd::RelayTrusted => "relay-trusted",
+        })
+    }
+}
+
+/// A snapshot for `hybridlink agent status`, as the control socket carries
+/// it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HcStatus {
     /// The hybrid connection.
     pub name: HcName,

@@ -25,9 +25,7 @@ use std::net::Ipv4Addr;
 use std::str::FromStr;
 
 use ipnet::Ipv4Net;
-use proto::name::Host;
-
-use crate::names::normalize_name;
+use proto::name::{Host, canonical_dns_name};
 
 /// Why an allow-list entry could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,7 +109,7 @@ impl FromStr for AllowEntry {
         }
         let suffix = text.strip_prefix("*.").or_else(|| text.strip_prefix('.'));
         let name = suffix.unwrap_or(text);
-        let name = normalize_name(name).map_err(|e| invalid(e.to_string()))?;
+        let name = canonical_dns_name(name).map_err(|e| invalid(e.to_string()))?;
         Ok(match suffix {
             Some(_) => AllowEntry::Suffix(name),
             None => AllowEntry::Name(name),

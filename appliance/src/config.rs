@@ -20,11 +20,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use netstack::Ipv4Range;
 use proto::connection_string::ConnectionString;
 use serde::Deserialize;
 
 use crate::allow::{AllowError, AllowList};
+use crate::virtual_range::{VirtualRange, VirtualRangeError};
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -64,10 +64,8 @@ pub enum ConfigError {
     )]
     Empty,
     /// The virtual range is unusable.
-    #[error(
-        "virtual_range {0:?} is not an IPv4 network like 127.77.0.0/16 with a prefix between /8 and /30"
-    )]
-    Range(String),
+    #[error("virtual_range {0}")]
+    Range(#[from] VirtualRangeError),
     /// A name for the tun device that Linux would refuse.
     #[error("tun name {0:?} must be 1 to 15 characters of letters, digits, '-' or '_'")]
     TunName(String),
@@ -96,7 +94,7 @@ pub struct ApplianceConfig {
     pub connection_strings: Vec<ConnectionString>,
     /// Host names resolve to addresses in this range, which is routed into
     /// the tun.
-    pub virtual_range: Ipv4Range,
+    pub virtual_range: VirtualRange,
     /// The tun device's name.
     pub tun: String,
     /// The tun device's MTU; 65535 is the fastest.
@@ -111,17 +109,13 @@ pub struct ApplianceConfig {
     pub allow: Option<AllowList>,
 }
 
-/// The default virtual range: a private slice of loopback, so nothing can
-/// leak out of the host if the tun is down.
-pub const DEFAULT_RANGE: &str = "127.77.0.0/16";
-
 impl ApplianceConfig {
     /// A configuration with defaults for everything but the strings.
     pub fn new(connection_strings: Vec<ConnectionString>) -> Result<Self, ConfigError> {
         check_strings(&connection_strings)?;
         Ok(ApplianceConfig {
             connection_strings,
-            virtual_range: parse_range(DEFAULT_RANGE)?,
+            virtual_range: VirtualRange::DEFAULT,
             tun: "hl0".into(),
             mtu: 65535,
             dns_listen: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 53), 53)),
@@ -240,13 +234,9 @@ fn check_strings(strings: &[ConnectionString]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Parses a virtual range like `127.77.0.0/16`.
-pub fn parse_range(s: &str) -> Result<Ipv4Range, ConfigError> {
-    let range: Ipv4Range = s.parse().map_err(|_| ConfigError::Range(s.to_string()))?;
-    if !(8..=30).contains(&range.prefix_len()) {
-        return Err(ConfigError::Range(s.to_string()));
-    }
-    Ok(range)
+/// Parses `virtual_range` as written in the file or on the command line.
+pub fn parse_range(s: &str) -> Result<VirtualRange, ConfigError> {
+    Ok(s.parse()?)
 }
 
 /// Checks a tun device name.

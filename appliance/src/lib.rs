@@ -17,3 +17,4 @@ pub mod routing;
 pub mod service;
 pub mod status;
 pub mod table;
+pub mod virtual_range;

@@ -34,20 +34,16 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
-use ipnet::Ipv4Net;
+use proto::name::{NameError, canonical_dns_name};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
+use transport::atomic_file::AtomicFile;
 
-/// The default virtual range: a private slice of the loopback network.
-pub const DEFAULT_RANGE: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(127, 77, 0, 0), 16);
-
-/// The longest prefix a virtual range may have: a /30 still has one address
-/// to hand out after the reserved ones.
-pub const MAX_PREFIX_LEN: u8 = 30;
+use crate::virtual_range::VirtualRange;
 
 /// The version written in the state file.
 const STATE_VERSION: u32 = 1;
@@ -83,26 +79,15 @@ pub enum NamesError {
         source: io::Error,
     },
     /// A host name is not a valid DNS name.
-    #[error("{name:?} is not a valid DNS host name: {reason}")]
-    InvalidName {
-        /// The name as given.
-        name: String,
-        /// Which rule it breaks.
-        reason: &'static str,
-    },
-    /// The virtual range is too small to hold any name.
-    #[error("the virtual range {range} is too small: use a prefix of /{MAX_PREFIX_LEN} or shorter")]
-    RangeTooSmall {
-        /// The range as configured.
-        range: Ipv4Net,
-    },
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
     /// Every usable address of the range is taken.
     #[error(
         "the virtual range {range} has no free address left for {name:?}; configure a wider range"
     )]
     RangeFull {
         /// The range as configured.
-        range: Ipv4Net,
+        range: VirtualRange,
         /// The name that found no address.
         name: String,
     },
@@ -126,7 +111,7 @@ struct StateFile {
 #[derive(Debug)]
 pub struct NameMap {
     path: PathBuf,
-    range: Ipv4Net,
+    range: VirtualRange,
     by_name: BTreeMap<String, Ipv4Addr>,
     by_addr: BTreeMap<Ipv4Addr, String>,
 }
@@ -141,12 +126,11 @@ impl NameMap {
     /// [`assign`](Self::assign). A file that cannot be parsed, has an unknown
     /// version, an invalid name or two names on one address is an error,
     /// never silently replaced.
-    pub fn load_or_create(path: impl AsRef<Path>, range: Ipv4Net) -> Result<NameMap, NamesError> {
+    pub fn load_or_create(
+        path: impl AsRef<Path>,
+        range: VirtualRange,
+    ) -> Result<NameMap, NamesError> {
         let path = path.as_ref().to_path_buf();
-        let range = range.trunc();
-        if range.prefix_len() > MAX_PREFIX_LEN {
-            return Err(NamesError::RangeTooSmall { range });
-        }
         let mut map = NameMap {
             path,
             range,
@@ -181,7 +165,7 @@ impl NameMap {
         let mut dropped = false;
         let mut entries = Vec::with_capacity(state.names.len());
         for (name, addr) in state.names {
-            let normal = normalize_name(&name).map_err(|e| corrupt(e.to_string()))?;
+            let normal = canonical_dns_name(&name).map_err(|e| corrupt(e.to_string()))?;
             if normal != name {
                 return Err(corrupt(format!(
                     "name {name:?} is not in canonical form {normal:?}"
@@ -222,7 +206,7 @@ impl NameMap {
             if name.trim_end_matches('.').parse::<IpAddr>().is_ok() {
                 continue;
             }
-            let name = normalize_name(name)?;
+            let name = canonical_dns_name(name)?;
             if !self.by_name.contains_key(&name) && !new_names.contains(&name) {
                 new_names.push(name);
             }
@@ -290,7 +274,7 @@ impl NameMap {
     }
 
     /// The virtual range the addresses come from.
-    pub fn range(&self) -> Ipv4Net {
+    pub fn range(&self) -> VirtualRange {
         self.range
     }
 
@@ -299,9 +283,8 @@ impl NameMap {
         &self.path
     }
 
-    /// Writes the map to a temporary file beside the state file, syncs it
-    /// and renames it over the state file, so that a crash leaves either the
-    /// old or the new map, never half of one.
+    /// Writes the map atomically, so that a crash leaves either the old or
+    /// the new map, never half of one.
     fn save(&self) -> Result<(), NamesError> {
         let write_err = |source| NamesError::Write {
             path: self.path.clone(),
@@ -314,71 +297,16 @@ impl NameMap {
         let mut text = serde_json::to_vec_pretty(&state)
             .map_err(|e| write_err(io::Error::other(e.to_string())))?;
         text.push(b'\n');
-        let file_name = self
-            .path
-            .file_name()
-            .ok_or_else(|| write_err(io::Error::other("the path names no file")))?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(file_name);
-        tmp_name.push(".tmp");
-        let tmp = self.path.with_file_name(tmp_name);
-        let result = (|| {
-            let mut file = fs::File::create(&tmp)?;
-            file.write_all(&text)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &self.path)?;
-            let dir = match self.path.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d,
-                _ => Path::new("."),
-            };
-            fs::File::open(dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.map_err(write_err)
+        AtomicFile::new(&self.path).write(&text).map_err(write_err)
     }
-}
-
-/// Puts a host name in the form the map stores: lower-case, without a
-/// trailing dot; and checks that it is a valid DNS host name.
-pub fn normalize_name(name: &str) -> Result<String, NamesError> {
-    let invalid = |reason| NamesError::InvalidName {
-        name: name.to_string(),
-        reason,
-    };
-    let trimmed = name.strip_suffix('.').unwrap_or(name);
-    if trimmed.is_empty() {
-        return Err(invalid("it is empty"));
-    }
-    if trimmed.len() > 253 {
-        return Err(invalid("it is longer than 253 characters"));
-    }
-    for label in trimmed.split('.') {
-        if label.is_empty() {
-            return Err(invalid("it has an empty label"));
-        }
-        if label.len() > 63 {
-            return Err(invalid("a label is longer than 63 characters"));
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(invalid(
-                "only letters, digits, '-' and '_' may appear in a label",
-            ));
-        }
-    }
-    Ok(trimmed.to_ascii_lowercase())
 }
 
 /// Whether `addr` may be handed out from `range` (see the module docs).
-fn is_assignable(range: Ipv4Net, addr: Ipv4Addr) -> bool {
+fn is_assignable(range: VirtualRange, addr: Ipv4Addr) -> bool {
     let network = u32::from(range.network());
     let a = u32::from(addr);
     let last = addr.octets()[3];
-    range.contains(&addr)
+    range.contains(addr)
         && a != network
         && a != network.wrapping_add(1)
         && addr != range.broadcast()
@@ -387,7 +315,7 @@ fn is_assignable(range: Ipv4Net, addr: Ipv4Addr) -> bool {
 }
 
 /// Every assignable address of `range`, in ascending order.
-fn assignable_addrs(range: Ipv4Net) -> impl Iterator<Item = Ipv4Addr> {
+fn assignable_addrs(range: VirtualRange) -> impl Iterator<Item = Ipv4Addr> {
     let first = u32::from(range.network());
     let last = u32::from(range.broadcast());
     (first..=last)
@@ -406,7 +334,8 @@ mod tests {
     #[test]
     fn assigns_lowest_free_skipping_reserved() {
         let dir = tempfile::tempdir().unwrap();
-        let mut map = NameMap::load_or_create(dir.path().join("n.json"), DEFAULT_RANGE).unwrap();
+        let mut map =
+            NameMap::load_or_create(dir.path().join("n.json"), VirtualRange::DEFAULT).unwrap();
         map.assign(&names(&["sql.corp", "payroll.corp"])).unwrap();
         assert_eq!(
             map.lookup_name("sql.corp"),
@@ -426,7 +355,8 @@ mod tests {
     #[test]
     fn names_are_case_insensitive_and_dot_insensitive() {
         let dir = tempfile::tempdir().unwrap();
-        let mut map = NameMap::load_or_create(dir.path().join("n.json"), DEFAULT_RANGE).unwrap();
+        let mut map =
+            NameMap::load_or_create(dir.path().join("n.json"), VirtualRange::DEFAULT).unwrap();
         map.assign(&names(&["SQL.Corp.", "sql.corp", "10.4.5.6", "::1"]))
             .unwrap();
         assert_eq!(map.len(), 1);
@@ -438,7 +368,8 @@ mod tests {
     #[test]
     fn old_names_keep_addresses_when_new_ones_arrive() {
         let dir = tempfile::tempdir().unwrap();
-        let mut map = NameMap::load_or_create(dir.path().join("n.json"), DEFAULT_RANGE).unwrap();
+        let mut map =
+            NameMap::load_or_create(dir.path().join("n.json"), VirtualRange::DEFAULT).unwrap();
         map.assign(&names(&["b", "a"])).unwrap();
         let (a, b) = (map.lookup_name("a").unwrap(), map.lookup_name("b").unwrap());
         map.assign(&names(&["c", "a"])).unwrap();
@@ -452,7 +383,7 @@ mod tests {
     fn small_range_fills_up_and_skips_dot_zero_and_dot_255() {
         let dir = tempfile::tempdir().unwrap();
         // 10.0.0.252/30: .252 network, .253 reserved, .254 free, .255 broadcast.
-        let range: Ipv4Net = "10.0.0.252/30".parse().unwrap();
+        let range: VirtualRange = "10.0.0.252/30".parse().unwrap();
         let mut map = NameMap::load_or_create(dir.path().join("n.json"), range).unwrap();
         map.assign(&names(&["one"])).unwrap();
         assert_eq!(map.lookup_name("one"), Some(Ipv4Addr::new(10, 0, 0, 254)));
@@ -461,7 +392,7 @@ mod tests {
         assert_eq!(map.len(), 1);
 
         // A /23 crossing an octet: .0 and .255 of each /24 are skipped.
-        let range: Ipv4Net = "10.1.0.0/23".parse().unwrap();
+        let range: VirtualRange = "10.1.0.0/23".parse().unwrap();
         let all: Vec<_> = assignable_addrs(range).collect();
         assert_eq!(all.len(), 512 - 5);
         assert!(!all.contains(&Ipv4Addr::new(10, 1, 0, 255)));
@@ -471,22 +402,14 @@ mod tests {
     }
 
     #[test]
-    fn too_small_range_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let range: Ipv4Net = "10.0.0.0/31".parse().unwrap();
-        let err = NameMap::load_or_create(dir.path().join("n.json"), range).unwrap_err();
-        assert!(matches!(err, NamesError::RangeTooSmall { .. }));
-    }
-
-    #[test]
     fn survives_reload_and_rejects_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.json");
-        let mut map = NameMap::load_or_create(&path, DEFAULT_RANGE).unwrap();
+        let mut map = NameMap::load_or_create(&path, VirtualRange::DEFAULT).unwrap();
         map.assign(&names(&["x.corp", "y.corp"])).unwrap();
         let before: Vec<_> = map.iter().map(|(n, a)| (n.to_string(), a)).collect();
         drop(map);
-        let mut map = NameMap::load_or_create(&path, DEFAULT_RANGE).unwrap();
+        let mut map = NameMap::load_or_create(&path, VirtualRange::DEFAULT).unwrap();
         let after: Vec<_> = map.iter().map(|(n, a)| (n.to_string(), a)).collect();
         assert_eq!(before, after);
         // A new name does not take an address already held.
@@ -505,7 +428,7 @@ mod tests {
             r#"{"version":1,"names":{},"extra":1}"#,
         ] {
             fs::write(&path, bad).unwrap();
-            let err = NameMap::load_or_create(&path, DEFAULT_RANGE).unwrap_err();
+            let err = NameMap::load_or_create(&path, VirtualRange::DEFAULT).unwrap_err();
             assert!(matches!(err, NamesError::Corrupt { .. }), "{bad}: {err}");
             assert_eq!(
                 fs::read_to_string(&path).unwrap(),
@@ -524,7 +447,7 @@ mod tests {
             r#"{"version":1,"names":{"a":"127.77.0.2","b":"127.78.0.2","c":"127.77.0.1"}}"#,
         )
         .unwrap();
-        let mut map = NameMap::load_or_create(&path, DEFAULT_RANGE).unwrap();
+        let mut map = NameMap::load_or_create(&path, VirtualRange::DEFAULT).unwrap();
         assert_eq!(map.lookup_name("a"), Some(Ipv4Addr::new(127, 77, 0, 2)));
         assert_eq!(map.lookup_name("b"), None);
         assert_eq!(map.lookup_name("c"), None);
@@ -533,27 +456,10 @@ mod tests {
     }
 
     #[test]
-    fn invalid_names_are_rejected() {
-        for bad in [
-            "",
-            ".",
-            "a..b",
-            "a b",
-            "-\u{e9}",
-            &"x".repeat(64),
-            &"a.".repeat(130),
-        ] {
-            assert!(normalize_name(bad).is_err(), "{bad:?}");
-        }
-        assert_eq!(normalize_name("Sql.Corp.").unwrap(), "sql.corp");
-        assert_eq!(normalize_name("_svc.x-1").unwrap(), "_svc.x-1");
-    }
-
-    #[test]
     fn unwritable_state_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missing-dir").join("n.json");
-        let err = NameMap::load_or_create(&path, DEFAULT_RANGE).unwrap_err();
+        let err = NameMap::load_or_create(&path, VirtualRange::DEFAULT).unwrap_err();
         assert!(matches!(err, NamesError::Write { .. }), "{err}");
     }
 }

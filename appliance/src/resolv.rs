@@ -12,12 +12,13 @@
 //! `/etc/netns/NAME/resolv.conf`, where a rename fails with `EBUSY`; and
 //! when it is a symlink, opening it writes the file it points to.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Write as _};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use crate::dns::{ResolvConf, parse_resolv_conf};
+use proto::name::canonical_dns_name;
+use transport::atomic_file::AtomicFile;
 
 /// The resolver configuration of the network namespace.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -75,6 +76,87 @@ pub enum ResolvError {
         /// The I/O error.
         source: io::Error,
     },
+}
+
+/// What the appliance needs from a `resolv.conf`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvConf {
+    /// The `nameserver` addresses, in file order (all of them, though glibc
+    /// uses only the first three). Link-local IPv6 addresses with a zone
+    /// (`fe80::1%eth0`) are left out.
+    pub nameservers: Vec<IpAddr>,
+    /// The search list: from the last `search` or `domain` line, lower-case,
+    /// without trailing dots, invalid names left out.
+    pub search: Vec<String>,
+    /// `options ndots:N`.
+    pub ndots: Option<u8>,
+    /// `options timeout:N`, in seconds.
+    pub timeout: Option<u32>,
+    /// `options attempts:N`.
+    pub attempts: Option<u32>,
+    /// Every option as written (including the three above), in file order,
+    /// so that a rewritten file can keep them.
+    pub options: Vec<String>,
+}
+
+impl ResolvConf {
+    /// The nameservers as socket addresses on port 53, ready for
+    /// [`DnsConfig::upstreams`](crate::dns::DnsConfig::upstreams).
+    pub fn upstreams(&self) -> Vec<SocketAddr> {
+        self.nameservers
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, 53))
+            .collect()
+    }
+}
+
+/// Parses the text of a `resolv.conf` (see resolv.conf(5)) leniently, as the
+/// C library does: unknown keywords and malformed values are skipped, never
+/// an error. Comments start with `#` or `;`.
+pub fn parse_resolv_conf(text: &str) -> ResolvConf {
+    let mut conf = ResolvConf::default();
+    for line in text.lines() {
+        let line = match line.find(['#', ';']) {
+            Some(at) => &line[..at],
+            None => line,
+        };
+        let mut words = line.split_whitespace();
+        let Some(keyword) = words.next() else {
+            continue;
+        };
+        match keyword {
+            "nameserver" => {
+                if let Some(ip) = words.next().and_then(|w| w.parse::<IpAddr>().ok()) {
+                    conf.nameservers.push(ip);
+                }
+            }
+            "search" | "domain" => {
+                let list: Vec<String> = if keyword == "domain" {
+                    words
+                        .take(1)
+                        .filter_map(|w| canonical_dns_name(w).ok())
+                        .collect()
+                } else {
+                    words.filter_map(|w| canonical_dns_name(w).ok()).collect()
+                };
+                conf.search = list;
+            }
+            "options" => {
+                for option in words {
+                    let (name, value) = option.split_once(':').unwrap_or((option, ""));
+                    match name {
+                        "ndots" => conf.ndots = value.parse::<u32>().ok().map(|n| n.min(15) as u8),
+                        "timeout" => conf.timeout = value.parse().ok(),
+                        "attempts" => conf.attempts = value.parse().ok(),
+                        _ => {}
+                    }
+                    conf.options.push(option.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    conf
 }
 
 /// What [`recover`] did with a backup left by an appliance that did not
@@ -279,26 +361,16 @@ fn write_in_place(path: &Path, text: &str) -> Result<(), ResolvError> {
     f.sync_all().map_err(err)
 }
 
-/// Writes the backup atomically (temporary file, fsync, rename, fsync of
-/// the directory): a crash leaves either no backup or a whole one.
+/// Writes the backup atomically: a crash leaves either no backup or a whole
+/// one.
 fn write_backup(path: &Path, text: &str) -> Result<(), ResolvError> {
-    let err = |source| ResolvError::Backup {
-        path: path.to_owned(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = File::create(&tmp).map_err(err)?;
-    f.write_all(text.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+    AtomicFile::new(path)
+        .create_dir()
+        .write(text.as_bytes())
+        .map_err(|source| ResolvError::Backup {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 fn remove_backup(path: &Path) -> Result<(), ResolvError> {
@@ -449,5 +521,56 @@ sortlist 130.155.160.0/255.255.240.0
         assert!(matches!(err, ResolvError::Read { .. }));
         assert!(err.to_string().contains("absent"));
         assert!(!paths.backup.exists());
+    }
+
+    #[test]
+    fn parses_resolv_conf() {
+        let conf = parse_resolv_conf(
+            "# generated\n\
+             nameserver 10.0.0.2\n\
+             nameserver   2001:db8::53 # comment\n\
+             nameserver fe80::1%eth0\n\
+             nameserver not-an-ip\n\
+             domain ignored.example\n\
+             search Corp. eu.corp bad..name\n\
+             ; options rotate\n\
+             options ndots:2 timeout:3 attempts:4 edns0 ndots:99x\n\
+             sortlist 10.0.0.0\n",
+        );
+        assert_eq!(
+            conf.nameservers,
+            vec![
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                "2001:db8::53".parse().unwrap()
+            ]
+        );
+        assert_eq!(conf.search, vec!["corp", "eu.corp"]);
+        assert_eq!(conf.ndots, None, "the last ndots option was malformed");
+        assert_eq!(conf.timeout, Some(3));
+        assert_eq!(conf.attempts, Some(4));
+        assert_eq!(
+            conf.options,
+            vec!["ndots:2", "timeout:3", "attempts:4", "edns0", "ndots:99x"]
+        );
+        assert_eq!(
+            conf.upstreams(),
+            vec![
+                "10.0.0.2:53".parse::<SocketAddr>().unwrap(),
+                "[2001:db8::53]:53".parse().unwrap()
+            ]
+        );
+
+        let conf = parse_resolv_conf("search a.example b.example\ndomain Corp\noptions ndots:20\n");
+        assert_eq!(
+            conf.search,
+            vec!["corp"],
+            "the last of search and domain wins"
+        );
+        assert_eq!(conf.ndots, Some(15), "glibc caps ndots at 15");
+        assert_eq!(parse_resolv_conf(""), ResolvConf::default());
+        assert_eq!(
+            parse_resolv_conf("\u{0}\u{ff}garbage\n\n  \t").nameservers,
+            Vec::<IpAddr>::new()
+        );
     }
 }

@@ -37,12 +37,15 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::io::{self, Write as _};
+use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use netstack::Ipv4Range;
+use transport::atomic_file::AtomicFile;
+
+use crate::virtual_range::VirtualRange;
 
 /// The routing table that holds the route into the tun, unless configured.
 pub const DEFAULT_TABLE: u32 = 77;
@@ -65,12 +68,6 @@ const PREF_MAIN: u32 = 32766;
 
 /// Bounds the delete-until-gone loops of [`cleanup_leftovers`].
 const MAX_RULE_DELETES: usize = 65_536;
-
-/// The default virtual range, `127.77.0.0/16`.
-pub fn default_range() -> Ipv4Range {
-    // 127.77.0.0 has no host bits set under /16.
-    Ipv4Range::new(Ipv4Addr::new(127, 77, 0, 0), 16).expect("127.77.0.0/16 is a valid range")
-}
 
 /// The two rule priorities the appliance uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +96,7 @@ pub struct RoutingConfig {
     /// The tun interface, already created and up (e.g. `hl0`).
     pub tun: String,
     /// The virtual range whose addresses DNS hands out.
-    pub range: Ipv4Range,
+    pub range: VirtualRange,
     /// Single addresses routed into the tun as well: the IPv4-literal HC
     /// endpoints. Addresses inside `range` need no rule and are skipped.
     pub hosts: Vec<Ipv4Addr>,
@@ -115,12 +112,12 @@ pub struct RoutingConfig {
 }
 
 impl RoutingConfig {
-    /// Routes [`default_range`] into `tun` through [`DEFAULT_TABLE`] with the
+    /// Routes [`VirtualRange::DEFAULT`] into `tun` through [`DEFAULT_TABLE`] with the
     /// default priorities, no extra hosts and no journal.
     pub fn new(tun: impl Into<String>) -> Self {
         Self {
             tun: tun.into(),
-            range: default_range(),
+            range: VirtualRange::DEFAULT,
             hosts: Vec::new(),
             table: DEFAULT_TABLE,
             prefs: RulePrefs::default(),
@@ -628,7 +625,7 @@ fn to_table_rule_args(verb: &str, c: &RoutingConfig, to: &Ipv4Range) -> Vec<Stri
 }
 
 fn range_rule_args(verb: &str, c: &RoutingConfig) -> Vec<String> {
-    to_table_rule_args(verb, c, &c.range)
+    to_table_rule_args(verb, c, &c.range.to_ipv4_range())
 }
 
 fn host_rule_args(verb: &str, c: &RoutingConfig, host: Ipv4Addr) -> Vec<String> {
@@ -859,29 +856,19 @@ fn read_journal(path: &Path) -> Result<Option<Journal>, RoutingError> {
     }
 }
 
-/// Writes the journal durably (temporary file, fsync, rename) so a crash
-/// never leaves half of it.
+/// Writes the journal atomically, so a crash never leaves half of it.
 fn write_journal(
     path: &Path,
     kernel_local: Option<u8>,
     sysctls: &[(PathBuf, String)],
 ) -> Result<(), RoutingError> {
-    let err = |source| RoutingError::Journal {
-        path: path.to_owned(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(render_journal(kernel_local, sysctls).as_bytes())
-        .map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
-    Ok(())
+    AtomicFile::new(path)
+        .create_dir()
+        .write(render_journal(kernel_local, sysctls).as_bytes())
+        .map_err(|source| RoutingError::Journal {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 fn remove_journal(path: &Path) -> Result<(), RoutingError> {

@@ -15,12 +15,12 @@ use tracing::{info, warn};
 use transport::sender::{Sender, SenderOptions};
 
 use crate::config::ApplianceConfig;
-use crate::dns::parse_resolv_conf;
 use crate::dns::{DnsConfig, DnsServer};
 use crate::flows::{self, Routing};
 use crate::gate::{Decisions, Gate, HcState};
 use crate::names::NameMap;
 use crate::never_route::{self, HostAddress, NeverRoute};
+use crate::resolv::parse_resolv_conf;
 use crate::resolv::{self, ResolvPaths};
 use crate::routing::{self, RoutingConfig, RoutingGuard, RulePrefs};
 use crate::status::{self, HcStatus, Status};
@@ -125,13 +125,7 @@ pub async fn run(
     let table = FlowTable::new(decisions.allowed());
 
     let range = config.virtual_range;
-    let net = ipnet::Ipv4Net::new(range.network(), range.prefix_len()).map_err(|e| {
-        ApplianceError::Netstack {
-            tun: config.tun.clone(),
-            message: format!("virtual range: {e}"),
-        }
-    })?;
-    let mut names = NameMap::load_or_create(config.state_dir.join("names.json"), net)?;
+    let mut names = NameMap::load_or_create(config.state_dir.join("names.json"), range)?;
     names.assign(&table.names())?;
 
     let tun =

@@ -14,10 +14,11 @@
 //! ```
 
 use std::fmt::Write as _;
-use std::io::{self, Write as _};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use transport::atomic_file::AtomicFile;
 
 /// The file name inside the state dir.
 pub const STATUS_FILE: &str = "status.json";
@@ -126,13 +127,7 @@ impl Status {
         let mut text =
             serde_json::to_vec_pretty(self).map_err(|e| err(io::Error::other(e.to_string())))?;
         text.push(b'\n');
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        f.write_all(&text).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        AtomicFile::new(path).write(&text).map_err(err)
     }
 
     /// Reads the status at `path`.

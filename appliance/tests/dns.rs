@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use appliance::dns::{DnsConfig, DnsError, DnsServer};
-use appliance::names::{DEFAULT_RANGE, NameMap, NamesError};
+use appliance::names::{NameMap, NamesError};
+use appliance::virtual_range::VirtualRange;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
@@ -556,7 +557,7 @@ async fn the_map_survives_a_restart_and_a_corrupt_map_is_an_error() {
 
     let mut first = Vec::new();
     {
-        let mut map = NameMap::load_or_create(&path, DEFAULT_RANGE).unwrap();
+        let mut map = NameMap::load_or_create(&path, VirtualRange::DEFAULT).unwrap();
         map.assign(&hosts).unwrap();
         let served: Vec<_> = map.iter().map(|(n, a)| (n.to_string(), a)).collect();
         let server = DnsServer::start(config(vec![]), served).await.unwrap();
@@ -569,10 +570,10 @@ async fn the_map_survives_a_restart_and_a_corrupt_map_is_an_error() {
     }
     assert_eq!(first.len(), 2);
     assert_ne!(first[0], first[1]);
-    assert!(first.iter().all(|a| DEFAULT_RANGE.contains(a)));
+    assert!(first.iter().all(|a| VirtualRange::DEFAULT.contains(*a)));
 
     // Restart: a new map from the same file, hosts in another order.
-    let mut map = NameMap::load_or_create(&path, DEFAULT_RANGE).unwrap();
+    let mut map = NameMap::load_or_create(&path, VirtualRange::DEFAULT).unwrap();
     map.assign(&[
         "PAYROLL.corp".to_string(),
         "new.corp".to_string(),
@@ -593,7 +594,7 @@ async fn the_map_survives_a_restart_and_a_corrupt_map_is_an_error() {
     assert!(!first.contains(&new[0]));
 
     std::fs::write(&path, b"{\"version\":1,\"names\":{\"sql.corp\":").unwrap();
-    let err = NameMap::load_or_create(&path, DEFAULT_RANGE).unwrap_err();
+    let err = NameMap::load_or_create(&path, VirtualRange::DEFAULT).unwrap_err();
     assert!(matches!(err, NamesError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains("names.json"), "{err}");
 }

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agent::control_socket::ReloadAnswer;
 use anyhow::Context;
 use clap::Subcommand;
 use proto::connection_string::ConnectionString;
@@ -220,12 +221,9 @@ async fn edit_policy(edit: PolicyEdit, allow: bool) -> anyhow::Result<()> {
 
 /// Asks a running agent to reread its files, if one answers.
 async fn tell_agent(socket: &Path) {
-    match agent::control_socket::request(socket, "reload").await {
-        Ok(answer) if answer["error"].is_null() => println!("the running agent reread its policy"),
-        Ok(answer) => println!(
-            "the running agent answered: {}",
-            answer["error"].as_str().unwrap_or("?")
-        ),
+    match agent::control_socket::reload(socket).await {
+        Ok(ReloadAnswer::Reloaded(_)) => println!("the running agent reread its policy"),
+        Ok(ReloadAnswer::Error(error)) => println!("the running agent answered: {error}"),
         Err(_) => println!(
             "no agent answered at {} (a running agent rereads the file within seconds)",
             socket.display()
@@ -243,26 +241,6 @@ fn default_policy_path(strings_file: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(POLICY_FILE))
 }
 
-/// Reads the policy at `path`; a missing file is an error only when the
-/// path was given explicitly.
-fn load_policy(path: &Path, explicit: bool) -> anyhow::Result<agent::Policy> {
-    if path.exists() {
-        return Ok(agent::Policy::load(path)?);
-    }
-    if explicit {
-        anyhow::bail!(
-            "no policy file at {}; write one with `hybridlink agent allow HOST:PORT --policy {}`",
-            path.display(),
-            path.display()
-        );
-    }
-    tracing::warn!(
-        path = %path.display(),
-        "no policy file: using the built-in policy (any host and port except loopback, link-local and unspecified addresses); `hybridlink agent allow` writes one"
-    );
-    Ok(agent::Policy::built_in())
-}
-
 /// Runs an agent subcommand.
 pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
     match cmd {
@@ -273,7 +251,7 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             install,
         } => install_agent(connection_strings, &allow, no_end_to_end, &install).await,
         AgentCommand::EndToEndKey { name, config } => {
-            let strings = read_strings_file(&config)?;
+            let strings = agent::strings_file::read(&config)?;
             let cs = strings
                 .iter()
                 .find(|cs| cs.entity == name)
@@ -309,13 +287,18 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
         } => {
             let fixed = connection_strings.clone();
             if let Some(path) = &connection_strings_file {
-                connection_strings.extend(read_strings_file(path)?);
+                connection_strings.extend(agent::strings_file::read(path)?);
             }
-            let policy_explicit = policy.is_some();
-            let policy_path =
-                policy.unwrap_or_else(|| default_policy_path(connection_strings_file.as_deref()));
+            let sources = agent::reload::ReloadSources {
+                fixed,
+                policy: policy
+                    .clone()
+                    .unwrap_or_else(|| default_policy_path(connection_strings_file.as_deref())),
+                policy_explicit: policy.is_some(),
+                strings_file: connection_strings_file,
+            };
             let mut options = agent::AgentOptions::new(connection_strings);
-            options.policy = load_policy(&policy_path, policy_explicit)?;
+            options.policy = sources.initial_policy()?;
             options.dial_timeout = Duration::from_secs(dial_timeout);
             options.token_ttl = Duration::from_secs(token_ttl.max(2));
             if let Some(label) = label {
@@ -330,82 +313,22 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("serving metrics on {addr}"))?;
                 tracing::info!(%bound, "metrics at http://{bound}/metrics");
             }
-            let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(4);
+            let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
             let _socket =
                 agent::control_socket::serve(&status_socket, agent.clone(), Some(reload_tx))
                     .with_context(|| {
                         format!("opening the status socket {}", status_socket.display())
                     })?;
-            let policy_stamp = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-            let mut seen_policy = policy_stamp(&policy_path);
-            let reload_policy = |agent: &agent::Agent| -> Result<(), String> {
-                if !policy_path.exists() && !policy_explicit {
-                    return Ok(());
-                }
-                let fresh = agent::Policy::load(&policy_path).map_err(|e| e.to_string())?;
-                if *agent.policy() != fresh {
-                    agent.set_policy(fresh);
-                }
-                Ok(())
-            };
-            let reload = async |agent: &agent::Agent| -> Result<agent::ReloadSummary, String> {
-                reload_policy(agent)?;
-                let Some(path) = &connection_strings_file else {
-                    return Ok(agent::ReloadSummary::default());
-                };
-                let mut strings = fixed.clone();
-                strings.extend(read_strings_file(path).map_err(|e| format!("{e:#}"))?);
-                agent.reload(strings).await.map_err(|e| e.to_string())
-            };
-            let mut hangup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-            let shutdown = crate::shutdown_signal();
-            tokio::pin!(shutdown);
-            let mut poll = tokio::time::interval(Duration::from_secs(2));
-            loop {
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    _ = poll.tick() => {
-                        let stamp = policy_stamp(&policy_path);
-                        if stamp != seen_policy {
-                            seen_policy = stamp;
-                            if let Err(e) = reload_policy(&agent) {
-                                tracing::warn!(error = %e, "the changed policy file is not valid; still using the previous policy");
-                            }
-                        }
-                    }
-                    _ = hangup.recv() => {
-                        if let Err(e) = reload(&agent).await {
-                            tracing::warn!(error = %e, "reload on SIGHUP failed; still serving the old strings");
-                        }
-                    }
-                    Some(answer) = reload_rx.recv() => {
-                        let result = reload(&agent).await;
-                        if let Err(e) = &result {
-                            tracing::warn!(error = %e, "reload failed; still serving the old strings");
-                        }
-                        let _ = answer.send(result);
-                    }
-                }
-            }
+            agent::reload::serve_reloads(&agent, &sources, reload_rx, crate::shutdown_signal())
+                .await?;
             // Out of rotation at once; open streams get time to finish.
-            agent.stop_accepting();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(drain_timeout);
-            if agent.active_streams() > 0 {
-                tracing::info!(
-                    open = agent.active_streams(),
-                    "agent stopping; draining open streams"
-                );
-            }
-            while agent.active_streams() > 0 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let cut = agent.drain(Duration::from_secs(drain_timeout)).await;
             let _ = std::fs::remove_file(&status_socket);
-            tracing::info!(cut = agent.active_streams(), "agent stopped");
+            tracing::info!(cut, "agent stopped");
             Ok(())
         }
         AgentCommand::Reload { status_socket } => {
-            let answer = agent::control_socket::request(&status_socket, "reload")
+            let answer = agent::control_socket::reload(&status_socket)
                 .await
                 .with_context(|| {
                     format!(
@@ -413,17 +336,11 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                         status_socket.display()
                     )
                 })?;
-            if let Some(error) = answer["error"].as_str() {
-                anyhow::bail!("{error}");
-            }
-            let r = &answer["reloaded"];
-            let list = |k: &str| {
-                let names: Vec<&str> = r[k]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|v| v.as_str())
-                    .collect();
+            let summary = match answer {
+                ReloadAnswer::Reloaded(summary) => summary,
+                ReloadAnswer::Error(error) => anyhow::bail!("{error}"),
+            };
+            let list = |names: &[String]| {
                 if names.is_empty() {
                     "-".to_string()
                 } else {
@@ -432,9 +349,9 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             };
             println!(
                 "reloaded: added {}; changed {}; removed {}",
-                list("added"),
-                list("changed"),
-                list("removed")
+                list(&summary.added),
+                list(&summary.changed),
+                list(&summary.removed)
             );
             Ok(())
         }
@@ -442,7 +359,7 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             status_socket,
             json,
         } => {
-            let status = agent::control_socket::query(&status_socket)
+            let status = agent::control_socket::status(&status_socket)
                 .await
                 .with_context(|| {
                     format!(
@@ -451,26 +368,21 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                     )
                 })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                // Through a Value, whose keys are sorted, as this output has
+                // always been.
+                let value = serde_json::to_value(&status)?;
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 println!(
                     "{:<24} {:<18} {:<32} {:<15} REASON",
                     "HYBRID CONNECTION", "STATE", "ENDPOINT", "END-TO-END"
                 );
-                for hc in status.as_array().into_iter().flatten() {
-                    let name = hc["name"].as_str().unwrap_or("?");
-                    let state = hc["connection"]["state"].as_str().unwrap_or("?");
-                    let state = match state {
-                        "connected" => "Connected",
-                        "reconnecting" => "Reconnecting",
-                        "denied" => "Denied",
-                        "denied_by_policy" => "Denied by policy",
-                        other => other,
-                    };
-                    let endpoint = hc["endpoint"].as_str().unwrap_or("-");
-                    let e2e = hc["end_to_end"].as_str().unwrap_or("?");
-                    let reason =
-                        crate::hc::printable(hc["connection"]["reason"].as_str().unwrap_or(""));
+                for hc in &status {
+                    let name = hc.name.as_str();
+                    let state = &hc.connection;
+                    let endpoint = hc.endpoint.as_deref().unwrap_or("-");
+                    let e2e = hc.end_to_end;
+                    let reason = crate::hc::printable(hc.connection.reason());
                     println!("{name:<24} {state:<18} {endpoint:<32} {e2e:<15} {reason}");
                 }
             }
@@ -481,28 +393,6 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
 
 /// Where `agent install` keeps the listen connection strings.
 pub const AGENT_CONF: &str = "/etc/hybridlink/agent.conf";
-
-/// Reads a file of connection strings, one per line; `#` starts a comment.
-pub fn read_strings_file(path: &Path) -> anyhow::Result<Vec<ConnectionString>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading connection strings from {}", path.display()))?;
-    parse_strings(&text).with_context(|| format!("in {}", path.display()))
-}
-
-fn parse_strings(text: &str) -> anyhow::Result<Vec<ConnectionString>> {
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let cs: ConnectionString = line
-            .parse()
-            .map_err(|e| anyhow::anyhow!("line {}: {e}", n + 1))?;
-        out.push(cs);
-    }
-    Ok(out)
-}
 
 /// Adds `new` to `old`: a string for the same hybrid connection on the same
 /// relay replaces the old one.
@@ -647,7 +537,7 @@ async fn install_agent(
     }
     let conf = args.under_root(Path::new(AGENT_CONF));
     let old = if conf.exists() {
-        read_strings_file(&conf)?
+        agent::strings_file::read(&conf)?
     } else {
         Vec::new()
     };
@@ -723,16 +613,6 @@ mod tests {
         format!("Endpoint=sb://relay.test:9443/;SharedAccessKeyName=listen;SharedAccessKey={key};EntityPath={name};CertificateSha256={}", "ab".repeat(32))
             .parse()
             .unwrap()
-    }
-
-    #[test]
-    fn strings_files_skip_comments_and_name_bad_lines() {
-        let text = format!("# c\n\n{}\n  {}  \n", cs("a", "k1"), cs("b", "k2"));
-        assert_eq!(parse_strings(&text).unwrap().len(), 2);
-        let err = parse_strings("# c\nnot a string\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("line 2: "), "{err}");
     }
 
     #[test]

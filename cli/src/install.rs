@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
+use transport::atomic_file::AtomicFile;
 
 /// Options every `install` takes.
 #[derive(clap::Args, Debug, Clone)]
@@ -99,27 +100,14 @@ impl Unit {
     }
 }
 
-/// Writes `text` to `path`, creating its directory, with `mode`.
+/// Writes `text` to `path` atomically, creating its directory, with exactly
+/// `mode`, and says so.
 pub fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("hybridlink-tmp");
-    {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    AtomicFile::new(path)
+        .mode(mode)
+        .create_dir()
+        .write(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())
 }

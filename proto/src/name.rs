@@ -5,7 +5,8 @@
 //! connection strings, control messages), into values that cannot be invalid;
 //! everything downstream takes these types instead of strings. Each
 //! serializes with serde as its canonical string and is validated again when
-//! deserialized.
+//! deserialized. [`canonical_dns_name`] is the one check of a DNS name,
+//! for hosts and for every other name the appliance and agent take.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -206,43 +207,56 @@ impl FromStr for Host {
         if let Ok(addr) = s.parse::<Ipv4Addr>() {
             return Ok(Host::Ipv4(addr));
         }
-        let host = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
-        if host.is_empty() {
-            return Err(NameError::EmptyHost);
-        }
-        let len = host.chars().count();
-        if len > DNS_NAME_MAX_LEN {
-            return Err(NameError::HostTooLong { len });
-        }
-        // All digits and dots: meant as an address, but not a valid one.
-        if host.chars().all(|c| c.is_ascii_digit() || c == '.') {
-            return Err(NameError::BadIpv4 { host: s.to_owned() });
-        }
-        for label in host.split('.') {
-            let reason = if label.is_empty() {
-                Some("is empty (two dots in a row, or a leading dot)")
-            } else if label.len() > DNS_LABEL_MAX_LEN {
-                Some("is longer than 63 characters")
-            } else if !label
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            {
-                Some("contains a character other than a-z, 0-9 and '-'")
-            } else if label.starts_with('-') || label.ends_with('-') {
-                Some("starts or ends with '-'")
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
-                return Err(NameError::BadHostLabel {
-                    host: s.to_owned(),
-                    label: label.to_owned(),
-                    reason,
-                });
-            }
-        }
-        Ok(Host::Dns(host))
+        canonical_dns_name(s).map(Host::Dns)
     }
+}
+
+/// Checks that `name` is a DNS host name and returns it in canonical form:
+/// lower-case, without a trailing dot. A host name has at most 253
+/// characters in labels of 1 to 63 letters, digits and `-`, none starting
+/// or ending with `-`, and is not all digits and dots (that is meant as an
+/// IPv4 address). Every part of hybridlink that takes a DNS name checks it
+/// here: [`Host`], the appliance's name map, DNS server and allow list, and
+/// the agent's policy.
+pub fn canonical_dns_name(name: &str) -> Result<String, NameError> {
+    let host = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    if host.is_empty() {
+        return Err(NameError::EmptyHost);
+    }
+    let len = host.chars().count();
+    if len > DNS_NAME_MAX_LEN {
+        return Err(NameError::HostTooLong { len });
+    }
+    // All digits and dots: meant as an address, but not a valid one.
+    if host.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(NameError::BadIpv4 {
+            host: name.to_owned(),
+        });
+    }
+    for label in host.split('.') {
+        let reason = if label.is_empty() {
+            Some("is empty (two dots in a row, or a leading dot)")
+        } else if label.len() > DNS_LABEL_MAX_LEN {
+            Some("is longer than 63 characters")
+        } else if !label
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            Some("contains a character other than a-z, 0-9 and '-'")
+        } else if label.starts_with('-') || label.ends_with('-') {
+            Some("starts or ends with '-'")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(NameError::BadHostLabel {
+                host: name.to_owned(),
+                label: label.to_owned(),
+                reason,
+            });
+        }
+    }
+    Ok(host)
 }
 
 impl TryFrom<String> for Host {
@@ -439,6 +453,40 @@ mod tests {
             long.parse::<Host>(),
             Err(NameError::HostTooLong { .. })
         ));
+    }
+
+    #[test]
+    fn dns_names_are_checked_once_and_made_canonical() {
+        assert_eq!(canonical_dns_name("Sql.Corp."), Ok("sql.corp".into()));
+        assert_eq!(canonical_dns_name("db-1.x"), Ok("db-1.x".into()));
+        assert_eq!(
+            canonical_dns_name("10.in-addr.arpa"),
+            Ok("10.in-addr.arpa".into())
+        );
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            "a b",
+            "_svc.corp",
+            "-a.corp",
+            "a-.corp",
+            "caf\u{e9}.corp",
+            "10.4.5",
+            &"x".repeat(64),
+            &"a.".repeat(130),
+        ] {
+            assert!(canonical_dns_name(bad).is_err(), "{bad:?}");
+        }
+        // A host that is not an address is exactly a canonical DNS name.
+        assert_eq!(
+            "SQL.corp.".parse::<Host>(),
+            canonical_dns_name("SQL.corp.").map(Host::Dns)
+        );
+        assert_eq!(
+            "sql_server.corp".parse::<Host>(),
+            canonical_dns_name("sql_server.corp").map(Host::Dns)
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
 
-use crate::registry::write_file_atomically;
+use transport::atomic_file::AtomicFile;
 
 /// File name of the certificate inside the data directory.
 pub const CERT_FILE: &str = "cert.pem";
@@ -217,7 +217,9 @@ fn create(data_dir: &Path, names: &[String]) -> Result<(Vec<u8>, Vec<u8>), Ident
     let key_pem = certified.signing_key.serialize_pem().into_bytes();
     for (file, bytes) in [(KEY_FILE, &key_pem), (CERT_FILE, &cert_pem)] {
         let path = data_dir.join(file);
-        write_file_atomically(&path, bytes, 0o600)
+        AtomicFile::new(&path)
+            .mode(0o600)
+            .write(bytes)
             .map_err(|source| IdentityError::Write { path, source })?;
     }
     Ok((cert_pem, key_pem))

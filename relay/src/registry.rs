@@ -18,9 +18,9 @@
 //! whose HC was deleted.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -31,6 +31,7 @@ use proto::sas::RuleKeys;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::broadcast;
+use transport::atomic_file::AtomicFile;
 
 /// File name of the registry inside the data directory.
 pub const REGISTRY_FILE: &str = "registry.json";
@@ -538,7 +539,9 @@ fn save(dir: &Path, state: &State) -> Result<(), RegistryError> {
     })?;
     json.push(b'\n');
     let path = dir.join(REGISTRY_FILE);
-    write_file_atomically(&path, &json, 0o600)
+    AtomicFile::new(&path)
+        .mode(0o600)
+        .write(&json)
         .map_err(|source| RegistryError::Write { path, source })
 }
 
@@ -551,51 +554,19 @@ fn sync_manage_key_file(dir: &Path, key: &Key) -> Result<(), RegistryError> {
     };
     if current.as_deref().map(str::trim) != Some(key.as_str()) {
         let text = format!("{}\n", key.as_str());
-        write_file_atomically(&path, text.as_bytes(), 0o600)
+        AtomicFile::new(&path)
+            .mode(0o600)
+            .write(text.as_bytes())
             .map_err(|source| RegistryError::Write { path, source })?;
     }
     Ok(())
-}
-
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the
-/// new one: temporary file in the same directory (created with `mode`),
-/// fsync, rename, fsync of the directory.
-pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let mut tmp_name = file_name.to_owned();
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // `mode` only applies to new files; a leftover temp file keeps its own.
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proto::sas;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn name(s: &str) -> HcName {
         s.parse().unwrap()

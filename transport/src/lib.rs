@@ -1,6 +1,8 @@
 //! The tokio side of hybridlink: everything that moves bytes between sockets
 //! and the sans-I/O machines of `proto`.
 //!
+//! - [`atomic_file`]: files written so that a crash leaves the old or the
+//!   new content.
 //! - [`control`]: a peer's control channel to the relay (keep-alives,
 //!   reconnects, token renewal).
 //! - [`pipe`]: pipes through the relay with TLS end to end.
@@ -11,6 +13,7 @@
 //! - [`backoff`]: jittered exponential backoff for reconnects.
 //! - [`metrics`]: the Prometheus metrics every role shares.
 
+pub mod atomic_file;
 pub mod backoff;
 pub mod control;
 pub mod metrics;
