@@ -92,6 +92,8 @@ impl Unit {
             s.push_str("ExecReload=/bin/kill -HUP $MAINPID\n");
         }
         s.push_str("Restart=always\nRestartSec=2\n");
+        // Every socket is a file; the binary raises its soft limit to this.
+        s.push_str("LimitNOFILE=1048576\n");
         for line in &self.service {
             let _ = writeln!(s, "{line}");
         }

@@ -111,6 +111,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Every socket is a file: take all the hard limit allows.
+    match transport::fd_limit::raise() {
+        Ok((before, after)) if before != after => {
+            tracing::debug!(?before, ?after, "open-files limit raised");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
 
     let result = match cli.command {
         Command::Hc { cmd, api } => hc::run(cmd, &api),

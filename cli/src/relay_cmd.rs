@@ -164,6 +164,8 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 "listen": relay.listen.to_string(),
                 "api": relay.api.to_string(),
                 "cert_sha256": hex_encode(&relay.cert_sha256),
+                "max_pipes": relay.limits.max_pipes,
+                "max_unauthenticated": relay.limits.max_unauthenticated,
             });
             if let Some(addr) = metrics {
                 let hub = relay.hub.clone();

@@ -61,6 +61,59 @@ impl Default for Limits {
     }
 }
 
+/// Open files the relay keeps for itself: its listeners, the registry and
+/// identity files, the management API's connections, logs.
+const FD_RESERVE: u64 = 128;
+/// Open files one spliced pipe costs: the two sockets and the two ends of
+/// each of the two kernel pipes that splice them.
+pub const FDS_PER_PIPE: u64 = 6;
+
+impl Limits {
+    /// These limits fitted to a process that may open `open_files` files
+    /// (`None`: unlimited), with a sentence for each limit it lowered.
+    ///
+    /// A quarter of what is left after [`FD_RESERVE`] may go to connections
+    /// not yet authenticated, an eighth is kept for control channels (one
+    /// file each), and the rest is for pipes at [`FDS_PER_PIPE`] each. A
+    /// relay past its file limit fails every `accept`, legitimate peers'
+    /// included; within these quotas it refuses the extra request instead.
+    pub fn fit_to_open_files(self, open_files: Option<u64>) -> (Limits, Vec<String>) {
+        let Some(open_files) = open_files else {
+            return (self, Vec::new());
+        };
+        let mut fitted = self;
+        let mut notes = Vec::new();
+        let budget = open_files.saturating_sub(FD_RESERVE);
+        let unauthenticated = usize::try_from(budget / 4).unwrap_or(usize::MAX).max(1);
+        if fitted.max_unauthenticated > unauthenticated {
+            notes.push(format!(
+                "--max-unauthenticated {} lowered to {unauthenticated}: this process may open {open_files} files (ulimit -n)",
+                fitted.max_unauthenticated
+            ));
+            fitted.max_unauthenticated = unauthenticated;
+        }
+        // One address may not hold more than an eighth of them, so a few
+        // addresses cannot take them all.
+        fitted.max_unauthenticated_per_ip = fitted
+            .max_unauthenticated_per_ip
+            .min((fitted.max_unauthenticated / 8).max(1));
+        let for_pipes = budget
+            .saturating_sub(fitted.max_unauthenticated as u64)
+            .saturating_sub(budget / 8);
+        let pipes = usize::try_from(for_pipes / FDS_PER_PIPE)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        if fitted.max_pipes > pipes {
+            notes.push(format!(
+                "--max-pipes {} lowered to {pipes}: each pipe takes {FDS_PER_PIPE} open files and this process may open {open_files} (ulimit -n; the relay's unit sets LimitNOFILE=1048576)",
+                fitted.max_pipes
+            ));
+            fitted.max_pipes = pipes;
+        }
+        (fitted, notes)
+    }
+}
+
 /// Errors starting a relay.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -91,6 +144,8 @@ pub struct RunningRelay {
     pub cert_sha256: [u8; 32],
     /// The live state.
     pub hub: Hub,
+    /// The quotas in force: those asked for, fitted to the open-files limit.
+    pub limits: Limits,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -136,10 +191,14 @@ impl RelayConfig {
                 addr: self.api,
                 source,
             })?;
-        registry.set_max_hcs(self.limits.max_hcs);
+        let (limits, notes) = self.limits.fit_to_open_files(transport::fd_limit::soft());
+        for note in notes {
+            tracing::warn!("{note}");
+        }
+        registry.set_max_hcs(limits.max_hcs);
         let hub = Hub::new(registry.clone());
-        hub.set_max_listeners(self.limits.max_listeners_per_hc);
-        hub.set_max_pipes(self.limits.max_pipes);
+        hub.set_max_listeners(limits.max_listeners_per_hc);
+        hub.set_max_pipes(limits.max_pipes);
         let public_host = self
             .public_host
             .clone()
@@ -158,8 +217,8 @@ impl RelayConfig {
             hub.clone(),
             identity.server_config(),
             crate::preauth::PreAuthGate::new(crate::preauth::PreAuthLimits {
-                max_total: self.limits.max_unauthenticated,
-                max_per_ip: self.limits.max_unauthenticated_per_ip,
+                max_total: limits.max_unauthenticated,
+                max_per_ip: limits.max_unauthenticated_per_ip,
             }),
         )));
         let router = api::router(state);
@@ -207,7 +266,36 @@ impl RelayConfig {
             api,
             cert_sha256: identity.cert_sha256(),
             hub,
+            limits,
             tasks,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotas_fit_the_open_files_limit() {
+        let asked = Limits::default();
+        // Unlimited or plenty: nothing changes.
+        assert_eq!(asked.fit_to_open_files(None).1, Vec::<String>::new());
+        let (fitted, notes) = asked.fit_to_open_files(Some(1 << 20));
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(fitted.max_pipes, asked.max_pipes);
+        // systemd's default soft limit: both quotas come down, and what
+        // they need fits in it.
+        let (fitted, notes) = asked.fit_to_open_files(Some(1024));
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes[1].contains("--max-pipes 100000 lowered to"),
+            "{notes:?}"
+        );
+        let needed =
+            FD_RESERVE + fitted.max_unauthenticated as u64 + fitted.max_pipes as u64 * FDS_PER_PIPE;
+        assert!(needed <= 1024, "{needed}");
+        assert!(fitted.max_unauthenticated_per_ip <= fitted.max_unauthenticated);
+        assert!(fitted.max_pipes >= 50, "{}", fitted.max_pipes);
     }
 }

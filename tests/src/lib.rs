@@ -164,6 +164,8 @@ pub struct Relay {
     pub api: SocketAddr,
     /// Its data dir.
     pub data_dir: PathBuf,
+    /// The line `relay serve` printed when ready.
+    pub ready: serde_json::Value,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -185,7 +187,7 @@ impl Relay {
     /// Starts a relay with `data_dir` listening on `listen`, with more
     /// `relay serve` flags.
     pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Result<Relay> {
-        Relay::start_logging(data_dir, listen, extra, Stdio::inherit())
+        Relay::start_logging(data_dir, listen, extra, Stdio::inherit(), None)
     }
 
     /// Starts a relay on loopback with a fresh data dir and more `relay
@@ -194,12 +196,34 @@ impl Relay {
         let dir = tempfile::tempdir()?;
         let file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut relay = Relay::start_logging(dir.path(), "127.0.0.1:0", extra, file.into())?;
+        let mut relay = Relay::start_logging(dir.path(), "127.0.0.1:0", extra, file.into(), None)?;
         relay._dir = Some(dir);
         Ok(relay)
     }
 
-    fn start_logging(data_dir: &Path, listen: &str, extra: &[&str], log: Stdio) -> Result<Relay> {
+    /// Starts a relay on loopback with a fresh data dir in a process that
+    /// may open at most `open_files` files (soft and hard limit, set with
+    /// util-linux's `prlimit`).
+    pub fn start_with_open_files(open_files: u64) -> Result<Relay> {
+        let dir = tempfile::tempdir()?;
+        let mut relay = Relay::start_logging(
+            dir.path(),
+            "127.0.0.1:0",
+            &[],
+            Stdio::inherit(),
+            Some(open_files),
+        )?;
+        relay._dir = Some(dir);
+        Ok(relay)
+    }
+
+    fn start_logging(
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        log: Stdio,
+        open_files: Option<u64>,
+    ) -> Result<Relay> {
         let dir = data_dir.to_str().context("utf-8 path")?;
         let mut argv = vec![
             "relay",
@@ -212,7 +236,17 @@ impl Relay {
             "127.0.0.1:0",
         ];
         argv.extend_from_slice(extra);
-        let mut proc = Proc::spawn(binary(), "relay", &argv, Stdio::piped(), log)?;
+        let mut proc = match open_files {
+            None => Proc::spawn(binary(), "relay", &argv, Stdio::piped(), log)?,
+            Some(n) => {
+                let limit = format!("--nofile={n}:{n}");
+                let bin = binary();
+                let bin = bin.to_str().context("utf-8 binary path")?;
+                let mut wrapped = vec![limit.as_str(), "--", bin];
+                wrapped.extend_from_slice(&argv);
+                Proc::spawn("prlimit", "relay", &wrapped, Stdio::piped(), log)?
+            }
+        };
         let ready = proc.ready_line()?;
         let addr = |k: &str| -> Result<SocketAddr> {
             ready[k]
@@ -226,6 +260,7 @@ impl Relay {
             api: addr("api")?,
             proc,
             data_dir: data_dir.to_path_buf(),
+            ready,
             _dir: None,
         })
     }

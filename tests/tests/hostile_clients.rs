@@ -755,3 +755,45 @@ async fn a_tenant_flooding_pipe_requests_leaves_the_other_tenants_working() -> R
     );
     Ok(())
 }
+
+/// A relay that may open only 256 files: it fits its quotas to that limit
+/// (and says so in its ready line), so strangers holding connections from
+/// several addresses are refused by the caps instead of exhausting the
+/// files, and a legitimate `connect --check` still gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_its_open_files_limit_the_relay_still_serves_legitimate_peers() -> Result<()> {
+    const OPEN_FILES: u64 = 256;
+    let relay = Relay::start_with_open_files(OPEN_FILES)?;
+    let max_pipes = relay.ready["max_pipes"].as_u64().context("max_pipes")?;
+    let max_unauthenticated = relay.ready["max_unauthenticated"]
+        .as_u64()
+        .context("max_unauthenticated")?;
+    ensure!(
+        max_unauthenticated + 6 * max_pipes < OPEN_FILES,
+        "quotas of {max_unauthenticated} strangers and {max_pipes} pipes do not fit {OPEN_FILES} files"
+    );
+    let (send, listen) = relay.create_hc("crowded", echo_server_thread()?)?;
+    let agent = Agent::start(&[&listen], &[])?;
+    agent.wait_connected()?;
+    // 300 connections that say nothing, from five addresses: more than the
+    // relay could hold open.
+    let mut idle = Vec::new();
+    for i in 0..300u16 {
+        let source = Ipv4Addr::new(127, 0, 0, 10 + (i % 5) as u8);
+        if let Ok(conn) = tcp_from(source, relay.listen).await {
+            idle.push(conn);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let relay_files = fds(relay.proc.pid())?;
+    ensure!(
+        relay_files < OPEN_FILES as usize - 32,
+        "the relay holds {relay_files} files"
+    );
+    let send2 = send.clone();
+    tokio::task::spawn_blocking(move || check(&send2))
+        .await?
+        .context("a legitimate peer could not get through")?;
+    drop(idle);
+    Ok(())
+}

@@ -12,10 +12,12 @@
 //! - [`tls`]: pinned-key TLS configurations and the data identity.
 //! - [`backoff`]: jittered exponential backoff for reconnects.
 //! - [`metrics`]: the Prometheus metrics every role shares.
+//! - [`fd_limit`]: the open-files limit every role raises at start.
 
 pub mod atomic_file;
 pub mod backoff;
 pub mod control;
+pub mod fd_limit;
 pub mod metrics;
 pub mod mux;
 pub mod pipe;
