@@ -429,6 +429,10 @@ impl MuxHandle {
             Err(proto::mux::OpenError::RequestTooLarge { len, .. }) => {
                 Err(OpenError::RequestTooLarge(len))
             }
+            // Refused here as the peer would refuse it.
+            Err(proto::mux::OpenError::SessionFull) => Err(OpenError::Rejected(
+                Bytes::from_static(proto::mux::TOO_MANY_STREAMS),
+            )),
             Err(_) => Err(OpenError::SessionClosed(inner.end(s))),
         })?;
         let mut guard = OpenGuard {

@@ -92,6 +92,10 @@ pub enum OpenError {
     /// All stream ids of this side were used; open a new pipe.
     #[error("stream ids of this pipe are exhausted; open a new pipe")]
     IdsExhausted,
+    /// The receive windows of the open streams fill the session window:
+    /// another stream would commit memory past it.
+    #[error("the streams of this pipe hold all of its receive window; close some first")]
+    SessionFull,
 }
 
 /// Why an operation on one stream failed.

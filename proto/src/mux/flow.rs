@@ -11,17 +11,47 @@ use crate::frame::{Frame, StreamId};
 /// WINDOW frame.
 pub const BASE_WINDOW: u32 = 64 * 1024;
 
+/// Window raises and growth leave the base windows of this many new streams
+/// uncommitted (at most an eighth of the session window), so streams opened
+/// after a few fast ones still fit in the session window.
+const RESERVED_STREAMS: u64 = 1024;
+
 /// How often the round-trip time is re-measured while windows are granted.
 const RTT_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
 impl Mux {
-    /// Raises the receive window of a new stream from [`BASE_WINDOW`] to
-    /// the configured initial window.
+    /// Whether the session can commit the [`BASE_WINDOW`] a new stream
+    /// implicitly grants without passing [`super::Config::max_session_window`].
+    pub(super) fn has_room_for_a_stream(&self) -> bool {
+        self.session_window + u64::from(BASE_WINDOW) <= self.config.max_session_window
+    }
+
+    /// Commits the [`BASE_WINDOW`] of a stream being created.
+    pub(super) fn commit_base(&mut self) {
+        self.session_window += u64::from(BASE_WINDOW);
+    }
+
+    /// Session window that raises above [`BASE_WINDOW`] may still commit:
+    /// what is left after the reserve for new streams.
+    fn room_to_raise(&self) -> u64 {
+        let base = u64::from(BASE_WINDOW);
+        let reserve = (self.config.max_session_window / base / 8).min(RESERVED_STREAMS) * base;
+        self.config
+            .max_session_window
+            .saturating_sub(self.session_window + reserve)
+    }
+
+    /// Raises the receive window of a new stream (whose [`BASE_WINDOW`] is
+    /// committed) towards the configured initial window, as far as the
+    /// session budget allows.
     pub(super) fn grant_initial(&mut self, id: StreamId, s: &mut Stream) {
-        s.recv_window = self.config.initial_window;
-        s.recv_limit = u64::from(s.recv_window);
-        self.session_window += u64::from(s.recv_window);
-        if let Some(increment) = s.recv_window.checked_sub(BASE_WINDOW).filter(|&i| i > 0) {
+        let room = self.room_to_raise();
+        let wanted = self.config.initial_window.saturating_sub(s.recv_window);
+        let increment = u32::try_from(room.min(u64::from(wanted))).unwrap_or(wanted);
+        if increment > 0 {
+            s.recv_window += increment;
+            s.recv_limit = u64::from(s.recv_window);
+            self.session_window += u64::from(increment);
             self.push(&Frame::Window { id, increment });
         }
     }
@@ -29,6 +59,7 @@ impl Mux {
     /// Grants more credit once half of the window was consumed; doubles the
     /// window when grants come faster than every two round trips.
     pub(super) fn maybe_grant(&mut self, id: StreamId, now: Instant) {
+        let room = self.room_to_raise();
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
@@ -41,7 +72,7 @@ impl Mux {
         {
             let grown = s.recv_window.saturating_mul(2).min(self.config.max_window);
             let extra = u64::from(grown - s.recv_window);
-            if self.session_window + extra <= self.config.max_session_window {
+            if extra <= room {
                 self.session_window += extra;
                 s.recv_window = grown;
             }

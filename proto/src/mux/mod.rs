@@ -22,6 +22,13 @@
 //! time is measured with PING/PONG. A peer that sends beyond its credit
 //! breaks the protocol and the session is closed.
 //!
+//! The session window is a hard bound on the credit granted: every stream
+//! commits its [`BASE_WINDOW`] from the moment it is opened (by either
+//! side), initial windows are raised only as far as the budget allows, and
+//! a stream the budget cannot cover is refused (REJECT for the peer's OPEN,
+//! [`OpenError::SessionFull`] for our own). So a pipe never buffers more
+//! than that window of unread bytes, however many streams it carries.
+//!
 //! # Liveness
 //!
 //! After [`Config::keepalive_interval`] without receiving anything, a PING is
@@ -66,7 +73,8 @@ use stream::{State, Stream};
 /// DATA payloads of this size or more are buffered without copying.
 pub const ZERO_COPY_MIN: usize = 4 * 1024;
 
-/// Payload of the REJECT sent for an OPEN past [`Config::max_streams`].
+/// Payload of the REJECT sent for an OPEN past [`Config::max_streams`], or
+/// one whose [`BASE_WINDOW`] the session window cannot cover.
 pub const TOO_MANY_STREAMS: &[u8] = b"too many concurrent streams on this pipe";
 
 /// Which end of the pipe this is. The client opens odd stream ids, the
@@ -118,8 +126,9 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(15),
             // As many as the appliance's netstack holds flows: one sender
             // keeps one pipe per agent, so this is the most connections an
-            // application can hold to one agent. Memory stays bounded by the
-            // session window, not by the stream count.
+            // application can hold to one agent. Every stream commits at
+            // least BASE_WINDOW of the session window, so with the default
+            // window the budget admits 4,096 streams at once before this.
             max_streams: 16_384,
             max_frame_payload: frame::DEFAULT_MAX_PAYLOAD,
             max_buffered_output: 1024 * 1024,
@@ -390,11 +399,15 @@ impl Mux {
                 max: self.config.max_frame_payload,
             });
         }
+        if !self.has_room_for_a_stream() {
+            return Err(OpenError::SessionFull);
+        }
         let raw = u32::try_from(self.next_local).map_err(|_| OpenError::IdsExhausted)?;
         self.next_local += 2;
         let id = StreamId::new(raw);
         self.push(&Frame::Open { id, request });
         let mut stream = Stream::new(State::Opening);
+        self.commit_base();
         self.grant_initial(id, &mut stream);
         self.streams.insert(id, stream);
         Ok(id)
@@ -416,7 +429,7 @@ impl Mux {
     /// Rejects a stream the peer opened; the stream is gone afterwards.
     pub fn reject(&mut self, id: StreamId, payload: Bytes) -> Result<(), StreamError> {
         self.stream_for_answer(id)?;
-        self.streams.remove(&id);
+        self.release(id);
         self.push(&Frame::Reject { id, payload });
         Ok(())
     }
@@ -454,9 +467,7 @@ impl Mux {
     /// window to the session budget.
     fn release(&mut self, id: StreamId) -> Option<Stream> {
         let s = self.streams.remove(&id)?;
-        if s.state != State::Incoming {
-            self.session_window = self.session_window.saturating_sub(u64::from(s.recv_window));
-        }
+        self.session_window = self.session_window.saturating_sub(u64::from(s.recv_window));
         Some(s)
     }
 
@@ -529,12 +540,16 @@ impl Mux {
                     return Err(ProtocolError::IdNotIncreasing(id));
                 }
                 self.max_peer = id.get();
-                if self.streams.len() >= self.config.max_streams {
+                // An accepted stream may receive BASE_WINDOW at once: one
+                // the session budget cannot cover is refused like one past
+                // the stream limit. The budget is committed from the OPEN.
+                if self.streams.len() >= self.config.max_streams || !self.has_room_for_a_stream() {
                     self.push(&Frame::Reject {
                         id,
                         payload: Bytes::from_static(TOO_MANY_STREAMS),
                     });
                 } else {
+                    self.commit_base();
                     self.streams.insert(id, Stream::new(State::Incoming));
                     self.events.push_back(Event::IncomingStream { id, request });
                 }

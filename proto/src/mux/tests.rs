@@ -681,3 +681,70 @@ fn output_backlog_pushes_back_on_writers_until_drained() {
     assert_eq!(p.client.poll_event(), Some(Event::Writable { id: b }));
     assert!(p.client.write(b, &data).unwrap() > 0);
 }
+
+#[test]
+fn receive_credit_never_exceeds_the_session_window() {
+    let budget = 10 * u64::from(BASE_WINDOW);
+    let small = Config {
+        max_session_window: budget,
+        ..Config::default()
+    };
+    let mut p = Pair::new(Config::default());
+    p.server = Mux::new(Side::Server, small.clone(), p.now);
+    for _ in 0..20 {
+        p.client.open(Bytes::new()).unwrap();
+    }
+    p.drive();
+    let incoming: Vec<StreamId> = p
+        .server_events
+        .iter()
+        .filter_map(|e| match e {
+            Event::IncomingStream { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    let rejected = p
+        .client_events
+        .iter()
+        .filter(|e| matches!(e, Event::Rejected { payload, .. } if payload == TOO_MANY_STREAMS))
+        .count();
+    assert_eq!((incoming.len(), rejected), (10, 10));
+    for id in &incoming {
+        p.server.accept(*id, Bytes::new()).unwrap();
+    }
+    p.drive();
+    let committed: u64 = incoming
+        .iter()
+        .map(|id| u64::from(p.server.recv_window(*id).unwrap()))
+        .sum();
+    assert!(committed <= budget, "{committed} > {budget}");
+    // A released stream gives its credit back: the next OPEN is accepted.
+    p.server.reset(incoming[0]);
+    p.drive();
+    let again = p.client.open(Bytes::new()).unwrap();
+    p.drive();
+    assert!(
+        p.server_events
+            .iter()
+            .any(|e| matches!(e, Event::IncomingStream { id, .. } if *id == again))
+    );
+
+    // Our own opens stop at the budget too: the first streams get more
+    // than the base window, the later ones the base window alone.
+    let mut alone = Mux::new(Side::Client, small, p.now);
+    let mut opened = Vec::new();
+    let refusal = loop {
+        match alone.open(Bytes::new()) {
+            Ok(id) => opened.push(id),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(refusal, OpenError::SessionFull), "{refusal}");
+    let committed: u64 = opened
+        .iter()
+        .map(|id| u64::from(alone.recv_window(*id).unwrap()))
+        .sum();
+    assert!(committed <= budget, "{committed} > {budget}");
+    assert!(alone.recv_window(opened[0]).unwrap() > BASE_WINDOW);
+    assert!(opened.len() > 3, "{}", opened.len());
+}
