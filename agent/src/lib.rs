@@ -175,7 +175,7 @@ pub(crate) fn record_policy(hc: &HcName, state: &mut HcState, refusal: Option<St
 /// Its connection strings can be replaced while it runs ([`Agent::reload`]):
 /// a new *generation* of control channels attaches with the new strings
 /// first, then the old one detaches, so the hybrid connections never lose
-/// their listener; streams already open (on pipes of the old generation)
+/// their agent; streams already open (on pipes of the old generation)
 /// go on until they end.
 #[derive(Clone, Debug)]
 pub struct Agent {
@@ -426,7 +426,7 @@ fn spawn_generation(
     let mut tasks = Vec::new();
     for (relay, relay_strings) in by_relay {
         let mut config = ControlConfig::new(
-            PeerRole::Listener,
+            PeerRole::Agent,
             identity.fingerprint(),
             options.label.clone(),
             relay_strings,

@@ -537,7 +537,7 @@ impl Session for PeerSession {
 /// What a peer says about itself in its hello.
 #[derive(Clone, Debug)]
 pub struct PeerHello {
-    /// Sender or listener.
+    /// Sender or agent.
     pub role: PeerRole,
     /// The fingerprint of its data identity.
     pub identity: Fingerprint,
@@ -551,7 +551,7 @@ pub enum RelayEvent {
     /// A valid hello: register the session and call
     /// [`RelaySession::welcome`].
     Hello {
-        /// Sender or listener.
+        /// Sender or agent.
         role: PeerRole,
         /// The fingerprint of its data identity.
         identity: Fingerprint,

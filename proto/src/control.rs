@@ -164,8 +164,10 @@ pub fn decode_pipe_preamble(
 pub enum PeerRole {
     /// Opens streams (appliance, `connect`, `forward`); attaches with send tokens.
     Sender,
-    /// Serves hybrid connections; attaches with listen tokens.
-    Listener,
+    /// Serves hybrid connections; attaches with listen tokens. The wire
+    /// keeps the original protocol's name, `listener`.
+    #[serde(rename = "listener")]
+    Agent,
 }
 
 /// A live agent of a hybrid connection, as announced to senders.
@@ -185,7 +187,7 @@ pub enum PeerMessage {
     Hello {
         /// Must equal [`PROTOCOL_VERSION`].
         version: u32,
-        /// Sender or listener.
+        /// Sender or agent.
         role: PeerRole,
         /// Fingerprint of the peer's data certificate.
         identity: Fingerprint,
@@ -203,7 +205,7 @@ pub enum PeerMessage {
     Ping { nonce: u64 },
     /// Answer to the relay's keep-alive.
     Pong { nonce: u64 },
-    /// Listener: how its streams of a hybrid connection are doing (sent
+    /// Agent: how its streams of a hybrid connection are doing (sent
     /// every few seconds; the relay shows the sum over agents in its status).
     Stats {
         entity: HcName,
@@ -217,7 +219,7 @@ pub enum PeerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         policy_refusal: Option<String>,
     },
-    /// Listener: which endpoint does this hybrid connection have? Checks the
+    /// Agent: which endpoint does this hybrid connection have? Checks the
     /// token like `Attach` but joins nothing (`agent install` asks this to
     /// write a policy that allows exactly that endpoint).
     Describe { entity: HcName, token: String },
@@ -275,7 +277,7 @@ pub enum DetachReason {
 pub enum RelayMessage {
     /// Answer to `Hello`.
     Welcome { session: u64 },
-    /// An attachment succeeded; both roles learn the endpoint (listeners dial
+    /// An attachment succeeded; both roles learn the endpoint (agents dial
     /// it, senders route and name it).
     Attached {
         entity: HcName,
@@ -297,9 +299,9 @@ pub enum RelayMessage {
     },
     /// The endpoint of a hybrid connection changed (or was re-announced).
     EndpointChanged { entity: HcName, endpoint: Endpoint },
-    /// To listeners: this sender identity may open streams on `entity`.
+    /// To agents: this sender identity may open streams on `entity`.
     Grant { peer: Fingerprint, entity: HcName },
-    /// To listeners: this sender identity may no longer open streams on `entity`.
+    /// To agents: this sender identity may no longer open streams on `entity`.
     Revoke { peer: Fingerprint, entity: HcName },
     /// To a sender: the ticket for the pipe it asked for.
     PipeTicket {
@@ -309,7 +311,7 @@ pub enum RelayMessage {
     },
     /// To a sender: the pipe could not be arranged.
     PipeFailed { request_id: u64, message: String },
-    /// To a listener: a sender will meet you on this ticket.
+    /// To an agent: a sender will meet you on this ticket.
     PipeOffer { ticket: Ticket, peer: Fingerprint },
     /// Keep-alive.
     Ping { nonce: u64 },
@@ -478,7 +480,7 @@ mod tests {
         let msgs = vec![
             PeerMessage::Hello {
                 version: PROTOCOL_VERSION,
-                role: PeerRole::Listener,
+                role: PeerRole::Agent,
                 identity: Fingerprint([7; 32]),
                 label: "onprem-1".parse().unwrap(),
             },
@@ -505,6 +507,25 @@ mod tests {
             }
         }
         assert_eq!(got, msgs);
+    }
+
+    /// The wire keeps the original protocol's names, so that peers and
+    /// relays of either vocabulary understand each other.
+    #[test]
+    fn the_wire_keeps_the_original_names() {
+        let hello = PeerMessage::Hello {
+            version: PROTOCOL_VERSION,
+            role: PeerRole::Agent,
+            identity: Fingerprint([7; 32]),
+            label: "onprem-1".parse().unwrap(),
+        };
+        let json = serde_json::to_value(&hello).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "hello", "version": PROTOCOL_VERSION,
+                "role": "listener", "identity": "07".repeat(32), "label": "onprem-1"})
+        );
+        assert_eq!(serde_json::from_value::<PeerMessage>(json).unwrap(), hello);
     }
 
     #[test]

@@ -40,7 +40,7 @@ use proto::name::{Endpoint, HcName, Host};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::hub::{Hub, ListenerStatus};
+use crate::hub::{AttachedAgent, Hub};
 use crate::registry::{HcRecord, Registry, RegistryError, SlotKeys};
 
 /// The OpenAPI 3 description of this API, served at `/openapi.json`.
@@ -99,31 +99,33 @@ pub struct HcStatus {
     /// `Connected` when at least one agent is attached, else `Not connected`.
     pub status: String,
     /// How many agents are attached.
-    pub listener_count: usize,
+    #[serde(rename = "listener_count")]
+    pub agent_count: usize,
     /// The attached agents.
-    pub listeners: Vec<ListenerStatus>,
+    #[serde(rename = "listeners")]
+    pub agents: Vec<AttachedAgent>,
     /// The streams of the attached agents, summed (each agent reports its
     /// own every few seconds; the relay itself never sees inside a pipe).
     pub streams: proto::control::StreamStats,
 }
 
 fn status_of(state: &ApiState, hc: &HcRecord) -> HcStatus {
-    let listeners = state.hub.listeners(&hc.name);
+    let agents = state.hub.agents(&hc.name);
     let mut streams = proto::control::StreamStats::default();
-    for l in &listeners {
-        streams += l.streams;
+    for a in &agents {
+        streams += a.streams;
     }
     HcStatus {
         streams,
         name: hc.name.clone(),
         endpoint: hc.endpoint.clone(),
-        status: if listeners.is_empty() {
+        status: if agents.is_empty() {
             "Not connected".into()
         } else {
             "Connected".into()
         },
-        listener_count: listeners.len(),
-        listeners,
+        agent_count: agents.len(),
+        agents,
     }
 }
 
@@ -246,7 +248,7 @@ pub struct SlotStrings {
 pub struct ConnectionStrings {
     /// For senders (appliances).
     pub send: SlotStrings,
-    /// For listeners (agents).
+    /// For agents.
     pub listen: SlotStrings,
 }
 

@@ -503,8 +503,8 @@ async fn an_unknown_name_and_a_wrong_key_get_the_same_answer() -> Result<()> {
     };
     for (cs, role, describe) in [
         (&send, PeerRole::Sender, false),
-        (&listen, PeerRole::Listener, false),
-        (&listen, PeerRole::Listener, true),
+        (&listen, PeerRole::Agent, false),
+        (&listen, PeerRole::Agent, true),
     ] {
         // Same length, so not even the message length differs.
         let wrong_key = refusal(&relay, &forged(cs, "payroll")?, role, describe).await?;
@@ -592,7 +592,7 @@ async fn an_agent_that_stops_reading_leaves_the_rotation_within_the_keepalive_ti
         Ipv4Addr::new(127, 0, 0, 3),
         &relay,
         &listen,
-        PeerRole::Listener,
+        PeerRole::Agent,
     )
     .await?;
     write_message(
@@ -613,11 +613,11 @@ async fn an_agent_that_stops_reading_leaves_the_rotation_within_the_keepalive_ti
             other => bail!("unexpected {other:?}"),
         }
     }
-    let listeners = || -> Result<usize> {
+    let agents = || -> Result<usize> {
         let status = relay.hc(&["status", "stuck"])?;
         Ok(status["listeners"].as_array().map_or(0, Vec::len))
     };
-    ensure!(listeners()? == 1, "the agent is not in the rotation");
+    ensure!(agents()? == 1, "the agent is not in the rotation");
 
     // From here on: a keep-alive every second, and not one byte read.
     let stopped = Instant::now();
@@ -633,7 +633,7 @@ async fn an_agent_that_stops_reading_leaves_the_rotation_within_the_keepalive_ti
         }
     });
     let limit = KEEPALIVE + IDLE + Duration::from_secs(3);
-    while listeners()? == 1 {
+    while agents()? == 1 {
         ensure!(
             stopped.elapsed() < limit,
             "a session that reads nothing was still in the rotation {limit:?} after it stopped"

@@ -118,7 +118,7 @@ impl ControlHandle {
 pub struct ControlConfig {
     /// The relay.
     pub relay: RelayAddr,
-    /// Sender or listener.
+    /// Sender or agent.
     pub role: PeerRole,
     /// This process's data identity fingerprint.
     pub identity: Fingerprint,
@@ -280,7 +280,7 @@ pub async fn describe(
     strings: &[ConnectionString],
 ) -> Result<Vec<(HcName, Result<proto::name::Endpoint, String>)>, String> {
     let config = ControlConfig::new(
-        PeerRole::Listener,
+        PeerRole::Agent,
         Fingerprint([0; 32]),
         "describe".into(),
         strings.to_vec(),

@@ -16,7 +16,7 @@ fn string(entity: &str) -> ConnectionString {
 
 fn hello() -> PeerHello {
     PeerHello {
-        role: PeerRole::Listener,
+        role: PeerRole::Agent,
         identity: Fingerprint([7; 32]),
         label: "onprem-1".parse().unwrap(),
     }
@@ -202,7 +202,7 @@ fn hello_welcome_then_every_hybrid_connection_is_attached() {
     assert!(matches!(
         link.relay_events[0],
         RelayEvent::Hello {
-            role: PeerRole::Listener,
+            role: PeerRole::Agent,
             ..
         }
     ));

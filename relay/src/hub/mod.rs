@@ -29,8 +29,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::registry::Registry;
 use rendezvous::Rendezvous;
 pub use state::{
-    AgentReport, Claim, HubState, ListenerStatus, MAX_LISTENERS_PER_HC, Output, PipeRefused,
-    Quotas, SessionId, TICKET_TTL,
+    AgentReport, AttachedAgent, Claim, HubState, MAX_AGENTS_PER_HC, Output, PipeRefused, Quotas,
+    SessionId, TICKET_TTL,
 };
 
 /// Depth of each session's outgoing queue.
@@ -242,7 +242,7 @@ impl Hub {
         self.with_state(|s| s.attach(id, entity, token, renew, record.as_ref(), now));
     }
 
-    /// A listener asks for a hybrid connection's endpoint without joining
+    /// An agent asks for a hybrid connection's endpoint without joining
     /// it: the answer is `Described` or `Detached`.
     pub fn describe(&self, id: SessionId, entity: HcName, token: String) {
         let record = self.inner.registry.get(&entity);
@@ -319,10 +319,10 @@ impl Hub {
     }
 
     /// Limits each hybrid connection to `max` attached agents.
-    pub fn set_max_listeners(&self, max: usize) {
+    pub fn set_max_agents(&self, max: usize) {
         self.with_state(|s| {
             let quotas = Quotas {
-                max_listeners: max,
+                max_agents: max,
                 ..s.quotas()
             };
             s.set_quotas(quotas);
@@ -335,7 +335,7 @@ impl Hub {
         PipeGuard(self.inner.clone())
     }
 
-    /// Records a listener's stream counters for a hybrid connection it is
+    /// Records an agent's stream counters for a hybrid connection it is
     /// attached to (reports for anything else are ignored).
     pub fn report_stats(
         &self,
@@ -347,7 +347,7 @@ impl Hub {
         self.with_state(|s| s.report_stats(id, entity, stats, report));
     }
 
-    /// Per attached hybrid connection: (listeners, senders).
+    /// Per attached hybrid connection: (agents, senders).
     pub fn attachment_counts(&self) -> Vec<(HcName, usize, usize)> {
         self.lock().state.attachment_counts()
     }
@@ -358,8 +358,8 @@ impl Hub {
     }
 
     /// The agents currently serving `entity`.
-    pub fn listeners(&self, entity: &HcName) -> Vec<ListenerStatus> {
-        self.lock().state.listeners(entity)
+    pub fn agents(&self, entity: &HcName) -> Vec<AttachedAgent> {
+        self.lock().state.agents(entity)
     }
 }
 

@@ -28,8 +28,8 @@ pub type SessionId = u64;
 
 /// How long a pipe ticket waits for both ends.
 pub const TICKET_TTL: Duration = Duration::from_secs(10);
-/// Listeners per hybrid connection, as in the original product.
-pub const MAX_LISTENERS_PER_HC: usize = 25;
+/// Agents per hybrid connection, as in the original product.
+pub const MAX_AGENTS_PER_HC: usize = 25;
 /// Pipe tickets one sender session may hold waiting at once. A sender
 /// opens a pipe per agent and reuses it; more than this in flight is a
 /// flood, and it must not take the relay-wide quota from other tenants.
@@ -50,7 +50,7 @@ pub enum Output {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quotas {
     /// Agents per hybrid connection.
-    pub max_listeners: usize,
+    pub max_agents: usize,
     /// Pipes spliced or pending at once, relay-wide.
     pub max_pipes: usize,
     /// Pending tickets per sender session.
@@ -60,7 +60,7 @@ pub struct Quotas {
 impl Default for Quotas {
     fn default() -> Self {
         Quotas {
-            max_listeners: MAX_LISTENERS_PER_HC,
+            max_agents: MAX_AGENTS_PER_HC,
             max_pipes: usize::MAX,
             max_pending_per_session: MAX_PENDING_TICKETS_PER_SESSION,
         }
@@ -81,7 +81,7 @@ struct Session {
     addr: SocketAddr,
     since_unix: u64,
     attached: HashMap<HcName, Attachment>,
-    /// Listener: its last stream counters per attached hybrid connection.
+    /// Agent: its last stream counters per attached hybrid connection.
     stats: HashMap<HcName, (StreamStats, AgentReport)>,
     /// Sender: its tickets still waiting for both ends.
     pending_tickets: usize,
@@ -97,9 +97,9 @@ pub struct AgentReport {
     pub policy_refusal: Option<String>,
 }
 
-/// A snapshot of one agent of a hybrid connection, for the status API.
+/// One agent attached to a hybrid connection, as the status API shows it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ListenerStatus {
+pub struct AttachedAgent {
     /// Relay session id.
     pub id: SessionId,
     /// The agent's own name.
@@ -173,7 +173,7 @@ pub struct HubState {
 fn needed(role: PeerRole) -> Right {
     match role {
         PeerRole::Sender => Right::Send,
-        PeerRole::Listener => Right::Listen,
+        PeerRole::Agent => Right::Listen,
     }
 }
 
@@ -361,12 +361,12 @@ impl HubState {
             self.send(id, RelayMessage::Renewed { entity, expires });
             return;
         }
-        let max = self.quotas.max_listeners;
+        let max = self.quotas.max_agents;
         let already = self
             .sessions
             .get(&id)
             .is_some_and(|s| s.attached.contains_key(&entity));
-        if role == PeerRole::Listener && !already && self.listeners_of(&entity).len() >= max {
+        if role == PeerRole::Agent && !already && self.agent_ids(&entity).len() >= max {
             self.out.push_back(Output::Refused("quota"));
             self.send(
                 id,
@@ -388,7 +388,7 @@ impl HubState {
             .insert(entity.clone(), Attachment { token, expires })
             .is_none();
         let identity = session.identity;
-        // Listeners dial the endpoint; senders (the appliance) route and
+        // Agents dial the endpoint; senders (the appliance) route and
         // name it locally.
         self.send(
             id,
@@ -414,9 +414,9 @@ impl HubState {
                         agents,
                     },
                 );
-                for l in self.listeners_of(&entity) {
+                for a in self.agent_ids(&entity) {
                     self.send(
-                        l,
+                        a,
                         RelayMessage::Grant {
                             peer: identity,
                             entity: entity.clone(),
@@ -424,7 +424,7 @@ impl HubState {
                     );
                 }
             }
-            PeerRole::Listener => {
+            PeerRole::Agent => {
                 for peer in self.sender_identities(&entity) {
                     self.send(
                         id,
@@ -439,7 +439,7 @@ impl HubState {
         }
     }
 
-    /// A listener asks for a hybrid connection's endpoint without joining
+    /// An agent asks for a hybrid connection's endpoint without joining
     /// it: the token is checked as for `attach`; the answer is `Described`
     /// or `Detached`.
     pub fn describe(
@@ -497,7 +497,7 @@ impl HubState {
         let shared = self
             .sessions
             .get(&agent)
-            .filter(|a| a.role == PeerRole::Listener)
+            .filter(|a| a.role == PeerRole::Agent)
             .is_some_and(|a| a.attached.keys().any(|hc| s.attached.contains_key(hc)));
         let refusal = if s.role != PeerRole::Sender || !shared {
             Some(format!(
@@ -668,7 +668,7 @@ impl HubState {
                     .map(|a| (s.role, *id, a.token.clone()))
             })
             .collect();
-        // `Sender` sorts before `Listener`.
+        // `Sender` sorts before `Agent`.
         attached.sort_by_key(|(role, id, _)| (*role != PeerRole::Sender, *id));
         for (role, id, token) in attached {
             let (reason, message) = match record {
@@ -698,8 +698,8 @@ impl HubState {
             );
         }
         if let Some(record) = record {
-            let mut peers = self.listeners_of(entity);
-            peers.extend(self.senders_of(entity));
+            let mut peers = self.agent_ids(entity);
+            peers.extend(self.sender_ids(entity));
             for p in peers {
                 self.send(
                     p,
@@ -712,7 +712,7 @@ impl HubState {
         }
     }
 
-    /// Records a listener's stream counters for a hybrid connection it is
+    /// Records an agent's stream counters for a hybrid connection it is
     /// attached to (reports for anything else are ignored).
     pub fn report_stats(
         &mut self,
@@ -722,21 +722,21 @@ impl HubState {
         report: AgentReport,
     ) {
         if let Some(s) = self.sessions.get_mut(&id)
-            && s.role == PeerRole::Listener
+            && s.role == PeerRole::Agent
             && s.attached.contains_key(&entity)
         {
             s.stats.insert(entity, (stats, report));
         }
     }
 
-    /// Per attached hybrid connection: (listeners, senders), by name.
+    /// Per attached hybrid connection: (agents, senders), by name.
     pub fn attachment_counts(&self) -> Vec<(HcName, usize, usize)> {
         self.attached_entities()
             .into_iter()
             .map(|n| {
-                let l = self.listeners_of(&n).len();
-                let s = self.senders_of(&n).len();
-                (n, l, s)
+                let a = self.agent_ids(&n).len();
+                let s = self.sender_ids(&n).len();
+                (n, a, s)
             })
             .collect()
     }
@@ -752,13 +752,13 @@ impl HubState {
     }
 
     /// The agents currently serving `entity`.
-    pub fn listeners(&self, entity: &HcName) -> Vec<ListenerStatus> {
-        self.listeners_of(entity)
+    pub fn agents(&self, entity: &HcName) -> Vec<AttachedAgent> {
+        self.agent_ids(entity)
             .into_iter()
             .filter_map(|id| {
                 let s = self.sessions.get(&id)?;
                 let (streams, report) = s.stats.get(entity).cloned().unwrap_or_default();
-                Some(ListenerStatus {
+                Some(AttachedAgent {
                     id,
                     label: s.label.to_string(),
                     address: s.addr.to_string(),
@@ -775,12 +775,12 @@ impl HubState {
             .collect()
     }
 
-    /// Listener sessions attached to `entity`, by id (the rotation order).
-    fn listeners_of(&self, entity: &HcName) -> Vec<SessionId> {
-        self.attached_as(entity, PeerRole::Listener)
+    /// The sessions of the agents attached to `entity`, by id (the rotation order).
+    fn agent_ids(&self, entity: &HcName) -> Vec<SessionId> {
+        self.attached_as(entity, PeerRole::Agent)
     }
 
-    fn senders_of(&self, entity: &HcName) -> Vec<SessionId> {
+    fn sender_ids(&self, entity: &HcName) -> Vec<SessionId> {
         self.attached_as(entity, PeerRole::Sender)
     }
 
@@ -798,7 +798,7 @@ impl HubState {
     /// The distinct identities of the senders attached to `entity`.
     fn sender_identities(&self, entity: &HcName) -> Vec<Fingerprint> {
         let set: BTreeSet<Fingerprint> = self
-            .senders_of(entity)
+            .sender_ids(entity)
             .into_iter()
             .map(|s| self.sessions[&s].identity)
             .collect();
@@ -806,7 +806,7 @@ impl HubState {
     }
 
     fn agents_of(&self, entity: &HcName) -> Vec<AgentInfo> {
-        self.listeners_of(entity)
+        self.agent_ids(entity)
             .into_iter()
             .map(|id| AgentInfo {
                 id,
@@ -817,7 +817,7 @@ impl HubState {
 
     fn announce_agents(&mut self, entity: &HcName) {
         let agents = self.agents_of(entity);
-        for s in self.senders_of(entity) {
+        for s in self.sender_ids(entity) {
             self.send(
                 s,
                 RelayMessage::Agents {
@@ -839,16 +839,16 @@ impl HubState {
         session.stats.remove(entity);
         let (role, identity) = (session.role, session.identity);
         match role {
-            PeerRole::Listener => self.announce_agents(entity),
+            PeerRole::Agent => self.announce_agents(entity),
             PeerRole::Sender => {
                 // Another session of the same identity may still hold the
                 // grant.
                 let still: HashSet<Fingerprint> =
                     self.sender_identities(entity).into_iter().collect();
                 if !still.contains(&identity) {
-                    for l in self.listeners_of(entity) {
+                    for a in self.agent_ids(entity) {
                         self.send(
-                            l,
+                            a,
                             RelayMessage::Revoke {
                                 peer: identity,
                                 entity: entity.clone(),

@@ -85,7 +85,7 @@ impl Bench {
     fn key(&self, role: PeerRole) -> Key {
         match role {
             PeerRole::Sender => self.record.send.primary.clone(),
-            PeerRole::Listener => self.record.listen.primary.clone(),
+            PeerRole::Agent => self.record.listen.primary.clone(),
         }
     }
 
@@ -107,7 +107,7 @@ impl Bench {
     }
 
     fn agent(&mut self, id: SessionId, who: u8) {
-        self.join(id, PeerRole::Listener, who, 3600);
+        self.join(id, PeerRole::Agent, who, 3600);
     }
 
     fn sender(&mut self, id: SessionId, who: u8) {
@@ -293,9 +293,9 @@ fn a_revoke_waits_for_the_last_session_of_an_identity() {
 }
 
 #[test]
-fn a_listener_that_detached_first_is_sent_nothing_after() {
+fn an_agent_that_detached_first_is_sent_nothing_after() {
     let mut b = Bench::new();
-    b.join(1, PeerRole::Listener, 0xa1, 50);
+    b.join(1, PeerRole::Agent, 0xa1, 50);
     b.sender(2, 0x5e);
     b.collect();
     b.sent.clear();
@@ -396,9 +396,9 @@ fn ticket_expiry_is_linear_in_the_number_of_tickets() {
 }
 
 #[test]
-fn quotas_on_pipes_per_session_relay_wide_and_listeners() {
+fn quotas_on_pipes_per_session_relay_wide_and_agents() {
     let mut b = Bench::with(Quotas {
-        max_listeners: 2,
+        max_agents: 2,
         max_pipes: 5,
         max_pending_per_session: 3,
     });
