@@ -454,11 +454,11 @@ impl PeerSession {
     fn sign_all(&mut self, renew: bool, unix_now: u64) -> Result<(), ChannelError> {
         let expiry = unix_now + self.token_ttl.as_secs();
         for cs in &self.attachments {
-            let (entity, token) = (cs.entity.clone(), cs.token(expiry));
+            let (hc, token) = (cs.hc.clone(), cs.token(expiry));
             self.channel.send(&if renew {
-                PeerMessage::Renew { entity, token }
+                PeerMessage::Renew { hc, token }
             } else {
-                PeerMessage::Attach { entity, token }
+                PeerMessage::Attach { hc, token }
             })?;
         }
         Ok(())

@@ -179,7 +179,8 @@ pub struct AgentInfo {
     pub identity: Fingerprint,
 }
 
-/// Messages from a peer to the relay.
+/// Messages from a peer to the relay. The hybrid connection a message is
+/// about is `hc` here and `entity` on the wire, the original protocol's name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PeerMessage {
@@ -196,9 +197,17 @@ pub enum PeerMessage {
         label: PeerLabel,
     },
     /// Join a hybrid connection with a SAS token of the right kind.
-    Attach { entity: HcName, token: String },
+    Attach {
+        #[serde(rename = "entity")]
+        hc: HcName,
+        token: String,
+    },
     /// Replace the token of an attachment before it expires.
-    Renew { entity: HcName, token: String },
+    Renew {
+        #[serde(rename = "entity")]
+        hc: HcName,
+        token: String,
+    },
     /// Sender: ask for a pipe to an agent.
     PipeRequest { request_id: u64, agent: u64 },
     /// Keep-alive.
@@ -208,7 +217,8 @@ pub enum PeerMessage {
     /// Agent: how its streams of a hybrid connection are doing (sent
     /// every few seconds; the relay shows the sum over agents in its status).
     Stats {
-        entity: HcName,
+        #[serde(rename = "entity")]
+        hc: HcName,
         stats: StreamStats,
         /// Whether this agent requires the end-to-end proof on this hybrid
         /// connection (it holds its `EndToEndKey`).
@@ -222,7 +232,11 @@ pub enum PeerMessage {
     /// Agent: which endpoint does this hybrid connection have? Checks the
     /// token like `Attach` but joins nothing (`agent install` asks this to
     /// write a policy that allows exactly that endpoint).
-    Describe { entity: HcName, token: String },
+    Describe {
+        #[serde(rename = "entity")]
+        hc: HcName,
+        token: String,
+    },
 }
 
 /// An agent's stream counters for one hybrid connection.
@@ -260,7 +274,8 @@ pub enum DetachReason {
     /// No such hybrid connection. Not sent by this relay: a name that does
     /// not exist is refused as `Unauthorized`, with the same message as a
     /// wrong key, so that nobody learns names without a valid signature.
-    UnknownEntity,
+    #[serde(rename = "unknown_entity")]
+    UnknownHc,
     /// The key the token was signed with was regenerated.
     KeyRegenerated,
     /// The hybrid connection was deleted.
@@ -271,7 +286,8 @@ pub enum DetachReason {
     Quota,
 }
 
-/// Messages from the relay to a peer.
+/// Messages from the relay to a peer. As in [`PeerMessage`], `hc` is
+/// `entity` on the wire.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RelayMessage {
@@ -280,29 +296,48 @@ pub enum RelayMessage {
     /// An attachment succeeded; both roles learn the endpoint (agents dial
     /// it, senders route and name it).
     Attached {
-        entity: HcName,
+        #[serde(rename = "entity")]
+        hc: HcName,
         endpoint: Option<Endpoint>,
         expires: u64,
     },
     /// An attachment was refused or has ended; `message` says why, for people.
     Detached {
-        entity: HcName,
+        #[serde(rename = "entity")]
+        hc: HcName,
         reason: DetachReason,
         message: String,
     },
     /// A token was renewed.
-    Renewed { entity: HcName, expires: u64 },
+    Renewed {
+        #[serde(rename = "entity")]
+        hc: HcName,
+        expires: u64,
+    },
     /// To senders: the live agents of a hybrid connection (the whole list).
     Agents {
-        entity: HcName,
+        #[serde(rename = "entity")]
+        hc: HcName,
         agents: Vec<AgentInfo>,
     },
     /// The endpoint of a hybrid connection changed (or was re-announced).
-    EndpointChanged { entity: HcName, endpoint: Endpoint },
-    /// To agents: this sender identity may open streams on `entity`.
-    Grant { peer: Fingerprint, entity: HcName },
-    /// To agents: this sender identity may no longer open streams on `entity`.
-    Revoke { peer: Fingerprint, entity: HcName },
+    EndpointChanged {
+        #[serde(rename = "entity")]
+        hc: HcName,
+        endpoint: Endpoint,
+    },
+    /// To agents: this sender identity may open streams on `hc`.
+    Grant {
+        peer: Fingerprint,
+        #[serde(rename = "entity")]
+        hc: HcName,
+    },
+    /// To agents: this sender identity may no longer open streams on `hc`.
+    Revoke {
+        peer: Fingerprint,
+        #[serde(rename = "entity")]
+        hc: HcName,
+    },
     /// To a sender: the ticket for the pipe it asked for.
     PipeTicket {
         request_id: u64,
@@ -320,7 +355,11 @@ pub enum RelayMessage {
     /// The relay ends the channel; `message` says why.
     Bye { message: String },
     /// Answer to `Describe` (a refusal comes as `Detached`).
-    Described { entity: HcName, endpoint: Endpoint },
+    Described {
+        #[serde(rename = "entity")]
+        hc: HcName,
+        endpoint: Endpoint,
+    },
 }
 
 /// The request that opens a stream inside a pipe: which hybrid connection.
@@ -485,7 +524,7 @@ mod tests {
                 label: "onprem-1".parse().unwrap(),
             },
             PeerMessage::Attach {
-                entity: "payroll".parse().unwrap(),
+                hc: "payroll".parse().unwrap(),
                 token: "SharedAccessSignature sr=x".into(),
             },
             PeerMessage::PipeRequest {
@@ -526,6 +565,33 @@ mod tests {
                 "role": "listener", "identity": "07".repeat(32), "label": "onprem-1"})
         );
         assert_eq!(serde_json::from_value::<PeerMessage>(json).unwrap(), hello);
+
+        let attach = PeerMessage::Attach {
+            hc: "payroll".parse().unwrap(),
+            token: "t".into(),
+        };
+        let json = serde_json::to_value(&attach).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "attach", "entity": "payroll", "token": "t"})
+        );
+        assert_eq!(serde_json::from_value::<PeerMessage>(json).unwrap(), attach);
+
+        let detached = RelayMessage::Detached {
+            hc: "payroll".parse().unwrap(),
+            reason: DetachReason::UnknownHc,
+            message: "m".into(),
+        };
+        let json = serde_json::to_value(&detached).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "detached", "entity": "payroll",
+                "reason": "unknown_entity", "message": "m"})
+        );
+        assert_eq!(
+            serde_json::from_value::<RelayMessage>(json).unwrap(),
+            detached
+        );
     }
 
     #[test]

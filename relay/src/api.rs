@@ -370,11 +370,11 @@ fn manage_token_error(state: &ApiState, token: &str) -> Option<String> {
         secondary: &key,
     };
     // The token's resource ends in `/manage`, which parses as a name.
-    let entity: HcName = "manage".parse().ok()?;
+    let hc: HcName = "manage".parse().ok()?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    match proto::sas::verify(token, &entity, Right::Manage, &[rule], now) {
+    match proto::sas::verify(token, &hc, Right::Manage, &[rule], now) {
         Ok(_) => None,
         Err(e) => Some(format!(
             "management token refused: {e} (sign the resource `https://RELAY/manage` with key name `manage` and the manage key)"
@@ -429,7 +429,7 @@ fn connection_strings(state: &ApiState, hc: &HcRecord) -> ConnectionStrings {
         relay_port: state.public_port,
         key_name: right.rule_name().to_owned(),
         key: keys.get(slot).clone(),
-        entity: hc.name.clone(),
+        hc: hc.name.clone(),
         cert_sha256: Some(state.cert_sha256),
         end_to_end_key: None,
     };
@@ -547,7 +547,7 @@ mod tests {
     }
 
     #[test]
-    fn connection_strings_carry_relay_entity_rule_and_pin() {
+    fn connection_strings_carry_relay_hc_rule_and_pin() {
         let (_dir, state) = state();
         let hc = state
             .registry

@@ -193,7 +193,7 @@ impl RelayConfig {
                         watcher.recheck(name);
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        for name in watcher.attached_entities() {
+                        for name in watcher.attached_hcs() {
                             watcher.recheck(&name);
                         }
                     }

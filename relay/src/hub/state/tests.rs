@@ -9,9 +9,9 @@ fn name(s: &str) -> HcName {
     s.parse().unwrap()
 }
 
-fn record(entity: &str) -> HcRecord {
+fn record(hc: &str) -> HcRecord {
     HcRecord {
-        name: name(entity),
+        name: name(hc),
         endpoint: "10.0.0.1:5432".parse().unwrap(),
         created_unix: START_UNIX,
         send: SlotKeys::generate().unwrap(),
@@ -118,7 +118,7 @@ impl Bench {
 fn grants(msgs: &[RelayMessage]) -> Vec<(u8, &str)> {
     msgs.iter()
         .filter_map(|m| match m {
-            RelayMessage::Grant { peer, entity } => Some((peer.0[0], entity.as_str())),
+            RelayMessage::Grant { peer, hc } => Some((peer.0[0], hc.as_str())),
             _ => None,
         })
         .collect()
@@ -274,7 +274,7 @@ fn deleting_revokes_every_grant_at_every_agent_before_detaching_it() {
                 "{last:?}"
             );
         }
-        assert!(b.hub.attached_entities().is_empty());
+        assert!(b.hub.attached_hcs().is_empty());
     }
 }
 
@@ -462,7 +462,7 @@ fn a_pipe_to_an_agent_of_another_hybrid_connection_is_refused() {
 fn unknown_names_and_wrong_keys_get_one_answer() {
     let mut b = Bench::new();
     let stranger = Key::generate().unwrap();
-    let answer = |b: &mut Bench, id: SessionId, entity: &str, record: Option<&HcRecord>| {
+    let answer = |b: &mut Bench, id: SessionId, hc: &str, record: Option<&HcRecord>| {
         b.hub.register(
             id,
             PeerRole::Sender,
@@ -472,16 +472,16 @@ fn unknown_names_and_wrong_keys_get_one_answer() {
             b.unix,
         );
         let token = sas::sign(
-            &format!("sb://relay.test/{entity}"),
+            &format!("sb://relay.test/{hc}"),
             "send",
             &stranger,
             b.unix + 600,
         );
-        b.hub.attach(id, name(entity), token, false, record, b.unix);
+        b.hub.attach(id, name(hc), token, false, record, b.unix);
         match b.to(id).pop() {
             Some(RelayMessage::Detached {
                 reason, message, ..
-            }) => (reason, message.replace(entity, "NAME")),
+            }) => (reason, message.replace(hc, "NAME")),
             other => panic!("{other:?}"),
         }
     };
