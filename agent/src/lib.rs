@@ -31,7 +31,7 @@ use transport::mux::MuxConfig;
 use transport::tls::DataIdentity;
 
 pub use policy::Policy;
-pub use status::{EndToEnd, HcState, HcStatus};
+pub use status::{AgentHcStatus, EndToEnd, HcState};
 
 /// Options of an agent.
 #[derive(Clone, Debug)]
@@ -364,10 +364,10 @@ impl Agent {
     }
 
     /// The state of each hybrid connection this agent serves.
-    pub fn status(&self) -> Vec<HcStatus> {
+    pub fn status(&self) -> Vec<AgentHcStatus> {
         let shared = self.current().shared.clone();
         let shared = lock(&shared);
-        let mut out: Vec<HcStatus> = shared
+        let mut out: Vec<AgentHcStatus> = shared
             .hcs
             .iter()
             .map(|(name, s)| s.snapshot(name))

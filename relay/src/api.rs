@@ -18,8 +18,8 @@
 //! | `GET /api/v1/hcs/{name}/keys` | `{"name", "connection_strings"}` |
 //! | `POST /api/v1/hcs/{name}/keys/regenerate` `{"rule","key"}` | `{"name", "connection_strings"}` with the new key |
 //! | `PATCH /api/v1/hcs/{name}` `{"host"?, "port"?}` | the HC with its new endpoint (agents use it for new streams) |
-//! | `GET /api/v1/hcs/{name}/status` | `HcStatus`: `Connected` or `Not connected`, the agents |
-//! | `GET /api/v1/status` | `[HcStatus, ...]` |
+//! | `GET /api/v1/hcs/{name}/status` | `RelayHcStatus`: `Connected` or `Not connected`, the agents |
+//! | `GET /api/v1/status` | `[RelayHcStatus, ...]` |
 //! | `GET /openapi.json` | the OpenAPI 3 description of all of this (no key needed) |
 //! | `GET /`, `GET /portal/{app.js,style.css,icon.svg}` | the portal, a web page over this API ([`crate::portal`]; no key needed, the page asks for it) |
 //!
@@ -89,9 +89,10 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-/// Whether an HC has an agent, and which.
+/// Whether an HC has an agent, and which, as the relay sees it (`HcStatus`
+/// in the OpenAPI description).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HcStatus {
+pub struct RelayHcStatus {
     /// The HC's name.
     pub name: HcName,
     /// `host:port`.
@@ -109,13 +110,13 @@ pub struct HcStatus {
     pub streams: proto::control::StreamStats,
 }
 
-fn status_of(state: &ApiState, hc: &HcRecord) -> HcStatus {
+fn status_of(state: &ApiState, hc: &HcRecord) -> RelayHcStatus {
     let agents = state.hub.agents(&hc.name);
     let mut streams = proto::control::StreamStats::default();
     for a in &agents {
         streams += a.streams;
     }
-    HcStatus {
+    RelayHcStatus {
         streams,
         name: hc.name.clone(),
         endpoint: hc.endpoint.clone(),
@@ -132,12 +133,12 @@ fn status_of(state: &ApiState, hc: &HcRecord) -> HcStatus {
 async fn hc_status(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-) -> ApiResult<axum::Json<HcStatus>> {
+) -> ApiResult<axum::Json<RelayHcStatus>> {
     let hc = find(&state, &name)?;
     Ok(axum::Json(status_of(&state, &hc)))
 }
 
-async fn all_status(State(state): State<ApiState>) -> axum::Json<Vec<HcStatus>> {
+async fn all_status(State(state): State<ApiState>) -> axum::Json<Vec<RelayHcStatus>> {
     let list = state.registry.list();
     axum::Json(list.iter().map(|hc| status_of(&state, hc)).collect())
 }
