@@ -1,9 +1,9 @@
 //! The local control socket of a running agent, used by `hybridlink agent
 //! status` and `hybridlink agent reload`: a Unix socket where a client
 //! writes one command line (`status` or `reload`), and the agent answers
-//! with JSON and closes. `status` is answered with a list of [`HcStatus`],
-//! `reload` (and a command the agent does not know) with a
-//! [`ReloadAnswer`]; [`status`] and [`reload`] ask for them.
+//! with JSON and closes. `status` is answered with a list of
+//! [`AgentHcStatus`], `reload` (and a command the agent does not know) with
+//! a [`ReloadAnswer`]; [`status`] and [`reload`] ask for them.
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::{Agent, HcStatus, ReloadSummary};
+use crate::{Agent, AgentHcStatus, ReloadSummary};
 
 /// The default socket path: `/run/hybridlink-agent.sock` for root, else in
 /// `$XDG_RUNTIME_DIR` (or `/tmp`).
@@ -113,7 +113,7 @@ async fn answer(
 
 /// Asks the agent listening on `path` for the state of each hybrid
 /// connection it serves.
-pub async fn status(path: &Path) -> std::io::Result<Vec<HcStatus>> {
+pub async fn status(path: &Path) -> std::io::Result<Vec<AgentHcStatus>> {
     request(path, "status").await
 }
 

@@ -31,7 +31,7 @@ use transport::mux::MuxConfig;
 use transport::tls::DataIdentity;
 
 pub use policy::Policy;
-pub use status::{EndToEnd, HcState, HcStatus};
+pub use status::{AgentHcStatus, EndToEnd, HcState};
 
 /// Options of an agent.
 #[derive(Clone, Debug)]
@@ -175,7 +175,7 @@ pub(crate) fn record_policy(hc: &HcName, state: &mut HcState, refusal: Option<St
 /// Its connection strings can be replaced while it runs ([`Agent::reload`]):
 /// a new *generation* of control channels attaches with the new strings
 /// first, then the old one detaches, so the hybrid connections never lose
-/// their listener; streams already open (on pipes of the old generation)
+/// their agent; streams already open (on pipes of the old generation)
 /// go on until they end.
 #[derive(Clone, Debug)]
 pub struct Agent {
@@ -232,13 +232,10 @@ fn check_strings(strings: &[ConnectionString]) -> Result<(), AgentError> {
     let mut seen = HashSet::new();
     for cs in strings {
         if cs.key_name == "send" || cs.key_name == "manage" {
-            return Err(AgentError::NotListen(
-                cs.entity.clone(),
-                cs.key_name.clone(),
-            ));
+            return Err(AgentError::NotListen(cs.hc.clone(), cs.key_name.clone()));
         }
-        if !seen.insert(cs.entity.clone()) {
-            return Err(AgentError::Duplicate(cs.entity.clone()));
+        if !seen.insert(cs.hc.clone()) {
+            return Err(AgentError::Duplicate(cs.hc.clone()));
         }
     }
     Ok(())
@@ -367,10 +364,10 @@ impl Agent {
     }
 
     /// The state of each hybrid connection this agent serves.
-    pub fn status(&self) -> Vec<HcStatus> {
+    pub fn status(&self) -> Vec<AgentHcStatus> {
         let shared = self.current().shared.clone();
         let shared = lock(&shared);
-        let mut out: Vec<HcStatus> = shared
+        let mut out: Vec<AgentHcStatus> = shared
             .hcs
             .iter()
             .map(|(name, s)| s.snapshot(name))
@@ -383,15 +380,15 @@ impl Agent {
 fn summarize(old: &[ConnectionString], new: &[ConnectionString]) -> ReloadSummary {
     let mut summary = ReloadSummary::default();
     for n in new {
-        match old.iter().find(|o| o.entity == n.entity) {
-            None => summary.added.push(n.entity.to_string()),
-            Some(o) if o.to_string() != n.to_string() => summary.changed.push(n.entity.to_string()),
+        match old.iter().find(|o| o.hc == n.hc) {
+            None => summary.added.push(n.hc.to_string()),
+            Some(o) if o.to_string() != n.to_string() => summary.changed.push(n.hc.to_string()),
             Some(_) => {}
         }
     }
     for o in old {
-        if !new.iter().any(|n| n.entity == o.entity) {
-            summary.removed.push(o.entity.to_string());
+        if !new.iter().any(|n| n.hc == o.hc) {
+            summary.removed.push(o.hc.to_string());
         }
     }
     summary
@@ -411,11 +408,11 @@ fn spawn_generation(
     for cs in &strings {
         shared
             .hcs
-            .insert(cs.entity.clone(), HcState::new(cs.end_to_end_key.is_some()));
+            .insert(cs.hc.clone(), HcState::new(cs.end_to_end_key.is_some()));
         if let Some(key) = &cs.end_to_end_key {
-            shared.end_to_end.insert(cs.entity.clone(), key.clone());
+            shared.end_to_end.insert(cs.hc.clone(), key.clone());
         } else {
-            warn!(hc = %cs.entity, "end-to-end: relay-trusted (no EndToEndKey in the listen connection string: a relay that lies about the senders' keys could read and inject traffic)");
+            warn!(hc = %cs.hc, "end-to-end: relay-trusted (no EndToEndKey in the listen connection string: a relay that lies about the senders' keys could read and inject traffic)");
         }
         by_relay
             .entry(RelayAddr::of(cs)?)
@@ -426,7 +423,7 @@ fn spawn_generation(
     let mut tasks = Vec::new();
     for (relay, relay_strings) in by_relay {
         let mut config = ControlConfig::new(
-            PeerRole::Listener,
+            PeerRole::Agent,
             identity.fingerprint(),
             options.label.clone(),
             relay_strings,
@@ -511,19 +508,17 @@ fn report_stats(ctx: &serve::Context, control: &control::ControlHandle) {
             )
         })
         .collect();
-    for (entity, refused, end_to_end, policy_refusal) in connected {
-        let label = HcLabel {
-            hc: entity.to_string(),
-        };
+    for (hc, refused, end_to_end, policy_refusal) in connected {
+        let label = HcLabel { hc: hc.to_string() };
         let stats = proto::control::StreamStats {
             open: u64::try_from(metrics().streams_active.get_or_create(&label).get()).unwrap_or(0),
             opened: metrics().streams_opened.get_or_create(&label).get(),
             refused,
-            bytes_to_target: bytes_counter(entity.as_str(), Direction::to_target).get(),
-            bytes_from_target: bytes_counter(entity.as_str(), Direction::from_target).get(),
+            bytes_to_target: bytes_counter(hc.as_str(), Direction::to_target).get(),
+            bytes_from_target: bytes_counter(hc.as_str(), Direction::from_target).get(),
         };
         control.send(proto::control::PeerMessage::Stats {
-            entity,
+            hc,
             stats,
             end_to_end,
             policy_refusal,
@@ -533,32 +528,30 @@ fn report_stats(ctx: &serve::Context, control: &control::ControlHandle) {
 
 fn handle_message(ctx: &serve::Context, msg: RelayMessage) {
     match msg {
-        RelayMessage::Attached {
-            entity, endpoint, ..
-        } => {
+        RelayMessage::Attached { hc, endpoint, .. } => {
             let mut shared = lock(&ctx.shared);
-            if let Some(s) = shared.hcs.get_mut(&entity)
+            if let Some(s) = shared.hcs.get_mut(&hc)
                 && let Some(endpoint) = endpoint
             {
                 if !s.is_connected() {
-                    info!(hc = %entity, %endpoint, "Connected");
+                    info!(%hc, %endpoint, "Connected");
                 }
                 s.connected(endpoint);
-                apply_policy(&ctx.policy.get(), &entity, s);
+                apply_policy(&ctx.policy.get(), &hc, s);
             }
         }
-        RelayMessage::Renewed { entity, .. } => {
+        RelayMessage::Renewed { hc, .. } => {
             transport::metrics::metrics().token_renewals.inc();
-            tracing::debug!(hc = %entity, "token renewed");
+            tracing::debug!(%hc, "token renewed");
         }
         RelayMessage::Detached {
-            entity,
+            hc,
             reason,
             message,
         } => {
-            warn!(hc = %entity, ?reason, %message, "relay refused or ended the listen key");
+            warn!(%hc, ?reason, %message, "relay refused or ended the listen key");
             let mut shared = lock(&ctx.shared);
-            if let Some(s) = shared.hcs.get_mut(&entity) {
+            if let Some(s) = shared.hcs.get_mut(&hc) {
                 s.denied(&message);
             }
             // Detached, the agent no longer learns of revocations for this
@@ -566,29 +559,29 @@ fn handle_message(ctx: &serve::Context, msg: RelayMessage) {
             // goes now, whatever the relay still sends or fails to send.
             for ((relay, _), set) in shared.grants.iter_mut() {
                 if *relay == ctx.relay {
-                    set.remove(&entity);
+                    set.remove(&hc);
                 }
             }
         }
-        RelayMessage::EndpointChanged { entity, endpoint } => {
+        RelayMessage::EndpointChanged { hc, endpoint } => {
             let mut shared = lock(&ctx.shared);
-            if let Some(s) = shared.hcs.get_mut(&entity) {
-                info!(hc = %entity, %endpoint, "endpoint changed");
+            if let Some(s) = shared.hcs.get_mut(&hc) {
+                info!(%hc, %endpoint, "endpoint changed");
                 s.set_endpoint(endpoint);
-                apply_policy(&ctx.policy.get(), &entity, s);
+                apply_policy(&ctx.policy.get(), &hc, s);
             }
         }
-        RelayMessage::Grant { peer, entity } => {
+        RelayMessage::Grant { peer, hc } => {
             lock(&ctx.shared)
                 .grants
                 .entry((ctx.relay.clone(), peer))
                 .or_default()
-                .insert(entity);
+                .insert(hc);
         }
-        RelayMessage::Revoke { peer, entity } => {
+        RelayMessage::Revoke { peer, hc } => {
             let mut shared = lock(&ctx.shared);
             if let Some(set) = shared.grants.get_mut(&(ctx.relay.clone(), peer)) {
-                set.remove(&entity);
+                set.remove(&hc);
             }
         }
         RelayMessage::PipeOffer { ticket, peer } => {

@@ -143,12 +143,12 @@ impl HcState {
         self.endpoint.as_ref()
     }
 
-    pub(crate) fn snapshot(&self, name: &HcName) -> HcStatus {
+    pub(crate) fn snapshot(&self, name: &HcName) -> AgentHcStatus {
         let connection = match (&self.connection, &self.policy_refusal) {
             (Connection::Connected, Some(refusal)) => Connection::DeniedByPolicy(refusal.clone()),
             (c, _) => c.clone(),
         };
-        HcStatus {
+        AgentHcStatus {
             name: name.clone(),
             endpoint: self.endpoint.as_ref().map(|e| e.to_string()),
             connection,
@@ -190,10 +190,10 @@ impl fmt::Display for EndToEnd {
     }
 }
 
-/// A snapshot for `hybridlink agent status`, as the control socket carries
-/// it.
+/// One hybrid connection as the agent serves it: the snapshot `hybridlink
+/// agent status` shows, as the control socket carries it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HcStatus {
+pub struct AgentHcStatus {
     /// The hybrid connection.
     pub name: HcName,
     /// Where its streams go.

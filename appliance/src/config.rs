@@ -225,10 +225,7 @@ fn check_strings(strings: &[ConnectionString]) -> Result<(), ConfigError> {
     }
     for cs in strings {
         if cs.key_name == "listen" || cs.key_name == "manage" {
-            return Err(ConfigError::NotSend(
-                cs.entity.to_string(),
-                cs.key_name.clone(),
-            ));
+            return Err(ConfigError::NotSend(cs.hc.to_string(), cs.key_name.clone()));
         }
     }
     Ok(())

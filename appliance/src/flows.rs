@@ -20,10 +20,12 @@ const COPY_BUFFER: usize = 256 * 1024;
 /// undecided flows after its own decision timeout anyway.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(8);
 
-/// What the flow loop consults for every new flow; updated when the relay
-/// announces new endpoints and replaced on reload.
+/// Where new flows go: the hybrid connection of each destination and the
+/// relay client that opens their streams. The flow loop consults it for
+/// every new flow; it is updated when the relay announces new endpoints,
+/// and its sender is replaced on reload.
 #[derive(Debug)]
-pub struct Routing {
+pub struct Dispatch {
     /// Destination → hybrid connection.
     pub table: FlowTable,
     /// Virtual address → host name.
@@ -34,19 +36,19 @@ pub struct Routing {
 }
 
 /// Accepts flows until the netstack stops.
-pub async fn serve(mut flows: IncomingFlows, routing: Arc<RwLock<Routing>>) {
+pub async fn serve(mut flows: IncomingFlows, dispatch: Arc<RwLock<Dispatch>>) {
     let mut next_id = 0u64;
     while let Some(flow) = flows.next().await {
         next_id += 1;
         let found = {
             // A poisoned lock only means a reload panicked; the last table
             // is still the best we have.
-            let r = routing.read().unwrap_or_else(|p| p.into_inner());
-            let hc = r
+            let d = dispatch.read().unwrap_or_else(|p| p.into_inner());
+            let hc = d
                 .table
-                .lookup(flow.dst(), |ip| r.names.get(&ip).cloned())
+                .lookup(flow.dst(), |ip| d.names.get(&ip).cloned())
                 .cloned();
-            hc.map(|hc| (hc, r.sender.clone()))
+            hc.map(|hc| (hc, d.sender.clone()))
         };
         let Some((hc, sender)) = found else {
             debug!(src = %flow.src(), dst = %flow.dst(), "no hybrid connection for this address and port; refused");

@@ -16,14 +16,14 @@ use transport::sender::{Sender, SenderOptions};
 
 use crate::config::ApplianceConfig;
 use crate::dns::{DnsConfig, DnsServer};
-use crate::flows::{self, Routing};
+use crate::flows::{self, Dispatch};
 use crate::gate::{Decisions, Gate, HcState};
 use crate::names::NameMap;
 use crate::never_route::{self, HostAddress, NeverRoute};
 use crate::resolv::parse_resolv_conf;
 use crate::resolv::{self, ResolvPaths};
 use crate::routing::{self, RoutingConfig, RoutingGuard, RulePrefs};
-use crate::status::{self, HcStatus, Status};
+use crate::status::{self, ApplianceHcStatus, Status};
 use crate::table::FlowTable;
 
 /// How long start-up waits for the relay to announce the endpoints.
@@ -162,12 +162,12 @@ pub async fn run(
         message: e.to_string(),
     })?;
     let (flow_rx, _datagrams, stack_handle) = stack.into_parts();
-    let routing_state = Arc::new(RwLock::new(Routing {
+    let dispatch = Arc::new(RwLock::new(Dispatch {
         table,
         names: names.iter().map(|(n, ip)| (ip, n.to_string())).collect(),
         sender: sender.clone(),
     }));
-    let flow_task = tokio::spawn(flows::serve(flow_rx, routing_state.clone()));
+    let flow_task = tokio::spawn(flows::serve(flow_rx, dispatch.clone()));
     for (name, ip) in served {
         info!(%name, %ip, "name mapped");
     }
@@ -235,10 +235,8 @@ pub async fn run(
                             *gate.never_route_mut() =
                                 relay_never_route(&strings, &upstreams, host.clone()).await;
                             let _ = wait_for_endpoints(&sender).await;
-                            routing_state
-                                .write()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .sender = sender.clone();
+                            dispatch.write().unwrap_or_else(|p| p.into_inner()).sender =
+                                sender.clone();
                         }
                         Err(e) => {
                             warn!(error = %e, "reload failed; keeping the running configuration")
@@ -262,12 +260,9 @@ pub async fn run(
         let decisions = gate.decide(&sender.endpoints());
         log_decisions(&decisions);
         let table = FlowTable::new(decisions.allowed());
-        let unchanged = routing_state
-            .read()
-            .map(|r| r.table == table)
-            .unwrap_or(false);
+        let unchanged = dispatch.read().map(|d| d.table == table).unwrap_or(false);
         if !unchanged {
-            apply(&table, &mut names, &mut routes, &dns, &routing_state);
+            apply(&table, &mut names, &mut routes, &dns, &dispatch);
         }
         if !unchanged || !decisions.changed.is_empty() {
             write_status(&status_path, &gate, &decisions, &names, &sender);
@@ -299,7 +294,7 @@ fn apply(
     names: &mut NameMap,
     routes: &mut RoutingGuard,
     dns: &DnsServer,
-    routing_state: &RwLock<Routing>,
+    dispatch: &RwLock<Dispatch>,
 ) {
     if let Err(e) = names.assign(&table.names()) {
         warn!(error = %e, "cannot name a new host");
@@ -310,9 +305,9 @@ fn apply(
     if let Err(e) = dns.update(served_names(names, table)) {
         warn!(error = %e, "cannot update the DNS names");
     }
-    let mut r = routing_state.write().unwrap_or_else(|p| p.into_inner());
-    r.table = table.clone();
-    r.names = names.iter().map(|(n, ip)| (ip, n.to_string())).collect();
+    let mut d = dispatch.write().unwrap_or_else(|p| p.into_inner());
+    d.table = table.clone();
+    d.names = names.iter().map(|(n, ip)| (ip, n.to_string())).collect();
     info!("hybrid connections changed; names and routes updated");
 }
 
@@ -353,7 +348,7 @@ fn write_status(path: &Path, gate: &Gate, decisions: &Decisions, names: &NameMap
                 },
                 _ => None,
             };
-            HcStatus {
+            ApplianceHcStatus {
                 name: v.hc.to_string(),
                 endpoint: v.endpoint.as_ref().map(ToString::to_string),
                 address,

@@ -78,12 +78,12 @@ pub struct Status {
     /// The allow list in force.
     pub allow: Vec<String>,
     /// One entry per hybrid connection, in name order.
-    pub hybrid_connections: Vec<HcStatus>,
+    pub hybrid_connections: Vec<ApplianceHcStatus>,
 }
 
-/// One hybrid connection.
+/// One hybrid connection as the appliance serves it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HcStatus {
+pub struct ApplianceHcStatus {
     /// Its name.
     pub name: String,
     /// Its endpoint as the relay announced it.
@@ -103,7 +103,7 @@ pub struct HcStatus {
 
 impl Status {
     /// A status of this process, stamped now.
-    pub fn new(allow_source: String, allow: Vec<String>, hcs: Vec<HcStatus>) -> Status {
+    pub fn new(allow_source: String, allow: Vec<String>, hcs: Vec<ApplianceHcStatus>) -> Status {
         let updated_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -223,14 +223,14 @@ mod tests {
             "config".into(),
             vec![".corp".into()],
             vec![
-                HcStatus {
+                ApplianceHcStatus {
                     name: "payroll".into(),
                     endpoint: Some("payroll.corp:80".into()),
                     address: Some("127.77.0.2".into()),
                     state: "ok".into(),
                     end_to_end: "verified".into(),
                 },
-                HcStatus {
+                ApplianceHcStatus {
                     name: "web".into(),
                     endpoint: Some("github.com:443".into()),
                     address: None,

@@ -90,7 +90,7 @@ async fn main() {
         relay_port: relay.listen.port(),
         key_name: right.rule_name().into(),
         key: record.keys(right).expect("keys").primary.clone(),
-        entity: name.clone(),
+        hc: name.clone(),
         cert_sha256: Some(relay.cert_sha256),
         end_to_end_key: None,
     };

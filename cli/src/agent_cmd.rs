@@ -252,12 +252,9 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
         } => install_agent(connection_strings, &allow, no_end_to_end, &install).await,
         AgentCommand::EndToEndKey { name, config } => {
             let strings = agent::strings_file::read(&config)?;
-            let cs = strings
-                .iter()
-                .find(|cs| cs.entity == name)
-                .with_context(|| {
-                    format!("{} has no connection string for {name}", config.display())
-                })?;
+            let cs = strings.iter().find(|cs| cs.hc == name).with_context(|| {
+                format!("{} has no connection string for {name}", config.display())
+            })?;
             let key = cs.end_to_end_key.as_ref().with_context(|| {
                 format!("{name} has no end-to-end key (it was installed with --no-end-to-end): it runs relay-trusted")
             })?;
@@ -398,7 +395,7 @@ pub const AGENT_CONF: &str = "/etc/hybridlink/agent.conf";
 /// relay replaces the old one.
 fn merge(old: Vec<ConnectionString>, new: Vec<ConnectionString>) -> Vec<ConnectionString> {
     let same = |a: &ConnectionString, b: &ConnectionString| {
-        a.entity == b.entity && a.relay_host == b.relay_host && a.relay_port == b.relay_port
+        a.hc == b.hc && a.relay_host == b.relay_host && a.relay_port == b.relay_port
     };
     let mut out: Vec<ConnectionString> = old
         .into_iter()
@@ -422,7 +419,7 @@ fn with_end_to_end_keys(
             if cs.end_to_end_key.is_none() && !none {
                 let kept = old
                     .iter()
-                    .find(|o| o.entity == cs.entity)
+                    .find(|o| o.hc == cs.hc)
                     .and_then(|o| o.end_to_end_key.clone());
                 cs.end_to_end_key = Some(match kept {
                     Some(k) => k,
@@ -453,7 +450,7 @@ async fn write_install_policy(
                 wanted.push(RuleText {
                     host: host.clone(),
                     ports: port.clone().map(|p| vec![p]),
-                    hc: Some(cs.entity.to_string()),
+                    hc: Some(cs.hc.to_string()),
                 });
             }
         }
@@ -529,9 +526,9 @@ async fn install_agent(
         if cs.key_name != "listen" {
             anyhow::bail!(
                 "the connection string for {} is a {} string; the agent needs the listen string (`hybridlink hc keys {} --rule listen --key primary`)",
-                cs.entity,
+                cs.hc,
                 cs.key_name,
-                cs.entity
+                cs.hc
             );
         }
     }
@@ -581,19 +578,19 @@ async fn install_agent(
         written_by: "hybridlink agent install",
     };
     crate::install::install_unit(args, &unit)?;
-    let names: Vec<String> = all.iter().map(|cs| cs.entity.to_string()).collect();
+    let names: Vec<String> = all.iter().map(|cs| cs.hc.to_string()).collect();
     println!("the agent serves: {}", names.join(", "));
     println!("on-prem policy: {POLICY_FILE} (edit with `hybridlink agent allow|deny`)");
     for cs in &new {
         match &cs.end_to_end_key {
             Some(key) => println!(
                 "end-to-end: verified for {name}. On the app side, append this to the send connection string of {name} (the relay never sees it; `hybridlink agent end-to-end-key {name}` prints it again):\n  ;EndToEndKey={key}",
-                name = cs.entity,
+                name = cs.hc,
                 key = key.as_str()
             ),
             None => println!(
                 "end-to-end: relay-trusted for {} (no end-to-end key): a relay that lies about the ends' keys could read and alter its traffic",
-                cs.entity
+                cs.hc
             ),
         }
     }
@@ -618,7 +615,7 @@ mod tests {
     #[test]
     fn a_new_string_replaces_the_old_one_for_its_connection() {
         let merged = merge(vec![cs("a", "old"), cs("b", "k")], vec![cs("a", "new")]);
-        let names: Vec<String> = merged.iter().map(|c| c.entity.to_string()).collect();
+        let names: Vec<String> = merged.iter().map(|c| c.hc.to_string()).collect();
         assert_eq!(names, ["b", "a"]);
         assert_eq!(merged[1].key, cs("a", "new").key);
     }

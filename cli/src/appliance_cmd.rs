@@ -172,7 +172,7 @@ async fn install(
     let names: Vec<String> = config
         .connection_strings
         .iter()
-        .map(|cs| cs.entity.to_string())
+        .map(|cs| cs.hc.to_string())
         .collect();
     println!("the appliance serves: {}", names.join(", "));
     Ok(())
@@ -185,9 +185,8 @@ fn merge_strings(
     new: Vec<ConnectionString>,
 ) -> Vec<ConnectionString> {
     old.retain(|o| {
-        !new.iter().any(|n| {
-            n.entity == o.entity && n.relay_host == o.relay_host && n.relay_port == o.relay_port
-        })
+        !new.iter()
+            .any(|n| n.hc == o.hc && n.relay_host == o.relay_host && n.relay_port == o.relay_port)
     });
     old.extend(new);
     old
@@ -278,7 +277,7 @@ mod tests {
     #[test]
     fn a_new_string_replaces_the_old_one_for_its_connection() {
         let merged = merge_strings(vec![cs("a", "old"), cs("b", "k")], vec![cs("a", "new")]);
-        let names: Vec<String> = merged.iter().map(|c| c.entity.to_string()).collect();
+        let names: Vec<String> = merged.iter().map(|c| c.hc.to_string()).collect();
         assert_eq!(names, ["b", "a"]);
         assert_eq!(merged[1].key, cs("a", "new").key);
     }

@@ -41,8 +41,12 @@ pub enum RelayCommand {
         max_hcs: usize,
         /// The most agents one hybrid connection may have attached (25, as in
         /// the original product); one more is refused with a clear error.
-        #[arg(long, default_value_t = relay::Limits::default().max_listeners_per_hc)]
-        max_listeners: usize,
+        #[arg(
+            long = "max-listeners",
+            value_name = "MAX_LISTENERS",
+            default_value_t = relay::Limits::default().max_agents_per_hc
+        )]
+        max_agents: usize,
         /// The most pipes spliced at once (a pipe joins one sender to one
         /// agent and carries all their streams); a sender asking for one
         /// more gets a clear error.
@@ -137,7 +141,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             public_host,
             public_port,
             max_hcs,
-            max_listeners,
+            max_agents,
             max_pipes,
             max_unauthenticated,
             max_unauthenticated_per_ip,
@@ -151,7 +155,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 public_port,
                 limits: relay::Limits {
                     max_hcs,
-                    max_listeners_per_hc: max_listeners,
+                    max_agents_per_hc: max_agents,
                     max_pipes,
                     max_unauthenticated,
                     max_unauthenticated_per_ip,
@@ -172,11 +176,11 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 let bound = transport::metrics::serve(addr, move || {
                     let m = transport::metrics::metrics();
                     m.hybrid_connections.set(hub.registry().list().len() as i64);
-                    m.listeners.clear();
+                    m.agents.clear();
                     m.senders.clear();
-                    for (hc, listeners, senders) in hub.attachment_counts() {
+                    for (hc, agents, senders) in hub.attachment_counts() {
                         let label = transport::metrics::HcLabel { hc: hc.to_string() };
-                        m.listeners.get_or_create(&label).set(listeners as i64);
+                        m.agents.get_or_create(&label).set(agents as i64);
                         m.senders.get_or_create(&label).set(senders as i64);
                     }
                     transport::metrics::render(transport::metrics::Role::Relay)

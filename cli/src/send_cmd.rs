@@ -64,18 +64,18 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     let cs = args.connection_string;
     let sender = sender(&cs, &args.send, "connect")?;
     let started = std::time::Instant::now();
-    let stream = sender.open(&cs.entity).await?;
+    let stream = sender.open(&cs.hc).await?;
     if args.check {
         let took = started.elapsed();
         let endpoint = sender
             .endpoints()
             .into_iter()
-            .find_map(|(name, ep)| ep.filter(|_| name == cs.entity))
+            .find_map(|(name, ep)| ep.filter(|_| name == cs.hc))
             .map(|ep| ep.to_string())
             .unwrap_or_else(|| "its endpoint".into());
         println!(
             "{}: {endpoint} reachable through the relay and an agent ({} ms)",
-            cs.entity,
+            cs.hc,
             took.as_millis()
         );
         drop(stream);
@@ -119,10 +119,10 @@ pub async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let local = listener.local_addr()?;
-    info!(listen = %local, hc = %cs.entity, "forwarding");
+    info!(listen = %local, hc = %cs.hc, "forwarding");
     println!(
         "{}",
-        serde_json::json!({ "listen": local.to_string(), "hc": cs.entity.to_string() })
+        serde_json::json!({ "listen": local.to_string(), "hc": cs.hc.to_string() })
     );
     let mut flow = 0u64;
     loop {
@@ -138,7 +138,7 @@ pub async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
                 };
                 flow += 1;
                 let sender = sender.clone();
-                let hc = cs.entity.clone();
+                let hc = cs.hc.clone();
                 let span = info_span!("flow", %hc, flow, %peer);
                 tokio::spawn(async move {
                     let _ = conn.set_nodelay(true);

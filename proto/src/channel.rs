@@ -454,11 +454,11 @@ impl PeerSession {
     fn sign_all(&mut self, renew: bool, unix_now: u64) -> Result<(), ChannelError> {
         let expiry = unix_now + self.token_ttl.as_secs();
         for cs in &self.attachments {
-            let (entity, token) = (cs.entity.clone(), cs.token(expiry));
+            let (hc, token) = (cs.hc.clone(), cs.token(expiry));
             self.channel.send(&if renew {
-                PeerMessage::Renew { entity, token }
+                PeerMessage::Renew { hc, token }
             } else {
-                PeerMessage::Attach { entity, token }
+                PeerMessage::Attach { hc, token }
             })?;
         }
         Ok(())
@@ -537,7 +537,7 @@ impl Session for PeerSession {
 /// What a peer says about itself in its hello.
 #[derive(Clone, Debug)]
 pub struct PeerHello {
-    /// Sender or listener.
+    /// Sender or agent.
     pub role: PeerRole,
     /// The fingerprint of its data identity.
     pub identity: Fingerprint,
@@ -551,7 +551,7 @@ pub enum RelayEvent {
     /// A valid hello: register the session and call
     /// [`RelaySession::welcome`].
     Hello {
-        /// Sender or listener.
+        /// Sender or agent.
         role: PeerRole,
         /// The fingerprint of its data identity.
         identity: Fingerprint,

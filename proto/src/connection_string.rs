@@ -143,7 +143,7 @@ pub struct ConnectionString {
     /// The key that signs tokens.
     pub key: Key,
     /// The hybrid connection.
-    pub entity: HcName,
+    pub hc: HcName,
     /// SHA-256 of the relay's DER certificate, to pin it; `None` when the
     /// relay's certificate is CA-issued and verified the usual way.
     pub cert_sha256: Option<[u8; 32]>,
@@ -154,12 +154,9 @@ pub struct ConnectionString {
 
 impl ConnectionString {
     /// The resource URI tokens for this HC are signed for:
-    /// `http://{relay_host}:{relay_port}/{entity}`.
+    /// `http://{relay_host}:{relay_port}/{hc}`.
     pub fn resource_uri(&self) -> String {
-        format!(
-            "http://{}:{}/{}",
-            self.relay_host, self.relay_port, self.entity
-        )
+        format!("http://{}:{}/{}", self.relay_host, self.relay_port, self.hc)
     }
 
     /// A SAS token for this HC, signed with this string's key, valid until
@@ -245,14 +242,14 @@ impl FromStr for ConnectionString {
                 });
             }
         }
-        let [endpoint, key_name, key, entity, cert, end_to_end] = fields;
+        let [endpoint, key_name, key, hc, cert, end_to_end] = fields;
         let (relay_host, relay_port) = parse_endpoint(endpoint.ok_or(E::MissingEndpoint)?)?;
         let key_name = key_name.ok_or(E::MissingKeyName)?;
         if key_name.is_empty() {
             return Err(E::EmptyKeyName);
         }
         let key = key.ok_or(E::MissingKey)?.parse().map_err(E::BadKey)?;
-        let entity = entity
+        let hc = hc
             .ok_or(E::MissingEntityPath)?
             .parse()
             .map_err(E::BadEntityPath)?;
@@ -270,7 +267,7 @@ impl FromStr for ConnectionString {
             relay_port,
             key_name: key_name.to_owned(),
             key,
-            entity,
+            hc,
             cert_sha256,
             end_to_end_key,
         })
@@ -286,7 +283,7 @@ impl fmt::Display for ConnectionString {
             self.relay_port,
             self.key_name,
             self.key.as_str(),
-            self.entity
+            self.hc
         )?;
         if let Some(sha) = &self.cert_sha256 {
             write!(f, ";{CERT_SHA256}={}", hex(sha))?;
@@ -335,7 +332,7 @@ mod tests {
         assert_eq!(cs.relay_port, 9443);
         assert_eq!(cs.key_name, "send");
         assert_eq!(cs.key.as_str(), KEY_TEXT);
-        assert_eq!(cs.entity.as_str(), "payroll");
+        assert_eq!(cs.hc.as_str(), "payroll");
         let sha = cs.cert_sha256.unwrap();
         assert_eq!(sha[0], 0x00);
         assert_eq!(sha[31], 0xff);

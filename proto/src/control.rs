@@ -164,8 +164,10 @@ pub fn decode_pipe_preamble(
 pub enum PeerRole {
     /// Opens streams (appliance, `connect`, `forward`); attaches with send tokens.
     Sender,
-    /// Serves hybrid connections; attaches with listen tokens.
-    Listener,
+    /// Serves hybrid connections; attaches with listen tokens. The wire
+    /// keeps the original protocol's name, `listener`.
+    #[serde(rename = "listener")]
+    Agent,
 }
 
 /// A live agent of a hybrid connection, as announced to senders.
@@ -177,7 +179,8 @@ pub struct AgentInfo {
     pub identity: Fingerprint,
 }
 
-/// Messages from a peer to the relay.
+/// Messages from a peer to the relay. The hybrid connection a message is
+/// about is `hc` here and `entity` on the wire, the original protocol's name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PeerMessage {
@@ -185,7 +188,7 @@ pub enum PeerMessage {
     Hello {
         /// Must equal [`PROTOCOL_VERSION`].
         version: u32,
-        /// Sender or listener.
+        /// Sender or agent.
         role: PeerRole,
         /// Fingerprint of the peer's data certificate.
         identity: Fingerprint,
@@ -194,19 +197,28 @@ pub enum PeerMessage {
         label: PeerLabel,
     },
     /// Join a hybrid connection with a SAS token of the right kind.
-    Attach { entity: HcName, token: String },
+    Attach {
+        #[serde(rename = "entity")]
+        hc: HcName,
+        token: String,
+    },
     /// Replace the token of an attachment before it expires.
-    Renew { entity: HcName, token: String },
+    Renew {
+        #[serde(rename = "entity")]
+        hc: HcName,
+        token: String,
+    },
     /// Sender: ask for a pipe to an agent.
     PipeRequest { request_id: u64, agent: u64 },
     /// Keep-alive.
     Ping { nonce: u64 },
     /// Answer to the relay's keep-alive.
     Pong { nonce: u64 },
-    /// Listener: how its streams of a hybrid connection are doing (sent
+    /// Agent: how its streams of a hybrid connection are doing (sent
     /// every few seconds; the relay shows the sum over agents in its status).
     Stats {
-        entity: HcName,
+        #[serde(rename = "entity")]
+        hc: HcName,
         stats: StreamStats,
         /// Whether this agent requires the end-to-end proof on this hybrid
         /// connection (it holds its `EndToEndKey`).
@@ -217,10 +229,14 @@ pub enum PeerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         policy_refusal: Option<String>,
     },
-    /// Listener: which endpoint does this hybrid connection have? Checks the
+    /// Agent: which endpoint does this hybrid connection have? Checks the
     /// token like `Attach` but joins nothing (`agent install` asks this to
     /// write a policy that allows exactly that endpoint).
-    Describe { entity: HcName, token: String },
+    Describe {
+        #[serde(rename = "entity")]
+        hc: HcName,
+        token: String,
+    },
 }
 
 /// An agent's stream counters for one hybrid connection.
@@ -258,7 +274,8 @@ pub enum DetachReason {
     /// No such hybrid connection. Not sent by this relay: a name that does
     /// not exist is refused as `Unauthorized`, with the same message as a
     /// wrong key, so that nobody learns names without a valid signature.
-    UnknownEntity,
+    #[serde(rename = "unknown_entity")]
+    UnknownHc,
     /// The key the token was signed with was regenerated.
     KeyRegenerated,
     /// The hybrid connection was deleted.
@@ -269,38 +286,58 @@ pub enum DetachReason {
     Quota,
 }
 
-/// Messages from the relay to a peer.
+/// Messages from the relay to a peer. As in [`PeerMessage`], `hc` is
+/// `entity` on the wire.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RelayMessage {
     /// Answer to `Hello`.
     Welcome { session: u64 },
-    /// An attachment succeeded; both roles learn the endpoint (listeners dial
+    /// An attachment succeeded; both roles learn the endpoint (agents dial
     /// it, senders route and name it).
     Attached {
-        entity: HcName,
+        #[serde(rename = "entity")]
+        hc: HcName,
         endpoint: Option<Endpoint>,
         expires: u64,
     },
     /// An attachment was refused or has ended; `message` says why, for people.
     Detached {
-        entity: HcName,
+        #[serde(rename = "entity")]
+        hc: HcName,
         reason: DetachReason,
         message: String,
     },
     /// A token was renewed.
-    Renewed { entity: HcName, expires: u64 },
+    Renewed {
+        #[serde(rename = "entity")]
+        hc: HcName,
+        expires: u64,
+    },
     /// To senders: the live agents of a hybrid connection (the whole list).
     Agents {
-        entity: HcName,
+        #[serde(rename = "entity")]
+        hc: HcName,
         agents: Vec<AgentInfo>,
     },
     /// The endpoint of a hybrid connection changed (or was re-announced).
-    EndpointChanged { entity: HcName, endpoint: Endpoint },
-    /// To listeners: this sender identity may open streams on `entity`.
-    Grant { peer: Fingerprint, entity: HcName },
-    /// To listeners: this sender identity may no longer open streams on `entity`.
-    Revoke { peer: Fingerprint, entity: HcName },
+    EndpointChanged {
+        #[serde(rename = "entity")]
+        hc: HcName,
+        endpoint: Endpoint,
+    },
+    /// To agents: this sender identity may open streams on `hc`.
+    Grant {
+        peer: Fingerprint,
+        #[serde(rename = "entity")]
+        hc: HcName,
+    },
+    /// To agents: this sender identity may no longer open streams on `hc`.
+    Revoke {
+        peer: Fingerprint,
+        #[serde(rename = "entity")]
+        hc: HcName,
+    },
     /// To a sender: the ticket for the pipe it asked for.
     PipeTicket {
         request_id: u64,
@@ -309,7 +346,7 @@ pub enum RelayMessage {
     },
     /// To a sender: the pipe could not be arranged.
     PipeFailed { request_id: u64, message: String },
-    /// To a listener: a sender will meet you on this ticket.
+    /// To an agent: a sender will meet you on this ticket.
     PipeOffer { ticket: Ticket, peer: Fingerprint },
     /// Keep-alive.
     Ping { nonce: u64 },
@@ -318,7 +355,11 @@ pub enum RelayMessage {
     /// The relay ends the channel; `message` says why.
     Bye { message: String },
     /// Answer to `Describe` (a refusal comes as `Detached`).
-    Described { entity: HcName, endpoint: Endpoint },
+    Described {
+        #[serde(rename = "entity")]
+        hc: HcName,
+        endpoint: Endpoint,
+    },
 }
 
 /// The request that opens a stream inside a pipe: which hybrid connection.
@@ -478,12 +519,12 @@ mod tests {
         let msgs = vec![
             PeerMessage::Hello {
                 version: PROTOCOL_VERSION,
-                role: PeerRole::Listener,
+                role: PeerRole::Agent,
                 identity: Fingerprint([7; 32]),
                 label: "onprem-1".parse().unwrap(),
             },
             PeerMessage::Attach {
-                entity: "payroll".parse().unwrap(),
+                hc: "payroll".parse().unwrap(),
                 token: "SharedAccessSignature sr=x".into(),
             },
             PeerMessage::PipeRequest {
@@ -505,6 +546,52 @@ mod tests {
             }
         }
         assert_eq!(got, msgs);
+    }
+
+    /// The wire keeps the original protocol's names, so that peers and
+    /// relays of either vocabulary understand each other.
+    #[test]
+    fn the_wire_keeps_the_original_names() {
+        let hello = PeerMessage::Hello {
+            version: PROTOCOL_VERSION,
+            role: PeerRole::Agent,
+            identity: Fingerprint([7; 32]),
+            label: "onprem-1".parse().unwrap(),
+        };
+        let json = serde_json::to_value(&hello).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "hello", "version": PROTOCOL_VERSION,
+                "role": "listener", "identity": "07".repeat(32), "label": "onprem-1"})
+        );
+        assert_eq!(serde_json::from_value::<PeerMessage>(json).unwrap(), hello);
+
+        let attach = PeerMessage::Attach {
+            hc: "payroll".parse().unwrap(),
+            token: "t".into(),
+        };
+        let json = serde_json::to_value(&attach).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "attach", "entity": "payroll", "token": "t"})
+        );
+        assert_eq!(serde_json::from_value::<PeerMessage>(json).unwrap(), attach);
+
+        let detached = RelayMessage::Detached {
+            hc: "payroll".parse().unwrap(),
+            reason: DetachReason::UnknownHc,
+            message: "m".into(),
+        };
+        let json = serde_json::to_value(&detached).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "detached", "entity": "payroll",
+                "reason": "unknown_entity", "message": "m"})
+        );
+        assert_eq!(
+            serde_json::from_value::<RelayMessage>(json).unwrap(),
+            detached
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //!
 //! Checking a token ([`verify`]) looks at, in order: its shape, the HC it
 //! names, the rule it names, its signature, its expiry, and the right of its
-//! rule; the first failure is reported. The entity comes first because the
+//! rule; the first failure is reported. The HC comes first because the
 //! rules given to [`verify`] are those of the HC being accessed: a token for
 //! another HC would otherwise look like a bad signature. Expiry and rights
 //! are only reported for tokens whose signature is good.
@@ -153,33 +153,33 @@ pub enum SasError {
     Malformed(TokenPart),
     /// The token was for another HC.
     #[error(
-        "token is for hybrid connection {token_entity:?} but was presented for \"{presented}\"; use a connection string of \"{presented}\" (`hybridlink hc keys {presented}`)"
+        "token is for hybrid connection {token_hc:?} but was presented for \"{presented}\"; use a connection string of \"{presented}\" (`hybridlink hc keys {presented}`)"
     )]
-    WrongEntity {
+    WrongHc {
         /// The HC named by the token's `sr` (last path segment).
-        token_entity: String,
+        token_hc: String,
         /// The HC the token was presented for.
         presented: HcName,
     },
     /// `skn` names no rule of this HC.
     #[error(
-        "token is signed for rule {rule:?}, which hybrid connection \"{entity}\" does not have (its rules are send and listen); fetch a connection string with `hybridlink hc keys {entity}`"
+        "token is signed for rule {rule:?}, which hybrid connection \"{hc}\" does not have (its rules are send and listen); fetch a connection string with `hybridlink hc keys {hc}`"
     )]
     UnknownRule {
         /// The rule named by the token.
         rule: String,
         /// The HC the token was presented for.
-        entity: HcName,
+        hc: HcName,
     },
     /// Neither key of the rule produces the token's signature.
     #[error(
-        "token was signed with a key this relay does not hold for rule {rule:?} of \"{entity}\", or was altered: the key may have been regenerated; fetch the current connection string with `hybridlink hc keys {entity}`"
+        "token was signed with a key this relay does not hold for rule {rule:?} of \"{hc}\", or was altered: the key may have been regenerated; fetch the current connection string with `hybridlink hc keys {hc}`"
     )]
     BadSignature {
         /// The rule named by the token.
         rule: String,
         /// The HC the token was presented for.
-        entity: HcName,
+        hc: HcName,
     },
     /// The token's expiry is not after `now`.
     #[error("token expired at {} ({} s ago); make a new token (clients renew theirs automatically; check this machine's clock if this repeats)", format_unix_utc(*.expired_unix), .now_unix.saturating_sub(*.expired_unix))]
@@ -246,7 +246,7 @@ fn parse_token(token: &str) -> Result<RawToken<'_>, TokenPart> {
 }
 
 /// The HC a resource URI names: its last non-empty path segment, lowercased.
-fn entity_of(resource: &str) -> Option<String> {
+fn hc_of(resource: &str) -> Option<String> {
     let after_scheme = resource
         .split_once("://")
         .map_or(resource, |(_, rest)| rest);
@@ -257,17 +257,17 @@ fn entity_of(resource: &str) -> Option<String> {
         .map(str::to_ascii_lowercase)
 }
 
-/// Checks a token presented for `entity`, needing `needed` right, against the
+/// Checks a token presented for `hc`, needing `needed` right, against the
 /// HC's rules, at time `now_unix` (seconds since the Unix epoch).
 ///
 /// Returns the rule that signed it (and which slot matched) on success. Only
-/// the last path segment of the token's resource is compared with `entity`;
+/// the last path segment of the token's resource is compared with `hc`;
 /// the scheme, host and port are not, because a relay can be reached under
 /// several names (a public name, an internal one, an address). Signatures are
 /// compared in constant time.
 pub fn verify(
     token: &str,
-    entity: &HcName,
+    hc: &HcName,
     needed: Right,
     rules: &[RuleKeys<'_>],
     now_unix: u64,
@@ -276,7 +276,7 @@ pub fn verify(
     let resource = percent_decode_str(raw.sr)
         .decode_utf8()
         .map_err(|_| SasError::Malformed(TokenPart::Resource))?;
-    let token_entity = entity_of(&resource).ok_or(SasError::Malformed(TokenPart::Resource))?;
+    let token_hc = hc_of(&resource).ok_or(SasError::Malformed(TokenPart::Resource))?;
     let sig = percent_decode_str(raw.sig).collect::<Vec<u8>>();
     let sig = STANDARD
         .decode(sig)
@@ -296,10 +296,10 @@ pub fn verify(
         .filter(|name| !name.is_empty())
         .ok_or(SasError::Malformed(TokenPart::KeyName))?;
 
-    if token_entity != entity.as_str() {
-        return Err(SasError::WrongEntity {
-            token_entity,
-            presented: entity.clone(),
+    if token_hc != hc.as_str() {
+        return Err(SasError::WrongHc {
+            token_hc,
+            presented: hc.clone(),
         });
     }
     let rule = rules
@@ -307,7 +307,7 @@ pub fn verify(
         .find(|rule| rule.name == rule_name)
         .ok_or_else(|| SasError::UnknownRule {
             rule: rule_name.to_string(),
-            entity: entity.clone(),
+            hc: hc.clone(),
         })?;
     let message = string_to_sign(raw.sr, raw.se);
     let slot = [
@@ -319,7 +319,7 @@ pub fn verify(
     .map(|(slot, _)| slot)
     .ok_or_else(|| SasError::BadSignature {
         rule: rule.name.to_owned(),
-        entity: entity.clone(),
+        hc: hc.clone(),
     })?;
     if expires_unix <= now_unix {
         return Err(SasError::Expired {
@@ -555,7 +555,7 @@ mod tests {
             err,
             SasError::BadSignature {
                 rule: "send".into(),
-                entity: payroll()
+                hc: payroll()
             }
         );
         assert_eq!(
@@ -571,14 +571,14 @@ mod tests {
     }
 
     #[test]
-    fn token_for_another_hc_is_wrong_entity() {
+    fn token_for_another_hc_is_wrong_hc() {
         let hc = Hc::new();
         let billing: HcName = "billing".parse().unwrap();
         let err = verify(VECTOR, &billing, Right::Send, &hc.rules(), NOW).unwrap_err();
         assert_eq!(
             err,
-            SasError::WrongEntity {
-                token_entity: "payroll".into(),
+            SasError::WrongHc {
+                token_hc: "payroll".into(),
                 presented: billing
             }
         );
@@ -597,7 +597,7 @@ mod tests {
             err,
             SasError::UnknownRule {
                 rule: "RootManageSharedAccessKey".into(),
-                entity: payroll()
+                hc: payroll()
             }
         );
         assert!(

@@ -18,8 +18,8 @@
 //! | `GET /api/v1/hcs/{name}/keys` | `{"name", "connection_strings"}` |
 //! | `POST /api/v1/hcs/{name}/keys/regenerate` `{"rule","key"}` | `{"name", "connection_strings"}` with the new key |
 //! | `PATCH /api/v1/hcs/{name}` `{"host"?, "port"?}` | the HC with its new endpoint (agents use it for new streams) |
-//! | `GET /api/v1/hcs/{name}/status` | `HcStatus`: `Connected` or `Not connected`, the agents |
-//! | `GET /api/v1/status` | `[HcStatus, ...]` |
+//! | `GET /api/v1/hcs/{name}/status` | `RelayHcStatus`: `Connected` or `Not connected`, the agents |
+//! | `GET /api/v1/status` | `[RelayHcStatus, ...]` |
 //! | `GET /openapi.json` | the OpenAPI 3 description of all of this (no key needed) |
 //! | `GET /`, `GET /portal/{app.js,style.css,icon.svg}` | the portal, a web page over this API ([`crate::portal`]; no key needed, the page asks for it) |
 //!
@@ -40,7 +40,7 @@ use proto::name::{Endpoint, HcName, Host};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::hub::{Hub, ListenerStatus};
+use crate::hub::{AttachedAgent, Hub};
 use crate::registry::{HcRecord, Registry, RegistryError, SlotKeys};
 
 /// The OpenAPI 3 description of this API, served at `/openapi.json`.
@@ -89,9 +89,10 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-/// Whether an HC has an agent, and which.
+/// Whether an HC has an agent, and which, as the relay sees it (`HcStatus`
+/// in the OpenAPI description).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HcStatus {
+pub struct RelayHcStatus {
     /// The HC's name.
     pub name: HcName,
     /// `host:port`.
@@ -99,43 +100,45 @@ pub struct HcStatus {
     /// `Connected` when at least one agent is attached, else `Not connected`.
     pub status: String,
     /// How many agents are attached.
-    pub listener_count: usize,
+    #[serde(rename = "listener_count")]
+    pub agent_count: usize,
     /// The attached agents.
-    pub listeners: Vec<ListenerStatus>,
+    #[serde(rename = "listeners")]
+    pub agents: Vec<AttachedAgent>,
     /// The streams of the attached agents, summed (each agent reports its
     /// own every few seconds; the relay itself never sees inside a pipe).
     pub streams: proto::control::StreamStats,
 }
 
-fn status_of(state: &ApiState, hc: &HcRecord) -> HcStatus {
-    let listeners = state.hub.listeners(&hc.name);
+fn status_of(state: &ApiState, hc: &HcRecord) -> RelayHcStatus {
+    let agents = state.hub.agents(&hc.name);
     let mut streams = proto::control::StreamStats::default();
-    for l in &listeners {
-        streams += l.streams;
+    for a in &agents {
+        streams += a.streams;
     }
-    HcStatus {
+    RelayHcStatus {
         streams,
         name: hc.name.clone(),
         endpoint: hc.endpoint.clone(),
-        status: if listeners.is_empty() {
+        status: if agents.is_empty() {
             "Not connected".into()
         } else {
             "Connected".into()
         },
-        listener_count: listeners.len(),
-        listeners,
+        agent_count: agents.len(),
+        agents,
     }
 }
 
 async fn hc_status(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-) -> ApiResult<axum::Json<HcStatus>> {
+) -> ApiResult<axum::Json<RelayHcStatus>> {
     let hc = find(&state, &name)?;
     Ok(axum::Json(status_of(&state, &hc)))
 }
 
-async fn all_status(State(state): State<ApiState>) -> axum::Json<Vec<HcStatus>> {
+async fn all_status(State(state): State<ApiState>) -> axum::Json<Vec<RelayHcStatus>> {
     let list = state.registry.list();
     axum::Json(list.iter().map(|hc| status_of(&state, hc)).collect())
 }
@@ -246,7 +249,7 @@ pub struct SlotStrings {
 pub struct ConnectionStrings {
     /// For senders (appliances).
     pub send: SlotStrings,
-    /// For listeners (agents).
+    /// For agents.
     pub listen: SlotStrings,
 }
 
@@ -368,11 +371,11 @@ fn manage_token_error(state: &ApiState, token: &str) -> Option<String> {
         secondary: &key,
     };
     // The token's resource ends in `/manage`, which parses as a name.
-    let entity: HcName = "manage".parse().ok()?;
+    let hc: HcName = "manage".parse().ok()?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    match proto::sas::verify(token, &entity, Right::Manage, &[rule], now) {
+    match proto::sas::verify(token, &hc, Right::Manage, &[rule], now) {
         Ok(_) => None,
         Err(e) => Some(format!(
             "management token refused: {e} (sign the resource `https://RELAY/manage` with key name `manage` and the manage key)"
@@ -427,7 +430,7 @@ fn connection_strings(state: &ApiState, hc: &HcRecord) -> ConnectionStrings {
         relay_port: state.public_port,
         key_name: right.rule_name().to_owned(),
         key: keys.get(slot).clone(),
-        entity: hc.name.clone(),
+        hc: hc.name.clone(),
         cert_sha256: Some(state.cert_sha256),
         end_to_end_key: None,
     };
@@ -545,7 +548,7 @@ mod tests {
     }
 
     #[test]
-    fn connection_strings_carry_relay_entity_rule_and_pin() {
+    fn connection_strings_carry_relay_hc_rule_and_pin() {
         let (_dir, state) = state();
         let hc = state
             .registry

@@ -37,7 +37,7 @@ pub struct Limits {
     pub max_hcs: usize,
     /// Agents attached to one hybrid connection at most (25, as in the
     /// original product).
-    pub max_listeners_per_hc: usize,
+    pub max_agents_per_hc: usize,
     /// Pipes spliced at once (a pipe joins one sender to one agent and
     /// carries all their streams; the relay cannot count the streams inside).
     pub max_pipes: usize,
@@ -53,7 +53,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_hcs: 10_000,
-            max_listeners_per_hc: crate::hub::MAX_LISTENERS_PER_HC,
+            max_agents_per_hc: crate::hub::MAX_AGENTS_PER_HC,
             max_pipes: 100_000,
             max_unauthenticated: 1024,
             max_unauthenticated_per_ip: 64,
@@ -197,7 +197,7 @@ impl RelayConfig {
         }
         registry.set_max_hcs(limits.max_hcs);
         let hub = Hub::new(registry.clone());
-        hub.set_max_listeners(limits.max_listeners_per_hc);
+        hub.set_max_agents(limits.max_agents_per_hc);
         hub.set_max_pipes(limits.max_pipes);
         let public_host = self
             .public_host
@@ -252,7 +252,7 @@ impl RelayConfig {
                         watcher.recheck(name);
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        for name in watcher.attached_entities() {
+                        for name in watcher.attached_hcs() {
                             watcher.recheck(&name);
                         }
                     }

@@ -235,26 +235,26 @@ async fn serve_control(
                     return ControlFlow::Break(());
                 };
                 match msg {
-                    PeerMessage::Attach { entity, token } => hub.attach(id, entity, token, false),
-                    PeerMessage::Renew { entity, token } => hub.attach(id, entity, token, true),
+                    PeerMessage::Attach { hc, token } => hub.attach(id, hc, token, false),
+                    PeerMessage::Renew { hc, token } => hub.attach(id, hc, token, true),
                     PeerMessage::PipeRequest { request_id, agent } => {
                         hub.request_pipe(id, request_id, agent)
                     }
                     PeerMessage::Stats {
-                        entity,
+                        hc,
                         stats,
                         end_to_end,
                         policy_refusal,
                     } => hub.report_stats(
                         id,
-                        entity,
+                        hc,
                         stats,
                         AgentReport {
                             end_to_end,
                             policy_refusal,
                         },
                     ),
-                    PeerMessage::Describe { entity, token } => hub.describe(id, entity, token),
+                    PeerMessage::Describe { hc, token } => hub.describe(id, hc, token),
                     // The session answers keep-alives and refuses a second
                     // hello itself.
                     PeerMessage::Hello { .. }

@@ -197,7 +197,7 @@ async fn create_list_show_keys_delete() {
             assert_eq!(cs.relay_host, "relay.example");
             assert_eq!(cs.relay_port, 9443);
             assert_eq!(cs.key_name, rule);
-            assert_eq!(cs.entity.as_str(), "payroll");
+            assert_eq!(cs.hc.as_str(), "payroll");
             assert_eq!(cs.cert_sha256, Some([0xab; 32]));
             assert_eq!(&cs.key, hc.keys(right).unwrap().get(slot));
             // The string is good for what it is meant for.

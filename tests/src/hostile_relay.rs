@@ -308,7 +308,7 @@ async fn serve_connection(state: &State, tcp: TcpStream) -> Result<(), String> {
 /// Who a peer really is, from its hello.
 #[derive(Clone, Copy, Debug)]
 struct Peer {
-    listener: bool,
+    agent: bool,
     identity: Fingerprint,
 }
 
@@ -343,8 +343,8 @@ async fn serve_control(state: &State, tcp: TcpStream) -> Result<(), String> {
             if let Some(peer) = replace_identity(&mut msg, attacker) {
                 state.count(|s| &mut s.identities_replaced);
                 state.note(format!(
-                    "hello from a {}: identity {} replaced by {attacker}",
-                    if peer.listener { "listener" } else { "sender" },
+                    "hello from {}: identity {} replaced by {attacker}",
+                    if peer.agent { "an agent" } else { "a sender" },
                     peer.identity
                 ));
             }
@@ -383,9 +383,10 @@ fn replace_identity(msg: &mut Value, attacker: Fingerprint) -> Option<Peer> {
         return None;
     }
     let identity: Fingerprint = serde_json::from_value(msg.get("identity")?.clone()).ok()?;
-    let listener = msg.get("role")? == "listener";
+    // Agents still say `listener` on the wire.
+    let agent = msg.get("role")? == "listener";
     msg["identity"] = Value::String(attacker.to_string());
-    Some(Peer { listener, identity })
+    Some(Peer { agent, identity })
 }
 
 async fn serve_pipe(state: &State, mut tcp: TcpStream) -> Result<(), String> {
@@ -643,7 +644,7 @@ mod tests {
             "a_field_from_a_newer_peer": "kept",
         });
         let peer = replace_identity(&mut hello, attacker).unwrap();
-        assert!(peer.listener);
+        assert!(peer.agent);
         assert_eq!(peer.identity, real);
         assert_eq!(hello["identity"], attacker.to_string());
         assert_eq!(hello["a_field_from_a_newer_peer"], "kept");

@@ -46,7 +46,7 @@ async fn stall_or_digest_server() -> Result<SocketAddr> {
 }
 
 async fn timed_upload(sender: &Sender, cs: &ConnectionString, bytes: usize) -> Result<Duration> {
-    let mut s = sender.open(&cs.entity).await?;
+    let mut s = sender.open(&cs.hc).await?;
     let block = vec![b'D'; 256 * 1024];
     let start = Instant::now();
     let mut sent = 0;
@@ -71,7 +71,7 @@ async fn a_stalled_reader_does_not_slow_a_parallel_stream() -> Result<()> {
     agent.wait_connected()?;
     let sender = Sender::start(vec![send.clone()], SenderOptions::default())?;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while sender.agents(&send.entity).is_empty() {
+    while sender.agents(&send.hc).is_empty() {
         assert!(Instant::now() < deadline, "sender never saw the agent");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -100,7 +100,7 @@ async fn a_stalled_reader_does_not_slow_a_parallel_stream() -> Result<()> {
 /// Opens a stream whose target never reads, and writes into it until the
 /// writes block; returns the stalled stream.
 async fn stall(sender: &Sender, cs: &ConnectionString) -> Result<transport::sender::Stream> {
-    let mut stalled = sender.open(&cs.entity).await?;
+    let mut stalled = sender.open(&cs.hc).await?;
     stalled.write_all(b"S").await?;
     let block = vec![0u8; 64 * 1024];
     let mut pushed = 0usize;

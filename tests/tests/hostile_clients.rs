@@ -211,7 +211,7 @@ async fn sessions_that_never_attach_are_closed_by_the_deadline() -> Result<()> {
     write_message(
         &mut tls,
         &PeerMessage::Attach {
-            entity: send.entity.clone(),
+            hc: send.hc.clone(),
             token: send.token(expiry),
         },
     )
@@ -466,11 +466,11 @@ async fn refusal(
 ) -> Result<(String, String)> {
     let (mut tls, mut buf) = welcomed(Ipv4Addr::new(127, 0, 0, 2), relay, cs, role).await?;
     let expiry = ten_minutes_from_now()?;
-    let (entity, token) = (cs.entity.clone(), cs.token(expiry));
+    let (hc, token) = (cs.hc.clone(), cs.token(expiry));
     let msg = if describe {
-        PeerMessage::Describe { entity, token }
+        PeerMessage::Describe { hc, token }
     } else {
-        PeerMessage::Attach { entity, token }
+        PeerMessage::Attach { hc, token }
     };
     write_message(&mut tls, &msg).await?;
     loop {
@@ -480,7 +480,7 @@ async fn refusal(
             }) => {
                 return Ok((
                     serde_json::to_string(&reason)?,
-                    message.replace(cs.entity.as_str(), "NAME"),
+                    message.replace(cs.hc.as_str(), "NAME"),
                 ));
             }
             Some(RelayMessage::Ping { .. }) => {}
@@ -498,13 +498,13 @@ async fn an_unknown_name_and_a_wrong_key_get_the_same_answer() -> Result<()> {
     let forged = |cs: &ConnectionString, name: &str| -> Result<ConnectionString> {
         let mut cs = cs.clone();
         cs.key = Key::generate()?;
-        cs.entity = name.parse()?;
+        cs.hc = name.parse()?;
         Ok(cs)
     };
     for (cs, role, describe) in [
         (&send, PeerRole::Sender, false),
-        (&listen, PeerRole::Listener, false),
-        (&listen, PeerRole::Listener, true),
+        (&listen, PeerRole::Agent, false),
+        (&listen, PeerRole::Agent, true),
     ] {
         // Same length, so not even the message length differs.
         let wrong_key = refusal(&relay, &forged(cs, "payroll")?, role, describe).await?;
@@ -544,7 +544,7 @@ async fn a_stranger_cannot_try_tokens_without_end() -> Result<()> {
     // per channel, then the channel is closed.
     for _ in 0..200 {
         let attach = PeerMessage::Attach {
-            entity: forged.entity.clone(),
+            hc: forged.hc.clone(),
             token: forged.token(expiry),
         };
         if write_message(&mut tls, &attach).await.is_err() {
@@ -592,13 +592,13 @@ async fn an_agent_that_stops_reading_leaves_the_rotation_within_the_keepalive_ti
         Ipv4Addr::new(127, 0, 0, 3),
         &relay,
         &listen,
-        PeerRole::Listener,
+        PeerRole::Agent,
     )
     .await?;
     write_message(
         &mut tls,
         &PeerMessage::Attach {
-            entity: listen.entity.clone(),
+            hc: listen.hc.clone(),
             token: listen.token(ten_minutes_from_now()?),
         },
     )
@@ -613,11 +613,11 @@ async fn an_agent_that_stops_reading_leaves_the_rotation_within_the_keepalive_ti
             other => bail!("unexpected {other:?}"),
         }
     }
-    let listeners = || -> Result<usize> {
+    let agents = || -> Result<usize> {
         let status = relay.hc(&["status", "stuck"])?;
         Ok(status["listeners"].as_array().map_or(0, Vec::len))
     };
-    ensure!(listeners()? == 1, "the agent is not in the rotation");
+    ensure!(agents()? == 1, "the agent is not in the rotation");
 
     // From here on: a keep-alive every second, and not one byte read.
     let stopped = Instant::now();
@@ -633,7 +633,7 @@ async fn an_agent_that_stops_reading_leaves_the_rotation_within_the_keepalive_ti
         }
     });
     let limit = KEEPALIVE + IDLE + Duration::from_secs(3);
-    while listeners()? == 1 {
+    while agents()? == 1 {
         ensure!(
             stopped.elapsed() < limit,
             "a session that reads nothing was still in the rotation {limit:?} after it stopped"
@@ -682,7 +682,7 @@ async fn a_tenant_flooding_pipe_requests_leaves_the_other_tenants_working() -> R
         };
         write_message(&mut tls, &hello).await?;
         let attach = PeerMessage::Attach {
-            entity: flooded_send.entity.clone(),
+            hc: flooded_send.hc.clone(),
             token: flooded_send.token(ten_minutes_from_now()?),
         };
         write_message(&mut tls, &attach).await?;

@@ -503,7 +503,7 @@ fn keys_rotate_with_zero_failed_connections() -> Result<()> {
     // The same agent process served throughout, now with one channel.
     ensure!(agent.proc.pid() == agent_pid);
     ensure!(agent.status()?[0]["connection"]["state"] == "connected");
-    wait_for("the relay seeing exactly one listener", 5, || {
+    wait_for("the relay seeing exactly one agent", 5, || {
         Ok(relay.hc(&["status", "payroll"])?["listener_count"] == 1)
     })?;
     Ok(())

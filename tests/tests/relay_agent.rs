@@ -21,7 +21,7 @@ fn sender(cs: &ConnectionString) -> Sender {
 
 async fn wait_for_agents(sender: &Sender, cs: &ConnectionString, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while sender.agents(&cs.entity).len() != n {
+    while sender.agents(&cs.hc).len() != n {
         assert!(Instant::now() < deadline, "sender never saw {n} agents");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -43,7 +43,7 @@ async fn echo_through_relay_and_agent_with_half_close() -> Result<()> {
     let agent = Agent::start(&[&listen], &[])?;
     agent.wait_connected()?;
     let sender = sender(&send);
-    let mut stream = sender.open(&send.entity).await?;
+    let mut stream = sender.open(&send.hc).await?;
     stream.write_all(b"hello, on-prem").await?;
     // Half-close: our end of writing reaches the echo server as EOF, and its
     // answer still flows back before it closes its side.
@@ -63,7 +63,7 @@ async fn one_gibibyte_each_way_arrives_intact() -> Result<()> {
     let agent = Agent::start(&[&listen], &[])?;
     agent.wait_connected()?;
     let sender = sender(&send);
-    let stream = sender.open(&send.entity).await?;
+    let stream = sender.open(&send.hc).await?;
     let (mut rx, mut tx) = tokio::io::split(stream);
     // A block whose length is coprime with every frame and buffer size, so
     // reordering or loss cannot hide behind identical chunks.
@@ -119,7 +119,7 @@ async fn streams_are_spread_round_robin_and_survive_an_agent_dying() -> Result<(
     let mut streams = Vec::new();
     for i in 0..100u32 {
         let mut s = sender
-            .open(&send.entity)
+            .open(&send.hc)
             .await
             .with_context(|| format!("stream {i}"))?;
         echo_roundtrip(&mut s, &i.to_be_bytes()).await?;
@@ -140,7 +140,7 @@ async fn streams_are_spread_round_robin_and_survive_an_agent_dying() -> Result<(
     first.proc.kill();
     let died_at = Instant::now();
     // The relay sees the control channel close and tells the sender at once.
-    while sender.agents(&send.entity).len() != 1 {
+    while sender.agents(&send.hc).len() != 1 {
         assert!(
             died_at.elapsed() < Duration::from_secs(5),
             "the dead agent stayed in the rotation"
@@ -172,14 +172,14 @@ async fn streams_are_spread_round_robin_and_survive_an_agent_dying() -> Result<(
     // New streams succeed, all on the survivor, within 5 s of the death.
     for i in 0..20u32 {
         let mut s = sender
-            .open(&send.entity)
+            .open(&send.hc)
             .await
             .with_context(|| format!("new stream {i}"))?;
         echo_roundtrip(&mut s, b"still here").await?;
     }
     assert!(died_at.elapsed() < Duration::from_secs(5) + Duration::from_secs(20));
     assert_eq!(opened(&second)?, b + 20);
-    assert_eq!(sender.agents(&send.entity).len(), 1);
+    assert_eq!(sender.agents(&send.hc).len(), 1);
     Ok(())
 }
 
@@ -199,7 +199,7 @@ async fn bad_tokens_are_refused_each_with_its_own_reason() -> Result<()> {
             ..SenderOptions::default()
         };
         let sender = Sender::start(vec![cs.clone()], options).expect("sender starts");
-        match sender.open(&cs.entity).await {
+        match sender.open(&cs.hc).await {
             Err(SendError::NotAuthorized { message, .. }) => message,
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -227,22 +227,22 @@ async fn bad_tokens_are_refused_each_with_its_own_reason() -> Result<()> {
     assert!(msg.contains("expired"), "{msg}");
 
     // A genuine token of one HC presented for another.
-    let msg = raw_attach(&relay, &send, &other_send.entity).await?;
+    let msg = raw_attach(&relay, &send, &other_send.hc).await?;
     assert!(msg.contains("token is for hybrid connection"), "{msg}");
 
     // And the good string still works.
     let sender = sender(&send);
-    let mut s = sender.open(&send.entity).await?;
+    let mut s = sender.open(&send.hc).await?;
     echo_roundtrip(&mut s, b"ok").await?;
     Ok(())
 }
 
-/// Attaches with `cs`'s token but for `entity`, on a hand-made control
+/// Attaches with `cs`'s token but for `hc`, on a hand-made control
 /// channel; returns the relay's refusal message.
 async fn raw_attach(
     relay: &Relay,
     cs: &ConnectionString,
-    entity: &proto::name::HcName,
+    hc: &proto::name::HcName,
 ) -> Result<String> {
     use proto::control::{Fingerprint, PROTOCOL_VERSION, PeerMessage, PeerRole, RelayMessage};
     let pin = Fingerprint(cs.cert_sha256.context("pinned")?);
@@ -263,7 +263,7 @@ async fn raw_attach(
     transport::control::write_message(
         &mut tls,
         &PeerMessage::Attach {
-            entity: entity.clone(),
+            hc: hc.clone(),
             token,
         },
     )
@@ -289,7 +289,7 @@ async fn agent_reconnects_after_the_relay_restarts() -> Result<()> {
     let agent = Agent::start(&[&listen], &[])?;
     agent.wait_connected()?;
     let sender = sender(&send);
-    let mut s = sender.open(&send.entity).await?;
+    let mut s = sender.open(&send.hc).await?;
     echo_roundtrip(&mut s, b"before").await?;
 
     relay.restart()?;
@@ -297,7 +297,7 @@ async fn agent_reconnects_after_the_relay_restarts() -> Result<()> {
     assert_eq!(relay.strings("restart")?.0, send);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match sender.open(&send.entity).await {
+        match sender.open(&send.hc).await {
             Ok(mut s) => {
                 echo_roundtrip(&mut s, b"after").await?;
                 break;
@@ -329,14 +329,14 @@ async fn a_sender_cannot_choose_the_destination() -> Result<()> {
         decoy_addr.port()
     );
     let err = sender
-        .open_raw(&send.entity, Bytes::from(forged))
+        .open_raw(&send.hc, Bytes::from(forged))
         .await
         .expect_err("forged request refused");
     assert_eq!(err.refusal_code(), Some(RefusalCode::BadRequest), "{err}");
 
     // The agent serves "forbidden", but this sender holds no key for it.
     let err = sender
-        .open_raw(&send.entity, Bytes::from_static(br#"{"hc":"forbidden"}"#))
+        .open_raw(&send.hc, Bytes::from_static(br#"{"hc":"forbidden"}"#))
         .await
         .expect_err("stream to an HC without a key refused");
     assert_eq!(err.refusal_code(), Some(RefusalCode::NotAllowed), "{err}");
@@ -344,7 +344,7 @@ async fn a_sender_cannot_choose_the_destination() -> Result<()> {
     let accepted = tokio::time::timeout(Duration::from_millis(500), decoy.accept()).await;
     assert!(accepted.is_err(), "the agent dialed the decoy");
 
-    let mut s = sender.open(&send.entity).await?;
+    let mut s = sender.open(&send.hc).await?;
     echo_roundtrip(&mut s, b"the real endpoint").await?;
     Ok(())
 }
@@ -363,7 +363,7 @@ async fn refused_and_unreachable_targets_are_errors_not_streams() -> Result<()> 
     let sender = sender(&send);
     let started = Instant::now();
     let err = sender
-        .open(&send.entity)
+        .open(&send.hc)
         .await
         .expect_err("nothing listens there");
     assert_eq!(err.refusal_code(), Some(RefusalCode::Refused), "{err}");
@@ -460,7 +460,7 @@ async fn the_relay_forwards_only_ciphertext_it_cannot_read() -> Result<()> {
     let agent = Agent::start(&[&listen], &[])?;
     agent.wait_connected()?;
     let sender = sender(&send);
-    let mut s = sender.open(&send.entity).await?;
+    let mut s = sender.open(&send.hc).await?;
     let pattern = b"PAYROLL-RECORD-4242-do-not-leak-".repeat(2048);
     for _ in 0..16 {
         echo_roundtrip(&mut s, &pattern).await?;
@@ -515,11 +515,11 @@ async fn tokens_are_renewed_before_they_expire() -> Result<()> {
         ..SenderOptions::default()
     };
     let sender = Sender::start(vec![send.clone()], options)?;
-    let mut s = sender.open(&send.entity).await?;
+    let mut s = sender.open(&send.hc).await?;
     echo_roundtrip(&mut s, b"fresh").await?;
     tokio::time::sleep(Duration::from_secs(7)).await;
     assert_eq!(agent.status()?[0]["connection"]["state"], "connected");
-    let mut s = sender.open(&send.entity).await?;
+    let mut s = sender.open(&send.hc).await?;
     echo_roundtrip(&mut s, b"after three lifetimes").await?;
     Ok(())
 }
@@ -543,7 +543,7 @@ async fn a_frozen_agent_leaves_the_rotation_within_the_keepalive_timeout() -> Re
         .args(["-STOP", &pid])
         .status()?;
     let frozen_at = Instant::now();
-    while sender.agents(&send.entity).len() != 1 {
+    while sender.agents(&send.hc).len() != 1 {
         assert!(
             frozen_at.elapsed() < Duration::from_secs(25),
             "the relay still lists a frozen agent"
@@ -555,7 +555,7 @@ async fn a_frozen_agent_leaves_the_rotation_within_the_keepalive_timeout() -> Re
     // 15 s of silence, plus the moment for the relay to tell the sender.
     assert!(noticed <= Duration::from_secs(16), "{noticed:?}");
     for _ in 0..10 {
-        let mut s = sender.open(&send.entity).await?;
+        let mut s = sender.open(&send.hc).await?;
         echo_roundtrip(&mut s, b"served by the live one").await?;
     }
     std::process::Command::new("kill")
@@ -587,13 +587,13 @@ async fn deleting_a_hybrid_connection_revokes_it_on_an_open_pipe_every_time() ->
     let sender = Sender::start(sends.clone(), SenderOptions::default())?;
     for send in &sends {
         wait_for_agents(&sender, send, 1).await;
-        let mut s = sender.open(&send.entity).await?;
+        let mut s = sender.open(&send.hc).await?;
         echo_roundtrip(&mut s, b"before").await?;
     }
     // hc0 is never deleted: the route the hostile requests ride on.
-    let route = &sends[0].entity;
+    let route = &sends[0].hc;
     for send in &sends[1..] {
-        let name = send.entity.as_str();
+        let name = send.hc.as_str();
         relay.hc(&["delete", name])?;
         let request = Bytes::from(format!(r#"{{"hc":"{name}"}}"#));
         let deadline = Instant::now() + Duration::from_secs(3);

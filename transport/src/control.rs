@@ -43,7 +43,7 @@ impl RelayAddr {
     pub fn of(cs: &ConnectionString) -> Result<Self, ControlClientError> {
         let cert = cs
             .cert_sha256
-            .ok_or_else(|| ControlClientError::NoPin(cs.entity.clone()))?;
+            .ok_or_else(|| ControlClientError::NoPin(cs.hc.clone()))?;
         Ok(RelayAddr {
             host: cs.relay_host.clone(),
             port: cs.relay_port,
@@ -118,7 +118,7 @@ impl ControlHandle {
 pub struct ControlConfig {
     /// The relay.
     pub relay: RelayAddr,
-    /// Sender or listener.
+    /// Sender or agent.
     pub role: PeerRole,
     /// This process's data identity fingerprint.
     pub identity: Fingerprint,
@@ -145,8 +145,8 @@ impl ControlConfig {
         for cs in &strings[1..] {
             if RelayAddr::of(cs)? != relay {
                 return Err(ControlClientError::MixedRelays(
-                    first.entity.clone(),
-                    cs.entity.clone(),
+                    first.hc.clone(),
+                    cs.hc.clone(),
                 ));
             }
         }
@@ -280,7 +280,7 @@ pub async fn describe(
     strings: &[ConnectionString],
 ) -> Result<Vec<(HcName, Result<proto::name::Endpoint, String>)>, String> {
     let config = ControlConfig::new(
-        PeerRole::Listener,
+        PeerRole::Agent,
         Fingerprint([0; 32]),
         "describe".into(),
         strings.to_vec(),
@@ -299,7 +299,7 @@ pub async fn describe(
                 let expiry = unix_now() + 300;
                 for cs in strings {
                     let msg = PeerMessage::Describe {
-                        entity: cs.entity.clone(),
+                        hc: cs.hc.clone(),
                         token: cs.token(expiry),
                     };
                     if let Err(e) = session.send(&msg) {
@@ -308,12 +308,12 @@ pub async fn describe(
                     }
                 }
             }
-            PeerEvent::Message(RelayMessage::Described { entity, endpoint }) => {
-                answers.push((entity, Ok(endpoint)));
+            PeerEvent::Message(RelayMessage::Described { hc, endpoint }) => {
+                answers.push((hc, Ok(endpoint)));
             }
-            PeerEvent::Message(RelayMessage::Detached {
-                entity, message, ..
-            }) => answers.push((entity, Err(message))),
+            PeerEvent::Message(RelayMessage::Detached { hc, message, .. }) => {
+                answers.push((hc, Err(message)))
+            }
             PeerEvent::Message(_) => {}
         }
         if answers.len() < strings.len() {

@@ -80,8 +80,9 @@ pub struct Metrics {
     pub reconnects: Counter,
     /// Tokens renewed.
     pub token_renewals: Counter,
-    /// Relay: agents attached per hybrid connection (set at scrape).
-    pub listeners: Family<HcLabel, Gauge>,
+    /// Relay: agents attached per hybrid connection (set at scrape;
+    /// exported as `listeners`, the name dashboards know).
+    pub agents: Family<HcLabel, Gauge>,
     /// Relay: senders attached per hybrid connection (set at scrape).
     pub senders: Family<HcLabel, Gauge>,
     /// Relay: hybrid connections in the registry (set at scrape).
@@ -140,7 +141,7 @@ pub fn render(role: Role) -> String {
             registry.register(
                 "listeners",
                 "Agents attached, per hybrid connection",
-                m.listeners.clone(),
+                m.agents.clone(),
             );
             registry.register(
                 "senders",

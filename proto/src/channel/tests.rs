@@ -6,9 +6,9 @@ const KEY: &str = "Q2hhbmdlTWUtdGhpcy1pcy1hLXRlc3Qta2V5LTAwMDE=";
 const SHA: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 const UNIX: u64 = 1_800_000_000;
 
-fn string(entity: &str) -> ConnectionString {
+fn string(hc: &str) -> ConnectionString {
     format!(
-        "Endpoint=sb://relay.example:9443/;SharedAccessKeyName=listen;SharedAccessKey={KEY};EntityPath={entity};CertificateSha256={SHA}"
+        "Endpoint=sb://relay.example:9443/;SharedAccessKeyName=listen;SharedAccessKey={KEY};EntityPath={hc};CertificateSha256={SHA}"
     )
     .parse()
     .unwrap()
@@ -16,7 +16,7 @@ fn string(entity: &str) -> ConnectionString {
 
 fn hello() -> PeerHello {
     PeerHello {
-        role: PeerRole::Listener,
+        role: PeerRole::Agent,
         identity: Fingerprint([7; 32]),
         label: "onprem-1".parse().unwrap(),
     }
@@ -37,7 +37,7 @@ struct Link {
     relay_events: Vec<RelayEvent>,
     /// The session id the hub gives at the hello, if it registers at all.
     register_as: Option<u64>,
-    /// Tokens the hub accepts (the entity names).
+    /// Tokens the hub accepts (the names of their hybrid connections).
     hub_accepts: Vec<&'static str>,
     peer_error: Option<PeerError>,
     relay_error: Option<RelaySessionError>,
@@ -156,8 +156,8 @@ impl Link {
                     self.relay.welcome(id, self.now).unwrap();
                 }
             }
-            RelayEvent::Message(PeerMessage::Attach { entity, .. }) => {
-                if self.hub_accepts.contains(&entity.as_str()) {
+            RelayEvent::Message(PeerMessage::Attach { hc, .. }) => {
+                if self.hub_accepts.contains(&hc.as_str()) {
                     self.relay.authenticated();
                 }
             }
@@ -202,7 +202,7 @@ fn hello_welcome_then_every_hybrid_connection_is_attached() {
     assert!(matches!(
         link.relay_events[0],
         RelayEvent::Hello {
-            role: PeerRole::Listener,
+            role: PeerRole::Agent,
             ..
         }
     ));
@@ -212,9 +212,9 @@ fn hello_welcome_then_every_hybrid_connection_is_attached() {
         .relay_messages()
         .iter()
         .map(|m| match m {
-            PeerMessage::Attach { entity, token } => {
+            PeerMessage::Attach { hc, token } => {
                 assert!(token.contains(&format!("se={}", UNIX + 3600)), "{token}");
-                entity.as_str()
+                hc.as_str()
             }
             other => panic!("{other:?}"),
         })
@@ -305,7 +305,7 @@ fn a_write_that_never_completes_closes_the_channel_within_the_idle_timeout() {
     link.relay
         .send(&RelayMessage::Revoke {
             peer: Fingerprint([1; 32]),
-            entity: "payroll".parse().unwrap(),
+            hc: "payroll".parse().unwrap(),
         })
         .unwrap();
     link.drive();
@@ -331,7 +331,7 @@ fn a_full_queue_closes_the_channel_instead_of_dropping_a_message() {
     let mut channel: Channel<RelayMessage, PeerMessage> = Channel::new(timing, now);
     let grant = RelayMessage::Grant {
         peer: Fingerprint([1; 32]),
-        entity: "payroll".parse().unwrap(),
+        hc: "payroll".parse().unwrap(),
     };
     // Nothing is written: the first grants queue, then the channel refuses.
     let mut sent = 0;
@@ -471,7 +471,7 @@ fn a_welcomed_peer_that_never_attaches_is_told_and_closed() {
 fn tokens_that_never_verify_are_capped() {
     let mut link = Link::new(&[], Duration::from_secs(3600));
     let attach = PeerMessage::Attach {
-        entity: "payroll".parse().unwrap(),
+        hc: "payroll".parse().unwrap(),
         token: "SharedAccessSignature sr=x".into(),
     };
     for _ in 0..MAX_TOKENS_BEFORE_AUTH {
@@ -491,7 +491,7 @@ fn tokens_that_never_verify_are_capped() {
 #[test]
 fn messages_are_small_until_a_token_verifies() {
     let big = PeerMessage::Describe {
-        entity: "payroll".parse().unwrap(),
+        hc: "payroll".parse().unwrap(),
         token: "x".repeat(PRE_AUTH_MAX_MESSAGE_LEN),
     };
     let mut link = Link::new(&[], Duration::from_secs(3600));

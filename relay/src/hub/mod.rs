@@ -29,8 +29,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::registry::Registry;
 use rendezvous::Rendezvous;
 pub use state::{
-    AgentReport, Claim, HubState, ListenerStatus, MAX_LISTENERS_PER_HC, Output, PipeRefused,
-    Quotas, SessionId, TICKET_TTL,
+    AgentReport, AttachedAgent, Claim, HubState, MAX_AGENTS_PER_HC, Output, PipeRefused, Quotas,
+    SessionId, TICKET_TTL,
 };
 
 /// Depth of each session's outgoing queue.
@@ -236,18 +236,18 @@ impl Hub {
 
     /// Handles an `Attach` or `Renew`: verifies the token and, on success,
     /// records the attachment and tells the others.
-    pub fn attach(&self, id: SessionId, entity: HcName, token: String, renew: bool) {
-        let record = self.inner.registry.get(&entity);
+    pub fn attach(&self, id: SessionId, hc: HcName, token: String, renew: bool) {
+        let record = self.inner.registry.get(&hc);
         let now = unix_now();
-        self.with_state(|s| s.attach(id, entity, token, renew, record.as_ref(), now));
+        self.with_state(|s| s.attach(id, hc, token, renew, record.as_ref(), now));
     }
 
-    /// A listener asks for a hybrid connection's endpoint without joining
+    /// An agent asks for a hybrid connection's endpoint without joining
     /// it: the answer is `Described` or `Detached`.
-    pub fn describe(&self, id: SessionId, entity: HcName, token: String) {
-        let record = self.inner.registry.get(&entity);
+    pub fn describe(&self, id: SessionId, hc: HcName, token: String) {
+        let record = self.inner.registry.get(&hc);
         let now = unix_now();
-        self.with_state(|s| s.describe(id, entity, token, record.as_ref(), now));
+        self.with_state(|s| s.describe(id, hc, token, record.as_ref(), now));
     }
 
     /// A sender asks for a pipe to an agent: both get the same one-time ticket.
@@ -299,12 +299,12 @@ impl Hub {
         });
     }
 
-    /// Re-checks every attachment to `entity` after its keys changed or it
+    /// Re-checks every attachment to `hc` after its keys changed or it
     /// was deleted: sessions whose token no longer verifies are detached.
-    pub fn recheck(&self, entity: &HcName) {
-        let record = self.inner.registry.get(entity);
+    pub fn recheck(&self, hc: &HcName) {
+        let record = self.inner.registry.get(hc);
         let now = unix_now();
-        self.with_state(|s| s.recheck(entity, record.as_ref(), now));
+        self.with_state(|s| s.recheck(hc, record.as_ref(), now));
     }
 
     /// Limits the pipes spliced or pending at once to `max`.
@@ -319,10 +319,10 @@ impl Hub {
     }
 
     /// Limits each hybrid connection to `max` attached agents.
-    pub fn set_max_listeners(&self, max: usize) {
+    pub fn set_max_agents(&self, max: usize) {
         self.with_state(|s| {
             let quotas = Quotas {
-                max_listeners: max,
+                max_agents: max,
                 ..s.quotas()
             };
             s.set_quotas(quotas);
@@ -335,31 +335,31 @@ impl Hub {
         PipeGuard(self.inner.clone())
     }
 
-    /// Records a listener's stream counters for a hybrid connection it is
+    /// Records an agent's stream counters for a hybrid connection it is
     /// attached to (reports for anything else are ignored).
     pub fn report_stats(
         &self,
         id: SessionId,
-        entity: HcName,
+        hc: HcName,
         stats: proto::control::StreamStats,
         report: AgentReport,
     ) {
-        self.with_state(|s| s.report_stats(id, entity, stats, report));
+        self.with_state(|s| s.report_stats(id, hc, stats, report));
     }
 
-    /// Per attached hybrid connection: (listeners, senders).
+    /// Per attached hybrid connection: (agents, senders).
     pub fn attachment_counts(&self) -> Vec<(HcName, usize, usize)> {
         self.lock().state.attachment_counts()
     }
 
     /// Every hybrid connection some session is attached to.
-    pub fn attached_entities(&self) -> Vec<HcName> {
-        self.lock().state.attached_entities()
+    pub fn attached_hcs(&self) -> Vec<HcName> {
+        self.lock().state.attached_hcs()
     }
 
-    /// The agents currently serving `entity`.
-    pub fn listeners(&self, entity: &HcName) -> Vec<ListenerStatus> {
-        self.lock().state.listeners(entity)
+    /// The agents currently serving `hc`.
+    pub fn agents(&self, hc: &HcName) -> Vec<AttachedAgent> {
+        self.lock().state.agents(hc)
     }
 }
 
@@ -392,9 +392,9 @@ mod tests {
         (Hub::new(registry), dir)
     }
 
-    /// Attaches as a sender with a token signed by `key` for `entity`;
+    /// Attaches as a sender with a token signed by `key` for `hc`;
     /// returns the relay's answer.
-    fn attach(hub: &Hub, entity: &str, key: &Key) -> RelayMessage {
+    fn attach(hub: &Hub, hc: &str, key: &Key) -> RelayMessage {
         let (tx, mut inbox) = Outbox::new(8);
         let label = PeerLabel::parse("test").unwrap();
         let id = hub.register(
@@ -405,12 +405,12 @@ mod tests {
             tx,
         );
         let token = sas::sign(
-            &format!("sb://relay.test/{entity}"),
+            &format!("sb://relay.test/{hc}"),
             "send",
             key,
             unix_now() + 600,
         );
-        hub.attach(id, entity.parse().unwrap(), token, false);
+        hub.attach(id, hc.parse().unwrap(), token, false);
         inbox.messages.try_recv().unwrap()
     }
 
@@ -419,7 +419,7 @@ mod tests {
         let (outbox, mut inbox) = Outbox::new(2);
         let revoke = RelayMessage::Revoke {
             peer: Fingerprint([1; 32]),
-            entity: "payroll".parse().unwrap(),
+            hc: "payroll".parse().unwrap(),
         };
         let wait = Duration::from_millis(20);
         outbox.send(revoke.clone());
@@ -443,11 +443,11 @@ mod tests {
         assert!(inbox.messages.try_recv().is_err());
     }
 
-    fn refusal(msg: RelayMessage, entity: &str) -> (DetachReason, String) {
+    fn refusal(msg: RelayMessage, hc: &str) -> (DetachReason, String) {
         match msg {
             RelayMessage::Detached {
                 reason, message, ..
-            } => (reason, message.replace(entity, "NAME")),
+            } => (reason, message.replace(hc, "NAME")),
             other => panic!("expected a refusal, got {other:?}"),
         }
     }

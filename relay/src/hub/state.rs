@@ -28,8 +28,8 @@ pub type SessionId = u64;
 
 /// How long a pipe ticket waits for both ends.
 pub const TICKET_TTL: Duration = Duration::from_secs(10);
-/// Listeners per hybrid connection, as in the original product.
-pub const MAX_LISTENERS_PER_HC: usize = 25;
+/// Agents per hybrid connection, as in the original product.
+pub const MAX_AGENTS_PER_HC: usize = 25;
 /// Pipe tickets one sender session may hold waiting at once. A sender
 /// opens a pipe per agent and reuses it; more than this in flight is a
 /// flood, and it must not take the relay-wide quota from other tenants.
@@ -50,7 +50,7 @@ pub enum Output {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quotas {
     /// Agents per hybrid connection.
-    pub max_listeners: usize,
+    pub max_agents: usize,
     /// Pipes spliced or pending at once, relay-wide.
     pub max_pipes: usize,
     /// Pending tickets per sender session.
@@ -60,7 +60,7 @@ pub struct Quotas {
 impl Default for Quotas {
     fn default() -> Self {
         Quotas {
-            max_listeners: MAX_LISTENERS_PER_HC,
+            max_agents: MAX_AGENTS_PER_HC,
             max_pipes: usize::MAX,
             max_pending_per_session: MAX_PENDING_TICKETS_PER_SESSION,
         }
@@ -81,7 +81,7 @@ struct Session {
     addr: SocketAddr,
     since_unix: u64,
     attached: HashMap<HcName, Attachment>,
-    /// Listener: its last stream counters per attached hybrid connection.
+    /// Agent: its last stream counters per attached hybrid connection.
     stats: HashMap<HcName, (StreamStats, AgentReport)>,
     /// Sender: its tickets still waiting for both ends.
     pending_tickets: usize,
@@ -97,9 +97,9 @@ pub struct AgentReport {
     pub policy_refusal: Option<String>,
 }
 
-/// A snapshot of one agent of a hybrid connection, for the status API.
+/// One agent attached to a hybrid connection, as the status API shows it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ListenerStatus {
+pub struct AttachedAgent {
     /// Relay session id.
     pub id: SessionId,
     /// The agent's own name.
@@ -173,14 +173,14 @@ pub struct HubState {
 fn needed(role: PeerRole) -> Right {
     match role {
         PeerRole::Sender => Right::Send,
-        PeerRole::Listener => Right::Listen,
+        PeerRole::Agent => Right::Listen,
     }
 }
 
 /// The one answer a peer gets for a token that did not verify, whether or
 /// not the hybrid connection exists.
-fn not_accepted(entity: &HcName, e: &sas::SasError) -> String {
-    format!("the token was not accepted for {entity}: {e}")
+fn not_accepted(hc: &HcName, e: &sas::SasError) -> String {
+    format!("the token was not accepted for {hc}: {e}")
 }
 
 impl HubState {
@@ -255,21 +255,21 @@ impl HubState {
         let Some(session) = self.sessions.get(&id) else {
             return;
         };
-        let entities: Vec<HcName> = session.attached.keys().cloned().collect();
-        for entity in entities {
-            self.detach(id, &entity);
+        let hcs: Vec<HcName> = session.attached.keys().cloned().collect();
+        for hc in hcs {
+            self.detach(id, &hc);
         }
         self.sessions.remove(&id);
     }
 
-    /// Why `token` is refused for `entity`, a name the registry does not
+    /// Why `token` is refused for `hc`, a name the registry does not
     /// hold: exactly the error a wrong key for an existing hybrid connection
     /// of that name would get (the token is checked against a key nobody
     /// has), so an unauthenticated peer cannot learn which names exist.
     fn refuse_unknown(
         &self,
         token: &str,
-        entity: &HcName,
+        hc: &HcName,
         needed: Right,
         now_unix: u64,
     ) -> sas::SasError {
@@ -279,23 +279,23 @@ impl HubState {
             primary: &self.decoy,
             secondary: &self.decoy,
         });
-        match sas::verify(token, entity, needed, &rules, now_unix) {
+        match sas::verify(token, hc, needed, &rules, now_unix) {
             Err(e) => e,
             // Only with the decoy key itself, which nobody is given.
             Ok(_) => sas::SasError::BadSignature {
                 rule: needed.rule_name().to_string(),
-                entity: entity.clone(),
+                hc: hc.clone(),
             },
         }
     }
 
-    /// Handles an `Attach` (or a `Renew`) of `entity`, whose registry record
+    /// Handles an `Attach` (or a `Renew`) of `hc`, whose registry record
     /// is `record`: verifies the token and, on success, records the
     /// attachment and tells everyone concerned.
     pub fn attach(
         &mut self,
         id: SessionId,
-        entity: HcName,
+        hc: HcName,
         token: String,
         renew: bool,
         record: Option<&HcRecord>,
@@ -307,10 +307,10 @@ impl HubState {
         let role = session.role;
         let needed = needed(role);
         let verified = match record {
-            Some(record) => sas::verify(&token, &entity, needed, &record.rules(), now_unix)
+            Some(record) => sas::verify(&token, &hc, needed, &record.rules(), now_unix)
                 .map(|v| v.expires_unix)
                 .map_err(|e| (Some(record), e)),
-            None => Err((None, self.refuse_unknown(&token, &entity, needed, now_unix))),
+            None => Err((None, self.refuse_unknown(&token, &hc, needed, now_unix))),
         };
         let expires = match verified {
             Ok(expires) => expires,
@@ -320,10 +320,10 @@ impl HubState {
                 let regenerated = record.and_then(|r| r.regenerated_at(&token, needed, now_unix));
                 let message = match regenerated {
                     Some(at) => format!(
-                        "the key of this connection string was regenerated ({}s ago); get the current one with `hybridlink hc keys {entity}`",
+                        "the key of this connection string was regenerated ({}s ago); get the current one with `hybridlink hc keys {hc}`",
                         now_unix.saturating_sub(at)
                     ),
-                    None => not_accepted(&entity, &e),
+                    None => not_accepted(&hc, &e),
                 };
                 // The relay's own log and metrics keep the precise reason.
                 let (why, counted) = match (record, regenerated) {
@@ -331,13 +331,13 @@ impl HubState {
                     (Some(_), Some(_)) => (message.clone(), "key_regenerated"),
                     (Some(_), None) => (e.to_string(), "unauthorized"),
                 };
-                warn!(session = id, hc = %entity, error = %why, "token rejected");
+                warn!(session = id, %hc, error = %why, "token rejected");
                 self.out.push_back(Output::Refused(counted));
-                self.detach(id, &entity);
+                self.detach(id, &hc);
                 self.send(
                     id,
                     RelayMessage::Detached {
-                        entity,
+                        hc,
                         reason: DetachReason::Unauthorized,
                         message,
                     },
@@ -353,28 +353,28 @@ impl HubState {
             && let Some(a) = self
                 .sessions
                 .get_mut(&id)
-                .and_then(|s| s.attached.get_mut(&entity))
+                .and_then(|s| s.attached.get_mut(&hc))
         {
             a.token = token;
             a.expires = expires;
             self.out.push_back(Output::Renewed);
-            self.send(id, RelayMessage::Renewed { entity, expires });
+            self.send(id, RelayMessage::Renewed { hc, expires });
             return;
         }
-        let max = self.quotas.max_listeners;
+        let max = self.quotas.max_agents;
         let already = self
             .sessions
             .get(&id)
-            .is_some_and(|s| s.attached.contains_key(&entity));
-        if role == PeerRole::Listener && !already && self.listeners_of(&entity).len() >= max {
+            .is_some_and(|s| s.attached.contains_key(&hc));
+        if role == PeerRole::Agent && !already && self.agent_ids(&hc).len() >= max {
             self.out.push_back(Output::Refused("quota"));
             self.send(
                 id,
                 RelayMessage::Detached {
                     message: format!(
-                        "{entity} already has {max} listeners, the most a hybrid connection may have on this relay"
+                        "{hc} already has {max} listeners, the most a hybrid connection may have on this relay"
                     ),
-                    entity,
+                    hc,
                     reason: DetachReason::Quota,
                 },
             );
@@ -385,15 +385,15 @@ impl HubState {
         };
         let fresh = session
             .attached
-            .insert(entity.clone(), Attachment { token, expires })
+            .insert(hc.clone(), Attachment { token, expires })
             .is_none();
         let identity = session.identity;
-        // Listeners dial the endpoint; senders (the appliance) route and
+        // Agents dial the endpoint; senders (the appliance) route and
         // name it locally.
         self.send(
             id,
             RelayMessage::Attached {
-                entity: entity.clone(),
+                hc: hc.clone(),
                 endpoint: Some(record.endpoint.clone()),
                 expires,
             },
@@ -402,50 +402,50 @@ impl HubState {
             return;
         }
         if let Some(s) = self.sessions.get(&id) {
-            info!(session = id, hc = %entity, role = ?role, peer = %s.label, addr = %s.addr, "attached");
+            info!(session = id, %hc, role = ?role, peer = %s.label, addr = %s.addr, "attached");
         }
         match role {
             PeerRole::Sender => {
-                let agents = self.agents_of(&entity);
+                let agents = self.agents_of(&hc);
                 self.send(
                     id,
                     RelayMessage::Agents {
-                        entity: entity.clone(),
+                        hc: hc.clone(),
                         agents,
                     },
                 );
-                for l in self.listeners_of(&entity) {
+                for a in self.agent_ids(&hc) {
                     self.send(
-                        l,
+                        a,
                         RelayMessage::Grant {
                             peer: identity,
-                            entity: entity.clone(),
+                            hc: hc.clone(),
                         },
                     );
                 }
             }
-            PeerRole::Listener => {
-                for peer in self.sender_identities(&entity) {
+            PeerRole::Agent => {
+                for peer in self.sender_identities(&hc) {
                     self.send(
                         id,
                         RelayMessage::Grant {
                             peer,
-                            entity: entity.clone(),
+                            hc: hc.clone(),
                         },
                     );
                 }
-                self.announce_agents(&entity);
+                self.announce_agents(&hc);
             }
         }
     }
 
-    /// A listener asks for a hybrid connection's endpoint without joining
+    /// An agent asks for a hybrid connection's endpoint without joining
     /// it: the token is checked as for `attach`; the answer is `Described`
     /// or `Detached`.
     pub fn describe(
         &mut self,
         id: SessionId,
-        entity: HcName,
+        hc: HcName,
         token: String,
         record: Option<&HcRecord>,
         now_unix: u64,
@@ -456,19 +456,19 @@ impl HubState {
         let needed = needed(session.role);
         let answer = match record {
             None => {
-                let e = self.refuse_unknown(&token, &entity, needed, now_unix);
-                warn!(session = id, hc = %entity, "describe refused: no such hybrid connection");
-                Err(not_accepted(&entity, &e))
+                let e = self.refuse_unknown(&token, &hc, needed, now_unix);
+                warn!(session = id, %hc, "describe refused: no such hybrid connection");
+                Err(not_accepted(&hc, &e))
             }
-            Some(record) => match sas::verify(&token, &entity, needed, &record.rules(), now_unix) {
+            Some(record) => match sas::verify(&token, &hc, needed, &record.rules(), now_unix) {
                 Ok(_) => Ok(record.endpoint.clone()),
-                Err(e) => Err(not_accepted(&entity, &e)),
+                Err(e) => Err(not_accepted(&hc, &e)),
             },
         };
         let msg = match answer {
-            Ok(endpoint) => RelayMessage::Described { entity, endpoint },
+            Ok(endpoint) => RelayMessage::Described { hc, endpoint },
             Err(message) => RelayMessage::Detached {
-                entity,
+                hc,
                 reason: DetachReason::Unauthorized,
                 message,
             },
@@ -497,7 +497,7 @@ impl HubState {
         let shared = self
             .sessions
             .get(&agent)
-            .filter(|a| a.role == PeerRole::Listener)
+            .filter(|a| a.role == PeerRole::Agent)
             .is_some_and(|a| a.attached.keys().any(|hc| s.attached.contains_key(hc)));
         let refusal = if s.role != PeerRole::Sender || !shared {
             Some(format!(
@@ -647,37 +647,33 @@ impl HubState {
                 id,
                 RelayMessage::Detached {
                     message: format!("the token for {hc} expired and was not renewed"),
-                    entity: hc,
+                    hc,
                     reason: DetachReason::TokenExpired,
                 },
             );
         }
     }
 
-    /// Re-checks every attachment to `entity` after its keys changed or it
+    /// Re-checks every attachment to `hc` after its keys changed or it
     /// was deleted (`record` is then `None`): sessions whose token no longer
     /// verifies are detached. Senders go first, so every agent still
     /// attached hears every revoke before it is detached itself.
-    pub fn recheck(&mut self, entity: &HcName, record: Option<&HcRecord>, now_unix: u64) {
+    pub fn recheck(&mut self, hc: &HcName, record: Option<&HcRecord>, now_unix: u64) {
         let mut attached: Vec<(PeerRole, SessionId, String)> = self
             .sessions
             .iter()
-            .filter_map(|(id, s)| {
-                s.attached
-                    .get(entity)
-                    .map(|a| (s.role, *id, a.token.clone()))
-            })
+            .filter_map(|(id, s)| s.attached.get(hc).map(|a| (s.role, *id, a.token.clone())))
             .collect();
-        // `Sender` sorts before `Listener`.
+        // `Sender` sorts before `Agent`.
         attached.sort_by_key(|(role, id, _)| (*role != PeerRole::Sender, *id));
         for (role, id, token) in attached {
             let (reason, message) = match record {
                 None => (
                     DetachReason::Deleted,
-                    format!("hybrid connection {entity} was deleted"),
+                    format!("hybrid connection {hc} was deleted"),
                 ),
                 Some(record) => {
-                    match sas::verify(&token, entity, needed(role), &record.rules(), now_unix) {
+                    match sas::verify(&token, hc, needed(role), &record.rules(), now_unix) {
                         Ok(_) => continue,
                         Err(e) => (
                             DetachReason::KeyRegenerated,
@@ -686,25 +682,25 @@ impl HubState {
                     }
                 }
             };
-            info!(session = id, hc = %entity, ?reason, "detached");
-            self.detach(id, entity);
+            info!(session = id, %hc, ?reason, "detached");
+            self.detach(id, hc);
             self.send(
                 id,
                 RelayMessage::Detached {
-                    entity: entity.clone(),
+                    hc: hc.clone(),
                     reason,
                     message,
                 },
             );
         }
         if let Some(record) = record {
-            let mut peers = self.listeners_of(entity);
-            peers.extend(self.senders_of(entity));
+            let mut peers = self.agent_ids(hc);
+            peers.extend(self.sender_ids(hc));
             for p in peers {
                 self.send(
                     p,
                     RelayMessage::EndpointChanged {
-                        entity: entity.clone(),
+                        hc: hc.clone(),
                         endpoint: record.endpoint.clone(),
                     },
                 );
@@ -712,37 +708,37 @@ impl HubState {
         }
     }
 
-    /// Records a listener's stream counters for a hybrid connection it is
+    /// Records an agent's stream counters for a hybrid connection it is
     /// attached to (reports for anything else are ignored).
     pub fn report_stats(
         &mut self,
         id: SessionId,
-        entity: HcName,
+        hc: HcName,
         stats: StreamStats,
         report: AgentReport,
     ) {
         if let Some(s) = self.sessions.get_mut(&id)
-            && s.role == PeerRole::Listener
-            && s.attached.contains_key(&entity)
+            && s.role == PeerRole::Agent
+            && s.attached.contains_key(&hc)
         {
-            s.stats.insert(entity, (stats, report));
+            s.stats.insert(hc, (stats, report));
         }
     }
 
-    /// Per attached hybrid connection: (listeners, senders), by name.
+    /// Per attached hybrid connection: (agents, senders), by name.
     pub fn attachment_counts(&self) -> Vec<(HcName, usize, usize)> {
-        self.attached_entities()
+        self.attached_hcs()
             .into_iter()
             .map(|n| {
-                let l = self.listeners_of(&n).len();
-                let s = self.senders_of(&n).len();
-                (n, l, s)
+                let a = self.agent_ids(&n).len();
+                let s = self.sender_ids(&n).len();
+                (n, a, s)
             })
             .collect()
     }
 
     /// Every hybrid connection some session is attached to, by name.
-    pub fn attached_entities(&self) -> Vec<HcName> {
+    pub fn attached_hcs(&self) -> Vec<HcName> {
         let set: BTreeSet<&HcName> = self
             .sessions
             .values()
@@ -751,14 +747,14 @@ impl HubState {
         set.into_iter().cloned().collect()
     }
 
-    /// The agents currently serving `entity`.
-    pub fn listeners(&self, entity: &HcName) -> Vec<ListenerStatus> {
-        self.listeners_of(entity)
+    /// The agents currently serving `hc`.
+    pub fn agents(&self, hc: &HcName) -> Vec<AttachedAgent> {
+        self.agent_ids(hc)
             .into_iter()
             .filter_map(|id| {
                 let s = self.sessions.get(&id)?;
-                let (streams, report) = s.stats.get(entity).cloned().unwrap_or_default();
-                Some(ListenerStatus {
+                let (streams, report) = s.stats.get(hc).cloned().unwrap_or_default();
+                Some(AttachedAgent {
                     id,
                     label: s.label.to_string(),
                     address: s.addr.to_string(),
@@ -775,38 +771,38 @@ impl HubState {
             .collect()
     }
 
-    /// Listener sessions attached to `entity`, by id (the rotation order).
-    fn listeners_of(&self, entity: &HcName) -> Vec<SessionId> {
-        self.attached_as(entity, PeerRole::Listener)
+    /// The sessions of the agents attached to `hc`, by id (the rotation order).
+    fn agent_ids(&self, hc: &HcName) -> Vec<SessionId> {
+        self.attached_as(hc, PeerRole::Agent)
     }
 
-    fn senders_of(&self, entity: &HcName) -> Vec<SessionId> {
-        self.attached_as(entity, PeerRole::Sender)
+    fn sender_ids(&self, hc: &HcName) -> Vec<SessionId> {
+        self.attached_as(hc, PeerRole::Sender)
     }
 
-    fn attached_as(&self, entity: &HcName, role: PeerRole) -> Vec<SessionId> {
+    fn attached_as(&self, hc: &HcName, role: PeerRole) -> Vec<SessionId> {
         let mut ids: Vec<SessionId> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.role == role && s.attached.contains_key(entity))
+            .filter(|(_, s)| s.role == role && s.attached.contains_key(hc))
             .map(|(id, _)| *id)
             .collect();
         ids.sort_unstable();
         ids
     }
 
-    /// The distinct identities of the senders attached to `entity`.
-    fn sender_identities(&self, entity: &HcName) -> Vec<Fingerprint> {
+    /// The distinct identities of the senders attached to `hc`.
+    fn sender_identities(&self, hc: &HcName) -> Vec<Fingerprint> {
         let set: BTreeSet<Fingerprint> = self
-            .senders_of(entity)
+            .sender_ids(hc)
             .into_iter()
             .map(|s| self.sessions[&s].identity)
             .collect();
         set.into_iter().collect()
     }
 
-    fn agents_of(&self, entity: &HcName) -> Vec<AgentInfo> {
-        self.listeners_of(entity)
+    fn agents_of(&self, hc: &HcName) -> Vec<AgentInfo> {
+        self.agent_ids(hc)
             .into_iter()
             .map(|id| AgentInfo {
                 id,
@@ -815,13 +811,13 @@ impl HubState {
             .collect()
     }
 
-    fn announce_agents(&mut self, entity: &HcName) {
-        let agents = self.agents_of(entity);
-        for s in self.senders_of(entity) {
+    fn announce_agents(&mut self, hc: &HcName) {
+        let agents = self.agents_of(hc);
+        for s in self.sender_ids(hc) {
             self.send(
                 s,
                 RelayMessage::Agents {
-                    entity: entity.clone(),
+                    hc: hc.clone(),
                     agents: agents.clone(),
                 },
             );
@@ -829,29 +825,28 @@ impl HubState {
     }
 
     /// Removes one attachment and tells whoever depended on it.
-    fn detach(&mut self, id: SessionId, entity: &HcName) {
+    fn detach(&mut self, id: SessionId, hc: &HcName) {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
-        if session.attached.remove(entity).is_none() {
+        if session.attached.remove(hc).is_none() {
             return;
         }
-        session.stats.remove(entity);
+        session.stats.remove(hc);
         let (role, identity) = (session.role, session.identity);
         match role {
-            PeerRole::Listener => self.announce_agents(entity),
+            PeerRole::Agent => self.announce_agents(hc),
             PeerRole::Sender => {
                 // Another session of the same identity may still hold the
                 // grant.
-                let still: HashSet<Fingerprint> =
-                    self.sender_identities(entity).into_iter().collect();
+                let still: HashSet<Fingerprint> = self.sender_identities(hc).into_iter().collect();
                 if !still.contains(&identity) {
-                    for l in self.listeners_of(entity) {
+                    for a in self.agent_ids(hc) {
                         self.send(
-                            l,
+                            a,
                             RelayMessage::Revoke {
                                 peer: identity,
-                                entity: entity.clone(),
+                                hc: hc.clone(),
                             },
                         );
                     }

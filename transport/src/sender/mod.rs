@@ -172,18 +172,18 @@ impl Sender {
         let relay = config.relay.clone();
         let (control, events) = control::spawn(config)?;
         let state = State {
-            roster: Roster::new(strings.iter().map(|cs| cs.entity.clone())),
+            roster: Roster::new(strings.iter().map(|cs| cs.hc.clone())),
             ..State::default()
         };
         let mut end_to_end = HashMap::new();
         for cs in &strings {
             if let Some(key) = &cs.end_to_end_key {
-                end_to_end.insert(cs.entity.clone(), key.clone());
+                end_to_end.insert(cs.hc.clone(), key.clone());
             }
             if cs.end_to_end_key.is_some() {
-                info!(hc = %cs.entity, "end-to-end: verified (agents must prove the EndToEndKey on every stream)");
+                info!(hc = %cs.hc, "end-to-end: verified (agents must prove the EndToEndKey on every stream)");
             } else {
-                warn!(hc = %cs.entity, "end-to-end: relay-trusted (no EndToEndKey in the connection string: a relay that lies about the agents' keys could read this traffic)");
+                warn!(hc = %cs.hc, "end-to-end: relay-trusted (no EndToEndKey in the connection string: a relay that lies about the agents' keys could read this traffic)");
             }
         }
         let inner = Arc::new(Inner {

@@ -111,11 +111,9 @@ impl Roster {
     /// Applies a message from the relay; `true` if some rotation changed.
     pub fn apply(&mut self, msg: &RelayMessage) -> bool {
         match msg {
-            RelayMessage::Attached {
-                entity, endpoint, ..
-            } => {
-                if let Some(h) = self.hcs.get_mut(entity) {
-                    info!(hc = %entity, "attached to relay");
+            RelayMessage::Attached { hc, endpoint, .. } => {
+                if let Some(h) = self.hcs.get_mut(hc) {
+                    info!(%hc, "attached to relay");
                     h.attachment = Attachment::Attached;
                     if endpoint.is_some() {
                         h.endpoint = endpoint.clone();
@@ -123,30 +121,30 @@ impl Roster {
                 }
                 false
             }
-            RelayMessage::EndpointChanged { entity, endpoint } => {
-                if let Some(h) = self.hcs.get_mut(entity) {
-                    info!(hc = %entity, %endpoint, "endpoint changed");
+            RelayMessage::EndpointChanged { hc, endpoint } => {
+                if let Some(h) = self.hcs.get_mut(hc) {
+                    info!(%hc, %endpoint, "endpoint changed");
                     h.endpoint = Some(endpoint.clone());
                 }
                 false
             }
             RelayMessage::Detached {
-                entity,
+                hc,
                 reason,
                 message,
             } => {
-                let Some(h) = self.hcs.get_mut(entity) else {
+                let Some(h) = self.hcs.get_mut(hc) else {
                     return false;
                 };
-                warn!(hc = %entity, ?reason, %message, "relay refused the send key");
+                warn!(%hc, ?reason, %message, "relay refused the send key");
                 h.attachment = Attachment::Refused(message.clone());
                 // No longer announced: the appliance stops naming it.
                 h.endpoint = None;
                 !std::mem::take(&mut h.agents).is_empty()
             }
-            RelayMessage::Agents { entity, agents } => {
-                debug!(hc = %entity, count = agents.len(), "agents changed");
-                match self.hcs.get_mut(entity) {
+            RelayMessage::Agents { hc, agents } => {
+                debug!(%hc, count = agents.len(), "agents changed");
+                match self.hcs.get_mut(hc) {
                     Some(h) if h.agents != *agents => {
                         h.agents = agents.clone();
                         true
@@ -204,7 +202,7 @@ mod tests {
 
     fn announce(roster: &mut Roster, ids: &[u64]) -> bool {
         roster.apply(&RelayMessage::Agents {
-            entity: name(),
+            hc: name(),
             agents: ids.iter().map(|i| agent(*i)).collect(),
         })
     }
@@ -233,14 +231,14 @@ mod tests {
         let mut r = Roster::new([name()]);
         assert_eq!(r.pick(&"other".parse().unwrap()), Err(Unavailable::Unknown));
         r.apply(&RelayMessage::Attached {
-            entity: name(),
+            hc: name(),
             endpoint: Some("10.0.0.1:5432".parse().unwrap()),
             expires: 0,
         });
         announce(&mut r, &[1]);
         assert!(r.endpoints()[0].1.is_some());
         let left = r.apply(&RelayMessage::Detached {
-            entity: name(),
+            hc: name(),
             reason: DetachReason::KeyRegenerated,
             message: "regenerated".into(),
         });
@@ -258,7 +256,7 @@ mod tests {
         let mut r = Roster::new([name()]);
         r.connected();
         r.apply(&RelayMessage::Attached {
-            entity: name(),
+            hc: name(),
             endpoint: Some("10.0.0.1:5432".parse().unwrap()),
             expires: 0,
         });

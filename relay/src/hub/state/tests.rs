@@ -9,9 +9,9 @@ fn name(s: &str) -> HcName {
     s.parse().unwrap()
 }
 
-fn record(entity: &str) -> HcRecord {
+fn record(hc: &str) -> HcRecord {
     HcRecord {
-        name: name(entity),
+        name: name(hc),
         endpoint: "10.0.0.1:5432".parse().unwrap(),
         created_unix: START_UNIX,
         send: SlotKeys::generate().unwrap(),
@@ -85,7 +85,7 @@ impl Bench {
     fn key(&self, role: PeerRole) -> Key {
         match role {
             PeerRole::Sender => self.record.send.primary.clone(),
-            PeerRole::Listener => self.record.listen.primary.clone(),
+            PeerRole::Agent => self.record.listen.primary.clone(),
         }
     }
 
@@ -107,7 +107,7 @@ impl Bench {
     }
 
     fn agent(&mut self, id: SessionId, who: u8) {
-        self.join(id, PeerRole::Listener, who, 3600);
+        self.join(id, PeerRole::Agent, who, 3600);
     }
 
     fn sender(&mut self, id: SessionId, who: u8) {
@@ -118,7 +118,7 @@ impl Bench {
 fn grants(msgs: &[RelayMessage]) -> Vec<(u8, &str)> {
     msgs.iter()
         .filter_map(|m| match m {
-            RelayMessage::Grant { peer, entity } => Some((peer.0[0], entity.as_str())),
+            RelayMessage::Grant { peer, hc } => Some((peer.0[0], hc.as_str())),
             _ => None,
         })
         .collect()
@@ -274,7 +274,7 @@ fn deleting_revokes_every_grant_at_every_agent_before_detaching_it() {
                 "{last:?}"
             );
         }
-        assert!(b.hub.attached_entities().is_empty());
+        assert!(b.hub.attached_hcs().is_empty());
     }
 }
 
@@ -293,9 +293,9 @@ fn a_revoke_waits_for_the_last_session_of_an_identity() {
 }
 
 #[test]
-fn a_listener_that_detached_first_is_sent_nothing_after() {
+fn an_agent_that_detached_first_is_sent_nothing_after() {
     let mut b = Bench::new();
-    b.join(1, PeerRole::Listener, 0xa1, 50);
+    b.join(1, PeerRole::Agent, 0xa1, 50);
     b.sender(2, 0x5e);
     b.collect();
     b.sent.clear();
@@ -396,9 +396,9 @@ fn ticket_expiry_is_linear_in_the_number_of_tickets() {
 }
 
 #[test]
-fn quotas_on_pipes_per_session_relay_wide_and_listeners() {
+fn quotas_on_pipes_per_session_relay_wide_and_agents() {
     let mut b = Bench::with(Quotas {
-        max_listeners: 2,
+        max_agents: 2,
         max_pipes: 5,
         max_pending_per_session: 3,
     });
@@ -462,7 +462,7 @@ fn a_pipe_to_an_agent_of_another_hybrid_connection_is_refused() {
 fn unknown_names_and_wrong_keys_get_one_answer() {
     let mut b = Bench::new();
     let stranger = Key::generate().unwrap();
-    let answer = |b: &mut Bench, id: SessionId, entity: &str, record: Option<&HcRecord>| {
+    let answer = |b: &mut Bench, id: SessionId, hc: &str, record: Option<&HcRecord>| {
         b.hub.register(
             id,
             PeerRole::Sender,
@@ -472,16 +472,16 @@ fn unknown_names_and_wrong_keys_get_one_answer() {
             b.unix,
         );
         let token = sas::sign(
-            &format!("sb://relay.test/{entity}"),
+            &format!("sb://relay.test/{hc}"),
             "send",
             &stranger,
             b.unix + 600,
         );
-        b.hub.attach(id, name(entity), token, false, record, b.unix);
+        b.hub.attach(id, name(hc), token, false, record, b.unix);
         match b.to(id).pop() {
             Some(RelayMessage::Detached {
                 reason, message, ..
-            }) => (reason, message.replace(entity, "NAME")),
+            }) => (reason, message.replace(hc, "NAME")),
             other => panic!("{other:?}"),
         }
     };
