@@ -61,6 +61,16 @@ pub enum RelayCommand {
         /// The same, from one source address (a NAT's many users share one).
         #[arg(long, default_value_t = relay::Limits::default().max_unauthenticated_per_ip)]
         max_unauthenticated_per_ip: usize,
+        /// The longest a SAS token may live, in seconds from now, for control
+        /// channels and the management API alike; a token valid for longer
+        /// is refused with a clear error. Agents and senders sign tokens for
+        /// an hour and renew them.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = relay::Limits::default().max_token_lifetime
+        )]
+        max_token_lifetime: u64,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
         /// 127.0.0.1:9445): agents and senders per hybrid connection, pipes,
         /// bytes, refusals by reason, token renewals.
@@ -145,6 +155,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             max_pipes,
             max_unauthenticated,
             max_unauthenticated_per_ip,
+            max_token_lifetime,
             metrics,
         } => {
             let config = relay::RelayConfig {
@@ -159,6 +170,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                     max_pipes,
                     max_unauthenticated,
                     max_unauthenticated_per_ip,
+                    max_token_lifetime,
                 },
             };
             let relay = config.start().await.with_context(|| {

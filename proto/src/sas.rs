@@ -96,6 +96,26 @@ pub struct Verified {
     pub expires_unix: u64,
 }
 
+/// The longest lifetime of a token a relay accepts unless told otherwise: a
+/// day. Peers sign tokens for an hour and renew them; a token that lives
+/// for years is a stolen key's best friend.
+pub const DEFAULT_MAX_TOKEN_LIFETIME: u64 = 86_400;
+
+impl Verified {
+    /// The same token, if it expires no later than `max_lifetime` seconds
+    /// after `now_unix`.
+    pub fn within(self, now_unix: u64, max_lifetime: u64) -> Result<Verified, SasError> {
+        if self.expires_unix > now_unix.saturating_add(max_lifetime) {
+            return Err(SasError::TooLong {
+                expires_unix: self.expires_unix,
+                now_unix,
+                max_lifetime,
+            });
+        }
+        Ok(self)
+    }
+}
+
 /// The part of a token that is malformed, for [`SasError::Malformed`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenPart {
@@ -188,6 +208,16 @@ pub enum SasError {
         expired_unix: u64,
         /// The time of the check.
         now_unix: u64,
+    },
+    /// The token lives longer than the relay accepts.
+    #[error("token is valid until {} ({} s from now), longer than the {max_lifetime} s this relay accepts (relay serve --max-token-lifetime); make a token that expires sooner (clients renew theirs automatically)", format_unix_utc(*.expires_unix), .expires_unix.saturating_sub(*.now_unix))]
+    TooLong {
+        /// The token's `se`.
+        expires_unix: u64,
+        /// The time of the check.
+        now_unix: u64,
+        /// The longest lifetime accepted, in seconds.
+        max_lifetime: u64,
     },
     /// The token is genuine but its rule lacks the needed right.
     #[error(
@@ -642,5 +672,25 @@ mod tests {
         assert_eq!(format_unix_utc(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(format_unix_utc(1_709_251_199), "2024-02-29T23:59:59Z");
         assert_eq!(format_unix_utc(EXPIRY), "2030-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn a_token_living_past_the_cap_is_refused_and_says_why() {
+        let verified = Verified {
+            rule: "send".into(),
+            right: Right::Send,
+            slot: KeySlot::Primary,
+            expires_unix: EXPIRY,
+        };
+        assert!(verified.clone().within(EXPIRY - 3600, 3600).is_ok());
+        let err = verified.within(EXPIRY - 3601, 3600).unwrap_err();
+        assert!(matches!(
+            err,
+            SasError::TooLong {
+                max_lifetime: 3600,
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("--max-token-lifetime"), "{err}");
     }
 }

@@ -375,7 +375,10 @@ fn manage_token_error(state: &ApiState, token: &str) -> Option<String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    match proto::sas::verify(token, &hc, Right::Manage, &[rule], now) {
+    let max_lifetime = state.hub.max_token_lifetime();
+    match proto::sas::verify(token, &hc, Right::Manage, &[rule], now)
+        .and_then(|v| v.within(now, max_lifetime))
+    {
         Ok(_) => None,
         Err(e) => Some(format!(
             "management token refused: {e} (sign the resource `https://RELAY/manage` with key name `manage` and the manage key)"

@@ -47,6 +47,9 @@ pub struct Limits {
     pub max_unauthenticated: usize,
     /// The same, from one source address.
     pub max_unauthenticated_per_ip: usize,
+    /// The longest lifetime of a SAS token accepted (control channels and
+    /// the management API), in seconds.
+    pub max_token_lifetime: u64,
 }
 
 impl Default for Limits {
@@ -57,6 +60,7 @@ impl Default for Limits {
             max_pipes: 100_000,
             max_unauthenticated: 1024,
             max_unauthenticated_per_ip: 64,
+            max_token_lifetime: proto::sas::DEFAULT_MAX_TOKEN_LIFETIME,
         }
     }
 }
@@ -199,6 +203,7 @@ impl RelayConfig {
         let hub = Hub::new(registry.clone());
         hub.set_max_agents(limits.max_agents_per_hc);
         hub.set_max_pipes(limits.max_pipes);
+        hub.set_max_token_lifetime(limits.max_token_lifetime);
         let public_host = self
             .public_host
             .clone()

@@ -642,6 +642,16 @@ async fn a_sas_token_signed_with_the_manage_key_is_accepted() {
             "SharedAccessSignature sr=x".to_owned(),
             "management token refused",
         ),
+        // The right key, valid until the year 5138: too long to accept.
+        (
+            proto::sas::sign(
+                "https://relay.example/manage",
+                "manage",
+                &key,
+                99_999_999_999,
+            ),
+            "--max-token-lifetime",
+        ),
     ];
     for (token, reason) in cases {
         let (status, body) = raw(api.addr, "GET", "/api/v1/hcs", Some(&token), None).await;

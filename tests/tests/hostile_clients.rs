@@ -797,3 +797,48 @@ async fn at_its_open_files_limit_the_relay_still_serves_legitimate_peers() -> Re
     drop(idle);
     Ok(())
 }
+
+/// A send key's holder signs a token valid until the year 5138 (a token
+/// that, once stolen, would open the hybrid connection for ever): the
+/// relay refuses it and says how long it accepts; one made for an hour
+/// attaches. `--max-token-lifetime` lowers the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_valid_for_centuries_is_refused() -> Result<()> {
+    let logs = tempfile::tempdir()?;
+    let relay = Relay::start_with_log(
+        &["--max-token-lifetime", "7200"],
+        &logs.path().join("relay.log"),
+    )?;
+    let (send, _listen) = relay.create_hc("forever", echo_server_thread()?)?;
+    let attach = |expiry: u64| PeerMessage::Attach {
+        hc: send.hc.clone(),
+        token: send.token(expiry),
+    };
+    let now = ten_minutes_from_now()? - 600;
+    for (expiry, accepted) in [
+        (99_999_999_999, false),
+        (now + 7300, false),
+        (now + 3600, true),
+    ] {
+        let (mut tls, mut buf) =
+            welcomed(Ipv4Addr::new(127, 0, 0, 2), &relay, &send, PeerRole::Sender).await?;
+        write_message(&mut tls, &attach(expiry)).await?;
+        let answer = loop {
+            match read_message::<RelayMessage, _>(&mut tls, &mut buf).await? {
+                Some(RelayMessage::Ping { .. }) => {}
+                other => break other,
+            }
+        };
+        match (answer, accepted) {
+            (Some(RelayMessage::Attached { .. }), true) => {}
+            (Some(RelayMessage::Detached { message, .. }), false) => {
+                ensure!(
+                    message.contains("longer than the 7200 s this relay accepts"),
+                    "{message}"
+                );
+            }
+            (other, _) => bail!("token until {expiry}: {other:?}"),
+        }
+    }
+    Ok(())
+}

@@ -329,6 +329,23 @@ impl Hub {
         });
     }
 
+    /// Accepts tokens that live at most `seconds` (control channels and the
+    /// management API alike).
+    pub fn set_max_token_lifetime(&self, seconds: u64) {
+        self.with_state(|s| {
+            let quotas = Quotas {
+                max_token_lifetime: seconds,
+                ..s.quotas()
+            };
+            s.set_quotas(quotas);
+        });
+    }
+
+    /// The longest token lifetime accepted, in seconds.
+    pub fn max_token_lifetime(&self) -> u64 {
+        self.lock().state.quotas().max_token_lifetime
+    }
+
     /// Counts a spliced pipe until the guard drops.
     pub fn pipe_guard(&self) -> PipeGuard {
         self.inner.active_pipes.fetch_add(1, Ordering::Relaxed);

@@ -55,6 +55,8 @@ pub struct Quotas {
     pub max_pipes: usize,
     /// Pending tickets per sender session.
     pub max_pending_per_session: usize,
+    /// Longest token lifetime accepted, in seconds.
+    pub max_token_lifetime: u64,
 }
 
 impl Default for Quotas {
@@ -63,6 +65,7 @@ impl Default for Quotas {
             max_agents: MAX_AGENTS_PER_HC,
             max_pipes: usize::MAX,
             max_pending_per_session: MAX_PENDING_TICKETS_PER_SESSION,
+            max_token_lifetime: sas::DEFAULT_MAX_TOKEN_LIFETIME,
         }
     }
 }
@@ -308,6 +311,7 @@ impl HubState {
         let needed = needed(role);
         let verified = match record {
             Some(record) => sas::verify(&token, &hc, needed, &record.rules(), now_unix)
+                .and_then(|v| v.within(now_unix, self.quotas.max_token_lifetime))
                 .map(|v| v.expires_unix)
                 .map_err(|e| (Some(record), e)),
             None => Err((None, self.refuse_unknown(&token, &hc, needed, now_unix))),
@@ -460,7 +464,9 @@ impl HubState {
                 warn!(session = id, %hc, "describe refused: no such hybrid connection");
                 Err(not_accepted(&hc, &e))
             }
-            Some(record) => match sas::verify(&token, &hc, needed, &record.rules(), now_unix) {
+            Some(record) => match sas::verify(&token, &hc, needed, &record.rules(), now_unix)
+                .and_then(|v| v.within(now_unix, self.quotas.max_token_lifetime))
+            {
                 Ok(_) => Ok(record.endpoint.clone()),
                 Err(e) => Err(not_accepted(&hc, &e)),
             },

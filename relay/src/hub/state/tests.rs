@@ -401,6 +401,7 @@ fn quotas_on_pipes_per_session_relay_wide_and_agents() {
         max_agents: 2,
         max_pipes: 5,
         max_pending_per_session: 3,
+        ..Quotas::default()
     });
     b.agent(1, 0xa1);
     b.agent(2, 0xa2);
@@ -490,4 +491,26 @@ fn unknown_names_and_wrong_keys_get_one_answer() {
     let unknown = answer(&mut b, 2, "bonuses", None);
     assert_eq!(wrong_key, unknown);
     assert_eq!(b.refused, ["unauthorized", "unknown_hc"]);
+}
+
+#[test]
+fn a_token_that_lives_longer_than_the_cap_is_refused() {
+    let mut b = Bench::with(Quotas {
+        max_token_lifetime: 3600,
+        ..Quotas::default()
+    });
+    b.join(1, PeerRole::Agent, 0xa1, 3601);
+    match b.to(1).as_slice() {
+        [
+            RelayMessage::Detached {
+                reason: DetachReason::Unauthorized,
+                message,
+                ..
+            },
+        ] => assert!(message.contains("--max-token-lifetime"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!b.hub.has_attachment(1));
+    b.join(2, PeerRole::Agent, 0xa2, 3600);
+    assert!(b.hub.has_attachment(2));
 }
