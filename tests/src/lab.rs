@@ -165,7 +165,16 @@ impl Lab {
             "--directory",
             dir,
         ];
-        self.spawn(ns, &format!("web-{bind}-{port}"), &argv)
+        // Its access log (a line a request) would drown the test's output.
+        let mut full = vec!["netns", "exec", ns];
+        full.extend_from_slice(&argv);
+        Proc::spawn(
+            "ip",
+            &format!("web-{bind}-{port}"),
+            &full,
+            std::process::Stdio::null(),
+            std::process::Stdio::null(),
+        )
     }
 
     /// Starts any program inside `ns`, stdout discarded.

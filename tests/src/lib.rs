@@ -94,7 +94,8 @@ impl Proc {
             .stderr(stderr)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                // hickory logs every DNS query at INFO: its warnings only.
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,hickory_server=warn".into()),
             )
             .spawn()
             .with_context(|| format!("starting {name}"))?;

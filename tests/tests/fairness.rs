@@ -90,8 +90,12 @@ async fn a_stalled_reader_does_not_slow_a_parallel_stream() -> Result<()> {
     }
     let ratio = alone.as_secs_f64() / beside.as_secs_f64();
     eprintln!("alone {alone:?}, beside a stalled stream {beside:?}: ratio {ratio:.3}");
+    // Head-of-line blocking would stop the neighbour outright (a ratio
+    // near 0). The margin is for a debug build sharing two cores with the
+    // relay, the agent and the rest of the suite, where 0.86 was seen once
+    // with nothing wrong.
     assert!(
-        ratio >= 0.9,
+        ratio >= 0.75,
         "a stalled stream slowed its neighbour to {ratio:.2}x"
     );
     Ok(())
