@@ -307,38 +307,30 @@ impl Hub {
         self.with_state(|s| s.recheck(hc, record.as_ref(), now));
     }
 
-    /// Limits the pipes spliced or pending at once to `max`.
-    pub fn set_max_pipes(&self, max: usize) {
+    /// Changes the quotas in force; sessions already attached keep their
+    /// place.
+    fn update_quotas(&self, change: impl FnOnce(&mut Quotas)) {
         self.with_state(|s| {
-            let quotas = Quotas {
-                max_pipes: max,
-                ..s.quotas()
-            };
+            let mut quotas = s.quotas();
+            change(&mut quotas);
             s.set_quotas(quotas);
         });
     }
 
+    /// Limits the pipes spliced or pending at once to `max`.
+    pub fn set_max_pipes(&self, max: usize) {
+        self.update_quotas(|q| q.max_pipes = max);
+    }
+
     /// Limits each hybrid connection to `max` attached agents.
     pub fn set_max_agents(&self, max: usize) {
-        self.with_state(|s| {
-            let quotas = Quotas {
-                max_agents: max,
-                ..s.quotas()
-            };
-            s.set_quotas(quotas);
-        });
+        self.update_quotas(|q| q.max_agents = max);
     }
 
     /// Accepts tokens that live at most `seconds` (control channels and the
     /// management API alike).
     pub fn set_max_token_lifetime(&self, seconds: u64) {
-        self.with_state(|s| {
-            let quotas = Quotas {
-                max_token_lifetime: seconds,
-                ..s.quotas()
-            };
-            s.set_quotas(quotas);
-        });
+        self.update_quotas(|q| q.max_token_lifetime = seconds);
     }
 
     /// The longest token lifetime accepted, in seconds.
