@@ -292,6 +292,25 @@ impl HubState {
         }
     }
 
+    /// Checks `token` for `hc` (whose registry record is `record`): the
+    /// record and the token's expiry, or why it is refused. A name the
+    /// registry does not hold gets the answer a wrong key would.
+    fn check_token<'r>(
+        &self,
+        token: &str,
+        hc: &HcName,
+        needed: Right,
+        record: Option<&'r HcRecord>,
+        now_unix: u64,
+    ) -> Result<(&'r HcRecord, u64), sas::SasError> {
+        let Some(record) = record else {
+            return Err(self.refuse_unknown(token, hc, needed, now_unix));
+        };
+        let verified = sas::verify(token, hc, needed, &record.rules(), now_unix)?
+            .within(now_unix, self.quotas.max_token_lifetime)?;
+        Ok((record, verified.expires_unix))
+    }
+
     /// Handles an `Attach` (or a `Renew`) of `hc`, whose registry record
     /// is `record`: verifies the token and, on success, records the
     /// attachment and tells everyone concerned.
@@ -309,16 +328,9 @@ impl HubState {
         };
         let role = session.role;
         let needed = needed(role);
-        let verified = match record {
-            Some(record) => sas::verify(&token, &hc, needed, &record.rules(), now_unix)
-                .and_then(|v| v.within(now_unix, self.quotas.max_token_lifetime))
-                .map(|v| v.expires_unix)
-                .map_err(|e| (Some(record), e)),
-            None => Err((None, self.refuse_unknown(&token, &hc, needed, now_unix))),
-        };
-        let expires = match verified {
-            Ok(expires) => expires,
-            Err((record, e)) => {
+        let (record, expires) = match self.check_token(&token, &hc, needed, record, now_unix) {
+            Ok(verified) => verified,
+            Err(e) => {
                 // A token signed with a retired key of this very hybrid
                 // connection proves its holder knew the name: say what to do.
                 let regenerated = record.and_then(|r| r.regenerated_at(&token, needed, now_unix));
@@ -348,10 +360,6 @@ impl HubState {
                 );
                 return;
             }
-        };
-        // Verified, so `record` is there.
-        let Some(record) = record else {
-            return;
         };
         if renew
             && let Some(a) = self
@@ -458,26 +466,21 @@ impl HubState {
             return;
         };
         let needed = needed(session.role);
-        let answer = match record {
-            None => {
-                let e = self.refuse_unknown(&token, &hc, needed, now_unix);
-                warn!(session = id, %hc, "describe refused: no such hybrid connection");
-                Err(not_accepted(&hc, &e))
-            }
-            Some(record) => match sas::verify(&token, &hc, needed, &record.rules(), now_unix)
-                .and_then(|v| v.within(now_unix, self.quotas.max_token_lifetime))
-            {
-                Ok(_) => Ok(record.endpoint.clone()),
-                Err(e) => Err(not_accepted(&hc, &e)),
-            },
-        };
-        let msg = match answer {
-            Ok(endpoint) => RelayMessage::Described { hc, endpoint },
-            Err(message) => RelayMessage::Detached {
+        let msg = match self.check_token(&token, &hc, needed, record, now_unix) {
+            Ok((record, _)) => RelayMessage::Described {
                 hc,
-                reason: DetachReason::Unauthorized,
-                message,
+                endpoint: record.endpoint.clone(),
             },
+            Err(e) => {
+                if record.is_none() {
+                    warn!(session = id, %hc, "describe refused: no such hybrid connection");
+                }
+                RelayMessage::Detached {
+                    message: not_accepted(&hc, &e),
+                    hc,
+                    reason: DetachReason::Unauthorized,
+                }
+            }
         };
         self.send(id, msg);
     }
