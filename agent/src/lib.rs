@@ -50,6 +50,8 @@ pub struct AgentOptions {
     /// The endpoints this agent may dial (replaceable while it runs with
     /// [`Agent::set_policy`]).
     pub policy: Policy,
+    /// Each tenant's share of pipe set-ups and dials in progress.
+    pub shares: shares::ShareCaps,
 }
 
 impl AgentOptions {
@@ -62,6 +64,7 @@ impl AgentOptions {
             label: default_label(),
             mux: MuxConfig::default(),
             policy: Policy::built_in(),
+            shares: shares::ShareCaps::default(),
         }
     }
 }
@@ -403,7 +406,7 @@ fn spawn_generation(
     active: &Arc<AtomicUsize>,
 ) -> Result<Generation, AgentError> {
     let mut shared = Shared::default();
-    let shares = Arc::new(shares::Shares::default());
+    let shares = Arc::new(shares::Shares::new(options.shares));
     let mut by_relay: HashMap<RelayAddr, Vec<ConnectionString>> = HashMap::new();
     for cs in &strings {
         shared

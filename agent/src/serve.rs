@@ -198,7 +198,7 @@ async fn serve_stream(
             Err(full) => {
                 let message = format!(
                     "the agent has {} dials in progress for {} already; try again",
-                    full.cap(),
+                    full.cap(ctx.shares.caps()),
                     match full {
                         Account::DialsBy(_) => "this sender",
                         _ => "this hybrid connection",

@@ -18,14 +18,34 @@ use proto::control::Fingerprint;
 use proto::name::HcName;
 use tokio::sync::Notify;
 
-/// Pipe set-ups in progress from one sender.
-pub const PIPE_SETUPS_PER_SENDER: usize = 8;
-/// Pipe set-ups in progress charged to one hybrid connection.
-pub const PIPE_SETUPS_PER_HC: usize = 32;
-/// Dials in progress for one sender.
-pub const DIALS_PER_SENDER: usize = 64;
-/// Dials in progress for one hybrid connection.
-pub const DIALS_PER_HC: usize = 128;
+/// The caps of each kind of account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShareCaps {
+    /// Pipe set-ups in progress from one sender.
+    pub setups_per_sender: usize,
+    /// Pipe set-ups in progress charged to one hybrid connection.
+    pub setups_per_hc: usize,
+    /// Dials in progress for one sender.
+    pub dials_per_sender: usize,
+    /// Dials in progress for one hybrid connection.
+    pub dials_per_hc: usize,
+}
+
+impl Default for ShareCaps {
+    /// A pipe set-up is a TLS handshake and a few round trips, and a sender
+    /// needs one per agent, so a handful at once is plenty; a dial is one
+    /// connection to a target, so more may be in progress at once (a burst
+    /// of app connections), but not so many that one tenant holds a good
+    /// part of the default 1024 open files.
+    fn default() -> Self {
+        ShareCaps {
+            setups_per_sender: 8,
+            setups_per_hc: 32,
+            dials_per_sender: 64,
+            dials_per_hc: 128,
+        }
+    }
+}
 
 /// What a share is counted under.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -50,12 +70,12 @@ impl Account {
     }
 
     /// The cap of this account.
-    pub fn cap(&self) -> usize {
+    pub fn cap(&self, caps: &ShareCaps) -> usize {
         match self {
-            Account::SetupsBy(_) => PIPE_SETUPS_PER_SENDER,
-            Account::SetupsFor(_) => PIPE_SETUPS_PER_HC,
-            Account::DialsBy(_) => DIALS_PER_SENDER,
-            Account::DialsFor(_) => DIALS_PER_HC,
+            Account::SetupsBy(_) => caps.setups_per_sender,
+            Account::SetupsFor(_) => caps.setups_per_hc,
+            Account::DialsBy(_) => caps.dials_per_sender,
+            Account::DialsFor(_) => caps.dials_per_hc,
         }
     }
 }
@@ -64,6 +84,7 @@ impl Account {
 /// identities made up by a sender cost nothing once their work ends.
 #[derive(Debug, Default)]
 pub struct Shares {
+    caps: ShareCaps,
     counts: Mutex<HashMap<Account, usize>>,
     released: Notify,
 }
@@ -92,6 +113,19 @@ impl Drop for Share {
 }
 
 impl Shares {
+    /// No work counted yet, under `caps`.
+    pub fn new(caps: ShareCaps) -> Shares {
+        Shares {
+            caps,
+            ..Shares::default()
+        }
+    }
+
+    /// The caps in force.
+    pub fn caps(&self) -> &ShareCaps {
+        &self.caps
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Account, usize>> {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -102,7 +136,7 @@ impl Shares {
         let mut counts = self.lock();
         if let Some(full) = accounts
             .iter()
-            .find(|a| counts.get(a).copied().unwrap_or(0) >= a.cap())
+            .find(|a| counts.get(a).copied().unwrap_or(0) >= a.cap(&self.caps))
         {
             return Err(full.clone());
         }
@@ -149,13 +183,23 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// Small caps, so that the tests show which one stops what.
+    fn small() -> Arc<Shares> {
+        Arc::new(Shares::new(ShareCaps {
+            setups_per_sender: 2,
+            setups_per_hc: 5,
+            dials_per_sender: 3,
+            dials_per_hc: 4,
+        }))
+    }
+
     #[test]
     fn one_tenant_at_its_cap_leaves_the_others_their_share() {
-        let shares = Arc::new(Shares::default());
+        let shares = small();
         let mut held = Vec::new();
         // Many made-up identities, all on one hybrid connection: the
         // hybrid connection's cap stops them.
-        for i in 0..PIPE_SETUPS_PER_HC {
+        for i in 0..5 {
             let who = Fingerprint([i as u8; 32]);
             held.push(
                 shares
@@ -190,9 +234,9 @@ mod tests {
 
     #[test]
     fn one_sender_cannot_take_a_whole_hybrid_connection() {
-        let shares = Arc::new(Shares::default());
+        let shares = small();
         let who = Fingerprint([1; 32]);
-        let held: Vec<Share> = (0..PIPE_SETUPS_PER_SENDER)
+        let held: Vec<Share> = (0..2)
             .map(|_| {
                 shares
                     .try_take(vec![Account::SetupsBy(who), Account::SetupsFor(hc("a"))])
@@ -216,11 +260,25 @@ mod tests {
         drop(held);
     }
 
+    #[test]
+    fn the_default_caps_are_the_documented_ones() {
+        let caps = ShareCaps::default();
+        assert_eq!(
+            (
+                caps.setups_per_sender,
+                caps.setups_per_hc,
+                caps.dials_per_sender,
+                caps.dials_per_hc
+            ),
+            (8, 32, 64, 128)
+        );
+    }
+
     #[tokio::test]
     async fn a_waiting_dial_gets_the_next_free_place() {
-        let shares = Arc::new(Shares::default());
+        let shares = small();
         let account = || vec![Account::DialsFor(hc("a"))];
-        let held: Vec<Share> = (0..DIALS_PER_HC)
+        let held: Vec<Share> = (0..4)
             .map(|_| shares.try_take(account()).unwrap())
             .collect();
         let waiter = {
@@ -232,7 +290,7 @@ mod tests {
         drop(held);
         assert!(waiter.await.unwrap().is_ok());
         // With no room, the wait ends at its patience.
-        let _full: Vec<Share> = (0..DIALS_PER_HC)
+        let _full: Vec<Share> = (0..4)
             .map(|_| shares.try_take(account()).unwrap())
             .collect();
         assert!(

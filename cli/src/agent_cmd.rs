@@ -8,6 +8,40 @@ use anyhow::Context;
 use clap::Subcommand;
 use proto::connection_string::ConnectionString;
 
+/// Each tenant's share of the agent's sockets: anyone holding one hybrid
+/// connection's send key can make the relay offer this agent pipes and open
+/// streams on them, so the work in progress is capped per sender and per
+/// hybrid connection, and one tenant that floods exhausts only its share.
+#[derive(clap::Args, Debug)]
+pub struct ShareArgs {
+    /// Pipe set-ups (TLS handshakes to the relay) in progress for one
+    /// sender; offers past it are ignored (the sender asks again).
+    #[arg(long, value_name = "N", default_value_t = agent::shares::ShareCaps::default().setups_per_sender)]
+    max_pipe_setups_per_sender: usize,
+    /// Pipe set-ups in progress charged to one hybrid connection (the cap a
+    /// sender cannot get around by claiming many identities).
+    #[arg(long, value_name = "N", default_value_t = agent::shares::ShareCaps::default().setups_per_hc)]
+    max_pipe_setups_per_hc: usize,
+    /// Dials to targets in progress for one sender; a stream past it waits
+    /// up to --dial-timeout for a place, then is refused.
+    #[arg(long, value_name = "N", default_value_t = agent::shares::ShareCaps::default().dials_per_sender)]
+    max_dials_per_sender: usize,
+    /// Dials to targets in progress for one hybrid connection.
+    #[arg(long, value_name = "N", default_value_t = agent::shares::ShareCaps::default().dials_per_hc)]
+    max_dials_per_hc: usize,
+}
+
+impl ShareArgs {
+    fn caps(&self) -> agent::shares::ShareCaps {
+        agent::shares::ShareCaps {
+            setups_per_sender: self.max_pipe_setups_per_sender.max(1),
+            setups_per_hc: self.max_pipe_setups_per_hc.max(1),
+            dials_per_sender: self.max_dials_per_sender.max(1),
+            dials_per_hc: self.max_dials_per_hc.max(1),
+        }
+    }
+}
+
 /// Agent subcommands.
 #[derive(Subcommand, Debug)]
 pub enum AgentCommand {
@@ -59,6 +93,8 @@ pub enum AgentCommand {
         /// Reread when it changes, on SIGHUP and on `agent reload`.
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
+        #[command(flatten)]
+        shares: ShareArgs,
     },
     /// Allow this agent to dial HOST (a name, a wildcard like *.corp, an
     /// address or a CIDR), on PORT or every port, for one hybrid connection
@@ -281,6 +317,7 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             drain_timeout,
             metrics,
             policy,
+            shares,
         } => {
             let fixed = connection_strings.clone();
             if let Some(path) = &connection_strings_file {
@@ -298,6 +335,7 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             options.policy = sources.initial_policy()?;
             options.dial_timeout = Duration::from_secs(dial_timeout);
             options.token_ttl = Duration::from_secs(token_ttl.max(2));
+            options.shares = shares.caps();
             if let Some(label) = label {
                 options.label = label;
             }

@@ -52,6 +52,21 @@ pub enum RelayCommand {
         /// more gets a clear error.
         #[arg(long, default_value_t = relay::Limits::default().max_pipes)]
         max_pipes: usize,
+        /// The most pipes spliced or waiting at once for one hybrid
+        /// connection, so that one tenant's key cannot take the whole
+        /// relay's quota (default: a quarter of --max-pipes).
+        #[arg(long, value_name = "N")]
+        max_pipes_per_hc: Option<usize>,
+        /// The most pipe requests one sender session may have waiting for
+        /// their two ends; it is also the burst of requests a session may
+        /// make at once before --pipe-requests-per-second applies.
+        #[arg(long, value_name = "N", default_value_t = relay::Limits::default().max_pending_pipes_per_session)]
+        max_pending_pipes_per_session: usize,
+        /// Pipe requests a second one sender session may make once it has
+        /// used its burst; past it, each request gets a clear error. A
+        /// sender keeps one pipe per agent, so it needs a few over its life.
+        #[arg(long, value_name = "N", default_value_t = relay::Limits::default().pipe_requests_per_second)]
+        pipe_requests_per_second: u32,
         /// The most connections that have not yet authenticated (a control
         /// channel before its first successful attach, which must come
         /// within 10 s of its hello; a pipe before its ticket is found).
@@ -153,6 +168,9 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             max_hcs,
             max_agents,
             max_pipes,
+            max_pipes_per_hc,
+            max_pending_pipes_per_session,
+            pipe_requests_per_second,
             max_unauthenticated,
             max_unauthenticated_per_ip,
             max_token_lifetime,
@@ -168,6 +186,9 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                     max_hcs,
                     max_agents_per_hc: max_agents,
                     max_pipes,
+                    max_pipes_per_hc,
+                    max_pending_pipes_per_session,
+                    pipe_requests_per_second,
                     max_unauthenticated,
                     max_unauthenticated_per_ip,
                     max_token_lifetime,
@@ -181,6 +202,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 "api": relay.api.to_string(),
                 "cert_sha256": hex_encode(&relay.cert_sha256),
                 "max_pipes": relay.limits.max_pipes,
+                "max_pipes_per_hc": relay.limits.pipes_per_hc(),
                 "max_unauthenticated": relay.limits.max_unauthenticated,
             });
             if let Some(addr) = metrics {

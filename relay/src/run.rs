@@ -41,6 +41,14 @@ pub struct Limits {
     /// Pipes spliced at once (a pipe joins one sender to one agent and
     /// carries all their streams; the relay cannot count the streams inside).
     pub max_pipes: usize,
+    /// Pipes spliced or pending at once for one hybrid connection, so that
+    /// one tenant cannot take them all; `None`: a quarter of `max_pipes`.
+    pub max_pipes_per_hc: Option<usize>,
+    /// Pipe requests one sender session may have waiting for their ends;
+    /// also the burst of requests it may make at once.
+    pub max_pending_pipes_per_session: usize,
+    /// Pipe requests a second one sender session may make after its burst.
+    pub pipe_requests_per_second: u32,
     /// Connections not yet authenticated (a control channel before its
     /// first successful attach, a pipe before its ticket is found), relay-wide;
     /// more are closed at once.
@@ -58,6 +66,9 @@ impl Default for Limits {
             max_hcs: 10_000,
             max_agents_per_hc: crate::hub::MAX_AGENTS_PER_HC,
             max_pipes: 100_000,
+            max_pipes_per_hc: None,
+            max_pending_pipes_per_session: crate::hub::MAX_PENDING_TICKETS_PER_SESSION,
+            pipe_requests_per_second: crate::hub::PIPE_REQUESTS_PER_SECOND,
             max_unauthenticated: 1024,
             max_unauthenticated_per_ip: 64,
             max_token_lifetime: proto::sas::DEFAULT_MAX_TOKEN_LIFETIME,
@@ -73,6 +84,12 @@ const FD_RESERVE: u64 = 128;
 pub const FDS_PER_PIPE: u64 = 6;
 
 impl Limits {
+    /// The pipes one hybrid connection may hold: `max_pipes_per_hc`, or a
+    /// quarter of `max_pipes`.
+    pub fn pipes_per_hc(&self) -> usize {
+        self.max_pipes_per_hc.unwrap_or((self.max_pipes / 4).max(1))
+    }
+
     /// These limits fitted to a process that may open `open_files` files
     /// (`None`: unlimited), with a sentence for each limit it lowered.
     ///
@@ -202,7 +219,11 @@ impl RelayConfig {
         registry.set_max_hcs(limits.max_hcs);
         let hub = Hub::new(registry.clone());
         hub.set_max_agents(limits.max_agents_per_hc);
-        hub.set_max_pipes(limits.max_pipes);
+        hub.set_max_pipes(limits.max_pipes, limits.pipes_per_hc());
+        hub.set_pipe_requests(
+            limits.max_pending_pipes_per_session,
+            limits.pipe_requests_per_second,
+        );
         hub.set_max_token_lifetime(limits.max_token_lifetime);
         let public_host = self
             .public_host

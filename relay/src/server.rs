@@ -137,7 +137,7 @@ async fn serve_pipe(
     match meeting {
         PipeMeeting::Handed => Ok(()),
         PipeMeeting::Wait { partner, conn } => {
-            let other = match timeout(TICKET_TTL, partner).await {
+            let (other, _counted) = match timeout(TICKET_TTL, partner).await {
                 Ok(Ok(other)) => other,
                 Ok(Err(_)) => return Err("the pipe ticket was abandoned".to_string()),
                 Err(_) => {
@@ -147,7 +147,6 @@ async fn serve_pipe(
             };
             // Byte for byte: the relay never looks inside. Each direction's
             // EOF is passed on as a shutdown, so half-closes survive.
-            let _counted = hub.pipe_guard();
             let m = transport::metrics::metrics();
             m.pipes.inc();
             m.pipes_active.inc();

@@ -655,25 +655,19 @@ fn fds(pid: u32) -> Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
 
-/// A tenant holding only one hybrid connection's send key floods the relay
-/// with pipe requests for the agent it shares with another tenant, from
-/// many sessions each claiming its own identity, and never comes to its end
-/// of a pipe. The relay caps each session's pending tickets and the agent
-/// caps pipe set-ups per hybrid connection, so the agent's sockets stay
-/// few and the other tenant's connections on the same agent keep working.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_tenant_flooding_pipe_requests_leaves_the_other_tenants_working() -> Result<()> {
-    let relay = Relay::start()?;
-    let (flooded_send, flooded_listen) = relay.create_hc("flooded", echo_server_thread()?)?;
-    let (quiet_send, quiet_listen) = relay.create_hc("quiet", echo_server_thread()?)?;
-    let agent = Agent::start(&[&flooded_listen, &quiet_listen], &[])?;
-    agent.wait_connected()?;
-    let agent_pid = agent.proc.pid();
-    let baseline = fds(agent_pid)?;
-
+/// Starts `sessions` sender sessions holding `cs` (each claiming its own
+/// identity) that send `requests` pipe requests each, as fast as the relay
+/// reads them, for 15 s, and never come to their end of a pipe. Each
+/// task's result is how many requests the relay refused.
+async fn flood(
+    relay: &Relay,
+    cs: &ConnectionString,
+    sessions: u8,
+    requests: u64,
+) -> Result<tokio::task::JoinSet<u32>> {
     let mut floods = tokio::task::JoinSet::new();
-    for i in 0..10u8 {
-        let mut tls = control_from(Ipv4Addr::new(127, 0, 0, 7), &relay, &flooded_send).await?;
+    for i in 0..sessions {
+        let mut tls = control_from(Ipv4Addr::new(127, 0, 0, 7), relay, cs).await?;
         let hello = PeerMessage::Hello {
             version: PROTOCOL_VERSION,
             role: PeerRole::Sender,
@@ -682,8 +676,8 @@ async fn a_tenant_flooding_pipe_requests_leaves_the_other_tenants_working() -> R
         };
         write_message(&mut tls, &hello).await?;
         let attach = PeerMessage::Attach {
-            hc: flooded_send.hc.clone(),
-            token: flooded_send.token(ten_minutes_from_now()?),
+            hc: cs.hc.clone(),
+            token: cs.token(ten_minutes_from_now()?),
         };
         write_message(&mut tls, &attach).await?;
         floods.spawn(async move {
@@ -709,9 +703,8 @@ async fn a_tenant_flooding_pipe_requests_leaves_the_other_tenants_working() -> R
                     Ok(Ok(None)) | Ok(Err(_)) => break,
                     _ => {}
                 }
-                // 300 requests a session, as fast as the relay reads them.
                 if let Some(agent) = agent
-                    && sent < 300
+                    && sent < requests
                 {
                     for _ in 0..50 {
                         sent += 1;
@@ -728,6 +721,26 @@ async fn a_tenant_flooding_pipe_requests_leaves_the_other_tenants_working() -> R
             failed
         });
     }
+    Ok(floods)
+}
+
+/// A tenant holding only one hybrid connection's send key floods the relay
+/// with pipe requests for the agent it shares with another tenant, from
+/// many sessions each claiming its own identity, and never comes to its end
+/// of a pipe. The relay caps each session's pending tickets and the agent
+/// caps pipe set-ups per hybrid connection, so the agent's sockets stay
+/// few and the other tenant's connections on the same agent keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_flooding_pipe_requests_leaves_the_other_tenants_working() -> Result<()> {
+    let relay = Relay::start()?;
+    let (flooded_send, flooded_listen) = relay.create_hc("flooded", echo_server_thread()?)?;
+    let (quiet_send, quiet_listen) = relay.create_hc("quiet", echo_server_thread()?)?;
+    let agent = Agent::start(&[&flooded_listen, &quiet_listen], &[])?;
+    agent.wait_connected()?;
+    let agent_pid = agent.proc.pid();
+    let baseline = fds(agent_pid)?;
+
+    let mut floods = flood(&relay, &flooded_send, 10, 300).await?;
     // While the flood goes on, the other tenant connects, again and again.
     let mut most_fds = baseline;
     for _ in 0..5 {
@@ -752,6 +765,48 @@ async fn a_tenant_flooding_pipe_requests_leaves_the_other_tenants_working() -> R
     ensure!(
         most_fds <= baseline + 32 + 16,
         "the agent went from {baseline} to {most_fds} open files under the flood"
+    );
+    Ok(())
+}
+
+/// A tenant holding one hybrid connection's send key asks for pipes from
+/// many sessions and never uses them. Without a quota per hybrid
+/// connection its pending tickets would fill the relay-wide limit, and
+/// every other tenant's next pipe would be refused; with one, it fills only
+/// its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_cannot_take_the_whole_relays_pipe_quota() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let relay = Relay::start_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--max-pipes", "40", "--max-pipes-per-hc", "10"],
+    )?;
+    ensure!(
+        relay.ready["max_pipes_per_hc"] == 10,
+        "ready line: {}",
+        relay.ready
+    );
+    let (flooded_send, flooded_listen) = relay.create_hc("flooded", echo_server_thread()?)?;
+    let (quiet_send, quiet_listen) = relay.create_hc("quiet", echo_server_thread()?)?;
+    let agent = Agent::start(&[&flooded_listen, &quiet_listen], &[])?;
+    agent.wait_connected()?;
+    // Five sessions may hold 64 pending tickets each: far more than 40.
+    let mut floods = flood(&relay, &flooded_send, 5, 100).await?;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let quiet = quiet_send.clone();
+        tokio::task::spawn_blocking(move || check(&quiet))
+            .await?
+            .context("the quiet tenant was refused a pipe during the flood")?;
+    }
+    let mut refused = 0;
+    while let Some(failed) = floods.join_next().await {
+        refused += failed?;
+    }
+    ensure!(
+        refused >= 490 - 10,
+        "the relay refused only {refused} of 500 requests of a hybrid connection allowed 10 pipes"
     );
     Ok(())
 }

@@ -388,6 +388,12 @@ pub enum Ended<E: std::error::Error> {
 /// How long a closing channel may take to write what it queued last (a
 /// `Bye` with the reason).
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a closing channel then reads what the peer still sends, until
+/// the peer closes its side: enough for what was already on its way, while
+/// a peer that goes on sending does not hold the connection (and its
+/// memory) for long; a flood of refused connections costs what 50 ms of
+/// them hold.
+const LINGER: Duration = Duration::from_millis(50);
 
 /// Runs a control channel over `io` until it ends: reads and writes in one
 /// `select!` with the session's deadline, so a write that cannot complete
@@ -484,9 +490,24 @@ where
             {
                 writer.write_all(&buf).await?;
             }
-            writer.flush().await
+            writer.flush().await?;
+            writer.shutdown().await
         };
-        let _ = timeout(FAREWELL_TIMEOUT, farewell).await;
+        if let Ok(Ok(())) = timeout(FAREWELL_TIMEOUT, farewell).await {
+            // Closing a socket with unread bytes resets the connection, and
+            // a reset can make the peer lose the `Bye` it has not read yet:
+            // read what it still sends until it closes too, briefly.
+            let drain = async {
+                loop {
+                    read_buf.clear();
+                    match reader.read_buf(&mut read_buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            };
+            let _ = timeout(LINGER, drain).await;
+        }
     }
     ended
 }

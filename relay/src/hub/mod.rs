@@ -15,7 +15,7 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,7 +29,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::registry::Registry;
 use rendezvous::Rendezvous;
 pub use state::{
-    AgentReport, AttachedAgent, Claim, HubState, MAX_AGENTS_PER_HC, Output, PipeRefused, Quotas,
+    AgentReport, AttachedAgent, Claim, HubState, MAX_AGENTS_PER_HC,
+    MAX_PENDING_TICKETS_PER_SESSION, Output, PIPE_REQUESTS_PER_SECOND, PipeRefused, Quotas,
     SessionId, TICKET_TTL,
 };
 
@@ -82,10 +83,10 @@ impl Outbox {
 #[derive(Debug)]
 pub enum PipeMeeting {
     /// It arrived first: wait for the other end's connection on `partner`,
-    /// then splice the two.
+    /// then splice the two, holding the guard while they are spliced.
     Wait {
         /// Delivers the other end's connection.
-        partner: oneshot::Receiver<TcpStream>,
+        partner: oneshot::Receiver<(TcpStream, PipeGuard)>,
         /// This end's connection, handed back.
         conn: TcpStream,
     },
@@ -93,13 +94,21 @@ pub enum PipeMeeting {
     Handed,
 }
 
-/// One spliced pipe, counted against `--max-pipes` while it lives.
+/// One spliced pipe, counted against `--max-pipes` and its hybrid
+/// connection's `--max-pipes-per-hc` while it lives. Never dropped with the
+/// hub's lock held.
 #[derive(Debug)]
-pub struct PipeGuard(Arc<Inner>);
+pub struct PipeGuard {
+    inner: Arc<Inner>,
+    hc: HcName,
+}
 
 impl Drop for PipeGuard {
     fn drop(&mut self) {
-        self.0.active_pipes.fetch_sub(1, Ordering::Relaxed);
+        Hub {
+            inner: self.inner.clone(),
+        }
+        .with_state(|s| s.pipe_closed(&self.hc));
     }
 }
 
@@ -115,16 +124,13 @@ struct Inner {
     shared: Mutex<Shared>,
     next_session: AtomicU64,
     rng: SystemRandom,
-    /// Pipes (sender-agent pairs, each carrying any number of streams)
-    /// spliced now.
-    active_pipes: AtomicUsize,
 }
 
 #[derive(Debug)]
 struct Shared {
     state: HubState,
     outboxes: HashMap<SessionId, Outbox>,
-    rendezvous: Rendezvous,
+    rendezvous: Rendezvous<(TcpStream, PipeGuard)>,
 }
 
 impl Shared {
@@ -177,7 +183,6 @@ impl Hub {
                     rendezvous: Rendezvous::default(),
                 }),
                 next_session: AtomicU64::new(1),
-                active_pipes: AtomicUsize::new(0),
                 rng: SystemRandom::new(),
             }),
         }
@@ -259,9 +264,8 @@ impl Hub {
             .fill(&mut ticket)
             .ok()
             .map(|()| Ticket(ticket));
-        let active = self.inner.active_pipes.load(Ordering::Relaxed);
         let now = Instant::now();
-        self.with_state(|s| s.request_pipe(sender, request_id, agent, ticket, active, now));
+        self.with_state(|s| s.request_pipe(sender, request_id, agent, ticket, now));
     }
 
     /// A pipe connection presented `ticket` as `role`.
@@ -277,8 +281,16 @@ impl Hub {
                 partner: shared.rendezvous.wait(ticket),
                 conn,
             }),
-            Claim::Second { .. } => {
-                shared.rendezvous.hand(&ticket, conn);
+            Claim::Second { hc, .. } => {
+                let guard = PipeGuard {
+                    inner: self.inner.clone(),
+                    hc,
+                };
+                let unmet = shared.rendezvous.hand(&ticket, (conn, guard));
+                // The first end gave up: its guard (which takes the lock)
+                // and connection go, after the lock is released.
+                drop(shared);
+                drop(unmet);
                 Ok(PipeMeeting::Handed)
             }
         }
@@ -317,9 +329,23 @@ impl Hub {
         });
     }
 
-    /// Limits the pipes spliced or pending at once to `max`.
-    pub fn set_max_pipes(&self, max: usize) {
-        self.update_quotas(|q| q.max_pipes = max);
+    /// Limits the pipes spliced or pending at once to `max`, relay-wide,
+    /// and to `per_hc` for each hybrid connection.
+    pub fn set_max_pipes(&self, max: usize, per_hc: usize) {
+        self.update_quotas(|q| {
+            q.max_pipes = max;
+            q.max_pipes_per_hc = per_hc;
+        });
+    }
+
+    /// Caps each sender session at `pending` pipe requests waiting for
+    /// their ends, and at `per_second` requests a second after a burst of
+    /// `pending`.
+    pub fn set_pipe_requests(&self, pending: usize, per_second: u32) {
+        self.update_quotas(|q| {
+            q.max_pending_per_session = pending;
+            q.pipe_requests_per_second = per_second;
+        });
     }
 
     /// Limits each hybrid connection to `max` attached agents.
@@ -336,12 +362,6 @@ impl Hub {
     /// The longest token lifetime accepted, in seconds.
     pub fn max_token_lifetime(&self) -> u64 {
         self.lock().state.quotas().max_token_lifetime
-    }
-
-    /// Counts a spliced pipe until the guard drops.
-    pub fn pipe_guard(&self) -> PipeGuard {
-        self.inner.active_pipes.fetch_add(1, Ordering::Relaxed);
-        PipeGuard(self.inner.clone())
     }
 
     /// Records an agent's stream counters for a hybrid connection it is

@@ -34,6 +34,11 @@ pub const MAX_AGENTS_PER_HC: usize = 25;
 /// opens a pipe per agent and reuses it; more than this in flight is a
 /// flood, and it must not take the relay-wide quota from other tenants.
 pub const MAX_PENDING_TICKETS_PER_SESSION: usize = 64;
+/// Pipe requests one sender session may make per second, once it has used
+/// its burst (as many as it may hold pending). Pipes are long-lived and
+/// shared by all streams to an agent, so a real sender asks for a few per
+/// agent over its life.
+pub const PIPE_REQUESTS_PER_SECOND: u32 = 20;
 
 /// What the hub must do after a call.
 #[derive(Debug, PartialEq)]
@@ -53,8 +58,13 @@ pub struct Quotas {
     pub max_agents: usize,
     /// Pipes spliced or pending at once, relay-wide.
     pub max_pipes: usize,
-    /// Pending tickets per sender session.
+    /// Pipes spliced or pending at once for one hybrid connection, so one
+    /// tenant cannot take the relay-wide quota.
+    pub max_pipes_per_hc: usize,
+    /// Pending tickets per sender session (also its burst of requests).
     pub max_pending_per_session: usize,
+    /// Pipe requests per second per sender session, after its burst.
+    pub pipe_requests_per_second: u32,
     /// Longest token lifetime accepted, in seconds.
     pub max_token_lifetime: u64,
 }
@@ -64,7 +74,9 @@ impl Default for Quotas {
         Quotas {
             max_agents: MAX_AGENTS_PER_HC,
             max_pipes: usize::MAX,
+            max_pipes_per_hc: usize::MAX,
             max_pending_per_session: MAX_PENDING_TICKETS_PER_SESSION,
+            pipe_requests_per_second: PIPE_REQUESTS_PER_SECOND,
             max_token_lifetime: sas::DEFAULT_MAX_TOKEN_LIFETIME,
         }
     }
@@ -88,6 +100,35 @@ struct Session {
     stats: HashMap<HcName, (StreamStats, AgentReport)>,
     /// Sender: its tickets still waiting for both ends.
     pending_tickets: usize,
+    /// Sender: what is left of its allowance of pipe requests.
+    requests: Option<Allowance>,
+}
+
+/// A token bucket: `burst` requests at once, refilled at `rate` a second.
+#[derive(Debug, Clone, Copy)]
+struct Allowance {
+    left: f64,
+    at: Instant,
+}
+
+impl Allowance {
+    /// Takes one request at `now`; false if none is left.
+    fn take(this: &mut Option<Allowance>, now: Instant, rate: u32, burst: usize) -> bool {
+        let burst = burst as f64;
+        let a = this.get_or_insert(Allowance {
+            left: burst,
+            at: now,
+        });
+        let refill = now.saturating_duration_since(a.at).as_secs_f64() * f64::from(rate);
+        a.left = (a.left + refill).min(burst);
+        a.at = now;
+        if a.left >= 1.0 {
+            a.left -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// What an agent last said about a hybrid connection besides its counters.
@@ -127,6 +168,8 @@ struct PendingTicket {
     created: Instant,
     sender: SessionId,
     agent: SessionId,
+    /// The hybrid connection whose pipe quota it counts against.
+    hc: HcName,
     /// The role of the end that arrived first, if one did.
     arrived: Option<PipeRole>,
 }
@@ -153,6 +196,9 @@ pub enum Claim {
         sender: SessionId,
         /// The agent session it goes to.
         agent: SessionId,
+        /// The hybrid connection the pipe counts against until
+        /// [`HubState::pipe_closed`].
+        hc: HcName,
     },
 }
 
@@ -165,6 +211,10 @@ pub struct HubState {
     /// entries whose ticket was already used are skipped when they reach
     /// the front.
     ticket_order: VecDeque<(Instant, Ticket)>,
+    /// Pipes spliced now.
+    spliced: usize,
+    /// Pipes pending or spliced per hybrid connection (absent: none).
+    pipes_by_hc: HashMap<HcName, usize>,
     quotas: Quotas,
     /// Tokens for names the registry does not hold are checked against
     /// this key, which nobody has (see [`HubState::refuse_unknown`]).
@@ -193,6 +243,8 @@ impl HubState {
             sessions: HashMap::new(),
             tickets: HashMap::new(),
             ticket_order: VecDeque::new(),
+            spliced: 0,
+            pipes_by_hc: HashMap::new(),
             quotas,
             decoy,
             out: VecDeque::new(),
@@ -241,6 +293,7 @@ impl HubState {
                 attached: HashMap::new(),
                 stats: HashMap::new(),
                 pending_tickets: 0,
+                requests: None,
             },
         );
     }
@@ -486,51 +539,107 @@ impl HubState {
     }
 
     /// A sender asks for a pipe to an agent. `ticket` is a fresh random
-    /// ticket (`None` if none could be drawn); `active_pipes` the pipes
-    /// being spliced now. Both ends get the same ticket, or the sender a
-    /// `PipeFailed`.
+    /// ticket (`None` if none could be drawn). Both ends get the same
+    /// ticket, or the sender a `PipeFailed` saying which limit it met.
+    ///
+    /// The pipe counts against the quota of one hybrid connection the two
+    /// share (the one with the fewest pipes), from now until its ticket
+    /// expires unused or [`HubState::pipe_closed`].
     pub fn request_pipe(
         &mut self,
         sender: SessionId,
         request_id: u64,
         agent: SessionId,
         ticket: Option<Ticket>,
-        active_pipes: usize,
         now: Instant,
     ) {
         self.expire_tickets(now);
+        let quotas = self.quotas;
         let Some(s) = self.sessions.get(&sender) else {
             return;
         };
         let sender_identity = s.identity;
-        let shared = self
+        let mut shared: Vec<(usize, &HcName)> = self
             .sessions
             .get(&agent)
-            .filter(|a| a.role == PeerRole::Agent)
-            .is_some_and(|a| a.attached.keys().any(|hc| s.attached.contains_key(hc)));
-        let refusal = if s.role != PeerRole::Sender || !shared {
-            Some(format!(
-                "agent {agent} serves none of your hybrid connections (it may have just left)"
+            .filter(|a| a.role == PeerRole::Agent && s.role == PeerRole::Sender)
+            .map(|a| {
+                a.attached
+                    .keys()
+                    .filter(|hc| s.attached.contains_key(*hc))
+                    .map(|hc| (self.pipes_by_hc.get(hc).copied().unwrap_or(0), hc))
+                    .collect()
+            })
+            .unwrap_or_default();
+        shared.sort();
+        let charged = shared
+            .first()
+            .filter(|(pipes, _)| *pipes < quotas.max_pipes_per_hc)
+            .map(|(_, hc)| (*hc).clone());
+        let refusal = if shared.is_empty() {
+            Some((
+                None,
+                format!(
+                    "agent {agent} serves none of your hybrid connections (it may have just left)"
+                ),
             ))
-        } else if s.pending_tickets >= self.quotas.max_pending_per_session {
-            self.out.push_back(Output::Refused("quota"));
-            Some(format!(
-                "{} pipe requests of this session are already waiting for their ends; wait for them",
-                self.quotas.max_pending_per_session
+        } else if s.pending_tickets >= quotas.max_pending_per_session {
+            Some((
+                Some("quota"),
+                format!(
+                    "{} pipe requests of this session are already waiting for their ends; wait for them",
+                    quotas.max_pending_per_session
+                ),
             ))
-        } else if active_pipes + self.tickets.len() >= self.quotas.max_pipes {
-            self.out.push_back(Output::Refused("quota"));
-            Some(format!(
-                "this relay is at its limit of {} concurrent pipes (relay serve --max-pipes); try again later",
-                self.quotas.max_pipes
+        } else if self.spliced + self.tickets.len() >= quotas.max_pipes {
+            Some((
+                Some("quota"),
+                format!(
+                    "this relay is at its limit of {} concurrent pipes (relay serve --max-pipes); try again later",
+                    quotas.max_pipes
+                ),
+            ))
+        } else if charged.is_none() {
+            Some((
+                Some("hc_quota"),
+                format!(
+                    "{} is at its limit of {} concurrent pipes (relay serve --max-pipes-per-hc); try again later",
+                    shared
+                        .first()
+                        .map(|(_, hc)| hc.as_str())
+                        .unwrap_or_default(),
+                    quotas.max_pipes_per_hc
+                ),
             ))
         } else if ticket.is_none() {
-            Some("relay could not draw a random ticket".into())
+            Some((None, "relay could not draw a random ticket".into()))
         } else {
             None
         };
-        let (Some(ticket), None) = (ticket, refusal.as_ref()) else {
-            let message = refusal.unwrap_or_default();
+        // Only a request that would be granted spends the allowance.
+        let refusal = refusal.or_else(|| {
+            let s = self.sessions.get_mut(&sender)?;
+            let allowed = Allowance::take(
+                &mut s.requests,
+                now,
+                quotas.pipe_requests_per_second,
+                quotas.max_pending_per_session,
+            );
+            (!allowed).then(|| {
+                (
+                    Some("rate"),
+                    format!(
+                        "too many pipe requests: a session may make {} at once, then {} a second (relay serve --pipe-requests-per-second)",
+                        quotas.max_pending_per_session, quotas.pipe_requests_per_second
+                    ),
+                )
+            })
+        });
+        let (Some(ticket), Some(hc), None) = (ticket, charged, refusal.as_ref()) else {
+            let (counted, message) = refusal.unwrap_or_default();
+            if let Some(reason) = counted {
+                self.out.push_back(Output::Refused(reason));
+            }
             self.send(
                 sender,
                 RelayMessage::PipeFailed {
@@ -540,12 +649,14 @@ impl HubState {
             );
             return;
         };
+        *self.pipes_by_hc.entry(hc.clone()).or_default() += 1;
         self.tickets.insert(
             ticket,
             PendingTicket {
                 created: now,
                 sender,
                 agent,
+                hc,
                 arrived: None,
             },
         );
@@ -583,8 +694,9 @@ impl HubState {
                 .tickets
                 .get(&ticket)
                 .is_some_and(|p| p.created == created)
+                && let Some(pending) = self.remove_ticket(&ticket)
             {
-                self.remove_ticket(&ticket);
+                self.release(&pending.hc);
             }
         }
     }
@@ -595,6 +707,27 @@ impl HubState {
             s.pending_tickets = s.pending_tickets.saturating_sub(1);
         }
         Some(pending)
+    }
+
+    /// One pipe less counts against `hc`'s quota.
+    fn release(&mut self, hc: &HcName) {
+        if let Some(n) = self.pipes_by_hc.get_mut(hc) {
+            *n -= 1;
+            if *n == 0 {
+                self.pipes_by_hc.remove(hc);
+            }
+        }
+    }
+
+    /// A spliced pipe of `hc` (from [`Claim::Second`]) closed.
+    pub fn pipe_closed(&mut self, hc: &HcName) {
+        self.spliced = self.spliced.saturating_sub(1);
+        self.release(hc);
+    }
+
+    /// Pipes pending or spliced that count against `hc`.
+    pub fn pipes_of(&self, hc: &HcName) -> usize {
+        self.pipes_by_hc.get(hc).copied().unwrap_or(0)
     }
 
     /// Tickets waiting for their ends.
@@ -627,11 +760,14 @@ impl HubState {
                 info!(
                     sender = pending.sender,
                     agent = pending.agent,
+                    hc = %pending.hc,
                     "pipe spliced"
                 );
+                self.spliced += 1;
                 Ok(Claim::Second {
                     sender: pending.sender,
                     agent: pending.agent,
+                    hc: pending.hc,
                 })
             }
         }

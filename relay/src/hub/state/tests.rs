@@ -106,6 +106,51 @@ impl Bench {
             .attach(id, name("payroll"), token, false, Some(&record), self.unix);
     }
 
+    /// Attaches session `id` (already registered) to `other`, another
+    /// hybrid connection, with its right key.
+    fn also_attach(&mut self, id: SessionId, role: PeerRole, other: &HcRecord) {
+        let key = match role {
+            PeerRole::Sender => &other.send.primary,
+            PeerRole::Agent => &other.listen.primary,
+        };
+        let token = sas::sign(
+            &format!("sb://relay.test/{}", other.name),
+            needed(role).rule_name(),
+            key,
+            self.unix + 3600,
+        );
+        self.hub
+            .attach(id, other.name.clone(), token, false, Some(other), self.unix);
+    }
+
+    /// A sender's pipe request with a ticket made of `n`; whether it was
+    /// granted (else the sender got `PipeFailed`).
+    fn ask(&mut self, sender: SessionId, agent: SessionId, n: u32) -> bool {
+        let mut t = [0u8; 16];
+        t[..4].copy_from_slice(&n.to_be_bytes());
+        self.hub
+            .request_pipe(sender, u64::from(n), agent, Some(Ticket(t)), self.now);
+        match self.to(sender).pop() {
+            Some(RelayMessage::PipeTicket { .. }) => true,
+            Some(RelayMessage::PipeFailed { .. }) => false,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Both ends of the pipe of ticket `n` arrive: it is spliced.
+    fn splice(&mut self, n: u32) -> HcName {
+        let mut t = [0u8; 16];
+        t[..4].copy_from_slice(&n.to_be_bytes());
+        assert_eq!(
+            self.hub.claim(&Ticket(t), PipeRole::Agent, self.now),
+            Ok(Claim::First)
+        );
+        match self.hub.claim(&Ticket(t), PipeRole::Sender, self.now) {
+            Ok(Claim::Second { hc, .. }) => hc,
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn agent(&mut self, id: SessionId, who: u8) {
         self.join(id, PeerRole::Agent, who, 3600);
     }
@@ -319,7 +364,7 @@ fn a_ticket_reaches_both_ends_and_splices_once() {
     b.collect();
     b.sent.clear();
     let ticket = Ticket([9; 16]);
-    b.hub.request_pipe(2, 7, 1, Some(ticket), 0, b.now);
+    b.hub.request_pipe(2, 7, 1, Some(ticket), b.now);
     assert!(matches!(
         b.to(1).as_slice(),
         [RelayMessage::PipeOffer { ticket: t, peer }] if *t == ticket && peer.0[0] == 0x5e
@@ -340,7 +385,8 @@ fn a_ticket_reaches_both_ends_and_splices_once() {
         b.hub.claim(&ticket, PipeRole::Sender, b.now),
         Ok(Claim::Second {
             sender: 2,
-            agent: 1
+            agent: 1,
+            hc: name("payroll"),
         })
     );
     assert_eq!(
@@ -357,7 +403,7 @@ fn a_ticket_that_expires_while_its_partner_dials_is_refused() {
     b.agent(1, 0xa1);
     b.sender(2, 0x5e);
     let ticket = Ticket([3; 16]);
-    b.hub.request_pipe(2, 1, 1, Some(ticket), 0, b.now);
+    b.hub.request_pipe(2, 1, 1, Some(ticket), b.now);
     assert_eq!(
         b.hub.claim(&ticket, PipeRole::Sender, b.now),
         Ok(Claim::First)
@@ -384,7 +430,7 @@ fn ticket_expiry_is_linear_in_the_number_of_tickets() {
         let mut t = [0u8; 16];
         t[..4].copy_from_slice(&i.to_be_bytes());
         b.hub
-            .request_pipe(2, u64::from(i), 1, Some(Ticket(t)), 0, b.now);
+            .request_pipe(2, u64::from(i), 1, Some(Ticket(t)), b.now);
         b.advance(Duration::from_micros(100));
     }
     b.collect();
@@ -418,21 +464,143 @@ fn quotas_on_pipes_per_session_relay_wide_and_agents() {
     };
     // One tenant may hold three pending tickets, not four.
     for i in 0..4u8 {
-        b.hub
-            .request_pipe(10, 0, 1, Some(Ticket([i; 16])), 0, b.now);
+        b.hub.request_pipe(10, 0, 1, Some(Ticket([i; 16])), b.now);
     }
     assert_eq!(failed(&b.to(10)), 1);
     // The other tenant still gets its share, up to the relay-wide limit of
     // five (pipes spliced now count too).
     for i in 0..3u8 {
         b.hub
-            .request_pipe(11, 0, 2, Some(Ticket([0x40 + i; 16])), 0, b.now);
+            .request_pipe(11, 0, 2, Some(Ticket([0x40 + i; 16])), b.now);
     }
     assert_eq!(failed(&b.to(11)), 1);
+    // A spliced pipe counts as much as a pending one.
+    assert_eq!(
+        b.hub.claim(&Ticket([0; 16]), PipeRole::Agent, b.now),
+        Ok(Claim::First)
+    );
+    assert!(matches!(
+        b.hub.claim(&Ticket([0; 16]), PipeRole::Sender, b.now),
+        Ok(Claim::Second { .. })
+    ));
     b.hub
-        .request_pipe(11, 0, 2, Some(Ticket([0x50; 16])), 1, b.now);
+        .request_pipe(11, 0, 2, Some(Ticket([0x50; 16])), b.now);
     assert_eq!(failed(&b.to(11)), 1);
+    // Once it closes, its place is free again.
+    b.hub.pipe_closed(&name("payroll"));
+    b.hub
+        .request_pipe(11, 0, 2, Some(Ticket([0x51; 16])), b.now);
+    assert_eq!(failed(&b.to(11)), 0);
     assert_eq!(b.refused.iter().filter(|r| **r == "quota").count(), 4);
+}
+
+#[test]
+fn one_hybrid_connection_at_its_pipe_quota_leaves_the_others_their_share() {
+    let mut b = Bench::with(Quotas {
+        max_pipes_per_hc: 2,
+        ..Quotas::default()
+    });
+    let ledger = record("ledger");
+    b.agent(1, 0xa1);
+    b.also_attach(1, PeerRole::Agent, &ledger);
+    // The flooding tenant holds payroll's send key, the quiet one ledger's.
+    b.sender(10, 0x5a);
+    b.hub.register(
+        11,
+        PeerRole::Sender,
+        Fingerprint([0x5b; 32]),
+        "test".parse().unwrap(),
+        "192.0.2.2:1".parse().unwrap(),
+        b.unix,
+    );
+    b.also_attach(11, PeerRole::Sender, &ledger);
+    b.collect();
+    b.sent.clear();
+    assert!(b.ask(10, 1, 1) && b.ask(10, 1, 2));
+    assert!(!b.ask(10, 1, 3), "payroll is at its quota of two");
+    assert_eq!(b.refused.last(), Some(&"hc_quota"));
+    assert!(b.ask(11, 1, 4) && b.ask(11, 1, 5), "ledger has its own two");
+    assert_eq!(
+        (
+            b.hub.pipes_of(&name("payroll")),
+            b.hub.pipes_of(&ledger.name)
+        ),
+        (2, 2)
+    );
+    // A spliced pipe keeps its place until it closes; an unused ticket
+    // gives it back when it expires.
+    assert_eq!(b.splice(1), name("payroll"));
+    b.advance(TICKET_TTL);
+    b.hub.expire_tickets(b.now);
+    assert_eq!(
+        (
+            b.hub.pipes_of(&name("payroll")),
+            b.hub.pipes_of(&ledger.name)
+        ),
+        (1, 0)
+    );
+    assert!(b.ask(10, 1, 6));
+    assert!(!b.ask(10, 1, 7));
+    b.hub.pipe_closed(&name("payroll"));
+    assert!(b.ask(10, 1, 8));
+}
+
+#[test]
+fn a_sender_holding_two_hybrid_connections_charges_the_one_with_room() {
+    let mut b = Bench::with(Quotas {
+        max_pipes_per_hc: 1,
+        ..Quotas::default()
+    });
+    let ledger = record("ledger");
+    b.agent(1, 0xa1);
+    b.also_attach(1, PeerRole::Agent, &ledger);
+    b.sender(10, 0x5a);
+    b.also_attach(10, PeerRole::Sender, &ledger);
+    b.collect();
+    b.sent.clear();
+    assert!(b.ask(10, 1, 1) && b.ask(10, 1, 2));
+    assert!(
+        !b.ask(10, 1, 3),
+        "both hybrid connections are at their quota"
+    );
+    assert_eq!(
+        (
+            b.hub.pipes_of(&name("payroll")),
+            b.hub.pipes_of(&ledger.name)
+        ),
+        (1, 1)
+    );
+}
+
+#[test]
+fn pipe_requests_past_the_burst_are_limited_to_the_rate() {
+    let mut b = Bench::with(Quotas {
+        max_pending_per_session: 4,
+        pipe_requests_per_second: 2,
+        ..Quotas::default()
+    });
+    b.agent(1, 0xa1);
+    b.sender(10, 0x5a);
+    b.collect();
+    b.sent.clear();
+    // The burst: four at once, each spliced at once (so the pending cap is
+    // not what stops the fifth).
+    for n in 1..=4 {
+        assert!(b.ask(10, 1, n), "request {n} of the burst");
+        b.splice(n);
+    }
+    assert!(!b.ask(10, 1, 5));
+    assert_eq!(b.refused.last(), Some(&"rate"));
+    // Two a second after that.
+    b.advance(Duration::from_millis(500));
+    assert!(b.ask(10, 1, 6));
+    assert!(!b.ask(10, 1, 7));
+    b.advance(Duration::from_secs(10));
+    let granted = (8..20).filter(|n| b.ask(10, 1, *n)).count();
+    assert_eq!(
+        granted, 4,
+        "the allowance refills up to the burst, no further"
+    );
 }
 
 #[test]
@@ -447,7 +615,7 @@ fn a_pipe_to_an_agent_of_another_hybrid_connection_is_refused() {
         "192.0.2.1:1".parse().unwrap(),
         b.unix,
     );
-    b.hub.request_pipe(2, 4, 1, Some(Ticket([1; 16])), 0, b.now);
+    b.hub.request_pipe(2, 4, 1, Some(Ticket([1; 16])), b.now);
     assert!(matches!(
         b.to(2).as_slice(),
         [RelayMessage::PipeFailed { request_id: 4, .. }]
