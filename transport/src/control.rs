@@ -412,8 +412,10 @@ where
     F: FnMut(&mut S, S::Event) -> ControlFlow<()>,
 {
     let (mut reader, mut writer) = tokio::io::split(io);
-    // Control messages are small; a bigger one arrives in several reads.
-    let mut read_buf = BytesMut::with_capacity(4096);
+    // Control messages are small, and most channels are idle: start small
+    // (a relay holds one of these per connection, authenticated or not)
+    // and grow for a bigger message.
+    let mut read_buf = BytesMut::with_capacity(1024);
     let mut writing: Option<BytesMut> = None;
     let mut needs_flush = false;
     let ended = 'serve: loop {
