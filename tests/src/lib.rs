@@ -589,3 +589,42 @@ pub fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> Result<bool>) -> 
     }
     Ok(())
 }
+
+/// What a process holds, from /proc: open files, threads, and memory in
+/// KiB, resident (`VmRSS`) and allocated (`VmData`, which counts what was
+/// reserved even if never touched, so it does not depend on the kernel's
+/// huge-page policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    /// Open file descriptors.
+    pub fds: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Resident memory, KiB.
+    pub rss_kib: u64,
+    /// Allocated memory, KiB.
+    pub data_kib: u64,
+}
+
+impl Footprint {
+    /// The footprint of process `pid` now.
+    pub fn of(pid: u32) -> Result<Footprint> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        let field = |name: &str| -> Result<u64> {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .with_context(|| format!("no {name} for {pid}"))?
+                .parse()
+                .context("a number")
+        };
+        Ok(Footprint {
+            fds: std::fs::read_dir(format!("/proc/{pid}/fd"))?.count(),
+            threads: usize::try_from(field("Threads:")?)?,
+            rss_kib: field("VmRSS:")?,
+            data_kib: field("VmData:")?,
+        })
+    }
+}

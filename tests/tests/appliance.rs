@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use hybridlink_tests::Proc;
 use hybridlink_tests::lab::{self, Lab, ONPREM_IP, RELAY_IP, UPSTREAM_DNS_IP};
+use hybridlink_tests::{Footprint, Proc};
 use serde_json::Value;
 
 struct Setup {
@@ -1013,33 +1013,6 @@ fn the_relay_cannot_name_or_route_outside_the_allow_list() -> Result<()> {
     Ok(())
 }
 
-/// What the soak test watches in a process: open files, threads and
-/// resident memory (KiB), from /proc.
-#[derive(Debug, Clone, Copy)]
-struct Footprint {
-    fds: usize,
-    threads: usize,
-    rss_kib: u64,
-}
-
-fn footprint(pid: u32) -> Result<Footprint> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Result<u64> {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .with_context(|| format!("no {name} for {pid}"))?
-            .parse()
-            .context("a number")
-    };
-    Ok(Footprint {
-        fds: std::fs::read_dir(format!("/proc/{pid}/fd"))?.count(),
-        threads: usize::try_from(field("Threads:")?)?,
-        rss_kib: field("VmRSS:")?,
-    })
-}
-
 /// The soak: 10,000 connections opened and closed through appliance, relay
 /// and agent by an unmodified client in 16 threads, while a misbehaving
 /// peer holds idle connections to the relay and sends it garbage. Every
@@ -1082,7 +1055,7 @@ fn ten_thousand_connections_leave_nothing_behind() -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let before: Vec<Footprint> = pids
         .iter()
-        .map(|(_, pid)| footprint(*pid))
+        .map(|(_, pid)| Footprint::of(*pid))
         .collect::<Result<_>>()?;
 
     let hostile = s.lab.spawn(
@@ -1105,7 +1078,7 @@ fn ten_thousand_connections_leave_nothing_behind() -> Result<()> {
     // end at their deadlines.
     std::thread::sleep(Duration::from_secs(12));
     for ((name, pid), before) in pids.iter().zip(before) {
-        let after = footprint(*pid)?;
+        let after = Footprint::of(*pid)?;
         eprintln!("{name}: {before:?} -> {after:?}");
         assert!(
             after.fds <= before.fds + 8,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::BytesMut;
-use hybridlink_tests::{Agent, Relay, binary, echo_server_thread};
+use hybridlink_tests::{Agent, Footprint, Relay, binary, echo_server_thread};
 use proto::connection_string::ConnectionString;
 use proto::control::{Fingerprint, PROTOCOL_VERSION, PeerMessage, PeerRole, RelayMessage};
 use proto::key::Key;
@@ -118,25 +118,6 @@ fn check(cs: &ConnectionString) -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
-}
-
-/// A process's memory in KiB: resident (`VmRSS`) and allocated (`VmData`,
-/// which counts what was reserved even if never touched, so it does not
-/// depend on the kernel's huge-page policy), from /proc/PID/status.
-fn memory_kib(pid: u32) -> Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Result<u64> {
-        let line = status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .with_context(|| format!("no {name}"))?;
-        line.split_whitespace()
-            .nth(1)
-            .context("value")?
-            .parse()
-            .context("number")
-    };
-    Ok((field("VmRSS:")?, field("VmData:")?))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -323,7 +304,7 @@ async fn slow_strangers(announced: u32) -> Result<(u64, u64)> {
     // Warm up: the relay has served a control channel once.
     drop(welcomed(Ipv4Addr::new(127, 0, 0, 2), &relay, &send, PeerRole::Sender).await?);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = memory_kib(pid)?;
+    let before = Footprint::of(pid)?;
     // 25 per source address, under the default per-address cap.
     let mut slow = tokio::task::JoinSet::new();
     for i in 0..CONNECTIONS {
@@ -341,13 +322,16 @@ async fn slow_strangers(announced: u32) -> Result<(u64, u64)> {
         });
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let during = memory_kib(pid)?;
+    let during = Footprint::of(pid)?;
     slow.abort_all();
     let each = |before: u64, during: u64| during.saturating_sub(before) * 1024 / CONNECTIONS as u64;
-    let (rss, data) = (each(before.0, during.0), each(before.1, during.1));
+    let (rss, data) = (
+        each(before.rss_kib, during.rss_kib),
+        each(before.data_kib, during.data_kib),
+    );
     eprintln!(
         "announcing {announced} bytes: relay VmRSS {} -> {} KiB, VmData {} -> {} KiB with {CONNECTIONS} slow strangers: {rss} resident and {data} allocated bytes each",
-        before.0, during.0, before.1, during.1
+        before.rss_kib, during.rss_kib, before.data_kib, during.data_kib
     );
     Ok((rss, data))
 }
@@ -652,11 +636,6 @@ async fn an_agent_that_stops_reading_leaves_the_rotation_within_the_keepalive_ti
     Ok(())
 }
 
-/// Open file descriptors of a process.
-fn fds(pid: u32) -> Result<usize> {
-    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
-}
-
 /// Starts `sessions` sender sessions holding `cs` (each claiming its own
 /// identity) that send `requests` pipe requests each, as fast as the relay
 /// reads them, for 15 s, and never come to their end of a pipe. Each
@@ -740,7 +719,7 @@ async fn a_tenant_flooding_pipe_requests_leaves_the_other_tenants_working() -> R
     let agent = Agent::start(&[&flooded_listen, &quiet_listen], &[])?;
     agent.wait_connected()?;
     let agent_pid = agent.proc.pid();
-    let baseline = fds(agent_pid)?;
+    let baseline = Footprint::of(agent_pid)?.fds;
 
     let mut floods = flood(&relay, &flooded_send, 10, 300).await?;
     // While the flood goes on, the other tenant connects, again and again.
@@ -751,7 +730,7 @@ async fn a_tenant_flooding_pipe_requests_leaves_the_other_tenants_working() -> R
         tokio::task::spawn_blocking(move || check(&quiet))
             .await?
             .context("the quiet tenant's connection failed during the flood")?;
-        most_fds = most_fds.max(fds(agent_pid)?);
+        most_fds = most_fds.max(Footprint::of(agent_pid)?.fds);
     }
     let mut refused = 0;
     while let Some(failed) = floods.join_next().await {
@@ -842,7 +821,7 @@ async fn at_its_open_files_limit_the_relay_still_serves_legitimate_peers() -> Re
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let relay_files = fds(relay.proc.pid())?;
+    let relay_files = Footprint::of(relay.proc.pid())?.fds;
     ensure!(
         relay_files < OPEN_FILES as usize - 32,
         "the relay holds {relay_files} files"
