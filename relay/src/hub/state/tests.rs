@@ -682,3 +682,46 @@ fn a_token_that_lives_longer_than_the_cap_is_refused() {
     b.join(2, PeerRole::Agent, 0xa2, 3600);
     assert!(b.hub.has_attachment(2));
 }
+
+#[test]
+fn a_describe_answers_the_endpoint_without_joining_the_rotation() {
+    let mut b = Bench::new();
+    b.sender(10, 0x5a);
+    b.collect();
+    b.sent.clear();
+    b.hub.register(
+        1,
+        PeerRole::Agent,
+        Fingerprint([0xa1; 32]),
+        "installer".parse().unwrap(),
+        "192.0.2.1:1".parse().unwrap(),
+        b.unix,
+    );
+    let token = b.token(PeerRole::Agent, &b.key(PeerRole::Agent), 600);
+    let record = b.record.clone();
+    b.hub
+        .describe(1, name("payroll"), token, Some(&record), b.unix);
+    assert!(matches!(
+        b.to(1).as_slice(),
+        [RelayMessage::Described { hc, endpoint }] if hc.as_str() == "payroll" && *endpoint == record.endpoint
+    ));
+    // Not attached: no grant, no place among the agents senders see, and
+    // still unauthenticated as far as the pre-auth limits go.
+    assert!(!b.hub.has_attachment(1));
+    assert!(
+        b.to(10).is_empty(),
+        "the sender heard of a describing session"
+    );
+    assert!(b.hub.agents(&name("payroll")).is_empty());
+    // A wrong key gets the refusal anyone gets.
+    let wrong = b.token(PeerRole::Agent, &Key::generate().unwrap(), 600);
+    b.hub
+        .describe(1, name("payroll"), wrong, Some(&record), b.unix);
+    assert!(matches!(
+        b.to(1).as_slice(),
+        [RelayMessage::Detached {
+            reason: DetachReason::Unauthorized,
+            ..
+        }]
+    ));
+}
