@@ -6,14 +6,17 @@
 //! ([`Counted`]).
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// A hybrid connection.
@@ -99,6 +102,9 @@ pub struct Metrics {
     /// Appliance: DNS queries by what they got.
     pub dns_queries: Family<AnswerLabel, Counter>,
 }
+
+/// The content type of the Prometheus text format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The process's metrics.
 pub fn metrics() -> &'static Metrics {
@@ -345,48 +351,113 @@ pub fn count_refused(hc: &str, reason: &str) {
         .inc();
 }
 
-/// Serves `GET /metrics` on `addr` with what `body` returns; other paths get
-/// 404. Returns the bound address.
+/// Serves `GET /metrics` on `addr` with what `render` returns, and a 404
+/// that says where the metrics are on every other path or method. Returns
+/// the bound address; serving goes on in a task of its own for as long as
+/// the runtime runs, past failed accepts (axum waits a second after an
+/// error such as `EMFILE`, then accepts again).
+///
+/// Every answer closes its connection, so a scraper that reads to the end
+/// gets the whole text.
 pub async fn serve(
     addr: SocketAddr,
-    body: impl Fn() -> String + Send + Sync + 'static,
+    render: impl Fn() -> String + Send + Sync + 'static,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let body = std::sync::Arc::new(body);
+    let render = Arc::new(render);
+    let scrape = get(move || {
+        let render = render.clone();
+        async move { (StatusCode::OK, answer_headers(), render()) }
+    });
+    let router = Router::new()
+        .route("/metrics", scrape)
+        .method_not_allowed_fallback(not_found)
+        .fallback(not_found);
     tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let body = body.clone();
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                let read = async {
-                    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-                        match conn.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => request.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                };
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
-                let line = String::from_utf8_lossy(&request);
-                let mut parts = line.split_whitespace();
-                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                let (status, text) =
-                    if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-                        ("200 OK", body())
-                    } else {
-                        ("404 Not Found", "metrics are at GET /metrics\n".to_string())
-                    };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    text.len()
-                );
-                let _ = conn.write_all(head.as_bytes()).await;
-                let _ = conn.write_all(text.as_bytes()).await;
-                let _ = conn.shutdown().await;
-            });
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "metrics server stopped");
         }
     });
     Ok(bound)
+}
+
+fn answer_headers() -> [(header::HeaderName, &'static str); 2] {
+    [
+        (header::CONTENT_TYPE, CONTENT_TYPE),
+        (header::CONNECTION, "close"),
+    ]
+}
+
+async fn not_found() -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        answer_headers(),
+        "metrics are at GET /metrics\n",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// Sends `request` to `addr` and reads the answer to its end.
+    fn ask(addr: SocketAddr, request: &str) -> String {
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        ask(addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
+    }
+
+    #[test]
+    fn serves_the_text_at_metrics_a_hint_elsewhere_and_goes_on_serving() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let addr = runtime
+            .block_on(serve("127.0.0.1:0".parse().unwrap(), || {
+                "# TYPE x counter\nx_total 1\n# EOF\n".to_string()
+            }))
+            .unwrap();
+
+        let scraped = get(addr, "/metrics");
+        assert!(scraped.starts_with("HTTP/1.1 200 OK\r\n"), "{scraped}");
+        assert!(
+            scraped.contains(&format!("content-type: {CONTENT_TYPE}\r\n")),
+            "{scraped}"
+        );
+        assert!(
+            scraped.ends_with("\r\n\r\n# TYPE x counter\nx_total 1\n# EOF\n"),
+            "{scraped}"
+        );
+        assert!(get(addr, "/metrics?name=x").starts_with("HTTP/1.1 200 OK\r\n"));
+
+        for answer in [
+            get(addr, "/"),
+            get(addr, "/metrics/x"),
+            ask(
+                addr,
+                "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            ),
+        ] {
+            assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
+            assert!(
+                answer.ends_with("\r\n\r\nmetrics are at GET /metrics\n"),
+                "{answer}"
+            );
+        }
+        // Neither garbage nor a client that leaves mid-request stops it.
+        let garbage = ask(addr, "\x16\x03\x01 not http\r\n\r\n");
+        assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+        drop(std::net::TcpStream::connect(addr).unwrap());
+        let mut half = std::net::TcpStream::connect(addr).unwrap();
+        half.write_all(b"GET /met").unwrap();
+        drop(half);
+        assert!(get(addr, "/metrics").starts_with("HTTP/1.1 200 OK\r\n"));
+    }
 }
