@@ -1,12 +1,21 @@
-//! Prometheus metrics of every role, in the text exposition format, served
-//! on `--metrics ADDR` at `/metrics`.
+//! What every role's Prometheus metrics are made of, and the server that
+//! exposes them on `--metrics ADDR` at `GET /metrics`.
 //!
-//! One process-wide set of counters ([`metrics()`]); each role serves the
-//! families it fills ([`Role`]). Byte counters grow as bytes are read
-//! ([`Counted`]).
+//! Each role owns its metrics, made when it starts and handed (as an `Arc`)
+//! to what counts: `relay::metrics::RelayMetrics`,
+//! `agent::metrics::AgentMetrics`, `appliance::metrics::ApplianceMetrics`.
+//! This module holds what they share: the label sets of hybrid connections
+//! and directions, the control channel's counters ([`ControlCounters`], also
+//! given to a [`Sender`](crate::sender::Sender)), a gauge held while a
+//! stream lives ([`ActiveGuard`]), byte counters that grow as bytes are read
+//! ([`Counted`]), and [`serve`].
+//!
+//! Label values are enums deriving `EncodeLabelValue`, which writes a
+//! variant's name as it is: the variants are spelled as the exported values
+//! (hence `non_camel_case_types`), so a typo cannot make a new series.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::http::{StatusCode, header};
@@ -14,16 +23,25 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+
+/// The content type of the Prometheus text format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// A hybrid connection.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HcLabel {
     /// Its name.
     pub hc: String,
+}
+
+impl HcLabel {
+    /// The label of `hc`.
+    pub fn new(hc: &str) -> HcLabel {
+        HcLabel { hc: hc.to_string() }
+    }
 }
 
 /// Which way bytes went, seen from the side that counts them.
@@ -45,233 +63,42 @@ pub struct HcDirection {
     pub direction: Direction,
 }
 
-/// A hybrid connection and why something was refused.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HcReason {
-    /// The hybrid connection.
-    pub hc: String,
-    /// Why (a short word: refused, unreachable, timeout, not_allowed, ...).
-    pub reason: String,
-}
-
-/// Why a relay session or request was turned away.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    /// Why.
-    pub reason: String,
-}
-
-/// What a DNS query got.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AnswerLabel {
-    /// `local`, `forwarded`, `failed` or `rejected`.
-    pub answer: String,
-}
-
-/// Every counter of the process.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Streams opened to a target (agent) or flows carried (appliance).
-    pub streams_opened: Family<HcLabel, Counter>,
-    /// Streams or flows refused, by reason.
-    pub streams_refused: Family<HcReason, Counter>,
-    /// Streams or flows open now.
-    pub streams_active: Family<HcLabel, Gauge>,
-    /// Bytes of streams or flows, each way.
-    pub bytes: Family<HcDirection, Counter>,
-    /// Control channel reconnects.
+/// What a peer's control channel counts: reconnects and renewed tokens.
+/// Clones count into the same counters, so a role hands one to each control
+/// channel (or [`Sender`](crate::sender::Sender)) it starts and registers
+/// it once.
+#[derive(Clone, Debug, Default)]
+pub struct ControlCounters {
+    /// Times the control channel was lost (each is followed by a reconnect).
     pub reconnects: Counter,
-    /// Tokens renewed.
+    /// Tokens the relay accepted as renewals.
     pub token_renewals: Counter,
-    /// Relay: agents attached per hybrid connection (set at scrape;
-    /// exported as `listeners`, the name dashboards know).
-    pub agents: Family<HcLabel, Gauge>,
-    /// Relay: senders attached per hybrid connection (set at scrape).
-    pub senders: Family<HcLabel, Gauge>,
-    /// Relay: hybrid connections in the registry (set at scrape).
-    pub hybrid_connections: Gauge,
-    /// Relay: pipes spliced.
-    pub pipes: Counter,
-    /// Relay: pipes open now.
-    pub pipes_active: Gauge,
-    /// Relay: bytes through pipes (sender → agent and back).
-    pub pipe_bytes: Family<ReasonLabel, Counter>,
-    /// Relay: connections, sessions or attachments refused, by reason
-    /// (`unauthorized`, `unknown_hc`, `quota`, `unauthenticated_cap`, ...).
-    pub refused: Family<ReasonLabel, Counter>,
-    /// Appliance: DNS queries by what they got.
-    pub dns_queries: Family<AnswerLabel, Counter>,
 }
 
-/// The content type of the Prometheus text format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// The process's metrics.
-pub fn metrics() -> &'static Metrics {
-    static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(Metrics::default)
-}
-
-/// Which families a process serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// `relay serve`.
-    Relay,
-    /// `agent run`.
-    Agent,
-    /// `appliance run`.
-    Appliance,
-}
-
-impl Role {
-    fn prefix(self) -> &'static str {
-        match self {
-            Role::Relay => "hybridlink_relay",
-            Role::Agent => "hybridlink_agent",
-            Role::Appliance => "hybridlink_appliance",
-        }
-    }
-}
-
-/// The metrics of `role` in the Prometheus text format.
-pub fn render(role: Role) -> String {
-    let m = metrics();
-    let mut registry = Registry::with_prefix(role.prefix());
-    match role {
-        Role::Relay => {
-            registry.register(
-                "hybrid_connections",
-                "Hybrid connections in the registry",
-                m.hybrid_connections.clone(),
-            );
-            registry.register(
-                "listeners",
-                "Agents attached, per hybrid connection",
-                m.agents.clone(),
-            );
-            registry.register(
-                "senders",
-                "Senders attached, per hybrid connection",
-                m.senders.clone(),
-            );
-            registry.register("pipes", "Pipes spliced", m.pipes.clone());
-            registry.register("pipes_active", "Pipes open now", m.pipes_active.clone());
-            registry.register(
-                "pipe_bytes",
-                "Bytes through pipes (reason: sender_to_agent or agent_to_sender)",
-                m.pipe_bytes.clone(),
-            );
-            registry.register(
-                "refused",
-                "Connections, sessions and attachments refused, by reason",
-                m.refused.clone(),
-            );
-            registry.register(
-                "token_renewals",
-                "Tokens renewed by peers",
-                m.token_renewals.clone(),
-            );
-        }
-        Role::Agent => {
-            registry.register(
-                "streams_opened",
-                "Streams dialed to their target",
-                m.streams_opened.clone(),
-            );
-            registry.register(
-                "streams_refused",
-                "Streams refused, by reason (dial failures included)",
-                m.streams_refused.clone(),
-            );
-            registry.register(
-                "streams_active",
-                "Streams open now",
-                m.streams_active.clone(),
-            );
-            registry.register("bytes", "Bytes of streams, each way", m.bytes.clone());
-            registry.register(
-                "reconnects",
-                "Control channel reconnects",
-                m.reconnects.clone(),
-            );
-            registry.register(
-                "token_renewals",
-                "Listen tokens renewed",
-                m.token_renewals.clone(),
-            );
-        }
-        Role::Appliance => {
-            registry.register(
-                "flows_opened",
-                "App connections carried to their target",
-                m.streams_opened.clone(),
-            );
-            registry.register(
-                "flows_refused",
-                "App connections refused, by reason",
-                m.streams_refused.clone(),
-            );
-            registry.register(
-                "flows_active",
-                "App connections open now",
-                m.streams_active.clone(),
-            );
-            registry.register(
-                "bytes",
-                "Bytes of app connections, each way",
-                m.bytes.clone(),
-            );
-            registry.register(
-                "dns_queries",
-                "DNS queries, by answer",
-                m.dns_queries.clone(),
-            );
-            registry.register(
-                "reconnects",
-                "Control channel reconnects",
-                m.reconnects.clone(),
-            );
-            registry.register(
-                "token_renewals",
-                "Send tokens renewed",
-                m.token_renewals.clone(),
-            );
-        }
-    }
-    let mut out = String::new();
-    // Writing into a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-    out
-}
-
-/// Counts a stream of `hc` as active while it lives.
+/// Holds a gauge one higher while it lives: a stream counted as active.
 #[derive(Debug)]
-pub struct ActiveGuard(HcLabel);
+pub struct ActiveGuard(Gauge);
 
 impl ActiveGuard {
-    /// One more active stream of `hc`.
-    pub fn new(hc: &str) -> ActiveGuard {
-        let label = HcLabel { hc: hc.to_string() };
-        metrics().streams_active.get_or_create(&label).inc();
-        ActiveGuard(label)
+    /// Adds one to `gauge` until the guard drops.
+    pub fn new(gauge: Gauge) -> ActiveGuard {
+        gauge.inc();
+        ActiveGuard(gauge)
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        metrics().streams_active.get_or_create(&self.0).dec();
+        self.0.dec();
     }
 }
 
-/// The byte counter of `hc` in `direction`.
-pub fn bytes_counter(hc: &str, direction: Direction) -> Counter {
-    metrics()
-        .bytes
-        .get_or_create(&HcDirection {
-            hc: hc.to_string(),
-            direction,
-        })
-        .clone()
+/// `registry` in the Prometheus text format.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
 }
 
 /// A stream whose reads are counted as they happen (so a connection that
@@ -338,17 +165,6 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
-}
-
-/// Counts a refusal of `hc` for `reason`.
-pub fn count_refused(hc: &str, reason: &str) {
-    metrics()
-        .streams_refused
-        .get_or_create(&HcReason {
-            hc: hc.to_string(),
-            reason: reason.to_string(),
-        })
-        .inc();
 }
 
 /// Serves `GET /metrics` on `addr` with what `render` returns, and a 404

@@ -7,8 +7,8 @@
 //! reads the clocks, draws tickets, and delivers what the state decides:
 //! messages go to each session's bounded [`Outbox`] (a session too slow to
 //! drain it is closed and its peer reconnects, never sent a partial
-//! history), refusals to the metrics. The two TCP connections of a pipe
-//! meet in [`rendezvous`].
+//! history), refusals and renewals to the relay's [`RelayMetrics`]. The two
+//! TCP connections of a pipe meet in [`rendezvous`].
 
 pub mod rendezvous;
 pub mod state;
@@ -26,6 +26,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
 use rendezvous::Rendezvous;
 pub use state::{
@@ -93,13 +94,17 @@ pub enum PipeMeeting {
     Handed,
 }
 
-/// One spliced pipe, counted against `--max-pipes` while it lives.
+/// One spliced pipe, counted against `--max-pipes` and in the metrics'
+/// open pipes while it lives.
 #[derive(Debug)]
-pub struct PipeGuard(Arc<Inner>);
+pub struct PipeGuard {
+    inner: Arc<Inner>,
+    _open: transport::metrics::ActiveGuard,
+}
 
 impl Drop for PipeGuard {
     fn drop(&mut self) {
-        self.0.active_pipes.fetch_sub(1, Ordering::Relaxed);
+        self.inner.active_pipes.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -118,6 +123,7 @@ struct Inner {
     /// Pipes (sender-agent pairs, each carrying any number of streams)
     /// spliced now.
     active_pipes: AtomicUsize,
+    metrics: Arc<RelayMetrics>,
 }
 
 #[derive(Debug)]
@@ -129,7 +135,7 @@ struct Shared {
 
 impl Shared {
     /// Carries out what the state decided.
-    fn deliver(&mut self) {
+    fn deliver(&mut self, metrics: &RelayMetrics) {
         while let Some(output) = self.state.poll_output() {
             match output {
                 Output::Send(id, msg) => {
@@ -137,10 +143,8 @@ impl Shared {
                         outbox.send(msg);
                     }
                 }
-                Output::Refused(reason) => count_refused(reason),
-                Output::Renewed => {
-                    transport::metrics::metrics().token_renewals.inc();
-                }
+                Output::Refused(reason) => metrics.refused(reason),
+                Output::Renewed => metrics.token_renewed(),
             }
         }
     }
@@ -166,8 +170,8 @@ fn unix_now() -> u64 {
 }
 
 impl Hub {
-    /// A hub over `registry`.
-    pub fn new(registry: Registry) -> Hub {
+    /// A hub over `registry`, counting into `metrics`.
+    pub fn new(registry: Registry, metrics: Arc<RelayMetrics>) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 registry,
@@ -179,6 +183,7 @@ impl Hub {
                 next_session: AtomicU64::new(1),
                 active_pipes: AtomicUsize::new(0),
                 rng: SystemRandom::new(),
+                metrics,
             }),
         }
     }
@@ -186,6 +191,20 @@ impl Hub {
     /// The registry this hub checks tokens against.
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
+    }
+
+    /// The relay's metrics, which the hub and the relay port count into.
+    pub fn metrics(&self) -> &RelayMetrics {
+        &self.inner.metrics
+    }
+
+    /// The relay's metrics in the Prometheus text format, with the number
+    /// of hybrid connections and of the agents and senders attached to each
+    /// read now.
+    pub fn render_metrics(&self) -> String {
+        let metrics = &self.inner.metrics;
+        metrics.set_attachments(self.registry().list().len(), &self.attachment_counts());
+        metrics.render()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -198,7 +217,7 @@ impl Hub {
     fn with_state<T>(&self, f: impl FnOnce(&mut HubState) -> T) -> T {
         let mut shared = self.lock();
         let out = f(&mut shared.state);
-        shared.deliver();
+        shared.deliver(&self.inner.metrics);
         out
     }
 
@@ -230,7 +249,7 @@ impl Hub {
     pub fn unregister(&self, id: SessionId) {
         let mut shared = self.lock();
         shared.state.unregister(id);
-        shared.deliver();
+        shared.deliver(&self.inner.metrics);
         shared.outboxes.remove(&id);
     }
 
@@ -338,10 +357,14 @@ impl Hub {
         self.lock().state.quotas().max_token_lifetime
     }
 
-    /// Counts a spliced pipe until the guard drops.
+    /// Counts a spliced pipe (against the quota and in the metrics) until
+    /// the guard drops.
     pub fn pipe_guard(&self) -> PipeGuard {
         self.inner.active_pipes.fetch_add(1, Ordering::Relaxed);
-        PipeGuard(self.inner.clone())
+        PipeGuard {
+            inner: self.inner.clone(),
+            _open: self.inner.metrics.pipe_spliced(),
+        }
     }
 
     /// Records an agent's stream counters for a hybrid connection it is
@@ -372,16 +395,6 @@ impl Hub {
     }
 }
 
-/// Counts a refusal in `refused{reason}` of the relay's metrics.
-pub(crate) fn count_refused(reason: &str) {
-    transport::metrics::metrics()
-        .refused
-        .get_or_create(&transport::metrics::ReasonLabel {
-            reason: reason.to_string(),
-        })
-        .inc();
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -398,7 +411,7 @@ mod tests {
         registry
             .create(name.parse().unwrap(), "10.0.0.1:5432".parse().unwrap())
             .unwrap();
-        (Hub::new(registry), dir)
+        (Hub::new(registry, Arc::default()), dir)
     }
 
     /// Attaches as a sender with a token signed by `key` for `hc`;

@@ -21,6 +21,7 @@ use proto::name::HcName;
 use proto::sas;
 use tracing::{info, warn};
 
+use crate::metrics::RefusedReason;
 use crate::registry::HcRecord;
 
 /// The relay's id of a control session.
@@ -41,7 +42,7 @@ pub enum Output {
     /// Queue this message for this session.
     Send(SessionId, RelayMessage),
     /// Count a refusal under this reason (`refused{reason}`).
-    Refused(&'static str),
+    Refused(RefusedReason),
     /// Count a renewed token.
     Renewed,
 }
@@ -343,9 +344,12 @@ impl HubState {
                 };
                 // The relay's own log and metrics keep the precise reason.
                 let (why, counted) = match (record, regenerated) {
-                    (None, _) => ("no such hybrid connection".to_string(), "unknown_hc"),
-                    (Some(_), Some(_)) => (message.clone(), "key_regenerated"),
-                    (Some(_), None) => (e.to_string(), "unauthorized"),
+                    (None, _) => (
+                        "no such hybrid connection".to_string(),
+                        RefusedReason::unknown_hc,
+                    ),
+                    (Some(_), Some(_)) => (message.clone(), RefusedReason::key_regenerated),
+                    (Some(_), None) => (e.to_string(), RefusedReason::unauthorized),
                 };
                 warn!(session = id, %hc, error = %why, "token rejected");
                 self.out.push_back(Output::Refused(counted));
@@ -379,7 +383,7 @@ impl HubState {
             .get(&id)
             .is_some_and(|s| s.attached.contains_key(&hc));
         if role == PeerRole::Agent && !already && self.agent_ids(&hc).len() >= max {
-            self.out.push_back(Output::Refused("quota"));
+            self.out.push_back(Output::Refused(RefusedReason::quota));
             self.send(
                 id,
                 RelayMessage::Detached {
@@ -513,13 +517,13 @@ impl HubState {
                 "agent {agent} serves none of your hybrid connections (it may have just left)"
             ))
         } else if s.pending_tickets >= self.quotas.max_pending_per_session {
-            self.out.push_back(Output::Refused("quota"));
+            self.out.push_back(Output::Refused(RefusedReason::quota));
             Some(format!(
                 "{} pipe requests of this session are already waiting for their ends; wait for them",
                 self.quotas.max_pending_per_session
             ))
         } else if active_pipes + self.tickets.len() >= self.quotas.max_pipes {
-            self.out.push_back(Output::Refused("quota"));
+            self.out.push_back(Output::Refused(RefusedReason::quota));
             Some(format!(
                 "this relay is at its limit of {} concurrent pipes (relay serve --max-pipes); try again later",
                 self.quotas.max_pipes

@@ -27,7 +27,7 @@ struct Bench {
     unix: u64,
     record: HcRecord,
     sent: Vec<(SessionId, RelayMessage)>,
-    refused: Vec<&'static str>,
+    refused: Vec<RefusedReason>,
     renewed: usize,
 }
 
@@ -432,7 +432,13 @@ fn quotas_on_pipes_per_session_relay_wide_and_agents() {
     b.hub
         .request_pipe(11, 0, 2, Some(Ticket([0x50; 16])), 1, b.now);
     assert_eq!(failed(&b.to(11)), 1);
-    assert_eq!(b.refused.iter().filter(|r| **r == "quota").count(), 4);
+    assert_eq!(
+        b.refused
+            .iter()
+            .filter(|r| **r == RefusedReason::quota)
+            .count(),
+        4
+    );
 }
 
 #[test]
@@ -490,7 +496,10 @@ fn unknown_names_and_wrong_keys_get_one_answer() {
     let wrong_key = answer(&mut b, 1, "payroll", Some(&record));
     let unknown = answer(&mut b, 2, "bonuses", None);
     assert_eq!(wrong_key, unknown);
-    assert_eq!(b.refused, ["unauthorized", "unknown_hc"]);
+    assert_eq!(
+        b.refused,
+        [RefusedReason::unauthorized, RefusedReason::unknown_hc]
+    );
 }
 
 #[test]
