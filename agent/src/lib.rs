@@ -8,6 +8,7 @@
 
 pub mod control_socket;
 pub mod dial;
+pub mod metrics;
 pub mod policy;
 pub mod reload;
 pub mod serve;
@@ -30,6 +31,7 @@ use transport::control::{self, ControlClientError, ControlConfig, ControlEvent, 
 use transport::mux::MuxConfig;
 use transport::tls::DataIdentity;
 
+pub use metrics::AgentMetrics;
 pub use policy::Policy;
 pub use status::{AgentHcStatus, EndToEnd, HcState};
 
@@ -193,6 +195,7 @@ struct AgentInner {
     current: Mutex<Generation>,
     /// Streams being served, over all generations.
     active: Arc<AtomicUsize>,
+    metrics: Arc<AgentMetrics>,
 }
 
 /// One set of control channels and what they learned.
@@ -251,6 +254,7 @@ impl Agent {
         check_strings(&options.connection_strings)?;
         let identity = DataIdentity::generate().map_err(ControlClientError::from)?;
         let active = Arc::new(AtomicUsize::new(0));
+        let metrics = Arc::new(AgentMetrics::new());
         let policy = Arc::new(PolicyCell::new(options.policy.clone()));
         info!(policy = %options.policy.describe(), "on-prem policy");
         let generation = spawn_generation(
@@ -259,6 +263,7 @@ impl Agent {
             &policy,
             options.connection_strings.clone(),
             &active,
+            &metrics,
         )?;
         Ok(Agent {
             inner: Arc::new(AgentInner {
@@ -267,8 +272,14 @@ impl Agent {
                 policy,
                 current: Mutex::new(generation),
                 active,
+                metrics,
             }),
         })
+    }
+
+    /// What this agent counts, for `--metrics`.
+    pub fn metrics(&self) -> Arc<AgentMetrics> {
+        self.inner.metrics.clone()
     }
 
     /// Serves `strings` instead of the current ones without dropping a
@@ -287,6 +298,7 @@ impl Agent {
             &self.inner.policy,
             strings,
             &self.inner.active,
+            &self.inner.metrics,
         )?;
         let deadline = tokio::time::Instant::now() + RELOAD_ATTACH_WAIT;
         while tokio::time::Instant::now() < deadline {
@@ -404,6 +416,7 @@ fn spawn_generation(
     policy: &Arc<PolicyCell>,
     strings: Vec<ConnectionString>,
     active: &Arc<AtomicUsize>,
+    metrics: &Arc<AgentMetrics>,
 ) -> Result<Generation, AgentError> {
     let mut shared = Shared::default();
     let shares = Arc::new(shares::Shares::new(options.shares));
@@ -441,6 +454,7 @@ fn spawn_generation(
             policy: policy.clone(),
             active: active.clone(),
             shares: shares.clone(),
+            metrics: metrics.clone(),
         };
         tasks.push(tokio::spawn(run_relay(ctx, handle, events)));
     }
@@ -479,7 +493,7 @@ async fn run_relay(
         match event {
             ControlEvent::Connected => {}
             ControlEvent::Disconnected(reason) => {
-                transport::metrics::metrics().reconnects.inc();
+                ctx.metrics.control().reconnects.inc();
                 let mut shared = lock(&ctx.shared);
                 shared.grants.retain(|(relay, _), _| *relay != ctx.relay);
                 for s in shared.hcs.values_mut() {
@@ -497,7 +511,6 @@ const STATS_INTERVAL: Duration = Duration::from_secs(2);
 /// Sends the stream counters of every hybrid connection attached on this
 /// relay (the relay's status shows them).
 fn report_stats(ctx: &serve::Context, control: &control::ControlHandle) {
-    use transport::metrics::{Direction, HcLabel, bytes_counter, metrics};
     let connected: Vec<(HcName, u64, bool, Option<String>)> = lock(&ctx.shared)
         .hcs
         .iter()
@@ -512,14 +525,7 @@ fn report_stats(ctx: &serve::Context, control: &control::ControlHandle) {
         })
         .collect();
     for (hc, refused, end_to_end, policy_refusal) in connected {
-        let label = HcLabel { hc: hc.to_string() };
-        let stats = proto::control::StreamStats {
-            open: u64::try_from(metrics().streams_active.get_or_create(&label).get()).unwrap_or(0),
-            opened: metrics().streams_opened.get_or_create(&label).get(),
-            refused,
-            bytes_to_target: bytes_counter(hc.as_str(), Direction::to_target).get(),
-            bytes_from_target: bytes_counter(hc.as_str(), Direction::from_target).get(),
-        };
+        let stats = ctx.metrics.stream_stats(&hc, refused);
         control.send(proto::control::PeerMessage::Stats {
             hc,
             stats,
@@ -544,7 +550,7 @@ fn handle_message(ctx: &serve::Context, msg: RelayMessage) {
             }
         }
         RelayMessage::Renewed { hc, .. } => {
-            transport::metrics::metrics().token_renewals.inc();
+            ctx.metrics.control().token_renewals.inc();
             tracing::debug!(%hc, "token renewed");
         }
         RelayMessage::Detached {
@@ -607,7 +613,8 @@ fn handle_message(ctx: &serve::Context, msg: RelayMessage) {
                     tokio::spawn(async move { serve::serve_pipe(ctx, ticket, peer, share).await });
                 }
                 Err(full) => {
-                    transport::metrics::count_refused(full.label(), "pipe_setups");
+                    ctx.metrics
+                        .refused(full.label(), metrics::StreamRefusedReason::pipe_setups);
                     debug!(sender = %peer, account = ?full, "pipe offer ignored: at the cap of pipe set-ups in progress");
                 }
             }

@@ -11,11 +11,13 @@ use proto::control::{
 use proto::e2e::{self, ChannelBinding, ProofRole};
 use tracing::{Instrument, debug, info, info_span, warn};
 use transport::control::RelayAddr;
+use transport::metrics::Direction;
 use transport::mux::PendingStream;
 use transport::pipe;
 use transport::tls::DataIdentity;
 
 use crate::dial::DialError;
+use crate::metrics::AgentMetrics;
 use crate::shares::{Account, Share, Shares};
 use crate::{AgentOptions, PolicyCell, Shared, dial, endpoint_of, lock, record_policy};
 
@@ -35,6 +37,8 @@ pub(crate) struct Context {
     pub active: Arc<AtomicUsize>,
     /// Each tenant's share of pipe set-ups and dials.
     pub shares: Arc<Shares>,
+    /// What the agent counts.
+    pub metrics: Arc<AgentMetrics>,
 }
 
 /// Counts a stream as active while it lives.
@@ -92,12 +96,14 @@ pub(crate) async fn serve_pipe(ctx: Context, ticket: Ticket, peer: Fingerprint, 
     .await
 }
 
-fn refuse_counted(hc: &str, pending: PendingStream, code: RefusalCode, message: String) {
-    let reason = serde_json::to_value(code)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "other".into());
-    transport::metrics::count_refused(hc, &reason);
+fn refuse_counted(
+    ctx: &Context,
+    hc: &str,
+    pending: PendingStream,
+    code: RefusalCode,
+    message: String,
+) {
+    ctx.metrics.refused(hc, code.into());
     refuse(pending, code, message);
 }
 
@@ -147,6 +153,7 @@ async fn serve_stream(
         let Some(endpoint) = endpoint else {
             warn!("stream for a hybrid connection this agent does not serve");
             refuse_counted(
+                &ctx,
                 hc.as_str(),
                 pending,
                 RefusalCode::UnknownHc,
@@ -157,6 +164,7 @@ async fn serve_stream(
         if !allowed {
             warn!("sender is not allowed on this hybrid connection");
             refuse_counted(
+                &ctx,
                 hc.as_str(),
                 pending,
                 RefusalCode::NotAllowed,
@@ -176,7 +184,13 @@ async fn serve_stream(
             )
         {
             warn!(error = %e, "stream refused by the end-to-end check");
-            refuse_counted(hc.as_str(), pending, RefusalCode::EndToEnd, e.to_string());
+            refuse_counted(
+                &ctx,
+                hc.as_str(),
+                pending,
+                RefusalCode::EndToEnd,
+                e.to_string(),
+            );
             return;
         }
         // Watch before reading, so a policy replaced in between is still
@@ -205,7 +219,9 @@ async fn serve_stream(
                     }
                 );
                 warn!(%message, "stream refused: too many dials in progress");
-                refuse_counted(hc.as_str(), pending, RefusalCode::Refused, message);
+                ctx.metrics
+                    .refused(hc.as_str(), crate::metrics::StreamRefusedReason::dials);
+                refuse(pending, RefusalCode::Refused, message);
                 return;
             }
         };
@@ -232,18 +248,12 @@ async fn serve_stream(
                 } else {
                     info!(%endpoint, reason = %refusal.message, "dial failed");
                 }
-                refuse_counted(hc.as_str(), pending, refusal.code, refusal.message);
+                refuse_counted(&ctx, hc.as_str(), pending, refusal.code, refusal.message);
                 return;
             }
         };
         debug!(%endpoint, %addr, "dialed");
-        let metrics = transport::metrics::metrics();
-        metrics
-            .streams_opened
-            .get_or_create(&transport::metrics::HcLabel { hc: hc.to_string() })
-            .inc();
-        let _counted = transport::metrics::ActiveGuard::new(hc.as_str());
-        use transport::metrics::{Counted, Direction, bytes_counter};
+        let _counted = ctx.metrics.stream_opened(hc.as_str());
         let accept = match &key {
             Some(key) => {
                 let body = StreamAccept {
@@ -255,11 +265,9 @@ async fn serve_stream(
             }
             None => Bytes::new(),
         };
-        let mut stream = Counted::new(
-            pending.accept(accept),
-            bytes_counter(hc.as_str(), Direction::to_target),
-        );
-        let mut target = Counted::new(target, bytes_counter(hc.as_str(), Direction::from_target));
+        let metrics = &ctx.metrics;
+        let mut stream = metrics.counted(pending.accept(accept), hc.as_str(), Direction::to_target);
+        let mut target = metrics.counted(target, hc.as_str(), Direction::from_target);
         let copy = tokio::io::copy_bidirectional_with_sizes(
             &mut stream,
             &mut target,

@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use netstack::{IncomingFlow, IncomingFlows};
 use tracing::{Instrument, debug, info, info_span, warn};
+use transport::metrics::Direction;
 use transport::sender::Sender;
 
+use crate::metrics::{ApplianceMetrics, FlowRefusedReason};
 use crate::table::FlowTable;
 
 /// Copy buffer per direction between an app flow and its stream.
@@ -35,8 +37,12 @@ pub struct Dispatch {
     pub sender: Sender,
 }
 
-/// Accepts flows until the netstack stops.
-pub async fn serve(mut flows: IncomingFlows, dispatch: Arc<RwLock<Dispatch>>) {
+/// Accepts flows until the netstack stops, counting them in `metrics`.
+pub async fn serve(
+    mut flows: IncomingFlows,
+    dispatch: Arc<RwLock<Dispatch>>,
+    metrics: Arc<ApplianceMetrics>,
+) {
     let mut next_id = 0u64;
     while let Some(flow) = flows.next().await {
         next_id += 1;
@@ -52,42 +58,44 @@ pub async fn serve(mut flows: IncomingFlows, dispatch: Arc<RwLock<Dispatch>>) {
         };
         let Some((hc, sender)) = found else {
             debug!(src = %flow.src(), dst = %flow.dst(), "no hybrid connection for this address and port; refused");
-            transport::metrics::count_refused("", "no_hybrid_connection");
+            metrics.refused("", FlowRefusedReason::no_hybrid_connection);
             flow.refuse();
             continue;
         };
         let span = info_span!("flow", %hc, id = next_id, src = %flow.src(), dst = %flow.dst());
+        let metrics = metrics.clone();
         tokio::spawn(
             async move {
-                serve_flow(flow, sender, hc).await;
+                serve_flow(flow, sender, hc, &metrics).await;
             }
             .instrument(span),
         );
     }
 }
 
-async fn serve_flow(flow: IncomingFlow, sender: Sender, hc: proto::name::HcName) {
+async fn serve_flow(
+    flow: IncomingFlow,
+    sender: Sender,
+    hc: proto::name::HcName,
+    metrics: &ApplianceMetrics,
+) {
     let opened = tokio::time::timeout(OPEN_TIMEOUT, sender.open(&hc)).await;
     let stream = match opened {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             info!(reason = %e, "refusing the app's connection");
-            transport::metrics::count_refused(hc.as_str(), "refused");
+            metrics.refused(hc.as_str(), FlowRefusedReason::refused);
             flow.refuse();
             return;
         }
         Err(_) => {
             warn!("no answer from the agent in time; refusing the app's connection");
-            transport::metrics::count_refused(hc.as_str(), "timeout");
+            metrics.refused(hc.as_str(), FlowRefusedReason::timeout);
             flow.refuse();
             return;
         }
     };
-    transport::metrics::metrics()
-        .streams_opened
-        .get_or_create(&transport::metrics::HcLabel { hc: hc.to_string() })
-        .inc();
-    let _counted = transport::metrics::ActiveGuard::new(hc.as_str());
+    let _counted = metrics.flow_opened(hc.as_str());
     let app = match flow.accept().await {
         Ok(app) => app,
         Err(e) => {
@@ -95,9 +103,8 @@ async fn serve_flow(flow: IncomingFlow, sender: Sender, hc: proto::name::HcName)
             return;
         }
     };
-    use transport::metrics::{Counted, Direction, bytes_counter};
-    let mut app = Counted::new(app, bytes_counter(hc.as_str(), Direction::to_target));
-    let mut stream = Counted::new(stream, bytes_counter(hc.as_str(), Direction::from_target));
+    let mut app = metrics.counted(app, hc.as_str(), Direction::to_target);
+    let mut stream = metrics.counted(stream, hc.as_str(), Direction::from_target);
     match tokio::io::copy_bidirectional_with_sizes(&mut app, &mut stream, COPY_BUFFER, COPY_BUFFER)
         .await
     {

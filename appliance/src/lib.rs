@@ -10,6 +10,7 @@ pub mod config;
 pub mod dns;
 pub mod flows;
 pub mod gate;
+pub mod metrics;
 pub mod names;
 pub mod never_route;
 pub mod resolv;

@@ -18,6 +18,7 @@ use crate::config::ApplianceConfig;
 use crate::dns::{DnsConfig, DnsServer};
 use crate::flows::{self, Dispatch};
 use crate::gate::{Decisions, Gate, HcState};
+use crate::metrics::ApplianceMetrics;
 use crate::names::NameMap;
 use crate::never_route::{self, HostAddress, NeverRoute};
 use crate::resolv::parse_resolv_conf;
@@ -80,9 +81,12 @@ const HOST_ADDRESS_POLL: Duration = Duration::from_secs(10);
 /// for new flows, while flows already open keep theirs, so streams of
 /// unchanged hybrid connections are never cut. The range, tun and DNS
 /// address are fixed for the life of the process.
+///
+/// Flows, DNS queries and the relay clients count into `metrics`.
 pub async fn run(
     config: ApplianceConfig,
     reload_from: Option<PathBuf>,
+    metrics: Arc<ApplianceMetrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ApplianceError> {
     std::fs::create_dir_all(&config.state_dir).map_err(|source| ApplianceError::StateDir {
@@ -118,7 +122,11 @@ pub async fn run(
     let never = relay_never_route(&config.connection_strings, &upstreams, host.clone()).await;
     let mut gate = Gate::new(config.allow.clone(), never);
 
-    let sender = Sender::start(config.connection_strings.clone(), sender_options())?;
+    let sender_options = SenderOptions {
+        counters: metrics.control().clone(),
+        ..sender_options()
+    };
+    let sender = Sender::start(config.connection_strings.clone(), sender_options.clone())?;
     let endpoints = wait_for_endpoints(&sender).await;
     let decisions = gate.decide(&endpoints);
     log_decisions(&decisions);
@@ -142,6 +150,7 @@ pub async fn run(
     // Forward other names to whatever the namespace used before us.
     let mut dns_config = DnsConfig::new(config.dns_listen, original.upstreams());
     dns_config.search = original.search.clone();
+    dns_config.counters = metrics.dns().clone();
     let served = served_names(&names, &table);
     let dns = DnsServer::start(dns_config, served.clone()).await?;
     let mut resolv_guard = resolv::point_at(&resolv_paths, config.dns_listen.ip())?;
@@ -167,7 +176,7 @@ pub async fn run(
         names: names.iter().map(|(n, ip)| (ip, n.to_string())).collect(),
         sender: sender.clone(),
     }));
-    let flow_task = tokio::spawn(flows::serve(flow_rx, dispatch.clone()));
+    let flow_task = tokio::spawn(flows::serve(flow_rx, dispatch.clone(), metrics));
     for (name, ip) in served {
         info!(%name, %ip, "name mapped");
     }
@@ -227,7 +236,7 @@ pub async fn run(
                         hcs = new.connection_strings.len(),
                         "reloading: new connection strings; open flows keep theirs"
                     );
-                    match Sender::start(new.connection_strings.clone(), sender_options()) {
+                    match Sender::start(new.connection_strings.clone(), sender_options.clone()) {
                         Ok(fresh) => {
                             sender = fresh;
                             strings = new.connection_strings.clone();

@@ -341,11 +341,10 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             }
             let agent = agent::Agent::start(options)?;
             if let Some(addr) = metrics {
-                let bound = transport::metrics::serve(addr, || {
-                    transport::metrics::render(transport::metrics::Role::Agent)
-                })
-                .await
-                .with_context(|| format!("serving metrics on {addr}"))?;
+                let metrics = agent.metrics();
+                let bound = transport::metrics::serve(addr, move || metrics.render())
+                    .await
+                    .with_context(|| format!("serving metrics on {addr}"))?;
                 tracing::info!(%bound, "metrics at http://{bound}/metrics");
             }
             let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);

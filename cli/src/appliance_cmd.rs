@@ -234,17 +234,22 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
     if !allow.is_empty() {
         config.allow = Some(AllowList::new(allow));
     }
+    let counted = std::sync::Arc::new(appliance::metrics::ApplianceMetrics::new());
     if let Some(addr) = metrics {
-        let bound = transport::metrics::serve(addr, || {
-            transport::metrics::render(transport::metrics::Role::Appliance)
-        })
-        .await
-        .with_context(|| format!("serving metrics on {addr}"))?;
+        let counted = counted.clone();
+        let bound = transport::metrics::serve(addr, move || counted.render())
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
         tracing::info!(%bound, "metrics at http://{bound}/metrics");
     }
-    appliance::service::run(config_from_file, config_path, crate::shutdown_signal())
-        .await
-        .context("appliance")?;
+    appliance::service::run(
+        config_from_file,
+        config_path,
+        counted,
+        crate::shutdown_signal(),
+    )
+    .await
+    .context("appliance")?;
     tracing::info!("appliance stopped; the namespace is as it was");
     Ok(())
 }

@@ -207,20 +207,9 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             });
             if let Some(addr) = metrics {
                 let hub = relay.hub.clone();
-                let bound = transport::metrics::serve(addr, move || {
-                    let m = transport::metrics::metrics();
-                    m.hybrid_connections.set(hub.registry().list().len() as i64);
-                    m.agents.clear();
-                    m.senders.clear();
-                    for (hc, agents, senders) in hub.attachment_counts() {
-                        let label = transport::metrics::HcLabel { hc: hc.to_string() };
-                        m.agents.get_or_create(&label).set(agents as i64);
-                        m.senders.get_or_create(&label).set(senders as i64);
-                    }
-                    transport::metrics::render(transport::metrics::Role::Relay)
-                })
-                .await
-                .with_context(|| format!("serving metrics on {addr}"))?;
+                let bound = transport::metrics::serve(addr, move || hub.render_metrics())
+                    .await
+                    .with_context(|| format!("serving metrics on {addr}"))?;
                 ready["metrics"] = bound.to_string().into();
             }
             println!("{ready}");

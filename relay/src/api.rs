@@ -541,7 +541,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let registry = Registry::open(dir.path()).unwrap();
         let state = ApiState {
-            hub: Hub::new(registry.clone()),
+            hub: Hub::new(registry.clone(), Default::default()),
             registry,
             public_host: "relay.example".into(),
             public_port: 9443,

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod hub;
 pub mod identity;
+pub mod metrics;
 pub mod portal;
 pub mod preauth;
 pub mod registry;

@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::metrics::RefusedReason;
+
 /// The caps of [`PreAuthGate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PreAuthLimits {
@@ -35,11 +37,11 @@ pub enum PreAuthRefused {
 }
 
 impl PreAuthRefused {
-    /// A short word for the metric's `reason` label.
-    pub fn reason(self) -> &'static str {
+    /// The reason the metrics count it under.
+    pub fn reason(self) -> RefusedReason {
         match self {
-            PreAuthRefused::Total(_) => "unauthenticated_cap",
-            PreAuthRefused::PerIp(_) => "unauthenticated_per_ip_cap",
+            PreAuthRefused::Total(_) => RefusedReason::unauthenticated_cap,
+            PreAuthRefused::PerIp(_) => RefusedReason::unauthenticated_per_ip_cap,
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -9,6 +10,7 @@ use tracing::info;
 
 use crate::hub::Hub;
 use crate::identity::RelayIdentity;
+use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
 use crate::{api, identity, registry, server};
 
@@ -163,7 +165,7 @@ pub struct RunningRelay {
     pub api: SocketAddr,
     /// SHA-256 of the relay certificate, as in connection strings.
     pub cert_sha256: [u8; 32],
-    /// The live state.
+    /// The live state; its metrics are [`Hub::render_metrics`].
     pub hub: Hub,
     /// The quotas in force: those asked for, fitted to the open-files limit.
     pub limits: Limits,
@@ -217,7 +219,7 @@ impl RelayConfig {
             tracing::warn!("{note}");
         }
         registry.set_max_hcs(limits.max_hcs);
-        let hub = Hub::new(registry.clone());
+        let hub = Hub::new(registry.clone(), Arc::new(RelayMetrics::new()));
         hub.set_max_agents(limits.max_agents_per_hc);
         hub.set_max_pipes(limits.max_pipes, limits.pipes_per_hc());
         hub.set_pipe_requests(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::channel::{HANDSHAKE_TIMEOUT, RelayEvent, RelaySession, Timing};
-use proto::control::{self, PIPE_PREAMBLE_LEN, PeerMessage};
+use proto::control::{self, PIPE_PREAMBLE_LEN, PeerMessage, PipeRole};
 use proto::label::sanitized;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -18,6 +18,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use transport::control::Ended;
 
 use crate::hub::{AgentReport, Hub, Inbox, Outbox, PipeMeeting, SESSION_QUEUE, TICKET_TTL};
+use crate::metrics::PipeDirection;
 use crate::preauth::{PreAuthGate, PreAuthSlot};
 
 /// At most one log line per this long about connections refused by the
@@ -52,7 +53,7 @@ pub async fn accept_loop(
             Ok(slot) => slot,
             Err(refused) => {
                 drop(conn);
-                crate::hub::count_refused(refused.reason());
+                hub.metrics().refused(refused.reason());
                 if let Some(unlogged) = refusals.note(std::time::Instant::now()) {
                     warn!(
                         peer = %addr,
@@ -147,29 +148,24 @@ async fn serve_pipe(
             };
             // Byte for byte: the relay never looks inside. Each direction's
             // EOF is passed on as a shutdown, so half-closes survive.
-            let m = transport::metrics::metrics();
-            m.pipes.inc();
-            m.pipes_active.inc();
             // `conn` is this end's connection, `other` the other end's.
             let (from_this, from_other) = match role {
-                proto::control::PipeRole::Sender => ("sender_to_agent", "agent_to_sender"),
-                _ => ("agent_to_sender", "sender_to_agent"),
-            };
-            let counter = |reason: &str| {
-                m.pipe_bytes
-                    .get_or_create(&transport::metrics::ReasonLabel {
-                        reason: reason.into(),
-                    })
-                    .clone()
+                PipeRole::Sender => (
+                    PipeDirection::sender_to_agent,
+                    PipeDirection::agent_to_sender,
+                ),
+                PipeRole::Agent => (
+                    PipeDirection::agent_to_sender,
+                    PipeDirection::sender_to_agent,
+                ),
             };
             let copied = crate::splice::splice_bidirectional(
                 &conn,
                 &other,
-                &counter(from_this),
-                &counter(from_other),
+                &hub.metrics().pipe_bytes(from_this),
+                &hub.metrics().pipe_bytes(from_other),
             )
             .await;
-            m.pipes_active.dec();
             match copied {
                 // `conn` is this end: `a` went from it to the other.
                 Ok((a, b)) => debug!(up = a, down = b, "pipe closed"),

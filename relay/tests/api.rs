@@ -24,7 +24,7 @@ async fn start() -> Api {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::open(dir.path()).unwrap();
     let state = ApiState {
-        hub: relay::hub::Hub::new(registry.clone()),
+        hub: relay::hub::Hub::new(registry.clone(), Default::default()),
         registry: registry.clone(),
         public_host: "relay.example".into(),
         public_port: 9443,

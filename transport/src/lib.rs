@@ -11,7 +11,8 @@
 //!   `forward`.
 //! - [`tls`]: pinned-key TLS configurations and the data identity.
 //! - [`backoff`]: jittered exponential backoff for reconnects.
-//! - [`metrics`]: the Prometheus metrics every role shares.
+//! - [`metrics`]: what every role's Prometheus metrics are made of, and
+//!   their HTTP server.
 //! - [`fd_limit`]: the open-files limit every role raises at start.
 
 pub mod atomic_file;

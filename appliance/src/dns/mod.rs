@@ -69,7 +69,6 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
@@ -84,6 +83,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, trace, warn};
 
+use crate::metrics::{DnsAnswer, DnsCounters};
 use answer::{LocalNames, send_local};
 use forward::{Forwarder, is_self, send_relayed};
 
@@ -123,6 +123,10 @@ pub struct DnsConfig {
     pub forward_timeout: Duration,
     /// The most forwarded queries in flight at once; more get SERVFAIL.
     pub max_inflight_forwards: usize,
+    /// Where the server counts what each query got: the appliance's
+    /// metrics, or by default counters of its own. A clone of this
+    /// configuration counts into the same ones.
+    pub counters: DnsCounters,
 }
 
 impl DnsConfig {
@@ -137,6 +141,7 @@ impl DnsConfig {
             ttl: DEFAULT_TTL,
             forward_timeout: DEFAULT_FORWARD_TIMEOUT,
             max_inflight_forwards: DEFAULT_MAX_INFLIGHT_FORWARDS,
+            counters: DnsCounters::default(),
         }
     }
 }
@@ -180,7 +185,7 @@ pub enum DnsError {
     Shutdown(String),
 }
 
-/// Counters of what the server did, for metrics.
+/// What the server did, read from its [`DnsCounters`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DnsStats {
     /// Queries for configured names, answered from the map (including the
@@ -199,25 +204,13 @@ pub struct DnsStats {
     pub rejected: u64,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    answered_locally: AtomicU64,
-    forwarded: AtomicU64,
-    failed: AtomicU64,
-    rejected: AtomicU64,
-}
-
-impl Counters {
-    fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn snapshot(&self) -> DnsStats {
+impl DnsStats {
+    fn read(counters: &DnsCounters) -> DnsStats {
         DnsStats {
-            answered_locally: self.answered_locally.load(Ordering::Relaxed),
-            forwarded: self.forwarded.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            rejected: self.rejected.load(Ordering::Relaxed),
+            answered_locally: counters.get(DnsAnswer::local),
+            forwarded: counters.get(DnsAnswer::forwarded),
+            failed: counters.get(DnsAnswer::failed),
+            rejected: counters.get(DnsAnswer::rejected),
         }
     }
 }
@@ -235,7 +228,7 @@ struct Shared {
     forwarder: Forwarder,
     /// Admits at most [`DnsConfig::max_inflight_forwards`] forwards at once.
     forwards: Semaphore,
-    counters: Counters,
+    counters: DnsCounters,
 }
 
 /// The hickory request handler: policy checks, local answers, forwarding.
@@ -259,56 +252,40 @@ impl RequestHandler for Handler {
     ) -> ResponseInfo {
         let shared = &self.shared;
         if !is_allowed(request.src().ip(), &shared.allow) {
-            Counters::bump(&shared.counters.rejected);
-            count_dns("rejected");
+            shared.counters.count(DnsAnswer::rejected);
             debug!(src = %request.src(), "refused a query from outside the allowed networks");
             return send_error(request, response, ResponseCode::Refused).await;
         }
         if request.metadata.op_code != OpCode::Query {
-            Counters::bump(&shared.counters.rejected);
-            count_dns("rejected");
+            shared.counters.count(DnsAnswer::rejected);
             return send_error(request, response, ResponseCode::NotImp).await;
         }
         let [query] = request.queries.queries() else {
-            Counters::bump(&shared.counters.rejected);
-            count_dns("rejected");
+            shared.counters.count(DnsAnswer::rejected);
             return send_error(request, response, ResponseCode::FormErr).await;
         };
         if let Some(answer) = shared.names.answer(query) {
-            Counters::bump(&shared.counters.answered_locally);
-            count_dns("local");
+            shared.counters.count(DnsAnswer::local);
             trace!(name = %query.name(), qtype = %query.query_type(), ?answer, "local answer");
             return send_local(request, query, answer, shared.names.ttl, response).await;
         }
         let Ok(_permit) = shared.forwards.try_acquire() else {
-            Counters::bump(&shared.counters.failed);
-            count_dns("failed");
+            shared.counters.count(DnsAnswer::failed);
             debug!(name = %query.name(), "too many forwards in flight; answering SERVFAIL");
             return send_error(request, response, ResponseCode::ServFail).await;
         };
         match shared.forwarder.forward(request, query).await {
             Ok(upstream) => {
-                Counters::bump(&shared.counters.forwarded);
-                count_dns("forwarded");
+                shared.counters.count(DnsAnswer::forwarded);
                 send_relayed(request, upstream, response).await
             }
             Err(e) => {
-                Counters::bump(&shared.counters.failed);
-                count_dns("failed");
+                shared.counters.count(DnsAnswer::failed);
                 debug!(name = %query.name(), error = %e, "forward failed; answering SERVFAIL");
                 send_error(request, response, ResponseCode::ServFail).await
             }
         }
     }
-}
-
-fn count_dns(answer: &str) {
-    transport::metrics::metrics()
-        .dns_queries
-        .get_or_create(&transport::metrics::AnswerLabel {
-            answer: answer.to_string(),
-        })
-        .inc();
 }
 
 /// The EDNS record for a response to `request`: present when the request
@@ -418,7 +395,7 @@ impl DnsServer {
             names: local_names,
             forwarder: Forwarder::new(config.upstreams, config.forward_timeout),
             forwards: Semaphore::new(config.max_inflight_forwards),
-            counters: Counters::default(),
+            counters: config.counters,
         });
         // hickory's own access check refuses before decoding; the handler
         // checks again, and counts.
@@ -457,7 +434,7 @@ impl DnsServer {
 
     /// What the server has done so far.
     pub fn stats(&self) -> DnsStats {
-        self.shared.counters.snapshot()
+        DnsStats::read(&self.shared.counters)
     }
 
     /// Stops accepting queries and waits until the server's tasks ended.

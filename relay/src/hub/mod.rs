@@ -7,8 +7,8 @@
 //! reads the clocks, draws tickets, and delivers what the state decides:
 //! messages go to each session's bounded [`Outbox`] (a session too slow to
 //! drain it is closed and its peer reconnects, never sent a partial
-//! history), refusals to the metrics. The two TCP connections of a pipe
-//! meet in [`rendezvous`].
+//! history), refusals and renewals to the relay's [`RelayMetrics`]. The two
+//! TCP connections of a pipe meet in [`rendezvous`].
 
 pub mod rendezvous;
 pub mod state;
@@ -26,6 +26,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
 use rendezvous::Rendezvous;
 pub use state::{
@@ -94,13 +95,14 @@ pub enum PipeMeeting {
     Handed,
 }
 
-/// One spliced pipe, counted against `--max-pipes` and its hybrid
-/// connection's `--max-pipes-per-hc` while it lives. Never dropped with the
-/// hub's lock held.
+/// One spliced pipe, counted against `--max-pipes`, its hybrid
+/// connection's `--max-pipes-per-hc` and the metrics' open pipes while it
+/// lives. Never dropped with the hub's lock held.
 #[derive(Debug)]
 pub struct PipeGuard {
     inner: Arc<Inner>,
     hc: HcName,
+    _open: transport::metrics::ActiveGuard,
 }
 
 impl Drop for PipeGuard {
@@ -124,6 +126,7 @@ struct Inner {
     shared: Mutex<Shared>,
     next_session: AtomicU64,
     rng: SystemRandom,
+    metrics: Arc<RelayMetrics>,
 }
 
 #[derive(Debug)]
@@ -135,7 +138,7 @@ struct Shared {
 
 impl Shared {
     /// Carries out what the state decided.
-    fn deliver(&mut self) {
+    fn deliver(&mut self, metrics: &RelayMetrics) {
         while let Some(output) = self.state.poll_output() {
             match output {
                 Output::Send(id, msg) => {
@@ -143,10 +146,8 @@ impl Shared {
                         outbox.send(msg);
                     }
                 }
-                Output::Refused(reason) => count_refused(reason),
-                Output::Renewed => {
-                    transport::metrics::metrics().token_renewals.inc();
-                }
+                Output::Refused(reason) => metrics.refused(reason),
+                Output::Renewed => metrics.token_renewed(),
             }
         }
     }
@@ -172,8 +173,8 @@ fn unix_now() -> u64 {
 }
 
 impl Hub {
-    /// A hub over `registry`.
-    pub fn new(registry: Registry) -> Hub {
+    /// A hub over `registry`, counting into `metrics`.
+    pub fn new(registry: Registry, metrics: Arc<RelayMetrics>) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 registry,
@@ -184,6 +185,7 @@ impl Hub {
                 }),
                 next_session: AtomicU64::new(1),
                 rng: SystemRandom::new(),
+                metrics,
             }),
         }
     }
@@ -191,6 +193,20 @@ impl Hub {
     /// The registry this hub checks tokens against.
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
+    }
+
+    /// The relay's metrics, which the hub and the relay port count into.
+    pub fn metrics(&self) -> &RelayMetrics {
+        &self.inner.metrics
+    }
+
+    /// The relay's metrics in the Prometheus text format, with the number
+    /// of hybrid connections and of the agents and senders attached to each
+    /// read now.
+    pub fn render_metrics(&self) -> String {
+        let metrics = &self.inner.metrics;
+        metrics.set_attachments(self.registry().list().len(), &self.attachment_counts());
+        metrics.render()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -203,7 +219,7 @@ impl Hub {
     fn with_state<T>(&self, f: impl FnOnce(&mut HubState) -> T) -> T {
         let mut shared = self.lock();
         let out = f(&mut shared.state);
-        shared.deliver();
+        shared.deliver(&self.inner.metrics);
         out
     }
 
@@ -235,7 +251,7 @@ impl Hub {
     pub fn unregister(&self, id: SessionId) {
         let mut shared = self.lock();
         shared.state.unregister(id);
-        shared.deliver();
+        shared.deliver(&self.inner.metrics);
         shared.outboxes.remove(&id);
     }
 
@@ -285,6 +301,7 @@ impl Hub {
                 let guard = PipeGuard {
                     inner: self.inner.clone(),
                     hc,
+                    _open: self.inner.metrics.pipe_spliced(),
                 };
                 let unmet = shared.rendezvous.hand(&ticket, (conn, guard));
                 // The first end gave up: its guard (which takes the lock)
@@ -392,16 +409,6 @@ impl Hub {
     }
 }
 
-/// Counts a refusal in `refused{reason}` of the relay's metrics.
-pub(crate) fn count_refused(reason: &str) {
-    transport::metrics::metrics()
-        .refused
-        .get_or_create(&transport::metrics::ReasonLabel {
-            reason: reason.to_string(),
-        })
-        .inc();
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -418,7 +425,7 @@ mod tests {
         registry
             .create(name.parse().unwrap(), "10.0.0.1:5432".parse().unwrap())
             .unwrap();
-        (Hub::new(registry), dir)
+        (Hub::new(registry, Arc::default()), dir)
     }
 
     /// Attaches as a sender with a token signed by `key` for `hc`;

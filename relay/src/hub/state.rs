@@ -21,6 +21,7 @@ use proto::name::HcName;
 use proto::sas;
 use tracing::{info, warn};
 
+use crate::metrics::RefusedReason;
 use crate::registry::HcRecord;
 
 /// The relay's id of a control session.
@@ -46,7 +47,7 @@ pub enum Output {
     /// Queue this message for this session.
     Send(SessionId, RelayMessage),
     /// Count a refusal under this reason (`refused{reason}`).
-    Refused(&'static str),
+    Refused(RefusedReason),
     /// Count a renewed token.
     Renewed,
 }
@@ -396,9 +397,12 @@ impl HubState {
                 };
                 // The relay's own log and metrics keep the precise reason.
                 let (why, counted) = match (record, regenerated) {
-                    (None, _) => ("no such hybrid connection".to_string(), "unknown_hc"),
-                    (Some(_), Some(_)) => (message.clone(), "key_regenerated"),
-                    (Some(_), None) => (e.to_string(), "unauthorized"),
+                    (None, _) => (
+                        "no such hybrid connection".to_string(),
+                        RefusedReason::unknown_hc,
+                    ),
+                    (Some(_), Some(_)) => (message.clone(), RefusedReason::key_regenerated),
+                    (Some(_), None) => (e.to_string(), RefusedReason::unauthorized),
                 };
                 warn!(session = id, %hc, error = %why, "token rejected");
                 self.out.push_back(Output::Refused(counted));
@@ -432,7 +436,7 @@ impl HubState {
             .get(&id)
             .is_some_and(|s| s.attached.contains_key(&hc));
         if role == PeerRole::Agent && !already && self.agent_ids(&hc).len() >= max {
-            self.out.push_back(Output::Refused("quota"));
+            self.out.push_back(Output::Refused(RefusedReason::quota));
             self.send(
                 id,
                 RelayMessage::Detached {
@@ -585,7 +589,7 @@ impl HubState {
             ))
         } else if s.pending_tickets >= quotas.max_pending_per_session {
             Some((
-                Some("quota"),
+                Some(RefusedReason::quota),
                 format!(
                     "{} pipe requests of this session are already waiting for their ends; wait for them",
                     quotas.max_pending_per_session
@@ -593,7 +597,7 @@ impl HubState {
             ))
         } else if self.spliced + self.tickets.len() >= quotas.max_pipes {
             Some((
-                Some("quota"),
+                Some(RefusedReason::quota),
                 format!(
                     "this relay is at its limit of {} concurrent pipes (relay serve --max-pipes); try again later",
                     quotas.max_pipes
@@ -601,7 +605,7 @@ impl HubState {
             ))
         } else if charged.is_none() {
             Some((
-                Some("hc_quota"),
+                Some(RefusedReason::hc_quota),
                 format!(
                     "{} is at its limit of {} concurrent pipes (relay serve --max-pipes-per-hc); try again later",
                     shared
@@ -627,7 +631,7 @@ impl HubState {
             );
             (!allowed).then(|| {
                 (
-                    Some("rate"),
+                    Some(RefusedReason::rate),
                     format!(
                         "too many pipe requests: a session may make {} at once, then {} a second (relay serve --pipe-requests-per-second)",
                         quotas.max_pending_per_session, quotas.pipe_requests_per_second

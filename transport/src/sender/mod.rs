@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 use crate::control::{
     self, ControlClientError, ControlConfig, ControlEvent, ControlHandle, RelayAddr,
 };
+use crate::metrics::ControlCounters;
 use crate::mux::{MuxConfig, MuxHandle, MuxStream, OpenError};
 use crate::pipe::{self, PipeError};
 use crate::tls::DataIdentity;
@@ -47,6 +48,9 @@ pub struct SenderOptions {
     pub mux: MuxConfig,
     /// A name for the relay's logs.
     pub label: String,
+    /// Where reconnects and token renewals are counted: a role's metrics,
+    /// or by default counters nobody reads.
+    pub counters: ControlCounters,
 }
 
 impl Default for SenderOptions {
@@ -56,6 +60,7 @@ impl Default for SenderOptions {
             token_ttl: Duration::from_secs(3600),
             mux: MuxConfig::default(),
             label: "sender".into(),
+            counters: ControlCounters::default(),
         }
     }
 }
@@ -422,13 +427,13 @@ impl Inner {
         match event {
             ControlEvent::Connected => state.roster.connected(),
             ControlEvent::Disconnected(reason) => {
-                crate::metrics::metrics().reconnects.inc();
+                self.options.counters.reconnects.inc();
                 state.roster.disconnected(reason);
                 state.tickets.clear();
             }
             ControlEvent::Message(msg) => match msg {
                 RelayMessage::Renewed { .. } => {
-                    crate::metrics::metrics().token_renewals.inc();
+                    self.options.counters.token_renewals.inc();
                 }
                 RelayMessage::PipeTicket {
                     request_id,

@@ -27,7 +27,7 @@ struct Bench {
     unix: u64,
     record: HcRecord,
     sent: Vec<(SessionId, RelayMessage)>,
-    refused: Vec<&'static str>,
+    refused: Vec<RefusedReason>,
     renewed: usize,
 }
 
@@ -491,7 +491,13 @@ fn quotas_on_pipes_per_session_relay_wide_and_agents() {
     b.hub
         .request_pipe(11, 0, 2, Some(Ticket([0x51; 16])), b.now);
     assert_eq!(failed(&b.to(11)), 0);
-    assert_eq!(b.refused.iter().filter(|r| **r == "quota").count(), 4);
+    assert_eq!(
+        b.refused
+            .iter()
+            .filter(|r| **r == RefusedReason::quota)
+            .count(),
+        4
+    );
 }
 
 #[test]
@@ -518,7 +524,7 @@ fn one_hybrid_connection_at_its_pipe_quota_leaves_the_others_their_share() {
     b.sent.clear();
     assert!(b.ask(10, 1, 1) && b.ask(10, 1, 2));
     assert!(!b.ask(10, 1, 3), "payroll is at its quota of two");
-    assert_eq!(b.refused.last(), Some(&"hc_quota"));
+    assert_eq!(b.refused.last(), Some(&RefusedReason::hc_quota));
     assert!(b.ask(11, 1, 4) && b.ask(11, 1, 5), "ledger has its own two");
     assert_eq!(
         (
@@ -590,7 +596,7 @@ fn pipe_requests_past_the_burst_are_limited_to_the_rate() {
         b.splice(n);
     }
     assert!(!b.ask(10, 1, 5));
-    assert_eq!(b.refused.last(), Some(&"rate"));
+    assert_eq!(b.refused.last(), Some(&RefusedReason::rate));
     // Two a second after that.
     b.advance(Duration::from_millis(500));
     assert!(b.ask(10, 1, 6));
@@ -658,7 +664,10 @@ fn unknown_names_and_wrong_keys_get_one_answer() {
     let wrong_key = answer(&mut b, 1, "payroll", Some(&record));
     let unknown = answer(&mut b, 2, "bonuses", None);
     assert_eq!(wrong_key, unknown);
-    assert_eq!(b.refused, ["unauthorized", "unknown_hc"]);
+    assert_eq!(
+        b.refused,
+        [RefusedReason::unauthorized, RefusedReason::unknown_hc]
+    );
 }
 
 #[test]
