@@ -248,13 +248,11 @@ impl RelayConfig {
             loop {
                 match changes.recv().await {
                     Ok(event) => {
-                        let name = match &event {
-                            registry::RegistryEvent::Created { name } => name,
-                            registry::RegistryEvent::Deleted { name } => name,
-                            registry::RegistryEvent::KeysChanged { name, .. } => name,
-                            registry::RegistryEvent::Updated { name } => name,
-                        };
-                        watcher.recheck(name);
+                        // Manage keys guard only the API, which checks them on
+                        // every request: no session depends on them.
+                        if let Some(name) = event.hc() {
+                            watcher.recheck(name);
+                        }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         for name in watcher.attached_hcs() {
