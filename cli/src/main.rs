@@ -2,6 +2,7 @@
 //! the library crates.
 
 mod agent_cmd;
+mod api_client;
 mod appliance_cmd;
 mod hc;
 mod install;

@@ -402,6 +402,9 @@ fn manage_token_error(state: &ApiState, token: &str) -> Option<String> {
         .and_then(|v| v.within(now, max_lifetime))
     {
         Ok(_) => None,
+        Err(proto::sas::SasError::BadSignature { .. }) => Some(
+            "management token refused: it was signed with a key that is neither of the relay's manage keys, or was altered (a manage key may have been regenerated: the primary is in DATA_DIR/manage.key, `hybridlink hc manage-keys show` prints both)".to_owned(),
+        ),
         Err(e) => Some(format!(
             "management token refused: {e} (sign the resource `https://RELAY/manage` with key name `manage` and a manage key)"
         )),
