@@ -166,7 +166,7 @@ try {
       send: [keys.body.connection_strings.send.primary, keys.body.connection_strings.send.secondary],
     },
   );
-  assert.equal(await text('#setup-command'), `hybridlink agent install --connection-string '${listen}'`);
+  assert.equal(await text('#setup-command'), `hybridlink agent install --connection-string-file - <<'EOF'\n${listen}\nEOF`);
   await shown('#d-status', /^Not connected$/);
   await shown('#agents-empty', /No agent is connected/);
 

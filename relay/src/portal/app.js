@@ -240,8 +240,10 @@ function showStrings(strings) {
       $(`cs-${rule}-${key}`).textContent = strings ? strings[rule][key] : '';
     }
   }
+  // The string goes on standard input: on a command line every user of
+  // the machine could read it.
   $('setup-command').textContent = strings
-    ? `hybridlink agent install --connection-string '${strings.listen.primary}'`
+    ? `hybridlink agent install --connection-string-file - <<'EOF'\n${strings.listen.primary}\nEOF`
     : '';
 }
 
