@@ -35,8 +35,14 @@ pub fn read(path: &Path) -> Result<Vec<ConnectionString>, StringsFileError> {
         path: path.to_owned(),
         error,
     })?;
-    parse(&text).map_err(|(line, error)| StringsFileError::Line {
-        path: path.to_owned(),
+    parse_text(&text, path)
+}
+
+/// The strings of `text` in this file's format, read from `source` (a
+/// path, or a name such as "standard input" for errors).
+pub fn parse_text(text: &str, source: &Path) -> Result<Vec<ConnectionString>, StringsFileError> {
+    parse(text).map_err(|(line, error)| StringsFileError::Line {
+        path: source.to_owned(),
         line,
         error,
     })

@@ -72,6 +72,7 @@ async fn main() {
         data_dir: dir.path().to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         api: "127.0.0.1:0".parse().expect("addr"),
+        api_tls: false,
         public_host: None,
         public_port: None,
         limits: relay::Limits::default(),

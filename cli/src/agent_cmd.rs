@@ -50,17 +50,16 @@ pub enum AgentCommand {
     /// host:port. Reconnects by itself when the relay goes away.
     Run {
         /// A listen connection string (`hybridlink hc keys NAME`); repeat for
-        /// more hybrid connections.
-        #[arg(
-            long = "connection-string",
-            required_unless_present = "connection_strings_file",
-            env = "HYBRIDLINK_CONNECTION_STRING",
-            value_delimiter = '\n'
-        )]
+        /// more hybrid connections. Other users of this machine can read a
+        /// command line: prefer --connection-strings-file.
+        #[arg(long = "connection-string", value_name = "CS")]
         connection_strings: Vec<ConnectionString>,
         /// A file of listen connection strings, one per line (`#` starts a
-        /// comment), as `agent install` writes it.
-        #[arg(long, value_name = "FILE")]
+        /// comment), as `agent install` writes it; reread on SIGHUP and
+        /// `agent reload`. `-` reads them once from standard input. Without
+        /// this or --connection-string, HYBRIDLINK_CONNECTION_STRING holds
+        /// them (several separated by newlines).
+        #[arg(long, value_name = "FILE", alias = "connection-string-file")]
         connection_strings_file: Option<PathBuf>,
         /// Where `agent status` asks this agent for its state.
         #[arg(long, default_value_os_t = agent::control_socket::default_path())]
@@ -134,9 +133,16 @@ pub enum AgentCommand {
     /// now (or what --allow says).
     Install {
         /// A listen connection string (`hybridlink hc keys NAME --rule listen
-        /// --key primary`); repeat for more hybrid connections.
-        #[arg(long = "connection-string", required = true)]
+        /// --key primary`); repeat for more hybrid connections. Other users
+        /// of this machine can read a command line: prefer
+        /// --connection-string-file.
+        #[arg(long = "connection-string", value_name = "CS")]
         connection_strings: Vec<ConnectionString>,
+        /// Read listen connection strings from FILE, or from standard input
+        /// with `-` (one a line, `#` starts a comment). Without this or
+        /// --connection-string, HYBRIDLINK_CONNECTION_STRING holds them.
+        #[arg(long, value_name = "FILE")]
+        connection_string_file: Option<PathBuf>,
         /// Allow HOST[:PORT] in the policy for these hybrid connections
         /// instead of asking the relay for their endpoints; repeatable.
         #[arg(long, value_name = "HOST[:PORT]")]
@@ -282,10 +288,18 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
     match cmd {
         AgentCommand::Install {
             connection_strings,
+            connection_string_file,
             allow,
             no_end_to_end,
             install,
-        } => install_agent(connection_strings, &allow, no_end_to_end, &install).await,
+        } => {
+            let strings = crate::connection_strings::gather(
+                connection_strings,
+                connection_string_file.as_deref(),
+                crate::connection_strings::from_env(),
+            )?;
+            install_agent(strings, &allow, no_end_to_end, &install).await
+        }
         AgentCommand::EndToEndKey { name, config } => {
             let strings = agent::strings_file::read(&config)?;
             let cs = strings.iter().find(|cs| cs.hc == name).with_context(|| {
@@ -308,7 +322,7 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AgentCommand::Run {
-            mut connection_strings,
+            connection_strings,
             connection_strings_file,
             status_socket,
             dial_timeout,
@@ -319,17 +333,32 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             policy,
             shares,
         } => {
-            let fixed = connection_strings.clone();
-            if let Some(path) = &connection_strings_file {
+            // A file is reread on reload; standard input is read once, so
+            // its strings are fixed, like those of the command line.
+            let stdin = connection_strings_file.as_deref() == Some(Path::new("-"));
+            let strings_file = connection_strings_file.filter(|_| !stdin);
+            let mut fixed = connection_strings;
+            if stdin {
+                fixed.extend(crate::connection_strings::read(Path::new("-"))?);
+            }
+            if fixed.is_empty() && strings_file.is_none() {
+                fixed = crate::connection_strings::gather(
+                    Vec::new(),
+                    None,
+                    crate::connection_strings::from_env(),
+                )?;
+            }
+            let mut connection_strings = fixed.clone();
+            if let Some(path) = &strings_file {
                 connection_strings.extend(agent::strings_file::read(path)?);
             }
             let sources = agent::reload::ReloadSources {
                 fixed,
                 policy: policy
                     .clone()
-                    .unwrap_or_else(|| default_policy_path(connection_strings_file.as_deref())),
+                    .unwrap_or_else(|| default_policy_path(strings_file.as_deref())),
                 policy_explicit: policy.is_some(),
-                strings_file: connection_strings_file,
+                strings_file,
             };
             let mut options = agent::AgentOptions::new(connection_strings);
             options.policy = sources.initial_policy()?;

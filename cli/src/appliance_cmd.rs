@@ -30,9 +30,16 @@ pub enum ApplianceCommand {
     /// `systemctl reload hybridlink-appliance` (SIGHUP).
     Install {
         /// A send connection string (`hybridlink hc keys NAME --rule send
-        /// --key primary`); repeat for more hybrid connections.
-        #[arg(long = "connection-string", required = true)]
+        /// --key primary`); repeat for more hybrid connections. Other users
+        /// of this machine can read a command line: prefer
+        /// --connection-string-file.
+        #[arg(long = "connection-string", value_name = "CS")]
         connection_strings: Vec<ConnectionString>,
+        /// Read send connection strings from FILE, or from standard input
+        /// with `-` (one a line, `#` starts a comment). Without this or
+        /// --connection-string, HYBRIDLINK_CONNECTION_STRING holds them.
+        #[arg(long, value_name = "FILE")]
+        connection_string_file: Option<PathBuf>,
         /// Also allow this host name, `.suffix` or IPv4 network; repeat for
         /// more.
         #[arg(long = "allow", value_name = "ENTRY")]
@@ -57,12 +64,18 @@ pub enum ApplianceCommand {
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// A TOML config file (see the README for its keys).
-    #[arg(long, conflicts_with = "connection_strings")]
+    #[arg(long, conflicts_with_all = ["connection_strings", "connection_string_file"])]
     config: Option<PathBuf>,
     /// A send connection string (`hybridlink hc keys NAME`); repeat for
-    /// more hybrid connections.
-    #[arg(long = "connection-string", required_unless_present = "config")]
+    /// more hybrid connections. Other users of this machine can read a
+    /// command line: prefer --config or --connection-string-file.
+    #[arg(long = "connection-string", value_name = "CS")]
     connection_strings: Vec<ConnectionString>,
+    /// Read send connection strings from FILE, or from standard input with
+    /// `-` (one a line, `#` starts a comment). Without --config, this or
+    /// --connection-string, HYBRIDLINK_CONNECTION_STRING holds them.
+    #[arg(long, value_name = "FILE")]
+    connection_string_file: Option<PathBuf>,
     /// The range host names resolve into (default 127.77.0.0/16).
     #[arg(long)]
     virtual_range: Option<String>,
@@ -197,15 +210,24 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
     let args = match cmd {
         ApplianceCommand::Install {
             connection_strings,
+            connection_string_file,
             allow,
             install: args,
-        } => return install(connection_strings, allow, &args).await,
+        } => {
+            let strings = crate::connection_strings::gather(
+                connection_strings,
+                connection_string_file.as_deref(),
+                crate::connection_strings::from_env(),
+            )?;
+            return install(strings, allow, &args).await;
+        }
         ApplianceCommand::Status { state_dir, json } => return status(&state_dir, json),
         ApplianceCommand::Run(args) => args,
     };
     let RunArgs {
         config,
         connection_strings,
+        connection_string_file,
         virtual_range,
         tun,
         dns_listen,
@@ -215,7 +237,11 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
     } = args;
     let mut config_from_file = match &config {
         Some(path) => ApplianceConfig::load(path)?,
-        None => ApplianceConfig::new(connection_strings)?,
+        None => ApplianceConfig::new(crate::connection_strings::gather(
+            connection_strings,
+            connection_string_file.as_deref(),
+            crate::connection_strings::from_env(),
+        )?)?,
     };
     let config_path = config;
     let config = &mut config_from_file;

@@ -1,22 +1,25 @@
-//! `hybridlink hc ...`: manage hybrid connections through the relay's
-//! management API (plain HTTP, normally on the relay host's loopback).
+//! `hybridlink hc ...`: manage hybrid connections and the relay's manage
+//! keys through the relay's management API (plain HTTP on the relay host's
+//! loopback, or HTTPS from anywhere; see [`crate::api_client`]).
 //!
 //! Every command prints the API's JSON answer on stdout, pretty-printed; an
 //! error becomes a one-line reason (the API's own where it gave one).
 
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::Context;
 use proto::name::{HcName, Host};
 use serde_json::{Value, json};
+
+use crate::api_client::{ApiUrl, Client, ClientOptions, Trust};
 
 /// Where the management API is and how to authenticate to it.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ApiArgs {
-    /// Base URL of the relay's management API (plain http; the relay serves
-    /// it on loopback, see `relay serve --api`).
+    /// Base URL of the relay's management API: http:// on the relay's host
+    /// (or through an SSH tunnel), https:// from elsewhere (`relay serve
+    /// --api-tls`). Plain http:// to another host needs --insecure.
     #[arg(
         long = "api",
         value_name = "URL",
@@ -26,10 +29,36 @@ pub struct ApiArgs {
     )]
     pub api: String,
 
+    /// For an https:// API: the SHA-256 of the certificate it must present,
+    /// 64 hex digits (the relay's own: `cert_sha256` in `relay serve`'s
+    /// ready line, or CertificateSha256 in any of its connection strings).
+    #[arg(
+        long,
+        value_name = "HEX",
+        env = "HYBRIDLINK_API_CERT_SHA256",
+        conflicts_with = "api_ca",
+        global = true
+    )]
+    pub api_cert_sha256: Option<proto::control::Fingerprint>,
+
+    /// For an https:// API: a PEM file of the certificates to trust for it
+    /// (the CA of a TLS proxy in front of the relay, or the relay's
+    /// DATA_DIR/cert.pem); the URL's host must be a name they certify. The
+    /// system's CA roots are never used.
+    #[arg(long, value_name = "FILE", env = "HYBRIDLINK_API_CA", global = true)]
+    pub api_ca: Option<PathBuf>,
+
+    /// Allow a plain http:// API on a host that is not this one. Requests
+    /// carry a token that expires in 5 minutes, never the key, but until
+    /// then anyone who reads it off the network can use it.
+    #[arg(long, global = true)]
+    pub insecure: bool,
+
     /// The relay's data directory, to read the manage key from DIR/manage.key
-    /// (works on the relay host). The environment variable
-    /// HYBRIDLINK_MANAGE_KEY, if set, gives the key directly and takes
-    /// precedence.
+    /// (works on the relay host; for an https:// API without
+    /// --api-cert-sha256 or --api-ca, DIR/cert.pem is pinned too). The
+    /// environment variable HYBRIDLINK_MANAGE_KEY, if set, gives a manage key
+    /// (primary or secondary) directly and takes precedence.
     #[arg(long, value_name = "DIR", env = "HYBRIDLINK_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
 
@@ -75,6 +104,28 @@ impl SlotArg {
             SlotArg::Secondary => "secondary",
         }
     }
+}
+
+/// The relay's manage keys, for `hc manage-keys`.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum ManageKeysCommand {
+    /// Print the relay's two manage keys as JSON (`primary`, `secondary`);
+    /// with `--key`, just that one (for scripts:
+    /// `HYBRIDLINK_MANAGE_KEY=$(hybridlink hc manage-keys show --key secondary)`).
+    Show {
+        /// Print only this key.
+        #[arg(long, value_enum)]
+        key: Option<SlotArg>,
+    },
+    /// Replace one manage key with a new random key and print both as JSON.
+    /// Requests made with the old key are refused at once (the portal signs
+    /// out, scripts get 401); the other key keeps working, so move the tools
+    /// to it first. A new primary is also written to DATA_DIR/manage.key.
+    Regenerate {
+        /// Which of the two keys to replace.
+        #[arg(long, value_enum)]
+        key: SlotArg,
+    },
 }
 
 /// Hybrid-connection management commands.
@@ -156,12 +207,16 @@ pub enum HcCommand {
         #[arg(long, value_enum)]
         key: SlotArg,
     },
+    /// Show or regenerate the relay's own two manage keys, which guard this
+    /// API and the portal (either one opens them).
+    #[command(subcommand)]
+    ManageKeys(ManageKeysCommand),
 }
 
 /// Runs one `hc` command against the management API and prints its JSON
 /// answer on stdout.
 pub fn run(cmd: HcCommand, api: &ApiArgs) -> anyhow::Result<()> {
-    let client = Client::new(api)?;
+    let client = client(api)?;
     let answer = match cmd {
         HcCommand::Create { name, host, port } => client.call(
             "POST",
@@ -252,6 +307,23 @@ pub fn run(cmd: HcCommand, api: &ApiArgs) -> anyhow::Result<()> {
             "POST",
             &format!("/api/v1/hcs/{name}/keys/regenerate"),
             Some(json!({ "rule": rule.as_str(), "key": key.as_str() })),
+        )?,
+        HcCommand::ManageKeys(ManageKeysCommand::Show { key }) => {
+            let keys = client.call("GET", "/api/v1/manage-keys", None)?;
+            match key {
+                Some(key) => {
+                    let one = keys[key.as_str()]
+                        .as_str()
+                        .context("the API's answer has no such manage key")?;
+                    return print_line(one);
+                }
+                None => keys,
+            }
+        }
+        HcCommand::ManageKeys(ManageKeysCommand::Regenerate { key }) => client.call(
+            "POST",
+            "/api/v1/manage-keys/regenerate",
+            Some(json!({ "key": key.as_str() })),
         )?,
     };
     print_line(&serde_json::to_string_pretty(&answer)?)
@@ -377,112 +449,17 @@ fn print_line(text: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Reads the manage key: `HYBRIDLINK_MANAGE_KEY`, else `DIR/manage.key`.
-fn manage_key(api: &ApiArgs) -> anyhow::Result<String> {
-    if let Ok(key) = std::env::var("HYBRIDLINK_MANAGE_KEY") {
-        let key = key.trim();
-        if !key.is_empty() {
-            return Ok(key.to_owned());
-        }
-    }
-    let Some(dir) = &api.data_dir else {
-        bail!(
-            "no manage key: pass --data-dir DIR (the relay's data directory, which holds manage.key) or set HYBRIDLINK_MANAGE_KEY"
-        );
+/// The API client `api` describes: URL, trust and manage key.
+fn client(api: &ApiArgs) -> anyhow::Result<Client> {
+    let url = ApiUrl::parse(&api.api, api.insecure)?;
+    let trust = match (&api.api_cert_sha256, &api.api_ca, &api.data_dir) {
+        (Some(pin), _, _) => Some(Trust::Pinned(*pin)),
+        (None, Some(file), _) => Some(Trust::from_ca_file(file)?),
+        (None, None, Some(dir)) if url.tls => Some(Trust::from_data_dir(dir)?),
+        (None, None, _) => None,
     };
-    let path = dir.join("manage.key");
-    let key = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read the manage key from {}; is --data-dir the relay's data directory, and may this user read it?",
-            path.display()
-        )
-    })?;
-    let key = key.trim();
-    if key.is_empty() {
-        bail!(
-            "{} is empty; restart the relay to rewrite it",
-            path.display()
-        );
-    }
-    Ok(key.to_owned())
-}
-
-/// A blocking client of the management API.
-struct Client {
-    base: String,
-    key: String,
-    agent: ureq::Agent,
-}
-
-impl Client {
-    fn new(api: &ApiArgs) -> anyhow::Result<Client> {
-        let base = api.api.trim_end_matches('/').to_owned();
-        if !base.starts_with("http://") {
-            bail!(
-                "--api {} must be an http:// URL (the management API is plain HTTP on loopback)",
-                api.api
-            );
-        }
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build();
-        Ok(Client {
-            base,
-            key: manage_key(api)?,
-            agent: ureq::Agent::new_with_config(config),
-        })
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let auth = format!("Bearer {}", self.key);
-        let result = match (method, body) {
-            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
-            ("DELETE", _) => self
-                .agent
-                .delete(&url)
-                .header("Authorization", &auth)
-                .call(),
-            ("PATCH", Some(body)) => self
-                .agent
-                .patch(&url)
-                .header("Authorization", &auth)
-                .send_json(body),
-            (_, Some(body)) => self
-                .agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_json(body),
-            (_, None) => self
-                .agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_empty(),
-        };
-        let mut response = result.map_err(|e| {
-            anyhow!(
-                "cannot reach the management API at {}: {e}; is `hybridlink relay serve` running, and is --api right?",
-                self.base
-            )
-        })?;
-        let status = response.status();
-        let text = response
-            .body_mut()
-            .read_to_string()
-            .map_err(|e| anyhow!("reading the management API's answer failed: {e}"))?;
-        let json: Option<Value> = serde_json::from_str(&text).ok();
-        if !status.is_success() {
-            let reason = json
-                .as_ref()
-                .and_then(|j| j.get("error"))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .unwrap_or_else(|| format!("management API answered {status}: {}", text.trim()));
-            bail!("{reason}");
-        }
-        json.ok_or_else(|| anyhow!("management API answered {status} with a body that is not JSON"))
-    }
+    let key = crate::api_client::manage_key(api.data_dir.as_deref())?;
+    Client::new(ClientOptions { url, trust, key })
 }
 
 #[cfg(test)]
@@ -566,8 +543,42 @@ mod tests {
                 ..
             }
         ));
+        let cli = TestCli::try_parse_from(["t", "manage-keys", "regenerate", "--key", "primary"])
+            .unwrap();
+        assert!(matches!(
+            cli.cmd,
+            HcCommand::ManageKeys(ManageKeysCommand::Regenerate {
+                key: SlotArg::Primary
+            })
+        ));
+        let cli = TestCli::try_parse_from([
+            "t",
+            "manage-keys",
+            "show",
+            "--api",
+            "https://relay:9444",
+            "--api-cert-sha256",
+            &"ab".repeat(32),
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.cmd,
+            HcCommand::ManageKeys(ManageKeysCommand::Show { key: None })
+        ));
+        assert_eq!(cli.api.api_cert_sha256.unwrap().0, [0xab; 32]);
         for args in [
             &["t", "create", "bad_name", "--host", "h", "--port", "1"][..],
+            &["t", "manage-keys", "regenerate"],
+            &["t", "manage-keys", "regenerate", "--key", "tertiary"],
+            &["t", "list", "--api-cert-sha256", "abc"],
+            &[
+                "t",
+                "list",
+                "--api-cert-sha256",
+                &"ab".repeat(32),
+                "--api-ca",
+                "ca.pem",
+            ],
             &["t", "create", "a", "--host", "h", "--port", "0"],
             &["t", "create", "a", "--host", "bad host", "--port", "1"],
             &[
@@ -620,17 +631,22 @@ mod tests {
     fn args(url: String, dir: &std::path::Path) -> ApiArgs {
         ApiArgs {
             api: url,
+            api_cert_sha256: None,
+            api_ca: None,
+            insecure: false,
             data_dir: Some(dir.to_owned()),
             json: false,
         }
     }
 
+    const KEY: &str = "c2VjcmV0LWtleS1zZWNyZXQta2V5LXNlY3JldC1rZXk=";
+
     #[test]
-    fn sends_the_key_and_body_and_returns_json() {
+    fn sends_a_short_lived_token_never_the_key_and_returns_json() {
         let dir = TempDir::new();
-        std::fs::write(dir.path().join("manage.key"), "secret-key\n").unwrap();
+        std::fs::write(dir.path().join("manage.key"), format!("{KEY}\n")).unwrap();
         let (url, server) = serve_once("201 Created", "{\"name\":\"payroll\"}");
-        let client = Client::new(&args(url, dir.path())).unwrap();
+        let client = client(&args(url.clone(), dir.path())).unwrap();
         let answer = client
             .call("POST", "/api/v1/hcs", Some(json!({"name": "payroll"})))
             .unwrap();
@@ -640,12 +656,36 @@ mod tests {
             request.starts_with("POST /api/v1/hcs HTTP/1.1\r\n"),
             "{request}"
         );
-        assert!(
-            request
-                .to_ascii_lowercase()
-                .contains("authorization: bearer secret-key\r\n"),
-            "{request}"
-        );
+        assert!(!request.contains(KEY), "{request}");
+        let auth = request
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+            })
+            .map(|(_, value)| value.trim().to_owned())
+            .expect("an Authorization header");
+        // The token the relay would check: for `.../manage`, rule manage,
+        // signed with the key, expiring in five minutes.
+        let key: proto::key::Key = KEY.parse().unwrap();
+        let rule = proto::sas::RuleKeys {
+            name: "manage",
+            right: proto::key::Right::Manage,
+            primary: &key,
+            secondary: &key,
+        };
+        let now = unix_now();
+        let verified = proto::sas::verify(
+            &auth,
+            &"manage".parse().unwrap(),
+            proto::key::Right::Manage,
+            &[rule],
+            now,
+        )
+        .unwrap();
+        let lifetime = verified.expires_unix - now;
+        assert!((295..=300).contains(&lifetime), "{lifetime}");
+        assert!(auth.contains(&proto::sas::url_encode(&format!("{url}/manage"))));
         let (_, body) = request.split_once("\r\n\r\n").unwrap();
         let body: Value = serde_json::from_str(body).unwrap();
         assert_eq!(body, json!({"name": "payroll"}));
@@ -654,18 +694,18 @@ mod tests {
     #[test]
     fn api_errors_become_their_one_line_reason() {
         let dir = TempDir::new();
-        std::fs::write(dir.path().join("manage.key"), "k").unwrap();
+        std::fs::write(dir.path().join("manage.key"), KEY).unwrap();
         let (url, server) = serve_once(
             "409 Conflict",
             "{\"error\":\"hybrid connection payroll already exists\"}",
         );
-        let client = Client::new(&args(url, dir.path())).unwrap();
+        let client = client(&args(url, dir.path())).unwrap();
         let err = client.call("GET", "/api/v1/hcs/payroll", None).unwrap_err();
         assert_eq!(err.to_string(), "hybrid connection payroll already exists");
         server.join().unwrap();
 
         let (url, server) = serve_once("502 Bad Gateway", "upstream down");
-        let client = Client::new(&args(url, dir.path())).unwrap();
+        let client = super::client(&args(url, dir.path())).unwrap();
         let err = client.call("GET", "/api/v1/hcs", None).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -675,7 +715,7 @@ mod tests {
     }
 
     #[test]
-    fn unreachable_api_and_missing_key_are_clear() {
+    fn unreachable_api_missing_key_and_untrusted_https_are_clear() {
         let dir = TempDir::new();
         // Take a free port, then close it so nothing listens there.
         let port = TcpListener::bind("127.0.0.1:0")
@@ -683,9 +723,9 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        std::fs::write(dir.path().join("manage.key"), "k").unwrap();
-        let client = Client::new(&args(format!("http://127.0.0.1:{port}"), dir.path())).unwrap();
-        let err = client.call("GET", "/api/v1/hcs", None).unwrap_err();
+        std::fs::write(dir.path().join("manage.key"), KEY).unwrap();
+        let reachable = client(&args(format!("http://127.0.0.1:{port}"), dir.path())).unwrap();
+        let err = reachable.call("GET", "/api/v1/hcs", None).unwrap_err();
         assert!(
             err.to_string().starts_with(&format!(
                 "cannot reach the management API at http://127.0.0.1:{port}: "
@@ -693,25 +733,33 @@ mod tests {
             "{err}"
         );
 
-        let err = Client::new(&args("https://relay:9444".into(), dir.path()))
-            .err()
-            .unwrap();
-        assert!(err.to_string().contains("must be an http:// URL"), "{err}");
+        // https:// with neither a pin, a CA file nor the relay's cert.pem.
+        let err = client(&args("https://relay:9444".into(), dir.path())).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("give --api-cert-sha256 HEX or --api-ca FILE"),
+            "{err}"
+        );
+        let err = client(&args("http://relay.example:9444".into(), dir.path())).unwrap_err();
+        assert!(err.to_string().contains("--insecure"), "{err}");
 
         // The tests never set HYBRIDLINK_MANAGE_KEY, so the file is needed.
         if std::env::var_os("HYBRIDLINK_MANAGE_KEY").is_none() {
             let empty = TempDir::new();
-            let err = manage_key(&args("http://x".into(), empty.path())).unwrap_err();
+            let err = client(&args("http://127.0.0.1:1".into(), empty.path())).unwrap_err();
             assert!(
                 format!("{err:#}").starts_with("cannot read the manage key from "),
                 "{err:#}"
             );
-            let err = manage_key(&ApiArgs {
-                api: "http://x".into(),
-                data_dir: None,
-                json: false,
-            })
-            .unwrap_err();
+            std::fs::write(empty.path().join("manage.key"), "not a key!").unwrap();
+            let err = client(&args("http://127.0.0.1:1".into(), empty.path())).unwrap_err();
+            assert!(
+                err.to_string().contains("does not hold a manage key"),
+                "{err}"
+            );
+            let mut no_dir = args("http://127.0.0.1:1".into(), empty.path());
+            no_dir.data_dir = None;
+            let err = client(&no_dir).unwrap_err();
             assert!(
                 err.to_string()
                     .starts_with("no manage key: pass --data-dir DIR")

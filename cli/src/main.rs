@@ -2,7 +2,9 @@
 //! the library crates.
 
 mod agent_cmd;
+mod api_client;
 mod appliance_cmd;
+mod connection_strings;
 mod hc;
 mod install;
 mod lab_cmd;
@@ -145,7 +147,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hybridlink: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<connection_strings::UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -15,8 +15,8 @@ pub enum RelayCommand {
     /// self-signed certificate (its SHA-256 goes into every connection
     /// string), an empty registry and a manage key (`DATA_DIR/manage.key`).
     ///
-    /// Prints one JSON line on stdout when ready: the bound addresses and the
-    /// certificate fingerprint.
+    /// Prints one JSON line on stdout when ready: the bound addresses, the
+    /// management API's URL and the certificate fingerprint.
     Serve {
         /// Directory for the certificate, registry and manage key.
         #[arg(long, env = "HYBRIDLINK_DATA_DIR")]
@@ -24,10 +24,17 @@ pub enum RelayCommand {
         /// Address of the relay port that agents and senders dial.
         #[arg(long, default_value = "0.0.0.0:9443")]
         listen: SocketAddr,
-        /// Address of the management API (plain HTTP: keep it on loopback or
-        /// put a TLS proxy in front).
+        /// Address of the management API (plain HTTP unless --api-tls: keep
+        /// it on loopback, or put a TLS proxy in front).
         #[arg(long, default_value = "127.0.0.1:9444")]
         api: SocketAddr,
+        /// Serve the management API (and the portal) over HTTPS with the
+        /// relay's own certificate, the one connection strings pin: manage
+        /// it from elsewhere with `hybridlink hc --api https://HOST:PORT
+        /// --api-cert-sha256 HEX` (HEX: `cert_sha256` of the ready line, or
+        /// any connection string's CertificateSha256).
+        #[arg(long)]
+        api_tls: bool,
         /// Host name or address written into connection strings (what the
         /// agents and senders should dial). Defaults to the listen address.
         #[arg(long, env = "HYBRIDLINK_PUBLIC_HOST")]
@@ -163,6 +170,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             data_dir,
             listen,
             api,
+            api_tls,
             public_host,
             public_port,
             max_hcs,
@@ -180,6 +188,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 data_dir: data_dir.clone(),
                 listen,
                 api,
+                api_tls,
                 public_host,
                 public_port,
                 limits: relay::Limits {
@@ -200,6 +209,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             let mut ready = serde_json::json!({
                 "listen": relay.listen.to_string(),
                 "api": relay.api.to_string(),
+                "api_url": format!("{}://{}", if relay.api_tls { "https" } else { "http" }, relay.api),
                 "cert_sha256": hex_encode(&relay.cert_sha256),
                 "max_pipes": relay.limits.max_pipes,
                 "max_pipes_per_hc": relay.limits.pipes_per_hc(),

@@ -21,12 +21,37 @@ pub struct SendArgs {
     pub wait: u64,
 }
 
+/// Where `connect` and `forward` take their send connection string from.
+#[derive(Args, Debug)]
+pub struct StringArgs {
+    /// A send connection string (`hybridlink hc keys NAME`). Other users of
+    /// this machine can read a command line: prefer
+    /// --connection-string-file or HYBRIDLINK_CONNECTION_STRING.
+    #[arg(value_name = "CONNECTION_STRING")]
+    pub connection_string: Option<ConnectionString>,
+    /// Read the send connection string from FILE, or from standard input
+    /// with `-` (one line; `#` starts a comment). Without this or the
+    /// argument, HYBRIDLINK_CONNECTION_STRING holds it.
+    #[arg(long, value_name = "FILE")]
+    pub connection_string_file: Option<std::path::PathBuf>,
+}
+
+impl StringArgs {
+    /// The one connection string, wherever it was given.
+    fn resolve(self) -> anyhow::Result<ConnectionString> {
+        crate::connection_strings::gather_one(
+            self.connection_string,
+            self.connection_string_file.as_deref(),
+            crate::connection_strings::from_env(),
+        )
+    }
+}
+
 /// `hybridlink connect`.
 #[derive(Args, Debug)]
 pub struct ConnectArgs {
-    /// A send connection string (`hybridlink hc keys NAME`).
-    #[arg(env = "HYBRIDLINK_CONNECTION_STRING")]
-    pub connection_string: ConnectionString,
+    #[command(flatten)]
+    pub strings: StringArgs,
     /// Only check reachability, like a tcpping: open one stream (the agent
     /// dials the target), print how long that took, close it. Exit 1 with
     /// the reason when the relay, the agent or the target refuses.
@@ -42,9 +67,8 @@ pub struct ForwardArgs {
     /// Local address to listen on, e.g. 127.0.0.1:5432.
     #[arg(long)]
     pub listen: SocketAddr,
-    /// A send connection string (`hybridlink hc keys NAME`).
-    #[arg(env = "HYBRIDLINK_CONNECTION_STRING")]
-    pub connection_string: ConnectionString,
+    #[command(flatten)]
+    pub strings: StringArgs,
     #[command(flatten)]
     pub send: SendArgs,
 }
@@ -61,7 +85,15 @@ fn sender(cs: &ConnectionString, args: &SendArgs, label: &str) -> anyhow::Result
 /// Joins one stream to stdin/stdout. stdin's end is passed on as a
 /// half-close; the command ends when the remote side closes.
 pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
-    let cs = args.connection_string;
+    if !args.check
+        && args.strings.connection_string_file.as_deref() == Some(std::path::Path::new("-"))
+    {
+        return Err(crate::connection_strings::UsageError(
+            "connect joins standard input to the stream, so it cannot also read the connection string there; give it in a file or in HYBRIDLINK_CONNECTION_STRING (`connect --check` may read it from standard input)".into(),
+        )
+        .into());
+    }
+    let cs = args.strings.resolve()?;
     let sender = sender(&cs, &args.send, "connect")?;
     let started = std::time::Instant::now();
     let stream = sender.open(&cs.hc).await?;
@@ -113,7 +145,7 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
 
 /// Accepts local connections and forwards each through its own stream.
 pub async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
-    let cs = args.connection_string;
+    let cs = args.strings.resolve()?;
     let sender = sender(&cs, &args.send, "forward")?;
     let listener = TcpListener::bind(args.listen)
         .await

@@ -1,13 +1,16 @@
 //! The management REST API: create, list, show and delete hybrid
-//! connections, and read and regenerate their keys.
+//! connections, read and regenerate their keys, and the relay's own two
+//! manage keys.
 //!
-//! It speaks plain HTTP and is meant to be bound to loopback (the CLI on the
-//! relay's host uses it); put it behind a TLS proxy if it must be reached
-//! from elsewhere. Every request under `/api/` needs `Authorization: Bearer
-//! <manage key>` (the relay-wide key in `DATA_DIR/manage.key`) or
-//! `Authorization: SharedAccessSignature ...`, a SAS token for the resource
-//! `https://RELAY/manage` signed with that key under the rule name `manage`.
-//! Every error is a JSON body `{"error": "<one line a person can act on>"}`.
+//! It speaks HTTP, or HTTPS with the relay's own certificate (`relay serve
+//! --api-tls`, see [`crate::run`]); plain HTTP is meant for loopback, where
+//! the CLI on the relay's host uses it. Every request under `/api/` needs
+//! `Authorization: Bearer <manage key>` or `Authorization:
+//! SharedAccessSignature ...`, a SAS token for the resource
+//! `https://RELAY/manage` signed under the rule name `manage`; either of the
+//! relay's two manage keys (primary, in `DATA_DIR/manage.key`, and
+//! secondary) does. Every error is a JSON body `{"error": "<one line a
+//! person can act on>"}`.
 //!
 //! | method and path | answer |
 //! | --- | --- |
@@ -20,6 +23,8 @@
 //! | `PATCH /api/v1/hcs/{name}` `{"host"?, "port"?}` | the HC with its new endpoint (agents use it for new streams) |
 //! | `GET /api/v1/hcs/{name}/status` | `RelayHcStatus`: `Connected` or `Not connected`, the agents |
 //! | `GET /api/v1/status` | `[RelayHcStatus, ...]` |
+//! | `GET /api/v1/manage-keys` | `{"primary","secondary"}`: the manage keys |
+//! | `POST /api/v1/manage-keys/regenerate` `{"key"}` | `{"primary","secondary"}` with the new key; the old one is refused from then on |
 //! | `GET /openapi.json` | the OpenAPI 3 description of all of this (no key needed) |
 //! | `GET /`, `GET /portal/{app.js,style.css,icon.svg}` | the portal, a web page over this API ([`crate::portal`]; no key needed, the page asks for it) |
 //!
@@ -61,7 +66,8 @@ pub struct ApiState {
     pub hub: Hub,
 }
 
-/// The management API, to be served over plain HTTP on a loopback address.
+/// The management API, to be served over HTTPS, or plain HTTP on a loopback
+/// address.
 pub fn router(state: ApiState) -> Router {
     let api = Router::new()
         .route("/api/v1/hcs", get(list_hcs).post(create_hc))
@@ -73,6 +79,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/hcs/{name}/keys/regenerate", post(regenerate_key))
         .route("/api/v1/hcs/{name}/status", get(hc_status))
         .route("/api/v1/status", get(all_status))
+        .route("/api/v1/manage-keys", get(show_manage_keys))
+        .route(
+            "/api/v1/manage-keys/regenerate",
+            post(regenerate_manage_key),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
@@ -289,6 +300,13 @@ struct RegenerateBody {
     key: String,
 }
 
+/// Body of `POST /api/v1/manage-keys/regenerate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegenerateManageBody {
+    key: String,
+}
+
 /// An error answer: a status and a one-line reason.
 #[derive(Debug)]
 struct ApiError(StatusCode, String);
@@ -334,10 +352,14 @@ async fn authorize(State(state): State<ApiState>, request: Request, next: Next) 
         ),
         Some(value) => match value.split_once(' ') {
             Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => {
-                if state.registry.manage_key().matches(key.trim()) {
+                let keys = state.registry.manage_keys();
+                // Both compared, so the time taken does not say which matched.
+                let primary = keys.primary.matches(key.trim());
+                let secondary = keys.secondary.matches(key.trim());
+                if primary | secondary {
                     None
                 } else {
-                    Some("wrong manage key; use the key in the relay's DATA_DIR/manage.key".to_owned())
+                    Some("wrong manage key; use the key in the relay's DATA_DIR/manage.key, or the secondary manage key (it may have been regenerated)".to_owned())
                 }
             }
             Some((scheme, _)) if scheme.eq_ignore_ascii_case("sharedaccesssignature") => {
@@ -361,14 +383,14 @@ async fn authorize(State(state): State<ApiState>, request: Request, next: Next) 
 }
 
 /// Checks a SAS token for the management API: resource `.../manage`, key
-/// name `manage`, signed with the manage key. `None` when it is good.
+/// name `manage`, signed with either manage key. `None` when it is good.
 fn manage_token_error(state: &ApiState, token: &str) -> Option<String> {
-    let key = state.registry.manage_key();
+    let keys = state.registry.manage_keys();
     let rule = proto::sas::RuleKeys {
         name: Right::Manage.rule_name(),
         right: Right::Manage,
-        primary: &key,
-        secondary: &key,
+        primary: &keys.primary,
+        secondary: &keys.secondary,
     };
     // The token's resource ends in `/manage`, which parses as a name.
     let hc: HcName = "manage".parse().ok()?;
@@ -380,8 +402,11 @@ fn manage_token_error(state: &ApiState, token: &str) -> Option<String> {
         .and_then(|v| v.within(now, max_lifetime))
     {
         Ok(_) => None,
+        Err(proto::sas::SasError::BadSignature { .. }) => Some(
+            "management token refused: it was signed with a key that is neither of the relay's manage keys, or was altered (a manage key may have been regenerated: the primary is in DATA_DIR/manage.key, `hybridlink hc manage-keys show` prints both)".to_owned(),
+        ),
         Err(e) => Some(format!(
-            "management token refused: {e} (sign the resource `https://RELAY/manage` with key name `manage` and the manage key)"
+            "management token refused: {e} (sign the resource `https://RELAY/manage` with key name `manage` and a manage key)"
         )),
     }
 }
@@ -389,7 +414,7 @@ fn manage_token_error(state: &ApiState, token: &str) -> Option<String> {
 async fn not_found() -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
-        "no such API endpoint; the API lives under /api/v1/hcs".to_owned(),
+        "no such API endpoint; the API lives under /api/v1/hcs, /api/v1/status and /api/v1/manage-keys".to_owned(),
     )
 }
 
@@ -531,6 +556,22 @@ async fn regenerate_key(
         connection_strings: connection_strings(&state, &hc),
         name: hc.name,
     }))
+}
+
+async fn show_manage_keys(State(state): State<ApiState>) -> axum::Json<SlotKeys> {
+    axum::Json(state.registry.manage_keys())
+}
+
+async fn regenerate_manage_key(
+    State(state): State<ApiState>,
+    body: Bytes,
+) -> ApiResult<axum::Json<SlotKeys>> {
+    let body: RegenerateManageBody = parse_body(&body)?;
+    let slot: KeySlot = body.key.parse().map_err(ApiError::bad_request)?;
+    let registry = state.registry.clone();
+    let keys = blocking(move || registry.regenerate_manage_key(slot)).await?;
+    tracing::info!(key = %slot, "manage key regenerated; requests made with the old one are refused");
+    Ok(axum::Json(keys))
 }
 
 #[cfg(test)]

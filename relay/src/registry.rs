@@ -1,11 +1,18 @@
 //! The hybrid-connection registry: every HC the relay knows, its endpoint and
-//! its keys, plus the relay-wide `manage` key.
+//! its keys, plus the relay-wide `manage` rule's two keys.
 //!
 //! It lives in `DATA_DIR/registry.json` (mode 0600: it holds every key). The
-//! manage key is also written to `DATA_DIR/manage.key` (mode 0600) so that
-//! the CLI on the same host can authenticate to the management API;
+//! primary manage key is also written to `DATA_DIR/manage.key` (mode 0600) so
+//! that the CLI on the same host can authenticate to the management API;
 //! `registry.json` is authoritative and `manage.key` is rewritten from it at
-//! start when it is missing or differs.
+//! start when it is missing or differs, and whenever the primary is
+//! regenerated. Like every rule, `manage` has a primary and a secondary key,
+//! so that one can be replaced while the tools that manage the relay move to
+//! the other.
+//!
+//! Format version 1 held a single manage key (`manage_key`); such a file is
+//! read with that key as the primary, a fresh secondary is made, and the
+//! file is rewritten as version 2 at once.
 //!
 //! Every change is written to disk before it becomes visible: the new state
 //! goes to a temporary file, which is fsynced, renamed over the old file, and
@@ -39,8 +46,12 @@ pub const REGISTRY_FILE: &str = "registry.json";
 /// File name of the manage key inside the data directory.
 pub const MANAGE_KEY_FILE: &str = "manage.key";
 
-/// Version of the `registry.json` format this code reads and writes.
-pub const REGISTRY_VERSION: u32 = 1;
+/// Version of the `registry.json` format this code writes (it also reads
+/// version 1, [`REGISTRY_VERSION_ONE_MANAGE_KEY`]).
+pub const REGISTRY_VERSION: u32 = 2;
+
+/// The format version that held a single manage key.
+pub const REGISTRY_VERSION_ONE_MANAGE_KEY: u32 = 1;
 
 /// How many events a slow subscriber may fall behind before it sees
 /// [`broadcast::error::RecvError::Lagged`].
@@ -79,7 +90,7 @@ pub enum RegistryError {
     },
     /// `registry.json` was written by a newer version.
     #[error(
-        "{path} has format version {found}, but this relay reads version {REGISTRY_VERSION}; run a newer hybridlink"
+        "{path} has format version {found}, but this relay reads versions 1 and {REGISTRY_VERSION}; run a newer hybridlink"
     )]
     UnsupportedVersion {
         /// The file.
@@ -115,6 +126,17 @@ pub enum RegistryError {
     /// Regenerate of a rule HCs do not have.
     #[error("hybrid connections have no {0} rule; regenerate send or listen")]
     NoSuchRule(Right),
+    /// The primary manage key was replaced and saved in `registry.json`, but
+    /// `manage.key` could not be rewritten.
+    #[error(
+        "the primary manage key was regenerated, but {path} could not be rewritten: {source}; the relay rewrites it at its next start (until then use the secondary key, or read the new one with `hybridlink hc manage-keys show`)"
+    )]
+    ManageKeyFile {
+        /// `manage.key`.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
     /// `create` beyond the relay's limit of hybrid connections.
     #[error(
         "this relay already holds {0} hybrid connections, its limit (relay serve --max-hcs); delete one first"
@@ -269,6 +291,25 @@ pub enum RegistryEvent {
         /// Its name.
         name: HcName,
     },
+    /// One of the two manage keys was regenerated. The management API checks
+    /// every request against the current keys, so nothing has to end.
+    ManageKeyRegenerated {
+        /// The slot that changed.
+        slot: KeySlot,
+    },
+}
+
+impl RegistryEvent {
+    /// The HC the change is about, if it is about one.
+    pub fn hc(&self) -> Option<&HcName> {
+        match self {
+            RegistryEvent::Created { name }
+            | RegistryEvent::Deleted { name }
+            | RegistryEvent::KeysChanged { name, .. }
+            | RegistryEvent::Updated { name } => Some(name),
+            RegistryEvent::ManageKeyRegenerated { .. } => None,
+        }
+    }
 }
 
 /// What `registry.json` holds.
@@ -276,13 +317,29 @@ pub enum RegistryEvent {
 #[serde(deny_unknown_fields)]
 struct RegistryFile {
     version: u32,
+    manage_keys: SlotKeys,
+    hcs: Vec<HcRecord>,
+}
+
+/// What `registry.json` held in format version 1: one manage key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFileOneManageKey {
+    #[allow(dead_code)] // Checked before this is parsed.
+    version: u32,
     manage_key: Key,
     hcs: Vec<HcRecord>,
 }
 
-#[derive(Debug)]
+/// Just the version of a `registry.json`, to know how to read the rest.
+#[derive(Debug, Deserialize)]
+struct VersionOnly {
+    version: u32,
+}
+
+#[derive(Debug, Clone)]
 struct State {
-    manage_key: Key,
+    manage_keys: SlotKeys,
     hcs: BTreeMap<HcName, HcRecord>,
 }
 
@@ -313,32 +370,19 @@ impl Registry {
         let path = dir.join(REGISTRY_FILE);
         let state = match fs::read(&path) {
             Ok(bytes) => {
-                let file: RegistryFile =
-                    serde_json::from_slice(&bytes).map_err(|source| RegistryError::Corrupt {
-                        path: path.clone(),
-                        source,
-                    })?;
-                if file.version != REGISTRY_VERSION {
-                    return Err(RegistryError::UnsupportedVersion {
-                        path,
-                        found: file.version,
-                    });
+                let (state, migrated) = parse_file(&path, &bytes)?;
+                if migrated {
+                    save(dir, &state)?;
+                    tracing::info!(
+                        path = %path.display(),
+                        "registry upgraded to format version {REGISTRY_VERSION}: the manage key is now the primary, and a secondary manage key was made"
+                    );
                 }
-                let mut hcs = BTreeMap::new();
-                for hc in file.hcs {
-                    let name = hc.name.clone();
-                    if hcs.insert(name.clone(), hc).is_some() {
-                        return Err(RegistryError::DuplicateInFile { path, name });
-                    }
-                }
-                State {
-                    manage_key: file.manage_key,
-                    hcs,
-                }
+                state
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let state = State {
-                    manage_key: Key::generate()?,
+                    manage_keys: SlotKeys::generate()?,
                     hcs: BTreeMap::new(),
                 };
                 save(dir, &state)?;
@@ -346,7 +390,7 @@ impl Registry {
             }
             Err(source) => return Err(RegistryError::Read { path, source }),
         };
-        sync_manage_key_file(dir, &state.manage_key)?;
+        sync_manage_key_file(dir, &state.manage_keys.primary)?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Ok(Registry {
             inner: Arc::new(Inner {
@@ -381,9 +425,34 @@ impl Registry {
         self.lock().hcs.get(name).cloned()
     }
 
-    /// The relay-wide manage key, which guards the management API.
+    /// The relay-wide primary manage key (the one in `manage.key`).
     pub fn manage_key(&self) -> Key {
-        self.lock().manage_key.clone()
+        self.lock().manage_keys.primary.clone()
+    }
+
+    /// Both manage keys; either one opens the management API.
+    pub fn manage_keys(&self) -> SlotKeys {
+        self.lock().manage_keys.clone()
+    }
+
+    /// Replaces one manage key with a fresh one and returns both. Requests
+    /// made with the old key are refused from now on; the other key keeps
+    /// working. A new primary is also written to `manage.key`.
+    pub fn regenerate_manage_key(&self, slot: KeySlot) -> Result<SlotKeys, RegistryError> {
+        let key = Key::generate()?;
+        let keys = self.change(RegistryEvent::ManageKeyRegenerated { slot }, |state| {
+            *state.manage_keys.get_mut(slot) = key.clone();
+            Ok(state.manage_keys.clone())
+        })?;
+        if slot == KeySlot::Primary {
+            sync_manage_key_file(&self.inner.dir, &keys.primary).map_err(|e| match e {
+                RegistryError::Write { path, source } | RegistryError::Read { path, source } => {
+                    RegistryError::ManageKeyFile { path, source }
+                }
+                other => other,
+            })?;
+        }
+        Ok(keys)
     }
 
     /// Creates an HC with fresh keys. Fails if the name is taken.
@@ -400,7 +469,8 @@ impl Registry {
             .inner
             .max_hcs
             .load(std::sync::atomic::Ordering::Relaxed);
-        self.change(RegistryEvent::Created { name: name.clone() }, |hcs| {
+        self.change(RegistryEvent::Created { name: name.clone() }, |state| {
+            let hcs = &mut state.hcs;
             if hcs.contains_key(&name) {
                 return Err(RegistryError::Duplicate(name.clone()));
             }
@@ -414,8 +484,10 @@ impl Registry {
 
     /// Deletes an HC and returns what it was.
     pub fn delete(&self, name: &HcName) -> Result<HcRecord, RegistryError> {
-        self.change(RegistryEvent::Deleted { name: name.clone() }, |hcs| {
-            hcs.remove(name)
+        self.change(RegistryEvent::Deleted { name: name.clone() }, |state| {
+            state
+                .hcs
+                .remove(name)
                 .ok_or_else(|| RegistryError::NotFound(name.clone()))
         })
     }
@@ -437,8 +509,9 @@ impl Registry {
             right,
             slot,
         };
-        self.change(event, |hcs| {
-            let hc = hcs
+        self.change(event, |state| {
+            let hc = state
+                .hcs
                 .get_mut(name)
                 .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
             let keys = match right {
@@ -464,8 +537,9 @@ impl Registry {
         name: &HcName,
         endpoint: Endpoint,
     ) -> Result<HcRecord, RegistryError> {
-        self.change(RegistryEvent::Updated { name: name.clone() }, |hcs| {
-            let hc = hcs
+        self.change(RegistryEvent::Updated { name: name.clone() }, |state| {
+            let hc = state
+                .hcs
                 .get_mut(name)
                 .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
             hc.endpoint = endpoint.clone();
@@ -487,20 +561,16 @@ impl Registry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Applies `edit` to a copy of the HCs, writes the result, then makes it
-    /// current and announces `event`. On any error nothing changes.
+    /// Applies `edit` to a copy of the state, writes the result, then makes
+    /// it current and announces `event`. On any error nothing changes.
     fn change<T>(
         &self,
         event: RegistryEvent,
-        edit: impl FnOnce(&mut BTreeMap<HcName, HcRecord>) -> Result<T, RegistryError>,
+        edit: impl FnOnce(&mut State) -> Result<T, RegistryError>,
     ) -> Result<T, RegistryError> {
         let mut state = self.lock();
-        let mut hcs = state.hcs.clone();
-        let out = edit(&mut hcs)?;
-        let next = State {
-            manage_key: state.manage_key.clone(),
-            hcs,
-        };
+        let mut next = state.clone();
+        let out = edit(&mut next)?;
         save(&self.inner.dir, &next)?;
         *state = next;
         drop(state);
@@ -527,10 +597,57 @@ fn create_data_dir(dir: &Path) -> Result<(), RegistryError> {
         })
 }
 
+/// The state a `registry.json` holds, and whether it was in an older format
+/// (to be rewritten in the current one).
+fn parse_file(path: &Path, bytes: &[u8]) -> Result<(State, bool), RegistryError> {
+    let corrupt = |source| RegistryError::Corrupt {
+        path: path.to_owned(),
+        source,
+    };
+    let version = serde_json::from_slice::<VersionOnly>(bytes)
+        .map_err(corrupt)?
+        .version;
+    let (manage_keys, hcs, migrated) = match version {
+        REGISTRY_VERSION => {
+            let file: RegistryFile = serde_json::from_slice(bytes).map_err(corrupt)?;
+            (file.manage_keys, file.hcs, false)
+        }
+        REGISTRY_VERSION_ONE_MANAGE_KEY => {
+            let file: RegistryFileOneManageKey = serde_json::from_slice(bytes).map_err(corrupt)?;
+            let keys = SlotKeys {
+                primary: file.manage_key,
+                secondary: Key::generate()?,
+            };
+            (keys, file.hcs, true)
+        }
+        found => {
+            return Err(RegistryError::UnsupportedVersion {
+                path: path.to_owned(),
+                found,
+            });
+        }
+    };
+    let mut by_name = BTreeMap::new();
+    for hc in hcs {
+        let name = hc.name.clone();
+        if by_name.insert(name.clone(), hc).is_some() {
+            return Err(RegistryError::DuplicateInFile {
+                path: path.to_owned(),
+                name,
+            });
+        }
+    }
+    let state = State {
+        manage_keys,
+        hcs: by_name,
+    };
+    Ok((state, migrated))
+}
+
 fn save(dir: &Path, state: &State) -> Result<(), RegistryError> {
     let file = RegistryFile {
         version: REGISTRY_VERSION,
-        manage_key: state.manage_key.clone(),
+        manage_keys: state.manage_keys.clone(),
         hcs: state.hcs.values().cloned().collect(),
     };
     let mut json = serde_json::to_vec_pretty(&file).map_err(|e| RegistryError::Write {
@@ -706,7 +823,7 @@ mod tests {
 
         let newer = String::from_utf8(good.clone())
             .unwrap()
-            .replace("\"version\": 1", "\"version\": 7");
+            .replace("\"version\": 2", "\"version\": 7");
         fs::write(&path, newer).unwrap();
         assert!(matches!(
             Registry::open(dir.path()),
@@ -734,6 +851,80 @@ mod tests {
         fs::write(&key_path, "stale").unwrap();
         Registry::open(dir.path()).unwrap();
         assert_eq!(fs::read_to_string(&key_path).unwrap().trim(), key.as_str());
+    }
+
+    #[test]
+    fn a_version_one_file_keeps_its_key_as_primary_and_gains_a_secondary() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_key = Key::generate().unwrap();
+        let send = SlotKeys::generate().unwrap();
+        let listen = SlotKeys::generate().unwrap();
+        let v1 = serde_json::json!({
+            "version": 1,
+            "manage_key": old_key.as_str(),
+            "hcs": [{
+                "name": "payroll",
+                "endpoint": "sql:1433",
+                "created_unix": 1_700_000_000u64,
+                "send": {"primary": send.primary.as_str(), "secondary": send.secondary.as_str()},
+                "listen": {"primary": listen.primary.as_str(), "secondary": listen.secondary.as_str()},
+            }],
+        });
+        fs::write(dir.path().join(REGISTRY_FILE), v1.to_string()).unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        let keys = registry.manage_keys();
+        assert_eq!(keys.primary, old_key);
+        assert_ne!(keys.secondary, old_key);
+        let hc = registry.get(&name("payroll")).unwrap();
+        assert_eq!((hc.send, hc.listen), (send, listen));
+        // Rewritten in the current format at once, the same keys on reopen.
+        let text = fs::read_to_string(dir.path().join(REGISTRY_FILE)).unwrap();
+        assert!(text.contains("\"version\": 2"), "{text}");
+        assert!(!text.contains("\"manage_key\""), "{text}");
+        assert_eq!(Registry::open(dir.path()).unwrap().manage_keys(), keys);
+        let on_disk = fs::read_to_string(dir.path().join(MANAGE_KEY_FILE)).unwrap();
+        assert_eq!(on_disk.trim(), old_key.as_str());
+    }
+
+    #[test]
+    fn regenerating_a_manage_key_replaces_only_that_one_and_manage_key_follows_the_primary() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        let mut events = registry.subscribe();
+        let before = registry.manage_keys();
+        assert_ne!(before.primary, before.secondary);
+
+        let after = registry.regenerate_manage_key(KeySlot::Secondary).unwrap();
+        assert_eq!(after.primary, before.primary);
+        assert_ne!(after.secondary, before.secondary);
+        let key_file = dir.path().join(MANAGE_KEY_FILE);
+        assert_eq!(
+            fs::read_to_string(&key_file).unwrap().trim(),
+            before.primary.as_str()
+        );
+
+        let last = registry.regenerate_manage_key(KeySlot::Primary).unwrap();
+        assert_ne!(last.primary, before.primary);
+        assert_eq!(last.secondary, after.secondary);
+        assert_eq!(
+            fs::read_to_string(&key_file).unwrap().trim(),
+            last.primary.as_str()
+        );
+        assert_eq!(registry.manage_key(), last.primary);
+        assert_eq!(Registry::open(dir.path()).unwrap().manage_keys(), last);
+        let seen: Vec<_> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+        assert_eq!(
+            seen,
+            [
+                RegistryEvent::ManageKeyRegenerated {
+                    slot: KeySlot::Secondary
+                },
+                RegistryEvent::ManageKeyRegenerated {
+                    slot: KeySlot::Primary
+                },
+            ]
+        );
+        assert_eq!(seen[0].hc(), None);
     }
 
     #[test]

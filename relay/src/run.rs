@@ -21,8 +21,12 @@ pub struct RelayConfig {
     pub data_dir: PathBuf,
     /// The one port agents and senders dial (control channels and pipes).
     pub listen: SocketAddr,
-    /// The management API (plain HTTP; keep it on loopback or behind a proxy).
+    /// The management API (plain HTTP unless `api_tls`: then keep it on
+    /// loopback or behind a TLS proxy).
     pub api: SocketAddr,
+    /// Serve the management API over TLS with the relay's certificate (see
+    /// [`crate::api_tls`]).
+    pub api_tls: bool,
     /// Host name written into connection strings; defaults to the listen IP.
     pub public_host: Option<String>,
     /// Port written into connection strings; defaults to the bound port.
@@ -163,6 +167,8 @@ pub struct RunningRelay {
     pub listen: SocketAddr,
     /// Where the management API is bound.
     pub api: SocketAddr,
+    /// Whether the management API is served over TLS.
+    pub api_tls: bool,
     /// SHA-256 of the relay certificate, as in connection strings.
     pub cert_sha256: [u8; 32],
     /// The live state; its metrics are [`Hub::render_metrics`].
@@ -250,11 +256,30 @@ impl RelayConfig {
             }),
         )));
         let router = api::router(state);
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(api_listener, router).await {
-                tracing::error!(error = %e, "management API stopped");
+        if self.api_tls {
+            let listener = crate::api_tls::TlsListener::new(api_listener, identity.server_config())
+                .map_err(|source| RelayError::Bind {
+                    addr: self.api,
+                    source,
+                })?;
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::error!(error = %e, "management API stopped");
+                }
+            }));
+        } else {
+            if !api.ip().is_loopback() {
+                tracing::warn!(
+                    %api,
+                    "the management API is plain HTTP on an address that is not loopback: whatever crosses the network to it can be read; add --api-tls, or bind it to 127.0.0.1"
+                );
             }
-        }));
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(api_listener, router).await {
+                    tracing::error!(error = %e, "management API stopped");
+                }
+            }));
+        }
         // Tokens expire; sessions whose keys change or whose HC goes away are
         // re-checked at once.
         let sweeper = hub.clone();
@@ -271,13 +296,11 @@ impl RelayConfig {
             loop {
                 match changes.recv().await {
                     Ok(event) => {
-                        let name = match &event {
-                            registry::RegistryEvent::Created { name } => name,
-                            registry::RegistryEvent::Deleted { name } => name,
-                            registry::RegistryEvent::KeysChanged { name, .. } => name,
-                            registry::RegistryEvent::Updated { name } => name,
-                        };
-                        watcher.recheck(name);
+                        // Manage keys guard only the API, which checks them on
+                        // every request: no session depends on them.
+                        if let Some(name) = event.hc() {
+                            watcher.recheck(name);
+                        }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         for name in watcher.attached_hcs() {
@@ -288,10 +311,11 @@ impl RelayConfig {
                 }
             }
         }));
-        info!(%listen, %api, "relay serving");
+        info!(%listen, %api, api_tls = self.api_tls, "relay serving");
         Ok(RunningRelay {
             listen,
             api,
+            api_tls: self.api_tls,
             cert_sha256: identity.cert_sha256(),
             hub,
             limits,

@@ -530,6 +530,8 @@ async fn the_openapi_document_is_public_and_describes_every_route() {
         ("/api/v1/hcs/{name}/keys/regenerate", &["post"][..]),
         ("/api/v1/hcs/{name}/status", &["get"][..]),
         ("/api/v1/status", &["get"][..]),
+        ("/api/v1/manage-keys", &["get"][..]),
+        ("/api/v1/manage-keys/regenerate", &["post"][..]),
     ] {
         for m in methods {
             assert!(paths[path][m].is_object(), "{m} {path} is not described");
@@ -624,7 +626,7 @@ async fn a_sas_token_signed_with_the_manage_key_is_accepted() {
     let cases = [
         (
             proto::sas::sign("https://relay.example/manage", "manage", &other, now + 60),
-            "signed with a key",
+            "neither of the relay's manage keys",
         ),
         (
             proto::sas::sign("https://relay.example/manage", "manage", &key, now - 10),
@@ -658,4 +660,99 @@ async fn a_sas_token_signed_with_the_manage_key_is_accepted() {
         assert_eq!(status, 401, "{token}: {body}");
         assert!(error_of(&body).contains(reason), "{token}: {body}");
     }
+}
+
+#[tokio::test]
+async fn either_manage_key_opens_the_api_and_regenerating_one_refuses_only_it() {
+    let api = start().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |key: &proto::key::Key| {
+        proto::sas::sign("https://relay.example/manage", "manage", key, now + 300)
+    };
+    let get = |auth: String| async move {
+        raw(api.addr, "GET", "/api/v1/manage-keys", Some(&auth), None).await
+    };
+
+    let (status, keys) = api.call("GET", "/api/v1/manage-keys", None).await;
+    assert_eq!(status, 200, "{keys}");
+    let primary: proto::key::Key = keys["primary"].as_str().unwrap().parse().unwrap();
+    let secondary: proto::key::Key = keys["secondary"].as_str().unwrap().parse().unwrap();
+    assert_eq!(primary, api.registry.manage_key());
+    assert_ne!(primary, secondary);
+    for key in [&primary, &secondary] {
+        assert_eq!(get(format!("Bearer {}", key.as_str())).await.0, 200);
+        assert_eq!(get(token(key)).await.0, 200);
+    }
+
+    // Regenerate the secondary, signed in with it: the answer still comes,
+    // then the old secondary is refused and the primary is untouched.
+    let (status, after) = raw(
+        api.addr,
+        "POST",
+        "/api/v1/manage-keys/regenerate",
+        Some(&format!("Bearer {}", secondary.as_str())),
+        Some(r#"{"key":"secondary"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["primary"], primary.as_str());
+    let new_secondary: proto::key::Key = after["secondary"].as_str().unwrap().parse().unwrap();
+    assert_ne!(new_secondary, secondary);
+    for auth in [format!("Bearer {}", secondary.as_str()), token(&secondary)] {
+        let (status, body) = get(auth).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    assert_eq!(get(format!("Bearer {}", primary.as_str())).await.0, 200);
+    assert_eq!(get(token(&new_secondary)).await.0, 200);
+
+    // The same for the primary, which manage.key follows.
+    let (status, after) = raw(
+        api.addr,
+        "POST",
+        "/api/v1/manage-keys/regenerate",
+        Some(&token(&new_secondary)),
+        Some(r#"{"key":"primary"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{after}");
+    let new_primary = api.registry.manage_key();
+    assert_eq!(after["primary"], new_primary.as_str());
+    assert_eq!(after["secondary"], new_secondary.as_str());
+    let (status, body) = get(format!("Bearer {}", primary.as_str())).await;
+    assert_eq!(status, 401);
+    assert!(error_of(&body).contains("wrong manage key"), "{body}");
+    let (status, body) = get(token(&primary)).await;
+    assert_eq!(status, 401);
+    assert!(error_of(&body).contains("manage-keys show"), "{body}");
+    assert_eq!(get(format!("Bearer {}", new_primary.as_str())).await.0, 200);
+    let on_disk = std::fs::read_to_string(api.registry.dir().join("manage.key")).unwrap();
+    assert_eq!(on_disk.trim(), new_primary.as_str());
+}
+
+#[tokio::test]
+async fn regenerating_a_manage_key_needs_a_slot_it_knows() {
+    let api = start().await;
+    let before = api.registry.manage_keys();
+    for (body, reason) in [
+        (json!({"key": "tertiary"}), "unknown key"),
+        (
+            json!({"rule": "manage", "key": "primary"}),
+            "not valid JSON",
+        ),
+        (json!({}), "not valid JSON"),
+    ] {
+        let (status, answer) = api
+            .call("POST", "/api/v1/manage-keys/regenerate", Some(body))
+            .await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(error_of(&answer).contains(reason), "{answer}");
+    }
+    assert_eq!(api.registry.manage_keys(), before);
+    let (status, _) = api.call("DELETE", "/api/v1/manage-keys", None).await;
+    assert_eq!(status, 405);
+    let (status, _) = raw(api.addr, "GET", "/api/v1/manage-keys", None, None).await;
+    assert_eq!(status, 401);
 }

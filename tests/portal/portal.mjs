@@ -59,10 +59,11 @@ async function until(what, check, ms = 15000) {
 }
 
 /** The API called directly, as the harness (not through the page). */
-async function direct(method, path, body) {
+let harnessKey = key;
+async function direct(method, path, body, as = harnessKey) {
   const response = await fetch(api + path, {
     method,
-    headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
+    headers: { Authorization: `Bearer ${as}`, 'Content-Type': 'application/json' },
     body: body && JSON.stringify(body),
   });
   return { status: response.status, body: await response.json() };
@@ -165,7 +166,7 @@ try {
       send: [keys.body.connection_strings.send.primary, keys.body.connection_strings.send.secondary],
     },
   );
-  assert.equal(await text('#setup-command'), `hybridlink agent install --connection-string '${listen}'`);
+  assert.equal(await text('#setup-command'), `hybridlink agent install --connection-string-file - <<'EOF'\n${listen}\nEOF`);
   await shown('#d-status', /^Not connected$/);
   await shown('#agents-empty', /No agent is connected/);
 
@@ -267,6 +268,36 @@ try {
   await until('payroll gone from the list', async () => (await page.locator(row('payroll')).count()) === 0);
   await shown(row('billing'), /Not connected/);
   assert.deepEqual((await direct('GET', '/api/v1/hcs')).body.map((hc) => hc.name), ['billing']);
+
+  step('manage keys: regenerate the secondary, then the primary this tab signed in with');
+  const before = (await direct('GET', '/api/v1/manage-keys')).body;
+  await until('the manage keys shown', async () =>
+    (await text('#mk-primary')) === before.primary && (await text('#mk-secondary')) === before.secondary);
+  await page.click('[data-manage-key="secondary"]');
+  await page.locator('#confirm').waitFor();
+  assert.match(await text('#confirm-title'), /^Regenerate the secondary manage key\?$/);
+  assert.doesNotMatch(await text('#confirm-text'), /This tab/);
+  await page.click('#confirm-ok');
+  await until('a new secondary manage key', async () => (await text('#mk-secondary')) !== before.secondary);
+  const secondary = await text('#mk-secondary');
+  assert.equal((await direct('GET', '/api/v1/status', undefined, before.secondary)).status, 401);
+  assert.equal((await direct('GET', '/api/v1/status', undefined, secondary)).status, 200);
+  assert.equal(await text('#mk-primary'), before.primary, 'only the secondary changed');
+  await page.click('[data-manage-key="primary"]');
+  await page.locator('#confirm').waitFor();
+  assert.match(await text('#confirm-text'), /This tab signed in with it and switches to the new key/);
+  await page.click('#confirm-ok');
+  await until('a new primary manage key', async () => (await text('#mk-primary')) !== before.primary);
+  const primary = await text('#mk-primary');
+  assert.equal(await page.evaluate(() => sessionStorage.getItem('hybridlink.manageKey')), primary);
+  assert.equal((await direct('GET', '/api/v1/status', undefined, before.primary)).status, 401);
+  harnessKey = primary;
+  assert.deepEqual((await direct('GET', '/api/v1/manage-keys')).body, { primary, secondary });
+  // The tab goes on with the new key: the list still refreshes.
+  await page.waitForTimeout(2500);
+  assert(await page.locator('#list').isVisible(), 'the tab was signed out');
+  await shown(row('billing'), /Not connected/);
+  await shot('manage-keys', true);
 
   step('a key the relay refuses brings the sign-in form back, with the reason');
   await page.evaluate(() => sessionStorage.setItem('hybridlink.manageKey', 'stale'));

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use hybridlink_tests::{Agent, Proc, Relay, binary, echo_server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -112,4 +112,167 @@ async fn forward_serves_a_local_port_and_resets_refused_streams() -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// `hybridlink ARGS...` with `stdin` written to its standard input and
+/// HYBRIDLINK_CONNECTION_STRING set to `env` (or unset).
+fn run_with(args: &[&str], stdin: &str, env: Option<&str>) -> Result<std::process::Output> {
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("HYBRIDLINK_CONNECTION_STRING");
+    if let Some(env) = env {
+        cmd.env("HYBRIDLINK_CONNECTION_STRING", env);
+    }
+    let mut child = cmd.spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(stdin.as_bytes())?;
+    Ok(child.wait_with_output()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connection_strings_come_from_files_stdin_and_the_environment() -> Result<()> {
+    let relay = Relay::start()?;
+    let echo = echo_server().await?;
+    let (send, listen) = relay.create_hc("quiet", echo)?;
+    let dir = tempfile::tempdir()?;
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, hybridlink_tests::TEST_POLICY)?;
+    let socket = dir.path().join("agent.sock");
+
+    // The agent reads its listen string from standard input, once.
+    let mut agent = Command::new(binary())
+        .args(["agent", "run", "--connection-string-file", "-", "--policy"])
+        .arg(&policy)
+        .arg("--status-socket")
+        .arg(&socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let mut stdin = agent.stdin.take().context("stdin")?;
+    stdin.write_all(format!("# payroll's listen string\n{listen}\n").as_bytes())?;
+    drop(stdin);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", agent.id()))?;
+    let key = listen.key.as_str();
+    let result = (|| -> Result<()> {
+        ensure!(
+            !String::from_utf8_lossy(&cmdline).contains(key),
+            "the key is on the agent's command line"
+        );
+        hybridlink_tests::wait_for("the agent to attach", 20, || {
+            let out = Command::new(binary())
+                .args(["agent", "status", "--json", "--status-socket"])
+                .arg(&socket)
+                .output()?;
+            Ok(String::from_utf8_lossy(&out.stdout).contains("\"connected\""))
+        })?;
+
+        // The send string from a file (mode 0600, with a comment), from
+        // standard input, and from the environment.
+        let file = dir.path().join("send.cs");
+        std::fs::write(&file, format!("# quiet\n{send}\n"))?;
+        let file = file.to_str().context("utf-8")?;
+        let send = send.to_string();
+        for (args, stdin, env) in [
+            (
+                &["connect", "--check", "--connection-string-file", file][..],
+                "",
+                None,
+            ),
+            (
+                &["connect", "--check", "--connection-string-file", "-"],
+                send.as_str(),
+                None,
+            ),
+            (&["connect", "--check"], "", Some(send.as_str())),
+        ] {
+            let out = run_with(args, stdin, env)?;
+            ensure!(
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("reachable"),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // connect's stream data still flows with the string from a file.
+        let out = run_with(
+            &["connect", "--connection-string-file", file],
+            "hello\n",
+            None,
+        )?;
+        ensure!(out.stdout == b"hello\n", "{out:?}");
+
+        // Clear errors: usage (2) for what is missing or malformed, 1 for
+        // a file that cannot be read.
+        let bad = dir.path().join("bad.cs");
+        std::fs::write(&bad, "Endpoint=sb://relay:1/;EntityPath=x\n")?;
+        let bad = bad.to_str().context("utf-8")?;
+        let missing = dir.path().join("missing.cs");
+        let missing = missing.to_str().context("utf-8")?;
+        for (args, env, code, says) in [
+            (
+                &["connect", "--check"][..],
+                None,
+                2,
+                "no connection string: give --connection-string-file",
+            ),
+            (
+                &["connect", "--check", "--connection-string-file", bad],
+                None,
+                2,
+                "line 1: connection string has no",
+            ),
+            (
+                &["connect", "--check", "--connection-string-file", missing],
+                None,
+                1,
+                "reading connection strings from",
+            ),
+            (
+                &["connect", "--connection-string-file", "-"],
+                None,
+                2,
+                "cannot also read the connection string there",
+            ),
+            (
+                &["connect", "--check", "--connection-string-file", file],
+                Some(send.as_str()),
+                0,
+                "reachable",
+            ),
+            (
+                &["agent", "install", "--no-start", "--root", missing],
+                None,
+                2,
+                "no connection string",
+            ),
+            (
+                &["appliance", "run", "--connection-string-file", bad],
+                None,
+                2,
+                "bad.cs: line 1",
+            ),
+        ] {
+            let out = run_with(args, "", env)?;
+            let all = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ensure!(
+                out.status.code() == Some(code),
+                "{args:?}: exit {:?}: {all}",
+                out.status.code()
+            );
+            ensure!(all.contains(says), "{args:?}: {all}");
+        }
+        Ok(())
+    })();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    result
 }

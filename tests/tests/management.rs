@@ -539,3 +539,225 @@ fn an_agent_drains_open_streams_on_sigterm() -> Result<()> {
     let _ = &mut agent;
     Ok(())
 }
+
+/// `hybridlink hc ARGS...` with only `env` for the manage key (no data dir).
+fn hc_as(api: &[&str], key: &str, args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(binary())
+        .arg("hc")
+        .args(api)
+        .args(args)
+        .env("HYBRIDLINK_MANAGE_KEY", key)
+        .env_remove("HYBRIDLINK_DATA_DIR")
+        .output()?)
+}
+
+#[test]
+fn manage_keys_are_regenerated_one_at_a_time_and_the_old_one_is_refused() -> Result<()> {
+    let mut relay = Relay::start()?;
+    let api_url = format!("http://{}", relay.api);
+    let keys = relay.hc(&["manage-keys", "show"])?;
+    let primary = keys["primary"].as_str().context("primary")?.to_owned();
+    let secondary = keys["secondary"].as_str().context("secondary")?.to_owned();
+    let on_disk = || -> Result<String> {
+        Ok(std::fs::read_to_string(relay.data_dir.join("manage.key"))?
+            .trim()
+            .to_owned())
+    };
+    assert_eq!(on_disk()?, primary);
+    let api = ["--api", api_url.as_str()];
+    for key in [&primary, &secondary] {
+        ensure!(hc_as(&api, key, &["list"])?.status.success());
+    }
+
+    // Signed in with the primary (manage.key), regenerate the secondary.
+    let after = relay.hc(&["manage-keys", "regenerate", "--key", "secondary"])?;
+    ensure!(after["primary"] == primary.as_str(), "{after}");
+    let new_secondary = after["secondary"].as_str().context("secondary")?.to_owned();
+    ensure!(new_secondary != secondary);
+    let out = hc_as(&api, &secondary, &["list"])?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        stderr.contains("management token refused") && stderr.contains("regenerated"),
+        "{stderr}"
+    );
+    ensure!(hc_as(&api, &primary, &["list"])?.status.success());
+    ensure!(hc_as(&api, &new_secondary, &["list"])?.status.success());
+
+    // Signed in with the new secondary, regenerate the primary: manage.key
+    // follows, the old primary is refused, `--data-dir` works again.
+    let out = hc_as(
+        &api,
+        &new_secondary,
+        &["--json", "manage-keys", "regenerate", "--key", "primary"],
+    )?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let new_primary = after["primary"].as_str().context("primary")?.to_owned();
+    ensure!(new_primary != primary && after["secondary"] == new_secondary.as_str());
+    assert_eq!(on_disk()?, new_primary);
+    assert_eq!(hc_as(&api, &primary, &["list"])?.status.code(), Some(1));
+    relay.hc(&["list"])?;
+    let out = relay
+        .hc_command()?
+        .args(["manage-keys", "show", "--key", "secondary"])
+        .output()?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), new_secondary);
+
+    // Both survive a restart.
+    relay.restart()?;
+    let keys = relay.hc(&["manage-keys", "show"])?;
+    ensure!(keys["primary"] == new_primary.as_str() && keys["secondary"] == new_secondary.as_str());
+    Ok(())
+}
+
+/// A TCP proxy on loopback that records every byte the client sends.
+fn recording_proxy(to: SocketAddr) -> Result<(SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(to) else {
+                continue;
+            };
+            let (mut from_client, mut to_server) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut from_server, mut to_client) = (server, client);
+            let record = record.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = std::io::Read::read(&mut from_client, &mut buf) {
+                    record.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if to_server.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = to_server.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_server, &mut to_client);
+                let _ = to_client.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok((addr, seen))
+}
+
+#[test]
+fn the_cli_manages_over_https_with_short_lived_tokens_and_the_key_never_leaves_it() -> Result<()> {
+    let log_dir = tempfile::tempdir()?;
+    let log = log_dir.path().join("relay.log");
+    let relay = Relay::start_with_log(&["--api-tls"], &log)?;
+    let https = format!("https://127.0.0.1:{}", relay.api.port());
+    ensure!(relay.ready["api_url"] == https.as_str(), "{}", relay.ready);
+    let pin = relay.ready["cert_sha256"].as_str().context("cert_sha256")?;
+    let key = std::fs::read_to_string(relay.data_dir.join("manage.key"))?;
+    let key = key.trim();
+    let cert_pem = relay.data_dir.join("cert.pem");
+    let cert_pem = cert_pem.to_str().context("utf-8")?;
+
+    // Pinned by the fingerprint every connection string carries: the whole
+    // life of a hybrid connection, from another "machine" (no data dir).
+    let pinned = ["--api", https.as_str(), "--api-cert-sha256", pin];
+    let run = |api: &[&str], args: &[&str]| -> Result<serde_json::Value> {
+        let out = hc_as(api, key, &[&["--json"], args].concat())?;
+        ensure!(
+            out.status.success(),
+            "hc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
+    };
+    let created = run(
+        &pinned,
+        &[
+            "create",
+            "payroll",
+            "--host",
+            "payroll.corp",
+            "--port",
+            "80",
+        ],
+    )?;
+    ensure!(created["endpoint"] == "payroll.corp:80", "{created}");
+    let send = string_of(&run(&pinned, &["keys", "payroll"])?, "send", "primary")?;
+    ensure!(proto::control::hex_encode(&send.cert_sha256.context("pin")?) == pin);
+    run(&pinned, &["update", "payroll", "--port", "8080"])?;
+    run(
+        &pinned,
+        &[
+            "regenerate",
+            "payroll",
+            "--rule",
+            "send",
+            "--key",
+            "primary",
+        ],
+    )?;
+    ensure!(run(&pinned, &["list"])?[0]["endpoint"] == "payroll.corp:8080");
+    // The relay's cert.pem as the CA file works too (it names 127.0.0.1).
+    run(
+        &["--api", https.as_str(), "--api-ca", cert_pem],
+        &["show", "payroll"],
+    )?;
+    run(&pinned, &["delete", "payroll"])?;
+
+    // The wrong pin: refused before anything is sent.
+    let wrong = "00".repeat(32);
+    let out = hc_as(
+        &["--api", https.as_str(), "--api-cert-sha256", &wrong],
+        key,
+        &["list"],
+    )?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        stderr.contains("is not the one --api-cert-sha256 or --api-ca names"),
+        "{stderr}"
+    );
+    // https without saying what to trust, and plain http to a remote host.
+    let out = hc_as(&["--api", https.as_str()], key, &["list"])?;
+    ensure!(String::from_utf8_lossy(&out.stderr).contains("--api-cert-sha256 HEX"));
+    let out = hc_as(&["--api", "http://relay.example.com:9444"], key, &["list"])?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        stderr.contains("plain HTTP to a host that is not this one")
+            && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+
+    // The relay saw tokens, never the key: not in its log...
+    let logged = std::fs::read_to_string(&log)?;
+    ensure!(logged.contains("hybrid connection created"), "{logged}");
+    ensure!(!logged.contains(key), "the relay logged the manage key");
+
+    // ...and not on the wire: a plain-HTTP relay behind a recorder.
+    let plain = Relay::start()?;
+    let (proxy, seen) = recording_proxy(plain.api)?;
+    let plain_key = std::fs::read_to_string(plain.data_dir.join("manage.key"))?;
+    let out = hc_as(
+        &["--api", &format!("http://{proxy}")],
+        plain_key.trim(),
+        &["list"],
+    )?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wire = String::from_utf8_lossy(&seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?)
+        .into_owned();
+    ensure!(wire.contains("SharedAccessSignature sr="), "{wire}");
+    ensure!(
+        !wire.contains(plain_key.trim()),
+        "the key crossed the wire: {wire}"
+    );
+    Ok(())
+}

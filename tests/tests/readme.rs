@@ -160,6 +160,12 @@ fn fill_in(
             break;
         };
         let inner = &rest[start + 1..start + len];
+        // A shell redirection (`<<'EOF'`, `< file`), not a placeholder.
+        if inner.contains(['<', '\n']) {
+            out.push_str(&rest[..=start]);
+            rest = &rest[start + 1..];
+            continue;
+        }
         let words: Vec<&str> = inner.split(' ').collect();
         out.push_str(&rest[..start]);
         // Which machine prints what the placeholder stands for.

@@ -37,6 +37,9 @@ fn schemathesis_finds_nothing_wrong_with_the_management_api() -> Result<()> {
         ])
         .args(["-H", &format!("Authorization: Bearer {}", key.trim())])
         .args(["--max-examples", "50", "--seed", "1"])
+        // Regenerating the manage key schemathesis signs in with would turn
+        // every later request into a 401; relay/tests/api.rs covers it.
+        .args(["--exclude-operation-id", "regenerateManageKey"])
         .env("NO_COLOR", "1")
         .output()?;
     let report = String::from_utf8_lossy(&out.stdout);

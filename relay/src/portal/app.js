@@ -1,8 +1,8 @@
 // The relay's portal: one page over the management API (/api/v1/...).
 //
-// The manage key lives in sessionStorage only (this tab, until it closes)
-// and goes with every call as a Bearer token; a 401 clears it and brings
-// the sign-in form back with the relay's reason. Views are chosen by the
+// The manage key (either of the relay's two) lives in sessionStorage only
+// (this tab, until it closes) and goes with every call as a Bearer token; a
+// 401 clears it and brings the sign-in form back with the relay's reason. Views are chosen by the
 // URL fragment: `#` is the list, `#hc/NAME` one hybrid connection. Status
 // is polled every POLL_MS; the charts are drawn from those samples, kept
 // in memory for HISTORY_MS.
@@ -147,6 +147,7 @@ function route() {
   current = match ? decodeURIComponent(match[1]) : null;
   show(current ? 'detail' : 'list');
   if (current) openDetail(current);
+  else loadManageKeys();
   poll();
 }
 
@@ -239,8 +240,10 @@ function showStrings(strings) {
       $(`cs-${rule}-${key}`).textContent = strings ? strings[rule][key] : '';
     }
   }
+  // The string goes on standard input: on a command line every user of
+  // the machine could read it.
   $('setup-command').textContent = strings
-    ? `hybridlink agent install --connection-string '${strings.listen.primary}'`
+    ? `hybridlink agent install --connection-string-file - <<'EOF'\n${strings.listen.primary}\nEOF`
     : '';
 }
 
@@ -368,6 +371,41 @@ async function regenerate(rule, key) {
   });
 }
 
+/** Shows the relay's two manage keys; `null` clears them. */
+function showManageKeys(keys) {
+  for (const slot of ['primary', 'secondary']) $(`mk-${slot}`).textContent = keys ? keys[slot] : '';
+}
+
+async function loadManageKeys() {
+  showManageKeys(null);
+  await attempt($('manage-error'), async () => showManageKeys(await api('GET', '/api/v1/manage-keys')));
+}
+
+async function regenerateManageKey(slot) {
+  // When this tab signed in with the key being replaced, it moves to the
+  // new one rather than being signed out by its next call.
+  const mine = sessionStorage.getItem(KEY) === $(`mk-${slot}`).textContent;
+  const ok = await confirmAction(
+    `Regenerate the ${slot} manage key?`,
+    `Every tool, script and browser that uses the ${slot} manage key is refused from now on, ` +
+      'until it is given the new one; the other key keeps working.' +
+      (slot === 'primary' ? ' The relay writes the new primary to manage.key.' : '') +
+      (mine ? ' This tab signed in with it and switches to the new key.' : ''),
+    `Regenerate ${slot}`);
+  if (!ok) return;
+  // No refresh in flight with the old key while it is replaced.
+  clearTimeout(pollTimer);
+  pollRound += 1;
+  await attempt($('manage-error'), async () => {
+    const keys = await api('POST', '/api/v1/manage-keys/regenerate', { key: slot });
+    if (mine) sessionStorage.setItem(KEY, keys[slot]);
+    showManageKeys(keys);
+    say(`The ${slot} manage key is new${mine ? ', and this tab uses it' : ''}: ` +
+      'hand it to the tools that used the old one.');
+  });
+  if (sessionStorage.getItem(KEY)) poll();
+}
+
 async function copy(button) {
   const source = $(button.dataset.copy);
   if (!source.textContent) return;
@@ -452,6 +490,12 @@ $('delete').addEventListener('click', async () => {
     say(`Deleted ${name}.`);
     location.hash = '';
   });
+});
+
+$('manage-keys').addEventListener('click', (event) => {
+  const button = event.target.closest('button');
+  if (button?.dataset.copy) copy(button);
+  else if (button?.dataset.manageKey) regenerateManageKey(button.dataset.manageKey);
 });
 
 $('detail').addEventListener('click', (event) => {
