@@ -232,7 +232,7 @@ pub fn make_system_user(args: &InstallArgs, unit: &Unit) -> anyhow::Result<()> {
     };
     let path = args.under_root(Path::new(&format!("/etc/sysusers.d/{}.conf", user.name)));
     let text = format!(
-        "# Written by `{}`: the user {} runs as.\n{}",
+        "# Written by `{}`: the user that {}.service runs as.\n{}",
         unit.written_by,
         unit.name,
         user.sysusers_line()
