@@ -2,7 +2,7 @@
 # Install the lab's role scripts and the `hybridlink-lab-role` command in a
 # VM (runs as root from the Vagrantfile, with the role's settings in the
 # environment: ROLE, LAB, RELAY_IP, APP_IP, ONPREM_IP, RELAY_APP_SIDE_IP,
-# RELAY_ONPREM_SIDE_IP, LAB_STATE, HYBRIDLINK).
+# RELAY_ONPREM_SIDE_IP, LAB_STATE, HYBRIDLINK, SERVICES).
 set -eu
 dest=/opt/hybridlink-lab/provision
 if [ -d /tmp/hybridlink-provision ]; then
@@ -15,7 +15,7 @@ fi
 env_file=/etc/hybridlink-lab.env
 : >"$env_file"
 for v in ROLE LAB RELAY_IP APP_IP ONPREM_IP RELAY_APP_SIDE_IP RELAY_ONPREM_SIDE_IP \
-         LAB_STATE HYBRIDLINK; do
+         LAB_STATE HYBRIDLINK SERVICES; do
     eval "val=\${$v:-}"
     printf "%s='%s'\n" "$v" "$val" >>"$env_file"
 done

@@ -5,6 +5,7 @@
 //! [`AgentHcStatus`], `reload` (and a command the agent does not know) with
 //! a [`ReloadAnswer`]; [`status`] and [`reload`] ask for them.
 
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -14,13 +15,18 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::{Agent, AgentHcStatus, ReloadSummary};
 
-/// The default socket path: `/run/hybridlink-agent.sock` for root, else in
+/// Where root's agent listens, and so where root's `agent status` asks: the
+/// one the unit `agent install` writes uses, in a directory only the agent's
+/// user (and root) may enter.
+pub const SYSTEM_PATH: &str = "/run/hybridlink-agent/agent.sock";
+
+/// The default socket path: [`SYSTEM_PATH`] for root, else in
 /// `$XDG_RUNTIME_DIR` (or `/tmp`).
 pub fn default_path() -> PathBuf {
     let is_root =
         std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
     if is_root.unwrap_or(false) {
-        return PathBuf::from("/run/hybridlink-agent.sock");
+        return PathBuf::from(SYSTEM_PATH);
     }
     let dir = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
@@ -44,12 +50,21 @@ pub enum ReloadAnswer {
 
 /// Serves `agent` on `path` until the returned task is dropped or aborted.
 /// `reload` receives the reload requests (none: `reload` is refused). A
-/// stale socket file from a dead agent is replaced.
+/// stale socket file from a dead agent is replaced; a missing directory is
+/// made, mode 0700 (systemd makes the unit's, `RuntimeDirectory=`).
 pub fn serve(
     path: &Path,
     agent: Agent,
     reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
     if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
         std::fs::remove_file(path)?;
     }
@@ -163,7 +178,7 @@ mod tests {
     #[tokio::test]
     async fn status_and_reload_are_typed_end_to_end() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
+        let path = dir.path().join("run/agent.sock");
         let agent = Agent::start(AgentOptions::new(vec![LISTEN.parse().unwrap()])).unwrap();
         let server = serve(&path, agent.clone(), None).unwrap();
 
@@ -182,6 +197,14 @@ mod tests {
             ReloadAnswer::Error(e) => assert!(e.contains("--connection-strings-file"), "{e}"),
             other => panic!("an agent without a reload channel reloaded: {other:?}"),
         }
+        let mode = std::fs::metadata(dir.path().join("run"))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o700,
+            "the socket's directory is made private"
+        );
         server.abort();
         agent.stop_accepting();
     }

@@ -1,5 +1,6 @@
 //! `hybridlink agent ...`
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -7,6 +8,8 @@ use agent::control_socket::ReloadAnswer;
 use anyhow::Context;
 use clap::Subcommand;
 use proto::connection_string::ConnectionString;
+
+use crate::install::{RunAs, SOCKETS_ONLY, SystemUser, Unit};
 
 /// Each tenant's share of the agent's sockets: anyone holding one hybrid
 /// connection's send key can make the relay offer this agent pipes and open
@@ -122,9 +125,11 @@ pub enum AgentCommand {
     },
     /// Set the agent up as a systemd service, the one-command on-premises
     /// setup: adds the listen connection strings to /etc/hybridlink/agent.conf
-    /// (mode 0600; a string for a hybrid connection already there replaces
-    /// it), writes /etc/systemd/system/hybridlink-agent.service, enables and
-    /// (re)starts it.
+    /// (a string for a hybrid connection already there replaces it), writes
+    /// /etc/systemd/system/hybridlink-agent.service, enables and (re)starts
+    /// it. The service runs as the system user hybridlink-agent, made now;
+    /// agent.conf and policy.toml are root's, mode 0640, group
+    /// hybridlink-agent.
     ///
     /// It also makes each new hybrid connection's end-to-end key (kept in
     /// agent.conf, never sent to the relay; the app side needs it, see
@@ -598,6 +603,8 @@ async fn install_agent(
             );
         }
     }
+    let unit = unit(&args.binary()?);
+    crate::install::make_system_user(args, &unit)?;
     let conf = args.under_root(Path::new(AGENT_CONF));
     let old = if conf.exists() {
         agent::strings_file::read(&conf)?
@@ -615,34 +622,15 @@ async fn install_agent(
     for cs in &all {
         text.push_str(&format!("{cs}\n"));
     }
-    crate::install::write_file(&conf, &text, 0o600)?;
-    let binary = args.binary()?;
-    let unit = crate::install::Unit {
-        name: "hybridlink-agent",
-        description: "hybridlink agent: serves hybrid connections to on-premises services",
-        exec_start: vec![
-            binary.display().to_string(),
-            "agent".into(),
-            "run".into(),
-            "--connection-strings-file".into(),
-            AGENT_CONF.into(),
-            "--policy".into(),
-            POLICY_FILE.into(),
-        ],
-        reload_on_hup: true,
-        notify: false,
-        service: [
-            "NoNewPrivileges=yes",
-            "ProtectSystem=strict",
-            "ProtectHome=yes",
-            "PrivateTmp=yes",
-            "ReadWritePaths=/run",
-            "CapabilityBoundingSet=",
-        ]
-        .map(String::from)
-        .to_vec(),
-        written_by: "hybridlink agent install",
-    };
+    crate::install::write_file(&conf, &text, 0o640)?;
+    // Root edits them (`agent allow|deny`, which keeps their owner, group
+    // and mode); the agent's group reads them, at start and on every reload.
+    let owner = format!("root:{}", USER.name);
+    for path in [&conf, &policy] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+        crate::install::chown(args, &owner, path, false)?;
+    }
     crate::install::install_unit(args, &unit)?;
     let names: Vec<String> = all.iter().map(|cs| cs.hc.to_string()).collect();
     println!("the agent serves: {}", names.join(", "));
@@ -663,6 +651,41 @@ async fn install_agent(
     Ok(())
 }
 
+/// The user the agent's service runs as.
+pub const USER: SystemUser = SystemUser {
+    name: "hybridlink-agent",
+    gecos: "hybridlink agent",
+};
+
+/// The agent's unit: its own user, no capability, nothing writable but its
+/// control socket's directory, which only that user (and root) may enter.
+fn unit(binary: &Path) -> Unit {
+    let mut service: Vec<String> = SOCKETS_ONLY.iter().map(|l| l.to_string()).collect();
+    service.push("RuntimeDirectory=hybridlink-agent".into());
+    service.push("RuntimeDirectoryMode=0700".into());
+    Unit {
+        name: "hybridlink-agent",
+        description: "hybridlink agent: serves hybrid connections to on-premises services",
+        exec_start: vec![
+            binary.display().to_string(),
+            "agent".into(),
+            "run".into(),
+            "--connection-strings-file".into(),
+            AGENT_CONF.into(),
+            "--policy".into(),
+            POLICY_FILE.into(),
+            "--status-socket".into(),
+            agent::control_socket::SYSTEM_PATH.into(),
+        ],
+        reload_on_hup: true,
+        notify: false,
+        run_as: RunAs::User(USER),
+        capabilities: vec![],
+        service,
+        written_by: "hybridlink agent install",
+    }
+}
+
 /// `--label`: refused at once rather than cut or refused by the relay later.
 fn parse_label(text: &str) -> Result<String, proto::label::LabelError> {
     proto::label::PeerLabel::parse(text).map(|l| l.to_string())
@@ -676,6 +699,41 @@ mod tests {
         format!("Endpoint=sb://relay.test:9443/;SharedAccessKeyName=listen;SharedAccessKey={key};EntityPath={name};CertificateSha256={}", "ab".repeat(32))
             .parse()
             .unwrap()
+    }
+
+    #[test]
+    fn the_agent_runs_as_its_own_user_with_a_private_socket_directory() {
+        use crate::install::expected::{SANDBOX, SOCKETS_ONLY};
+        let expected = format!(
+            "\
+# Written by `hybridlink agent install`; run it again to change it.
+[Unit]
+Description=hybridlink agent: serves hybrid connections to on-premises services
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+ExecStart=/usr/local/bin/hybridlink agent run --connection-strings-file /etc/hybridlink/agent.conf --policy /etc/hybridlink/policy.toml --status-socket /run/hybridlink-agent/agent.sock
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=always
+RestartSec=2
+LimitNOFILE=1048576
+User=hybridlink-agent
+Group=hybridlink-agent
+RemoveIPC=yes
+CapabilityBoundingSet=
+{SANDBOX}{SOCKETS_ONLY}\
+RuntimeDirectory=hybridlink-agent
+RuntimeDirectoryMode=0700
+
+[Install]
+WantedBy=multi-user.target
+"
+        );
+        assert_eq!(
+            unit(Path::new("/usr/local/bin/hybridlink")).render(),
+            expected
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `hybridlink appliance ...`
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use appliance::allow::{AllowEntry, AllowList};
@@ -9,6 +9,8 @@ use appliance::config::{ApplianceConfig, check_tun, parse_range};
 use appliance::status::{STATUS_FILE, Status};
 use clap::Subcommand;
 use proto::connection_string::ConnectionString;
+
+use crate::install::{RunAs, Unit};
 
 /// Appliance subcommands.
 #[derive(Subcommand, Debug)]
@@ -161,8 +163,32 @@ async fn install(
         ),
         0o600,
     )?;
-    let binary = args.binary()?;
-    let unit = crate::install::Unit {
+    // The sandbox needs the state directory to exist.
+    let state_dir = args.under_root(&config.state_dir);
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let unit = unit(&args.binary()?, &config.state_dir);
+    crate::install::install_unit(args, &unit)?;
+    let names: Vec<String> = config
+        .connection_strings
+        .iter()
+        .map(|cs| cs.hc.to_string())
+        .collect();
+    println!("the appliance serves: {}", names.join(", "));
+    Ok(())
+}
+
+/// The capabilities the appliance keeps: `CAP_NET_ADMIN` for the tun, its
+/// routes and rules and `/proc/sys/net/ipv4/conf/TUN/`, `CAP_NET_BIND_SERVICE`
+/// for DNS on port 53. Not `CAP_DAC_OVERRIDE`: root owns `/etc/resolv.conf`.
+pub const CAPABILITIES: &[&str] = &["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"];
+
+/// The appliance's unit: root, as changing the host's network and
+/// `/etc/resolv.conf` takes, but with only [`CAPABILITIES`], `/dev/net/tun`
+/// as its one device, and nothing writable but its state dir and
+/// `/etc/resolv.conf`.
+fn unit(binary: &Path, state_dir: &Path) -> Unit {
+    Unit {
         name: "hybridlink-appliance",
         description: "hybridlink appliance: host names of on-premises services for the apps on this host",
         exec_start: vec![
@@ -174,21 +200,20 @@ async fn install(
         ],
         reload_on_hup: true,
         notify: true,
+        run_as: RunAs::Root,
+        capabilities: CAPABILITIES.to_vec(),
         service: vec![
-            "NoNewPrivileges=yes".into(),
-            "ProtectHome=yes".into(),
-            "PrivateTmp=yes".into(),
+            "DevicePolicy=closed".into(),
+            "DeviceAllow=/dev/net/tun rw".into(),
+            // `ip` speaks netlink.
+            "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK".into(),
+            format!("ReadWritePaths={}", state_dir.display()),
+            // Rewritten in place; `-`: a host without one gets the
+            // appliance's own error, not systemd's.
+            "ReadWritePaths=-/etc/resolv.conf".into(),
         ],
         written_by: "hybridlink appliance install",
-    };
-    crate::install::install_unit(args, &unit)?;
-    let names: Vec<String> = config
-        .connection_strings
-        .iter()
-        .map(|cs| cs.hc.to_string())
-        .collect();
-    println!("the appliance serves: {}", names.join(", "));
-    Ok(())
+    }
 }
 
 /// `old` with `new` added; a new string for a hybrid connection of the same
@@ -303,6 +328,43 @@ mod tests {
         )
         .parse()
         .unwrap()
+    }
+
+    #[test]
+    fn the_appliance_runs_as_root_with_two_capabilities_and_one_device() {
+        use crate::install::expected::SANDBOX;
+        let expected = format!(
+            "\
+# Written by `hybridlink appliance install`; run it again to change it.
+[Unit]
+Description=hybridlink appliance: host names of on-premises services for the apps on this host
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=notify
+ExecStart=/usr/local/bin/hybridlink appliance run --config /etc/hybridlink/appliance.toml
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=always
+RestartSec=2
+LimitNOFILE=1048576
+CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE
+{SANDBOX}\
+DevicePolicy=closed
+DeviceAllow=/dev/net/tun rw
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+ReadWritePaths=/var/lib/hybridlink-appliance
+ReadWritePaths=-/etc/resolv.conf
+
+[Install]
+WantedBy=multi-user.target
+"
+        );
+        let unit = unit(
+            Path::new("/usr/local/bin/hybridlink"),
+            Path::new("/var/lib/hybridlink-appliance"),
+        );
+        assert_eq!(unit.render(), expected);
     }
 
     #[test]

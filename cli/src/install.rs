@@ -1,6 +1,28 @@
 //! `hybridlink relay|agent|appliance install`: the one-command setup of a
-//! role as a systemd service. Writes the role's config (secrets mode 0600)
-//! and unit, then enables and (re)starts it with systemctl.
+//! role as a systemd service. Writes the role's config (secrets readable by
+//! the service only) and unit, makes the service's system user, then enables
+//! and (re)starts it with systemctl.
+//!
+//! What each service runs as, and why:
+//!
+//! - The relay and the agent run as system users of their own,
+//!   `hybridlink-relay` and `hybridlink-agent` (each with a group of the same
+//!   name), made by `systemd-sysusers` from a file `install` writes to
+//!   `/etc/sysusers.d/`, and keep no capability but, for a relay on a port
+//!   below 1024, `CAP_NET_BIND_SERVICE`. Not `DynamicUser=`: root edits the
+//!   agent's files while it runs (`agent allow|deny`, `agent install`) and
+//!   the agent rereads them on SIGHUP, so they must stay readable by a group
+//!   that exists whether or not the agent runs (`root:hybridlink-agent`,
+//!   0640); `LoadCredential=` would hand it copies made at start, which a
+//!   reload never sees change. The relay's data dir may be anywhere
+//!   (`--data-dir`), where a dynamic user's `StateDirectory=` cannot be, and
+//!   keeps one owner across restarts, reinstalls and restored backups.
+//! - The appliance runs as root, bounded to `CAP_NET_ADMIN` (the tun, routes,
+//!   rules, `/proc/sys/net`) and `CAP_NET_BIND_SERVICE` (DNS on port 53): it
+//!   also rewrites `/etc/resolv.conf` in place, which only root may.
+//!
+//! Every unit gets the same sandbox ([`SANDBOX`]); the relay and the agent,
+//! which only use sockets, also [`SOCKETS_ONLY`].
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -38,6 +60,75 @@ impl InstallArgs {
     pub fn under_root(&self, path: &Path) -> PathBuf {
         self.root.join(path.strip_prefix("/").unwrap_or(path))
     }
+
+    /// Whether the files go to this host (not under another root, whose
+    /// users are not this host's).
+    pub fn on_this_host(&self) -> bool {
+        self.root == Path::new("/")
+    }
+}
+
+/// The sandboxing every role's unit gets, the appliance's included. Files
+/// the services make are private (`UMask=`); a system call outside systemd's
+/// set for services, or one only root needs, fails with EPERM rather than
+/// killing the service.
+pub const SANDBOX: &[&str] = &[
+    "NoNewPrivileges=yes",
+    "ProtectSystem=strict",
+    "ProtectHome=yes",
+    "PrivateTmp=yes",
+    "ProtectProc=invisible",
+    "ProtectKernelModules=yes",
+    "ProtectKernelLogs=yes",
+    "ProtectControlGroups=yes",
+    "ProtectClock=yes",
+    "ProtectHostname=yes",
+    "RestrictNamespaces=yes",
+    "RestrictRealtime=yes",
+    "RestrictSUIDSGID=yes",
+    "LockPersonality=yes",
+    "MemoryDenyWriteExecute=yes",
+    "SystemCallArchitectures=native",
+    "SystemCallFilter=@system-service",
+    "SystemCallFilter=~@privileged",
+    "SystemCallErrorNumber=EPERM",
+    "UMask=0077",
+];
+
+/// What the relay and the agent, which only use sockets, also get: no
+/// devices, `/proc/sys` read-only, only the processes' part of `/proc`, and
+/// no netlink. (The appliance opens `/dev/net/tun`, writes
+/// `/proc/sys/net/ipv4/conf/TUN/` and runs `ip`, which speaks netlink.)
+pub const SOCKETS_ONLY: &[&str] = &[
+    "PrivateDevices=yes",
+    "ProtectKernelTunables=yes",
+    "ProcSubset=pid",
+    "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+];
+
+/// A system user a service runs as, with a group of the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SystemUser {
+    /// The user's and the group's name.
+    pub name: &'static str,
+    /// What `/etc/passwd` says it is for.
+    pub gecos: &'static str,
+}
+
+impl SystemUser {
+    /// The `sysusers.d` line that makes it: no home, no login shell.
+    pub fn sysusers_line(&self) -> String {
+        format!("u {} - \"{}\"\n", self.name, self.gecos)
+    }
+}
+
+/// Who a role's service runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunAs {
+    /// root, with only the unit's capabilities.
+    Root,
+    /// A system user of its own ([`make_system_user`] makes it).
+    User(SystemUser),
 }
 
 /// A systemd service of one role.
@@ -53,7 +144,13 @@ pub struct Unit {
     pub reload_on_hup: bool,
     /// Whether the program tells systemd when it is ready (`Type=notify`).
     pub notify: bool,
-    /// Extra `[Service]` lines (sandboxing).
+    /// Who it runs as.
+    pub run_as: RunAs,
+    /// The only capabilities it may hold (`CapabilityBoundingSet=`); a
+    /// service running as a user also gets them (`AmbientCapabilities=`),
+    /// having none otherwise.
+    pub capabilities: Vec<&'static str>,
+    /// `[Service]` lines of its own, after [`SANDBOX`].
     pub service: Vec<String>,
     /// The command that wrote it, for the header.
     pub written_by: &'static str,
@@ -94,6 +191,17 @@ impl Unit {
         s.push_str("Restart=always\nRestartSec=2\n");
         // Every socket is a file; the binary raises its soft limit to this.
         s.push_str("LimitNOFILE=1048576\n");
+        let capabilities = self.capabilities.join(" ");
+        if let RunAs::User(user) = self.run_as {
+            let _ = writeln!(s, "User={}\nGroup={}\nRemoveIPC=yes", user.name, user.name);
+        }
+        let _ = writeln!(s, "CapabilityBoundingSet={capabilities}");
+        if matches!(self.run_as, RunAs::User(_)) && !capabilities.is_empty() {
+            let _ = writeln!(s, "AmbientCapabilities={capabilities}");
+        }
+        for line in SANDBOX {
+            let _ = writeln!(s, "{line}");
+        }
         for line in &self.service {
             let _ = writeln!(s, "{line}");
         }
@@ -114,6 +222,64 @@ pub fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes the system user `unit` runs as, if any: writes
+/// `/etc/sysusers.d/USER.conf` and, on this host, has `systemd-sysusers`
+/// make the user and its group from it unless they exist (at boot too,
+/// should they be removed).
+pub fn make_system_user(args: &InstallArgs, unit: &Unit) -> anyhow::Result<()> {
+    let RunAs::User(user) = unit.run_as else {
+        return Ok(());
+    };
+    let path = args.under_root(Path::new(&format!("/etc/sysusers.d/{}.conf", user.name)));
+    let text = format!(
+        "# Written by `{}`: the user that {}.service runs as.\n{}",
+        unit.written_by,
+        unit.name,
+        user.sysusers_line()
+    );
+    write_file(&path, &text, 0o644)?;
+    if args.on_this_host() {
+        run(Command::new("systemd-sysusers").arg(&path))?;
+    }
+    Ok(())
+}
+
+/// Gives `path`, and everything in it when `recursive`, to `owner`
+/// (`USER:GROUP`, as chown(1) takes it). Under another install root, whose
+/// users are not this host's, says what to run there instead.
+pub fn chown(args: &InstallArgs, owner: &str, path: &Path, recursive: bool) -> anyhow::Result<()> {
+    let mut cmd = Command::new("chown");
+    if recursive {
+        cmd.arg("-R");
+    }
+    cmd.arg(owner).arg(path);
+    if args.on_this_host() {
+        return run(&mut cmd);
+    }
+    let target = Path::new("/").join(path.strip_prefix(&args.root).unwrap_or(path));
+    println!(
+        "on the target, after systemd-sysusers: chown {}{owner} {}",
+        if recursive { "-R " } else { "" },
+        target.display()
+    );
+    Ok(())
+}
+
+/// Runs `cmd`, failing with its stderr.
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {program} (use --root DIR to only write the files)"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Writes the unit, then enables and restarts it unless told not to.
 pub fn install_unit(args: &InstallArgs, unit: &Unit) -> anyhow::Result<()> {
     let path = args.under_root(Path::new(&format!(
@@ -121,7 +287,7 @@ pub fn install_unit(args: &InstallArgs, unit: &Unit) -> anyhow::Result<()> {
         unit.name
     )));
     write_file(&path, &unit.render(), 0o644)?;
-    if args.no_start || args.root != Path::new("/") {
+    if args.no_start || !args.on_this_host() {
         println!(
             "not started; start it with: systemctl daemon-reload && systemctl enable --now {}",
             unit.name
@@ -159,6 +325,42 @@ fn systemctl(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The sandbox lines as a unit must read, for the roles' tests.
+#[cfg(test)]
+pub mod expected {
+    /// [`super::SANDBOX`].
+    pub const SANDBOX: &str = "\
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+ProtectProc=invisible
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged
+SystemCallErrorNumber=EPERM
+UMask=0077
+";
+
+    /// [`super::SOCKETS_ONLY`].
+    pub const SOCKETS_ONLY: &str = "\
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProcSubset=pid
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,7 +379,9 @@ mod tests {
             exec_start: vec!["/bin/x".into(), "run".into()],
             reload_on_hup: true,
             notify: true,
-            service: vec!["NoNewPrivileges=yes".into()],
+            run_as: RunAs::Root,
+            capabilities: vec![],
+            service: vec![],
             written_by: "hybridlink agent install",
         };
         let text = unit.render();
@@ -193,5 +397,43 @@ mod tests {
             text.contains("[Install]\nWantedBy=multi-user.target\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_user_service_holds_its_capabilities_as_ambient_ones_root_only_bounded() {
+        let user = SystemUser {
+            name: "hybridlink-relay",
+            gecos: "hybridlink relay",
+        };
+        assert_eq!(
+            user.sysusers_line(),
+            "u hybridlink-relay - \"hybridlink relay\"\n"
+        );
+        let mut unit = Unit {
+            name: "hybridlink-relay",
+            description: "d",
+            exec_start: vec!["/bin/x".into()],
+            reload_on_hup: false,
+            notify: false,
+            run_as: RunAs::User(user),
+            capabilities: vec!["CAP_NET_BIND_SERVICE"],
+            service: vec![],
+            written_by: "hybridlink relay install",
+        };
+        let text = unit.render();
+        assert!(
+            text.contains(
+                "\nUser=hybridlink-relay\nGroup=hybridlink-relay\nRemoveIPC=yes\n\
+                 CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n\
+                 AmbientCapabilities=CAP_NET_BIND_SERVICE\n"
+            ),
+            "{text}"
+        );
+        unit.run_as = RunAs::Root;
+        let text = unit.render();
+        assert!(!text.contains("User="), "{text}");
+        assert!(!text.contains("AmbientCapabilities="), "{text}");
+        unit.capabilities.clear();
+        assert!(unit.render().contains("\nCapabilityBoundingSet=\n"));
     }
 }

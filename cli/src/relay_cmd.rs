@@ -1,11 +1,14 @@
 //! `hybridlink relay ...`
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Subcommand;
 use proto::control::hex_encode;
+
+use crate::install::{RunAs, SOCKETS_ONLY, SystemUser, Unit};
 
 /// Relay subcommands.
 #[derive(Subcommand, Debug)]
@@ -122,6 +125,53 @@ pub enum RelayCommand {
     },
 }
 
+/// The user the relay's service runs as.
+pub const USER: SystemUser = SystemUser {
+    name: "hybridlink-relay",
+    gecos: "hybridlink relay",
+};
+
+/// The relay's unit: its own user, which may write only the data dir and
+/// keeps `CAP_NET_BIND_SERVICE` only to listen on a port below 1024.
+fn unit(
+    binary: &Path,
+    data_dir: &Path,
+    listen: SocketAddr,
+    api: SocketAddr,
+    public_host: String,
+) -> Unit {
+    let low_port = [listen, api].iter().any(|a| a.port() < 1024);
+    let mut service: Vec<String> = SOCKETS_ONLY.iter().map(|l| l.to_string()).collect();
+    service.push(format!("ReadWritePaths={}", data_dir.display()));
+    Unit {
+        name: "hybridlink-relay",
+        description: "hybridlink relay: the rendezvous of hybrid connections",
+        exec_start: vec![
+            binary.display().to_string(),
+            "relay".into(),
+            "serve".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--listen".into(),
+            listen.to_string(),
+            "--api".into(),
+            api.to_string(),
+            "--public-host".into(),
+            public_host,
+        ],
+        reload_on_hup: false,
+        notify: true,
+        run_as: RunAs::User(USER),
+        capabilities: if low_port {
+            vec!["CAP_NET_BIND_SERVICE"]
+        } else {
+            vec![]
+        },
+        service,
+        written_by: "hybridlink relay install",
+    }
+}
+
 /// Runs a relay subcommand.
 pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
     match cmd {
@@ -132,38 +182,16 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             public_host,
             install,
         } => {
-            let binary = install.binary()?;
-            // The sandbox needs the data directory to exist.
+            let unit = unit(&install.binary()?, &data_dir, listen, api, public_host);
+            crate::install::make_system_user(&install, &unit)?;
+            // The sandbox needs the data directory to exist; it is the
+            // service's alone (root's `hc --data-dir` reads it all the same).
             let dir = install.under_root(&data_dir);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let unit = crate::install::Unit {
-                name: "hybridlink-relay",
-                description: "hybridlink relay: the rendezvous of hybrid connections",
-                exec_start: vec![
-                    binary.display().to_string(),
-                    "relay".into(),
-                    "serve".into(),
-                    "--data-dir".into(),
-                    data_dir.display().to_string(),
-                    "--listen".into(),
-                    listen.to_string(),
-                    "--api".into(),
-                    api.to_string(),
-                    "--public-host".into(),
-                    public_host,
-                ],
-                reload_on_hup: false,
-                notify: true,
-                service: vec![
-                    "NoNewPrivileges=yes".into(),
-                    "ProtectSystem=strict".into(),
-                    "ProtectHome=yes".into(),
-                    "PrivateTmp=yes".into(),
-                    format!("ReadWritePaths={}", data_dir.display()),
-                    "CapabilityBoundingSet=".into(),
-                ],
-                written_by: "hybridlink relay install",
-            };
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("making {} private", dir.display()))?;
+            let owner = format!("{}:{}", USER.name, USER.name);
+            crate::install::chown(&install, &owner, &dir, true)?;
             crate::install::install_unit(&install, &unit)
         }
         RelayCommand::Serve {
@@ -229,5 +257,67 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             tracing::info!("relay stopping");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::install::expected::{SANDBOX, SOCKETS_ONLY};
+
+    fn rendered(listen: &str) -> String {
+        unit(
+            Path::new("/usr/local/bin/hybridlink"),
+            Path::new("/var/lib/hybridlink-relay"),
+            listen.parse().unwrap(),
+            "127.0.0.1:9444".parse().unwrap(),
+            "relay.example.com".into(),
+        )
+        .render()
+    }
+
+    #[test]
+    fn the_relay_runs_as_its_own_user_with_no_capability() {
+        let expected = format!(
+            "\
+# Written by `hybridlink relay install`; run it again to change it.
+[Unit]
+Description=hybridlink relay: the rendezvous of hybrid connections
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=notify
+ExecStart=/usr/local/bin/hybridlink relay serve --data-dir /var/lib/hybridlink-relay --listen 0.0.0.0:9443 --api 127.0.0.1:9444 --public-host relay.example.com
+Restart=always
+RestartSec=2
+LimitNOFILE=1048576
+User=hybridlink-relay
+Group=hybridlink-relay
+RemoveIPC=yes
+CapabilityBoundingSet=
+{SANDBOX}{SOCKETS_ONLY}\
+ReadWritePaths=/var/lib/hybridlink-relay
+
+[Install]
+WantedBy=multi-user.target
+"
+        );
+        assert_eq!(rendered("0.0.0.0:9443"), expected);
+    }
+
+    #[test]
+    fn a_relay_on_a_low_port_keeps_only_the_capability_to_bind_it() {
+        let text = rendered("0.0.0.0:443");
+        assert!(
+            text.contains(
+                "\nUser=hybridlink-relay\nGroup=hybridlink-relay\nRemoveIPC=yes\n\
+                 CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n\
+                 AmbientCapabilities=CAP_NET_BIND_SERVICE\n\
+                 NoNewPrivileges=yes\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.matches("CAP_").count(), 2, "{text}");
     }
 }

@@ -1,10 +1,16 @@
 # Shared by the lab's role scripts (sourced, not run). The same scripts
 # provision the network-namespace lab (`hybridlink lab up`) and the VMs of
-# vagrant/: the caller sets LAB_STATE (this role's directory) and HYBRIDLINK
-# (the binary), and the role's own variables.
+# vagrant/: the caller sets LAB_STATE (this role's directory), HYBRIDLINK
+# (the binary) and SERVICES, and the role's own variables.
+#
+# SERVICES says how hybridlink's roles run: "processes" (the default), in
+# the background of the script (see daemon below), as namespaces have no
+# init system; or "systemd", as the units `hybridlink ROLE install` writes,
+# as on a real host (the VMs).
 set -eu
 : "${LAB_STATE:?LAB_STATE must name this role's state directory}"
 : "${HYBRIDLINK:=hybridlink}"
+: "${SERVICES:=processes}"
 mkdir -p "$LAB_STATE"
 
 # daemon NAME CMD...: start CMD in its own session with its output in
@@ -29,6 +35,9 @@ wait_for() {
         if [ "$tries" -le 0 ]; then
             echo "lab: $what did not come up; its logs:" >&2
             tail -n 20 "$LAB_STATE"/*.log >&2 || true
+            if [ "$SERVICES" = systemd ]; then
+                journalctl --no-pager -n 20 -u 'hybridlink-*' >&2 || true
+            fi
             exit 1
         fi
         sleep 0.2

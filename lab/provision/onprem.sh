@@ -34,16 +34,26 @@ wait_for "the web server" 20 curl -sf http://127.0.0.1:80/
 wait_for "PostgreSQL" 30 pg_isready -q -h 127.0.0.1 -p 5432 -U postgres
 wait_for "Redis" 20 redis-cli -h 127.0.0.1 ping
 
-# The on-prem policy, as `agent install` writes it: exactly the endpoints
-# the relay names now; whatever the relay says later, nothing else.
-set --
-for cs in $LISTEN_STRINGS; do set -- "$@" --endpoint-of "$cs"; done
-"$HYBRIDLINK" agent allow "$@" --policy "$LAB_STATE/policy.toml" \
-    --status-socket "$LAB_STATE/agent.sock" >"$LAB_STATE/policy.log"
-HYBRIDLINK_CONNECTION_STRING=$LISTEN_STRINGS daemon agent "$HYBRIDLINK" agent run \
-    --status-socket "$LAB_STATE/agent.sock" --label onprem --policy "$LAB_STATE/policy.toml"
+if [ "$SERVICES" = systemd ]; then
+    # The agent's unit and its on-prem policy: exactly the endpoints the
+    # relay names now. No end-to-end keys, as the app side has none.
+    set --
+    for cs in $LISTEN_STRINGS; do set -- "$@" --connection-string "$cs"; done
+    "$HYBRIDLINK" agent install "$@" --no-end-to-end >"$LAB_STATE/install.log"
+    socket=/run/hybridlink-agent/agent.sock
+else
+    # The on-prem policy, as `agent install` writes it: exactly the endpoints
+    # the relay names now; whatever the relay says later, nothing else.
+    socket=$LAB_STATE/agent.sock
+    set --
+    for cs in $LISTEN_STRINGS; do set -- "$@" --endpoint-of "$cs"; done
+    "$HYBRIDLINK" agent allow "$@" --policy "$LAB_STATE/policy.toml" \
+        --status-socket "$socket" >"$LAB_STATE/policy.log"
+    HYBRIDLINK_CONNECTION_STRING=$LISTEN_STRINGS daemon agent "$HYBRIDLINK" agent run \
+        --status-socket "$socket" --label onprem --policy "$LAB_STATE/policy.toml"
+fi
 connected() {
-    "$HYBRIDLINK" agent status --status-socket "$LAB_STATE/agent.sock" --json >"$LAB_STATE/status.json" &&
+    "$HYBRIDLINK" agent status --status-socket "$socket" --json >"$LAB_STATE/status.json" &&
         ! grep -q '"reconnecting"\|"denied"' "$LAB_STATE/status.json"
 }
 wait_for "the agent" 20 connected

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Machines, ONPREM_IP, RELAY_IP, Role, shell_quote};
+use crate::{Machines, ONPREM_IP, RELAY_IP, Role, Services, shell_quote};
 
 /// The lab's hybrid connections, as `relay.sh` creates them: name, the
 /// endpoint the app uses.
@@ -36,7 +36,11 @@ pub struct Strings {
 fn script(m: &dyn Machines, role: Role, name: &str, env: &[(&str, &str)]) -> Result<String> {
     let state = m.state(role);
     let bin = m.hybridlink();
-    let mut all = vec![("LAB_STATE", state.as_str()), ("HYBRIDLINK", bin.as_str())];
+    let mut all = vec![
+        ("LAB_STATE", state.as_str()),
+        ("HYBRIDLINK", bin.as_str()),
+        ("SERVICES", m.services().name()),
+    ];
     all.extend_from_slice(env);
     let line = format!("sh {}/{name}", shell_quote(&m.scripts()));
     let out = m.sh(role, &line, &all)?;
@@ -113,6 +117,9 @@ pub struct Check {
 pub struct Report {
     /// Each check, in order.
     pub checks: Vec<Check>,
+    /// The checks of the installed services (where the roles run as
+    /// systemd units), in order.
+    pub services: Vec<Check>,
     /// The app side's view of the on-prem names: name and address.
     pub names: Vec<(String, String)>,
     /// `hybridlink agent status` on-prem.
@@ -126,21 +133,16 @@ pub struct Report {
 impl Report {
     /// True when every check passed.
     pub fn passed(&self) -> bool {
-        !self.checks.is_empty() && self.checks.iter().all(|c| c.ok)
+        !self.checks.is_empty() && self.checks.iter().chain(&self.services).all(|c| c.ok)
     }
 
     /// The report as a person reads it.
     pub fn render(&self) -> String {
         let mut s = String::from("Checks (unmodified clients on the app side)\n");
-        for c in &self.checks {
-            let mark = if c.ok { '✓' } else { '✗' };
-            let _ = writeln!(
-                s,
-                "  {mark} {} — {} ({} ms)",
-                c.what,
-                c.detail,
-                c.took.as_millis()
-            );
+        render_checks(&mut s, &self.checks);
+        if !self.services.is_empty() {
+            s.push_str("\nServices (the systemd units `hybridlink ROLE install` wrote)\n");
+            render_checks(&mut s, &self.services);
         }
         s.push_str("\nNames as the app resolves them (the appliance's DNS)\n");
         for (name, addr) in &self.names {
@@ -161,14 +163,29 @@ impl Report {
             }
             None => s.push_str("  not measured (the download failed)\n"),
         }
-        let passed = self.checks.iter().filter(|c| c.ok).count();
-        let _ = writeln!(s, "\n{passed} of {} checks passed", self.checks.len());
+        let all = || self.checks.iter().chain(&self.services);
+        let passed = all().filter(|c| c.ok).count();
+        let _ = writeln!(s, "\n{passed} of {} checks passed", all().count());
         s
     }
 }
 
-/// Runs `line` on the app machine and judges its output.
-fn check(
+fn render_checks(s: &mut String, checks: &[Check]) {
+    for c in checks {
+        let mark = if c.ok { '✓' } else { '✗' };
+        let _ = writeln!(
+            s,
+            "  {mark} {} — {} ({} ms)",
+            c.what,
+            c.detail,
+            c.took.as_millis()
+        );
+    }
+}
+
+/// Runs `line` on `role`'s machine and judges its output: `judge` gets
+/// whether it succeeded, its stdout and its stderr, and says what was seen.
+pub(crate) fn check(
     m: &dyn Machines,
     role: Role,
     what: &str,
@@ -195,7 +212,7 @@ fn check(
     }
 }
 
-fn first_line(s: &str) -> String {
+pub(crate) fn first_line(s: &str) -> String {
     s.trim().lines().next().unwrap_or("").to_string()
 }
 
@@ -374,12 +391,15 @@ pub fn run_checks(m: &dyn Machines) -> Report {
             .unwrap_or_else(|| "(does not resolve)".into());
         report.names.push((name.to_string(), addr));
     }
-    let socket = shell_quote(&format!("{}/agent.sock", m.state(Role::Onprem)));
-    report.agent_status = match m.sh(
-        Role::Onprem,
-        &format!("{bin} agent status --status-socket {socket}"),
-        &[],
-    ) {
+    // The installed agent's socket is where root's `agent status` looks.
+    let socket = match m.services() {
+        Services::Processes => format!(
+            " --status-socket {}",
+            shell_quote(&format!("{}/agent.sock", m.state(Role::Onprem)))
+        ),
+        Services::Systemd => String::new(),
+    };
+    report.agent_status = match m.sh(Role::Onprem, &format!("{bin} agent status{socket}"), &[]) {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
         Ok(o) => format!(
             "(failed: {})",
@@ -387,6 +407,9 @@ pub fn run_checks(m: &dyn Machines) -> Report {
         ),
         Err(e) => format!("(failed: {e:#})"),
     };
+    if m.services() == Services::Systemd {
+        report.services = crate::services::checks(m);
+    }
     report
 }
 

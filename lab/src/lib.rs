@@ -12,6 +12,7 @@ pub mod demo;
 pub mod netns;
 pub mod packages;
 pub mod preconditions;
+pub mod services;
 pub mod vagrant;
 
 use std::process::Output;
@@ -62,6 +63,27 @@ impl Role {
     }
 }
 
+/// How the role scripts run hybridlink's roles (`SERVICES` in
+/// `lab/provision/common.sh`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Services {
+    /// In the background of the role script: namespaces have no init system.
+    Processes,
+    /// As the systemd units `hybridlink ROLE install` writes, as on a real
+    /// host; [`services`] checks what they run as.
+    Systemd,
+}
+
+impl Services {
+    /// The value of `SERVICES`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Services::Processes => "processes",
+            Services::Systemd => "systemd",
+        }
+    }
+}
+
 /// Where the lab runs: something that runs a shell line as root on the
 /// machine of a role.
 pub trait Machines {
@@ -74,6 +96,10 @@ pub trait Machines {
     fn scripts(&self) -> String;
     /// `role`'s state directory on its machine (logs, pid files, data).
     fn state(&self, role: Role) -> String;
+    /// How the roles run there.
+    fn services(&self) -> Services {
+        Services::Processes
+    }
     /// Size of the file behind the demo's throughput figure, in MiB
     /// (smaller where the machines are emulated).
     fn big_file_mib(&self) -> u64 {

@@ -1,5 +1,7 @@
 //! The lab as the three VMs of `vagrant/` (libvirt, software emulation):
-//! the same role scripts and checks as the namespace lab, run over ssh.
+//! the same role scripts and checks as the namespace lab, run over ssh, with
+//! the roles as the systemd units `hybridlink ROLE install` writes (and the
+//! checks of [`crate::services`] on them).
 //!
 //! [`run`] is `hybridlink lab vagrant`: prepare the host
 //! (`scripts/vagrant-host-setup`), build the box if missing
@@ -13,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Machines, Role, shell_quote};
+use crate::{Machines, Role, Services, shell_quote};
 
 /// Where the Vagrantfile's provisioners put things inside each VM.
 pub const VM_BINARY: &str = "/usr/local/bin/hybridlink";
@@ -205,6 +207,10 @@ impl Machines for Vagrant {
 
     fn state(&self, role: Role) -> String {
         format!("{VM_STATE}/{}", role.name())
+    }
+
+    fn services(&self) -> Services {
+        Services::Systemd
     }
 
     fn big_file_mib(&self) -> u64 {

@@ -6,6 +6,7 @@
 //! `install` commands write real files without touching this host) and a
 //! stand-in `systemctl` that starts what the written units say. Needs root.
 
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -355,9 +356,11 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
     seen("appliance status", "payroll.corp:80")?;
     seen("appliance status", " ok\n")?;
     seen("keys payroll --rule listen", "SharedAccessKeyName=listen")?;
-    // The install commands wrote real units and configs, secrets kept private.
+    // The install commands wrote real units and configs, secrets kept
+    // private (the agent's readable by its group, root's).
     for (m, path, mode) in [
-        ("onprem", "etc-up/hybridlink/agent.conf", 0o600),
+        ("onprem", "etc-up/hybridlink/agent.conf", 0o640),
+        ("onprem", "etc-up/hybridlink/policy.toml", 0o640),
         ("app", "etc-up/hybridlink/appliance.toml", 0o600),
         (
             "relay",
@@ -370,6 +373,24 @@ fn the_readme_walkthrough_works_as_written() -> Result<()> {
         ensure!(
             std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777 == mode,
             "{path} on {m} is not mode {mode:o}"
+        );
+    }
+    // The relay and the agent run as the users `install` made, the
+    // appliance as root.
+    for (m, unit, user) in [
+        ("relay", "hybridlink-relay", "hybridlink-relay"),
+        ("onprem", "hybridlink-agent", "hybridlink-agent"),
+        ("app", "hybridlink-appliance", "root"),
+    ] {
+        let pid = std::fs::read_to_string(machine(m).dir.join(format!("systemd/{unit}.pid")))?;
+        let running_as = std::fs::metadata(format!("/proc/{}", pid.trim()))
+            .with_context(|| format!("{unit} on {m} is not running"))?
+            .uid();
+        let id = machine(m).run(&format!("id -u {user}"), &cwd, &fake_bin)?;
+        let uid = String::from_utf8_lossy(&id.stdout).trim().to_string();
+        ensure!(
+            running_as.to_string() == uid,
+            "{unit} on {m} runs as uid {running_as}, not {user} ({uid:?})"
         );
     }
     // `appliance install` wrote an allow list of the endpoint it saw.

@@ -10,12 +10,17 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _, fchown};
 use std::path::Path;
 
 /// A file to write atomically: a temporary file in the same directory is
 /// written, synced and renamed over `path`, and the directory is synced, so
 /// that a crash at any point leaves the old content or the new.
+///
+/// A file that replaces another keeps its owner, group and (unless
+/// [`AtomicFile::mode`] says otherwise) permissions, so that an
+/// administrator's `chgrp` or `chmod` outlives the rewrite: the agent's
+/// policy, edited by root, stays readable by the agent's group.
 ///
 /// ```no_run
 /// # fn main() -> std::io::Result<()> {
@@ -35,9 +40,9 @@ pub struct AtomicFile<'a> {
 }
 
 impl<'a> AtomicFile<'a> {
-    /// The file at `path`, written with the permissions a new file gets
-    /// from [`File::create`] (`0o666` less the umask), into a directory
-    /// that must exist.
+    /// The file at `path`, written with the permissions of the file it
+    /// replaces, or those a new file gets from [`File::create`] (`0o666`
+    /// less the umask), into a directory that must exist.
     pub fn new(path: &'a Path) -> Self {
         Self {
             path,
@@ -94,13 +99,25 @@ impl<'a> AtomicFile<'a> {
     }
 
     fn write_and_rename(&self, tmp: &Path, dir: &Path, bytes: &[u8]) -> io::Result<()> {
+        let replaced = fs::symlink_metadata(self.path)
+            .ok()
+            .filter(fs::Metadata::is_file);
         let mut options = OpenOptions::new();
         options.write(true).create(true).truncate(true);
         if let Some(mode) = self.mode {
             options.mode(mode);
         }
         let mut file = options.open(tmp)?;
-        if let Some(mode) = self.mode {
+        if let Some(old) = &replaced {
+            let new = file.metadata()?;
+            if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
+                fchown(&file, Some(old.uid()), Some(old.gid()))?;
+            }
+        }
+        let mode = self
+            .mode
+            .or_else(|| replaced.as_ref().map(|old| old.mode() & 0o777));
+        if let Some(mode) = mode {
             // `OpenOptions::mode` is reduced by the umask and applies only to
             // a new file; a leftover temporary file keeps its own.
             file.set_permissions(fs::Permissions::from_mode(mode))?;
@@ -153,6 +170,37 @@ mod tests {
         AtomicFile::new(&path).mode(0o640).write(b"keys").unwrap();
         assert_eq!(mode_of(&path), 0o640, "an existing file takes the new mode");
         assert_eq!(entries(dir.path()), ["registry.json"]);
+    }
+
+    #[test]
+    fn a_rewrite_keeps_the_permissions_of_the_file_it_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        AtomicFile::new(&path).mode(0o640).write(b"old").unwrap();
+        AtomicFile::new(&path).write(b"new").unwrap();
+        assert_eq!(mode_of(&path), 0o640);
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+    }
+
+    #[test]
+    fn a_rewrite_by_root_keeps_the_owner_and_group_of_the_file_it_replaces() {
+        use std::os::unix::fs::{MetadataExt as _, chown};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        AtomicFile::new(&path).write(b"old").unwrap();
+        // Another group than ours, as `chgrp` would give it; only root may.
+        if chown(&path, None, Some(65534)).is_err() {
+            assert!(
+                std::env::var_os("HYBRIDLINK_REQUIRE_ROOT").is_none(),
+                "changing a file's group needs root"
+            );
+            eprintln!("SKIP: changing a file's group needs root");
+            return;
+        }
+        AtomicFile::new(&path).mode(0o640).write(b"new").unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(meta.gid(), 65534);
+        assert_eq!(mode_of(&path), 0o640);
     }
 
     #[test]
