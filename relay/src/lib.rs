@@ -6,6 +6,7 @@
 //! byte. It never terminates the TLS inside a pipe, so it never sees payload.
 
 pub mod api;
+pub mod azure;
 pub mod hub;
 pub mod identity;
 pub mod portal;

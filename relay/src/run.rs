@@ -246,6 +246,7 @@ impl RelayConfig {
                 max_total: limits.max_unauthenticated,
                 max_per_ip: limits.max_unauthenticated_per_ip,
             }),
+            crate::azure::Azure::new(hub.clone(), limits.max_agents_per_hc),
         )));
         let router = api::router(state);
         tasks.push(tokio::spawn(async move {
