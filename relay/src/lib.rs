@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod api_tls;
+pub mod azure;
 pub mod hub;
 pub mod identity;
 pub mod metrics;

@@ -254,6 +254,7 @@ impl RelayConfig {
                 max_total: limits.max_unauthenticated,
                 max_per_ip: limits.max_unauthenticated_per_ip,
             }),
+            crate::azure::Azure::new(hub.clone(), limits.max_agents_per_hc),
         )));
         let router = api::router(state);
         if self.api_tls {

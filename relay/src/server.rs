@@ -1,6 +1,9 @@
 //! The relay's one port: control channels (TLS) and pipes (plain TCP
 //! introduced by a ticket) arrive on the same listener and are told apart by
-//! their first byte.
+//! their first byte. Inside TLS, the first plaintext byte tells a
+//! hybridlink control channel (a message length, starting with `0x00`) from
+//! an Azure Relay client's HTTP request (a method's first letter), which
+//! goes to [`crate::azure`].
 
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
@@ -10,13 +13,14 @@ use std::time::Duration;
 use proto::channel::{HANDSHAKE_TIMEOUT, RelayEvent, RelaySession, Timing};
 use proto::control::{self, PIPE_PREAMBLE_LEN, PeerMessage, PipeRole};
 use proto::label::sanitized;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 use transport::control::Ended;
 
+use crate::azure::{Azure, serve_http};
 use crate::hub::{AgentReport, Hub, Inbox, Outbox, PipeMeeting, SESSION_QUEUE, TICKET_TTL};
 use crate::metrics::PipeDirection;
 use crate::preauth::{PreAuthGate, PreAuthSlot};
@@ -36,6 +40,7 @@ pub async fn accept_loop(
     hub: Hub,
     tls: Arc<rustls::ServerConfig>,
     gate: PreAuthGate,
+    azure: Azure,
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let mut refusals = RefusalLog::default();
@@ -67,6 +72,7 @@ pub async fn accept_loop(
         };
         let _ = conn.set_nodelay(true);
         let hub = hub.clone();
+        let azure = azure.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             // The first byte, the TLS handshake and the hello (or a pipe's
@@ -76,7 +82,7 @@ pub async fn accept_loop(
             match timeout_at(deadline, conn.peek(&mut first)).await {
                 Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {
                     let span = info_span!("control", peer = %addr);
-                    if let Err(e) = serve_control(conn, addr, hub, acceptor, slot, deadline)
+                    if let Err(e) = serve_control(conn, addr, hub, azure, acceptor, slot, deadline)
                         .instrument(span.clone())
                         .await
                     {
@@ -182,6 +188,7 @@ async fn serve_control(
     conn: TcpStream,
     addr: SocketAddr,
     hub: Hub,
+    azure: Azure,
     acceptor: TlsAcceptor,
     slot: PreAuthSlot,
     deadline: Instant,
@@ -190,6 +197,22 @@ async fn serve_control(
         .await
         .map_err(|_| "no TLS handshake in time".to_string())?
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    // One byte of buffer: enough to look at the first byte, and reads
+    // bigger than that go straight through.
+    let mut stream = BufReader::with_capacity(1, stream);
+    let first = timeout_at(deadline, stream.fill_buf())
+        .await
+        .map_err(|_| "nothing said in time after the TLS handshake".to_string())?
+        .map_err(|e| e.to_string())?
+        .first()
+        .copied()
+        .ok_or_else(|| "peer closed after the TLS handshake".to_string())?;
+    if first.is_ascii_uppercase() {
+        let span = info_span!("azure", peer = %addr);
+        return serve_http(stream, addr, azure, slot, deadline)
+            .instrument(span)
+            .await;
+    }
     let mut session = RelaySession::new(
         Timing::default(),
         std::time::Instant::now(),

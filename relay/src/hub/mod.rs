@@ -263,6 +263,24 @@ impl Hub {
         self.with_state(|s| s.attach(id, hc, token, renew, record.as_ref(), now));
     }
 
+    /// Checks a token presented for `hc`, needing `needed`, outside a
+    /// control session (the Azure protocol's requests, see
+    /// [`crate::azure`]): its expiry (Unix seconds) or why it is refused,
+    /// within the relay's longest token lifetime. A name the registry does
+    /// not hold is refused exactly as a wrong key is.
+    pub fn check_token(
+        &self,
+        hc: &HcName,
+        token: &str,
+        needed: proto::key::Right,
+    ) -> Result<u64, proto::sas::SasError> {
+        let record = self.inner.registry.get(hc);
+        let now = unix_now();
+        self.lock()
+            .state
+            .verify_token(token, hc, needed, record.as_ref(), now)
+    }
+
     /// An agent asks for a hybrid connection's endpoint without joining
     /// it: the answer is `Described` or `Detached`.
     pub fn describe(&self, id: SessionId, hc: HcName, token: String) {

@@ -365,6 +365,21 @@ impl HubState {
         Ok((record, verified.expires_unix))
     }
 
+    /// Checks `token` for `hc` (whose registry record is `record`) outside
+    /// a control session: its expiry (Unix seconds), or why it is refused.
+    /// A name the registry does not hold gets the answer a wrong key would.
+    pub fn verify_token(
+        &self,
+        token: &str,
+        hc: &HcName,
+        needed: Right,
+        record: Option<&HcRecord>,
+        now_unix: u64,
+    ) -> Result<u64, sas::SasError> {
+        self.check_token(token, hc, needed, record, now_unix)
+            .map(|(_, expires)| expires)
+    }
+
     /// Handles an `Attach` (or a `Renew`) of `hc`, whose registry record
     /// is `record`: verifies the token and, on success, records the
     /// attachment and tells everyone concerned.
