@@ -620,3 +620,40 @@ async fn deleting_a_hybrid_connection_revokes_it_on_an_open_pipe_every_time() ->
     }
     Ok(())
 }
+
+/// One pipe carries as many streams as its session window covers; an
+/// application that holds more connections to one agent than that gets
+/// them on further pipes to the same agent instead of refusals. The
+/// sender's window here covers four streams; it holds twelve at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn more_streams_than_one_pipe_carries_go_on_further_pipes() -> Result<()> {
+    let relay = Relay::start()?;
+    let echo = echo_server().await?;
+    let (send, listen) = relay.create_hc("many", echo)?;
+    let agent = Agent::start(&[&listen], &[])?;
+    agent.wait_connected()?;
+    let options = SenderOptions {
+        mux: transport::mux::MuxConfig {
+            initial_window: proto::mux::BASE_WINDOW,
+            max_session_window: 4 * u64::from(proto::mux::BASE_WINDOW),
+            ..transport::mux::MuxConfig::default()
+        },
+        ..SenderOptions::default()
+    };
+    let sender = Sender::start(vec![send.clone()], options)?;
+    let mut held = Vec::new();
+    for i in 0..12u32 {
+        let mut s = sender
+            .open(&send.hc)
+            .await
+            .with_context(|| format!("stream {i} of 12"))?;
+        echo_roundtrip(&mut s, format!("stream {i}").as_bytes()).await?;
+        held.push(s);
+    }
+    // All twelve still work, each on its own stream.
+    for (i, s) in held.iter_mut().enumerate() {
+        echo_roundtrip(s, format!("again {i}").as_bytes()).await?;
+    }
+    assert_eq!(sender.open_pipes(), 3, "twelve streams, four per pipe");
+    Ok(())
+}

@@ -474,6 +474,12 @@ impl MuxHandle {
         self.session.inner.lock().mux.stream_count()
     }
 
+    /// Whether [`MuxHandle::open`] would be given a stream now rather than
+    /// refused for a full session ([`proto::mux::Mux::can_open`]).
+    pub fn can_open(&self) -> bool {
+        self.session.inner.lock().mux.can_open()
+    }
+
     /// Ends the session: sends GOAWAY, fails every stream, closes the pipe.
     pub fn close(&self) {
         self.session

@@ -124,11 +124,11 @@ impl Default for Config {
             max_session_window: 256 * 1024 * 1024,
             keepalive_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
-            // As many as the appliance's netstack holds flows: one sender
-            // keeps one pipe per agent, so this is the most connections an
-            // application can hold to one agent. Every stream commits at
-            // least BASE_WINDOW of the session window, so with the default
-            // window the budget admits 4,096 streams at once before this.
+            // As many as the appliance's netstack holds flows. Every stream
+            // commits at least BASE_WINDOW of the session window, so with
+            // the default window the budget admits 4,096 streams at once
+            // before this; a sender whose pipe is full opens another one to
+            // the same agent (`transport::sender::MAX_PIPES_PER_AGENT`).
             max_streams: 16_384,
             max_frame_payload: frame::DEFAULT_MAX_PAYLOAD,
             max_buffered_output: 1024 * 1024,
@@ -268,6 +268,16 @@ impl Mux {
     /// and not yet released).
     pub fn stream_count(&self) -> usize {
         self.streams.len()
+    }
+
+    /// Whether [`Mux::open`] would take one more stream now: the session is
+    /// up, holds fewer than [`Config::max_streams`], and its window can
+    /// cover the new stream's [`BASE_WINDOW`]. The peer, with the same
+    /// configuration, accepts what this allows.
+    pub fn can_open(&self) -> bool {
+        self.closed.is_none()
+            && self.streams.len() < self.config.max_streams
+            && self.has_room_for_a_stream()
     }
 
     /// Smoothed round-trip time, once measured.

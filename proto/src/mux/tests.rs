@@ -748,3 +748,44 @@ fn receive_credit_never_exceeds_the_session_window() {
     assert!(alone.recv_window(opened[0]).unwrap() > BASE_WINDOW);
     assert!(opened.len() > 3, "{}", opened.len());
 }
+
+#[test]
+fn can_open_says_when_a_stream_would_be_refused() {
+    // By the stream cap: the peer would reject the third OPEN.
+    let mut p = Pair::new(Config {
+        max_streams: 2,
+        ..Config::default()
+    });
+    let a = p.client.open(Bytes::new()).unwrap();
+    assert!(p.client.can_open());
+    p.client.open(Bytes::new()).unwrap();
+    assert!(!p.client.can_open());
+    p.client.reset(a);
+    p.drive();
+    assert!(p.client.can_open(), "a released stream makes room again");
+
+    // By the session window: exactly when open would say SessionFull.
+    let mut alone = Mux::new(
+        Side::Client,
+        Config {
+            initial_window: BASE_WINDOW,
+            max_session_window: 4 * u64::from(BASE_WINDOW),
+            ..Config::default()
+        },
+        p.now,
+    );
+    let mut opened = 0;
+    while alone.can_open() {
+        alone.open(Bytes::new()).unwrap();
+        opened += 1;
+    }
+    assert_eq!(opened, 4);
+    assert!(matches!(
+        alone.open(Bytes::new()),
+        Err(OpenError::SessionFull)
+    ));
+
+    // And never on a closed session.
+    p.client.close("done");
+    assert!(!p.client.can_open());
+}

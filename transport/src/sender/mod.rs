@@ -127,6 +127,13 @@ impl SendError {
 
 type PipeSlot = Arc<tokio::sync::Mutex<Option<(MuxHandle, ChannelBinding)>>>;
 
+/// Most pipes a sender keeps to one agent. A pipe carries as many streams
+/// as its session window covers (every stream commits the multiplexer's
+/// base window: 4,096 streams with the default 256 MiB); when it is full the
+/// next stream goes on another pipe to the same agent, so an application
+/// can hold this many times that before the agent refuses it.
+pub const MAX_PIPES_PER_AGENT: usize = 16;
+
 /// Where the relay's answer to a pipe request goes: the agent id and ticket,
 /// or the relay's reason.
 type TicketReply = oneshot::Sender<Result<(u64, Ticket), String>>;
@@ -134,8 +141,10 @@ type TicketReply = oneshot::Sender<Result<(u64, Ticket), String>>;
 #[derive(Debug, Default)]
 struct State {
     roster: Roster,
-    /// Pipes by agent identity (stable across relay restarts, unlike ids).
-    pipes: HashMap<Fingerprint, PipeSlot>,
+    /// Pipes by agent identity (stable across relay restarts, unlike ids):
+    /// the first, opened ahead of need, then one more each time all the
+    /// others are full, up to [`MAX_PIPES_PER_AGENT`].
+    pipes: HashMap<Fingerprint, Vec<PipeSlot>>,
     tickets: HashMap<u64, TicketReply>,
     next_request: u64,
 }
@@ -232,6 +241,26 @@ impl Sender {
         self.inner.lock().roster.agents(hc)
     }
 
+    /// Pipes open now, to all agents: one per agent, more while streams
+    /// fill them ([`MAX_PIPES_PER_AGENT`]).
+    pub fn open_pipes(&self) -> usize {
+        let slots: Vec<PipeSlot> = self
+            .inner
+            .lock()
+            .pipes
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
+        slots
+            .iter()
+            .filter(|slot| {
+                slot.try_lock()
+                    .is_ok_and(|guard| guard.as_ref().is_some_and(|(m, _)| !m.is_closed()))
+            })
+            .count()
+    }
+
     /// Opens a stream to the target of `hc` through the next live agent.
     /// Resolves once the agent has connected to the target.
     pub async fn open(&self, hc: &HcName) -> Result<Stream, SendError> {
@@ -258,6 +287,24 @@ impl Sender {
     }
 
     async fn open_on(&self, hc: &HcName, agent: &AgentInfo) -> Result<Stream, SendError> {
+        // Concurrent opens can fill a pipe between the choice and the open:
+        // then the refusal names a full pipe, and the next choice skips it.
+        let mut tries = 0;
+        loop {
+            let opened = self.open_on_a_pipe(hc, agent).await;
+            match &opened {
+                Err(SendError::Refused { refusal, .. })
+                    if refusal.message.as_bytes() == proto::mux::TOO_MANY_STREAMS
+                        && tries < MAX_PIPES_PER_AGENT =>
+                {
+                    tries += 1;
+                }
+                _ => return opened,
+            }
+        }
+    }
+
+    async fn open_on_a_pipe(&self, hc: &HcName, agent: &AgentInfo) -> Result<Stream, SendError> {
         let (mux, binding) = self.inner.pipe_to(agent).await?;
         let key = self.inner.end_to_end.get(hc);
         let request = StreamRequest {
@@ -366,14 +413,39 @@ impl Inner {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// The open pipe to `agent` and its channel binding, setting one up if
-    /// there is none.
+    /// The first open pipe to `agent` with room for a stream, and its
+    /// channel binding, setting one up where a slot has none (or a dead
+    /// one). When every pipe is full, the last one: its refusal then tells
+    /// the application why.
     async fn pipe_to(&self, agent: &AgentInfo) -> Result<(MuxHandle, ChannelBinding), SendError> {
-        let slot = self.lock().pipes.entry(agent.identity).or_default().clone();
-        let mut guard = slot.lock().await;
-        if let Some(open) = guard.as_ref().filter(|(m, _)| !m.is_closed()) {
-            return Ok(open.clone());
+        let mut index = 0;
+        loop {
+            let slot = {
+                let mut state = self.lock();
+                let slots = state.pipes.entry(agent.identity).or_default();
+                if slots.len() <= index {
+                    slots.push(PipeSlot::default());
+                }
+                slots[index].clone()
+            };
+            let mut guard = slot.lock().await;
+            match guard.as_ref().filter(|(m, _)| !m.is_closed()) {
+                Some(open) if open.0.can_open() || index + 1 >= MAX_PIPES_PER_AGENT => {
+                    return Ok(open.clone());
+                }
+                Some(_) => index += 1,
+                None => return self.set_up_pipe(agent, index, &mut guard).await,
+            }
         }
+    }
+
+    /// Sets up pipe number `index` to `agent` into its (locked) slot.
+    async fn set_up_pipe(
+        &self,
+        agent: &AgentInfo,
+        index: usize,
+        slot: &mut Option<(MuxHandle, ChannelBinding)>,
+    ) -> Result<(MuxHandle, ChannelBinding), SendError> {
         let ticket = self.request_ticket(agent.id).await?;
         let pipe::Pipe {
             mux,
@@ -393,8 +465,12 @@ impl Inner {
                 pending.reject(Bytes::from_static(b"senders accept no streams"));
             }
         });
-        info!(agent = agent.id, identity = %agent.identity, "pipe to agent open");
-        *guard = Some((mux.clone(), binding));
+        if index == 0 {
+            info!(agent = agent.id, identity = %agent.identity, "pipe to agent open");
+        } else {
+            info!(agent = agent.id, identity = %agent.identity, pipe = index + 1, "the other pipes to this agent are full: another one open");
+        }
+        *slot = Some((mux.clone(), binding));
         Ok((mux, binding))
     }
 
@@ -475,33 +551,39 @@ const LEFT_AGENT_GRACE: std::time::Duration = std::time::Duration::from_secs(30)
 /// ends with an error.
 fn prune_pipes(state: &mut State) {
     let live = state.roster.live_identities();
-    state.pipes.retain(|identity, slot| {
+    state.pipes.retain(|identity, slots| {
         if live.contains(identity) {
             return true;
         }
-        if let Ok(guard) = slot.try_lock()
-            && let Some((mux, _)) = guard.as_ref()
-        {
-            let mux = mux.clone();
-            if mux.open_streams() == 0 {
-                mux.close();
-            } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let deadline = tokio::time::Instant::now() + LEFT_AGENT_GRACE;
-                    while mux.open_streams() > 0
-                        && !mux.is_closed()
-                        && tokio::time::Instant::now() < deadline
-                    {
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                    mux.close();
-                });
-            } else {
-                mux.close();
+        for slot in slots.iter() {
+            if let Ok(guard) = slot.try_lock()
+                && let Some((mux, _)) = guard.as_ref()
+            {
+                close_when_drained(mux.clone());
             }
         }
         false
     });
+}
+
+/// Closes `mux` once its streams are done, or after [`LEFT_AGENT_GRACE`].
+fn close_when_drained(mux: MuxHandle) {
+    if mux.open_streams() == 0 {
+        mux.close();
+    } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let deadline = tokio::time::Instant::now() + LEFT_AGENT_GRACE;
+            while mux.open_streams() > 0
+                && !mux.is_closed()
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            mux.close();
+        });
+    } else {
+        mux.close();
+    }
 }
 
 async fn handle_events(
