@@ -45,7 +45,7 @@ impl fmt::Display for AllowSource {
 
 /// What the appliance does with one hybrid connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HcState {
+pub enum GateState {
     /// The relay announces no endpoint: not yet, or no longer (the hybrid
     /// connection was deleted, or the relay refused the key).
     Waiting,
@@ -62,34 +62,34 @@ pub enum HcState {
     NeverRoute(NeverReason),
 }
 
-impl HcState {
+impl GateState {
     /// Whether the hybrid connection is served.
     pub fn is_ok(&self) -> bool {
-        *self == HcState::Ok
+        *self == GateState::Ok
     }
 
     /// Whether the endpoint was refused.
     pub fn is_refused(&self) -> bool {
         matches!(
             self,
-            HcState::OutsideAllowList { .. } | HcState::NeverRoute(_)
+            GateState::OutsideAllowList { .. } | GateState::NeverRoute(_)
         )
     }
 }
 
-impl fmt::Display for HcState {
+impl fmt::Display for GateState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HcState::Waiting => f.write_str("not announced by the relay"),
-            HcState::Ok => f.write_str("ok"),
-            HcState::OutsideAllowList {
+            GateState::Waiting => f.write_str("not announced by the relay"),
+            GateState::Ok => f.write_str("ok"),
+            GateState::OutsideAllowList {
                 host,
                 source: AllowSource::Config,
             } => write!(
                 f,
                 "refused: outside the allow list (no entry matches {host})"
             ),
-            HcState::OutsideAllowList {
+            GateState::OutsideAllowList {
                 host,
                 source: AllowSource::FirstAnnouncement,
             } => write!(
@@ -97,7 +97,7 @@ impl fmt::Display for HcState {
                 "refused: outside the allow list ({host} was not announced at start; \
                  add it to `allow` in the config)"
             ),
-            HcState::NeverRoute(reason) => write!(f, "refused: {reason}"),
+            GateState::NeverRoute(reason) => write!(f, "refused: {reason}"),
         }
     }
 }
@@ -110,7 +110,7 @@ pub struct Verdict {
     /// Its endpoint as announced, if any.
     pub endpoint: Option<Endpoint>,
     /// What the appliance does with it.
-    pub state: HcState,
+    pub state: GateState,
     /// The allow-list entry that let it in (for `Ok`).
     pub rule: Option<AllowEntry>,
 }
@@ -144,7 +144,7 @@ pub struct Gate {
     /// Under [`AllowSource::FirstAnnouncement`]: the hybrid connections
     /// whose first endpoint has been taken into the list.
     pinned: BTreeSet<HcName>,
-    last: BTreeMap<HcName, (Option<Endpoint>, HcState)>,
+    last: BTreeMap<HcName, (Option<Endpoint>, GateState)>,
 }
 
 impl Gate {
@@ -214,7 +214,7 @@ impl Gate {
         let mut last = BTreeMap::new();
         for (hc, endpoint) in sorted {
             let (state, rule) = match endpoint {
-                None => (HcState::Waiting, None),
+                None => (GateState::Waiting, None),
                 Some(e) => self.judge(hc, e),
             };
             let verdict = Verdict {
@@ -234,7 +234,7 @@ impl Gate {
         decisions
     }
 
-    fn judge(&mut self, hc: &HcName, endpoint: &Endpoint) -> (HcState, Option<AllowEntry>) {
+    fn judge(&mut self, hc: &HcName, endpoint: &Endpoint) -> (GateState, Option<AllowEntry>) {
         let host = endpoint.host();
         let never = self.never.check(host);
         // Only the first announcement counts, even when it is refused:
@@ -247,12 +247,12 @@ impl Gate {
             self.allow.insert(AllowEntry::exactly(host));
         }
         if let Some(reason) = never {
-            return (HcState::NeverRoute(reason), None);
+            return (GateState::NeverRoute(reason), None);
         }
         match self.allow.matching(host) {
-            Some(rule) => (HcState::Ok, Some(rule.clone())),
+            Some(rule) => (GateState::Ok, Some(rule.clone())),
             None => (
-                HcState::OutsideAllowList {
+                GateState::OutsideAllowList {
                     host: host.to_string(),
                     source: self.source,
                 },

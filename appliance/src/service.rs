@@ -17,7 +17,7 @@ use transport::sender::{Sender, SenderOptions};
 use crate::config::ApplianceConfig;
 use crate::dns::{DnsConfig, DnsServer};
 use crate::flows::{self, Dispatch};
-use crate::gate::{Decisions, Gate, HcState};
+use crate::gate::{Decisions, Gate, GateState};
 use crate::metrics::ApplianceMetrics;
 use crate::names::NameMap;
 use crate::never_route::{self, HostAddress, NeverRoute};
@@ -327,11 +327,11 @@ fn log_decisions(decisions: &Decisions) {
         let endpoint = v.endpoint.as_ref().map(ToString::to_string);
         let endpoint = endpoint.as_deref().unwrap_or("-");
         match &v.state {
-            HcState::Ok => {
+            GateState::Ok => {
                 let rule = v.rule.as_ref().map(ToString::to_string).unwrap_or_default();
                 info!(hc = %v.hc, endpoint, allowed_by = %rule, "serving the endpoint the relay announced");
             }
-            HcState::Waiting => info!(hc = %v.hc, "the relay announces no endpoint; not served"),
+            GateState::Waiting => info!(hc = %v.hc, "the relay announces no endpoint; not served"),
             refused => warn!(
                 hc = %v.hc,
                 endpoint,
@@ -349,7 +349,7 @@ fn write_status(path: &Path, gate: &Gate, decisions: &Decisions, names: &NameMap
         .iter()
         .map(|v| {
             let address = match (&v.state, &v.endpoint) {
-                (HcState::Ok, Some(e)) => match e.host() {
+                (GateState::Ok, Some(e)) => match e.host() {
                     proto::name::Host::Ipv4(ip) => Some(ip.to_string()),
                     proto::name::Host::Dns(name) => {
                         names.lookup_name(name).map(|ip| ip.to_string())

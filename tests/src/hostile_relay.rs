@@ -41,6 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::wire::{read_message, write_message};
 use anyhow::{Context as _, Result};
 use bytes::{Bytes, BytesMut};
 use proto::control::{
@@ -58,7 +59,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use transport::control::{read_message, write_message};
 use transport::mux::{MuxConfig, Side, spawn_session};
 use transport::tls::{DataIdentity, pipe_server_name, relay_client_config};
 

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 
 pub mod hostile_relay;
 pub mod lab;
+pub mod wire;
 
 /// Path of the `hybridlink` binary, built once per test run if needed.
 pub fn binary() -> PathBuf {

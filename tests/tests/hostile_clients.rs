@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::BytesMut;
+use hybridlink_tests::wire::{read_message, write_message};
 use hybridlink_tests::{Agent, Footprint, Relay, binary, echo_server_thread};
 use proto::connection_string::ConnectionString;
 use proto::control::{Fingerprint, PROTOCOL_VERSION, PeerMessage, PeerRole, RelayMessage};
@@ -22,7 +23,6 @@ use proto::key::Key;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
-use transport::control::{read_message, write_message};
 
 /// The relay's `/metrics` text.
 fn scrape(addr: &str) -> Result<String> {

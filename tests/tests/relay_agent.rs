@@ -258,9 +258,9 @@ async fn raw_attach(
         identity: Fingerprint([1; 32]),
         label: "raw".parse()?,
     };
-    transport::control::write_message(&mut tls, &hello).await?;
+    hybridlink_tests::wire::write_message(&mut tls, &hello).await?;
     let token = cs.token(u64::MAX / 4);
-    transport::control::write_message(
+    hybridlink_tests::wire::write_message(
         &mut tls,
         &PeerMessage::Attach {
             hc: hc.clone(),
@@ -270,7 +270,7 @@ async fn raw_attach(
     .await?;
     let mut buf = bytes::BytesMut::new();
     loop {
-        match transport::control::read_message::<RelayMessage, _>(&mut tls, &mut buf).await? {
+        match hybridlink_tests::wire::read_message::<RelayMessage, _>(&mut tls, &mut buf).await? {
             Some(RelayMessage::Detached { message, .. }) => return Ok(message),
             Some(RelayMessage::Attached { .. }) => {
                 anyhow::bail!("relay accepted a token of another HC")

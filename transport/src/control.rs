@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, BytesMut};
 use proto::channel::{Clock, PeerEvent, PeerHello, PeerSession, Session, Timing};
 use proto::connection_string::ConnectionString;
-use proto::control::{self, Fingerprint, PeerMessage, PeerRole, RelayMessage};
+use proto::control::{Fingerprint, PeerMessage, PeerRole, RelayMessage};
 use proto::name::HcName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -512,46 +512,4 @@ where
         }
     }
     ended
-}
-
-/// Writes one length-prefixed control message.
-pub async fn write_message<M: serde::Serialize, W: AsyncWrite + Unpin>(
-    w: &mut W,
-    msg: &M,
-) -> std::io::Result<()> {
-    let mut out = BytesMut::new();
-    control::encode(msg, &mut out);
-    w.write_all(&out).await
-}
-
-/// Reads one length-prefixed control message; `Ok(None)` on a clean EOF.
-pub async fn read_message<M, R>(r: &mut R, buf: &mut BytesMut) -> std::io::Result<Option<M>>
-where
-    M: for<'de> serde::Deserialize<'de>,
-    R: AsyncRead + Unpin,
-{
-    read_message_within(r, buf, control::MAX_MESSAGE_LEN).await
-}
-
-/// Reads one length-prefixed control message of at most `max_len` bytes;
-/// `Ok(None)` on a clean EOF. `buf` grows only as bytes arrive.
-pub async fn read_message_within<M, R>(
-    r: &mut R,
-    buf: &mut BytesMut,
-    max_len: usize,
-) -> std::io::Result<Option<M>>
-where
-    M: for<'de> serde::Deserialize<'de>,
-    R: AsyncRead + Unpin,
-{
-    loop {
-        match control::decode_within::<M>(buf, max_len) {
-            Ok(Some(m)) => return Ok(Some(m)),
-            Ok(None) => {}
-            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-        }
-        if r.read_buf(buf).await? == 0 {
-            return Ok(None);
-        }
-    }
 }
