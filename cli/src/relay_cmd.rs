@@ -96,6 +96,16 @@ pub enum RelayCommand {
             default_value_t = relay::Limits::default().max_token_lifetime
         )]
         max_token_lifetime: u64,
+        /// How long an Azure-protocol listener (hyco-ws, .NET, Java) may go
+        /// on after its token expired, in seconds, to renew it: those
+        /// clients renew at expiry, or once an hour whatever the token
+        /// says. Past it the listener is closed with 1008.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = relay::Limits::default().renew_grace
+        )]
+        renew_grace: u64,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
         /// 127.0.0.1:9445): agents and senders per hybrid connection, pipes,
         /// bytes, refusals by reason, token renewals.
@@ -210,6 +220,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             max_unauthenticated,
             max_unauthenticated_per_ip,
             max_token_lifetime,
+            renew_grace,
             metrics,
         } => {
             let config = relay::RelayConfig {
@@ -229,6 +240,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                     max_unauthenticated,
                     max_unauthenticated_per_ip,
                     max_token_lifetime,
+                    renew_grace,
                 },
             };
             let relay = config.start().await.with_context(|| {

@@ -64,6 +64,9 @@ pub struct Limits {
     /// The longest lifetime of a SAS token accepted (control channels and
     /// the management API), in seconds.
     pub max_token_lifetime: u64,
+    /// Seconds after its token's expiry that an Azure-protocol listener may
+    /// still renew it.
+    pub renew_grace: u64,
 }
 
 impl Default for Limits {
@@ -78,6 +81,7 @@ impl Default for Limits {
             max_unauthenticated: 1024,
             max_unauthenticated_per_ip: 64,
             max_token_lifetime: proto::sas::DEFAULT_MAX_TOKEN_LIFETIME,
+            renew_grace: crate::hub::RENEW_GRACE,
         }
     }
 }
@@ -233,6 +237,7 @@ impl RelayConfig {
             limits.pipe_requests_per_second,
         );
         hub.set_max_token_lifetime(limits.max_token_lifetime);
+        hub.set_renew_grace(limits.renew_grace);
         let public_host = self
             .public_host
             .clone()

@@ -16,8 +16,9 @@ use hybridlink_tests::Relay;
 /// The node script may take this long before it is killed.
 const DEADLINE: Duration = Duration::from_secs(120);
 
-#[test]
-fn hyco_ws_listener_and_senders_talk_through_the_relay() -> Result<()> {
+/// `tests/azure`, with hyco-ws installed; `None` (skip) without node,
+/// unless HYBRIDLINK_REQUIRE_TOOLS is set.
+fn hyco_ws() -> Result<Option<std::path::PathBuf>> {
     let node = Command::new("node").arg("--version").output();
     if !node.is_ok_and(|o| o.status.success()) {
         ensure!(
@@ -25,7 +26,7 @@ fn hyco_ws_listener_and_senders_talk_through_the_relay() -> Result<()> {
             "node is missing (apt-get install nodejs npm)"
         );
         eprintln!("SKIP: node is missing");
-        return Ok(());
+        return Ok(None);
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("azure");
     if !dir.join("node_modules/hyco-ws").exists() {
@@ -36,6 +37,30 @@ fn hyco_ws_listener_and_senders_talk_through_the_relay() -> Result<()> {
             .context("running npm ci in tests/azure")?;
         ensure!(status.success(), "npm ci in tests/azure failed");
     }
+    Ok(Some(dir))
+}
+
+/// Waits for `child` up to [`DEADLINE`]; kills it past that.
+fn wait_deadline(child: &mut std::process::Child, what: &str) -> Result<std::process::ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("{what} did not finish within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn hyco_ws_listener_and_senders_talk_through_the_relay() -> Result<()> {
+    let Some(dir) = hyco_ws()? else {
+        return Ok(());
+    };
 
     let relay = Relay::start()?;
     let (send, listen) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
@@ -51,18 +76,7 @@ fn hyco_ws_listener_and_senders_talk_through_the_relay() -> Result<()> {
         .env("WRONG_KEY", wrong.as_str())
         .spawn()
         .context("starting node")?;
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if started.elapsed() > DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!("check.js did not finish within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_deadline(&mut child, "check.js")?;
     ensure!(
         status.success(),
         "the hyco-ws checks failed ({status}); their output is above"
@@ -89,6 +103,19 @@ mod client {
         target: &str,
         headers: &[(&str, &str)],
     ) -> Result<Ws> {
+        let (answer, tls) = upgrade(relay, cert, target, headers).await?;
+        ensure!(answer.starts_with("HTTP/1.1 101"), "not upgraded: {answer}");
+        Ok(WebSocket::after_handshake(tls, Role::Client))
+    }
+
+    /// Sends the upgrade request; returns the answer's head, whatever its
+    /// status, and the connection.
+    pub async fn upgrade(
+        relay: std::net::SocketAddr,
+        cert: [u8; 32],
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(String, TlsStream<TcpStream>)> {
         let tcp = TcpStream::connect(relay).await?;
         let config = transport::tls::relay_client_config(Fingerprint(cert))?;
         let mut tls = tokio_rustls::TlsConnector::from(config)
@@ -109,9 +136,7 @@ mod client {
             ensure!(answer.len() < 8192, "answer head too long");
             answer.push(tls.read_u8().await.context("reading the answer head")?);
         }
-        let answer = String::from_utf8_lossy(&answer);
-        ensure!(answer.starts_with("HTTP/1.1 101"), "not upgraded: {answer}");
-        Ok(WebSocket::after_handshake(tls, Role::Client))
+        Ok((String::from_utf8_lossy(&answer).into_owned(), tls))
     }
 }
 
@@ -210,4 +235,272 @@ async fn a_half_close_passes_through_the_relay() -> Result<()> {
     ensure!(got.opcode == OpCode::Close, "{:?}", got.opcode);
     drop(relay);
     Ok(())
+}
+
+fn unix_now() -> Result<u64> {
+    Ok(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs())
+}
+
+/// An Azure-protocol listener's control channel on `hc`, with a token
+/// that expires at `expiry` (Unix seconds).
+async fn listen(
+    relay: &Relay,
+    listen: &proto::connection_string::ConnectionString,
+    expiry: u64,
+) -> Result<client::Ws> {
+    let cert = listen.cert_sha256.context("certificate hash")?;
+    let target = format!(
+        "/$hc/{}?sb-hc-action=listen&sb-hc-token={}",
+        listen.hc,
+        proto::sas::url_encode(&listen.token(expiry))
+    );
+    client::open(relay.listen, cert, &target, &[]).await
+}
+
+/// The close code of the next frame on `ws`, which must be a Close within
+/// `within`.
+async fn close_code(ws: &mut client::Ws, within: Duration) -> Result<u16> {
+    let frame = tokio::time::timeout(within, ws.read_frame())
+        .await
+        .context("no Close in time")??;
+    ensure!(
+        frame.opcode == fastwebsockets::OpCode::Close,
+        "expected a Close, got {:?}",
+        frame.opcode
+    );
+    ensure!(frame.payload.len() >= 2, "a Close without a code");
+    Ok(u16::from_be_bytes([frame.payload[0], frame.payload[1]]))
+}
+
+/// A sender's upgrade to `hc` in the background: the answer head.
+fn connect(
+    relay: &Relay,
+    send: &proto::connection_string::ConnectionString,
+) -> Result<tokio::task::JoinHandle<Result<String>>> {
+    let cert = send.cert_sha256.context("certificate hash")?;
+    let token = send.token(unix_now()? + 600);
+    let addr = relay.listen;
+    let target = format!("/$hc/{}?sb-hc-action=connect", send.hc);
+    Ok(tokio::spawn(async move {
+        let (answer, _tls) = client::upgrade(
+            addr,
+            cert,
+            &target,
+            &[("ServiceBusAuthorization", token.as_str())],
+        )
+        .await?;
+        Ok(answer)
+    }))
+}
+
+/// The `accept` message a listener gets for a sender, within `within`.
+async fn next_accept(ws: &mut client::Ws, within: Duration) -> Result<serde_json::Value> {
+    let frame = tokio::time::timeout(within, ws.read_frame())
+        .await
+        .context("no accept in time")??;
+    ensure!(
+        frame.opcode == fastwebsockets::OpCode::Text,
+        "expected an accept, got {:?}",
+        frame.opcode
+    );
+    let message: serde_json::Value = serde_json::from_slice(&frame.payload)?;
+    ensure!(message["accept"].is_object(), "{message}");
+    Ok(message["accept"].clone())
+}
+
+/// The Node and .NET clients renew their token when it expires (hyco-ws
+/// once an hour, whatever the token says): a listener that renews within
+/// the grace after expiry stays and keeps getting senders; one that does
+/// not is closed with 1008 once the grace is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_renewing_after_expiry_stays_and_one_that_does_not_is_closed() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let dir = data.path().to_path_buf();
+    let relay = tokio::task::spawn_blocking(move || {
+        Relay::start_with(&dir, "127.0.0.1:0", &["--renew-grace", "3"])
+    })
+    .await??;
+    let (send, listen_cs) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    let start = unix_now()?;
+    let mut renewing = listen(&relay, &listen_cs, start + 2).await?;
+    let mut lapsing = listen(&relay, &listen_cs, start + 2).await?;
+
+    // Past the expiry, inside the grace.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let renewal =
+        serde_json::json!({ "renewToken": { "token": listen_cs.token(unix_now()? + 600) } });
+    renewing
+        .write_frame(fastwebsockets::Frame::text(fastwebsockets::Payload::Owned(
+            renewal.to_string().into_bytes(),
+        )))
+        .await?;
+
+    // The grace ends at start + 5: the one that did not renew is closed.
+    let code = close_code(&mut lapsing, Duration::from_secs(8)).await?;
+    ensure!(code == 1008, "the lapsed listener was closed with {code}");
+    ensure!(unix_now()? >= start + 5, "closed before the grace was over");
+
+    // The one that renewed still gets senders, now that the grace is over.
+    let sender = connect(&relay, &send)?;
+    let accept = next_accept(&mut renewing, Duration::from_secs(5)).await?;
+    ensure!(accept["address"].is_string(), "{accept}");
+    sender.abort();
+    Ok(())
+}
+
+/// One registry, one set of keys: regenerating the listen key closes the
+/// listeners that used it with 1008 (the listener's policy no longer
+/// holds), deleting the hybrid connection closes them with 1001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regenerate_closes_listeners_with_1008_and_delete_with_1001() -> Result<()> {
+    let relay = tokio::task::spawn_blocking(Relay::start).await??;
+    let expiry = unix_now()? + 600;
+    let (_, first) = relay.create_hc("first", "127.0.0.1:9".parse()?)?;
+    let (_, second) = relay.create_hc("second", "127.0.0.1:9".parse()?)?;
+    let mut regenerated = listen(&relay, &first, expiry).await?;
+    let mut deleted = listen(&relay, &second, expiry).await?;
+    // The listener of the other hybrid connection is untouched by either.
+    let (_, third) = relay.create_hc("third", "127.0.0.1:9".parse()?)?;
+    let mut bystander = listen(&relay, &third, expiry).await?;
+
+    relay.hc(&[
+        "regenerate",
+        "first",
+        "--rule",
+        "listen",
+        "--key",
+        "primary",
+    ])?;
+    let code = close_code(&mut regenerated, Duration::from_secs(5)).await?;
+    ensure!(code == 1008, "regenerate closed the listener with {code}");
+    ensure!(
+        listen(&relay, &first, expiry).await.is_err(),
+        "the old listen key still opens a listener"
+    );
+
+    relay.hc(&["delete", "second"])?;
+    let code = close_code(&mut deleted, Duration::from_secs(5)).await?;
+    ensure!(code == 1001, "delete closed the listener with {code}");
+
+    let (send, _) = relay.strings("third")?;
+    let sender = connect(&relay, &send)?;
+    next_accept(&mut bystander, Duration::from_secs(5))
+        .await
+        .context("the other hybrid connection's listener")?;
+    sender.abort();
+    Ok(())
+}
+
+/// A listener that rejects a sender: the sender's upgrade is answered with
+/// the listener's status and description, the listener's own request to
+/// the rendezvous address with 410.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejecting_listener_gives_the_sender_its_status() -> Result<()> {
+    let relay = tokio::task::spawn_blocking(Relay::start).await??;
+    let (send, listen_cs) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    let cert = send.cert_sha256.context("certificate hash")?;
+    let mut control = listen(&relay, &listen_cs, unix_now()? + 600).await?;
+    let sender = connect(&relay, &send)?;
+    let accept = next_accept(&mut control, Duration::from_secs(5)).await?;
+    let address = accept["address"].as_str().context("address")?;
+    let prefix = format!("wss://localhost:{}", relay.listen.port());
+    let target = address
+        .strip_prefix(&prefix)
+        .context("address on the relay")?;
+    let reject = format!(
+        "{target}&sb-hc-statusCode=403&sb-hc-statusDescription={}",
+        proto::sas::url_encode("not on my watch")
+    );
+    let (answer, _) = client::upgrade(relay.listen, cert, &reject, &[]).await?;
+    ensure!(answer.starts_with("HTTP/1.1 410"), "listener got: {answer}");
+    let answer = tokio::time::timeout(Duration::from_secs(5), sender)
+        .await
+        .context("the sender was not answered")???;
+    ensure!(
+        answer.starts_with("HTTP/1.1 403 not on my watch"),
+        "sender got: {answer}"
+    );
+    Ok(())
+}
+
+/// The README's block tagged `tag` (```js tag).
+fn readme_block(tag: &str) -> Result<String> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))?;
+    let open = format!("```js {tag}\n");
+    let start = readme
+        .find(&open)
+        .with_context(|| format!("README has no {open:?} block"))?
+        + open.len();
+    let end = readme[start..]
+        .find("```")
+        .context("the block does not end")?;
+    Ok(readme[start..start + end].to_string())
+}
+
+/// The README's hyco-ws listener and sender, run as written.
+#[test]
+fn the_readmes_hyco_ws_example_runs_as_written() -> Result<()> {
+    let Some(dir) = hyco_ws()? else {
+        return Ok(());
+    };
+    let relay = Relay::start()?;
+    let (send, listen) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    let scripts = tempfile::tempdir()?;
+    let node = |block: &str, key: (&str, &str)| -> Result<Command> {
+        let file = scripts.path().join(format!("{block}.js"));
+        std::fs::write(&file, readme_block(block)?)?;
+        let mut command = Command::new("node");
+        command
+            .arg(&file)
+            .env("NODE_PATH", dir.join("node_modules"))
+            .env("NODE_EXTRA_CA_CERTS", relay.data_dir.join("cert.pem"))
+            .env("RELAY", format!("127.0.0.1:{}", relay.listen.port()))
+            .env("HC", "payroll")
+            .env(key.0, key.1);
+        Ok(command)
+    };
+    let mut listener = node("hyco-ws-listener", ("LISTEN_KEY", listen.key.as_str()))?
+        .spawn()
+        .context("starting the listener")?;
+    let _kill = kill_on_drop(&mut listener);
+    // The listener attaches in well under a second; a sender before it is
+    // refused (404), so try again for a while.
+    let started = Instant::now();
+    loop {
+        let mut sender = node("hyco-ws-sender", ("SEND_KEY", send.key.as_str()))?
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting the sender")?;
+        let status = wait_deadline(&mut sender, "the README's sender")?;
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut sender.stdout.take().context("stdout")?, &mut out)?;
+        if status.success() {
+            ensure!(
+                out == "hello through the relay\n",
+                "the sender printed {out:?}"
+            );
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the README's sender kept failing ({status}): {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Kills `child` when dropped.
+fn kill_on_drop(child: &mut std::process::Child) -> impl Drop + '_ {
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    Kill(child)
 }

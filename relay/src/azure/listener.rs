@@ -4,7 +4,7 @@
 //! clients parse every message they get as JSON, so nothing else is ever
 //! sent). Listener → relay: `{"renewToken":{"token":...}}`, Pings (answered)
 //! and Pongs (ignored). The channel is closed with 1008 when its token
-//! expired more than [`RENEW_GRACE`] ago without a renewal, or when a
+//! expired more than the renewal grace (`relay serve --renew-grace`) ago without a renewal, or when a
 //! renewal or a key change leaves it without a valid token, and with 1001
 //! when its hybrid connection is deleted.
 
@@ -22,10 +22,6 @@ use tracing::{debug, info, warn};
 
 use crate::hub::Hub;
 
-/// How long after its token's expiry a listener may still renew it. The
-/// Node and .NET clients renew exactly at expiry, so without a grace they
-/// would be cut every hour.
-pub const RENEW_GRACE: Duration = Duration::from_secs(60);
 /// Largest message a listener may send on its control channel.
 pub const MAX_CONTROL_MESSAGE: usize = 64 << 10;
 /// Close code: the token expired or no longer verifies (policy violation).
@@ -143,7 +139,7 @@ pub async fn serve<S>(
         let mut watching = true;
         loop {
             let expires = lock().expires;
-            let left = (expires + RENEW_GRACE.as_secs()).saturating_sub(unix_now());
+            let left = (expires + hub.renew_grace()).saturating_sub(unix_now());
             tokio::select! {
                 accept = accepts.recv() => {
                     let Some(accept) = accept else {
@@ -154,7 +150,7 @@ pub async fn serve<S>(
                     }
                 }
                 () = tokio::time::sleep(Duration::from_secs(left)) => {
-                    if lock().expires + RENEW_GRACE.as_secs() <= unix_now() {
+                    if lock().expires + hub.renew_grace() <= unix_now() {
                         info!(%hc, "listener's token expired without renewal");
                         return Stop::Close(CLOSE_POLICY, "the token expired and was not renewed".into());
                     }

@@ -32,7 +32,7 @@ use rendezvous::Rendezvous;
 pub use state::{
     AgentReport, AttachedAgent, Claim, HubState, MAX_AGENTS_PER_HC,
     MAX_PENDING_TICKETS_PER_SESSION, Output, PIPE_REQUESTS_PER_SECOND, PipeRefused, Quotas,
-    SessionId, TICKET_TTL,
+    RENEW_GRACE, SessionId, TICKET_TTL,
 };
 
 /// Depth of each session's outgoing queue.
@@ -397,6 +397,18 @@ impl Hub {
     /// The longest token lifetime accepted, in seconds.
     pub fn max_token_lifetime(&self) -> u64 {
         self.lock().state.quotas().max_token_lifetime
+    }
+
+    /// Lets Azure-protocol listeners renew a token up to `seconds` after
+    /// it expired.
+    pub fn set_renew_grace(&self, seconds: u64) {
+        self.update_quotas(|q| q.renew_grace = seconds);
+    }
+
+    /// How long after expiry an Azure-protocol listener may renew, in
+    /// seconds.
+    pub fn renew_grace(&self) -> u64 {
+        self.lock().state.quotas().renew_grace
     }
 
     /// Records an agent's stream counters for a hybrid connection it is

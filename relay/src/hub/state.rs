@@ -41,6 +41,12 @@ pub const MAX_PENDING_TICKETS_PER_SESSION: usize = 64;
 /// agent over its life.
 pub const PIPE_REQUESTS_PER_SECOND: u32 = 20;
 
+/// Seconds after its token's expiry that an Azure-protocol listener may
+/// still renew it. The Node and .NET clients renew exactly at expiry (or,
+/// hyco-ws, once an hour whatever the token says), so without a grace
+/// they would be cut at every renewal.
+pub const RENEW_GRACE: u64 = 60;
+
 /// What the hub must do after a call.
 #[derive(Debug, PartialEq)]
 pub enum Output {
@@ -68,6 +74,9 @@ pub struct Quotas {
     pub pipe_requests_per_second: u32,
     /// Longest token lifetime accepted, in seconds.
     pub max_token_lifetime: u64,
+    /// How long after its token's expiry an Azure-protocol listener may
+    /// still renew it, in seconds (its clients renew at expiry).
+    pub renew_grace: u64,
 }
 
 impl Default for Quotas {
@@ -79,6 +88,7 @@ impl Default for Quotas {
             max_pending_per_session: MAX_PENDING_TICKETS_PER_SESSION,
             pipe_requests_per_second: PIPE_REQUESTS_PER_SECOND,
             max_token_lifetime: sas::DEFAULT_MAX_TOKEN_LIFETIME,
+            renew_grace: RENEW_GRACE,
         }
     }
 }
