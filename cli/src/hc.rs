@@ -193,6 +193,12 @@ pub enum HcCommand {
         /// Print only a string with this key (needs `--rule`).
         #[arg(long, value_enum, requires = "rule")]
         key: Option<SlotArg>,
+        /// Print the strings as Azure Relay's own clients (.NET, Java)
+        /// parse them: without `CertificateSha256`, which their parsers
+        /// reject. Those clients check the relay's certificate against the
+        /// system's trust store instead; hybridlink's peers need the part.
+        #[arg(long)]
+        azure: bool,
     },
     /// Replace one key of one rule with a new random key and print the
     /// connection strings as JSON. New sessions signed with the old key are
@@ -290,8 +296,16 @@ pub fn run(cmd: HcCommand, api: &ApiArgs) -> anyhow::Result<()> {
                 ));
             }
         }
-        HcCommand::Keys { name, rule, key } => {
-            let all = client.call("GET", &format!("/api/v1/hcs/{name}/keys"), None)?;
+        HcCommand::Keys {
+            name,
+            rule,
+            key,
+            azure,
+        } => {
+            let mut all = client.call("GET", &format!("/api/v1/hcs/{name}/keys"), None)?;
+            if azure {
+                for_azure_clients(&mut all["connection_strings"]);
+            }
             match (rule, key) {
                 (Some(rule), Some(key)) => {
                     let one = &all["connection_strings"][rule.as_str()][key.as_str()];
@@ -462,12 +476,58 @@ fn client(api: &ApiArgs) -> anyhow::Result<Client> {
     Client::new(ClientOptions { url, trust, key })
 }
 
+/// Drops the `CertificateSha256` part of every connection string under
+/// `strings` (rule → slot → string): the form Azure Relay's .NET and Java
+/// parsers accept.
+fn for_azure_clients(strings: &mut serde_json::Value) {
+    let Some(rules) = strings.as_object_mut() else {
+        return;
+    };
+    for slots in rules.values_mut() {
+        let Some(slots) = slots.as_object_mut() else {
+            continue;
+        };
+        for cs in slots.values_mut() {
+            if let Some(text) = cs.as_str() {
+                let kept: Vec<&str> = text
+                    .split(';')
+                    .filter(|part| !part.starts_with("CertificateSha256="))
+                    .collect();
+                *cs = serde_json::Value::String(kept.join(";"));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::TcpListener;
+
+    #[test]
+    fn the_azure_form_drops_only_the_certificate_hash() {
+        let key = proto::key::Key::generate().unwrap();
+        let pinned = format!(
+            "Endpoint=sb://relay.example:9443/;SharedAccessKeyName=send;SharedAccessKey={};EntityPath=payroll;CertificateSha256={}",
+            key.as_str(),
+            "0f".repeat(32)
+        );
+        let mut strings = json!({ "send": { "primary": pinned }, "listen": {} });
+        for_azure_clients(&mut strings);
+        let azure = strings["send"]["primary"].as_str().unwrap();
+        assert_eq!(
+            azure,
+            format!(
+                "Endpoint=sb://relay.example:9443/;SharedAccessKeyName=send;SharedAccessKey={};EntityPath=payroll",
+                key.as_str()
+            )
+        );
+        let parsed: proto::connection_string::ConnectionString = azure.parse().unwrap();
+        assert_eq!(parsed.cert_sha256, None);
+        assert_eq!(parsed.hc.as_str(), "payroll");
+    }
 
     /// A fresh directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
