@@ -108,19 +108,28 @@ fn greeted_retrying(target: SocketAddr) -> Result<TcpStream> {
     }
 }
 
+/// Failures in a row after which a probe gives up on a path: one that
+/// stopped answering would otherwise cost a timeout per remaining probe
+/// (2,000 of them: hours).
+const GIVE_UP_AFTER: u64 = 10;
+
 fn latency(target: SocketAddr, count: u64) -> Result<serde_json::Value> {
     let mut times = Vec::with_capacity(count as usize);
     let mut failures = 0u64;
+    let mut in_a_row = 0u64;
     let mut first_error = None;
     for _ in 0..count {
         let start = Instant::now();
         match greeted(target) {
-            Ok(_) => times.push(start.elapsed()),
+            Ok(_) => {
+                times.push(start.elapsed());
+                in_a_row = 0;
+            }
             Err(e) => {
                 failures += 1;
+                in_a_row += 1;
                 first_error.get_or_insert_with(|| format!("{e:#}"));
-                // A path that greets nobody would take COUNT timeouts.
-                if times.is_empty() && failures >= 10 {
+                if in_a_row >= GIVE_UP_AFTER {
                     break;
                 }
             }
@@ -128,6 +137,12 @@ fn latency(target: SocketAddr, count: u64) -> Result<serde_json::Value> {
     }
     if times.is_empty() {
         bail!("no connection to {target} succeeded: {first_error:?}");
+    }
+    if in_a_row >= GIVE_UP_AFTER {
+        bail!(
+            "the path stopped answering: {} of {count} probes answered, then {GIVE_UP_AFTER} failed in a row: {first_error:?}",
+            times.len()
+        );
     }
     times.sort();
     let pct = |p: f64| {
@@ -182,12 +197,22 @@ fn rate(target: SocketAddr, secs: u64, workers: u64) -> Result<serde_json::Value
 /// until stdin reaches its end.
 fn hold(target: SocketAddr, count: u64) -> Result<()> {
     const THREADS: u64 = 16;
+    // Opening 10,000 takes seconds on a working path; a path answering
+    // each connection only near its timeout would take hours.
+    const DEADLINE: Duration = Duration::from_secs(120);
     let start = Instant::now();
     let threads: Vec<_> = (0..THREADS)
         .map(|t| {
             let mine = count / THREADS + u64::from(t < count % THREADS);
             std::thread::spawn(move || -> Result<Vec<TcpStream>> {
-                (0..mine).map(|_| greeted_retrying(target)).collect()
+                let mut held = Vec::with_capacity(mine as usize);
+                for _ in 0..mine {
+                    if start.elapsed() > DEADLINE {
+                        bail!("gave up after {} s", DEADLINE.as_secs());
+                    }
+                    held.push(greeted_retrying(target)?);
+                }
+                Ok(held)
             })
         })
         .collect();
