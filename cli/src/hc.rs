@@ -385,6 +385,7 @@ fn status_table(all: &Value) -> String {
                 }
                 line
             })
+            .chain(azure_listener_lines(hc))
             .collect();
         out.push_str(&format!(
             "\n{:<24} {:<32} {:<14} {}",
@@ -435,7 +436,27 @@ fn show_text(hc: &Value, status: &Value) -> String {
             out.push_str(&format!("\n           {}", printable(refusal)));
         }
     }
+    for line in azure_listener_lines(status) {
+        out.push_str(&format!("\nlistener:  {line}"));
+    }
     out
+}
+
+/// The Azure-protocol listeners of one HC's status, one line each, saying
+/// what kind they are: the relay sees their traffic.
+fn azure_listener_lines(status: &Value) -> impl Iterator<Item = String> + '_ {
+    status["azure_listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            format!(
+                "{} at {} (since {}; relay sees payload)",
+                printable(l["kind"].as_str().unwrap_or("?")),
+                printable(l["address"].as_str().unwrap_or("?")),
+                ago(l["connected_since"].as_u64().unwrap_or(0)),
+            )
+        })
 }
 
 /// `text` with control characters (newlines, terminal escapes) shown as

@@ -21,7 +21,7 @@
 //! | `GET /api/v1/hcs/{name}/keys` | `{"name", "connection_strings"}` |
 //! | `POST /api/v1/hcs/{name}/keys/regenerate` `{"rule","key"}` | `{"name", "connection_strings"}` with the new key |
 //! | `PATCH /api/v1/hcs/{name}` `{"host"?, "port"?}` | the HC with its new endpoint (agents use it for new streams) |
-//! | `GET /api/v1/hcs/{name}/status` | `RelayHcStatus`: `Connected` or `Not connected`, the agents |
+//! | `GET /api/v1/hcs/{name}/status` | `RelayHcStatus`: `Connected` or `Not connected`, the agents and the Azure-protocol listeners |
 //! | `GET /api/v1/status` | `[RelayHcStatus, ...]` |
 //! | `GET /api/v1/manage-keys` | `{"primary","secondary"}`: the manage keys |
 //! | `POST /api/v1/manage-keys/regenerate` `{"key"}` | `{"primary","secondary"}` with the new key; the old one is refused from then on |
@@ -64,6 +64,9 @@ pub struct ApiState {
     pub cert_sha256: [u8; 32],
     /// The live sessions, for status.
     pub hub: Hub,
+    /// The Azure-protocol listeners, for status (none when the relay does
+    /// not serve that protocol, as in tests of the API alone).
+    pub azure: Option<crate::azure::Azure>,
 }
 
 /// The management API, to be served over HTTPS, or plain HTTP on a loopback
@@ -119,10 +122,20 @@ pub struct RelayHcStatus {
     /// The streams of the attached agents, summed (each agent reports its
     /// own every few seconds; the relay itself never sees inside a pipe).
     pub streams: proto::control::StreamStats,
+    /// Listeners speaking Azure Relay's own protocol (hyco-ws, .NET, Java):
+    /// they serve Azure-protocol senders only, and the relay sees their
+    /// traffic.
+    #[serde(default)]
+    pub azure_listeners: Vec<crate::azure::AzureListenerView>,
 }
 
 fn status_of(state: &ApiState, hc: &HcRecord) -> RelayHcStatus {
     let agents = state.hub.agents(&hc.name);
+    let azure_listeners = state
+        .azure
+        .as_ref()
+        .map(|azure| azure.listener_views(&hc.name))
+        .unwrap_or_default();
     let mut streams = proto::control::StreamStats::default();
     for a in &agents {
         streams += a.streams;
@@ -131,11 +144,12 @@ fn status_of(state: &ApiState, hc: &HcRecord) -> RelayHcStatus {
         streams,
         name: hc.name.clone(),
         endpoint: hc.endpoint.clone(),
-        status: if agents.is_empty() {
+        status: if agents.is_empty() && azure_listeners.is_empty() {
             "Not connected".into()
         } else {
             "Connected".into()
         },
+        azure_listeners,
         agent_count: agents.len(),
         agents,
     }
@@ -587,6 +601,7 @@ mod tests {
             public_host: "relay.example".into(),
             public_port: 9443,
             cert_sha256: [7; 32],
+            azure: None,
         };
         (dir, state)
     }

@@ -243,12 +243,14 @@ impl RelayConfig {
             .clone()
             .unwrap_or_else(|| listen.ip().to_string());
         let public_port = self.public_port.unwrap_or(listen.port());
+        let azure = crate::azure::Azure::new(hub.clone(), limits.max_agents_per_hc);
         let state = api::ApiState {
             registry: registry.clone(),
             public_host,
             public_port,
             cert_sha256: identity.cert_sha256(),
             hub: hub.clone(),
+            azure: Some(azure.clone()),
         };
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(server::accept_loop(
@@ -259,7 +261,7 @@ impl RelayConfig {
                 max_total: limits.max_unauthenticated,
                 max_per_ip: limits.max_unauthenticated_per_ip,
             }),
-            crate::azure::Azure::new(hub.clone(), limits.max_agents_per_hc),
+            azure,
         )));
         let router = api::router(state);
         if self.api_tls {

@@ -29,6 +29,7 @@ async fn start() -> Api {
         public_host: "relay.example".into(),
         public_port: 9443,
         cert_sha256: [0xab; 32],
+        azure: None,
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -483,7 +484,8 @@ async fn status_says_not_connected_without_agents() {
         one,
         json!({
             "name": "a", "endpoint": "h.corp:80", "status": "Not connected", "listener_count": 0, "listeners": [],
-            "streams": {"open": 0, "opened": 0, "refused": 0, "bytes_to_target": 0, "bytes_from_target": 0}
+            "streams": {"open": 0, "opened": 0, "refused": 0, "bytes_to_target": 0, "bytes_from_target": 0},
+            "azure_listeners": []
         })
     );
     let (status, all) = api.call("GET", "/api/v1/status", None).await;

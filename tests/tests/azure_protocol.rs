@@ -504,3 +504,57 @@ fn kill_on_drop(child: &mut std::process::Child) -> impl Drop + '_ {
     }
     Kill(child)
 }
+
+/// `hc status` lists an Azure-protocol listener beside the agents, as its
+/// own kind whose traffic the relay sees, and forgets it when it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_azure_listeners_as_their_own_kind() -> Result<()> {
+    let relay = tokio::task::spawn_blocking(Relay::start).await??;
+    let (_, listen_cs) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    let status = relay.hc(&["status", "payroll"])?;
+    ensure!(status["status"] == "Not connected", "{status}");
+    let control = listen(&relay, &listen_cs, unix_now()? + 600).await?;
+
+    let status = relay.hc(&["status", "payroll"])?;
+    ensure!(status["status"] == "Connected", "{status}");
+    ensure!(
+        status["listener_count"] == 0,
+        "counted as an agent: {status}"
+    );
+    let listeners = status["azure_listeners"]
+        .as_array()
+        .context("azure_listeners")?;
+    ensure!(listeners.len() == 1, "{status}");
+    ensure!(listeners[0]["kind"] == "azure-protocol", "{status}");
+    ensure!(listeners[0]["relay_sees_payload"] == true, "{status}");
+    ensure!(
+        listeners[0]["address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{status}"
+    );
+    let text = relay.hc_command()?.args(["status"]).output()?;
+    let text = String::from_utf8_lossy(&text.stdout);
+    ensure!(
+        text.contains("azure-protocol at 127.0.0.1:") && text.contains("relay sees payload"),
+        "{text}"
+    );
+
+    drop(control);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = relay.hc(&["status", "payroll"])?;
+        if status["azure_listeners"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+        {
+            ensure!(status["status"] == "Not connected", "{status}");
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "a gone listener is still listed: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -93,6 +93,15 @@ impl<L: Clone, W> Listeners<L, W> {
         self.by_hc.get(hc).map_or(0, |r| r.members.len())
     }
 
+    /// The listeners of `hc` in the order they came, without moving the
+    /// rotation.
+    pub fn members(&self, hc: &HcName) -> Vec<L> {
+        self.by_hc
+            .get(hc)
+            .map(|r| r.members.iter().map(|(_, l)| l.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// The listeners of `hc` in the order a new sender should try them:
     /// round robin, each call starting one further.
     pub fn rotation(&mut self, hc: &HcName) -> Vec<L> {

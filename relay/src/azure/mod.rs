@@ -77,6 +77,23 @@ struct ListenerHandle {
     accepts: mpsc::Sender<String>,
     /// The host the listener dialled, for the `accept`'s address.
     host: Arc<str>,
+    /// Where it connected from and when, for status.
+    view: AzureListenerView,
+}
+
+/// An Azure-protocol listener as status shows it: beside the agents of its
+/// hybrid connection, marked as the other kind, whose traffic the relay
+/// sees (it terminates the client's TLS and relays WebSocket messages).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AzureListenerView {
+    /// Always `azure-protocol`.
+    pub kind: String,
+    /// Its address as the relay sees it.
+    pub address: String,
+    /// Unix seconds when its control channel came up.
+    pub connected_since: u64,
+    /// Always true: on this path the relay sees the payload.
+    pub relay_sees_payload: bool,
 }
 
 /// The Azure protocol's live state: listeners and waiting senders. Cheap
@@ -169,6 +186,16 @@ impl Azure {
         self.lock().count(hc)
     }
 
+    /// The Azure-protocol listeners of `hc` as status shows them, oldest
+    /// first.
+    pub fn listener_views(&self, hc: &proto::name::HcName) -> Vec<AzureListenerView> {
+        self.lock()
+            .members(hc)
+            .into_iter()
+            .map(|handle| handle.view)
+            .collect()
+    }
+
     /// 16 random bytes as hex, or `None` without randomness.
     fn random_hex(&self) -> Option<String> {
         let mut bytes = [0u8; 16];
@@ -211,7 +238,7 @@ impl Azure {
             return answer(400, "expected a WebSocket upgrade");
         }
         match parsed.action.clone() {
-            Action::Listen => self.listen(&mut req, parsed, &slot),
+            Action::Listen => self.listen(&mut req, parsed, peer, &slot),
             Action::Connect => self.connect(&mut req, parsed, peer, &slot).await,
             Action::Accept { ticket } => self.rendezvous(&mut req, &parsed, &ticket, None, &slot),
             Action::Reject {
@@ -228,7 +255,13 @@ impl Azure {
         }
     }
 
-    fn listen(&self, req: &mut Request<Incoming>, r: HcRequest, slot: &Slot) -> Response<Body> {
+    fn listen(
+        &self,
+        req: &mut Request<Incoming>,
+        r: HcRequest,
+        peer: SocketAddr,
+        slot: &Slot,
+    ) -> Response<Body> {
         let expires = match self.authorize(&r, Right::Listen) {
             Ok(expires) => expires,
             Err((status, text)) => return answer(status, &text),
@@ -250,7 +283,20 @@ impl Azure {
             Err(e) => return answer(400, &e.to_string()),
         };
         let (tx, rx) = mpsc::channel(LISTENER_QUEUE);
-        let id = match self.lock().add(&r.hc, ListenerHandle { accepts: tx, host }) {
+        let view = AzureListenerView {
+            kind: "azure-protocol".into(),
+            address: peer.to_string(),
+            connected_since: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            relay_sees_payload: true,
+        };
+        let handle = ListenerHandle {
+            accepts: tx,
+            host,
+            view,
+        };
+        let id = match self.lock().add(&r.hc, handle) {
             Ok(id) => id,
             Err(e) => return answer(403, &e.to_string()),
         };
