@@ -81,6 +81,15 @@ impl Proc {
         Proc::spawn(program, name, args, Stdio::null(), Stdio::inherit())
     }
 
+    /// Takes over a child started elsewhere (with an environment of its
+    /// own), to be killed and reaped like the others when dropped.
+    pub fn adopt(child: Child, name: &str) -> Proc {
+        Proc {
+            child,
+            name: name.to_string(),
+        }
+    }
+
     fn spawn(
         program: impl AsRef<std::ffi::OsStr>,
         name: &str,

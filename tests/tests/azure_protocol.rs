@@ -462,10 +462,12 @@ fn the_readmes_hyco_ws_example_runs_as_written() -> Result<()> {
             .env(key.0, key.1);
         Ok(command)
     };
-    let mut listener = node("hyco-ws-listener", ("LISTEN_KEY", listen.key.as_str()))?
-        .spawn()
-        .context("starting the listener")?;
-    let _kill = kill_on_drop(&mut listener);
+    let _listener = hybridlink_tests::Proc::adopt(
+        node("hyco-ws-listener", ("LISTEN_KEY", listen.key.as_str()))?
+            .spawn()
+            .context("starting the listener")?,
+        "the README's listener",
+    );
     // The listener attaches in well under a second; a sender before it is
     // refused (404), so try again for a while.
     let started = Instant::now();
@@ -491,18 +493,6 @@ fn the_readmes_hyco_ws_example_runs_as_written() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// Kills `child` when dropped.
-fn kill_on_drop(child: &mut std::process::Child) -> impl Drop + '_ {
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    Kill(child)
 }
 
 /// `hc status` lists an Azure-protocol listener beside the agents, as its
