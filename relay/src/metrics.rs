@@ -73,6 +73,9 @@ pub struct RelayMetrics {
     pipe_bytes: Family<PipeBytesLabel, Counter>,
     refused: Family<RefusedLabel, Counter>,
     token_renewals: Counter,
+    azure_listeners: Family<HcLabel, Gauge>,
+    azure_connections: Counter,
+    azure_connections_active: Gauge,
 }
 
 impl Default for RelayMetrics {
@@ -92,6 +95,9 @@ impl RelayMetrics {
         let pipe_bytes = Family::<PipeBytesLabel, Counter>::default();
         let refused = Family::<RefusedLabel, Counter>::default();
         let token_renewals = Counter::default();
+        let azure_listeners = Family::<HcLabel, Gauge>::default();
+        let azure_connections = Counter::default();
+        let azure_connections_active = Gauge::default();
         let mut registry = Registry::with_prefix("hybridlink_relay");
         registry.register(
             "hybrid_connections",
@@ -125,6 +131,21 @@ impl RelayMetrics {
             "Tokens renewed by peers",
             token_renewals.clone(),
         );
+        registry.register(
+            "azure_listeners",
+            "Azure-protocol listeners connected, per hybrid connection",
+            azure_listeners.clone(),
+        );
+        registry.register(
+            "azure_connections",
+            "Azure-protocol senders relayed to a listener",
+            azure_connections.clone(),
+        );
+        registry.register(
+            "azure_connections_active",
+            "Azure-protocol sender connections open now",
+            azure_connections_active.clone(),
+        );
         RelayMetrics {
             registry,
             hybrid_connections,
@@ -135,6 +156,9 @@ impl RelayMetrics {
             pipe_bytes,
             refused,
             token_renewals,
+            azure_listeners,
+            azure_connections,
+            azure_connections_active,
         }
     }
 
@@ -159,6 +183,20 @@ impl RelayMetrics {
         self.pipe_bytes
             .get_or_create(&PipeBytesLabel { reason: direction })
             .clone()
+    }
+
+    /// Counts an Azure-protocol listener of `hc`, connected until the
+    /// guard drops.
+    pub fn azure_listener(&self, hc: &HcName) -> ActiveGuard {
+        let label = HcLabel::new(hc.as_str());
+        ActiveGuard::new(self.azure_listeners.get_or_create(&label).clone())
+    }
+
+    /// Counts an Azure-protocol sender relayed to a listener, open until
+    /// the guard drops.
+    pub fn azure_connection(&self) -> ActiveGuard {
+        self.azure_connections.inc();
+        ActiveGuard::new(self.azure_connections_active.clone())
     }
 
     /// Sets what is read at scrape time: how many hybrid connections the
@@ -227,6 +265,28 @@ mod tests {
             );
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn azure_protocol_listeners_and_connections_are_counted_while_they_live() {
+        let m = RelayMetrics::new();
+        let hc: HcName = "payroll".parse().unwrap();
+        let first = m.azure_listener(&hc);
+        let _second = m.azure_listener(&hc);
+        let connection = m.azure_connection();
+        let _other = m.azure_connection();
+        drop((first, connection));
+        let text = m.render();
+        for line in [
+            "hybridlink_relay_azure_listeners{hc=\"payroll\"} 1",
+            "hybridlink_relay_azure_connections_total 2",
+            "hybridlink_relay_azure_connections_active 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in\n{text}"
+            );
+        }
     }
 
     #[test]

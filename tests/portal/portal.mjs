@@ -299,6 +299,21 @@ try {
   await shown(row('billing'), /Not connected/);
   await shot('manage-keys', true);
 
+  step('an Azure-protocol listener (hyco-ws) on billing: Connected, listed as its own kind');
+  const billing = (await direct('GET', '/api/v1/hcs/billing/keys')).body.connection_strings.listen.primary;
+  await ask({ do: 'azure-listener', connection_string: billing });
+  await shown(row('billing'), /Connected \(1 Azure-protocol listener\)/);
+  await page.click(`${row('billing')} a`);
+  await shown('#d-status', /^Connected \(1 Azure-protocol listener\)$/);
+  await shown('#agent-rows', /Azure-protocol listener/);
+  await shown('#agent-rows', /relay sees payload/);
+  assert.equal(await page.locator('#agent-rows tr').count(), 1);
+  assert(await page.locator('#agents-empty').isHidden(), 'the page says no agent is connected');
+  await shot('azure-listener', true);
+  await ask({ do: 'stop-azure-listeners' });
+  await shown('#d-status', /^Not connected$/);
+  await page.click('text=All hybrid connections');
+
   step('a key the relay refuses brings the sign-in form back, with the reason');
   await page.evaluate(() => sessionStorage.setItem('hybridlink.manageKey', 'stale'));
   await page.locator('#login').waitFor({ timeout: 10000 });

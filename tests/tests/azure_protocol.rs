@@ -548,3 +548,190 @@ async fn status_lists_azure_listeners_as_their_own_kind() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The relay's Prometheus metrics (its ready line's `metrics` address).
+fn scrape(relay: &Relay) -> Result<String> {
+    use std::io::{Read, Write};
+    let addr = relay.ready["metrics"]
+        .as_str()
+        .context("metrics address in the ready line")?;
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)?;
+    ensure!(text.starts_with("HTTP/1.1 200"), "{text}");
+    Ok(text)
+}
+
+/// The value of the sample `series` (name and labels), 0 when absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// hyco-ws reconnects its control channel at once after every failure,
+/// from its error and its close handler both, so a listener with a wrong
+/// key opens ever more connections, for ever (hundreds of refused
+/// handshakes in ten seconds against a relay that answers at once). The
+/// relay answers an address's repeated refusals later and later: the storm
+/// costs it a few dozen answers; an honest listener from the same address
+/// still connects at once; and the metrics count the refusals and the
+/// listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_reconnecting_without_backoff_costs_the_relay_a_few_answers() -> Result<()> {
+    let Some(dir) = hyco_ws()? else {
+        return Ok(());
+    };
+    let data = tempfile::tempdir()?;
+    let data_dir = data.path().to_path_buf();
+    let relay = tokio::task::spawn_blocking(move || {
+        Relay::start_with(&data_dir, "127.0.0.1:0", &["--metrics", "127.0.0.1:0"])
+    })
+    .await??;
+    let (_, listen_cs) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    let wrong_key = "d3JvbmdrZXl3cm9uZ2tleXdyb25na2V5d3JvbmdrZXk=";
+    let storm = Command::new("node")
+        .args(["-e", STORMING_LISTENER])
+        .env("NODE_PATH", dir.join("node_modules"))
+        .env("NODE_EXTRA_CA_CERTS", relay.data_dir.join("cert.pem"))
+        .env("RELAY", format!("127.0.0.1:{}", relay.listen.port()))
+        .env("HC", "payroll")
+        .env("LISTEN_KEY", wrong_key)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting hyco-ws")?;
+    let storm = hybridlink_tests::Proc::adopt(storm, "hyco-ws with a wrong key");
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let started = Instant::now();
+    let _honest = listen(&relay, &listen_cs, unix_now()? + 600).await?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "an honest listener waited {:?} behind the storm",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let text = scrape(&relay)?;
+    drop(storm);
+
+    let refused = sample(
+        &text,
+        "hybridlink_relay_refused_total{reason=\"unauthorized\"}",
+    );
+    ensure!(
+        (3.0..=60.0).contains(&refused),
+        "{refused} refusals in 10 s of a reconnect storm (expected a few dozen at most)"
+    );
+    ensure!(
+        sample(&text, "hybridlink_relay_azure_listeners{hc=\"payroll\"}") == 1.0,
+        "the honest listener is not counted:\n{text}"
+    );
+    Ok(())
+}
+
+/// A hyco-ws listener that counts its refusals and keeps reconnecting.
+const STORMING_LISTENER: &str = r#"
+const WebSocket = require('hyco-ws');
+const { RELAY, HC, LISTEN_KEY } = process.env;
+const uri = `wss://${RELAY}/$hc/${HC}?sb-hc-action=listen`;
+const server = WebSocket.createRelayedServer(
+  { server: uri, token: () => WebSocket.createRelayToken(uri, 'listen', LISTEN_KEY) },
+  (ws) => ws.close());
+server.on('error', () => {});
+"#;
+
+/// Senders are spread round robin over a hybrid connection's
+/// Azure-protocol listeners, which `--max-listeners` caps; a sender that
+/// is relayed is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn senders_take_turns_over_the_listeners_and_max_listeners_caps_them() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let data_dir = data.path().to_path_buf();
+    let relay = tokio::task::spawn_blocking(move || {
+        Relay::start_with(
+            &data_dir,
+            "127.0.0.1:0",
+            &["--max-listeners", "2", "--metrics", "127.0.0.1:0"],
+        )
+    })
+    .await??;
+    let (send, listen_cs) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    let expiry = unix_now()? + 600;
+    let listeners = [
+        listen(&relay, &listen_cs, expiry).await?,
+        listen(&relay, &listen_cs, expiry).await?,
+    ];
+
+    let cert = listen_cs.cert_sha256.context("certificate hash")?;
+    let third = format!(
+        "/$hc/payroll?sb-hc-action=listen&sb-hc-token={}",
+        proto::sas::url_encode(&listen_cs.token(expiry))
+    );
+    let (answer, mut tls) = client::upgrade(relay.listen, cert, &third, &[]).await?;
+    // The relay closes without close_notify once the answer is out: keep
+    // what came before that.
+    let mut body = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut body).await;
+    let body = String::from_utf8_lossy(&body);
+    ensure!(
+        answer.starts_with("HTTP/1.1 403") && body.contains("--max-listeners"),
+        "a third listener: {answer}{body}"
+    );
+
+    // Each listener reports its accepts, tagged with its index.
+    let (tx, mut accepts) = tokio::sync::mpsc::unbounded_channel();
+    for (i, mut ws) in listeners.into_iter().enumerate() {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Ok(accept) = next_accept(&mut ws, Duration::from_secs(120)).await {
+                if tx.send((i, accept)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    // Each sender's accept goes to one listener, the next sender's to the
+    // other. The listener rejects, so each sender is answered at once.
+    let mut took = [0usize; 2];
+    for round in 0..6 {
+        let sender = connect(&relay, &send)?;
+        let (i, accept) = tokio::time::timeout(Duration::from_secs(5), accepts.recv())
+            .await
+            .with_context(|| format!("round {round}: no listener got an accept"))?
+            .context("the listeners stopped")?;
+        let address = accept["address"].as_str().context("address")?;
+        reject(relay.listen, cert, address).await?;
+        took[i] += 1;
+        let answer = sender.await??;
+        ensure!(answer.starts_with("HTTP/1.1 409"), "{answer}");
+    }
+    ensure!(took == [3, 3], "accepts per listener: {took:?}");
+    let text = scrape(&relay)?;
+    ensure!(
+        sample(&text, "hybridlink_relay_azure_listeners{hc=\"payroll\"}") == 2.0,
+        "{text}"
+    );
+    ensure!(
+        sample(&text, "hybridlink_relay_refused_total{reason=\"quota\"}") >= 1.0,
+        "the third listener's refusal is not counted:\n{text}"
+    );
+    Ok(())
+}
+
+/// Rejects the sender of an `accept` whose address is `address`, with
+/// 409, as a listener does.
+async fn reject(relay: std::net::SocketAddr, cert: [u8; 32], address: &str) -> Result<()> {
+    let url = address
+        .split_once("/$hc/")
+        .map(|(_, rest)| format!("/$hc/{rest}&sb-hc-statusCode=409&sb-hc-statusDescription=Busy"))
+        .context("an accept address without /$hc/")?;
+    let (answer, _tls) = client::upgrade(relay, cert, &url, &[]).await?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 410"),
+        "reject answered {answer}"
+    );
+    Ok(())
+}

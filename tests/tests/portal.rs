@@ -7,7 +7,8 @@
 //! (default `target/portal-screenshots`).
 //!
 //! Without chromium or node it skips, unless HYBRIDLINK_REQUIRE_TOOLS is
-//! set (as in CI). `npm ci` runs first when `tests/portal/node_modules` is
+//! set (as in CI). `npm ci` runs first when `tests/portal/node_modules` (or
+//! `tests/azure/node_modules`, for Azure Relay's Node client) is
 //! missing.
 
 use std::io::{BufRead, BufReader, Write};
@@ -39,13 +40,18 @@ fn the_portal_creates_keys_watches_and_deletes_hybrid_connections() -> Result<()
         .parent()
         .context("tests/ has a parent")?;
     let script_dir = root.join("tests/portal");
-    if !script_dir.join("node_modules/playwright-core").exists() {
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-            .current_dir(&script_dir)
-            .status()
-            .context("running npm ci in tests/portal")?;
-        ensure!(status.success(), "npm ci in tests/portal failed");
+    for (dir, module) in [
+        ("tests/portal", "playwright-core"),
+        ("tests/azure", "hyco-ws"),
+    ] {
+        if !root.join(dir).join("node_modules").join(module).exists() {
+            let status = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(root.join(dir))
+                .status()
+                .with_context(|| format!("running npm ci in {dir}"))?;
+            ensure!(status.success(), "npm ci in {dir} failed");
+        }
     }
     let shots = std::env::var_os("HYBRIDLINK_PORTAL_SCREENSHOTS")
         .map(PathBuf::from)
@@ -76,7 +82,12 @@ fn the_portal_creates_keys_watches_and_deletes_hybrid_connections() -> Result<()
         .context("starting node")?;
     let mut script = Script::new(child)?;
 
-    let mut helper = Helper::default();
+    let mut helper = Helper {
+        agents: Vec::new(),
+        traffic: None,
+        azure_listeners: Vec::new(),
+        relay_cert: relay.data_dir.join("cert.pem"),
+    };
     while let Some(line) = script.line()? {
         let Some(request) = line.strip_prefix("@hybridlink ") else {
             println!("{line}");
@@ -182,11 +193,25 @@ impl Drop for Script {
     }
 }
 
+/// A listener of Azure Relay's Node client (`hyco-ws`, installed in
+/// `tests/azure`) that stays connected until it is killed.
+const HYCO_WS_LISTENER: &str = r#"
+const WebSocket = require('hyco-ws');
+const { RELAY, HC, LISTEN_KEY } = process.env;
+const uri = `wss://${RELAY}/$hc/${HC}?sb-hc-action=listen`;
+WebSocket.createRelayedServer(
+  { server: uri, token: () => WebSocket.createRelayToken(uri, 'listen', LISTEN_KEY) },
+  (ws) => ws.close());
+"#;
+
 /// What the script may ask for; everything it started ends on drop.
-#[derive(Default)]
 struct Helper {
     agents: Vec<Agent>,
     traffic: Option<Traffic>,
+    /// Azure Relay's own Node client, as listeners.
+    azure_listeners: Vec<hybridlink_tests::Proc>,
+    /// The relay's certificate, for the Node client to trust.
+    relay_cert: PathBuf,
 }
 
 impl Helper {
@@ -224,6 +249,28 @@ impl Helper {
             }
             "traffic" => {
                 self.traffic = Some(Traffic::start(&string()?, 2)?);
+                Ok(json!({}))
+            }
+            "azure-listener" => {
+                let cs = string()?;
+                let child = Command::new("node")
+                    .args(["-e", HYCO_WS_LISTENER])
+                    .env(
+                        "NODE_PATH",
+                        Path::new(env!("CARGO_MANIFEST_DIR")).join("azure/node_modules"),
+                    )
+                    .env("NODE_EXTRA_CA_CERTS", &self.relay_cert)
+                    .env("RELAY", format!("{}:{}", cs.relay_host, cs.relay_port))
+                    .env("HC", cs.hc.as_str())
+                    .env("LISTEN_KEY", cs.key.as_str())
+                    .spawn()
+                    .context("starting a hyco-ws listener")?;
+                self.azure_listeners
+                    .push(hybridlink_tests::Proc::adopt(child, "hyco-ws listener"));
+                Ok(json!({}))
+            }
+            "stop-azure-listeners" => {
+                self.azure_listeners.clear();
                 Ok(json!({}))
             }
             "stop-traffic" => {

@@ -17,6 +17,7 @@
 
 pub mod listener;
 pub mod listeners;
+pub mod penalty;
 pub mod pump;
 pub mod request;
 
@@ -43,8 +44,10 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::hub::Hub;
+use crate::metrics::RefusedReason;
 use crate::preauth::PreAuthSlot;
 use listeners::{ListenerId, Listeners, RENDEZVOUS_TTL};
+use penalty::Penalties;
 use request::{AcceptAddress, Action, HcRequest};
 
 /// Most bytes of a request head the relay buffers (hyper's smallest
@@ -108,6 +111,7 @@ struct Inner {
     hub: Hub,
     state: Mutex<Listeners<ListenerHandle, oneshot::Sender<Answer>>>,
     rng: SystemRandom,
+    penalties: Mutex<Penalties>,
 }
 
 /// The connection's pre-authentication slot, given back when a request
@@ -118,12 +122,18 @@ fn authenticated(slot: &Slot) {
     slot.lock().unwrap_or_else(|p| p.into_inner()).take();
 }
 
+/// Whether the connection has proved nothing yet.
+fn unproven(slot: &Slot) -> bool {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+}
+
 /// Removes a listener from the rotation when its channel ends.
 #[derive(Debug)]
 struct Registration {
     azure: Azure,
     hc: proto::name::HcName,
     id: ListenerId,
+    _counted: transport::metrics::ActiveGuard,
 }
 
 impl Drop for Registration {
@@ -170,6 +180,7 @@ impl Azure {
                 hub,
                 state: Mutex::new(Listeners::new(max_listeners)),
                 rng: SystemRandom::new(),
+                penalties: Mutex::new(Penalties::new()),
             }),
         }
     }
@@ -224,11 +235,32 @@ impl Azure {
             })
     }
 
-    async fn handle(
+    /// Answers one request; a refusal of a connection that proved
+    /// nothing waits first, longer the more its address was refused
+    /// ([`penalty`]).
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr, slot: Slot) -> Response<Body> {
+        let response = self.route(req, peer, &slot).await;
+        let refused = matches!(response.status().as_u16(), 401 | 403);
+        if refused && unproven(&slot) {
+            let wait = self
+                .inner
+                .penalties
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .refused(peer.ip(), std::time::Instant::now());
+            if !wait.is_zero() {
+                debug!(%peer, ?wait, "refused again: answering later");
+                tokio::time::sleep(wait).await;
+            }
+        }
+        response
+    }
+
+    async fn route(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
-        slot: Slot,
+        slot: &Slot,
     ) -> Response<Body> {
         let parsed = match request::parse(req.uri().path(), req.uri().query(), req.headers()) {
             Ok(parsed) => parsed,
@@ -238,9 +270,9 @@ impl Azure {
             return answer(400, "expected a WebSocket upgrade");
         }
         match parsed.action.clone() {
-            Action::Listen => self.listen(&mut req, parsed, peer, &slot),
-            Action::Connect => self.connect(&mut req, parsed, peer, &slot).await,
-            Action::Accept { ticket } => self.rendezvous(&mut req, &parsed, &ticket, None, &slot),
+            Action::Listen => self.listen(&mut req, parsed, peer, slot),
+            Action::Connect => self.connect(&mut req, parsed, peer, slot).await,
+            Action::Accept { ticket } => self.rendezvous(&mut req, &parsed, &ticket, None, slot),
             Action::Reject {
                 ticket,
                 status,
@@ -250,7 +282,7 @@ impl Azure {
                 &parsed,
                 &ticket,
                 Some((status, description)),
-                &slot,
+                slot,
             ),
         }
     }
@@ -298,13 +330,17 @@ impl Azure {
         };
         let id = match self.lock().add(&r.hc, handle) {
             Ok(id) => id,
-            Err(e) => return answer(403, &e.to_string()),
+            Err(e) => {
+                self.inner.hub.metrics().refused(RefusedReason::quota);
+                return answer(403, &e.to_string());
+            }
         };
         authenticated(slot);
         let registration = Registration {
             azure: self.clone(),
             hc: r.hc.clone(),
             id,
+            _counted: self.inner.hub.metrics().azure_listener(&r.hc),
         };
         let hub = self.inner.hub.clone();
         let span = info_span!("azure listener", hc = %r.hc, id);
@@ -377,6 +413,7 @@ impl Azure {
         });
         if !offered {
             self.lock().forget(&ticket);
+            self.inner.hub.metrics().refused(RefusedReason::quota);
             return answer(503, &format!("every listener of {} is busy", r.hc));
         }
         match tokio::time::timeout(RENDEZVOUS_TTL, rx).await {
@@ -387,8 +424,10 @@ impl Azure {
                         .insert(SEC_WEBSOCKET_PROTOCOL, protocol);
                 }
                 let span = info_span!("azure connection", hc = %r.hc, %id);
+                let counted = self.inner.hub.metrics().azure_connection();
                 tokio::spawn(
                     async move {
+                        let _counted = counted;
                         match tokio::join!(sender_upgrade, listener) {
                             (Ok(sender), Ok(listener)) => {
                                 debug!("relaying");

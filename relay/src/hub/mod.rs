@@ -26,7 +26,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::metrics::RelayMetrics;
+use crate::metrics::{RefusedReason, RelayMetrics};
 use crate::registry::Registry;
 use rendezvous::Rendezvous;
 pub use state::{
@@ -267,7 +267,8 @@ impl Hub {
     /// control session (the Azure protocol's requests, see
     /// [`crate::azure`]): its expiry (Unix seconds) or why it is refused,
     /// within the relay's longest token lifetime. A name the registry does
-    /// not hold is refused exactly as a wrong key is.
+    /// not hold is refused exactly as a wrong key is; the metrics count a
+    /// refusal under the same reasons as a control session's.
     pub fn check_token(
         &self,
         hc: &HcName,
@@ -276,9 +277,21 @@ impl Hub {
     ) -> Result<u64, proto::sas::SasError> {
         let record = self.inner.registry.get(hc);
         let now = unix_now();
-        self.lock()
+        let verified = self
+            .lock()
             .state
-            .verify_token(token, hc, needed, record.as_ref(), now)
+            .verify_token(token, hc, needed, record.as_ref(), now);
+        if verified.is_err() {
+            let reason = match &record {
+                None => RefusedReason::unknown_hc,
+                Some(r) if r.regenerated_at(token, needed, now).is_some() => {
+                    RefusedReason::key_regenerated
+                }
+                Some(_) => RefusedReason::unauthorized,
+            };
+            self.inner.metrics.refused(reason);
+        }
+        verified
     }
 
     /// An agent asks for a hybrid connection's endpoint without joining

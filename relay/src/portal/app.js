@@ -109,14 +109,22 @@ function ago(unix) {
   return `${Math.floor(s / 86400)} d ago`;
 }
 
+const plural = (n, one) => `${n} ${one}${n === 1 ? '' : 's'}`;
+
+/** Azure-protocol listeners (hyco-ws, .NET, Java clients) of a status. */
+const azureListeners = (s) => s.azure_listeners ?? [];
+
 function statusText(s) {
-  if (!s.listener_count) return 'Not connected';
-  return `Connected (${s.listener_count} agent${s.listener_count === 1 ? '' : 's'})`;
+  const parts = [];
+  if (s.listener_count) parts.push(plural(s.listener_count, 'agent'));
+  const azure = azureListeners(s).length;
+  if (azure) parts.push(plural(azure, 'Azure-protocol listener'));
+  return parts.length ? `Connected (${parts.join(', ')})` : 'Not connected';
 }
 
 function setBadge(node, s) {
   setText(node, statusText(s));
-  node.classList.toggle('on', s.listener_count > 0);
+  node.classList.toggle('on', s.listener_count + azureListeners(s).length > 0);
 }
 
 // --- views -----------------------------------------------------------------
@@ -260,12 +268,25 @@ function renderDetail(s) {
   ];
   $('d-streams').replaceChildren(
     ...figures.map(([term, value]) => el('div', {}, el('dt', {}, term), el('dd', {}, value))));
+  const since = (unix) => el('time', { datetime: new Date(unix * 1000).toISOString() },
+    `${new Date(unix * 1000).toLocaleString()} (${ago(unix)})`);
+  // An Azure-protocol listener is not an agent: the relay ends its TLS and
+  // relays its WebSocket messages, so it sees what passes.
+  const azureRows = azureListeners(s).map((l) => el('tr', {},
+    el('td', { 'data-label': 'Address' }, l.address),
+    el('td', { 'data-label': 'Agent' }, 'Azure-protocol listener'),
+    el('td', { 'data-label': 'Connected since' }, since(l.connected_since)),
+    el('td', { 'data-label': 'End-to-end' },
+      el('span', { class: 'badge',
+        title: 'an Azure Relay client: the relay terminates its TLS and sees the payload, as Azure\'s service does' },
+        'relay sees payload')),
+    el('td', { 'data-label': 'On-prem policy', class: 'policy' }, 'its own (not a hybridlink agent)'),
+    el('td', { 'data-label': 'Open streams', class: 'num' }, '–'),
+    el('td', { 'data-label': 'Bytes to / from target', class: 'num' }, '–')));
   $('agent-rows').replaceChildren(...s.listeners.map((l) => el('tr', {},
     el('td', { 'data-label': 'Address' }, l.address),
     el('td', { 'data-label': 'Agent' }, l.label),
-    el('td', { 'data-label': 'Connected since' },
-      el('time', { datetime: new Date(l.connected_since * 1000).toISOString() },
-        `${new Date(l.connected_since * 1000).toLocaleString()} (${ago(l.connected_since)})`)),
+    el('td', { 'data-label': 'Connected since' }, since(l.connected_since)),
     el('td', { 'data-label': 'End-to-end' },
       el('span', { class: l.end_to_end === 'verified' ? 'badge on' : 'badge',
         title: l.end_to_end === 'verified'
@@ -276,9 +297,10 @@ function renderDetail(s) {
       l.policy_refusal ? l.policy_refusal : 'allows the endpoint'),
     el('td', { 'data-label': 'Open streams', class: 'num' }, String(l.streams.open)),
     el('td', { 'data-label': 'Bytes to / from target', class: 'num' },
-      `${bytes(l.streams.bytes_to_target)} / ${bytes(l.streams.bytes_from_target)}`))));
-  $('agents-empty').hidden = s.listeners.length > 0;
-  $('agent-rows').closest('table').hidden = s.listeners.length === 0;
+      `${bytes(l.streams.bytes_to_target)} / ${bytes(l.streams.bytes_from_target)}`))), ...azureRows);
+  const rows = s.listeners.length + azureRows.length;
+  $('agents-empty').hidden = rows > 0;
+  $('agent-rows').closest('table').hidden = rows === 0;
   drawCharts(s.name);
 }
 
