@@ -15,6 +15,8 @@
 //! reaches only Azure-protocol listeners ([`listeners`] is separate from
 //! the hub's agents), and hybridlink senders only hybridlink agents.
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod listener;
 pub mod listeners;
 pub mod penalty;
