@@ -6,6 +6,7 @@
 //! own authenticated control channel. Nothing a sender writes can choose the
 //! destination: a stream names only its hybrid connection.
 
+pub mod azure;
 pub mod control_socket;
 pub mod dial;
 pub mod metrics;
@@ -54,6 +55,13 @@ pub struct AgentOptions {
     pub policy: Policy,
     /// Each tenant's share of pipe set-ups and dials in progress.
     pub shares: shares::ShareCaps,
+    /// The endpoint of each hybrid connection served over Azure Relay's
+    /// protocol (a string without `CertificateSha256`), whose relay knows
+    /// none.
+    pub azure_endpoints: HashMap<HcName, Endpoint>,
+    /// CA certificates (PEM) that may issue an Azure-protocol relay's
+    /// certificate; without it, the system's.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl AgentOptions {
@@ -67,6 +75,8 @@ impl AgentOptions {
             mux: MuxConfig::default(),
             policy: Policy::built_in(),
             shares: shares::ShareCaps::default(),
+            azure_endpoints: HashMap::new(),
+            ca_file: None,
         }
     }
 }
@@ -98,6 +108,14 @@ pub enum AgentError {
     /// The control channel could not be set up.
     #[error(transparent)]
     Control(#[from] ControlClientError),
+    /// A string for Azure Relay's protocol without an endpoint to dial.
+    #[error(
+        "the connection string for {0} has no CertificateSha256, so it is served over Azure Relay's protocol, whose relay knows no endpoint: give it with --endpoint {0}=HOST:PORT"
+    )]
+    NoEndpoint(HcName),
+    /// The Azure-protocol relay cannot be trusted as configured.
+    #[error("{0}")]
+    Azure(#[from] transport::azure::AzureError),
 }
 
 /// What the agent knows, shared by its tasks.
@@ -144,6 +162,30 @@ impl PolicyCell {
     /// Ticks when the policy is replaced.
     pub(crate) fn changes(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+}
+
+/// Resolves when a policy that replaced the one in force refuses
+/// `endpoint` of `hc`, or the address `addr` a stream reached it at: why.
+/// A stream ends then; a new policy that still allows it leaves it alone.
+pub(crate) async fn refused_later(
+    policy: &PolicyCell,
+    mut changes: watch::Receiver<u64>,
+    hc: &HcName,
+    endpoint: &Endpoint,
+    addr: std::net::IpAddr,
+) -> policy::Denial {
+    loop {
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        let policy = policy.get();
+        let verdict = policy
+            .check_endpoint(hc, endpoint)
+            .and_then(|rule| policy.check_address(hc, endpoint, rule, addr));
+        if let Err(denial) = verdict {
+            return denial;
+        }
     }
 }
 
@@ -421,7 +463,14 @@ fn spawn_generation(
     let mut shared = Shared::default();
     let shares = Arc::new(shares::Shares::new(options.shares));
     let mut by_relay: HashMap<RelayAddr, Vec<ConnectionString>> = HashMap::new();
+    let mut azure = Vec::new();
     for cs in &strings {
+        if cs.cert_sha256.is_none() {
+            shared.hcs.insert(cs.hc.clone(), HcState::over_azure());
+            info!(hc = %cs.hc, relay = %cs.relay_host, "served over Azure Relay's protocol: that relay sees the streams' bytes");
+            azure.push(cs.clone());
+            continue;
+        }
         shared
             .hcs
             .insert(cs.hc.clone(), HcState::new(cs.end_to_end_key.is_some()));
@@ -435,8 +484,35 @@ fn spawn_generation(
             .or_default()
             .push(cs.clone());
     }
+    let mut azure_tasks = Vec::new();
+    for cs in azure {
+        let endpoint = options
+            .azure_endpoints
+            .get(&cs.hc)
+            .cloned()
+            .ok_or_else(|| AgentError::NoEndpoint(cs.hc.clone()))?;
+        let trust = transport::azure::Trust::for_string(&cs, options.ca_file.as_deref())?;
+        let client = transport::azure::Client::for_string(&cs, trust)?;
+        if let Some(state) = shared.hcs.get_mut(&cs.hc) {
+            state.set_endpoint(endpoint.clone());
+            apply_policy(&policy.get(), &cs.hc, state);
+        }
+        azure_tasks.push((cs, client, endpoint));
+    }
     let shared = Arc::new(Mutex::new(shared));
     let mut tasks = Vec::new();
+    for (cs, client, endpoint) in azure_tasks {
+        let ctx = azure::AzureContext {
+            hc: cs.hc.clone(),
+            endpoint,
+            shared: shared.clone(),
+            policy: policy.clone(),
+            active: active.clone(),
+            metrics: metrics.clone(),
+            dial_timeout: options.dial_timeout,
+        };
+        tasks.push(tokio::spawn(azure::run(ctx, client, cs)));
+    }
     for (relay, relay_strings) in by_relay {
         let mut config = ControlConfig::new(
             PeerRole::Agent,

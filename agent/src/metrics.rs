@@ -147,6 +147,11 @@ impl AgentMetrics {
         Counted::new(inner, self.bytes_counter(hc, direction))
     }
 
+    /// Adds `n` bytes of `hc` going `direction`.
+    pub fn add_bytes(&self, hc: &str, direction: Direction, n: u64) {
+        self.bytes_counter(hc, direction).inc_by(n);
+    }
+
     fn bytes_counter(&self, hc: &str, direction: Direction) -> Counter {
         let label = HcDirection {
             hc: hc.to_string(),

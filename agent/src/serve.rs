@@ -42,10 +42,10 @@ pub(crate) struct Context {
 }
 
 /// Counts a stream as active while it lives.
-struct Active(Arc<AtomicUsize>);
+pub(crate) struct Active(Arc<AtomicUsize>);
 
 impl Active {
-    fn new(count: &Arc<AtomicUsize>) -> Active {
+    pub(crate) fn new(count: &Arc<AtomicUsize>) -> Active {
         count.fetch_add(1, Ordering::Relaxed);
         Active(count.clone())
     }
@@ -195,7 +195,7 @@ async fn serve_stream(
         }
         // Watch before reading, so a policy replaced in between is still
         // seen as a change by this stream.
-        let mut policy_changes = ctx.policy.changes();
+        let policy_changes = ctx.policy.changes();
         let policy = ctx.policy.get();
         // A place among the dials in progress of this sender and this
         // hybrid connection, waiting as long as a dial may take.
@@ -274,22 +274,8 @@ async fn serve_stream(
             COPY_BUFFER,
             COPY_BUFFER,
         );
-        // A new policy that refuses this stream's endpoint or address ends
-        // it; one that still allows it leaves it alone.
-        let refused_later = async {
-            loop {
-                if policy_changes.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-                let policy = ctx.policy.get();
-                let verdict = policy
-                    .check_endpoint(&hc, &endpoint)
-                    .and_then(|rule| policy.check_address(&hc, &endpoint, rule, addr.ip()));
-                if let Err(denial) = verdict {
-                    return denial;
-                }
-            }
-        };
+        let refused_later =
+            crate::refused_later(&ctx.policy, policy_changes, &hc, &endpoint, addr.ip());
         tokio::select! {
             result = copy => match result {
                 Ok((up, down)) => debug!(up, down, "stream closed"),

@@ -54,6 +54,8 @@ pub struct HcState {
     streams_opened: u64,
     streams_refused: u64,
     end_to_end: bool,
+    /// Served over Azure Relay's protocol, whose relay sees the bytes.
+    azure: bool,
     policy_refusal: Option<String>,
 }
 
@@ -66,7 +68,16 @@ impl HcState {
             streams_opened: 0,
             streams_refused: 0,
             end_to_end,
+            azure: false,
             policy_refusal: None,
+        }
+    }
+
+    /// The same, served over Azure Relay's protocol.
+    pub(crate) fn over_azure() -> Self {
+        HcState {
+            azure: true,
+            ..HcState::new(false)
         }
     }
 
@@ -152,10 +163,10 @@ impl HcState {
             name: name.clone(),
             endpoint: self.endpoint.as_ref().map(|e| e.to_string()),
             connection,
-            end_to_end: if self.end_to_end {
-                EndToEnd::Verified
-            } else {
-                EndToEnd::RelayTrusted
+            end_to_end: match (self.azure, self.end_to_end) {
+                (true, _) => EndToEnd::RelaySeesPayload,
+                (false, true) => EndToEnd::Verified,
+                (false, false) => EndToEnd::RelayTrusted,
             },
             since: self
                 .since
@@ -178,6 +189,9 @@ pub enum EndToEnd {
     /// No end-to-end key: a relay that lies about the ends' keys could read
     /// and alter the streams.
     RelayTrusted,
+    /// Served over Azure Relay's protocol: the relay terminates the
+    /// WebSockets and sees the streams' bytes.
+    RelaySeesPayload,
 }
 
 impl fmt::Display for EndToEnd {
@@ -186,6 +200,7 @@ impl fmt::Display for EndToEnd {
         f.pad(match self {
             EndToEnd::Verified => "verified",
             EndToEnd::RelayTrusted => "relay-trusted",
+            EndToEnd::RelaySeesPayload => "relay-sees-payload",
         })
     }
 }

@@ -8,6 +8,7 @@ use agent::control_socket::ReloadAnswer;
 use anyhow::Context;
 use clap::Subcommand;
 use proto::connection_string::ConnectionString;
+use proto::name::{Endpoint, HcName};
 
 use crate::install::{RunAs, SOCKETS_ONLY, SystemUser, Unit};
 
@@ -97,6 +98,19 @@ pub enum AgentCommand {
         policy: Option<PathBuf>,
         #[command(flatten)]
         shares: ShareArgs,
+        /// The endpoint of a hybrid connection served over Azure Relay's
+        /// protocol (a listen string without CertificateSha256: an Azure
+        /// Relay namespace, or a hybridlink relay with a CA-issued
+        /// certificate), whose relay names none: `NAME=HOST:PORT`, or
+        /// `HOST:PORT` when only one is served that way. Repeatable. The
+        /// on-prem policy applies to it as to any endpoint.
+        #[arg(long = "endpoint", value_name = "[NAME=]HOST:PORT", value_parser = parse_azure_endpoint)]
+        endpoints: Vec<(Option<HcName>, Endpoint)>,
+        /// For listen strings without CertificateSha256: the CA
+        /// certificates (PEM) that may issue the relay's certificate.
+        /// Default: the system's.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
     },
     /// Allow this agent to dial HOST (a name, a wildcard like *.corp, an
     /// address or a CIDR), on PORT or every port, for one hybrid connection
@@ -337,6 +351,8 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             metrics,
             policy,
             shares,
+            endpoints,
+            ca_file,
         } => {
             // A file is reread on reload; standard input is read once, so
             // its strings are fixed, like those of the command line.
@@ -370,6 +386,8 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             options.dial_timeout = Duration::from_secs(dial_timeout);
             options.token_ttl = Duration::from_secs(token_ttl.max(2));
             options.shares = shares.caps();
+            options.azure_endpoints = azure_endpoints(&options.connection_strings, endpoints)?;
+            options.ca_file = ca_file;
             if let Some(label) = label {
                 options.label = label;
             }
@@ -687,6 +705,54 @@ fn unit(binary: &Path) -> Unit {
 }
 
 /// `--label`: refused at once rather than cut or refused by the relay later.
+/// `--endpoint [NAME=]HOST:PORT`.
+fn parse_azure_endpoint(text: &str) -> Result<(Option<HcName>, Endpoint), String> {
+    let (name, endpoint) = match text.split_once('=') {
+        Some((name, endpoint)) => (
+            Some(name.parse::<HcName>().map_err(|e| e.to_string())?),
+            endpoint,
+        ),
+        None => (None, text),
+    };
+    let endpoint = endpoint.parse::<Endpoint>().map_err(|e| e.to_string())?;
+    Ok((name, endpoint))
+}
+
+/// The endpoint of each string served over Azure Relay's protocol: named
+/// ones as named, a bare one for the only such string.
+fn azure_endpoints(
+    strings: &[ConnectionString],
+    given: Vec<(Option<HcName>, Endpoint)>,
+) -> anyhow::Result<std::collections::HashMap<HcName, Endpoint>> {
+    let azure: Vec<&HcName> = strings
+        .iter()
+        .filter(|cs| cs.cert_sha256.is_none())
+        .map(|cs| &cs.hc)
+        .collect();
+    let mut out = std::collections::HashMap::new();
+    for (name, endpoint) in given {
+        let name = match name {
+            Some(name) => name,
+            None => match azure.as_slice() {
+                [only] => (*only).clone(),
+                [] => anyhow::bail!(
+                    "--endpoint {endpoint}: no listen string is served over Azure Relay's protocol (those without CertificateSha256); a hybridlink relay names the endpoint itself"
+                ),
+                _ => anyhow::bail!(
+                    "--endpoint {endpoint}: several hybrid connections are served over Azure Relay's protocol; name one: --endpoint NAME={endpoint}"
+                ),
+            },
+        };
+        if !azure.contains(&&name) {
+            anyhow::bail!(
+                "--endpoint {name}={endpoint}: {name} is not a hybrid connection this agent serves over Azure Relay's protocol"
+            );
+        }
+        out.insert(name, endpoint);
+    }
+    Ok(out)
+}
+
 fn parse_label(text: &str) -> Result<String, proto::label::LabelError> {
     proto::label::PeerLabel::parse(text).map(|l| l.to_string())
 }

@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use proto::connection_string::ConnectionString;
+use proto::name::HcName;
 use tokio::io::{AsyncWriteExt, copy};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, info, info_span, warn};
 use transport::sender::{Sender, SenderOptions};
 
@@ -19,6 +20,63 @@ pub struct SendArgs {
     /// How many seconds to wait for the relay and a live agent.
     #[arg(long, default_value_t = 10)]
     pub wait: u64,
+    /// For a connection string without CertificateSha256 (Azure Relay's
+    /// protocol: an Azure Relay namespace, or a hybridlink relay with a
+    /// CA-issued certificate): the CA certificates (PEM) that may issue the
+    /// relay's certificate. Default: the system's.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Over Azure Relay's protocol: how each stream begins. `azbridge`
+    /// sends azbridge's stream preamble, which hybridlink agents and
+    /// `azbridge -T` listeners expect; `raw` sends data from the first
+    /// byte, for a listener app that reads plain WebSocket messages.
+    #[arg(long, value_enum, default_value_t = Framing::Azbridge)]
+    pub framing: Framing,
+    /// Over Azure Relay's protocol with azbridge framing: the port name
+    /// the preamble asks for (an `azbridge -T` listener with several
+    /// forwarders picks one by it; with one, any number will do).
+    #[arg(long, default_value = "0", value_name = "NAME")]
+    pub port_name: String,
+}
+
+/// `--framing`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// azbridge's stream preamble first.
+    Azbridge,
+    /// Data from the first byte.
+    Raw,
+}
+
+/// A hybrid connection reached over Azure Relay's protocol: one WebSocket
+/// per stream.
+#[derive(Debug, Clone)]
+struct AzureSender {
+    client: transport::azure::Client,
+    cs: ConnectionString,
+    framing: transport::azure::Framing,
+}
+
+impl AzureSender {
+    fn new(cs: &ConnectionString, args: &SendArgs) -> anyhow::Result<AzureSender> {
+        let trust = transport::azure::Trust::for_string(cs, args.ca_file.as_deref())?;
+        Ok(AzureSender {
+            client: transport::azure::Client::for_string(cs, trust)?,
+            cs: cs.clone(),
+            framing: match args.framing {
+                Framing::Azbridge => transport::azure::Framing::Azbridge(args.port_name.clone()),
+                Framing::Raw => transport::azure::Framing::Raw,
+            },
+        })
+    }
+
+    async fn open(&self) -> anyhow::Result<transport::azure::Ws> {
+        transport::azure::open_stream(&self.client, &self.cs, &self.framing)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("{}: {}", self.cs.hc, transport::azure::describe_refusal(&e))
+            })
+    }
 }
 
 /// Where `connect` and `forward` take their send connection string from.
@@ -94,6 +152,9 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         .into());
     }
     let cs = args.strings.resolve()?;
+    if cs.cert_sha256.is_none() {
+        return connect_azure(&cs, args.check, &args.send).await;
+    }
     let sender = sender(&cs, &args.send, "connect")?;
     let started = std::time::Instant::now();
     let stream = sender.open(&cs.hc).await?;
@@ -143,15 +204,80 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     }
 }
 
+/// `connect` over Azure Relay's protocol: one WebSocket joined to
+/// stdin/stdout, half-close included.
+async fn connect_azure(cs: &ConnectionString, check: bool, send: &SendArgs) -> anyhow::Result<()> {
+    let sender = AzureSender::new(cs, send)?;
+    let started = std::time::Instant::now();
+    let ws = sender.open().await?;
+    if check {
+        println!(
+            "{}: reachable through the relay and a listener, over Azure Relay's protocol ({} ms)",
+            cs.hc,
+            started.elapsed().as_millis()
+        );
+        return Ok(());
+    }
+    let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    transport::azure::bridge::bridge(ws, stdio, None).await;
+    Ok(())
+}
+
+/// How `forward` reaches the hybrid connection.
+#[derive(Debug, Clone)]
+enum Route {
+    /// Through a hybridlink relay's pipes.
+    Native(Sender),
+    /// One Azure-protocol WebSocket per connection.
+    Azure(Box<AzureSender>),
+}
+
+impl Route {
+    /// Forwards `conn` through a new stream; a refused stream resets it.
+    async fn serve(self, hc: HcName, mut conn: TcpStream) {
+        let _ = conn.set_nodelay(true);
+        let refused = match self {
+            Route::Native(sender) => match sender.open(&hc).await {
+                Ok(mut stream) => {
+                    let _ = tokio::io::copy_bidirectional_with_sizes(
+                        &mut conn,
+                        &mut stream,
+                        256 * 1024,
+                        256 * 1024,
+                    )
+                    .await;
+                    return;
+                }
+                Err(e) => anyhow::Error::from(e),
+            },
+            Route::Azure(sender) => match sender.open().await {
+                Ok(ws) => {
+                    transport::azure::bridge::bridge(ws, conn, None).await;
+                    return;
+                }
+                Err(e) => e,
+            },
+        };
+        warn!(error = %refused, "stream refused; resetting the local connection");
+        // Closing with linger 0 sends RST: the client sees a refused
+        // connection, not an empty answer.
+        let _ = conn.set_zero_linger();
+    }
+}
+
 /// Accepts local connections and forwards each through its own stream.
 pub async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
     let cs = args.strings.resolve()?;
-    let sender = sender(&cs, &args.send, "forward")?;
+    let route = if cs.cert_sha256.is_none() {
+        Route::Azure(Box::new(AzureSender::new(&cs, &args.send)?))
+    } else {
+        Route::Native(sender(&cs, &args.send, "forward")?)
+    };
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let local = listener.local_addr()?;
-    info!(listen = %local, hc = %cs.hc, "forwarding");
+    info!(listen = %local, hc = %cs.hc, azure = matches!(route, Route::Azure(_)), "forwarding");
     println!(
         "{}",
         serde_json::json!({ "listen": local.to_string(), "hc": cs.hc.to_string() })
@@ -160,7 +286,7 @@ pub async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (mut conn, peer) = match accepted {
+                let (conn, peer) = match accepted {
                     Ok(x) => x,
                     Err(e) => {
                         warn!(error = %e, "accept failed");
@@ -169,23 +295,8 @@ pub async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
                     }
                 };
                 flow += 1;
-                let sender = sender.clone();
-                let hc = cs.hc.clone();
-                let span = info_span!("flow", %hc, flow, %peer);
-                tokio::spawn(async move {
-                    let _ = conn.set_nodelay(true);
-                    match sender.open(&hc).await {
-                        Ok(mut stream) => {
-                            let _ = tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut stream, 256 * 1024, 256 * 1024).await;
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "stream refused; resetting the local connection");
-                            // Closing with linger 0 sends RST: the client sees
-                            // a refused connection, not an empty answer.
-                            let _ = conn.set_zero_linger();
-                        }
-                    }
-                }.instrument(span));
+                let span = info_span!("flow", hc = %cs.hc, flow, %peer);
+                tokio::spawn(route.clone().serve(cs.hc.clone(), conn).instrument(span));
             }
             _ = crate::shutdown_signal() => return Ok(()),
         }

@@ -79,7 +79,7 @@ pub enum ConnectionStringError {
     MissingEndpoint,
     /// `Endpoint` is not `sb://host:port/`.
     #[error(
-        "connection string Endpoint {value:?} is not of the form sb://HOST:PORT/ ({reason}); copy it again with `hybridlink hc keys NAME`"
+        "connection string Endpoint {value:?} is not of the form sb://HOST[:PORT]/ ({reason}); copy it again with `hybridlink hc keys NAME`"
     )]
     BadEndpoint {
         /// The rejected value.
@@ -166,6 +166,9 @@ impl ConnectionString {
     }
 }
 
+/// The port of an `Endpoint` that names none, as Azure Relay's strings do.
+pub const AZURE_PORT: u16 = 443;
+
 fn parse_endpoint(value: &str) -> Result<(String, u16), ConnectionStringError> {
     let bad = |reason: &str| ConnectionStringError::BadEndpoint {
         value: value.to_owned(),
@@ -180,10 +183,11 @@ fn parse_endpoint(value: &str) -> Result<(String, u16), ConnectionStringError> {
     if authority.contains('/') {
         return Err(bad("it must have no path"));
     }
-    let (host, port) = authority
-        .rsplit_once(':')
-        .ok_or_else(|| bad("the port is missing"))?;
-    let port = parse_port(port).map_err(|e| bad(&e.to_string()))?;
+    // Azure Relay's strings name no port: its service is on 443.
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (host, parse_port(port).map_err(|e| bad(&e.to_string()))?),
+        None => (authority, AZURE_PORT),
+    };
     let host: Host = host.parse().map_err(|e: NameError| bad(&e.to_string()))?;
     Ok((host.to_string(), port))
 }
@@ -437,8 +441,8 @@ mod tests {
         let c = canonical();
         let e = err(&c.replace("sb://relay.example:9443/", "https://relay.example:9443/"));
         assert!(e.to_string().contains("must start with sb://"), "{e}");
-        let e = err(&c.replace(":9443/", "/"));
-        assert!(e.to_string().contains("port is missing"), "{e}");
+        let azure: ConnectionString = c.replace(":9443/", "/").parse().unwrap();
+        assert_eq!(azure.relay_port, 443, "a string without a port means 443");
         let e = err(&c.replace(":9443/", ":0/"));
         assert!(
             e.to_string().contains("not a number from 1 to 65535"),

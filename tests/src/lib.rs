@@ -638,3 +638,37 @@ impl Footprint {
         })
     }
 }
+
+/// `tests/azure`, where Azure Relay's Node clients are installed (`npm ci`
+/// runs first when they are not); `None` (the caller skips) without node,
+/// unless HYBRIDLINK_REQUIRE_TOOLS is set, when it fails instead.
+pub fn azure_node_clients() -> Result<Option<PathBuf>> {
+    let node = Command::new("node").arg("--version").output();
+    if !node.is_ok_and(|o| o.status.success()) {
+        if std::env::var_os("HYBRIDLINK_REQUIRE_TOOLS").is_some() {
+            bail!("node is missing (apt-get install nodejs npm)");
+        }
+        eprintln!("SKIP: node is missing");
+        return Ok(None);
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("azure");
+    if !dir.join("node_modules/hyco-ws").exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir)
+            .status()
+            .context("running npm ci in tests/azure")?;
+        if !status.success() {
+            bail!("npm ci in tests/azure failed");
+        }
+    }
+    Ok(Some(dir))
+}
+
+/// `cs` as Azure Relay's own strings are: without `CertificateSha256`, so
+/// hybridlink's peers speak Azure Relay's protocol with it.
+pub fn azure_style(cs: &ConnectionString) -> ConnectionString {
+    let mut cs = cs.clone();
+    cs.cert_sha256 = None;
+    cs
+}

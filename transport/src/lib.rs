@@ -1,6 +1,7 @@
 //! The tokio side of hybridlink: everything that moves bytes between sockets
 //! and the sans-I/O machines of `proto`.
 //!
+//! - [`azure`]: the peers as clients of Azure Relay's own protocol.
 //! - [`atomic_file`]: files written so that a crash leaves the old or the
 //!   new content.
 //! - [`control`]: a peer's control channel to the relay (keep-alives,
@@ -16,6 +17,7 @@
 //! - [`fd_limit`]: the open-files limit every role raises at start.
 
 pub mod atomic_file;
+pub mod azure;
 pub mod backoff;
 pub mod control;
 pub mod fd_limit;

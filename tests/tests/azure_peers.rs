@@ -1,0 +1,382 @@
+//! hybridlink's own peers over Azure Relay's protocol, through a
+//! hybridlink relay's Azure front door: the agent as an Azure-protocol
+//! listener (strings without `CertificateSha256`, the relay's certificate
+//! trusted with `--ca-file`, the endpoint from `--endpoint`) and `connect` /
+//! `forward` as senders; and each of them against Azure Relay's own Node
+//! client, `hyco-ws`, also standing in for azbridge's two ends (its stream
+//! preamble, as azbridge's public source defines it: azbridge itself is a
+//! .NET program that cannot be installed on this machine).
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use hybridlink_tests::{Agent, Proc, Relay, azure_node_clients, azure_style, binary};
+use proto::connection_string::ConnectionString;
+
+/// A closed loopback port: bound, then let go.
+fn closed_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `hybridlink connect` over the Azure protocol with `send`, trusting the
+/// relay's certificate as a CA: `input` on stdin; (success, stdout,
+/// stderr).
+fn connect(
+    relay: &Relay,
+    send: &ConnectionString,
+    args: &[&str],
+    input: &[u8],
+) -> Result<(bool, Vec<u8>, String)> {
+    let mut child = Command::new(binary())
+        .arg("connect")
+        .args(args)
+        .args(["--wait", "5", "--ca-file"])
+        .arg(relay.data_dir.join("cert.pem"))
+        .env("HYBRIDLINK_CONNECTION_STRING", send.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let input = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let mut stdout = child.stdout.take().context("stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        out
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("connect did not finish within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = feeder.join();
+    let out = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .context("stderr")?
+        .read_to_string(&mut err)?;
+    Ok((status.success(), out, err))
+}
+
+/// An agent serving `strings` over the Azure protocol with these
+/// `--endpoint`s and policy text.
+fn agent(
+    relay: &Relay,
+    strings: &[&ConnectionString],
+    endpoints: &[String],
+    policy: Option<&Path>,
+) -> Result<Agent> {
+    let cert = relay.data_dir.join("cert.pem");
+    let mut extra: Vec<String> = vec!["--ca-file".into(), cert.display().to_string()];
+    for e in endpoints {
+        extra.push("--endpoint".into());
+        extra.push(e.clone());
+    }
+    if let Some(policy) = policy {
+        extra.push("--policy".into());
+        extra.push(policy.display().to_string());
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let agent = Agent::start(strings, &extra)?;
+    // Connected, or shown refused by the policy (the state says so first).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = agent.status().unwrap_or_default();
+        let up = status.as_array().is_some_and(|hcs| {
+            hcs.len() == strings.len()
+                && hcs.iter().all(|h| {
+                    let state = &h["connection"]["state"];
+                    state == "connected" || state == "denied_by_policy"
+                })
+        });
+        if up {
+            return Ok(agent);
+        }
+        ensure!(Instant::now() < deadline, "agent not connected: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A Node script with Azure's clients, told where the relay is.
+fn node(dir: &Path, relay: &Relay, script: &str, env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new("node");
+    command
+        .args(["-e", script])
+        .env("NODE_PATH", dir.join("node_modules"))
+        .env("NODE_EXTRA_CA_CERTS", relay.data_dir.join("cert.pem"))
+        .env("RELAY", format!("127.0.0.1:{}", relay.listen.port()));
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command
+}
+
+/// Runs a Node sender script to its end; its stdout, or why it failed.
+fn run_node(mut command: Command, what: &str) -> Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("starting {what}"))?;
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn an_agent_and_connect_carry_streams_over_the_azure_protocol_with_faithful_refusals() -> Result<()>
+{
+    let relay = Relay::start()?;
+    let echo = hybridlink_tests::echo_server_thread()?;
+    let closed = closed_port()?;
+    let (send, listen) = relay.create_hc("payroll", echo)?;
+    let (send_closed, listen_closed) = relay.create_hc("closed", "127.0.0.1:9".parse()?)?;
+    let (send_secret, listen_secret) = relay.create_hc("secret", "127.0.0.1:9".parse()?)?;
+    let dir = tempfile::tempdir()?;
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[[allow]]\nhost = \"127.0.0.1\"\nports = [{}, {closed}]\n",
+            echo.port()
+        ),
+    )?;
+    let (listen, listen_closed, listen_secret) = (
+        azure_style(&listen),
+        azure_style(&listen_closed),
+        azure_style(&listen_secret),
+    );
+    let agent_proc = agent(
+        &relay,
+        &[&listen, &listen_closed, &listen_secret],
+        &[
+            format!("payroll={echo}"),
+            format!("closed=127.0.0.1:{closed}"),
+            // Allowed by no rule of the on-prem policy.
+            "secret=127.0.0.1:22".into(),
+        ],
+        Some(&policy),
+    )?;
+
+    let status = agent_proc.status()?;
+    ensure!(
+        status
+            .as_array()
+            .is_some_and(|hcs| hcs.iter().all(|h| h["end_to_end"] == "relay-sees-payload")),
+        "the agent's status does not say the relay sees these streams: {status}"
+    );
+
+    // 4 MiB there and back, byte-exact; connect's stdin ends first (a
+    // half-close) and the echoed rest still arrives.
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (ok, out, err) = connect(&relay, &azure_style(&send), &[], &data)?;
+    ensure!(ok, "connect failed: {err}");
+    ensure!(
+        out.len() == data.len() && out == data,
+        "{} of {} bytes came back intact",
+        out.len(),
+        data.len()
+    );
+
+    let (ok, _, err) = connect(&relay, &azure_style(&send_closed), &["--check"], b"")?;
+    ensure!(
+        !ok && err.contains("refused the connection"),
+        "a refused target: {err}"
+    );
+    let (ok, _, err) = connect(&relay, &azure_style(&send_secret), &["--check"], b"")?;
+    ensure!(
+        !ok && err.contains("on-prem policy refuses"),
+        "a target the policy refuses: {err}"
+    );
+    let (ok, _, err) = connect(&relay, &listen, &["--check"], b"")?;
+    ensure!(
+        !ok && err.contains("listen string"),
+        "a listen string given to a sender: {err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_untrusted_certificate_and_a_missing_endpoint_are_clear_errors() -> Result<()> {
+    let relay = Relay::start()?;
+    let (send, listen) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    // No --ca-file: the system's roots do not know the relay's own
+    // certificate.
+    let out = Command::new(binary())
+        .args(["connect", "--check", "--wait", "3"])
+        .env(
+            "HYBRIDLINK_CONNECTION_STRING",
+            azure_style(&send).to_string(),
+        )
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && err.contains("--ca-file"), "{err}");
+
+    let out = Command::new(binary())
+        .args(["agent", "run", "--status-socket", "/nonexistent/agent.sock"])
+        .env(
+            "HYBRIDLINK_CONNECTION_STRING",
+            azure_style(&listen).to_string(),
+        )
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("--endpoint payroll=HOST:PORT"),
+        "an agent without --endpoint: {err}"
+    );
+    Ok(())
+}
+
+/// Azure's Node clients against hybridlink's peers: a hyco-ws sender
+/// with raw data and one that speaks azbridge's preamble (as `azbridge
+/// -L` does) reach a hybridlink agent; `connect` reaches a raw hyco-ws
+/// listener and one that answers azbridge's preamble (as `azbridge -T`).
+#[test]
+fn azure_node_clients_and_azbridge_framing_meet_hybridlink_peers() -> Result<()> {
+    let Some(dir) = azure_node_clients()? else {
+        return Ok(());
+    };
+    let relay = Relay::start()?;
+    let echo = hybridlink_tests::echo_server_thread()?;
+    let (send, listen) = relay.create_hc("payroll", echo)?;
+    let _agent = agent(&relay, &[&azure_style(&listen)], &[echo.to_string()], None)?;
+    let send_env = [("HC", "payroll"), ("SEND_KEY", send.key.as_str())];
+
+    let out = run_node(
+        node(&dir, &relay, HYCO_SENDER, &send_env),
+        "a raw hyco-ws sender",
+    )?;
+    ensure!(
+        out == "echoed: raw bytes from hyco-ws\n",
+        "raw sender: {out:?}"
+    );
+    let mut with_preamble = node(&dir, &relay, HYCO_SENDER, &send_env);
+    with_preamble.env("PREAMBLE", "1433");
+    let out = run_node(with_preamble, "hyco-ws speaking azbridge's preamble")?;
+    ensure!(
+        out == "preamble accepted: 01 00 00\nechoed: raw bytes from hyco-ws\n",
+        "azbridge-framed sender: {out:?}"
+    );
+
+    // The other way round: a second hybrid connection served by hyco-ws.
+    let (send2, listen2) = relay.create_hc("listener", "127.0.0.1:9".parse()?)?;
+    let listen_env = [("HC", "listener"), ("LISTEN_KEY", listen2.key.as_str())];
+    let raw = Proc::adopt(
+        node(&dir, &relay, HYCO_LISTENER, &listen_env).spawn()?,
+        "raw hyco-ws listener",
+    );
+    let send2 = azure_style(&send2);
+    let answer = retry(|| connect(&relay, &send2, &["--framing", "raw"], b"ping"))?;
+    ensure!(
+        answer == b"pong: ping",
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(raw);
+
+    let mut azbridge = node(&dir, &relay, HYCO_LISTENER, &listen_env);
+    azbridge.env("PREAMBLE", "1");
+    let _azbridge = Proc::adopt(azbridge.spawn()?, "hyco-ws as azbridge -T");
+    let answer = retry(|| connect(&relay, &send2, &["--port-name", "5432"], b"ping"))?;
+    ensure!(
+        answer == b"pong (port 5432): ping",
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    Ok(())
+}
+
+/// `connect` until a listener answers (a listener that just started may not
+/// be attached yet): its output.
+fn retry(mut attempt: impl FnMut() -> Result<(bool, Vec<u8>, String)>) -> Result<Vec<u8>> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out, err) = attempt()?;
+        if ok && !out.is_empty() {
+            return Ok(out);
+        }
+        ensure!(Instant::now() < deadline, "connect kept failing: {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A hyco-ws sender: sends "raw bytes from hyco-ws" (after azbridge's
+/// preamble when PREAMBLE names a port) and prints what comes back.
+const HYCO_SENDER: &str = r#"
+const WebSocket = require('hyco-ws');
+const { RELAY, HC, SEND_KEY, PREAMBLE } = process.env;
+const uri = `wss://${RELAY}/$hc/${HC}?sb-hc-action=connect`;
+const ws = WebSocket.relayedConnect(uri, WebSocket.createRelayToken(uri, 'send', SEND_KEY));
+let waitingForPreamble = !!PREAMBLE;
+setTimeout(() => { console.log('timed out'); process.exit(1); }, 15000).unref();
+ws.on('open', () => {
+  if (PREAMBLE) {
+    const name = Buffer.from(PREAMBLE);
+    ws.send(Buffer.concat([Buffer.from([1, 0, 0, name.length]), name]), { binary: true });
+  } else {
+    ws.send(Buffer.from('raw bytes from hyco-ws'), { binary: true });
+  }
+});
+ws.on('message', (m) => {
+  const b = Buffer.from(m);
+  if (waitingForPreamble) {
+    waitingForPreamble = false;
+    console.log('preamble accepted: ' + [...b].map((x) => x.toString(16).padStart(2, '0')).join(' '));
+    ws.send(Buffer.from('raw bytes from hyco-ws'), { binary: true });
+    return;
+  }
+  console.log('echoed: ' + b.toString());
+  process.exit(0);
+});
+ws.on('error', (e) => { console.log('error: ' + e.message); process.exit(1); });
+"#;
+
+/// A hyco-ws listener answering each message with "pong: ..."; with
+/// PREAMBLE set it first reads azbridge's preamble and answers [1, 0, 0],
+/// as `azbridge -T` does.
+const HYCO_LISTENER: &str = r#"
+const WebSocket = require('hyco-ws');
+const { RELAY, HC, LISTEN_KEY, PREAMBLE } = process.env;
+const uri = `wss://${RELAY}/$hc/${HC}?sb-hc-action=listen`;
+WebSocket.createRelayedServer(
+  { server: uri, token: () => WebSocket.createRelayToken(uri, 'listen', LISTEN_KEY) },
+  (ws) => {
+    let port = null;
+    ws.on('message', (m) => {
+      const b = Buffer.from(m);
+      if (PREAMBLE && port === null) {
+        if (b[0] !== 1 || b[1] !== 0 || b[2] !== 0 || b.length !== 4 + b[3]) { ws.close(); return; }
+        port = b.slice(4).toString();
+        ws.send(Buffer.from([1, 0, 0]), { binary: true });
+        return;
+      }
+      const prefix = PREAMBLE ? `pong (port ${port}): ` : 'pong: ';
+      ws.send(Buffer.concat([Buffer.from(prefix), b]), { binary: true });
+      ws.close();
+    });
+  });
+"#;
