@@ -202,6 +202,60 @@ fn an_agent_and_connect_carry_streams_over_the_azure_protocol_with_faithful_refu
         data.len()
     );
 
+    // forward: one local connection, one stream; a refused one is reset.
+    let cert = relay.data_dir.join("cert.pem");
+    let cert = cert.to_str().context("utf-8")?;
+    let for_send = azure_style(&send).to_string();
+    let mut forward = Proc::start(
+        "forward",
+        &[
+            "forward",
+            "--listen",
+            "127.0.0.1:0",
+            "--ca-file",
+            cert,
+            &for_send,
+        ],
+    )?;
+    let local = forward.ready_line()?["listen"]
+        .as_str()
+        .context("listen address")?
+        .to_string();
+    let mut conn = std::net::TcpStream::connect(&local)?;
+    conn.write_all(b"through forward")?;
+    conn.shutdown(std::net::Shutdown::Write)?;
+    let mut echoed = Vec::new();
+    conn.read_to_end(&mut echoed)?;
+    ensure!(
+        echoed == b"through forward",
+        "{:?}",
+        String::from_utf8_lossy(&echoed)
+    );
+    let for_closed = azure_style(&send_closed).to_string();
+    let mut forward_closed = Proc::start(
+        "forward",
+        &[
+            "forward",
+            "--listen",
+            "127.0.0.1:0",
+            "--ca-file",
+            cert,
+            &for_closed,
+        ],
+    )?;
+    let local = forward_closed.ready_line()?["listen"]
+        .as_str()
+        .context("listen address")?
+        .to_string();
+    let mut conn = std::net::TcpStream::connect(&local)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let got = conn.read(&mut [0u8; 16]);
+    ensure!(
+        got.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a refused target through forward: {got:?}"
+    );
+
     let (ok, _, err) = connect(&relay, &azure_style(&send_closed), &["--check"], b"")?;
     ensure!(
         !ok && err.contains("refused the connection"),
