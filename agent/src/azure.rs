@@ -8,18 +8,21 @@
 //! as for a native hybrid connection, again whenever it changes.
 //!
 //! Each sender's `accept` becomes one stream:
-//! - a hybridlink sender offers [`azure::FAITHFUL`]: the agent dials
-//!   first and opens the rendezvous only when the target answered, or
-//!   rejects the sender with the reason (403 policy, 502 refused, 504
-//!   unreachable), so the application sees the target's own answer;
+//! - a hybridlink sender offers [`inner::PROTOCOL`]: the rendezvous opens
+//!   at once, the preamble is answered with the marker, TLS and the
+//!   end-to-end check run inside the WebSocket, and only then does the
+//!   agent dial, answering with the target's verdict inside that TLS; the
+//!   relay sees none of it;
 //! - anyone else (azbridge, an SDK): the rendezvous opens at once, as
-//!   azbridge does, and a failed dial closes it.
+//!   azbridge does, and a failed dial closes it; with an end-to-end key,
+//!   such senders are refused (403), since they cannot prove it.
 //!
-//! A sender's first message is azbridge's stream preamble or not: a
+//! A plain sender's first message is azbridge's stream preamble or not: a
 //! preamble is answered `[1, 0, 0]`; anything else is the stream's first
 //! bytes (a `hyco-ws` sender sending raw data).
 //!
-//! The relay of this path sees the bytes; `agent status` says so.
+//! `agent status` says `verified` for a hybrid connection with an
+//! end-to-end key, and `relay-sees-payload` without one.
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
@@ -27,10 +30,13 @@ use std::time::Duration;
 
 use fastwebsockets::{Frame, OpCode};
 use proto::connection_string::ConnectionString;
+use proto::control::RefusalCode;
+use proto::key::Key;
 use proto::name::{Endpoint, HcName};
 use tracing::{Instrument, debug, info, info_span, warn};
-use transport::azure::{self, Accept, Client, Ws, preamble};
+use transport::azure::{self, Accept, Client, Ws, inner, preamble};
 use transport::metrics::Direction;
+use transport::tls::DataIdentity;
 
 use crate::dial::{self, DialError};
 use crate::metrics::AgentMetrics;
@@ -51,6 +57,10 @@ pub(crate) struct AzureContext {
     pub active: Arc<AtomicUsize>,
     pub metrics: Arc<AgentMetrics>,
     pub dial_timeout: Duration,
+    /// This agent's certificate for the TLS inside WebSockets.
+    pub identity: DataIdentity,
+    /// The hybrid connection's end-to-end key, when the string has one.
+    pub key: Option<Key>,
 }
 
 /// Serves `cs` over the Azure protocol until the task is aborted.
@@ -123,87 +133,67 @@ async fn first_message(ws: &mut Ws, wait: Duration) -> Result<Option<Vec<u8>>, (
 
 async fn serve_accept(ctx: AzureContext, accept: Accept) {
     let _active = Active::new(&ctx.active);
-    let faithful = accept.protocols.iter().any(|p| p == azure::FAITHFUL);
     // Watch before dialling, so a policy replaced meanwhile still counts.
     let policy_changes = ctx.policy.changes();
-    let (mut ws, target, first) = if faithful {
-        let target = match dial(&ctx).await {
-            Ok(target) => target,
-            Err(e) => {
-                let refusal = e.refusal();
-                let status = azure::refusal_status(refusal.code);
-                if let Err(e) = accept.reject(status, &refusal.message).await {
-                    debug!(error = %e, "rejecting the sender failed");
-                }
-                return;
-            }
-        };
-        let mut ws = match accept.open(Some(azure::FAITHFUL)).await {
-            Ok(ws) => ws,
-            Err(e) => {
-                warn!(error = %e, "opening the rendezvous failed");
-                return;
-            }
-        };
-        // A hybridlink sender always sends the preamble first.
-        match first_message(&mut ws, azure::HANDSHAKE_TIMEOUT).await {
-            Ok(Some(m)) if preamble::parse(&m).is_some_and(|p| p.mode == preamble::MODE_STREAM) => {
-            }
-            _ => {
-                debug!("the sender sent no stream preamble");
-                return;
-            }
-        }
-        if answer(&mut ws, &preamble::ACCEPTED).await.is_err() {
+    if accept.protocols.iter().any(|p| p == inner::PROTOCOL) {
+        serve_hybridlink(ctx, accept, policy_changes).await;
+        return;
+    }
+    if ctx.key.is_some() {
+        // The end-to-end promise holds only between hybridlink peers.
+        let _ = accept
+            .reject(
+                403,
+                "this hybrid connection has an end-to-end key: only hybridlink senders holding it may open streams",
+            )
+            .await;
+        info!("refused a sender that cannot prove the end-to-end key (not a hybridlink sender)");
+        ctx.metrics
+            .refused(ctx.hc.as_str(), RefusalCode::EndToEnd.into());
+        return;
+    }
+    let protocol = accept.protocols.first().map(String::as_str);
+    let mut ws = match accept.open(protocol).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            warn!(error = %e, "opening the rendezvous failed");
             return;
         }
-        (ws, target, None)
-    } else {
-        let protocol = accept.protocols.first().map(String::as_str);
-        let mut ws = match accept.open(protocol).await {
-            Ok(ws) => ws,
-            Err(e) => {
-                warn!(error = %e, "opening the rendezvous failed");
+    };
+    let first = match first_message(&mut ws, FIRST_MESSAGE_WAIT).await {
+        Ok(first) => first,
+        Err(()) => return,
+    };
+    let first = match first.as_deref().map(|m| (m, preamble::parse(m))) {
+        Some((_, Some(p))) if p.mode != preamble::MODE_STREAM => {
+            let _ = answer(&mut ws, &preamble::WRONG_MODE).await;
+            info!(
+                mode = p.mode,
+                "refused an azbridge datagram stream: this agent serves TCP"
+            );
+            return;
+        }
+        Some((_, Some(p))) => {
+            debug!(port_name = %p.port_name, "azbridge stream preamble");
+            if answer(&mut ws, &preamble::ACCEPTED).await.is_err() {
                 return;
             }
-        };
-        let first = match first_message(&mut ws, FIRST_MESSAGE_WAIT).await {
-            Ok(first) => first,
-            Err(()) => return,
-        };
-        let first = match first.as_deref().map(|m| (m, preamble::parse(m))) {
-            Some((_, Some(p))) if p.mode != preamble::MODE_STREAM => {
-                let _ = answer(&mut ws, &preamble::WRONG_MODE).await;
-                info!(
-                    mode = p.mode,
-                    "refused an azbridge datagram stream: this agent serves TCP"
-                );
-                return;
-            }
-            Some((_, Some(p))) => {
-                debug!(port_name = %p.port_name, "azbridge stream preamble");
-                if answer(&mut ws, &preamble::ACCEPTED).await.is_err() {
-                    return;
-                }
-                None
-            }
-            Some((m, None)) => Some(m.to_vec()),
-            None => None,
-        };
-        let target = match dial(&ctx).await {
-            Ok(target) => target,
-            Err(e) => {
-                let reason = e.refusal().message;
-                let reason: String = reason.chars().take(100).collect();
-                let _ = ws.write_frame(Frame::close(1011, reason.as_bytes())).await;
-                return;
-            }
-        };
-        (ws, target, first)
+            None
+        }
+        Some((m, None)) => Some(m.to_vec()),
+        None => None,
+    };
+    let target = match dial(&ctx).await {
+        Ok(target) => target,
+        Err(e) => {
+            let reason: String = e.refusal().message.chars().take(100).collect();
+            let _ = ws.write_frame(Frame::close(1011, reason.as_bytes())).await;
+            return;
+        }
     };
     ws.set_max_message_size(16 << 20);
     let addr = target.addr;
-    debug!(endpoint = %ctx.endpoint, %addr, faithful, "stream open");
+    info!(endpoint = %ctx.endpoint, %addr, mode = "plain WebSocket (the relay sees the bytes)", "stream open");
     let _counted = ctx.metrics.stream_opened(ctx.hc.as_str());
     let socket = ctx
         .metrics
@@ -220,6 +210,83 @@ async fn serve_accept(ctx: AzureContext, accept: Accept) {
         bridged = bridged => {
             ctx.metrics.add_bytes(ctx.hc.as_str(), Direction::to_target, bridged.to_socket);
             debug!(to_target = bridged.to_socket, from_target = bridged.from_socket, "stream closed");
+        }
+        denial = refused_later => warn!(%denial, "stream cut: the new on-prem policy refuses it"),
+    }
+}
+
+/// A hybridlink sender: the preamble answered with the marker, TLS and
+/// the end-to-end check inside the WebSocket, then the dial, then the
+/// verdict: the sender learns the target's answer, and the relay sees
+/// neither it nor a byte of the stream.
+async fn serve_hybridlink(
+    ctx: AzureContext,
+    accept: Accept,
+    policy_changes: tokio::sync::watch::Receiver<u64>,
+) {
+    let mut ws = match accept.open(Some(inner::PROTOCOL)).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            warn!(error = %e, "opening the rendezvous failed");
+            return;
+        }
+    };
+    match first_message(&mut ws, azure::HANDSHAKE_TIMEOUT).await {
+        Ok(Some(m)) if preamble::parse(&m).is_some_and(|p| p.mode == preamble::MODE_STREAM) => {}
+        _ => {
+            debug!("the sender sent no stream preamble");
+            return;
+        }
+    }
+    if answer(&mut ws, &inner::marked_answer()).await.is_err() {
+        return;
+    }
+    let key = ctx.key.as_ref();
+    let (mut tls, binding) = match inner::accept_as_agent(ws, &ctx.identity, &ctx.hc, key).await {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(error = %e, "stream refused before dialling");
+            ctx.metrics
+                .refused(ctx.hc.as_str(), RefusalCode::EndToEnd.into());
+            return;
+        }
+    };
+    let target = match dial(&ctx).await {
+        Ok(target) => target,
+        Err(e) => {
+            let _ = inner::answer(&mut tls, &binding, &ctx.hc, key, Some(e.refusal())).await;
+            return;
+        }
+    };
+    if let Err(e) = inner::answer(&mut tls, &binding, &ctx.hc, key, None).await {
+        debug!(error = %e, "the sender went away");
+        return;
+    }
+    let addr = target.addr;
+    info!(
+        endpoint = %ctx.endpoint,
+        %addr,
+        mode = if key.is_some() { "TLS inside the WebSocket, end-to-end verified" } else { "TLS inside the WebSocket, relay-trusted" },
+        "stream open"
+    );
+    let _counted = ctx.metrics.stream_opened(ctx.hc.as_str());
+    let mut target = ctx
+        .metrics
+        .counted(target.tcp, ctx.hc.as_str(), Direction::from_target);
+    let copy = tokio::io::copy_bidirectional(&mut tls, &mut target);
+    let refused_later = crate::refused_later(
+        &ctx.policy,
+        policy_changes,
+        &ctx.hc,
+        &ctx.endpoint,
+        addr.ip(),
+    );
+    tokio::select! {
+        copied = copy => {
+            if let Ok((to_target, _)) = copied {
+                ctx.metrics.add_bytes(ctx.hc.as_str(), Direction::to_target, to_target);
+            }
+            debug!("stream closed");
         }
         denial = refused_later => warn!(%denial, "stream cut: the new on-prem policy refuses it"),
     }

@@ -466,7 +466,10 @@ fn spawn_generation(
     let mut azure = Vec::new();
     for cs in &strings {
         if cs.cert_sha256.is_none() {
-            shared.hcs.insert(cs.hc.clone(), HcState::over_azure());
+            shared.hcs.insert(
+                cs.hc.clone(),
+                HcState::over_azure(cs.end_to_end_key.is_some()),
+            );
             info!(hc = %cs.hc, relay = %cs.relay_host, "served over Azure Relay's protocol: that relay sees the streams' bytes");
             azure.push(cs.clone());
             continue;
@@ -510,6 +513,8 @@ fn spawn_generation(
             active: active.clone(),
             metrics: metrics.clone(),
             dial_timeout: options.dial_timeout,
+            identity: identity.clone(),
+            key: cs.end_to_end_key.clone(),
         };
         tasks.push(tokio::spawn(azure::run(ctx, client, cs)));
     }

@@ -73,11 +73,14 @@ impl HcState {
         }
     }
 
-    /// The same, served over Azure Relay's protocol.
-    pub(crate) fn over_azure() -> Self {
+    /// Served over Azure Relay's protocol: with an end-to-end key, only
+    /// hybridlink senders that prove it are served, with TLS inside their
+    /// WebSockets (verified); without one, any sender, and the relay may
+    /// see the bytes.
+    pub(crate) fn over_azure(end_to_end: bool) -> Self {
         HcState {
-            azure: true,
-            ..HcState::new(false)
+            azure: !end_to_end,
+            ..HcState::new(end_to_end)
         }
     }
 

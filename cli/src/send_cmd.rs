@@ -70,7 +70,7 @@ impl AzureSender {
         })
     }
 
-    async fn open(&self) -> anyhow::Result<transport::azure::Ws> {
+    async fn open(&self) -> anyhow::Result<transport::azure::AzureStream> {
         transport::azure::open_stream(&self.client, &self.cs, &self.framing)
             .await
             .map_err(|e| {
@@ -209,17 +209,22 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
 async fn connect_azure(cs: &ConnectionString, check: bool, send: &SendArgs) -> anyhow::Result<()> {
     let sender = AzureSender::new(cs, send)?;
     let started = std::time::Instant::now();
-    let ws = sender.open().await?;
+    let stream = sender.open().await?;
     if check {
         println!(
-            "{}: reachable through the relay and a listener, over Azure Relay's protocol ({} ms)",
+            "{}: reachable through the relay and a listener, over Azure Relay's protocol, {} ({} ms)",
             cs.hc,
+            if stream.is_inner() {
+                "TLS inside the WebSocket to a hybridlink agent"
+            } else {
+                "the relay sees the bytes"
+            },
             started.elapsed().as_millis()
         );
         return Ok(());
     }
     let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-    transport::azure::bridge::bridge(ws, stdio, None).await;
+    stream.join(stdio).await;
     Ok(())
 }
 
@@ -251,8 +256,8 @@ impl Route {
                 Err(e) => anyhow::Error::from(e),
             },
             Route::Azure(sender) => match sender.open().await {
-                Ok(ws) => {
-                    transport::azure::bridge::bridge(ws, conn, None).await;
+                Ok(stream) => {
+                    stream.join(conn).await;
                     return;
                 }
                 Err(e) => e,

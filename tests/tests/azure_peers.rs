@@ -434,3 +434,34 @@ WebSocket.createRelayedServer(
     });
   });
 "#;
+
+/// With an end-to-end key in both strings, streams run TLS inside the
+/// WebSocket and pass the end-to-end check; a sender without the key is
+/// refused before the agent dials, and the agent's status says verified.
+#[test]
+fn an_end_to_end_key_is_checked_inside_the_websocket() -> Result<()> {
+    let relay = Relay::start()?;
+    let echo = hybridlink_tests::echo_server_thread()?;
+    let (send, listen) = relay.create_hc("payroll", echo)?;
+    let key = proto::key::Key::generate()?;
+    let mut listen = azure_style(&listen);
+    listen.end_to_end_key = Some(key.clone());
+    let mut keyed = azure_style(&send);
+    keyed.end_to_end_key = Some(key);
+    let agent_proc = agent(&relay, &[&listen], &[echo.to_string()], None)?;
+    let status = agent_proc.status()?;
+    ensure!(status[0]["end_to_end"] == "verified", "{status}");
+
+    let (ok, out, err) = connect(&relay, &keyed, &["--check"], b"")?;
+    let out = String::from_utf8_lossy(&out);
+    ensure!(ok && out.contains("TLS inside the WebSocket"), "{out}{err}");
+    let (ok, out, err) = connect(&relay, &keyed, &[], b"verified bytes")?;
+    ensure!(ok && out == b"verified bytes", "{err}");
+
+    let (ok, _, err) = connect(&relay, &azure_style(&send), &["--check"], b"")?;
+    ensure!(
+        !ok && err.contains("sent no end-to-end proof"),
+        "a sender without the key: {err}"
+    );
+    Ok(())
+}

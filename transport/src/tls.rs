@@ -107,6 +107,18 @@ impl DataIdentity {
         Ok(Arc::new(config))
     }
 
+    /// Server config for a session whose client is authenticated by other
+    /// means than a certificate: the end-to-end proofs inside it
+    /// (`azure::inner`).
+    pub fn unpinned_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let mut config = rustls::ServerConfig::builder_with_provider(pipe_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(vec![self.cert.clone()], self.key_der())?;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        Ok(Arc::new(config))
+    }
+
     /// Server config for the agent's end of a pipe from the sender `peer`.
     pub fn pipe_server_config(
         &self,

@@ -17,6 +17,7 @@
 //! what the trust model promises holds only on hybridlink's own pipes.
 
 pub mod bridge;
+pub mod inner;
 pub mod preamble;
 
 use std::path::Path;
@@ -60,25 +61,6 @@ pub const RECONNECT_STEPS: [Duration; 6] = [
     Duration::from_secs(10),
     Duration::from_secs(30),
 ];
-/// The sub-protocol a hybridlink sender offers and a hybridlink agent
-/// chooses: the agent then dials the target *before* it opens the
-/// rendezvous, and refuses the sender (with [`refusal_status`]) when the
-/// dial fails, so the application sees the target's own answer. azbridge
-/// and the SDKs never offer it; with them the stream is accepted first, as
-/// azbridge does.
-pub const FAITHFUL: &str = "hybridlink-faithful.v1";
-
-/// The status a hybridlink agent rejects a faithful sender with when its
-/// dial failed, so the sender can tell the app what happened.
-pub fn refusal_status(code: proto::control::RefusalCode) -> u16 {
-    use proto::control::RefusalCode;
-    match code {
-        RefusalCode::DeniedByPolicy => 403,
-        RefusalCode::Refused => 502,
-        _ => 504,
-    }
-}
-
 /// The key of the WebSocket accept hash (RFC 6455).
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -492,63 +474,132 @@ pub enum Framing {
 }
 
 /// Why a sender's stream did not open, for people.
-pub fn describe_refusal(e: &AzureError) -> String {
+pub fn describe_refusal(e: &inner::InnerError) -> String {
     match e {
-        AzureError::Refused {
+        inner::InnerError::Azure(AzureError::Refused {
             status: 404, body, ..
-        } => {
+        }) => {
             format!(
                 "no listener is connected to this hybrid connection, or it does not exist ({body})"
             )
         }
-        AzureError::Refused {
+        inner::InnerError::Azure(AzureError::Refused {
             status: 401 | 403,
             body,
             ..
-        } if body.contains("token") => {
+        }) if body.contains("token") => {
             format!("the relay refused the token: {body}")
         }
-        AzureError::Refused { status, reason, .. } => {
+        inner::InnerError::Azure(AzureError::Refused { status, reason, .. }) => {
             format!("the listener refused the stream: {status} {reason}")
         }
         other => other.to_string(),
     }
 }
 
+/// A sender's open stream.
+pub enum AzureStream {
+    /// The WebSocket itself: the relay sees the bytes (the listener is not
+    /// a hybridlink agent, or the framing was raw).
+    Plain(Box<Ws>),
+    /// TLS inside the WebSocket to a hybridlink agent, which passed the
+    /// end-to-end check if this side holds the key.
+    Inner(Box<inner::InnerClient>),
+}
+
+impl std::fmt::Debug for AzureStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AzureStream::Plain(_) => "AzureStream::Plain",
+            AzureStream::Inner(_) => "AzureStream::Inner",
+        })
+    }
+}
+
+impl AzureStream {
+    /// Whether the relay sees only ciphertext.
+    pub fn is_inner(&self) -> bool {
+        matches!(self, AzureStream::Inner(_))
+    }
+
+    /// Joins the stream to `socket` until both directions end (half-close
+    /// passed on); (bytes to the socket, bytes from it).
+    pub async fn join<T>(self, mut socket: T) -> (u64, u64)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        match self {
+            AzureStream::Plain(ws) => {
+                let bridged = bridge::bridge(*ws, socket, None).await;
+                (bridged.to_socket, bridged.from_socket)
+            }
+            AzureStream::Inner(mut tls) => {
+                match tokio::io::copy_bidirectional(&mut *tls, &mut socket).await {
+                    Ok((down, up)) => (down, up),
+                    Err(_) => (0, 0),
+                }
+            }
+        }
+    }
+}
+
 /// Opens one stream to the hybrid connection of `cs`: a sender's WebSocket
-/// offering [`FAITHFUL`] (so a hybridlink agent answers only once the
-/// target did), begun as `framing` says.
+/// offering [`inner::PROTOCOL`], begun as `framing` says. A hybridlink
+/// agent answers the preamble with [`inner::MARKER`]; TLS and the
+/// end-to-end check then run inside the WebSocket, and the agent dials
+/// before it answers, so a refusal is the target's own. A string with an
+/// end-to-end key reaches only such agents.
 pub async fn open_stream(
     client: &Client,
     cs: &ConnectionString,
     framing: &Framing,
-) -> Result<Ws, AzureError> {
-    let mut ws = connect(client, cs, &[FAITHFUL]).await?.ws;
-    if let Framing::Azbridge(port_name) = framing {
-        let hello = preamble::encode(port_name);
-        ws.write_frame(Frame::binary(Payload::Borrowed(&hello)))
-            .await?;
-        let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-            loop {
-                let frame = ws.read_frame().await?;
-                match frame.opcode {
-                    OpCode::Binary | OpCode::Text => return Ok(Some(frame.payload.to_vec())),
-                    OpCode::Close => return Ok(None),
-                    _ => {}
-                }
-            }
-        })
-        .await
-        .map_err(|_| AzureError::Timeout(HANDSHAKE_TIMEOUT))?
-        .map_err(AzureError::WebSocket)?;
-        let Some(answer) = answer else {
+) -> Result<AzureStream, inner::InnerError> {
+    let mut ws = connect(client, cs, &[inner::PROTOCOL]).await?.ws;
+    let Framing::Azbridge(port_name) = framing else {
+        if cs.end_to_end_key.is_some() {
             return Err(AzureError::Unusable(
-                "the listener closed the stream instead of accepting it (its target may have refused)".into(),
-            ));
-        };
-        preamble::check_answer(&answer).map_err(|e| AzureError::Unusable(e.to_string()))?;
+                "--framing raw cannot carry the end-to-end check this connection string's EndToEndKey asks for".into(),
+            )
+            .into());
+        }
+        return Ok(AzureStream::Plain(Box::new(ws)));
+    };
+    let hello = preamble::encode(port_name);
+    ws.write_frame(Frame::binary(Payload::Borrowed(&hello)))
+        .await
+        .map_err(AzureError::from)?;
+    let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        loop {
+            let frame = ws.read_frame().await?;
+            match frame.opcode {
+                OpCode::Binary | OpCode::Text => return Ok(Some(frame.payload.to_vec())),
+                OpCode::Close => return Ok(None),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .map_err(|_| AzureError::Timeout(HANDSHAKE_TIMEOUT))?
+    .map_err(AzureError::WebSocket)?;
+    let Some(answer) = answer else {
+        return Err(AzureError::Unusable(
+            "the listener closed the stream instead of accepting it (its target may have refused)"
+                .into(),
+        )
+        .into());
+    };
+    if answer == inner::marked_answer() {
+        let tls = inner::open_as_sender(ws, &cs.hc, cs.end_to_end_key.as_ref()).await?;
+        return Ok(AzureStream::Inner(Box::new(tls)));
     }
-    Ok(ws)
+    preamble::check_answer(&answer).map_err(|e| AzureError::Unusable(e.to_string()))?;
+    if cs.end_to_end_key.is_some() {
+        return Err(AzureError::Unusable(
+            "the listener is not a hybridlink agent (it answered as azbridge does), so it cannot prove this connection string's EndToEndKey".into(),
+        )
+        .into());
+    }
+    Ok(AzureStream::Plain(Box::new(ws)))
 }
 
 /// A sender waiting for the listener's rendezvous, as an `accept` message
