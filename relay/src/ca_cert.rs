@@ -28,8 +28,11 @@
 //! certbot's `live/` and Kubernetes' secret volumes do), on any file system,
 //! where an inotify watch on the files themselves loses track after a
 //! rename; and reading two small files every few seconds costs nothing. A
-//! change that does not load (no certificate, no key, a key of another
-//! certificate) is logged once and the previous certificate stays in use.
+//! change is acted on once two reads in a row find the same bytes, so a
+//! renewal caught between writing the key and writing the certificate is
+//! not taken for a broken one. A change that does not load (no
+//! certificate, no key, a key of another certificate, a file gone) is
+//! logged once and the previous certificate stays in use.
 
 use std::io;
 use std::path::PathBuf;
@@ -166,21 +169,29 @@ fn parse(files: &CaCertFiles, cert_pem: &[u8], key_pem: &[u8]) -> Result<Loaded,
 /// What one read of the files means.
 #[derive(Debug)]
 pub enum Reload {
-    /// The files read as they did last time.
+    /// The files read as they did when last acted on.
     Unchanged,
+    /// They changed since; acted on when the next read finds the same.
+    Settling,
     /// They changed and load: serve this from now on.
     Loaded(Loaded),
     /// They changed and do not load: keep serving the previous certificate.
     Failed(CaCertError),
 }
 
+/// What a read found, as compared between reads: the bytes, or the
+/// error's text.
+type Seen = Result<(Vec<u8>, Vec<u8>), String>;
+
 /// Follows the files from one read to the next (no I/O: give it what
 /// [`read`] returned).
 #[derive(Debug)]
 pub struct CaCertWatch {
     files: CaCertFiles,
-    /// The last read: the bytes, or the error's text.
-    last: Result<(Vec<u8>, Vec<u8>), String>,
+    /// The read last acted on.
+    last: Seen,
+    /// A different read, waiting for the next to confirm it.
+    pending: Option<Seen>,
 }
 
 impl CaCertWatch {
@@ -196,6 +207,7 @@ impl CaCertWatch {
             CaCertWatch {
                 files,
                 last: Ok((cert, key)),
+                pending: None,
             },
             loaded,
         ))
@@ -206,16 +218,23 @@ impl CaCertWatch {
         &self.files
     }
 
-    /// Compares `snapshot` with the previous read. A change is reported
-    /// once: the same bad files read again are [`Reload::Unchanged`].
+    /// Compares `snapshot` with the previous reads. A change is acted on
+    /// when two reads in a row find it, and reported once: the same bad
+    /// files read again are [`Reload::Unchanged`].
     pub fn observe(&mut self, snapshot: Snapshot) -> Reload {
-        let seen = snapshot
+        let seen: Seen = snapshot
             .as_ref()
             .map(Clone::clone)
             .map_err(ToString::to_string);
         if seen == self.last {
+            self.pending = None;
             return Reload::Unchanged;
         }
+        if self.pending.as_ref() != Some(&seen) {
+            self.pending = Some(seen);
+            return Reload::Settling;
+        }
+        self.pending = None;
         self.last = seen;
         match snapshot.and_then(|(cert, key)| parse(&self.files, &cert, &key)) {
             Ok(loaded) => Reload::Loaded(loaded),
@@ -260,7 +279,7 @@ pub async fn keep_reloading(mut watch: CaCertWatch, served: ServedCaCert) {
         tick.tick().await;
         let snapshot = read(watch.files()).await;
         match watch.observe(snapshot) {
-            Reload::Unchanged => {}
+            Reload::Unchanged | Reload::Settling => {}
             Reload::Loaded(loaded) => {
                 info!(
                     cert = %watch.files().cert.display(),
@@ -462,6 +481,13 @@ mod tests {
         assert!(handshake(ca.client(), without).is_err());
     }
 
+    /// Observes the same read twice: the first settles, the second acts.
+    fn twice(watch: &mut CaCertWatch, read: impl Fn() -> Snapshot) -> Reload {
+        let first = watch.observe(read());
+        assert!(matches!(first, Reload::Settling), "{first:?}");
+        watch.observe(read())
+    }
+
     #[test]
     fn changes_load_once_and_bad_ones_are_reported_once() {
         let ca = TestCa::new();
@@ -477,14 +503,14 @@ mod tests {
 
         // A renewal.
         let second = ca.leaf();
-        match watch.observe(Ok(second.clone())) {
+        match twice(&mut watch, || Ok(second.clone())) {
             Reload::Loaded(l) => assert_eq!(l.sha256, sha256_of_pem(&second.0)),
             other => panic!("{other:?}"),
         }
 
         // A corrupt certificate: reported, then quiet while it stays so.
         let corrupt = (b"garbage".to_vec(), second.1.clone());
-        match watch.observe(Ok(corrupt.clone())) {
+        match twice(&mut watch, || Ok(corrupt.clone())) {
             Reload::Failed(e) => assert!(
                 e.to_string().starts_with(&format!(
                     "{} holds no PEM certificate",
@@ -498,7 +524,7 @@ mod tests {
 
         // A key of another certificate.
         let other = ca.leaf();
-        match watch.observe(Ok((second.0.clone(), other.1))) {
+        match twice(&mut watch, || Ok((second.0.clone(), other.1.clone()))) {
             Reload::Failed(e) => {
                 assert!(matches!(e, CaCertError::Unusable { .. }), "{e}");
                 assert!(e.to_string().contains("give the key that belongs"), "{e}");
@@ -506,18 +532,43 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // No key at all.
-        match watch.observe(Ok((second.0.clone(), b"".to_vec()))) {
+        match twice(&mut watch, || Ok((second.0.clone(), b"".to_vec()))) {
             Reload::Failed(e) => assert!(matches!(e, CaCertError::NoKey { .. }), "{e}"),
             other => panic!("{other:?}"),
         }
         // A file gone.
-        let missing = CaCertError::Read {
-            path: files.key.clone(),
-            source: io::Error::from(io::ErrorKind::NotFound),
+        let missing = || {
+            Err(CaCertError::Read {
+                path: files.key.clone(),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            })
         };
-        assert!(matches!(watch.observe(Err(missing)), Reload::Failed(_)));
+        assert!(matches!(twice(&mut watch, missing), Reload::Failed(_)));
         // Fixed again.
-        assert!(matches!(watch.observe(Ok(second)), Reload::Loaded(_)));
+        assert!(matches!(
+            twice(&mut watch, || Ok(second.clone())),
+            Reload::Loaded(_)
+        ));
+    }
+
+    #[test]
+    fn a_renewal_caught_half_written_is_not_reported() {
+        let ca = TestCa::new();
+        let dir = tempfile::tempdir().unwrap();
+        let old = ca.leaf();
+        let (mut watch, _) = CaCertWatch::start(files(dir.path()), Ok(old.clone())).unwrap();
+        let new = ca.leaf();
+        // The new key beside the old certificate, for one read.
+        let half = watch.observe(Ok((old.0.clone(), new.1.clone())));
+        assert!(matches!(half, Reload::Settling), "{half:?}");
+        match twice(&mut watch, || Ok(new.clone())) {
+            Reload::Loaded(l) => assert_eq!(l.sha256, sha256_of_pem(&new.0)),
+            other => panic!("{other:?}"),
+        }
+        // Going back and forth before settling acts on nothing.
+        assert!(matches!(watch.observe(Ok(old.clone())), Reload::Settling));
+        assert!(matches!(watch.observe(Ok(new)), Reload::Unchanged));
+        assert!(matches!(watch.observe(Ok(old)), Reload::Settling));
     }
 
     #[tokio::test]

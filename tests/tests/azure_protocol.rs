@@ -289,6 +289,10 @@ fn a_renewed_certificate_is_served_without_a_restart_and_a_corrupt_one_is_not() 
     })?;
     let logged = std::fs::read_to_string(&log)?;
     ensure!(logged.contains("TLS certificate reloaded"), "{logged}");
+    ensure!(
+        !logged.contains("ERROR"),
+        "a renewal logged an error: {logged}"
+    );
 
     // A corrupt replacement: an error naming the file, and the renewed
     // certificate stays.
