@@ -151,11 +151,15 @@ pub enum RelayCommand {
         #[arg(long, value_name = "ADDR")]
         also_listen: Vec<SocketAddr>,
         /// A CA-issued certificate chain (PEM) for Azure Relay clients, as
-        /// for `relay serve --tls-cert`; the service's user
-        /// (hybridlink-relay) must be able to read it.
+        /// for `relay serve --tls-cert`. The service's user
+        /// (hybridlink-relay) must be able to read it, and not under /home,
+        /// /root or /tmp, which the service's sandbox hides (certbot's
+        /// /etc/letsencrypt is root's alone: have a deploy hook copy the
+        /// files, e.g. to /etc/hybridlink-relay/).
         #[arg(long, value_name = "FILE", requires = "tls_key")]
         tls_cert: Option<PathBuf>,
-        /// Its private key (PEM), readable by the service's user.
+        /// Its private key (PEM), readable by the service's user in the
+        /// same way.
         #[arg(long, value_name = "FILE", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
         /// Address of the management API.
