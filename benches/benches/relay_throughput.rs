@@ -71,6 +71,8 @@ async fn main() {
     let relay = relay::RelayConfig {
         data_dir: dir.path().to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("addr"),
+        also_listen: Vec::new(),
+        ca_cert: None,
         api: "127.0.0.1:0".parse().expect("addr"),
         api_tls: false,
         public_host: None,

@@ -27,12 +27,34 @@ pub enum RelayCommand {
         /// Address of the relay port that agents and senders dial.
         #[arg(long, default_value = "0.0.0.0:9443")]
         listen: SocketAddr,
+        /// One more address serving exactly what --listen serves (hybridlink
+        /// peers and Azure Relay clients), e.g. 0.0.0.0:443 for clients that
+        /// can only reach port 443; repeat for more. Connection strings keep
+        /// naming --listen's port unless --public-port says otherwise.
+        #[arg(long, value_name = "ADDR")]
+        also_listen: Vec<SocketAddr>,
+        /// A CA-issued certificate chain (PEM, the relay's certificate
+        /// first, e.g. certbot's fullchain.pem) for Azure Relay clients
+        /// (hyco-ws, .NET, Java), which check the certificate against their
+        /// trust store. hybridlink peers offer the ALPN id `hybridlink/1`
+        /// and keep getting the self-signed certificate their connection
+        /// strings pin; peers older than that ALPN id get this one and fail
+        /// their pin. Both files are read every 2 s: a renewal is served to
+        /// new connections without a restart, and changed files that do not
+        /// load are logged and the previous certificate kept.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert's certificate (e.g. certbot's
+        /// privkey.pem).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// Address of the management API (plain HTTP unless --api-tls: keep
         /// it on loopback, or put a TLS proxy in front).
         #[arg(long, default_value = "127.0.0.1:9444")]
         api: SocketAddr,
         /// Serve the management API (and the portal) over HTTPS with the
-        /// relay's own certificate, the one connection strings pin: manage
+        /// relay's self-signed certificate, the one connection strings pin
+        /// (never --tls-cert's): manage
         /// it from elsewhere with `hybridlink hc --api https://HOST:PORT
         /// --api-cert-sha256 HEX` (HEX: `cert_sha256` of the ready line, or
         /// any connection string's CertificateSha256).
@@ -123,6 +145,23 @@ pub enum RelayCommand {
         /// Address of the relay port that agents and senders dial.
         #[arg(long, default_value = "0.0.0.0:9443")]
         listen: SocketAddr,
+        /// One more address serving what --listen serves (e.g.
+        /// 0.0.0.0:443); repeat for more. A port below 1024 keeps the
+        /// service the one capability to bind it.
+        #[arg(long, value_name = "ADDR")]
+        also_listen: Vec<SocketAddr>,
+        /// A CA-issued certificate chain (PEM) for Azure Relay clients, as
+        /// for `relay serve --tls-cert`. The service's user
+        /// (hybridlink-relay) must be able to read it, and not under /home,
+        /// /root or /tmp, which the service's sandbox hides (certbot's
+        /// /etc/letsencrypt is root's alone: have a deploy hook copy the
+        /// files, e.g. to /etc/hybridlink-relay/).
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// Its private key (PEM), readable by the service's user in the
+        /// same way.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// Address of the management API.
         #[arg(long, default_value = "127.0.0.1:9444")]
         api: SocketAddr,
@@ -141,34 +180,56 @@ pub const USER: SystemUser = SystemUser {
     gecos: "hybridlink relay",
 };
 
-/// The relay's unit: its own user, which may write only the data dir and
-/// keeps `CAP_NET_BIND_SERVICE` only to listen on a port below 1024.
-fn unit(
-    binary: &Path,
-    data_dir: &Path,
+/// What `relay install` puts on the service's command line.
+#[derive(Debug, Clone)]
+struct Serve {
+    data_dir: PathBuf,
     listen: SocketAddr,
+    also_listen: Vec<SocketAddr>,
+    tls: Option<(PathBuf, PathBuf)>,
     api: SocketAddr,
     public_host: String,
-) -> Unit {
-    let low_port = [listen, api].iter().any(|a| a.port() < 1024);
+}
+
+/// The relay's unit: its own user, which may write only the data dir and
+/// keeps `CAP_NET_BIND_SERVICE` only to listen on a port below 1024.
+fn unit(binary: &Path, serve: Serve) -> Unit {
+    let low_port = std::iter::once(serve.listen)
+        .chain(serve.also_listen.iter().copied())
+        .chain(std::iter::once(serve.api))
+        .any(|a| a.port() < 1024);
     let mut service: Vec<String> = SOCKETS_ONLY.iter().map(|l| l.to_string()).collect();
-    service.push(format!("ReadWritePaths={}", data_dir.display()));
+    service.push(format!("ReadWritePaths={}", serve.data_dir.display()));
+    let mut exec_start = vec![
+        binary.display().to_string(),
+        "relay".into(),
+        "serve".into(),
+        "--data-dir".into(),
+        serve.data_dir.display().to_string(),
+        "--listen".into(),
+        serve.listen.to_string(),
+    ];
+    for addr in &serve.also_listen {
+        exec_start.extend(["--also-listen".into(), addr.to_string()]);
+    }
+    if let Some((cert, key)) = &serve.tls {
+        exec_start.extend([
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ]);
+    }
+    exec_start.extend([
+        "--api".into(),
+        serve.api.to_string(),
+        "--public-host".into(),
+        serve.public_host,
+    ]);
     Unit {
         name: "hybridlink-relay",
         description: "hybridlink relay: the rendezvous of hybrid connections",
-        exec_start: vec![
-            binary.display().to_string(),
-            "relay".into(),
-            "serve".into(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-            "--listen".into(),
-            listen.to_string(),
-            "--api".into(),
-            api.to_string(),
-            "--public-host".into(),
-            public_host,
-        ],
+        exec_start,
         reload_on_hup: false,
         notify: true,
         run_as: RunAs::User(USER),
@@ -188,11 +249,22 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
         RelayCommand::Install {
             data_dir,
             listen,
+            also_listen,
+            tls_cert,
+            tls_key,
             api,
             public_host,
             install,
         } => {
-            let unit = unit(&install.binary()?, &data_dir, listen, api, public_host);
+            let serve = Serve {
+                data_dir: data_dir.clone(),
+                listen,
+                also_listen,
+                tls: tls_cert.zip(tls_key),
+                api,
+                public_host,
+            };
+            let unit = unit(&install.binary()?, serve);
             crate::install::make_system_user(&install, &unit)?;
             // The sandbox needs the data directory to exist; it is the
             // service's alone (root's `hc --data-dir` reads it all the same).
@@ -207,6 +279,9 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
         RelayCommand::Serve {
             data_dir,
             listen,
+            also_listen,
+            tls_cert,
+            tls_key,
             api,
             api_tls,
             public_host,
@@ -226,6 +301,10 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             let config = relay::RelayConfig {
                 data_dir: data_dir.clone(),
                 listen,
+                also_listen,
+                ca_cert: tls_cert
+                    .zip(tls_key)
+                    .map(|(cert, key)| relay::ca_cert::CaCertFiles { cert, key }),
                 api,
                 api_tls,
                 public_host,
@@ -248,6 +327,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             })?;
             let mut ready = serde_json::json!({
                 "listen": relay.listen.to_string(),
+                "also_listen": relay.also_listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "api": relay.api.to_string(),
                 "api_url": format!("{}://{}", if relay.api_tls { "https" } else { "http" }, relay.api),
                 "cert_sha256": hex_encode(&relay.cert_sha256),
@@ -255,6 +335,9 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 "max_pipes_per_hc": relay.limits.pipes_per_hc(),
                 "max_unauthenticated": relay.limits.max_unauthenticated,
             });
+            if let Some(sha256) = relay.ca_cert_sha256 {
+                ready["tls_cert_sha256"] = hex_encode(&sha256).into();
+            }
             if let Some(addr) = metrics {
                 let hub = relay.hub.clone();
                 let bound = transport::metrics::serve(addr, move || hub.render_metrics())
@@ -277,15 +360,19 @@ mod tests {
     use super::*;
     use crate::install::expected::{SANDBOX, SOCKETS_ONLY};
 
+    fn serve(listen: &str) -> Serve {
+        Serve {
+            data_dir: "/var/lib/hybridlink-relay".into(),
+            listen: listen.parse().unwrap(),
+            also_listen: Vec::new(),
+            tls: None,
+            api: "127.0.0.1:9444".parse().unwrap(),
+            public_host: "relay.example.com".into(),
+        }
+    }
+
     fn rendered(listen: &str) -> String {
-        unit(
-            Path::new("/usr/local/bin/hybridlink"),
-            Path::new("/var/lib/hybridlink-relay"),
-            listen.parse().unwrap(),
-            "127.0.0.1:9444".parse().unwrap(),
-            "relay.example.com".into(),
-        )
-        .render()
+        unit(Path::new("/usr/local/bin/hybridlink"), serve(listen)).render()
     }
 
     #[test]
@@ -331,5 +418,37 @@ WantedBy=multi-user.target
             "{text}"
         );
         assert_eq!(text.matches("CAP_").count(), 2, "{text}");
+    }
+
+    #[test]
+    fn extra_listeners_and_the_ca_certificate_pass_through_and_a_low_extra_port_keeps_the_capability()
+     {
+        let mut with = serve("0.0.0.0:9443");
+        with.also_listen = vec!["0.0.0.0:443".parse().unwrap(), "[::]:8443".parse().unwrap()];
+        with.tls = Some((
+            "/etc/hybridlink-relay/fullchain.pem".into(),
+            "/etc/hybridlink-relay/privkey.pem".into(),
+        ));
+        let text = unit(Path::new("/usr/local/bin/hybridlink"), with).render();
+        assert!(
+            text.contains(
+                "\nExecStart=/usr/local/bin/hybridlink relay serve --data-dir /var/lib/hybridlink-relay --listen 0.0.0.0:9443 \
+                 --also-listen 0.0.0.0:443 --also-listen [::]:8443 \
+                 --tls-cert /etc/hybridlink-relay/fullchain.pem --tls-key /etc/hybridlink-relay/privkey.pem \
+                 --api 127.0.0.1:9444 --public-host relay.example.com\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nCapabilityBoundingSet=CAP_NET_BIND_SERVICE\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n"
+            ),
+            "{text}"
+        );
+        // Only high ports: no capability at all.
+        let mut high = serve("0.0.0.0:9443");
+        high.also_listen = vec!["0.0.0.0:8443".parse().unwrap()];
+        let text = unit(Path::new("/usr/local/bin/hybridlink"), high).render();
+        assert!(!text.contains("CAP_"), "{text}");
     }
 }

@@ -18,6 +18,7 @@ use ring::digest;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 use thiserror::Error;
 
 use transport::atomic_file::AtomicFile;
@@ -95,6 +96,7 @@ pub enum IdentityError {
 pub struct RelayIdentity {
     cert: CertificateDer<'static>,
     cert_sha256: [u8; 32],
+    certified_key: Arc<CertifiedKey>,
     server_config: Arc<ServerConfig>,
 }
 
@@ -151,24 +153,24 @@ impl RelayIdentity {
             path: key_path,
             reason: format!("no PEM private key in it ({e})"),
         })?;
-        let server_config =
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|source| IdentityError::Mismatch {
-                    dir: data_dir.to_owned(),
-                    source,
-                })?
-                .with_no_client_auth()
-                .with_single_cert(vec![cert.clone()], key)
-                .map_err(|source| IdentityError::Mismatch {
-                    dir: data_dir.to_owned(),
-                    source,
-                })?;
+        let mismatch = |source| IdentityError::Mismatch {
+            dir: data_dir.to_owned(),
+            source,
+        };
+        let provider = transport::tls::provider();
+        let certified_key =
+            Arc::new(CertifiedKey::from_der(vec![cert.clone()], key, &provider).map_err(mismatch)?);
+        let server_config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(mismatch)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(PinnedOnly(certified_key.clone())));
         let mut cert_sha256 = [0u8; 32];
         cert_sha256.copy_from_slice(digest::digest(&digest::SHA256, &cert).as_ref());
         Ok(RelayIdentity {
             cert,
             cert_sha256,
+            certified_key,
             server_config: Arc::new(server_config),
         })
     }
@@ -185,9 +187,26 @@ impl RelayIdentity {
     }
 
     /// A rustls server configuration (ring provider, no client
-    /// authentication) serving this certificate.
+    /// authentication) serving this certificate to every client; the
+    /// management API's with `--api-tls`.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server_config.clone()
+    }
+
+    /// The certificate and its signing key, for a resolver that serves it
+    /// beside others ([`crate::ca_cert::RelayCertResolver`]).
+    pub fn certified_key(&self) -> Arc<CertifiedKey> {
+        self.certified_key.clone()
+    }
+}
+
+/// Serves the relay's own certificate to every client.
+#[derive(Debug)]
+struct PinnedOnly(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for PinnedOnly {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
     }
 }
 

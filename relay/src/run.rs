@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::info;
 
+use crate::ca_cert::{CaCertFiles, CaCertWatch, RelayCertResolver, ServedCaCert};
 use crate::hub::Hub;
 use crate::identity::RelayIdentity;
 use crate::metrics::RelayMetrics;
@@ -19,8 +20,17 @@ use crate::{api, identity, registry, server};
 pub struct RelayConfig {
     /// Where the certificate, registry and manage key live.
     pub data_dir: PathBuf,
-    /// The one port agents and senders dial (control channels and pipes).
+    /// The port agents and senders dial (control channels and pipes, and
+    /// Azure Relay's clients).
     pub listen: SocketAddr,
+    /// More addresses serving exactly what `listen` serves (say port 443
+    /// beside 9443). Connection strings name `listen` (or `public_port`).
+    pub also_listen: Vec<SocketAddr>,
+    /// A CA-issued certificate for clients that do not offer hybridlink's
+    /// ALPN id (Azure Relay's), reloaded when its files change; hybridlink
+    /// peers keep getting the pinned self-signed one (see
+    /// [`crate::ca_cert`]).
+    pub ca_cert: Option<CaCertFiles>,
     /// The management API (plain HTTP unless `api_tls`: then keep it on
     /// loopback or behind a TLS proxy).
     pub api: SocketAddr,
@@ -151,6 +161,12 @@ pub enum RelayError {
     /// Certificate could not be made or loaded.
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    /// The CA-issued certificate could not be loaded.
+    #[error(transparent)]
+    CaCert(#[from] crate::ca_cert::CaCertError),
+    /// rustls refused the relay port's configuration.
+    #[error("cannot configure TLS: {0}")]
+    Tls(#[from] rustls::Error),
     /// Registry could not be opened.
     #[error(transparent)]
     Registry(#[from] registry::RegistryError),
@@ -169,6 +185,10 @@ pub enum RelayError {
 pub struct RunningRelay {
     /// Where the relay port is bound.
     pub listen: SocketAddr,
+    /// Where the extra listeners are bound, in the order given.
+    pub also_listen: Vec<SocketAddr>,
+    /// SHA-256 of the CA-issued certificate served at start, if any.
+    pub ca_cert_sha256: Option<[u8; 32]>,
     /// Where the management API is bound.
     pub api: SocketAddr,
     /// Whether the management API is served over TLS.
@@ -211,8 +231,31 @@ impl RelayConfig {
             names.push(h.clone());
         }
         let identity = RelayIdentity::load_or_create_with_names(&self.data_dir, &names)?;
+        let ca = match &self.ca_cert {
+            Some(files) => {
+                let first = crate::ca_cert::read(files).await;
+                let (watch, loaded) = CaCertWatch::start(files.clone(), first)?;
+                Some((watch, ServedCaCert::new(loaded)))
+            }
+            None => None,
+        };
+        let ca_cert_sha256 = ca.as_ref().map(|(_, served)| served.get().sha256);
+        let relay_tls = RelayCertResolver::new(
+            identity.certified_key(),
+            ca.as_ref().map(|(_, served)| served.clone()),
+        )
+        .server_config()?;
         let registry = Registry::open(&self.data_dir)?;
         let listener = bind(self.listen).await?;
+        let mut also = Vec::new();
+        for &addr in &self.also_listen {
+            let extra = bind(addr).await?;
+            let bound = extra
+                .local_addr()
+                .map_err(|source| RelayError::Bind { addr, source })?;
+            also.push((extra, bound));
+        }
+        let also_listen: Vec<SocketAddr> = also.iter().map(|(_, bound)| *bound).collect();
         let api_listener = bind(self.api).await?;
         let listen = listener.local_addr().map_err(|source| RelayError::Bind {
             addr: self.listen,
@@ -253,16 +296,24 @@ impl RelayConfig {
             azure: Some(azure.clone()),
         };
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(server::accept_loop(
-            listener,
-            hub.clone(),
-            identity.server_config(),
-            crate::preauth::PreAuthGate::new(crate::preauth::PreAuthLimits {
-                max_total: limits.max_unauthenticated,
-                max_per_ip: limits.max_unauthenticated_per_ip,
-            }),
-            azure,
-        )));
+        // One gate for all the listeners: the caps are the relay's.
+        let gate = crate::preauth::PreAuthGate::new(crate::preauth::PreAuthLimits {
+            max_total: limits.max_unauthenticated,
+            max_per_ip: limits.max_unauthenticated_per_ip,
+        });
+        let listeners = std::iter::once(listener).chain(also.into_iter().map(|(l, _)| l));
+        for listener in listeners {
+            tasks.push(tokio::spawn(server::accept_loop(
+                listener,
+                hub.clone(),
+                relay_tls.clone(),
+                gate.clone(),
+                azure.clone(),
+            )));
+        }
+        if let Some((watch, served)) = ca {
+            tasks.push(tokio::spawn(crate::ca_cert::keep_reloading(watch, served)));
+        }
         let router = api::router(state);
         if self.api_tls {
             let listener = crate::api_tls::TlsListener::new(api_listener, identity.server_config())
@@ -319,9 +370,18 @@ impl RelayConfig {
                 }
             }
         }));
-        info!(%listen, %api, api_tls = self.api_tls, "relay serving");
+        info!(
+            %listen,
+            ?also_listen,
+            %api,
+            api_tls = self.api_tls,
+            ca_cert = ca_cert_sha256.is_some(),
+            "relay serving"
+        );
         Ok(RunningRelay {
             listen,
+            also_listen,
+            ca_cert_sha256,
             api,
             api_tls: self.api_tls,
             cert_sha256: identity.cert_sha256(),

@@ -11,7 +11,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use hybridlink_tests::Relay;
+use hybridlink_tests::{Agent, OpenStream, Relay, echo_server_thread, wait_for};
+use proto::connection_string::ConnectionString;
+use proto::control::Fingerprint;
 
 /// The node script may take this long before it is killed.
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -56,21 +58,24 @@ fn wait_deadline(child: &mut std::process::Child, what: &str) -> Result<std::pro
     }
 }
 
-#[test]
-fn hyco_ws_listener_and_senders_talk_through_the_relay() -> Result<()> {
-    let Some(dir) = hyco_ws()? else {
-        return Ok(());
-    };
-
-    let relay = Relay::start()?;
-    let (send, listen) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+/// Runs `check.js` (hyco-ws listener and senders) against the relay port
+/// `relay`, trusting only the certificates in `trusted`; the hybrid
+/// connection's strings are `send` and `listen`.
+fn check_js(
+    dir: &Path,
+    relay: std::net::SocketAddr,
+    trusted: &Path,
+    hc: &str,
+    send: &ConnectionString,
+    listen: &ConnectionString,
+) -> Result<()> {
     let wrong = proto::key::Key::generate()?;
     let mut child = Command::new("node")
         .arg("check.js")
-        .current_dir(&dir)
-        .env("NODE_EXTRA_CA_CERTS", relay.data_dir.join("cert.pem"))
-        .env("RELAY", format!("127.0.0.1:{}", relay.listen.port()))
-        .env("HC", "payroll")
+        .current_dir(dir)
+        .env("NODE_EXTRA_CA_CERTS", trusted)
+        .env("RELAY", format!("127.0.0.1:{}", relay.port()))
+        .env("HC", hc)
         .env("SEND_KEY", send.key.as_str())
         .env("LISTEN_KEY", listen.key.as_str())
         .env("WRONG_KEY", wrong.as_str())
@@ -79,8 +84,236 @@ fn hyco_ws_listener_and_senders_talk_through_the_relay() -> Result<()> {
     let status = wait_deadline(&mut child, "check.js")?;
     ensure!(
         status.success(),
-        "the hyco-ws checks failed ({status}); their output is above"
+        "the hyco-ws checks against {relay} failed ({status}); their output is above"
     );
+    Ok(())
+}
+
+#[test]
+fn hyco_ws_listener_and_senders_talk_through_the_relay() -> Result<()> {
+    let Some(dir) = hyco_ws()? else {
+        return Ok(());
+    };
+
+    let relay = Relay::start()?;
+    let (send, listen) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    check_js(
+        &dir,
+        relay.listen,
+        &relay.data_dir.join("cert.pem"),
+        "payroll",
+        &send,
+        &listen,
+    )
+}
+
+/// A private certificate authority, as a company's or a public one would
+/// be, issuing the relay certificates for `localhost` and `127.0.0.1`.
+struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    fn new() -> Result<TestCa> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "hybridlink test CA");
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate()?)?;
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("ca.pem"), issuer.pem())?;
+        Ok(TestCa { issuer, dir })
+    }
+
+    /// The CA's certificate, what clients are told to trust.
+    fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// `--tls-cert` and `--tls-key`.
+    fn files(&self) -> (std::path::PathBuf, std::path::PathBuf) {
+        (
+            self.dir.path().join("fullchain.pem"),
+            self.dir.path().join("privkey.pem"),
+        )
+    }
+
+    /// Issues a new relay certificate and puts it in place as a renewal
+    /// does (each file renamed over the old one); returns its DER.
+    fn issue(&self) -> Result<Vec<u8>> {
+        use rcgen::{CertificateParams, DnType};
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let (cert_file, key_file) = self.files();
+        replace(&key_file, key.serialize_pem().as_bytes())?;
+        replace(
+            &cert_file,
+            format!("{}{}", cert.pem(), self.issuer.pem()).as_bytes(),
+        )?;
+        Ok(cert.der().to_vec())
+    }
+}
+
+/// Writes `bytes` beside `path` and renames it over `path`.
+fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The certificate a new TLS connection to `relay` gets: as an Azure
+/// client (no ALPN, verified against the CA alone), or with `pin` as a
+/// hybridlink peer (its client configuration, pinning `pin`).
+fn served_certificate(
+    relay: std::net::SocketAddr,
+    ca: &TestCa,
+    pin: Option<[u8; 32]>,
+) -> Result<Vec<u8>> {
+    let config = match pin {
+        Some(pin) => transport::tls::relay_client_config(Fingerprint(pin))?,
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.issuer.der().clone())?;
+            std::sync::Arc::new(
+                rustls::ClientConfig::builder_with_provider(transport::tls::provider())
+                    .with_safe_default_protocol_versions()?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        }
+    };
+    let mut conn = rustls::ClientConnection::new(config, "localhost".try_into()?)?;
+    let mut tcp = std::net::TcpStream::connect(relay)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    let certs = conn.peer_certificates().context("no certificate")?;
+    Ok(certs[0].to_vec())
+}
+
+#[test]
+fn a_ca_certificate_serves_azure_clients_while_hybridlink_peers_keep_their_pin() -> Result<()> {
+    let dir =
+        hyco_ws()?.context("these checks need node and hyco-ws (apt-get install nodejs npm)")?;
+    let ca = TestCa::new()?;
+    let leaf = ca.issue()?;
+    let (cert_file, key_file) = ca.files();
+    let logs = tempfile::tempdir()?;
+    let relay = Relay::start_with_log(
+        &[
+            "--tls-cert",
+            cert_file.to_str().context("utf-8")?,
+            "--tls-key",
+            key_file.to_str().context("utf-8")?,
+            "--also-listen",
+            "127.0.0.1:0",
+        ],
+        &logs.path().join("relay.log"),
+    )?;
+    let also: std::net::SocketAddr = relay.ready["also_listen"][0]
+        .as_str()
+        .context("also_listen in the ready line")?
+        .parse()?;
+    ensure!(also.port() != relay.listen.port(), "{}", relay.ready);
+    ensure!(
+        relay.ready["tls_cert_sha256"] == proto::control::hex_encode(&Fingerprint::of_der(&leaf).0),
+        "{}",
+        relay.ready
+    );
+
+    // The real Azure client, trusting the CA only (not the relay's
+    // self-signed certificate) and verifying, on both ports.
+    let (send, listen) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    for port in [relay.listen, also] {
+        check_js(&dir, port, &ca.ca_file(), "payroll", &send, &listen)?;
+    }
+
+    // hybridlink peers with their pinned strings, on the same ports: an
+    // agent on the main one, a sender on each.
+    let echo = echo_server_thread()?;
+    let (send, listen) = relay.create_hc("echo", echo)?;
+    let agent = Agent::start(&[&listen], &[])?;
+    agent.wait_connected()?;
+    let mut via_also = send.clone();
+    via_also.relay_port = also.port();
+    for cs in [&send, &via_also] {
+        let mut stream = OpenStream::open(cs)?;
+        ensure!(
+            stream.echo("through the relay\n")? == "through the relay\n",
+            "no echo through port {}",
+            cs.relay_port
+        );
+        stream.close();
+    }
+    // What each kind of client is given, on both ports.
+    let pin = send.cert_sha256.context("strings pin the certificate")?;
+    for port in [relay.listen, also] {
+        ensure!(served_certificate(port, &ca, None)? == leaf);
+        ensure!(Fingerprint::of_der(&served_certificate(port, &ca, Some(pin))?).0 == pin);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_renewed_certificate_is_served_without_a_restart_and_a_corrupt_one_is_not() -> Result<()> {
+    let ca = TestCa::new()?;
+    let first = ca.issue()?;
+    let (cert_file, key_file) = ca.files();
+    let logs = tempfile::tempdir()?;
+    let log = logs.path().join("relay.log");
+    let relay = Relay::start_with_log(
+        &[
+            "--tls-cert",
+            cert_file.to_str().context("utf-8")?,
+            "--tls-key",
+            key_file.to_str().context("utf-8")?,
+        ],
+        &log,
+    )?;
+    ensure!(served_certificate(relay.listen, &ca, None)? == first);
+
+    let second = ca.issue()?;
+    ensure!(second != first);
+    wait_for("the renewed certificate to be served", 10, || {
+        Ok(served_certificate(relay.listen, &ca, None)? == second)
+    })?;
+    let logged = std::fs::read_to_string(&log)?;
+    ensure!(logged.contains("TLS certificate reloaded"), "{logged}");
+    ensure!(
+        !logged.contains("ERROR"),
+        "a renewal logged an error: {logged}"
+    );
+
+    // A corrupt replacement: an error naming the file, and the renewed
+    // certificate stays.
+    replace(&cert_file, b"-----BEGIN CERTIFICATE-----\ntruncated")?;
+    wait_for("the corrupt certificate to be reported", 10, || {
+        let reason = format!("{} holds no PEM certificate", cert_file.display());
+        Ok(std::fs::read_to_string(&log)?
+            .lines()
+            .any(|line| line.contains("ERROR") && line.contains(&reason)))
+    })?;
+    ensure!(served_certificate(relay.listen, &ca, None)? == second);
+    // hybridlink peers never noticed any of it.
+    let pin = relay.ready["cert_sha256"].as_str().context("cert_sha256")?;
+    let pin: Fingerprint = pin.parse()?;
+    ensure!(Fingerprint::of_der(&served_certificate(relay.listen, &ca, Some(pin.0))?) == pin);
+
+    // Fixed: served again.
+    let third = ca.issue()?;
+    wait_for("the fixed certificate to be served", 10, || {
+        Ok(served_certificate(relay.listen, &ca, None)? == third)
+    })?;
     Ok(())
 }
 

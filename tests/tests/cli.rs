@@ -276,3 +276,77 @@ async fn connection_strings_come_from_files_stdin_and_the_environment() -> Resul
     let _ = agent.wait();
     result
 }
+
+/// `hybridlink ARGS...`, its exit code and its output with runs of
+/// whitespace (clap's line wrapping) made single spaces.
+fn run_flat(args: &[&str]) -> Result<(Option<i32>, String, String)> {
+    let out = Command::new(binary()).args(args).output()?;
+    let flat = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    Ok((out.status.code(), flat(&out.stdout), flat(&out.stderr)))
+}
+
+#[test]
+fn the_relays_certificate_and_extra_listener_flags_are_explained_and_checked() -> Result<()> {
+    let (code, help, _) = run_flat(&["relay", "serve", "--help"])?;
+    ensure!(code == Some(0));
+    for needle in [
+        "--also-listen <ADDR> One more address serving exactly what --listen serves",
+        "--tls-cert <FILE> A CA-issued certificate chain",
+        "offer the ALPN id `hybridlink/1` and keep getting the self-signed certificate",
+        "Both files are read every 2 s",
+        "--tls-key <FILE> The private key",
+    ] {
+        ensure!(
+            help.contains(needle),
+            "relay serve --help lacks {needle:?}: {help}"
+        );
+    }
+    let (code, help, _) = run_flat(&["relay", "install", "--help"])?;
+    ensure!(code == Some(0));
+    for needle in [
+        "--also-listen <ADDR>",
+        "--tls-cert <FILE>",
+        "--tls-key <FILE>",
+    ] {
+        ensure!(
+            help.contains(needle),
+            "relay install --help lacks {needle:?}: {help}"
+        );
+    }
+
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let missing = dir.path().join("fullchain.pem");
+    let serve = |extra: &[&str]| -> Result<(Option<i32>, String, String)> {
+        let mut args = vec![
+            "relay",
+            "serve",
+            "--data-dir",
+            data.to_str().context("utf-8")?,
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        run_flat(&args)
+    };
+    let cert = missing.to_str().context("utf-8")?;
+    // One without the other is a usage error.
+    let (code, _, err) = serve(&["--tls-cert", cert])?;
+    ensure!(code == Some(2), "{code:?} {err}");
+    ensure!(err.contains("--tls-key <FILE>"), "{err}");
+    // Files that do not load stop the start, saying which and why.
+    let (code, _, err) = serve(&["--tls-cert", cert, "--tls-key", cert])?;
+    ensure!(code == Some(1), "{code:?} {err}");
+    ensure!(
+        err.contains(&format!("cannot read {cert}: No such file or directory")),
+        "{err}"
+    );
+    Ok(())
+}

@@ -10,6 +10,11 @@
 //!   and pin the other's, as announced by the relay over the authenticated
 //!   control channel. The relay splices the pipe but never holds these keys,
 //!   so it cannot read or alter the streams.
+//!
+//! Every hybridlink client of the relay port offers the ALPN protocol id
+//! [`RELAY_ALPN`]: a relay that also serves a CA-issued certificate (for
+//! Azure Relay's own clients) gives the pinned one to ClientHellos that
+//! offer it.
 
 use std::sync::Arc;
 
@@ -142,15 +147,25 @@ pub fn pipe_server_name() -> ServerName<'static> {
     ServerName::try_from(PIPE_SERVER_NAME).expect("constant is a valid DNS name")
 }
 
+/// The ALPN protocol id hybridlink peers offer to the relay. It tells the
+/// relay to present its self-signed certificate, the one connection strings
+/// pin (`CertificateSha256`), even when it also has a CA-issued one for
+/// Azure Relay's clients, which offer no ALPN. The relay only reads the
+/// offer and selects no protocol, so peers must not require one back.
+pub const RELAY_ALPN: &[u8] = b"hybridlink/1";
+
 /// Client config for a control channel to a relay whose certificate has the
-/// SHA-256 `relay_cert` (from the connection string).
+/// SHA-256 `relay_cert` (from the connection string); it offers
+/// [`RELAY_ALPN`]. The management API client uses it too for `--api-tls`,
+/// whose listener ignores the offer.
 pub fn relay_client_config(relay_cert: Fingerprint) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCert::new(relay_cert, &provider)))
         .with_no_client_auth();
+    config.alpn_protocols = vec![RELAY_ALPN.to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -283,6 +298,12 @@ mod tests {
             client.process_new_packets().unwrap();
         }
         client.negotiated_cipher_suite().unwrap()
+    }
+
+    #[test]
+    fn relay_clients_offer_the_hybridlink_alpn_id() {
+        let config = relay_client_config(Fingerprint([7; 32])).unwrap();
+        assert_eq!(config.alpn_protocols, vec![b"hybridlink/1".to_vec()]);
     }
 
     #[test]
