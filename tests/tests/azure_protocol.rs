@@ -548,3 +548,451 @@ async fn status_lists_azure_listeners_as_their_own_kind() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// An HTTPS answer as `curl -i` shows it.
+#[derive(Debug)]
+struct HttpAnswer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl HttpAnswer {
+    /// The first value of header `name`.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A plain HTTPS request to the relay with curl (trusting the relay's
+/// certificate), `args` added as they are and `body` on standard input.
+fn curl(relay: &Relay, target: &str, args: &[&str], body: Option<&[u8]>) -> Result<HttpAnswer> {
+    use std::io::Write;
+    let url = format!("https://localhost:{}{target}", relay.listen.port());
+    let mut command = Command::new("curl");
+    command
+        .args([
+            "-sS",
+            "-i",
+            "--http1.1",
+            "--max-time",
+            "30",
+            "-H",
+            "Expect:",
+        ])
+        .arg("--cacert")
+        .arg(relay.data_dir.join("cert.pem"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    if body.is_some() {
+        command.args(["--data-binary", "@-"]);
+    }
+    let mut child = command
+        .arg(&url)
+        .spawn()
+        .context("starting curl (apt-get install curl)")?;
+    let mut stdin = child.stdin.take().context("curl's stdin")?;
+    if let Some(body) = body {
+        stdin.write_all(body)?;
+    }
+    drop(stdin);
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "curl {url} failed ({})", out.status);
+    let end = out
+        .stdout
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("curl printed no response head")?;
+    let head = String::from_utf8_lossy(&out.stdout[..end]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok(HttpAnswer {
+        status,
+        head,
+        body: out.stdout[end + 4..].to_vec(),
+    })
+}
+
+/// `tests/azure/https_listener.js` (hyco-https) listening on `hc`, once its
+/// control channel is up.
+fn hyco_https_listener(
+    dir: &Path,
+    relay: &Relay,
+    hc: &str,
+    listen_key: &str,
+) -> Result<hybridlink_tests::Proc> {
+    let mut child = Command::new("node")
+        .arg("https_listener.js")
+        .current_dir(dir)
+        .env("NODE_EXTRA_CA_CERTS", relay.data_dir.join("cert.pem"))
+        .env("RELAY", format!("127.0.0.1:{}", relay.listen.port()))
+        .env("HC", hc)
+        .env("LISTEN_KEY", listen_key)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting node")?;
+    let stdout = child.stdout.take().context("node's stdout")?;
+    let listener = hybridlink_tests::Proc::adopt(child, "the hyco-https listener");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line == "listening" {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .context("the hyco-https listener did not attach within 20 s")?;
+    Ok(listener)
+}
+
+/// The real `hyco-https` listener answers plain HTTPS requests (curl)
+/// through the relay: small bodies on its control channel, bodies over
+/// 64 KiB both ways over rendezvous WebSockets, headers passed without the
+/// hop-by-hop ones and with the relay's `Via`; 504 when it does not answer
+/// in time, 502 without a listener, 401/403 for bad tokens, 431 for a
+/// head over 32 KiB.
+#[test]
+fn hyco_https_listener_answers_plain_https_requests_through_the_relay() -> Result<()> {
+    let Some(dir) = hyco_ws()? else {
+        return Ok(());
+    };
+    let data = tempfile::tempdir()?;
+    let relay = Relay::start_with(
+        data.path(),
+        "127.0.0.1:0",
+        &["--http-response-timeout", "3"],
+    )?;
+    let (send, listen) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    let (other_send, _) = relay.create_hc("other", "127.0.0.1:9".parse()?)?;
+    let _listener = hyco_https_listener(&dir, &relay, "payroll", listen.key.as_str())?;
+    let token = send.token(unix_now()? + 600);
+    let auth = format!("ServiceBusAuthorization: {token}");
+
+    // A GET with the token in the query, which the listener never sees.
+    let got = curl(
+        &relay,
+        &format!(
+            "/payroll/hello?x=1&sb-hc-token={}",
+            proto::sas::url_encode(&token)
+        ),
+        &[
+            "-H",
+            "X-App: hello",
+            "-H",
+            "Connection: X-Hop-Req",
+            "-H",
+            "X-Hop-Req: must not pass",
+            "-H",
+            "Keep-Alive: timeout=5",
+            "-H",
+            "TE: trailers",
+        ],
+        None,
+    )?;
+    ensure!(got.status == 200, "GET: {got:?}");
+    let seen: serde_json::Value = serde_json::from_slice(&got.body)?;
+    ensure!(seen["method"] == "GET", "{seen}");
+    ensure!(seen["url"] == "/payroll/hello?x=1", "{seen}");
+    let headers = &seen["headers"];
+    ensure!(headers["x-app"] == "hello", "{seen}");
+    for dropped in [
+        "x-hop-req",
+        "keep-alive",
+        "te",
+        "connection",
+        "servicebusauthorization",
+    ] {
+        ensure!(
+            headers.get(dropped).is_none(),
+            "{dropped} reached the listener: {seen}"
+        );
+    }
+    ensure!(
+        headers["via"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("1.1 localhost:")),
+        "{seen}"
+    );
+    ensure!(got.header("x-listener") == Some("hyco-https"), "{got:?}");
+    ensure!(
+        got.header("via")
+            .is_some_and(|v| v.starts_with("1.1 localhost:")),
+        "no Via: {got:?}"
+    );
+    for dropped in ["x-hop-resp", "keep-alive"] {
+        ensure!(
+            got.header(dropped).is_none(),
+            "{dropped} reached the sender: {got:?}"
+        );
+    }
+
+    // A POST with a small body, token in the header.
+    let got = curl(
+        &relay,
+        "/payroll/echo",
+        &["-H", &auth],
+        Some(b"hello, listener"),
+    )?;
+    ensure!(got.status == 200, "small POST: {got:?}");
+    ensure!(got.body == b"hello, listener", "small POST: {}", got.text());
+
+    // 200 KiB up and the same back: both over rendezvous WebSockets.
+    let big: Vec<u8> = (0..200 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let got = curl(
+        &relay,
+        "/payroll/echo",
+        &["-H", &auth, "-H", "Content-Type: application/octet-stream"],
+        Some(&big),
+    )?;
+    ensure!(got.status == 200, "big POST: {:?}", got.head);
+    ensure!(
+        got.body.len() == big.len() && got.body == big,
+        "big POST came back with {} bytes",
+        got.body.len()
+    );
+    // A small request with a 300 000-byte answer.
+    let got = curl(&relay, "/payroll/big?n=300000", &["-H", &auth], None)?;
+    ensure!(got.status == 200, "big GET: {:?}", got.head);
+    let expected: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    ensure!(got.body == expected, "big GET: {} bytes", got.body.len());
+
+    // The Authorization header may carry the token too; it is not passed on.
+    let got = curl(
+        &relay,
+        "/payroll/who",
+        &["-H", &format!("Authorization: {token}")],
+        None,
+    )?;
+    ensure!(got.status == 200, "Authorization token: {got:?}");
+    let seen: serde_json::Value = serde_json::from_slice(&got.body)?;
+    ensure!(seen["headers"].get("authorization").is_none(), "{seen}");
+
+    // A listener that never answers: 504 after the (shortened) timeout.
+    let started = Instant::now();
+    let got = curl(&relay, "/payroll/never", &["-H", &auth], None)?;
+    ensure!(got.status == 504, "never: {got:?}");
+    ensure!(
+        started.elapsed() >= Duration::from_secs(3) && started.elapsed() < Duration::from_secs(10),
+        "504 after {:?}",
+        started.elapsed()
+    );
+
+    // No listener: 502.
+    let other = format!(
+        "ServiceBusAuthorization: {}",
+        other_send.token(unix_now()? + 600)
+    );
+    let got = curl(&relay, "/other/x", &["-H", &other], None)?;
+    ensure!(got.status == 502, "no listener: {got:?}");
+    ensure!(got.text().contains("no listener"), "{}", got.text());
+
+    // Bad tokens: 401 for a forged one, 403 for another hybrid connection's.
+    let got = curl(
+        &relay,
+        "/payroll/x",
+        &[
+            "-H",
+            "ServiceBusAuthorization: SharedAccessSignature sr=x&sig=eA%3D%3D&se=9999999999&skn=send",
+        ],
+        None,
+    )?;
+    ensure!(got.status == 401, "forged token: {got:?}");
+    let got = curl(&relay, "/payroll/x", &[], None)?;
+    ensure!(got.status == 401, "no token: {got:?}");
+    let got = curl(&relay, "/payroll/x", &["-H", &other], None)?;
+    ensure!(
+        got.status == 403,
+        "another hybrid connection's token: {got:?}"
+    );
+
+    // A head over 32 KiB is refused before anything is sent on.
+    let huge = format!("X-Huge: {}", "a".repeat(40 << 10));
+    let got = curl(&relay, "/payroll/x", &["-H", &auth, "-H", &huge], None)?;
+    ensure!(got.status == 431, "huge head: {:?}", got.head);
+
+    // And the listener still serves.
+    let got = curl(&relay, "/payroll/echo", &["-H", &auth], Some(b"still here"))?;
+    ensure!(got.body == b"still here", "after all that: {got:?}");
+    Ok(())
+}
+
+/// The next `request` message on a raw listener's control channel.
+async fn next_request(ws: &mut client::Ws) -> Result<serde_json::Value> {
+    let frame = tokio::time::timeout(Duration::from_secs(10), ws.read_frame())
+        .await
+        .context("no request in time")??;
+    ensure!(
+        frame.opcode == fastwebsockets::OpCode::Text,
+        "expected a request, got {:?}",
+        frame.opcode
+    );
+    let message: serde_json::Value = serde_json::from_slice(&frame.payload)?;
+    ensure!(message["request"].is_object(), "{message}");
+    Ok(message["request"].clone())
+}
+
+async fn send_text(ws: &mut client::Ws, value: serde_json::Value) -> Result<()> {
+    ws.write_frame(fastwebsockets::Frame::text(fastwebsockets::Payload::Owned(
+        value.to_string().into_bytes(),
+    )))
+    .await?;
+    Ok(())
+}
+
+/// A raw listener that answers badly: a response the relay cannot use, a
+/// response for an unknown id, a body over 64 KiB on the control channel
+/// and a listener that goes away each fail only their own request, with a
+/// clear 502 (or the right answer when it comes after all); the relay and
+/// its other listeners go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_listeners_bad_responses_fail_only_their_own_request() -> Result<()> {
+    let relay = std::sync::Arc::new(tokio::task::spawn_blocking(Relay::start).await??);
+    let (send, listen_cs) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    let auth = format!("ServiceBusAuthorization: {}", send.token(unix_now()? + 600));
+    let request = |target: &'static str, body: Option<&'static [u8]>| {
+        let relay = relay.clone();
+        let auth = auth.clone();
+        tokio::task::spawn_blocking(move || curl(&relay, target, &["-H", &auth], body))
+    };
+    let mut control = listen(&relay, &listen_cs, unix_now()? + 600).await?;
+
+    // The request as the listener gets it, then a response it cannot use.
+    let sender = request("/payroll/a/b?q=1", Some(b"ping"));
+    let req = next_request(&mut control).await?;
+    ensure!(req["method"] == "POST", "{req}");
+    ensure!(req["requestTarget"] == "/payroll/a/b?q=1", "{req}");
+    ensure!(req["body"] == true, "{req}");
+    ensure!(req["remoteEndpoint"]["address"] == "127.0.0.1", "{req}");
+    let headers = req["requestHeaders"]
+        .as_object()
+        .context("requestHeaders")?;
+    ensure!(
+        !headers
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case("ServiceBusAuthorization")
+                || k.eq_ignore_ascii_case("Host")
+                || k.eq_ignore_ascii_case("Content-Length")),
+        "{req}"
+    );
+    ensure!(
+        req["address"]
+            .as_str()
+            .is_some_and(|a| a.contains("sb-hc-action=request")),
+        "{req}"
+    );
+    let body = control.read_frame().await?;
+    ensure!(
+        body.opcode == fastwebsockets::OpCode::Binary && &body.payload[..] == b"ping",
+        "the body did not follow its request"
+    );
+    let id = req["id"].clone();
+    send_text(
+        &mut control,
+        serde_json::json!({"response": {"requestId": id, "statusCode": "teapot"}}),
+    )
+    .await?;
+    let got = sender.await??;
+    ensure!(got.status == 502, "garbage response: {got:?}");
+    ensure!(got.text().contains("statusCode"), "{}", got.text());
+
+    // A response for an unknown id is dropped; the right one still counts.
+    let sender = request("/payroll/c", None);
+    let req = next_request(&mut control).await?;
+    ensure!(req["body"] == false, "{req}");
+    send_text(
+        &mut control,
+        serde_json::json!({"response": {"requestId": "no-such-request", "statusCode": 500}}),
+    )
+    .await?;
+    send_text(
+        &mut control,
+        serde_json::json!({"response": {"requestId": req["id"], "statusCode": 201,
+            "statusDescription": "Made", "responseHeaders": {"x-raw": 7}, "body": true}}),
+    )
+    .await?;
+    control
+        .write_frame(fastwebsockets::Frame::new(
+            false,
+            fastwebsockets::OpCode::Binary,
+            None,
+            fastwebsockets::Payload::Owned(b"frag".to_vec()),
+        ))
+        .await?;
+    control
+        .write_frame(fastwebsockets::Frame::new(
+            true,
+            fastwebsockets::OpCode::Continuation,
+            None,
+            fastwebsockets::Payload::Owned(b"ments".to_vec()),
+        ))
+        .await?;
+    let got = sender.await??;
+    ensure!(got.status == 201, "after an unknown id: {got:?}");
+    ensure!(got.head.starts_with("HTTP/1.1 201 Made"), "{}", got.head);
+    ensure!(got.header("x-raw") == Some("7"), "{got:?}");
+    ensure!(got.body == b"fragments", "{}", got.text());
+
+    // A body over 64 KiB on the control channel.
+    let sender = request("/payroll/d", None);
+    let req = next_request(&mut control).await?;
+    send_text(
+        &mut control,
+        serde_json::json!({"response": {"requestId": req["id"], "statusCode": 200, "body": true}}),
+    )
+    .await?;
+    for fin in [false, true] {
+        let opcode = if fin {
+            fastwebsockets::OpCode::Continuation
+        } else {
+            fastwebsockets::OpCode::Binary
+        };
+        control
+            .write_frame(fastwebsockets::Frame::new(
+                fin,
+                opcode,
+                None,
+                fastwebsockets::Payload::Owned(vec![0u8; 40 << 10]),
+            ))
+            .await?;
+    }
+    let got = sender.await??;
+    ensure!(got.status == 502, "oversized body: {got:?}");
+    ensure!(got.text().contains("64 KiB"), "{}", got.text());
+
+    // A listener that goes away in the middle of a request.
+    let sender = request("/payroll/e", None);
+    next_request(&mut control).await?;
+    drop(control);
+    let got = sender.await??;
+    ensure!(got.status == 502, "vanished listener: {got:?}");
+    ensure!(got.text().contains("went away"), "{}", got.text());
+
+    // The relay goes on: a new listener answers.
+    let mut control = listen(&relay, &listen_cs, unix_now()? + 600).await?;
+    let sender = request("/payroll/f", None);
+    let req = next_request(&mut control).await?;
+    send_text(
+        &mut control,
+        serde_json::json!({"response": {"requestId": req["id"], "statusCode": 204}}),
+    )
+    .await?;
+    let got = sender.await??;
+    ensure!(got.status == 204, "after it all: {got:?}");
+    Ok(())
+}
