@@ -1,7 +1,10 @@
 //! Azure Relay's own clients against the relay: `tests/azure/check.js` runs
-//! a real `hyco-ws` listener and senders (npm, pinned in
-//! `tests/azure/package-lock.json`) through a relay started here, trusting
-//! its self-signed certificate through `NODE_EXTRA_CA_CERTS`.
+//! a real `hyco-ws` listener and senders, `tests/azure/https_listener.js` a
+//! real `hyco-https` listener that curl sends plain HTTPS requests to (npm,
+//! pinned in `tests/azure/package-lock.json`), through a relay started
+//! here, trusting its self-signed certificate through
+//! `NODE_EXTRA_CA_CERTS`. Raw WebSocket listeners of our own show what
+//! those clients cannot: a half-close, rejections, bad responses.
 //!
 //! Without node it skips, unless HYBRIDLINK_REQUIRE_TOOLS is set (as in
 //! CI). `npm ci` runs first when `tests/azure/node_modules` is missing.
@@ -440,9 +443,9 @@ fn readme_block(tag: &str) -> Result<String> {
     Ok(readme[start..start + end].to_string())
 }
 
-/// The README's hyco-ws listener and sender, run as written.
-#[test]
-fn the_readmes_hyco_ws_example_runs_as_written() -> Result<()> {
+/// The README's listener block `listener` and sender block `sender`, run
+/// as written: the sender must print `expected`.
+fn run_readme_pair(listener: &str, sender: &str, expected: &str) -> Result<()> {
     let Some(dir) = hyco_ws()? else {
         return Ok(());
     };
@@ -463,28 +466,25 @@ fn the_readmes_hyco_ws_example_runs_as_written() -> Result<()> {
         Ok(command)
     };
     let _listener = hybridlink_tests::Proc::adopt(
-        node("hyco-ws-listener", ("LISTEN_KEY", listen.key.as_str()))?
+        node(listener, ("LISTEN_KEY", listen.key.as_str()))?
             .spawn()
             .context("starting the listener")?,
         "the README's listener",
     );
     // The listener attaches in well under a second; a sender before it is
-    // refused (404), so try again for a while.
+    // refused (404, 502), so try again for a while.
     let started = Instant::now();
     loop {
-        let mut sender = node("hyco-ws-sender", ("SEND_KEY", send.key.as_str()))?
+        let mut child = node(sender, ("SEND_KEY", send.key.as_str()))?
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .context("starting the sender")?;
-        let status = wait_deadline(&mut sender, "the README's sender")?;
+        let status = wait_deadline(&mut child, "the README's sender")?;
         let mut out = String::new();
-        std::io::Read::read_to_string(&mut sender.stdout.take().context("stdout")?, &mut out)?;
+        std::io::Read::read_to_string(&mut child.stdout.take().context("stdout")?, &mut out)?;
         if status.success() {
-            ensure!(
-                out == "hello through the relay\n",
-                "the sender printed {out:?}"
-            );
+            ensure!(out == expected, "the sender printed {out:?}");
             return Ok(());
         }
         ensure!(
@@ -493,6 +493,27 @@ fn the_readmes_hyco_ws_example_runs_as_written() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The README's hyco-ws listener and sender, run as written.
+#[test]
+fn the_readmes_hyco_ws_example_runs_as_written() -> Result<()> {
+    run_readme_pair(
+        "hyco-ws-listener",
+        "hyco-ws-sender",
+        "hello through the relay\n",
+    )
+}
+
+/// The README's hyco-https listener and its plain HTTPS sender, run as
+/// written.
+#[test]
+fn the_readmes_hyco_https_example_runs_as_written() -> Result<()> {
+    run_readme_pair(
+        "hyco-https-listener",
+        "hyco-https-sender",
+        "200 hello from the listener: GET /payroll/hello?x=1\n",
+    )
 }
 
 /// `hc status` lists an Azure-protocol listener beside the agents, as its
