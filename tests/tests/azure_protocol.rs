@@ -793,6 +793,23 @@ fn hyco_https_listener_answers_plain_https_requests_through_the_relay() -> Resul
     let expected: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     ensure!(got.body == expected, "big GET: {} bytes", got.body.len());
 
+    // Headers that make the request message bigger than 32 KiB: it goes
+    // over a rendezvous too.
+    let quotes = "\"".repeat(20_000);
+    let got = curl(
+        &relay,
+        "/payroll/quotes",
+        &["-H", &auth, "-H", &format!("X-Quotes: {quotes}")],
+        None,
+    )?;
+    ensure!(got.status == 200, "big headers: {:?}", got.head);
+    let seen: serde_json::Value = serde_json::from_slice(&got.body)?;
+    ensure!(
+        seen["headers"]["x-quotes"] == quotes.as_str(),
+        "big headers arrived as {}",
+        seen["headers"]["x-quotes"].as_str().map_or(0, str::len)
+    );
+
     // The Authorization header may carry the token too; it is not passed on.
     let got = curl(
         &relay,
@@ -1015,5 +1032,49 @@ async fn a_raw_listeners_bad_responses_fail_only_their_own_request() -> Result<(
     .await?;
     let got = sender.await??;
     ensure!(got.status == 204, "after it all: {got:?}");
+    Ok(())
+}
+
+/// Answers the next request that reaches either listener with 200; which
+/// one got it (0 or 1).
+async fn answer_either(listeners: &mut [client::Ws; 2]) -> Result<usize> {
+    let [a, b] = listeners;
+    let (which, req, ws) = tokio::select! {
+        req = next_request(a) => (0, req?, a),
+        req = next_request(b) => (1, req?, b),
+    };
+    send_text(
+        ws,
+        serde_json::json!({"response": {"requestId": req["id"], "statusCode": 200}}),
+    )
+    .await?;
+    Ok(which)
+}
+
+/// HTTP requests are spread over a hybrid connection's listeners round
+/// robin, as WebSocket senders are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_take_turns_among_the_listeners() -> Result<()> {
+    let relay = std::sync::Arc::new(tokio::task::spawn_blocking(Relay::start).await??);
+    let (send, listen_cs) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    let auth = format!("ServiceBusAuthorization: {}", send.token(unix_now()? + 600));
+    let expiry = unix_now()? + 600;
+    let mut listeners = [
+        listen(&relay, &listen_cs, expiry).await?,
+        listen(&relay, &listen_cs, expiry).await?,
+    ];
+    let mut turns = Vec::new();
+    for _ in 0..4 {
+        let (relay, auth) = (relay.clone(), auth.clone());
+        let sender =
+            tokio::task::spawn_blocking(move || curl(&relay, "/payroll/x", &["-H", &auth], None));
+        turns.push(answer_either(&mut listeners).await?);
+        let got = sender.await??;
+        ensure!(got.status == 200, "{got:?}");
+    }
+    ensure!(
+        turns == [0, 1, 0, 1] || turns == [1, 0, 1, 0],
+        "requests went to listeners {turns:?}"
+    );
     Ok(())
 }

@@ -225,11 +225,6 @@ impl Azure {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Senders' HTTP requests waiting for or receiving their response now.
-    pub fn open_exchanges(&self) -> usize {
-        self.exchanges().len()
-    }
-
     fn lock(
         &self,
     ) -> std::sync::MutexGuard<'_, Listeners<ListenerHandle, oneshot::Sender<Answer>>> {
@@ -574,55 +569,15 @@ impl Azure {
             .to_string()
         };
 
-        let rotation = self.lock().rotation_with_ids(&r.hc);
-        if rotation.is_empty() {
-            return answer(
-                502,
-                &format!("no listener is connected to hybrid connection {}", r.hc),
-            );
-        }
-        let (tx, rx) = oneshot::channel();
-        let mut sent = None;
-        for (listener_id, listener) in rotation {
-            let Ok(permit) = listener.accepts.try_reserve() else {
-                continue;
-            };
-            let address = RequestAddress {
-                host: &listener.host,
-                hc: &r.hc,
-                id: &id,
-                ticket: &ticket,
-            }
-            .to_string();
-            let message = whole(&address);
-            let inline =
-                message.len() <= http::MAX_CONTROL_HEADERS && matches!(prefix, Prefix::Whole(_));
-            let outgoing = match &prefix {
-                Prefix::Whole(body) if inline => Outgoing {
-                    text: message.clone(),
-                    body: Some(body.clone()).filter(|b| !b.is_empty()),
-                },
-                _ => Outgoing {
-                    text: serde_json::json!({"request": {"address": address, "id": id}})
-                        .to_string(),
-                    body: None,
-                },
-            };
-            self.exchanges()
-                .open(id.clone(), ticket.clone(), r.hc.clone(), listener_id, tx);
-            permit.send(outgoing);
-            sent = Some((inline, message));
-            break;
-        }
-        let Some((inline, message)) = sent else {
-            return answer(502, &format!("every listener of {} is busy", r.hc));
+        let (inline, message, rx) = match self.dispatch(&r.hc, &id, &ticket, whole, &prefix) {
+            Ok(sent) => sent,
+            Err(no_listener) => return answer(502, &no_listener),
         };
         let _guard = ExchangeGuard {
             azure: self.clone(),
             id: id.clone(),
         };
         let timeout = self.inner.response_timeout;
-        let waited_since = Instant::now();
         watchdog.extend(timeout + Duration::from_secs(5));
         let no_response = || {
             answer(
@@ -645,35 +600,90 @@ impl Azure {
             Ok(Ok(reply)) => reply,
         };
         watchdog.extend(proxy::BODY_IDLE);
-        match reply {
-            Reply::Inline(Ok((head, body))) => proxy::respond(&head, &via, proxy::full(body)),
-            Reply::Inline(Err(e)) => answer(502, &e),
-            Reply::Rendezvous(upgrade) => {
-                let left = timeout.saturating_sub(waited_since.elapsed());
-                let exchange = async {
-                    let mut ws = upgrade
-                        .await
-                        .map_err(|e| format!("the listener's rendezvous failed: {e}"))?;
-                    if !inline {
-                        proxy::send_request(&mut ws, message, prefix, watchdog).await?;
-                    }
-                    let head = proxy::read_response_head(&mut ws, &id).await?;
-                    Ok::<_, String>((ws, head))
+        let upgrade = match reply {
+            Reply::Inline(Ok((head, body))) => {
+                return proxy::respond(&head, &via, proxy::full(body));
+            }
+            Reply::Inline(Err(e)) => return answer(502, &e),
+            Reply::Rendezvous(upgrade) => upgrade,
+        };
+        let mut ws = match tokio::time::timeout(timeout, upgrade).await {
+            Err(_) => return no_response(),
+            Ok(Err(e)) => return answer(502, &format!("the listener's rendezvous failed: {e}")),
+            Ok(Ok(ws)) => ws,
+        };
+        if !inline && let Err(e) = proxy::send_request(&mut ws, message, prefix, watchdog).await {
+            return answer(502, &e);
+        }
+        // The listener has the whole request now; its response may take
+        // the response timeout from here.
+        watchdog.extend(timeout + Duration::from_secs(5));
+        match tokio::time::timeout(timeout, proxy::read_response_head(&mut ws, &id)).await {
+            Err(_) => no_response(),
+            Ok(Err(e)) => answer(502, &e),
+            Ok(Ok(head)) => {
+                watchdog.extend(proxy::BODY_IDLE);
+                let body = if head.body {
+                    proxy::stream_body(ws, watchdog.clone())
+                } else {
+                    proxy::full(Bytes::new())
                 };
-                match tokio::time::timeout(left + proxy::BODY_IDLE, exchange).await {
-                    Err(_) => no_response(),
-                    Ok(Err(e)) => answer(502, &e),
-                    Ok(Ok((ws, head))) => {
-                        let body = if head.body {
-                            proxy::stream_body(ws, watchdog.clone())
-                        } else {
-                            proxy::full(Bytes::new())
-                        };
-                        proxy::respond(&head, &via, body)
-                    }
-                }
+                proxy::respond(&head, &via, body)
             }
         }
+    }
+
+    /// Sends request `id` to the next listener of `hc` with room in its
+    /// queue: whole (`whole` makes the message for a request address) when
+    /// it fits on the control channel, else as its address only. Returns
+    /// whether it went whole, the whole message, and where the reply comes;
+    /// or why no listener took it (for a 502).
+    fn dispatch(
+        &self,
+        hc: &proto::name::HcName,
+        id: &str,
+        ticket: &str,
+        whole: impl Fn(&str) -> String,
+        prefix: &Prefix,
+    ) -> Result<(bool, String, oneshot::Receiver<Reply>), String> {
+        let rotation = self.lock().rotation_with_ids(hc);
+        if rotation.is_empty() {
+            return Err(format!(
+                "no listener is connected to hybrid connection {hc}"
+            ));
+        }
+        for (listener_id, listener) in rotation {
+            let Ok(permit) = listener.accepts.try_reserve() else {
+                continue;
+            };
+            let address = RequestAddress {
+                host: &listener.host,
+                hc,
+                id,
+                ticket,
+            }
+            .to_string();
+            let message = whole(&address);
+            let inline = message.len() <= http::MAX_CONTROL_HEADERS;
+            let outgoing = match prefix {
+                Prefix::Whole(body) if inline => Outgoing {
+                    text: message.clone(),
+                    body: Some(body.clone()).filter(|b| !b.is_empty()),
+                },
+                _ => Outgoing {
+                    text: serde_json::json!({"request": {"address": address, "id": id}})
+                        .to_string(),
+                    body: None,
+                },
+            };
+            let inline = inline && matches!(prefix, Prefix::Whole(_));
+            let (tx, rx) = oneshot::channel();
+            self.exchanges()
+                .open(id.into(), ticket.into(), hc.clone(), listener_id, tx);
+            permit.send(outgoing);
+            return Ok((inline, message, rx));
+        }
+        Err(format!("every listener of {hc} is busy"))
     }
 
     /// A listener opens the rendezvous of an HTTP `request`: the request

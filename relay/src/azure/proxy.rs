@@ -13,9 +13,10 @@
 //! filling the relay's memory.
 //!
 //! Time limits: the listener's `response` must arrive within the response
-//! timeout (60 s, `relay serve --http-response-timeout`), else 504; then
-//! each piece of a body, either way, within [`BODY_IDLE`], else the
-//! exchange is cut.
+//! timeout (60 s, `relay serve --http-response-timeout`) of the request's
+//! dispatch, or of the request's end when it went over a rendezvous, else
+//! 504; each piece of a body, either way, must move within [`BODY_IDLE`],
+//! else the exchange is cut.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -147,6 +148,15 @@ async fn next_data(body: &mut Incoming, watchdog: &Watchdog) -> Result<Option<By
     }
 }
 
+/// Writes one frame to a rendezvous, within [`BODY_IDLE`] (a listener
+/// that stops reading does not hold the exchange for ever).
+async fn write_within(ws: &mut Rendezvous, frame: Frame<'_>) -> Result<(), String> {
+    tokio::time::timeout(BODY_IDLE, ws.write_frame(frame))
+        .await
+        .map_err(|_| "the listener stopped reading the request".to_string())?
+        .map_err(|e| format!("writing to the rendezvous: {e}"))
+}
+
 /// Sends the whole `request` message and its body over a rendezvous: the
 /// body as one binary message, streamed in fragments when it was not all
 /// read.
@@ -156,43 +166,19 @@ pub async fn send_request(
     prefix: Prefix,
     watchdog: &Watchdog,
 ) -> Result<(), String> {
-    let failed = |e: fastwebsockets::WebSocketError| format!("writing to the rendezvous: {e}");
-    ws.write_frame(Frame::text(Payload::Owned(message.into_bytes())))
-        .await
-        .map_err(failed)?;
+    write_within(ws, Frame::text(Payload::Owned(message.into_bytes()))).await?;
     match prefix {
         Prefix::Whole(bytes) if bytes.is_empty() => Ok(()),
-        Prefix::Whole(bytes) => ws
-            .write_frame(Frame::binary(Payload::Borrowed(&bytes)))
-            .await
-            .map_err(failed),
+        Prefix::Whole(bytes) => write_within(ws, Frame::binary(Payload::Borrowed(&bytes))).await,
         Prefix::Partial(start, mut rest) => {
-            ws.write_frame(Frame::new(
-                false,
-                OpCode::Binary,
-                None,
-                Payload::Borrowed(&start),
-            ))
-            .await
-            .map_err(failed)?;
+            let fragment = |opcode, fin, bytes: &[u8]| {
+                Frame::new(fin, opcode, None, Payload::Owned(bytes.to_vec()))
+            };
+            write_within(ws, fragment(OpCode::Binary, false, &start)).await?;
             while let Some(data) = next_data(&mut rest, watchdog).await? {
-                ws.write_frame(Frame::new(
-                    false,
-                    OpCode::Continuation,
-                    None,
-                    Payload::Borrowed(&data),
-                ))
-                .await
-                .map_err(failed)?;
+                write_within(ws, fragment(OpCode::Continuation, false, &data)).await?;
             }
-            ws.write_frame(Frame::new(
-                true,
-                OpCode::Continuation,
-                None,
-                Payload::Borrowed(&[]),
-            ))
-            .await
-            .map_err(failed)
+            write_within(ws, fragment(OpCode::Continuation, true, &[])).await
         }
     }
 }
