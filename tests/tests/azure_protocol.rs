@@ -595,6 +595,37 @@ impl HttpAnswer {
 /// A plain HTTPS request to the relay with curl (trusting the relay's
 /// certificate), `args` added as they are and `body` on standard input.
 fn curl(relay: &Relay, target: &str, args: &[&str], body: Option<&[u8]>) -> Result<HttpAnswer> {
+    let out = curl_output(relay, target, args, body)?;
+    ensure!(
+        out.status.success(),
+        "curl {target} failed ({})",
+        out.status
+    );
+    let end = out
+        .stdout
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("curl printed no response head")?;
+    let head = String::from_utf8_lossy(&out.stdout[..end]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok(HttpAnswer {
+        status,
+        head,
+        body: out.stdout[end + 4..].to_vec(),
+    })
+}
+
+/// What curl did with a request, whether or not it succeeded.
+fn curl_output(
+    relay: &Relay,
+    target: &str,
+    args: &[&str],
+    body: Option<&[u8]>,
+) -> Result<std::process::Output> {
     use std::io::Write;
     let url = format!("https://localhost:{}{target}", relay.listen.port());
     let mut command = Command::new("curl");
@@ -625,24 +656,7 @@ fn curl(relay: &Relay, target: &str, args: &[&str], body: Option<&[u8]>) -> Resu
         stdin.write_all(body)?;
     }
     drop(stdin);
-    let out = child.wait_with_output()?;
-    ensure!(out.status.success(), "curl {url} failed ({})", out.status);
-    let end = out
-        .stdout
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("curl printed no response head")?;
-    let head = String::from_utf8_lossy(&out.stdout[..end]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    Ok(HttpAnswer {
-        status,
-        head,
-        body: out.stdout[end + 4..].to_vec(),
-    })
+    Ok(child.wait_with_output()?)
 }
 
 /// `tests/azure/https_listener.js` (hyco-https) listening on `hc`, once its
@@ -1023,6 +1037,47 @@ async fn a_raw_listeners_bad_responses_fail_only_their_own_request() -> Result<(
 
     // The relay goes on: a new listener answers.
     let mut control = listen(&relay, &listen_cs, unix_now()? + 600).await?;
+
+    // A listener that goes away in the middle of a body it streams over a
+    // rendezvous: the sender sees a broken response, not a short one.
+    let (relay_for_curl, auth_for_curl) = (relay.clone(), auth.clone());
+    let sender = tokio::task::spawn_blocking(move || {
+        curl_output(&relay_for_curl, "/payroll/g", &["-H", &auth_for_curl], None)
+    });
+    let req = next_request(&mut control).await?;
+    let address = req["address"].as_str().context("address")?;
+    let prefix = format!("wss://localhost:{}", relay.listen.port());
+    let target = address
+        .strip_prefix(&prefix)
+        .with_context(|| format!("{address} is not on the host the listener dialled"))?;
+    let cert = listen_cs.cert_sha256.context("certificate hash")?;
+    let mut rendezvous = client::open(relay.listen, cert, target, &[]).await?;
+    send_text(
+        &mut rendezvous,
+        serde_json::json!({"response": {"requestId": req["id"], "statusCode": 200, "body": true}}),
+    )
+    .await?;
+    rendezvous
+        .write_frame(fastwebsockets::Frame::new(
+            false,
+            fastwebsockets::OpCode::Binary,
+            None,
+            fastwebsockets::Payload::Owned(b"the first half".to_vec()),
+        ))
+        .await?;
+    // Let the first half reach the sender before the rendezvous drops.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(rendezvous);
+    let out = sender.await??;
+    let shown = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        shown.starts_with("HTTP/1.1 200") && shown.contains("the first half"),
+        "{shown}"
+    );
+    ensure!(
+        !out.status.success(),
+        "a body cut by the listener looked whole to curl: {shown}"
+    );
     let sender = request("/payroll/f", None);
     let req = next_request(&mut control).await?;
     send_text(

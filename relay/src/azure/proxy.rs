@@ -313,3 +313,33 @@ pub fn respond(head: &ResponseHead, via: &str, body: Body) -> Response<Body> {
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_only_ever_moves_later() {
+        let start = Instant::now();
+        let dog = Watchdog::new(start + Duration::from_secs(10));
+        let first = dog.deadline();
+        assert!(first >= start + Duration::from_secs(9), "{first:?}");
+        dog.extend(Duration::from_secs(1));
+        assert_eq!(dog.deadline(), first, "an earlier deadline moved it back");
+        dog.extend(Duration::from_secs(60));
+        assert!(dog.deadline() >= start + Duration::from_secs(59));
+        let clone = dog.clone();
+        clone.extend(Duration::from_secs(120));
+        assert_eq!(
+            dog.deadline(),
+            clone.deadline(),
+            "clones share the deadline"
+        );
+    }
+
+    #[test]
+    fn only_an_empty_whole_body_is_no_body() {
+        assert!(!Prefix::Whole(Bytes::new()).has_body());
+        assert!(Prefix::Whole(Bytes::from_static(b"x")).has_body());
+    }
+}
