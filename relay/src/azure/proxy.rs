@@ -48,6 +48,8 @@ pub const BODY_IDLE: Duration = Duration::from_secs(60);
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pieces of a streamed response body queued for a slow sender.
 const RESPONSE_QUEUE: usize = 4;
+/// Largest piece of a streamed response body handed to the sender at once.
+const RESPONSE_PIECE: usize = 64 << 10;
 
 /// A rendezvous WebSocket of an HTTP exchange.
 pub type Rendezvous = WebSocket<TokioIo<Upgraded>>;
@@ -231,9 +233,10 @@ impl hyper::body::Body for QueueBody {
 }
 
 /// The response body that follows a `response` on a rendezvous, streamed:
-/// a task reads the listener's binary message and hands the pieces to the
-/// sender, at most [`RESPONSE_QUEUE`] ahead. It closes the rendezvous at
-/// the end.
+/// a task reads the listener's binary message frame by frame (each at most
+/// [`MAX_FRAME`]) and hands it to the sender in pieces of at most
+/// [`RESPONSE_PIECE`], at most [`RESPONSE_QUEUE`] ahead. It closes the
+/// rendezvous at the end.
 pub fn stream_body(mut ws: Rendezvous, watchdog: Watchdog) -> Body {
     ws.set_max_message_size(MAX_FRAME);
     let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
@@ -247,9 +250,13 @@ pub fn stream_body(mut ws: Rendezvous, watchdog: Watchdog) -> Body {
                 match frame.opcode {
                     OpCode::Binary | OpCode::Continuation => {
                         let fin = frame.fin;
-                        if !frame.payload.is_empty() {
-                            let data = Bytes::from(frame.payload.to_vec());
-                            tokio::time::timeout(BODY_IDLE, tx.send(Ok(data)))
+                        let data = Bytes::from(frame.payload.to_vec());
+                        // Pieces of a frame share its buffer: the next frame
+                        // is read only when all but RESPONSE_QUEUE of them
+                        // are gone, so at most two frames are held.
+                        for start in (0..data.len()).step_by(RESPONSE_PIECE) {
+                            let piece = data.slice(start..data.len().min(start + RESPONSE_PIECE));
+                            tokio::time::timeout(BODY_IDLE, tx.send(Ok(piece)))
                                 .await
                                 .map_err(|_| "the sender stopped reading".to_string())?
                                 .map_err(|_| "the sender went away".to_string())?;
