@@ -774,6 +774,8 @@ fn hyco_https_listener_answers_plain_https_requests_through_the_relay() -> Resul
             "{dropped} reached the sender: {got:?}"
         );
     }
+    // The relay's own connection header: one request per connection.
+    ensure!(got.header("connection") == Some("close"), "{got:?}");
 
     // A POST with a small body, token in the header.
     let got = curl(
