@@ -20,6 +20,7 @@
 //! the hub's agents), and hybridlink senders only hybridlink agents.
 
 pub mod exchanges;
+pub mod fuzzing;
 pub mod http;
 pub mod listener;
 pub mod listeners;
