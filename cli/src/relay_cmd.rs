@@ -128,6 +128,17 @@ pub enum RelayCommand {
             default_value_t = relay::Limits::default().renew_grace
         )]
         renew_grace: u64,
+        /// How long a sender's Azure-protocol HTTP request (hyco-https'
+        /// request/response mode) waits for the listener's response, in
+        /// seconds; past it the sender gets 504 Gateway Timeout. Azure
+        /// Relay waits 60 s.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = relay::Limits::default().http_response_timeout,
+            value_parser = clap::value_parser!(u64).range(1..)
+        )]
+        http_response_timeout: u64,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
         /// 127.0.0.1:9445): agents and senders per hybrid connection, pipes,
         /// bytes, refusals by reason, token renewals.
@@ -296,6 +307,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             max_unauthenticated_per_ip,
             max_token_lifetime,
             renew_grace,
+            http_response_timeout,
             metrics,
         } => {
             let config = relay::RelayConfig {
@@ -320,6 +332,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                     max_unauthenticated_per_ip,
                     max_token_lifetime,
                     renew_grace,
+                    http_response_timeout,
                 },
             };
             let relay = config.start().await.with_context(|| {

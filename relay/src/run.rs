@@ -77,6 +77,9 @@ pub struct Limits {
     /// Seconds after its token's expiry that an Azure-protocol listener may
     /// still renew it.
     pub renew_grace: u64,
+    /// Seconds a sender's Azure-protocol HTTP request waits for its
+    /// listener's response before it gets 504.
+    pub http_response_timeout: u64,
 }
 
 impl Default for Limits {
@@ -92,6 +95,7 @@ impl Default for Limits {
             max_unauthenticated_per_ip: 64,
             max_token_lifetime: proto::sas::DEFAULT_MAX_TOKEN_LIFETIME,
             renew_grace: crate::hub::RENEW_GRACE,
+            http_response_timeout: crate::azure::proxy::RESPONSE_TIMEOUT.as_secs(),
         }
     }
 }
@@ -286,7 +290,11 @@ impl RelayConfig {
             .clone()
             .unwrap_or_else(|| listen.ip().to_string());
         let public_port = self.public_port.unwrap_or(listen.port());
-        let azure = crate::azure::Azure::new(hub.clone(), limits.max_agents_per_hc);
+        let azure = crate::azure::Azure::new(
+            hub.clone(),
+            limits.max_agents_per_hc,
+            std::time::Duration::from_secs(limits.http_response_timeout),
+        );
         let state = api::ApiState {
             registry: registry.clone(),
             public_host,

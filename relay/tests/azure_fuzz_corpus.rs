@@ -10,10 +10,11 @@ use relay::azure::fuzzing;
 /// A fuzz target's name and the function it calls.
 type Target = (&'static str, fn(&[u8]));
 
-const TARGETS: [Target; 3] = [
+const TARGETS: [Target; 4] = [
     ("request", fuzzing::run_request),
     ("control", fuzzing::run_control),
     ("frames", fuzzing::run_frames),
+    ("messages", fuzzing::run_messages),
 ];
 
 fn corpus_dir(target: &str) -> PathBuf {

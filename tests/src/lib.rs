@@ -652,7 +652,10 @@ pub fn azure_node_clients() -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("azure");
-    if !dir.join("node_modules/hyco-ws").exists() {
+    let installed = ["hyco-ws", "hyco-https"]
+        .iter()
+        .all(|m| dir.join("node_modules").join(m).exists());
+    if !installed {
         let status = Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
             .current_dir(&dir)

@@ -1,7 +1,10 @@
 //! Azure Relay's own clients against the relay: `tests/azure/check.js` runs
-//! a real `hyco-ws` listener and senders (npm, pinned in
-//! `tests/azure/package-lock.json`) through a relay started here, trusting
-//! its self-signed certificate through `NODE_EXTRA_CA_CERTS`.
+//! a real `hyco-ws` listener and senders, `tests/azure/https_listener.js` a
+//! real `hyco-https` listener that curl sends plain HTTPS requests to (npm,
+//! pinned in `tests/azure/package-lock.json`), through a relay started
+//! here, trusting its self-signed certificate through
+//! `NODE_EXTRA_CA_CERTS`. Raw WebSocket listeners of our own show what
+//! those clients cannot: a half-close, rejections, bad responses.
 //!
 //! Without node it skips, unless HYBRIDLINK_REQUIRE_TOOLS is set (as in
 //! CI). `npm ci` runs first when `tests/azure/node_modules` is missing.
@@ -18,28 +21,10 @@ use proto::control::Fingerprint;
 /// The node script may take this long before it is killed.
 const DEADLINE: Duration = Duration::from_secs(120);
 
-/// `tests/azure`, with hyco-ws installed; `None` (skip) without node,
-/// unless HYBRIDLINK_REQUIRE_TOOLS is set.
+/// `tests/azure`, with Azure's Node clients installed; `None` (skip)
+/// without node, unless HYBRIDLINK_REQUIRE_TOOLS is set.
 fn hyco_ws() -> Result<Option<std::path::PathBuf>> {
-    let node = Command::new("node").arg("--version").output();
-    if !node.is_ok_and(|o| o.status.success()) {
-        ensure!(
-            std::env::var_os("HYBRIDLINK_REQUIRE_TOOLS").is_none(),
-            "node is missing (apt-get install nodejs npm)"
-        );
-        eprintln!("SKIP: node is missing");
-        return Ok(None);
-    }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("azure");
-    if !dir.join("node_modules/hyco-ws").exists() {
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-            .current_dir(&dir)
-            .status()
-            .context("running npm ci in tests/azure")?;
-        ensure!(status.success(), "npm ci in tests/azure failed");
-    }
-    Ok(Some(dir))
+    hybridlink_tests::azure_node_clients()
 }
 
 /// Waits for `child` up to [`DEADLINE`]; kills it past that.
@@ -673,9 +658,9 @@ fn readme_block(tag: &str) -> Result<String> {
     Ok(readme[start..start + end].to_string())
 }
 
-/// The README's hyco-ws listener and sender, run as written.
-#[test]
-fn the_readmes_hyco_ws_example_runs_as_written() -> Result<()> {
+/// The README's listener block `listener` and sender block `sender`, run
+/// as written: the sender must print `expected`.
+fn run_readme_pair(listener: &str, sender: &str, expected: &str) -> Result<()> {
     let Some(dir) = hyco_ws()? else {
         return Ok(());
     };
@@ -696,28 +681,25 @@ fn the_readmes_hyco_ws_example_runs_as_written() -> Result<()> {
         Ok(command)
     };
     let _listener = hybridlink_tests::Proc::adopt(
-        node("hyco-ws-listener", ("LISTEN_KEY", listen.key.as_str()))?
+        node(listener, ("LISTEN_KEY", listen.key.as_str()))?
             .spawn()
             .context("starting the listener")?,
         "the README's listener",
     );
     // The listener attaches in well under a second; a sender before it is
-    // refused (404), so try again for a while.
+    // refused (404, 502), so try again for a while.
     let started = Instant::now();
     loop {
-        let mut sender = node("hyco-ws-sender", ("SEND_KEY", send.key.as_str()))?
+        let mut child = node(sender, ("SEND_KEY", send.key.as_str()))?
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .context("starting the sender")?;
-        let status = wait_deadline(&mut sender, "the README's sender")?;
+        let status = wait_deadline(&mut child, "the README's sender")?;
         let mut out = String::new();
-        std::io::Read::read_to_string(&mut sender.stdout.take().context("stdout")?, &mut out)?;
+        std::io::Read::read_to_string(&mut child.stdout.take().context("stdout")?, &mut out)?;
         if status.success() {
-            ensure!(
-                out == "hello through the relay\n",
-                "the sender printed {out:?}"
-            );
+            ensure!(out == expected, "the sender printed {out:?}");
             return Ok(());
         }
         ensure!(
@@ -726,6 +708,27 @@ fn the_readmes_hyco_ws_example_runs_as_written() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The README's hyco-ws listener and sender, run as written.
+#[test]
+fn the_readmes_hyco_ws_example_runs_as_written() -> Result<()> {
+    run_readme_pair(
+        "hyco-ws-listener",
+        "hyco-ws-sender",
+        "hello through the relay\n",
+    )
+}
+
+/// The README's hyco-https listener and its plain HTTPS sender, run as
+/// written.
+#[test]
+fn the_readmes_hyco_https_example_runs_as_written() -> Result<()> {
+    run_readme_pair(
+        "hyco-https-listener",
+        "hyco-https-sender",
+        "200 hello from the listener: GET /payroll/hello?x=1\n",
+    )
 }
 
 /// `hc status` lists an Azure-protocol listener beside the agents, as its
@@ -965,6 +968,572 @@ async fn reject(relay: std::net::SocketAddr, cert: [u8; 32], address: &str) -> R
     ensure!(
         answer.starts_with("HTTP/1.1 410"),
         "reject answered {answer}"
+    );
+    Ok(())
+}
+
+/// An HTTPS answer as `curl -i` shows it.
+#[derive(Debug)]
+struct HttpAnswer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl HttpAnswer {
+    /// The first value of header `name`.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A plain HTTPS request to the relay with curl (trusting the relay's
+/// certificate), `args` added as they are and `body` on standard input.
+fn curl(relay: &Relay, target: &str, args: &[&str], body: Option<&[u8]>) -> Result<HttpAnswer> {
+    let out = curl_output(relay, target, args, body)?;
+    ensure!(
+        out.status.success(),
+        "curl {target} failed ({})",
+        out.status
+    );
+    let end = out
+        .stdout
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("curl printed no response head")?;
+    let head = String::from_utf8_lossy(&out.stdout[..end]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok(HttpAnswer {
+        status,
+        head,
+        body: out.stdout[end + 4..].to_vec(),
+    })
+}
+
+/// What curl did with a request, whether or not it succeeded.
+fn curl_output(
+    relay: &Relay,
+    target: &str,
+    args: &[&str],
+    body: Option<&[u8]>,
+) -> Result<std::process::Output> {
+    use std::io::Write;
+    let url = format!("https://localhost:{}{target}", relay.listen.port());
+    let mut command = Command::new("curl");
+    command
+        .args([
+            "-sS",
+            "-i",
+            "--http1.1",
+            "--max-time",
+            "30",
+            "-H",
+            "Expect:",
+        ])
+        .arg("--cacert")
+        .arg(relay.data_dir.join("cert.pem"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    if body.is_some() {
+        command.args(["--data-binary", "@-"]);
+    }
+    let mut child = command
+        .arg(&url)
+        .spawn()
+        .context("starting curl (apt-get install curl)")?;
+    let mut stdin = child.stdin.take().context("curl's stdin")?;
+    if let Some(body) = body {
+        stdin.write_all(body)?;
+    }
+    drop(stdin);
+    Ok(child.wait_with_output()?)
+}
+
+/// `tests/azure/https_listener.js` (hyco-https) listening on `hc`, once its
+/// control channel is up.
+fn hyco_https_listener(
+    dir: &Path,
+    relay: &Relay,
+    hc: &str,
+    listen_key: &str,
+) -> Result<hybridlink_tests::Proc> {
+    let mut child = Command::new("node")
+        .arg("https_listener.js")
+        .current_dir(dir)
+        .env("NODE_EXTRA_CA_CERTS", relay.data_dir.join("cert.pem"))
+        .env("RELAY", format!("127.0.0.1:{}", relay.listen.port()))
+        .env("HC", hc)
+        .env("LISTEN_KEY", listen_key)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting node")?;
+    let stdout = child.stdout.take().context("node's stdout")?;
+    let listener = hybridlink_tests::Proc::adopt(child, "the hyco-https listener");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line == "listening" {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .context("the hyco-https listener did not attach within 20 s")?;
+    Ok(listener)
+}
+
+/// The real `hyco-https` listener answers plain HTTPS requests (curl)
+/// through the relay: small bodies on its control channel, bodies over
+/// 64 KiB both ways over rendezvous WebSockets, headers passed without the
+/// hop-by-hop ones and with the relay's `Via`; 504 when it does not answer
+/// in time, 502 without a listener, 401/403 for bad tokens, 431 for a
+/// head over 32 KiB.
+#[test]
+fn hyco_https_listener_answers_plain_https_requests_through_the_relay() -> Result<()> {
+    let Some(dir) = hyco_ws()? else {
+        return Ok(());
+    };
+    let data = tempfile::tempdir()?;
+    let relay = Relay::start_with(
+        data.path(),
+        "127.0.0.1:0",
+        &["--http-response-timeout", "3"],
+    )?;
+    let (send, listen) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    let (other_send, _) = relay.create_hc("other", "127.0.0.1:9".parse()?)?;
+    let _listener = hyco_https_listener(&dir, &relay, "payroll", listen.key.as_str())?;
+    let token = send.token(unix_now()? + 600);
+    let auth = format!("ServiceBusAuthorization: {token}");
+
+    // A GET with the token in the query, which the listener never sees.
+    let got = curl(
+        &relay,
+        &format!(
+            "/payroll/hello?x=1&sb-hc-token={}",
+            proto::sas::url_encode(&token)
+        ),
+        &[
+            "-H",
+            "X-App: hello",
+            "-H",
+            "Connection: X-Hop-Req",
+            "-H",
+            "X-Hop-Req: must not pass",
+            "-H",
+            "Keep-Alive: timeout=5",
+            "-H",
+            "TE: trailers",
+        ],
+        None,
+    )?;
+    ensure!(got.status == 200, "GET: {got:?}");
+    let seen: serde_json::Value = serde_json::from_slice(&got.body)?;
+    ensure!(seen["method"] == "GET", "{seen}");
+    ensure!(seen["url"] == "/payroll/hello?x=1", "{seen}");
+    let headers = &seen["headers"];
+    ensure!(headers["x-app"] == "hello", "{seen}");
+    for dropped in [
+        "x-hop-req",
+        "keep-alive",
+        "te",
+        "connection",
+        "servicebusauthorization",
+    ] {
+        ensure!(
+            headers.get(dropped).is_none(),
+            "{dropped} reached the listener: {seen}"
+        );
+    }
+    ensure!(
+        headers["via"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("1.1 localhost:")),
+        "{seen}"
+    );
+    ensure!(got.header("x-listener") == Some("hyco-https"), "{got:?}");
+    ensure!(
+        got.header("via")
+            .is_some_and(|v| v.starts_with("1.1 localhost:")),
+        "no Via: {got:?}"
+    );
+    for dropped in ["x-hop-resp", "keep-alive"] {
+        ensure!(
+            got.header(dropped).is_none(),
+            "{dropped} reached the sender: {got:?}"
+        );
+    }
+    // The relay's own connection header: one request per connection.
+    ensure!(got.header("connection") == Some("close"), "{got:?}");
+
+    // A POST with a small body, token in the header.
+    let got = curl(
+        &relay,
+        "/payroll/echo",
+        &["-H", &auth],
+        Some(b"hello, listener"),
+    )?;
+    ensure!(got.status == 200, "small POST: {got:?}");
+    ensure!(got.body == b"hello, listener", "small POST: {}", got.text());
+
+    // 200 KiB up and the same back: both over rendezvous WebSockets.
+    let big: Vec<u8> = (0..200 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let got = curl(
+        &relay,
+        "/payroll/echo",
+        &["-H", &auth, "-H", "Content-Type: application/octet-stream"],
+        Some(&big),
+    )?;
+    ensure!(got.status == 200, "big POST: {:?}", got.head);
+    ensure!(
+        got.body.len() == big.len() && got.body == big,
+        "big POST came back with {} bytes",
+        got.body.len()
+    );
+    // A small request with a 300 000-byte answer.
+    let got = curl(&relay, "/payroll/big?n=300000", &["-H", &auth], None)?;
+    ensure!(got.status == 200, "big GET: {:?}", got.head);
+    let expected: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    ensure!(got.body == expected, "big GET: {} bytes", got.body.len());
+
+    // Headers that make the request message bigger than 32 KiB: it goes
+    // over a rendezvous too.
+    let quotes = "\"".repeat(20_000);
+    let got = curl(
+        &relay,
+        "/payroll/quotes",
+        &["-H", &auth, "-H", &format!("X-Quotes: {quotes}")],
+        None,
+    )?;
+    ensure!(got.status == 200, "big headers: {:?}", got.head);
+    let seen: serde_json::Value = serde_json::from_slice(&got.body)?;
+    ensure!(
+        seen["headers"]["x-quotes"] == quotes.as_str(),
+        "big headers arrived as {}",
+        seen["headers"]["x-quotes"].as_str().map_or(0, str::len)
+    );
+
+    // The Authorization header may carry the token too; it is not passed on.
+    let got = curl(
+        &relay,
+        "/payroll/who",
+        &["-H", &format!("Authorization: {token}")],
+        None,
+    )?;
+    ensure!(got.status == 200, "Authorization token: {got:?}");
+    let seen: serde_json::Value = serde_json::from_slice(&got.body)?;
+    ensure!(seen["headers"].get("authorization").is_none(), "{seen}");
+
+    // A listener that never answers: 504 after the (shortened) timeout.
+    let started = Instant::now();
+    let got = curl(&relay, "/payroll/never", &["-H", &auth], None)?;
+    ensure!(got.status == 504, "never: {got:?}");
+    ensure!(
+        started.elapsed() >= Duration::from_secs(3) && started.elapsed() < Duration::from_secs(10),
+        "504 after {:?}",
+        started.elapsed()
+    );
+
+    // No listener: 502.
+    let other = format!(
+        "ServiceBusAuthorization: {}",
+        other_send.token(unix_now()? + 600)
+    );
+    let got = curl(&relay, "/other/x", &["-H", &other], None)?;
+    ensure!(got.status == 502, "no listener: {got:?}");
+    ensure!(got.text().contains("no listener"), "{}", got.text());
+
+    // Bad tokens: 401 for a forged one, 403 for another hybrid connection's.
+    let got = curl(
+        &relay,
+        "/payroll/x",
+        &[
+            "-H",
+            "ServiceBusAuthorization: SharedAccessSignature sr=x&sig=eA%3D%3D&se=9999999999&skn=send",
+        ],
+        None,
+    )?;
+    ensure!(got.status == 401, "forged token: {got:?}");
+    let got = curl(&relay, "/payroll/x", &[], None)?;
+    ensure!(got.status == 401, "no token: {got:?}");
+    let got = curl(&relay, "/payroll/x", &["-H", &other], None)?;
+    ensure!(
+        got.status == 403,
+        "another hybrid connection's token: {got:?}"
+    );
+
+    // A head over 32 KiB is refused before anything is sent on.
+    let huge = format!("X-Huge: {}", "a".repeat(40 << 10));
+    let got = curl(&relay, "/payroll/x", &["-H", &auth, "-H", &huge], None)?;
+    ensure!(got.status == 431, "huge head: {:?}", got.head);
+
+    // And the listener still serves.
+    let got = curl(&relay, "/payroll/echo", &["-H", &auth], Some(b"still here"))?;
+    ensure!(got.body == b"still here", "after all that: {got:?}");
+    Ok(())
+}
+
+/// The next `request` message on a raw listener's control channel.
+async fn next_request(ws: &mut client::Ws) -> Result<serde_json::Value> {
+    let frame = tokio::time::timeout(Duration::from_secs(10), ws.read_frame())
+        .await
+        .context("no request in time")??;
+    ensure!(
+        frame.opcode == fastwebsockets::OpCode::Text,
+        "expected a request, got {:?}",
+        frame.opcode
+    );
+    let message: serde_json::Value = serde_json::from_slice(&frame.payload)?;
+    ensure!(message["request"].is_object(), "{message}");
+    Ok(message["request"].clone())
+}
+
+async fn send_text(ws: &mut client::Ws, value: serde_json::Value) -> Result<()> {
+    ws.write_frame(fastwebsockets::Frame::text(fastwebsockets::Payload::Owned(
+        value.to_string().into_bytes(),
+    )))
+    .await?;
+    Ok(())
+}
+
+/// A raw listener that answers badly: a response the relay cannot use, a
+/// response for an unknown id, a body over 64 KiB on the control channel
+/// and a listener that goes away each fail only their own request, with a
+/// clear 502 (or the right answer when it comes after all); the relay and
+/// its other listeners go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_listeners_bad_responses_fail_only_their_own_request() -> Result<()> {
+    let relay = std::sync::Arc::new(tokio::task::spawn_blocking(Relay::start).await??);
+    let (send, listen_cs) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    let auth = format!("ServiceBusAuthorization: {}", send.token(unix_now()? + 600));
+    let request = |target: &'static str, body: Option<&'static [u8]>| {
+        let relay = relay.clone();
+        let auth = auth.clone();
+        tokio::task::spawn_blocking(move || curl(&relay, target, &["-H", &auth], body))
+    };
+    let mut control = listen(&relay, &listen_cs, unix_now()? + 600).await?;
+
+    // The request as the listener gets it, then a response it cannot use.
+    let sender = request("/payroll/a/b?q=1", Some(b"ping"));
+    let req = next_request(&mut control).await?;
+    ensure!(req["method"] == "POST", "{req}");
+    ensure!(req["requestTarget"] == "/payroll/a/b?q=1", "{req}");
+    ensure!(req["body"] == true, "{req}");
+    ensure!(req["remoteEndpoint"]["address"] == "127.0.0.1", "{req}");
+    let headers = req["requestHeaders"]
+        .as_object()
+        .context("requestHeaders")?;
+    ensure!(
+        !headers
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case("ServiceBusAuthorization")
+                || k.eq_ignore_ascii_case("Host")
+                || k.eq_ignore_ascii_case("Content-Length")),
+        "{req}"
+    );
+    ensure!(
+        req["address"]
+            .as_str()
+            .is_some_and(|a| a.contains("sb-hc-action=request")),
+        "{req}"
+    );
+    let body = control.read_frame().await?;
+    ensure!(
+        body.opcode == fastwebsockets::OpCode::Binary && &body.payload[..] == b"ping",
+        "the body did not follow its request"
+    );
+    let id = req["id"].clone();
+    send_text(
+        &mut control,
+        serde_json::json!({"response": {"requestId": id, "statusCode": "teapot"}}),
+    )
+    .await?;
+    let got = sender.await??;
+    ensure!(got.status == 502, "garbage response: {got:?}");
+    ensure!(got.text().contains("statusCode"), "{}", got.text());
+
+    // A response for an unknown id is dropped; the right one still counts.
+    let sender = request("/payroll/c", None);
+    let req = next_request(&mut control).await?;
+    ensure!(req["body"] == false, "{req}");
+    send_text(
+        &mut control,
+        serde_json::json!({"response": {"requestId": "no-such-request", "statusCode": 500}}),
+    )
+    .await?;
+    send_text(
+        &mut control,
+        serde_json::json!({"response": {"requestId": req["id"], "statusCode": 201,
+            "statusDescription": "Made", "responseHeaders": {"x-raw": 7}, "body": true}}),
+    )
+    .await?;
+    control
+        .write_frame(fastwebsockets::Frame::new(
+            false,
+            fastwebsockets::OpCode::Binary,
+            None,
+            fastwebsockets::Payload::Owned(b"frag".to_vec()),
+        ))
+        .await?;
+    control
+        .write_frame(fastwebsockets::Frame::new(
+            true,
+            fastwebsockets::OpCode::Continuation,
+            None,
+            fastwebsockets::Payload::Owned(b"ments".to_vec()),
+        ))
+        .await?;
+    let got = sender.await??;
+    ensure!(got.status == 201, "after an unknown id: {got:?}");
+    ensure!(got.head.starts_with("HTTP/1.1 201 Made"), "{}", got.head);
+    ensure!(got.header("x-raw") == Some("7"), "{got:?}");
+    ensure!(got.body == b"fragments", "{}", got.text());
+
+    // A body over 64 KiB on the control channel.
+    let sender = request("/payroll/d", None);
+    let req = next_request(&mut control).await?;
+    send_text(
+        &mut control,
+        serde_json::json!({"response": {"requestId": req["id"], "statusCode": 200, "body": true}}),
+    )
+    .await?;
+    for fin in [false, true] {
+        let opcode = if fin {
+            fastwebsockets::OpCode::Continuation
+        } else {
+            fastwebsockets::OpCode::Binary
+        };
+        control
+            .write_frame(fastwebsockets::Frame::new(
+                fin,
+                opcode,
+                None,
+                fastwebsockets::Payload::Owned(vec![0u8; 40 << 10]),
+            ))
+            .await?;
+    }
+    let got = sender.await??;
+    ensure!(got.status == 502, "oversized body: {got:?}");
+    ensure!(got.text().contains("64 KiB"), "{}", got.text());
+
+    // A listener that goes away in the middle of a request.
+    let sender = request("/payroll/e", None);
+    next_request(&mut control).await?;
+    drop(control);
+    let got = sender.await??;
+    ensure!(got.status == 502, "vanished listener: {got:?}");
+    ensure!(got.text().contains("went away"), "{}", got.text());
+
+    // The relay goes on: a new listener answers.
+    let mut control = listen(&relay, &listen_cs, unix_now()? + 600).await?;
+
+    // A listener that goes away in the middle of a body it streams over a
+    // rendezvous: the sender sees a broken response, not a short one.
+    let (relay_for_curl, auth_for_curl) = (relay.clone(), auth.clone());
+    let sender = tokio::task::spawn_blocking(move || {
+        curl_output(&relay_for_curl, "/payroll/g", &["-H", &auth_for_curl], None)
+    });
+    let req = next_request(&mut control).await?;
+    let address = req["address"].as_str().context("address")?;
+    let prefix = format!("wss://localhost:{}", relay.listen.port());
+    let target = address
+        .strip_prefix(&prefix)
+        .with_context(|| format!("{address} is not on the host the listener dialled"))?;
+    let cert = listen_cs.cert_sha256.context("certificate hash")?;
+    let mut rendezvous = client::open(relay.listen, cert, target, &[]).await?;
+    send_text(
+        &mut rendezvous,
+        serde_json::json!({"response": {"requestId": req["id"], "statusCode": 200, "body": true}}),
+    )
+    .await?;
+    rendezvous
+        .write_frame(fastwebsockets::Frame::new(
+            false,
+            fastwebsockets::OpCode::Binary,
+            None,
+            fastwebsockets::Payload::Owned(b"the first half".to_vec()),
+        ))
+        .await?;
+    // Let the first half reach the sender before the rendezvous drops.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(rendezvous);
+    let out = sender.await??;
+    let shown = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        shown.starts_with("HTTP/1.1 200") && shown.contains("the first half"),
+        "{shown}"
+    );
+    ensure!(
+        !out.status.success(),
+        "a body cut by the listener looked whole to curl: {shown}"
+    );
+    let sender = request("/payroll/f", None);
+    let req = next_request(&mut control).await?;
+    send_text(
+        &mut control,
+        serde_json::json!({"response": {"requestId": req["id"], "statusCode": 204}}),
+    )
+    .await?;
+    let got = sender.await??;
+    ensure!(got.status == 204, "after it all: {got:?}");
+    Ok(())
+}
+
+/// Answers the next request that reaches either listener with 200; which
+/// one got it (0 or 1).
+async fn answer_either(listeners: &mut [client::Ws; 2]) -> Result<usize> {
+    let [a, b] = listeners;
+    let (which, req, ws) = tokio::select! {
+        req = next_request(a) => (0, req?, a),
+        req = next_request(b) => (1, req?, b),
+    };
+    send_text(
+        ws,
+        serde_json::json!({"response": {"requestId": req["id"], "statusCode": 200}}),
+    )
+    .await?;
+    Ok(which)
+}
+
+/// HTTP requests are spread over a hybrid connection's listeners round
+/// robin, as WebSocket senders are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_take_turns_among_the_listeners() -> Result<()> {
+    let relay = std::sync::Arc::new(tokio::task::spawn_blocking(Relay::start).await??);
+    let (send, listen_cs) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    let auth = format!("ServiceBusAuthorization: {}", send.token(unix_now()? + 600));
+    let expiry = unix_now()? + 600;
+    let mut listeners = [
+        listen(&relay, &listen_cs, expiry).await?,
+        listen(&relay, &listen_cs, expiry).await?,
+    ];
+    let mut turns = Vec::new();
+    for _ in 0..4 {
+        let (relay, auth) = (relay.clone(), auth.clone());
+        let sender =
+            tokio::task::spawn_blocking(move || curl(&relay, "/payroll/x", &["-H", &auth], None));
+        turns.push(answer_either(&mut listeners).await?);
+        let got = sender.await??;
+        ensure!(got.status == 200, "{got:?}");
+    }
+    ensure!(
+        turns == [0, 1, 0, 1] || turns == [1, 0, 1, 0],
+        "requests went to listeners {turns:?}"
     );
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! | [`run_request`] | a request target and header lines through [`request::parse`], then the `accept` address made from it back through the parser |
 //! | [`run_control`] | arbitrary bytes as a listener's side of its control channel through [`listener::serve`]: WebSocket frame decoding, `renewToken` messages, Pings, Closes |
 //! | [`run_frames`] | arbitrary bytes from a sender and from a listener through [`pump::pump`], both legs at once |
+//! | [`run_messages`] | by its first byte (mod 3): a listener's text message (classified, and a `response`'s headers translated), a WebSocket-mode request, or a plain HTTP request and its headers made `requestHeaders` |
 //!
 //! Each panics when an invariant breaks (a panic is what the fuzzer
 //! reports), and returns once the input is spent.
@@ -19,7 +20,7 @@ use hyper::header::{HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::request::{self, AcceptAddress, Action};
-use super::{listener, pump};
+use super::{http, listener, pump};
 use crate::hub::Hub;
 use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
@@ -35,23 +36,10 @@ const PIPE_ROOM: usize = 1 << 20;
 /// URL and a status line, and the `accept` address made from the request
 /// parses back to a rendezvous for the same hybrid connection and ticket.
 pub fn run_request(data: &[u8]) {
-    let text = String::from_utf8_lossy(data);
-    let mut lines = text.split('\n');
-    let Ok(uri) = hyper::Uri::try_from(lines.next().unwrap_or_default().trim_end()) else {
+    let (target, headers) = request_parts(data);
+    let Ok(uri) = hyper::Uri::try_from(target.trim_end()) else {
         return;
     };
-    let mut headers = HeaderMap::new();
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name.trim().as_bytes()),
-            HeaderValue::from_str(value.trim()),
-        ) {
-            headers.append(name, value);
-        }
-    }
     let Ok(parsed) = request::parse(uri.path(), uri.query(), &headers) else {
         return;
     };
@@ -153,7 +141,10 @@ pub fn run_control(data: &[u8]) {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
             + 3600;
-        let serve = listener::serve(ws, rx, hub(), hc, "not a token".into(), expires);
+        // Responses are answered as if no request waited for them.
+        let serve = listener::serve(ws, rx, hub(), hc, "not a token".into(), expires, |_, _| {
+            false
+        });
         feed(&mut client, data).await;
         let ((), _) = tokio::join!(serve, drain(client));
         drop(accepts);
@@ -187,6 +178,135 @@ pub fn run_frames(data: &[u8]) {
             "relayed more payload than came in"
         );
     });
+}
+
+/// Runs one fuzz input through the decoder its first byte picks. Never
+/// panics on any input (that is what is fuzzed).
+pub fn run_messages(data: &[u8]) {
+    let Some((&kind, rest)) = data.split_first() else {
+        return;
+    };
+    match kind % 3 {
+        0 => {
+            if let http::ListenerText::Response { head: Ok(head), .. } = http::classify(rest) {
+                let _ = http::response_headers(&head, "1.1 relay.test");
+            }
+        }
+        1 => {
+            let (target, headers) = request_parts(rest);
+            let (path, query) = split_target(&target);
+            let _ = request::parse(path, query, &headers);
+            let _ = request::connect_headers(&headers);
+        }
+        _ => {
+            let (target, headers) = request_parts(rest);
+            let (path, query) = split_target(&target);
+            if let Ok(r) = request::parse_http(path, query, &headers) {
+                let _ = http::request_headers(&headers, r.authorization_was_token, "1.1 r");
+            }
+        }
+    }
+}
+
+/// The first line as the request target, the others as headers; lines
+/// that are not valid headers are skipped, as hyper would refuse them.
+fn request_parts(bytes: &[u8]) -> (String, HeaderMap) {
+    let text = String::from_utf8_lossy(bytes);
+    let mut lines = text.split('\n');
+    let target = lines.next().unwrap_or_default().to_string();
+    let mut headers = HeaderMap::new();
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.trim().as_bytes()),
+            HeaderValue::from_str(value.trim()),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    (target, headers)
+}
+
+fn split_target(target: &str) -> (&str, Option<&str>) {
+    match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    }
+}
+
+/// The seeds of `azure_messages`: a name and the bytes of each input.
+fn message_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let with = |kind: u8, text: &str| {
+        let mut bytes = vec![kind];
+        bytes.extend_from_slice(text.as_bytes());
+        bytes
+    };
+    vec![
+        (
+            "response",
+            with(
+                0,
+                r#"{"response":{"requestId":"r","statusCode":200,"statusDescription":"OK","responseHeaders":{"content-type":"text/plain","x-n":5,"x-a":["a","b"],"Connection":"x-hop","x-hop":"1"},"body":true}}"#,
+            ),
+        ),
+        (
+            "response_string_status",
+            with(0, r#"{"response":{"requestId":"r","statusCode":"404"}}"#),
+        ),
+        (
+            "response_bad",
+            with(
+                0,
+                r#"{"response":{"requestId":"r","statusCode":1e99,"responseHeaders":{"x":"a\nb"}}}"#,
+            ),
+        ),
+        (
+            "renew",
+            with(
+                0,
+                r#"{"renewToken":{"token":"SharedAccessSignature sr=x"}}"#,
+            ),
+        ),
+        ("garbage", with(0, "\u{0}{not json")),
+        (
+            "listen",
+            with(
+                1,
+                "/$hc/payroll?sb-hc-action=listen&sb-hc-id=1&sb-hc-token=SharedAccessSignature%20sr%3Dx\nHost: relay.test:9443",
+            ),
+        ),
+        (
+            "reject",
+            with(
+                1,
+                "/$hc/payroll/a?x=1&sb-hc-action=accept&sb-hc-ticket=t&sb-hc-statusCode=418&sb-hc-statusDescription=%0D%0Ano\nSec-WebSocket-Key: k",
+            ),
+        ),
+        (
+            "request_rendezvous",
+            with(
+                1,
+                "/$hc/payroll?sb-hc-action=request&sb-hc-id=i&sb-hc-ticket=t",
+            ),
+        ),
+        (
+            "http",
+            with(
+                2,
+                "/Payroll/a/b?x=1&sb-hc-token=t&sb-hc-id=7\nHost: relay.test\nConnection: keep-alive, X-Hop\nX-Hop: 1\nVia: 1.0 p\nAuthorization: Bearer a\nServiceBusAuthorization: s",
+            ),
+        ),
+        (
+            "http_authorization_token",
+            with(
+                2,
+                "/payroll\nAuthorization: SharedAccessSignature sr=x\nTE: trailers",
+            ),
+        ),
+        ("http_no_name", with(2, "//%FF/x?sb-hc-token=%ZZ")),
+    ]
 }
 
 /// Inputs that reach the interesting paths, for a fresh corpus and for
@@ -243,6 +363,13 @@ pub fn seed_inputs() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("half_close", "frames", half),
         ("ping_pong", "frames", [vec![0, 0], ping, binary].concat()),
     ]
+    .into_iter()
+    .chain(
+        message_seeds()
+            .into_iter()
+            .map(|(name, bytes)| (name, "messages", bytes)),
+    )
+    .collect()
 }
 
 #[cfg(test)]
@@ -264,6 +391,11 @@ mod tests {
                 }
                 "control" => run_control(&bytes),
                 "frames" => run_frames(&bytes),
+                "messages" => {
+                    for end in 0..=bytes.len() {
+                        run_messages(&bytes[..end]);
+                    }
+                }
                 other => panic!("seed {name}: unknown target {other}"),
             }
         }

@@ -105,6 +105,14 @@ impl<L: Clone, W> Listeners<L, W> {
     /// The listeners of `hc` in the order a new sender should try them:
     /// round robin, each call starting one further.
     pub fn rotation(&mut self, hc: &HcName) -> Vec<L> {
+        self.rotation_with_ids(hc)
+            .into_iter()
+            .map(|(_, listener)| listener)
+            .collect()
+    }
+
+    /// [`Listeners::rotation`] with each listener's id.
+    pub fn rotation_with_ids(&mut self, hc: &HcName) -> Vec<(ListenerId, L)> {
         let Some(rotation) = self.by_hc.get_mut(hc) else {
             return Vec::new();
         };
@@ -112,7 +120,7 @@ impl<L: Clone, W> Listeners<L, W> {
         let start = rotation.next % n;
         rotation.next = (start + 1) % n;
         (0..n)
-            .map(|i| rotation.members[(start + i) % n].1.clone())
+            .map(|i| rotation.members[(start + i) % n].clone())
             .collect()
     }
 

@@ -1,25 +1,32 @@
-//! Azure Relay's Hybrid Connections protocol, WebSocket mode, on the
-//! relay's one port: so that existing Azure Relay clients (`hyco-ws`,
-//! `Microsoft.Azure.Relay`, azbridge) work against this relay unchanged.
+//! Azure Relay's Hybrid Connections protocol, WebSocket mode and HTTP
+//! request/response mode, on the relay's one port: so that existing Azure
+//! Relay clients (`hyco-ws`, `hyco-https`, `Microsoft.Azure.Relay`,
+//! azbridge) work against this relay unchanged.
 //!
 //! After the TLS handshake, a connection whose first byte is an ASCII
 //! letter is HTTP (a hybridlink control message starts with `0x00`);
 //! [`serve_http`] gives it to a hyper HTTP/1 server connection with
-//! upgrades. Its requests ([`request`]) open a listener's control channel
-//! ([`listener`]), bring a sender, or open the rendezvous of an `accept`;
-//! the relay then relays WebSocket frames between the sender and the
-//! listener ([`pump`]).
+//! upgrades. Its upgrade requests ([`request`]) open a listener's control
+//! channel ([`listener`]), bring a sender, or open the rendezvous of an
+//! `accept` or a `request`; the relay then relays WebSocket frames between
+//! the sender and the listener ([`pump`]). A plain request to `/{hc}/...`
+//! is a sender's HTTP request, carried to a listener as a `request`
+//! message and answered with the listener's `response` ([`http`],
+//! [`proxy`], [`exchanges`]).
 //!
 //! Unlike a hybridlink pipe, the relay terminates these WebSockets and sees
 //! their payload, as Azure's service does. So an Azure-protocol sender
 //! reaches only Azure-protocol listeners ([`listeners`] is separate from
 //! the hub's agents), and hybridlink senders only hybridlink agents.
 
+pub mod exchanges;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod http;
 pub mod listener;
 pub mod listeners;
 pub mod penalty;
+pub mod proxy;
 pub mod pump;
 pub mod request;
 
@@ -30,9 +37,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::upgrade::{UpgradeFut, is_upgrade_request, upgrade};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
-use hyper::header::{HOST, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use hyper::header::{CONTENT_LENGTH, HOST, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -48,20 +55,35 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::hub::Hub;
 use crate::metrics::RefusedReason;
 use crate::preauth::PreAuthSlot;
+use exchanges::Exchanges;
+use listener::Outgoing;
 use listeners::{ListenerId, Listeners, RENDEZVOUS_TTL};
 use penalty::Penalties;
-use request::{AcceptAddress, Action, HcRequest};
+use proxy::{Prefix, Watchdog};
+use request::{AcceptAddress, Action, HcRequest, RequestAddress};
 
-/// Most bytes of a request head the relay buffers (hyper's smallest
-/// buffer); a bigger head is refused.
-pub const MAX_HEAD: usize = 8 << 10;
+/// Most bytes of a request head the relay buffers: the protocol's 32 KB
+/// header limit for an HTTP-mode request. A bigger head is refused (431).
+pub const MAX_HEAD: usize = 32 << 10;
 /// Most header fields in a request head.
 pub const MAX_HEADERS: usize = 64;
 /// `accept` messages that may wait for one listener's control channel;
 /// past that the listener is skipped as busy.
 pub const LISTENER_QUEUE: usize = 256;
 
-type Body = Full<Bytes>;
+/// A response body: a plain answer, a listener's body already read, or one
+/// streamed from a rendezvous.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// What a sender's HTTP request is told by its listener.
+#[derive(Debug)]
+enum Reply {
+    /// The listener answered on its control channel.
+    Inline(listener::Answer),
+    /// The listener opened the request's rendezvous: to receive the
+    /// request, or to send a big response.
+    Rendezvous(UpgradeFut),
+}
 
 /// What a waiting sender is told by the listener's rendezvous.
 #[derive(Debug)]
@@ -76,10 +98,10 @@ enum Answer {
     Rejected { status: u16, description: String },
 }
 
-/// How an `accept` reaches one listener.
+/// How an `accept` or a `request` reaches one listener.
 #[derive(Debug, Clone)]
 struct ListenerHandle {
-    accepts: mpsc::Sender<String>,
+    accepts: mpsc::Sender<Outgoing>,
     /// The host the listener dialled, for the `accept`'s address.
     host: Arc<str>,
     /// Where it connected from and when, for status.
@@ -112,8 +134,11 @@ pub struct Azure {
 struct Inner {
     hub: Hub,
     state: Mutex<Listeners<ListenerHandle, oneshot::Sender<Answer>>>,
+    exchanges: Mutex<Exchanges<oneshot::Sender<Reply>>>,
     rng: SystemRandom,
     penalties: Mutex<Penalties>,
+    /// How long a sender's HTTP request waits for the listener's response.
+    response_timeout: Duration,
 }
 
 /// The connection's pre-authentication slot, given back when a request
@@ -141,13 +166,28 @@ struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.azure.lock().remove(&self.hc, self.id);
+        self.azure.exchanges().listener_gone(self.id);
         info!(hc = %self.hc, "Azure-protocol listener gone");
+    }
+}
+
+/// Ends an HTTP exchange's entry when its request is over, however it
+/// ends.
+#[derive(Debug)]
+struct ExchangeGuard {
+    azure: Azure,
+    id: String,
+}
+
+impl Drop for ExchangeGuard {
+    fn drop(&mut self) {
+        self.azure.exchanges().close(&self.id);
     }
 }
 
 /// A plain-text answer.
 fn answer(status: u16, text: &str) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(format!("{text}\n"))));
+    let mut response = Response::new(proxy::full(Bytes::from(format!("{text}\n"))));
     *response.status_mut() =
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response
@@ -174,17 +214,28 @@ fn first_protocol(req: &Request<Incoming>) -> Option<HeaderValue> {
 }
 
 impl Azure {
-    /// No listeners yet; tokens are checked by `hub`, and each hybrid
-    /// connection takes at most `max_listeners` listeners.
-    pub fn new(hub: Hub, max_listeners: usize) -> Azure {
+    /// No listeners yet; tokens are checked by `hub`, each hybrid
+    /// connection takes at most `max_listeners` listeners, and a sender's
+    /// HTTP request waits `response_timeout` for its response.
+    pub fn new(hub: Hub, max_listeners: usize, response_timeout: Duration) -> Azure {
         Azure {
             inner: Arc::new(Inner {
                 hub,
                 state: Mutex::new(Listeners::new(max_listeners)),
+                exchanges: Mutex::new(Exchanges::default()),
                 rng: SystemRandom::new(),
                 penalties: Mutex::new(Penalties::new()),
+                response_timeout,
             }),
         }
+    }
+
+    fn exchanges(&self) -> std::sync::MutexGuard<'_, Exchanges<oneshot::Sender<Reply>>> {
+        // Every critical section leaves the maps consistent.
+        self.inner
+            .exchanges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock(
@@ -240,8 +291,14 @@ impl Azure {
     /// Answers one request; a refusal of a connection that proved
     /// nothing waits first, longer the more its address was refused
     /// ([`penalty`]).
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr, slot: Slot) -> Response<Body> {
-        let response = self.route(req, peer, &slot).await;
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        slot: Slot,
+        watchdog: Watchdog,
+    ) -> Response<Body> {
+        let response = self.route(req, peer, &slot, watchdog).await;
         let refused = matches!(response.status().as_u16(), 401 | 403);
         if refused && unproven(&slot) {
             let wait = self
@@ -263,13 +320,29 @@ impl Azure {
         mut req: Request<Incoming>,
         peer: SocketAddr,
         slot: &Slot,
+        watchdog: Watchdog,
     ) -> Response<Body> {
+        if !req.uri().path().starts_with(request::HC_PREFIX) {
+            if is_upgrade_request(&req) {
+                return answer(
+                    404,
+                    "WebSocket requests go to /$hc/NAME?sb-hc-action=...; plain HTTP requests to /NAME/...",
+                );
+            }
+            return match request::parse_http(req.uri().path(), req.uri().query(), req.headers()) {
+                Ok(parsed) => self.http(req, parsed, peer, slot, &watchdog).await,
+                Err(e) => answer(e.status(), &e.to_string()),
+            };
+        }
         let parsed = match request::parse(req.uri().path(), req.uri().query(), req.headers()) {
             Ok(parsed) => parsed,
             Err(e) => return answer(e.status(), &e.to_string()),
         };
         if !is_upgrade_request(&req) {
-            return answer(400, "expected a WebSocket upgrade");
+            return answer(
+                400,
+                "expected a WebSocket upgrade (plain HTTP requests go to /NAME/..., without $hc)",
+            );
         }
         match parsed.action.clone() {
             Action::Listen => self.listen(&mut req, parsed, peer, slot),
@@ -286,6 +359,8 @@ impl Azure {
                 Some((status, description)),
                 slot,
             ),
+            Action::Request { ticket } => self.request_rendezvous(&mut req, &parsed, &ticket, slot),
+            Action::Http => answer(400, "expected a WebSocket upgrade"),
         }
     }
 
@@ -345,6 +420,17 @@ impl Azure {
             _counted: self.inner.hub.metrics().azure_listener(&r.hc),
         };
         let hub = self.inner.hub.clone();
+        let azure = self.clone();
+        let answered = move |request: &str, result: listener::Answer| match azure
+            .exchanges()
+            .answered(id, request)
+        {
+            Ok(waiter) => waiter.send(Reply::Inline(result)).is_ok(),
+            Err(e) => {
+                debug!(request, error = %e, "a response matched no request");
+                false
+            }
+        };
         let span = info_span!("azure listener", hc = %r.hc, id);
         tokio::spawn(
             async move {
@@ -352,7 +438,7 @@ impl Azure {
                     Ok(ws) => {
                         info!("Azure-protocol listener connected");
                         let token = r.token.unwrap_or_default();
-                        listener::serve(ws, rx, hub, r.hc, token, expires).await;
+                        listener::serve(ws, rx, hub, r.hc, token, expires, answered).await;
                     }
                     Err(e) => debug!(error = %e, "listener upgrade failed"),
                 }
@@ -411,7 +497,11 @@ impl Azure {
                 "connectHeaders": connect_headers,
                 "remoteEndpoint": {"address": peer.ip().to_string(), "port": peer.port()},
             }});
-            listener.accepts.try_send(message.to_string()).is_ok()
+            let message = Outgoing {
+                text: message.to_string(),
+                body: None,
+            };
+            listener.accepts.try_send(message).is_ok()
         });
         if !offered {
             self.lock().forget(&ticket);
@@ -465,6 +555,203 @@ impl Azure {
                 )
             }
         }
+    }
+
+    /// A sender's plain HTTP request: authorized like a WebSocket sender,
+    /// sent to the hybrid connection's next listener that has room, and
+    /// answered with that listener's response (502 without a listener or
+    /// with an unusable response, 504 when none comes in time).
+    async fn http(
+        &self,
+        req: Request<Incoming>,
+        r: HcRequest,
+        peer: SocketAddr,
+        slot: &Slot,
+        watchdog: &Watchdog,
+    ) -> Response<Body> {
+        if let Err((status, text)) = self.authorize(&r, Right::Send) {
+            return answer(status, &text);
+        }
+        authenticated(slot);
+        if req.method() == hyper::Method::CONNECT {
+            return answer(405, "CONNECT is not relayed");
+        }
+        let host = req
+            .headers()
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| request::is_plain_host(h))
+            .unwrap_or("hybridlink")
+            .to_string();
+        let via = http::via(&host);
+        let (parts, body) = req.into_parts();
+        let content_length = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let prefix = match proxy::read_prefix(body, content_length, watchdog).await {
+            Ok(prefix) => prefix,
+            Err(e) => return answer(400, &e),
+        };
+        let (Some(ticket), Some(id)) = (self.random_hex(), self.random_hex()) else {
+            return answer(500, "the relay has no randomness for a ticket");
+        };
+        let mut target = format!("/{}{}", r.hc, r.suffix);
+        if !r.app_query.is_empty() {
+            target = format!("{target}?{}", r.app_query);
+        }
+        let whole = |address: &str| {
+            serde_json::json!({"request": {
+                "address": address,
+                "id": id,
+                "requestTarget": target,
+                "method": parts.method.as_str(),
+                "remoteEndpoint": {"address": peer.ip().to_string(), "port": peer.port()},
+                "requestHeaders": http::request_headers(&parts.headers, r.authorization_was_token, &via),
+                "body": prefix.has_body(),
+            }})
+            .to_string()
+        };
+
+        let (inline, message, rx) = match self.dispatch(&r.hc, &id, &ticket, whole, &prefix) {
+            Ok(sent) => sent,
+            Err(no_listener) => return answer(502, &no_listener),
+        };
+        let _guard = ExchangeGuard {
+            azure: self.clone(),
+            id: id.clone(),
+        };
+        let timeout = self.inner.response_timeout;
+        watchdog.extend(timeout + Duration::from_secs(5));
+        let no_response = || {
+            answer(
+                504,
+                &format!(
+                    "the listener of {} did not respond within {} s",
+                    r.hc,
+                    timeout.as_secs()
+                ),
+            )
+        };
+        let reply = match tokio::time::timeout(timeout, rx).await {
+            Err(_) => return no_response(),
+            Ok(Err(_)) => {
+                return answer(
+                    502,
+                    &format!("the listener of {} went away before it responded", r.hc),
+                );
+            }
+            Ok(Ok(reply)) => reply,
+        };
+        watchdog.extend(proxy::BODY_IDLE);
+        let upgrade = match reply {
+            Reply::Inline(Ok((head, body))) => {
+                return proxy::respond(&head, &via, proxy::full(body));
+            }
+            Reply::Inline(Err(e)) => return answer(502, &e),
+            Reply::Rendezvous(upgrade) => upgrade,
+        };
+        let mut ws = match tokio::time::timeout(timeout, upgrade).await {
+            Err(_) => return no_response(),
+            Ok(Err(e)) => return answer(502, &format!("the listener's rendezvous failed: {e}")),
+            Ok(Ok(ws)) => ws,
+        };
+        if !inline && let Err(e) = proxy::send_request(&mut ws, message, prefix, watchdog).await {
+            return answer(502, &e);
+        }
+        // The listener has the whole request now; its response may take
+        // the response timeout from here.
+        watchdog.extend(timeout + Duration::from_secs(5));
+        match tokio::time::timeout(timeout, proxy::read_response_head(&mut ws, &id)).await {
+            Err(_) => no_response(),
+            Ok(Err(e)) => answer(502, &e),
+            Ok(Ok(head)) => {
+                watchdog.extend(proxy::BODY_IDLE);
+                let body = if head.body {
+                    proxy::stream_body(ws, watchdog.clone())
+                } else {
+                    proxy::full(Bytes::new())
+                };
+                proxy::respond(&head, &via, body)
+            }
+        }
+    }
+
+    /// Sends request `id` to the next listener of `hc` with room in its
+    /// queue: whole (`whole` makes the message for a request address) when
+    /// it fits on the control channel, else as its address only. Returns
+    /// whether it went whole, the whole message, and where the reply comes;
+    /// or why no listener took it (for a 502).
+    fn dispatch(
+        &self,
+        hc: &proto::name::HcName,
+        id: &str,
+        ticket: &str,
+        whole: impl Fn(&str) -> String,
+        prefix: &Prefix,
+    ) -> Result<(bool, String, oneshot::Receiver<Reply>), String> {
+        let rotation = self.lock().rotation_with_ids(hc);
+        if rotation.is_empty() {
+            return Err(format!(
+                "no listener is connected to hybrid connection {hc}"
+            ));
+        }
+        for (listener_id, listener) in rotation {
+            let Ok(permit) = listener.accepts.try_reserve() else {
+                continue;
+            };
+            let address = RequestAddress {
+                host: &listener.host,
+                hc,
+                id,
+                ticket,
+            }
+            .to_string();
+            let message = whole(&address);
+            let inline = message.len() <= http::MAX_CONTROL_HEADERS;
+            let outgoing = match prefix {
+                Prefix::Whole(body) if inline => Outgoing {
+                    text: message.clone(),
+                    body: Some(body.clone()).filter(|b| !b.is_empty()),
+                },
+                _ => Outgoing {
+                    text: serde_json::json!({"request": {"address": address, "id": id}})
+                        .to_string(),
+                    body: None,
+                },
+            };
+            let inline = inline && matches!(prefix, Prefix::Whole(_));
+            let (tx, rx) = oneshot::channel();
+            self.exchanges()
+                .open(id.into(), ticket.into(), hc.clone(), listener_id, tx);
+            permit.send(outgoing);
+            return Ok((inline, message, rx));
+        }
+        Err(format!("every listener of {hc} is busy"))
+    }
+
+    /// A listener opens the rendezvous of an HTTP `request`: the request
+    /// waiting on its ticket gets the WebSocket.
+    fn request_rendezvous(
+        &self,
+        req: &mut Request<Incoming>,
+        r: &HcRequest,
+        ticket: &str,
+        slot: &Slot,
+    ) -> Response<Body> {
+        let Some(waiter) = self.exchanges().rendezvous(ticket, &r.hc) else {
+            return answer(403, "this request address is unknown, used or expired");
+        };
+        authenticated(slot);
+        let (response, upgraded) = match upgrade(&mut *req) {
+            Ok(x) => x,
+            Err(e) => return answer(400, &e.to_string()),
+        };
+        if waiter.send(Reply::Rendezvous(upgraded)).is_err() {
+            return answer(410, "the sender stopped waiting");
+        }
+        response.map(|_| Body::default())
     }
 
     fn rendezvous(
@@ -529,12 +816,17 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let slot: Slot = Arc::new(Mutex::new(Some(slot)));
+    let head_time = deadline.saturating_duration_since(Instant::now());
+    // A sender may wait for a listener; an HTTP exchange moves the
+    // watchdog on as it goes.
+    let watchdog = Watchdog::new(deadline + RENDEZVOUS_TTL + Duration::from_secs(5));
+    let dog = watchdog.clone();
     let service = service_fn(move |req| {
         let azure = azure.clone();
         let slot = slot.clone();
-        async move { Ok::<_, Infallible>(azure.handle(req, peer, slot).await) }
+        let dog = dog.clone();
+        async move { Ok::<_, Infallible>(azure.handle(req, peer, slot, dog).await) }
     });
-    let head_time = deadline.saturating_duration_since(Instant::now());
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -545,11 +837,15 @@ where
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    // A sender may wait for a listener; nothing else takes long.
-    let limit = head_time + RENDEZVOUS_TTL + Duration::from_secs(5);
-    match tokio::time::timeout(limit, conn).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("HTTP: {e}")),
-        Err(_) => Err("HTTP connection took too long".into()),
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            done = &mut conn => return done.map_err(|e| format!("HTTP: {e}")),
+            () = tokio::time::sleep_until(watchdog.deadline()) => {
+                if Instant::now() >= watchdog.deadline() {
+                    return Err("HTTP connection made no progress in time".into());
+                }
+            }
+        }
     }
 }

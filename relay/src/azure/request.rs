@@ -8,10 +8,13 @@
 //! | sender | `/$hc/{hc}[/suffix][?app-query&]sb-hc-action=connect[&sb-hc-id=ID][&sb-hc-token=TOKEN]` |
 //! | accept (rendezvous) | the `address` of an `accept`: `...&sb-hc-action=accept&sb-hc-id=ID&sb-hc-ticket=T` |
 //! | reject | the same, plus `&sb-hc-statusCode=N&sb-hc-statusDescription=TEXT` |
+//! | HTTP request's rendezvous | the `address` of a `request`: `/$hc/{hc}?sb-hc-action=request&sb-hc-id=ID&sb-hc-ticket=T` |
+//! | sender's plain HTTP request ([`parse_http`]) | `/{hc}[/suffix][?query]`, no `$hc`, not an upgrade |
 //!
 //! The token comes from the `sb-hc-token` query parameter (URL-decoded
-//! once) or, without one, the `ServiceBusAuthorization` header; neither is
-//! ever passed on to the listener.
+//! once) or, without one, the `ServiceBusAuthorization` header; for a plain
+//! HTTP request without either, from the `Authorization` header. The one
+//! used is never passed on to the listener.
 
 use std::fmt;
 
@@ -53,6 +56,13 @@ pub enum Action {
         /// [`MAX_STATUS_DESCRIPTION`] characters.
         description: String,
     },
+    /// A listener opens the rendezvous of an HTTP `request`.
+    Request {
+        /// The one-time ticket of the `request`'s address.
+        ticket: String,
+    },
+    /// A sender's plain HTTP request (HTTP request/response mode).
+    Http,
 }
 
 /// A parsed WebSocket-mode request.
@@ -71,12 +81,20 @@ pub struct HcRequest {
     pub id: Option<String>,
     /// The SAS token from the query, else from the header.
     pub token: Option<String>,
+    /// Whether the token came from the `Authorization` header (HTTP mode
+    /// only), which is then not passed on.
+    pub authorization_was_token: bool,
 }
 
 /// Why a request is not a WebSocket-mode request the relay can serve; each
 /// is answered with [`RequestError::status`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
+    /// A plain HTTP request's path has no hybrid connection name.
+    #[error(
+        "the path names no hybrid connection (HTTP requests are /NAME[/path], WebSocket requests /$hc/NAME?sb-hc-action=...)"
+    )]
+    NoName,
     /// The path does not start with `/$hc/`.
     #[error(
         "the path does not start with /$hc/ (Hybrid Connections WebSocket requests are /$hc/NAME?sb-hc-action=...)"
@@ -86,7 +104,7 @@ pub enum RequestError {
     #[error("{0}")]
     BadName(String),
     /// No `sb-hc-action`, or one the relay does not know.
-    #[error("sb-hc-action must be listen, connect or accept (got {0:?})")]
+    #[error("sb-hc-action must be listen, connect, accept or request (got {0:?})")]
     BadAction(String),
     /// A protocol parameter appears twice or cannot be decoded.
     #[error("the query parameter {0} is repeated or not URL-encoded UTF-8")]
@@ -105,7 +123,9 @@ impl RequestError {
     /// The HTTP status the request is answered with.
     pub fn status(&self) -> u16 {
         match self {
-            RequestError::NotHybridConnection | RequestError::BadName(_) => 404,
+            RequestError::NotHybridConnection | RequestError::NoName | RequestError::BadName(_) => {
+                404
+            }
             _ => 400,
         }
     }
@@ -129,15 +149,9 @@ fn decode(value: &str, name: &'static str) -> Result<String, RequestError> {
         .map_err(|_| RequestError::BadParameter(name))
 }
 
-/// Parses a request's path, query and headers.
-pub fn parse(
-    path: &str,
-    query: Option<&str>,
-    headers: &HeaderMap,
-) -> Result<HcRequest, RequestError> {
-    let rest = path
-        .strip_prefix(HC_PREFIX)
-        .ok_or(RequestError::NotHybridConnection)?;
+/// The hybrid connection named by the first segment of `rest` (URL
+/// decoded, lower case) and the path after it.
+fn name_and_suffix(rest: &str) -> Result<(HcName, &str), RequestError> {
     let (name, suffix) = match rest.find('/') {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
@@ -150,7 +164,12 @@ pub fn parse(
     let hc: HcName = name
         .parse()
         .map_err(|e: proto::name::NameError| RequestError::BadName(e.to_string()))?;
+    Ok((hc, suffix))
+}
 
+/// Splits a query into the protocol's parameters and the application's
+/// (as sent, in order).
+fn split_query(query: Option<&str>) -> Result<(Params, Vec<&str>), RequestError> {
     let mut params = Params::default();
     let mut app = Vec::new();
     for pair in query
@@ -178,10 +197,78 @@ pub fn parse(
             return Err(RequestError::BadParameter(label));
         }
     }
+    Ok((params, app))
+}
+
+/// The `sb-hc-id` as kept: printable, at most [`MAX_TRACKING_ID`].
+fn tracking_id(id: Option<String>) -> Option<String> {
+    id.map(|id| {
+        id.chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(MAX_TRACKING_ID)
+            .collect()
+    })
+}
+
+fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Parses a sender's plain HTTP request (not an upgrade): `/{hc}[/suffix]`
+/// and its query. The token comes from `sb-hc-token`, else the
+/// `ServiceBusAuthorization` header, else the `Authorization` header.
+pub fn parse_http(
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<HcRequest, RequestError> {
+    let rest = path
+        .strip_prefix('/')
+        .filter(|rest| !rest.is_empty() && !rest.starts_with('/'))
+        .ok_or(RequestError::NoName)?;
+    let (hc, suffix) = name_and_suffix(rest)?;
+    let (params, app) = split_query(query)?;
+    let mut authorization_was_token = false;
+    let token = params
+        .token
+        .or_else(|| header_text(headers, TOKEN_HEADER))
+        .or_else(|| {
+            let token = header_text(headers, super::http::AUTHORIZATION);
+            authorization_was_token = token.is_some();
+            token
+        });
+    Ok(HcRequest {
+        hc,
+        action: Action::Http,
+        suffix: suffix.to_string(),
+        app_query: app.join("&"),
+        id: tracking_id(params.id),
+        token,
+        authorization_was_token,
+    })
+}
+
+/// Parses a WebSocket-mode request's path, query and headers.
+pub fn parse(
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<HcRequest, RequestError> {
+    let rest = path
+        .strip_prefix(HC_PREFIX)
+        .ok_or(RequestError::NotHybridConnection)?;
+    let (hc, suffix) = name_and_suffix(rest)?;
+    let (params, app) = split_query(query)?;
 
     let action = match params.action.as_deref() {
         Some("listen") => Action::Listen,
         Some("connect") => Action::Connect,
+        Some("request") => Action::Request {
+            ticket: params.ticket.ok_or(RequestError::NoTicket)?,
+        },
         Some("accept") => {
             let ticket = params.ticket.ok_or(RequestError::NoTicket)?;
             match params.status {
@@ -203,24 +290,15 @@ pub fn parse(
             ));
         }
     };
-    let token = params.token.or_else(|| {
-        headers
-            .get(TOKEN_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    });
+    let token = params.token.or_else(|| header_text(headers, TOKEN_HEADER));
     Ok(HcRequest {
         hc,
         action,
         suffix: suffix.to_string(),
         app_query: app.join("&"),
-        id: params.id.map(|id| {
-            id.chars()
-                .filter(|c| c.is_ascii_graphic())
-                .take(MAX_TRACKING_ID)
-                .collect()
-        }),
+        id: tracking_id(params.id),
         token,
+        authorization_was_token: false,
     })
 }
 
@@ -267,7 +345,7 @@ pub fn connect_headers(headers: &HeaderMap) -> Map<String, Value> {
 }
 
 /// `sec-websocket-key` → `Sec-WebSocket-Key`, `x-app` → `X-App`.
-fn canonical_name(lower: &str) -> String {
+pub(crate) fn canonical_name(lower: &str) -> String {
     lower
         .split('-')
         .map(|word| match word {
@@ -319,6 +397,35 @@ impl fmt::Display for AcceptAddress<'_> {
         write!(
             f,
             "sb-hc-action=accept&sb-hc-id={}&sb-hc-ticket={}",
+            proto::sas::url_encode(self.id),
+            self.ticket
+        )
+    }
+}
+
+/// The `address` of an HTTP `request`: where the listener opens a
+/// WebSocket to receive the request or to send a big response. Only the
+/// hybrid connection, the id and the ticket: the request's own path and
+/// query travel in the `request` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestAddress<'a> {
+    /// The listener's `Host`.
+    pub host: &'a str,
+    /// The hybrid connection.
+    pub hc: &'a HcName,
+    /// The request's id.
+    pub id: &'a str,
+    /// The one-time ticket.
+    pub ticket: &'a str,
+}
+
+impl fmt::Display for RequestAddress<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "wss://{}{HC_PREFIX}{}?sb-hc-action=request&sb-hc-id={}&sb-hc-ticket={}",
+            self.host,
+            self.hc,
             proto::sas::url_encode(self.id),
             self.ticket
         )
@@ -477,6 +584,71 @@ mod tests {
         assert!(
             !map.keys().any(|k| k.eq_ignore_ascii_case(TOKEN_HEADER)),
             "{map:?}"
+        );
+    }
+
+    #[test]
+    fn a_plain_http_request_names_its_hybrid_connection_first_and_strips_the_protocol_query() {
+        let r = parse_http(
+            "/Payroll/a/b",
+            Some("x=1&sb-hc-token=q%20t&sb-hc-id=7&y=2"),
+            &headers(&[(TOKEN_HEADER, "header"), ("authorization", "Bearer app")]),
+        )
+        .unwrap();
+        assert_eq!(r.hc.as_str(), "payroll");
+        assert_eq!(r.action, Action::Http);
+        assert_eq!(
+            (r.suffix.as_str(), r.app_query.as_str()),
+            ("/a/b", "x=1&y=2")
+        );
+        assert_eq!(r.token.as_deref(), Some("q t"));
+        assert_eq!(r.id.as_deref(), Some("7"));
+        assert!(!r.authorization_was_token);
+        let r = parse_http(
+            "/payroll",
+            None,
+            &headers(&[(TOKEN_HEADER, "header"), ("authorization", "Bearer app")]),
+        )
+        .unwrap();
+        assert_eq!(r.token.as_deref(), Some("header"));
+        assert!(!r.authorization_was_token);
+        let r = parse_http("/payroll/", None, &headers(&[("authorization", "sas")])).unwrap();
+        assert_eq!(
+            (r.token.as_deref(), r.authorization_was_token),
+            (Some("sas"), true)
+        );
+        assert_eq!(r.suffix, "/");
+        for (path, status) in [("/", 404), ("//payroll", 404), ("/Bad_Name/x", 404)] {
+            assert_eq!(
+                parse_http(path, None, &HeaderMap::new())
+                    .unwrap_err()
+                    .status(),
+                status,
+                "{path}"
+            );
+        }
+        let hc: HcName = "payroll".parse().unwrap();
+        let address = RequestAddress {
+            host: "relay.test:9443",
+            hc: &hc,
+            id: "i d",
+            ticket: "00ff",
+        };
+        assert_eq!(
+            address.to_string(),
+            "wss://relay.test:9443/$hc/payroll?sb-hc-action=request&sb-hc-id=i%20d&sb-hc-ticket=00ff"
+        );
+        assert_eq!(
+            parse(
+                "/$hc/payroll",
+                Some("sb-hc-action=request&sb-hc-ticket=00ff"),
+                &HeaderMap::new()
+            )
+            .unwrap()
+            .action,
+            Action::Request {
+                ticket: "00ff".into()
+            }
         );
     }
 
