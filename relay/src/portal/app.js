@@ -348,6 +348,8 @@ function plot(svg, series, now, span) {
 
 // --- dialogs and actions ---------------------------------------------------
 
+let confirmRound = 0;
+
 /** Asks to confirm `action`; resolves true only for the confirm button. */
 function confirmAction(title, text, action) {
   const dialog = $('confirm');
@@ -355,15 +357,26 @@ function confirmAction(title, text, action) {
   $('confirm-text').textContent = text;
   $('confirm-ok').textContent = action;
   const opener = document.activeElement;
+  const round = ++confirmRound;
   dialog.returnValue = '';
   dialog.showModal();
   // The safe choice first: Enter right away cancels; Escape always does.
   $('confirm-cancel').focus();
   return new Promise((resolve) => {
-    dialog.addEventListener('close', () => {
+    const closed = () => {
+      // A 'close' event is dispatched a moment after the dialog closed: a
+      // fast keyboard can open it again first, and the late event then
+      // belongs to an earlier round. Only a close of the open round counts.
+      if (dialog.open) return;
+      dialog.removeEventListener('close', closed);
+      if (round !== confirmRound) {
+        resolve(false);
+        return;
+      }
       if (opener instanceof HTMLElement && opener.isConnected) opener.focus();
       resolve(dialog.returnValue === 'ok');
-    }, { once: true });
+    };
+    dialog.addEventListener('close', closed);
   });
 }
 
