@@ -194,25 +194,12 @@ async fn serve_accept(ctx: AzureContext, accept: Accept) {
     ws.set_max_message_size(16 << 20);
     let addr = target.addr;
     info!(endpoint = %ctx.endpoint, %addr, mode = "plain WebSocket (the relay sees the bytes)", "stream open");
-    let _counted = ctx.metrics.stream_opened(ctx.hc.as_str());
-    let socket = ctx
-        .metrics
-        .counted(target.tcp, ctx.hc.as_str(), Direction::from_target);
-    let bridged = azure::bridge::bridge(ws, socket, first);
-    let refused_later = crate::refused_later(
-        &ctx.policy,
-        policy_changes,
-        &ctx.hc,
-        &ctx.endpoint,
-        addr.ip(),
-    );
-    tokio::select! {
-        bridged = bridged => {
-            ctx.metrics.add_bytes(ctx.hc.as_str(), Direction::to_target, bridged.to_socket);
-            debug!(to_target = bridged.to_socket, from_target = bridged.from_socket, "stream closed");
-        }
-        denial = refused_later => warn!(%denial, "stream cut: the new on-prem policy refuses it"),
-    }
+    let (_counted, socket) = opened(&ctx, target.tcp);
+    let bridged = async {
+        let bridged = azure::bridge::bridge(ws, socket, first).await;
+        Some(bridged.to_socket)
+    };
+    until_refused(&ctx, addr, policy_changes, bridged).await;
 }
 
 /// A hybridlink sender: the preamble answered with the marker, TLS and
@@ -269,22 +256,47 @@ async fn serve_hybridlink(
         mode = if key.is_some() { "TLS inside the WebSocket, end-to-end verified" } else { "TLS inside the WebSocket, relay-trusted" },
         "stream open"
     );
-    let _counted = ctx.metrics.stream_opened(ctx.hc.as_str());
-    let mut target = ctx
+    let (_counted, mut target) = opened(&ctx, target.tcp);
+    let copied = async {
+        let copied = tokio::io::copy_bidirectional(&mut tls, &mut target).await;
+        copied.ok().map(|(to_target, _)| to_target)
+    };
+    until_refused(&ctx, addr, policy_changes, copied).await;
+}
+
+/// Counts a stream as open until the guard drops, and the bytes read from
+/// its target.
+fn opened(
+    ctx: &AzureContext,
+    target: tokio::net::TcpStream,
+) -> (
+    transport::metrics::ActiveGuard,
+    transport::metrics::Counted<tokio::net::TcpStream>,
+) {
+    let guard = ctx.metrics.stream_opened(ctx.hc.as_str());
+    let counted = ctx
         .metrics
-        .counted(target.tcp, ctx.hc.as_str(), Direction::from_target);
-    let copy = tokio::io::copy_bidirectional(&mut tls, &mut target);
-    let refused_later = crate::refused_later(
-        &ctx.policy,
-        policy_changes,
-        &ctx.hc,
-        &ctx.endpoint,
-        addr.ip(),
-    );
+        .counted(target, ctx.hc.as_str(), Direction::from_target);
+    (guard, counted)
+}
+
+/// Runs `stream` (which ends with the bytes it sent to the target, when it
+/// knows them) until it ends, or until a replaced policy refuses its
+/// endpoint or the address `addr` it reached.
+async fn until_refused<F>(
+    ctx: &AzureContext,
+    addr: std::net::SocketAddr,
+    changes: tokio::sync::watch::Receiver<u64>,
+    stream: F,
+) where
+    F: std::future::Future<Output = Option<u64>>,
+{
+    let refused_later =
+        crate::refused_later(&ctx.policy, changes, &ctx.hc, &ctx.endpoint, addr.ip());
     tokio::select! {
-        copied = copy => {
-            if let Ok((to_target, _)) = copied {
-                ctx.metrics.add_bytes(ctx.hc.as_str(), Direction::to_target, to_target);
+        sent = stream => {
+            if let Some(n) = sent {
+                ctx.metrics.add_bytes(ctx.hc.as_str(), Direction::to_target, n);
             }
             debug!("stream closed");
         }

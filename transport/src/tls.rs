@@ -169,28 +169,53 @@ pub fn relay_client_config(relay_cert: Fingerprint) -> Result<Arc<rustls::Client
     Ok(Arc::new(config))
 }
 
-/// Accepts exactly one certificate, named by its SHA-256, and checks that the
+/// Client config for a TLS session whose server is authenticated by other
+/// means than its certificate, which nobody introduced: the end-to-end
+/// proofs bound to the session (`azure::inner`). Any certificate is taken,
+/// but the handshake must still be signed with its key.
+pub fn unpinned_client_config() -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = pipe_provider();
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCert::any(&provider)))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Accepts exactly one certificate, named by its SHA-256 (or, made with
+/// [`PinnedCert::any`], whichever the peer shows), and checks that the
 /// handshake was signed with its key.
 #[derive(Debug)]
 struct PinnedCert {
-    expected: Fingerprint,
+    expected: Option<Fingerprint>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl PinnedCert {
     fn new(expected: Fingerprint, provider: &CryptoProvider) -> Self {
         PinnedCert {
-            expected,
+            expected: Some(expected),
+            algorithms: provider.signature_verification_algorithms,
+        }
+    }
+
+    fn any(provider: &CryptoProvider) -> Self {
+        PinnedCert {
+            expected: None,
             algorithms: provider.signature_verification_algorithms,
         }
     }
 
     fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let Some(expected) = self.expected else {
+            return Ok(());
+        };
         let got = Fingerprint::of_der(end_entity);
-        if got == self.expected {
+        if got == expected {
             Ok(())
         } else {
-            tracing::warn!(expected = %self.expected, got = %got, "peer certificate does not match the pinned fingerprint");
+            tracing::warn!(%expected, got = %got, "peer certificate does not match the pinned fingerprint");
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             ))

@@ -21,17 +21,11 @@
 //! ends it can neither read nor take over the stream; without one it could,
 //! as on hybridlink's own relay, and status says `relay-trusted`.
 
-use std::sync::Arc;
-
 use fastwebsockets::WebSocket;
 use proto::control::{RefusalCode, StreamRefusal};
 use proto::e2e::{BINDING_LEN, ChannelBinding, EXPORTER_LABEL, ProofRole};
 use proto::key::Key;
 use proto::name::HcName;
-use rustls::DigitallySignedStruct;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -78,47 +72,6 @@ pub fn marked_answer() -> Vec<u8> {
     let mut out = super::preamble::ACCEPTED.to_vec();
     out.extend_from_slice(MARKER);
     out
-}
-
-/// Accepts whatever certificate the other end shows (it still must sign
-/// the handshake with its key): these sessions are authenticated by the
-/// end-to-end proofs bound to them, not by certificates nobody introduced.
-#[derive(Debug)]
-struct Unpinned(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for Unpinned {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_schemes()
-    }
 }
 
 fn tls_error(e: impl std::fmt::Display) -> AzureError {
@@ -195,16 +148,8 @@ pub async fn open_as_sender<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let provider = crate::tls::provider();
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_error)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Unpinned(
-            provider.signature_verification_algorithms,
-        )))
-        .with_no_client_auth();
-    let mut tls = TlsConnector::from(Arc::new(config))
+    let config = crate::tls::unpinned_client_config().map_err(tls_error)?;
+    let mut tls = TlsConnector::from(config)
         .connect(crate::tls::pipe_server_name(), carry(ws))
         .await
         .map_err(tls_error)?;
