@@ -35,15 +35,20 @@ pub enum PathKind {
     Rathole,
     Shadowsocks,
     Hybridlink,
+    /// hybridlink's agent and `forward` over Azure Relay's protocol
+    /// through the relay's Azure front door: one WebSocket per connection,
+    /// TLS inside it.
+    HybridlinkAzure,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 5] = [
+    pub const ALL: [PathKind; 6] = [
         PathKind::Direct,
         PathKind::Ssh,
         PathKind::Rathole,
         PathKind::Shadowsocks,
         PathKind::Hybridlink,
+        PathKind::HybridlinkAzure,
     ];
 
     /// The short name used on the command line and in the results.
@@ -54,6 +59,7 @@ impl PathKind {
             PathKind::Rathole => "rathole",
             PathKind::Shadowsocks => "shadowsocks",
             PathKind::Hybridlink => "hybridlink",
+            PathKind::HybridlinkAzure => "hybridlink-azure",
         }
     }
 
@@ -65,6 +71,7 @@ impl PathKind {
             PathKind::Rathole => "rathole (noise)",
             PathKind::Shadowsocks => "shadowsocks-rust tun",
             PathKind::Hybridlink => "hybridlink",
+            PathKind::HybridlinkAzure => "hybridlink, Azure protocol (forward)",
         }
     }
 
@@ -81,7 +88,9 @@ impl PathKind {
             .into_iter()
             .find(|p| p.id() == s)
             .with_context(|| {
-                format!("unknown path {s:?}: use direct, ssh, rathole, shadowsocks or hybridlink")
+                format!(
+                    "unknown path {s:?}: use direct, ssh, rathole, shadowsocks, hybridlink or hybridlink-azure"
+                )
             })
     }
 }
@@ -226,6 +235,7 @@ impl Lab {
             PathKind::Rathole => self.start_rathole(r),
             PathKind::Shadowsocks => self.start_shadowsocks(r),
             PathKind::Hybridlink => self.start_hybridlink(r),
+            PathKind::HybridlinkAzure => self.start_hybridlink_azure(r),
         }
     }
 
@@ -476,9 +486,12 @@ impl Lab {
 
     /// Our relay, agent and appliance, two hybrid connections
     /// (bench.corp:5201 and bench.corp:5300).
-    fn start_hybridlink(&self, r: &mut Running) -> Result<()> {
+    /// A hybridlink relay in the relay namespace with the two hybrid
+    /// connections; their (send, listen) strings, `--azure` ones (without
+    /// the certificate pin) when `azure`.
+    fn start_relay(&self, r: &mut Running, azure: bool) -> Result<(Vec<String>, Vec<String>)> {
         let bin = self.hybridlink.display().to_string();
-        let data = self.state.join("relay-data");
+        let data = self.relay_data();
         let _ = fs::remove_dir_all(&data);
         let data = data.display().to_string();
         r.children.push(self.spawn(
@@ -505,36 +518,108 @@ impl Lab {
                 &format!("{bin} hc --api http://127.0.0.1:9444 --data-dir {data} {args}"),
             )
         };
+        let form = if azure { " --azure" } else { "" };
         let (mut send, mut listen) = (Vec::new(), Vec::new());
         for (name, port) in [("iperf", IPERF_PORT), ("greet", GREET_PORT)] {
             wait_for(Duration::from_secs(20), || {
                 hc(&format!("create {name} --host {TARGET_NAME} --port {port}"))
             })?;
-            send.push(hc(&format!("keys {name} --rule send --key primary"))?);
-            listen.push(hc(&format!("keys {name} --rule listen --key primary"))?);
+            send.push(hc(&format!("keys {name} --rule send --key primary{form}"))?);
+            listen.push(hc(&format!(
+                "keys {name} --rule listen --key primary{form}"
+            ))?);
         }
+        Ok((send, listen))
+    }
+
+    fn relay_data(&self) -> PathBuf {
+        self.state.join("relay-data")
+    }
+
+    /// The agent in the onprem namespace, allowed exactly the two
+    /// endpoints (the policy `agent install` would write).
+    fn start_agent(&self, r: &mut Running, listen: &[String], extra: &[&str]) -> Result<()> {
+        let bin = self.hybridlink.display().to_string();
         let agent_socket = self.state.join("agent.sock").display().to_string();
-        // The policy `agent install` would write: exactly the two endpoints.
         let policy = self.write(
             "policy.toml",
             &format!("[[allow]]\nhost = \"{TARGET_NAME}\"\nports = [{IPERF_PORT}, {GREET_PORT}]\n"),
         )?;
+        let mut argv = vec![
+            bin.as_str(),
+            "agent",
+            "run",
+            "--status-socket",
+            &agent_socket,
+            "--label",
+            "bench",
+            "--policy",
+            &policy,
+        ];
+        argv.extend_from_slice(extra);
         r.children.push(self.spawn(
             Role::Onprem,
             "agent",
-            &[
-                &bin,
-                "agent",
-                "run",
-                "--status-socket",
-                &agent_socket,
-                "--label",
-                "bench",
-                "--policy",
-                &policy,
-            ],
+            &argv,
             &[("HYBRIDLINK_CONNECTION_STRING", &listen.join("\n"))],
         )?);
+        Ok(())
+    }
+
+    /// The agent and two `forward`s (app side, one per target port) over
+    /// Azure Relay's protocol through the relay's Azure front door, the
+    /// relay's own certificate trusted as a CA.
+    fn start_hybridlink_azure(&self, r: &mut Running) -> Result<()> {
+        let bin = self.hybridlink.display().to_string();
+        let (send, listen) = self.start_relay(r, true)?;
+        let cert = self.relay_data().join("cert.pem").display().to_string();
+        let endpoints = [
+            format!("iperf={TARGET_NAME}:{IPERF_PORT}"),
+            format!("greet={TARGET_NAME}:{GREET_PORT}"),
+        ];
+        self.start_agent(
+            r,
+            &listen,
+            &[
+                "--ca-file",
+                &cert,
+                "--endpoint",
+                &endpoints[0],
+                "--endpoint",
+                &endpoints[1],
+            ],
+        )?;
+        for (send, port) in send.iter().zip([IPERF_PORT, GREET_PORT]) {
+            let listen = format!("127.0.0.1:{port}");
+            r.children.push(self.spawn(
+                Role::App,
+                "forward",
+                &[&bin, "forward", "--listen", &listen, "--ca-file", &cert],
+                &[("HYBRIDLINK_CONNECTION_STRING", send)],
+            )?);
+        }
+        wait_for(Duration::from_secs(20), || {
+            self.sh(
+                Role::App,
+                &format!(
+                    "{bin} connect --check --ca-file {cert} --wait 2 '{}'",
+                    send[1]
+                ),
+            )
+        })?;
+        r.host = "127.0.0.1".parse()?;
+        r.processes = vec![
+            (Role::App, "hybridlink"),
+            (Role::Relay, "hybridlink"),
+            (Role::Onprem, "hybridlink"),
+        ];
+        Ok(())
+    }
+
+    fn start_hybridlink(&self, r: &mut Running) -> Result<()> {
+        let bin = self.hybridlink.display().to_string();
+        let (send, listen) = self.start_relay(r, false)?;
+        self.start_agent(r, &listen, &[])?;
         let appliance_state = self.state.join("appliance");
         let _ = fs::remove_dir_all(&appliance_state);
         let strings: String = send.iter().map(|s| format!("  \"{s}\",\n")).collect();
