@@ -139,6 +139,17 @@ pub enum RelayCommand {
             value_parser = clap::value_parser!(u64).range(1..)
         )]
         http_response_timeout: u64,
+        /// Azure-protocol HTTP requests one hybrid connection may have open
+        /// at once (waiting for or receiving their listener's response);
+        /// past it a sender gets 503, so one tenant's slow listener cannot
+        /// hold the relay's connections.
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = relay::Limits::default().max_http_requests_per_hc,
+            value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+        )]
+        max_http_requests_per_hc: usize,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
         /// 127.0.0.1:9445): agents and senders per hybrid connection, pipes,
         /// bytes, refusals by reason, token renewals.
@@ -308,6 +319,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             max_token_lifetime,
             renew_grace,
             http_response_timeout,
+            max_http_requests_per_hc,
             metrics,
         } => {
             let config = relay::RelayConfig {
@@ -333,6 +345,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                     max_token_lifetime,
                     renew_grace,
                     http_response_timeout,
+                    max_http_requests_per_hc,
                 },
             };
             let relay = config.start().await.with_context(|| {

@@ -80,6 +80,9 @@ pub struct Limits {
     /// Seconds a sender's Azure-protocol HTTP request waits for its
     /// listener's response before it gets 504.
     pub http_response_timeout: u64,
+    /// Azure-protocol HTTP requests one hybrid connection may have open
+    /// (waiting for or receiving their response) at once.
+    pub max_http_requests_per_hc: usize,
 }
 
 impl Default for Limits {
@@ -96,6 +99,7 @@ impl Default for Limits {
             max_token_lifetime: proto::sas::DEFAULT_MAX_TOKEN_LIFETIME,
             renew_grace: crate::hub::RENEW_GRACE,
             http_response_timeout: crate::azure::proxy::RESPONSE_TIMEOUT.as_secs(),
+            max_http_requests_per_hc: 1024,
         }
     }
 }
@@ -294,6 +298,7 @@ impl RelayConfig {
             hub.clone(),
             limits.max_agents_per_hc,
             std::time::Duration::from_secs(limits.http_response_timeout),
+            limits.max_http_requests_per_hc,
         );
         let state = api::ApiState {
             registry: registry.clone(),

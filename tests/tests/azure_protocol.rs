@@ -1537,3 +1537,94 @@ async fn http_requests_take_turns_among_the_listeners() -> Result<()> {
     );
     Ok(())
 }
+
+/// A tenant whose listener never answers cannot hold more than
+/// `--max-http-requests-per-hc` of the relay's requests: past it its
+/// senders get 503 at once, and another hybrid connection's requests go
+/// on being answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_listener_holds_at_most_its_share_of_http_requests() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let data_dir = data.path().to_path_buf();
+    let relay = std::sync::Arc::new(
+        tokio::task::spawn_blocking(move || {
+            Relay::start_with(
+                &data_dir,
+                "127.0.0.1:0",
+                &[
+                    "--max-http-requests-per-hc",
+                    "2",
+                    "--http-response-timeout",
+                    "8",
+                ],
+            )
+        })
+        .await??,
+    );
+    let (send, listen_cs) = relay.create_hc("payroll", "127.0.0.1:9".parse()?)?;
+    let (send_other, listen_other) = relay.create_hc("billing", "127.0.0.1:9".parse()?)?;
+    let expiry = unix_now()? + 600;
+    // Takes requests and never answers them.
+    let mut silent = listen(&relay, &listen_cs, expiry).await?;
+    let answering = listen(&relay, &listen_other, expiry).await?;
+
+    let auth = format!("ServiceBusAuthorization: {}", send.token(expiry));
+    let mut pending = Vec::new();
+    for _ in 0..2 {
+        let (relay, auth) = (relay.clone(), auth.clone());
+        pending.push(tokio::task::spawn_blocking(move || {
+            curl(&relay, "/payroll/slow", &["-H", &auth], None)
+        }));
+        next_request(&mut silent).await?;
+    }
+    let started = Instant::now();
+    let (relay3, auth3) = (relay.clone(), auth.clone());
+    let third =
+        tokio::task::spawn_blocking(move || curl(&relay3, "/payroll/slow", &["-H", &auth3], None))
+            .await??;
+    ensure!(third.status == 503, "the third request: {third:?}");
+    ensure!(
+        String::from_utf8_lossy(&third.body).contains("--max-http-requests-per-hc"),
+        "{third:?}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(3),
+        "the refusal took {:?}",
+        started.elapsed()
+    );
+
+    // The other tenant is served meanwhile.
+    let auth_other = format!("ServiceBusAuthorization: {}", send_other.token(expiry));
+    let relay_other = relay.clone();
+    let other = tokio::task::spawn_blocking(move || {
+        curl(&relay_other, "/billing/x", &["-H", &auth_other], None)
+    });
+    let mut answering = [answering];
+    let [ws] = &mut answering;
+    let req = next_request(ws).await?;
+    send_text(
+        ws,
+        serde_json::json!({"response": {"requestId": req["id"], "statusCode": 200}}),
+    )
+    .await?;
+    let other = other.await??;
+    ensure!(other.status == 200, "another tenant's request: {other:?}");
+
+    // The held ones end with 504 at their timeout, and the share is free.
+    for p in pending {
+        let got = p.await??;
+        ensure!(got.status == 504, "{got:?}");
+    }
+    let (relay4, auth4) = (relay.clone(), auth.clone());
+    let again =
+        tokio::task::spawn_blocking(move || curl(&relay4, "/payroll/x", &["-H", &auth4], None));
+    let req = next_request(&mut silent).await?;
+    send_text(
+        &mut silent,
+        serde_json::json!({"response": {"requestId": req["id"], "statusCode": 200}}),
+    )
+    .await?;
+    let again = again.await??;
+    ensure!(again.status == 200, "after the timeouts: {again:?}");
+    Ok(())
+}

@@ -114,6 +114,11 @@ impl<W> Exchanges<W> {
         }
     }
 
+    /// Requests of `hc` open now.
+    pub fn open_for(&self, hc: &HcName) -> usize {
+        self.by_id.values().filter(|e| &e.hc == hc).count()
+    }
+
     /// Requests open now.
     pub fn len(&self) -> usize {
         self.by_id.len()
@@ -131,6 +136,18 @@ mod tests {
 
     fn hc(name: &str) -> HcName {
         name.parse().unwrap()
+    }
+
+    #[test]
+    fn requests_are_counted_per_hybrid_connection_until_they_close() {
+        let mut x: Exchanges<u32> = Exchanges::default();
+        x.open("i1".into(), "t1".into(), hc("payroll"), 7, 1);
+        x.open("i2".into(), "t2".into(), hc("payroll"), 7, 2);
+        x.open("i3".into(), "t3".into(), hc("billing"), 8, 3);
+        assert_eq!(x.open_for(&hc("payroll")), 2);
+        x.close("i1");
+        assert_eq!(x.open_for(&hc("payroll")), 1);
+        assert_eq!(x.open_for(&hc("billing")), 1);
     }
 
     #[test]

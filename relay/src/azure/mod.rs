@@ -139,6 +139,8 @@ struct Inner {
     penalties: Mutex<Penalties>,
     /// How long a sender's HTTP request waits for the listener's response.
     response_timeout: Duration,
+    /// HTTP requests one hybrid connection may have open at once.
+    max_http_requests_per_hc: usize,
 }
 
 /// The connection's pre-authentication slot, given back when a request
@@ -216,8 +218,14 @@ fn first_protocol(req: &Request<Incoming>) -> Option<HeaderValue> {
 impl Azure {
     /// No listeners yet; tokens are checked by `hub`, each hybrid
     /// connection takes at most `max_listeners` listeners, and a sender's
-    /// HTTP request waits `response_timeout` for its response.
-    pub fn new(hub: Hub, max_listeners: usize, response_timeout: Duration) -> Azure {
+    /// HTTP request waits `response_timeout` for its response; one hybrid
+    /// connection may have `max_http_requests_per_hc` requests open at once.
+    pub fn new(
+        hub: Hub,
+        max_listeners: usize,
+        response_timeout: Duration,
+        max_http_requests_per_hc: usize,
+    ) -> Azure {
         Azure {
             inner: Arc::new(Inner {
                 hub,
@@ -226,6 +234,7 @@ impl Azure {
                 rng: SystemRandom::new(),
                 penalties: Mutex::new(Penalties::new()),
                 response_timeout,
+                max_http_requests_per_hc,
             }),
         }
     }
@@ -597,6 +606,19 @@ impl Azure {
         let (Some(ticket), Some(id)) = (self.random_hex(), self.random_hex()) else {
             return answer(500, "the relay has no randomness for a ticket");
         };
+        // One tenant's requests, however slow their listener, cannot hold
+        // every connection and every byte of the relay.
+        let open = self.exchanges().open_for(&r.hc);
+        if open >= self.inner.max_http_requests_per_hc {
+            self.inner.hub.metrics().refused(RefusedReason::quota);
+            return answer(
+                503,
+                &format!(
+                    "{} has {open} HTTP requests open, the relay's limit (relay serve --max-http-requests-per-hc); try again",
+                    r.hc
+                ),
+            );
+        }
         let mut target = format!("/{}{}", r.hc, r.suffix);
         if !r.app_query.is_empty() {
             target = format!("{target}?{}", r.app_query);
