@@ -76,6 +76,7 @@ pub struct RelayMetrics {
     azure_listeners: Family<HcLabel, Gauge>,
     azure_connections: Counter,
     azure_connections_active: Gauge,
+    azure_http_requests: Counter,
 }
 
 impl Default for RelayMetrics {
@@ -98,6 +99,7 @@ impl RelayMetrics {
         let azure_listeners = Family::<HcLabel, Gauge>::default();
         let azure_connections = Counter::default();
         let azure_connections_active = Gauge::default();
+        let azure_http_requests = Counter::default();
         let mut registry = Registry::with_prefix("hybridlink_relay");
         registry.register(
             "hybrid_connections",
@@ -146,6 +148,11 @@ impl RelayMetrics {
             "Azure-protocol sender connections open now",
             azure_connections_active.clone(),
         );
+        registry.register(
+            "azure_http_requests",
+            "Azure-protocol HTTP requests sent on to a listener",
+            azure_http_requests.clone(),
+        );
         RelayMetrics {
             registry,
             hybrid_connections,
@@ -159,6 +166,7 @@ impl RelayMetrics {
             azure_listeners,
             azure_connections,
             azure_connections_active,
+            azure_http_requests,
         }
     }
 
@@ -197,6 +205,11 @@ impl RelayMetrics {
     pub fn azure_connection(&self) -> ActiveGuard {
         self.azure_connections.inc();
         ActiveGuard::new(self.azure_connections_active.clone())
+    }
+
+    /// Counts an Azure-protocol HTTP request sent on to a listener.
+    pub fn azure_http_request(&self) {
+        self.azure_http_requests.inc();
     }
 
     /// Sets what is read at scrape time: how many hybrid connections the
@@ -275,12 +288,14 @@ mod tests {
         let _second = m.azure_listener(&hc);
         let connection = m.azure_connection();
         let _other = m.azure_connection();
+        m.azure_http_request();
         drop((first, connection));
         let text = m.render();
         for line in [
             "hybridlink_relay_azure_listeners{hc=\"payroll\"} 1",
             "hybridlink_relay_azure_connections_total 2",
             "hybridlink_relay_azure_connections_active 1",
+            "hybridlink_relay_azure_http_requests_total 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

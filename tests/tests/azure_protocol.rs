@@ -1205,6 +1205,31 @@ fn hyco_https_listener_answers_plain_https_requests_through_the_relay() -> Resul
         "big POST came back with {} bytes",
         got.body.len()
     );
+    // Bodies of 0 B, 10 KiB and 1 MiB, each echoed back byte-exact (an
+    // empty one answered with the request's description).
+    for size in [0usize, 10 << 10, 1 << 20] {
+        let body: Vec<u8> = (0..size as u32)
+            .map(|i| (i.wrapping_mul(40_503) >> 7) as u8)
+            .collect();
+        let got = curl(
+            &relay,
+            "/payroll/echo",
+            &["-H", &auth, "-H", "Content-Type: application/octet-stream"],
+            Some(&body),
+        )?;
+        ensure!(got.status == 200, "POST of {size} bytes: {:?}", got.head);
+        if size == 0 {
+            let seen: serde_json::Value = serde_json::from_slice(&got.body)?;
+            ensure!(seen["method"] == "POST", "{seen}");
+        } else {
+            ensure!(
+                got.body == body,
+                "POST of {size} bytes came back with {} bytes",
+                got.body.len()
+            );
+        }
+    }
+
     // A small request with a 300 000-byte answer.
     let got = curl(&relay, "/payroll/big?n=300000", &["-H", &auth], None)?;
     ensure!(got.status == 200, "big GET: {:?}", got.head);

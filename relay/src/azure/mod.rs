@@ -644,6 +644,7 @@ impl Azure {
             azure: self.clone(),
             id: id.clone(),
         };
+        self.inner.hub.metrics().azure_http_request();
         let timeout = self.inner.response_timeout;
         watchdog.extend(timeout + Duration::from_secs(5));
         let no_response = || {
