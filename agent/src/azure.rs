@@ -28,7 +28,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fastwebsockets::{Frame, OpCode};
+use fastwebsockets::Frame;
 use proto::connection_string::ConnectionString;
 use proto::control::RefusalCode;
 use proto::key::Key;
@@ -112,21 +112,9 @@ async fn dial(ctx: &AzureContext) -> Result<dial::Dialed, DialError> {
 /// The first message of `ws`, if one comes within `wait`: its bytes, or
 /// `Err` when the WebSocket ended first.
 async fn first_message(ws: &mut Ws, wait: Duration) -> Result<Option<Vec<u8>>, ()> {
-    let read = async {
-        loop {
-            let frame = ws.read_frame().await.map_err(|_| ())?;
-            match frame.opcode {
-                OpCode::Binary | OpCode::Text | OpCode::Continuation => {
-                    return Ok(frame.payload.to_vec());
-                }
-                OpCode::Close => return Err(()),
-                OpCode::Ping | OpCode::Pong => {}
-            }
-        }
-    };
-    match tokio::time::timeout(wait, read).await {
-        Ok(Ok(bytes)) => Ok(Some(bytes)),
-        Ok(Err(())) => Err(()),
+    match tokio::time::timeout(wait, azure::next_message(ws)).await {
+        Ok(Ok(Some(bytes))) => Ok(Some(bytes)),
+        Ok(Ok(None) | Err(_)) => Err(()),
         Err(_) => Ok(None),
     }
 }

@@ -116,20 +116,7 @@ pub enum Trust {
 impl Trust {
     /// The certificates in the PEM file `path` (`--api-ca`).
     pub fn from_ca_file(path: &Path) -> anyhow::Result<Trust> {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| {
-                anyhow!(
-                    "cannot read certificates from --api-ca {}: {e}",
-                    path.display()
-                )
-            })?;
-        if certs.is_empty() {
-            bail!(
-                "--api-ca {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-                path.display()
-            );
-        }
+        let certs = transport::tls::pem_certificates(path).map_err(|e| anyhow!("--api-ca: {e}"))?;
         Ok(Trust::Roots(certs))
     }
 

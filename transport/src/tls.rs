@@ -169,6 +169,22 @@ pub fn relay_client_config(relay_cert: Fingerprint) -> Result<Arc<rustls::Client
     Ok(Arc::new(config))
 }
 
+/// The certificates in the PEM file `path` (CA certificates to trust, for
+/// `--ca-file` and `--api-ca`); an error says why none could be read.
+pub fn pem_certificates(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read certificates from {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
 /// Client config for a TLS session whose server is authenticated by other
 /// means than its certificate, which nobody introduced: the end-to-end
 /// proofs bound to the session (`azure::inner`). Any certificate is taken,

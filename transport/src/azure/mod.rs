@@ -30,7 +30,7 @@ use proto::connection_string::ConnectionString;
 use proto::control::Fingerprint;
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::RootCertStore;
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -134,27 +134,13 @@ impl Trust {
         let mut roots = RootCertStore::empty();
         match ca_file {
             Some(path) => {
-                let certs = CertificateDer::pem_file_iter(path)
-                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| {
-                        AzureError::Trust(format!(
-                            "reading CA certificates from {}: {e}",
-                            path.display()
-                        ))
-                    })?;
-                for cert in certs {
+                for cert in crate::tls::pem_certificates(path).map_err(AzureError::Trust)? {
                     roots.add(cert).map_err(|e| {
                         AzureError::Trust(format!(
                             "a certificate in {} cannot be a root: {e}",
                             path.display()
                         ))
                     })?;
-                }
-                if roots.is_empty() {
-                    return Err(AzureError::Trust(format!(
-                        "{} holds no PEM certificate",
-                        path.display()
-                    )));
                 }
             }
             None => {
@@ -543,6 +529,26 @@ impl AzureStream {
     }
 }
 
+/// The next data message of `ws` (Pings and Pongs skipped), or `None`
+/// when the other side closes.
+pub async fn next_message<S>(
+    ws: &mut WebSocket<S>,
+) -> Result<Option<Vec<u8>>, fastwebsockets::WebSocketError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let frame = ws.read_frame().await?;
+        match frame.opcode {
+            OpCode::Binary | OpCode::Text | OpCode::Continuation => {
+                return Ok(Some(frame.payload.to_vec()));
+            }
+            OpCode::Close => return Ok(None),
+            OpCode::Ping | OpCode::Pong => {}
+        }
+    }
+}
+
 /// Opens one stream to the hybrid connection of `cs`: a sender's WebSocket
 /// offering [`inner::PROTOCOL`], begun as `framing` says. A hybridlink
 /// agent answers the preamble with [`inner::MARKER`]; TLS and the
@@ -568,19 +574,10 @@ pub async fn open_stream(
     ws.write_frame(Frame::binary(Payload::Borrowed(&hello)))
         .await
         .map_err(AzureError::from)?;
-    let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        loop {
-            let frame = ws.read_frame().await?;
-            match frame.opcode {
-                OpCode::Binary | OpCode::Text => return Ok(Some(frame.payload.to_vec())),
-                OpCode::Close => return Ok(None),
-                _ => {}
-            }
-        }
-    })
-    .await
-    .map_err(|_| AzureError::Timeout(HANDSHAKE_TIMEOUT))?
-    .map_err(AzureError::WebSocket)?;
+    let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, next_message(&mut ws))
+        .await
+        .map_err(|_| AzureError::Timeout(HANDSHAKE_TIMEOUT))?
+        .map_err(AzureError::WebSocket)?;
     let Some(answer) = answer else {
         return Err(AzureError::Unusable(
             "the listener closed the stream instead of accepting it (its target may have refused)"
