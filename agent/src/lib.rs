@@ -304,6 +304,7 @@ impl Agent {
             &options,
             &policy,
             options.connection_strings.clone(),
+            &options.azure_endpoints,
             &active,
             &metrics,
         )?;
@@ -326,10 +327,12 @@ impl Agent {
 
     /// Serves `strings` instead of the current ones without dropping a
     /// hybrid connection that stays: the new control channels attach
-    /// (or are refused, or 10 s pass), then the old ones close.
+    /// (or are refused, or 10 s pass), then the old ones close. `endpoints`
+    /// are those of the strings served over Azure Relay's protocol.
     pub async fn reload(
         &self,
         strings: Vec<ConnectionString>,
+        endpoints: HashMap<HcName, Endpoint>,
     ) -> Result<ReloadSummary, AgentError> {
         check_strings(&strings)?;
         let old_strings = self.current().strings.clone();
@@ -339,6 +342,7 @@ impl Agent {
             &self.inner.options,
             &self.inner.policy,
             strings,
+            &endpoints,
             &self.inner.active,
             &self.inner.metrics,
         )?;
@@ -457,6 +461,7 @@ fn spawn_generation(
     options: &AgentOptions,
     policy: &Arc<PolicyCell>,
     strings: Vec<ConnectionString>,
+    endpoints: &HashMap<HcName, Endpoint>,
     active: &Arc<AtomicUsize>,
     metrics: &Arc<AgentMetrics>,
 ) -> Result<Generation, AgentError> {
@@ -489,8 +494,7 @@ fn spawn_generation(
     }
     let mut azure_tasks = Vec::new();
     for cs in azure {
-        let endpoint = options
-            .azure_endpoints
+        let endpoint = endpoints
             .get(&cs.hc)
             .cloned()
             .ok_or_else(|| AgentError::NoEndpoint(cs.hc.clone()))?;

@@ -2,11 +2,13 @@
 //! file changes, and its policy and connection strings file on SIGHUP and
 //! on `hybridlink agent reload` (a request on the control socket).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use proto::connection_string::ConnectionString;
+use proto::name::{Endpoint, HcName};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -38,6 +40,9 @@ pub enum ReloadError {
 pub struct ReloadSources {
     /// Connection strings given on the command line, kept on every reload.
     pub fixed: Vec<ConnectionString>,
+    /// Endpoints given on the command line (`--endpoint`), kept on every
+    /// reload; the file's lines add theirs.
+    pub fixed_endpoints: HashMap<HcName, Endpoint>,
     /// The connection strings file, reread on every reload; without one a
     /// reload rereads only the policy.
     pub strings_file: Option<PathBuf>,
@@ -88,8 +93,11 @@ impl ReloadSources {
             return Ok(ReloadSummary::default());
         };
         let mut strings = self.fixed.clone();
-        strings.extend(strings_file::read(path)?);
-        Ok(agent.reload(strings).await?)
+        let file = strings_file::read_all(path)?;
+        strings.extend(file.strings);
+        let mut endpoints = file.endpoints;
+        endpoints.extend(self.fixed_endpoints.clone());
+        Ok(agent.reload(strings, endpoints).await?)
     }
 }
 
@@ -150,6 +158,7 @@ mod tests {
     fn sources(dir: &Path, explicit: bool) -> ReloadSources {
         ReloadSources {
             fixed: Vec::new(),
+            fixed_endpoints: HashMap::new(),
             strings_file: None,
             policy: dir.join("policy.toml"),
             policy_explicit: explicit,

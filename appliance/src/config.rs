@@ -14,13 +14,20 @@
 //! # which endpoints the relay may make this host answer and route
 //! # (names, .suffixes, IPv4 networks; see `allow`)
 //! allow = ["payroll.corp", ".corp", "10.4.0.0/16"]
+//! # strings without CertificateSha256 go over Azure Relay's protocol,
+//! # whose relay names no endpoint: the config does, and `allow` applies
+//! ca_file = "/etc/hybridlink/relay-ca.pem"   # default: the system's roots
+//! [endpoints]
+//! payroll = "payroll.corp:1433"
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use proto::connection_string::ConnectionString;
+use proto::name::{Endpoint, HcName};
 use serde::Deserialize;
 
 use crate::allow::{AllowError, AllowList};
@@ -72,6 +79,25 @@ pub enum ConfigError {
     /// An entry of `allow` did not parse.
     #[error("in `allow` of the appliance config: {0}")]
     Allow(#[from] AllowError),
+    /// An entry of `endpoints` did not parse.
+    #[error("in `endpoints` of the appliance config: {name} = {value:?}: {message}")]
+    EndpointSyntax {
+        /// The key.
+        name: String,
+        /// The value.
+        value: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A string over Azure Relay's protocol with no endpoint.
+    #[error(
+        "{0}: its connection string has no CertificateSha256, so it goes over Azure Relay's protocol, whose relay names no endpoint: give one (`--endpoint {0}=HOST:PORT`, or `{0} = \"HOST:PORT\"` under [endpoints] in the config)"
+    )]
+    NoEndpoint(HcName),
+    /// An endpoint for a hybrid connection that is not served over Azure
+    /// Relay's protocol.
+    #[error("endpoint {0}={1}: {2}")]
+    StrayEndpoint(HcName, Endpoint, &'static str),
 }
 
 /// The raw file, as written by a person.
@@ -85,6 +111,8 @@ struct RawConfig {
     dns_listen: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
     allow: Option<Vec<String>>,
+    ca_file: Option<PathBuf>,
+    endpoints: Option<BTreeMap<String, String>>,
 }
 
 /// A validated appliance configuration.
@@ -107,6 +135,13 @@ pub struct ApplianceConfig {
     /// (`allow` in the file). `None`: each hybrid connection's first
     /// announced host (see `gate::AllowSource::FirstAnnouncement`).
     pub allow: Option<AllowList>,
+    /// The endpoint of each hybrid connection reached over Azure Relay's
+    /// protocol (a string without `CertificateSha256`), whose relay names
+    /// none.
+    pub endpoints: BTreeMap<HcName, Endpoint>,
+    /// The CA certificates (PEM) an Azure-protocol relay's certificate must
+    /// chain to; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl ApplianceConfig {
@@ -121,7 +156,39 @@ impl ApplianceConfig {
             dns_listen: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 53), 53)),
             state_dir: PathBuf::from("/var/lib/hybridlink-appliance"),
             allow: None,
+            endpoints: BTreeMap::new(),
+            ca_file: None,
         })
+    }
+
+    /// Checks that every string over Azure Relay's protocol has an endpoint
+    /// and every endpoint belongs to such a string.
+    pub fn check_endpoints(&self) -> Result<(), ConfigError> {
+        for cs in &self.connection_strings {
+            if cs.cert_sha256.is_none() && !self.endpoints.contains_key(&cs.hc) {
+                return Err(ConfigError::NoEndpoint(cs.hc.clone()));
+            }
+        }
+        for (hc, endpoint) in &self.endpoints {
+            match self.connection_strings.iter().find(|cs| &cs.hc == hc) {
+                None => {
+                    return Err(ConfigError::StrayEndpoint(
+                        hc.clone(),
+                        endpoint.clone(),
+                        "no connection string for this hybrid connection",
+                    ));
+                }
+                Some(cs) if cs.cert_sha256.is_some() => {
+                    return Err(ConfigError::StrayEndpoint(
+                        hc.clone(),
+                        endpoint.clone(),
+                        "its string pins a hybridlink relay (CertificateSha256), which names the endpoint itself",
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// Reads and validates a TOML file.
@@ -169,6 +236,18 @@ impl ApplianceConfig {
         if let Some(a) = raw.allow {
             config.allow = Some(AllowList::parse(&a)?);
         }
+        config.ca_file = raw.ca_file;
+        for (name, value) in raw.endpoints.unwrap_or_default() {
+            let bad = |message: String| ConfigError::EndpointSyntax {
+                name: name.clone(),
+                value: value.clone(),
+                message,
+            };
+            let hc = name.parse::<HcName>().map_err(|e| bad(e.to_string()))?;
+            let endpoint = value.parse::<Endpoint>().map_err(|e| bad(e.to_string()))?;
+            config.endpoints.insert(hc, endpoint);
+        }
+        config.check_endpoints()?;
         Ok(config)
     }
 }
@@ -214,6 +293,20 @@ impl ApplianceConfig {
                 out.push_str(&format!("  {},\n", quote(&entry.to_string())));
             }
             out.push_str("]\n");
+        }
+        if let Some(ca) = &self.ca_file {
+            out.push_str(&format!("ca_file = {}\n", quote(&ca.display().to_string())));
+        }
+        // A table comes last: every key after it would belong to it.
+        if !self.endpoints.is_empty() {
+            out.push_str("[endpoints]\n");
+            for (hc, endpoint) in &self.endpoints {
+                out.push_str(&format!(
+                    "{} = {}\n",
+                    quote(hc.as_str()),
+                    quote(&endpoint.to_string())
+                ));
+            }
         }
         Ok(out)
     }
@@ -286,6 +379,55 @@ mod tests {
         assert_eq!(back.state_dir, c.state_dir);
         assert_eq!(back.virtual_range, c.virtual_range);
         assert_eq!(back.connection_strings[0].to_string(), CS);
+    }
+
+    #[test]
+    fn azure_protocol_strings_take_their_endpoints_and_ca_from_the_file() {
+        let p = Path::new("a.toml");
+        let azure = CS.split(";CertificateSha256").next().unwrap();
+        let text = format!(
+            "connection_strings = [\"{azure}\", \"{}\"]\nca_file = \"/etc/ca.pem\"\n[endpoints]\npayroll = \"sql.corp:1433\"\n",
+            CS.replace("EntityPath=payroll", "EntityPath=native")
+        );
+        let c = ApplianceConfig::parse(&text, p).unwrap();
+        let payroll: HcName = "payroll".parse().unwrap();
+        assert_eq!(c.endpoints[&payroll].to_string(), "sql.corp:1433");
+        assert_eq!(c.ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+        let back = ApplianceConfig::parse(&c.to_toml().unwrap(), p).unwrap();
+        assert_eq!(back.endpoints, c.endpoints);
+        assert_eq!(back.ca_file, c.ca_file);
+
+        // Without its endpoint an Azure-protocol string is refused, saying
+        // how to give one.
+        let err =
+            ApplianceConfig::parse(&format!("connection_strings = [\"{azure}\"]"), p).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::NoEndpoint(hc) if hc == &payroll)
+                && err.to_string().contains("[endpoints]"),
+            "{err}"
+        );
+        // An endpoint for a pinned string, or for no string, is a mistake.
+        let err = ApplianceConfig::parse(
+            &format!("connection_strings = [\"{CS}\"]\n[endpoints]\npayroll = \"a.corp:1\"\n"),
+            p,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("names the endpoint itself"),
+            "{err}"
+        );
+        let err = ApplianceConfig::parse(
+            &format!("connection_strings = [\"{azure}\"]\n[endpoints]\npayroll = \"a.corp:1\"\nother = \"b.corp:2\"\n"),
+            p,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no connection string"), "{err}");
+        let err = ApplianceConfig::parse(
+            &format!("connection_strings = [\"{azure}\"]\n[endpoints]\npayroll = \"a.corp\"\n"),
+            p,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::EndpointSyntax { .. }), "{err}");
     }
 
     #[test]

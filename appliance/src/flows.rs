@@ -10,10 +10,10 @@ use std::time::Duration;
 use netstack::{IncomingFlow, IncomingFlows};
 use tracing::{Instrument, debug, info, info_span, warn};
 use transport::metrics::Direction;
-use transport::sender::Sender;
 
 use crate::metrics::{ApplianceMetrics, FlowRefusedReason};
 use crate::table::FlowTable;
+use crate::upstream::{Upstream, Upstreams};
 
 /// Copy buffer per direction between an app flow and its stream.
 const COPY_BUFFER: usize = 256 * 1024;
@@ -32,9 +32,9 @@ pub struct Dispatch {
     pub table: FlowTable,
     /// Virtual address → host name.
     pub names: std::collections::HashMap<Ipv4Addr, String>,
-    /// The relay client new flows go through. A reload with new connection
-    /// strings puts a new one here; flows already open keep the old one.
-    pub sender: Sender,
+    /// The relay clients new flows go through. A reload with new connection
+    /// strings puts new ones here; flows already open keep the old ones.
+    pub upstreams: Upstreams,
 }
 
 /// Accepts flows until the netstack stops, counting them in `metrics`.
@@ -54,9 +54,9 @@ pub async fn serve(
                 .table
                 .lookup(flow.dst(), |ip| d.names.get(&ip).cloned())
                 .cloned();
-            hc.map(|hc| (hc, d.sender.clone()))
+            hc.map(|hc| (hc, d.upstreams.clone()))
         };
-        let Some((hc, sender)) = found else {
+        let Some((hc, upstreams)) = found else {
             debug!(src = %flow.src(), dst = %flow.dst(), "no hybrid connection for this address and port; refused");
             metrics.refused("", FlowRefusedReason::no_hybrid_connection);
             flow.refuse();
@@ -66,7 +66,7 @@ pub async fn serve(
         let metrics = metrics.clone();
         tokio::spawn(
             async move {
-                serve_flow(flow, sender, hc, &metrics).await;
+                serve_flow(flow, upstreams, hc, &metrics).await;
             }
             .instrument(span),
         );
@@ -75,11 +75,11 @@ pub async fn serve(
 
 async fn serve_flow(
     flow: IncomingFlow,
-    sender: Sender,
+    upstreams: Upstreams,
     hc: proto::name::HcName,
     metrics: &ApplianceMetrics,
 ) {
-    let opened = tokio::time::timeout(OPEN_TIMEOUT, sender.open(&hc)).await;
+    let opened = tokio::time::timeout(OPEN_TIMEOUT, upstreams.open(&hc)).await;
     let stream = match opened {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
@@ -104,11 +104,25 @@ async fn serve_flow(
         }
     };
     let mut app = metrics.counted(app, hc.as_str(), Direction::to_target);
-    let mut stream = metrics.counted(stream, hc.as_str(), Direction::from_target);
-    match tokio::io::copy_bidirectional_with_sizes(&mut app, &mut stream, COPY_BUFFER, COPY_BUFFER)
-        .await
-    {
-        Ok((up, down)) => debug!(up, down, "flow closed"),
-        Err(e) => debug!(error = %e, "flow ended with an error"),
+    match stream {
+        Upstream::Native(stream) => {
+            let mut stream = metrics.counted(stream, hc.as_str(), Direction::from_target);
+            match tokio::io::copy_bidirectional_with_sizes(
+                &mut app,
+                &mut stream,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            )
+            .await
+            {
+                Ok((up, down)) => debug!(up, down, "flow closed"),
+                Err(e) => debug!(error = %e, "flow ended with an error"),
+            }
+        }
+        Upstream::Azure(stream) => {
+            let (down, up) = stream.join(&mut app).await;
+            metrics.add_bytes(hc.as_str(), Direction::from_target, down);
+            debug!(up, down, "flow closed");
+        }
     }
 }

@@ -18,4 +18,5 @@ pub mod routing;
 pub mod service;
 pub mod status;
 pub mod table;
+pub mod upstream;
 pub mod virtual_range;

@@ -170,6 +170,16 @@ impl ApplianceMetrics {
         Counted::new(inner, self.bytes.get_or_create(&label).clone())
     }
 
+    /// Counts `bytes` of `hc` gone `direction` (for a stream counted only
+    /// when it ends).
+    pub fn add_bytes(&self, hc: &str, direction: Direction, bytes: u64) {
+        let label = HcDirection {
+            hc: hc.to_string(),
+            direction,
+        };
+        self.bytes.get_or_create(&label).inc_by(bytes);
+    }
+
     /// The metrics in the Prometheus text format.
     pub fn render(&self) -> String {
         transport::metrics::encode(&self.registry)

@@ -12,7 +12,7 @@ use proto::connection_string::ConnectionString;
 use proto::name::{Endpoint, HcName};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
-use transport::sender::{Sender, SenderOptions};
+use transport::sender::SenderOptions;
 
 use crate::config::ApplianceConfig;
 use crate::dns::{DnsConfig, DnsServer};
@@ -26,6 +26,7 @@ use crate::resolv::{self, ResolvPaths};
 use crate::routing::{self, RoutingConfig, RoutingGuard, RulePrefs};
 use crate::status::{self, ApplianceHcStatus, Status};
 use crate::table::FlowTable;
+use crate::upstream::{UpstreamError, Upstreams};
 
 /// How long start-up waits for the relay to announce the endpoints.
 const ENDPOINT_WAIT: Duration = Duration::from_secs(15);
@@ -33,9 +34,9 @@ const ENDPOINT_WAIT: Duration = Duration::from_secs(15);
 /// Why the appliance could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplianceError {
-    /// The relay client could not start.
+    /// A relay client could not start.
     #[error(transparent)]
-    Sender(#[from] transport::sender::SendError),
+    Upstream(#[from] UpstreamError),
     /// Routing setup failed.
     #[error(transparent)]
     Routing(#[from] routing::RoutingError),
@@ -126,7 +127,7 @@ pub async fn run(
         counters: metrics.control().clone(),
         ..sender_options()
     };
-    let sender = Sender::start(config.connection_strings.clone(), sender_options.clone())?;
+    let sender = start_upstreams(&config, sender_options.clone())?;
     let endpoints = wait_for_endpoints(&sender).await;
     let decisions = gate.decide(&endpoints);
     log_decisions(&decisions);
@@ -174,7 +175,7 @@ pub async fn run(
     let dispatch = Arc::new(RwLock::new(Dispatch {
         table,
         names: names.iter().map(|(n, ip)| (ip, n.to_string())).collect(),
-        sender: sender.clone(),
+        upstreams: sender.clone(),
     }));
     let flow_task = tokio::spawn(flows::serve(flow_rx, dispatch.clone(), metrics));
     for (name, ip) in served {
@@ -190,7 +191,7 @@ pub async fn run(
     // Follow the relay: new or changed endpoints are named and routed when
     // the gate lets them in.
     let mut sender = sender;
-    let mut strings = config.connection_strings.clone();
+    let mut reached = Reached::of(&config);
     let mut allow = config.allow.clone();
     let mut changes = sender.changes();
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| ApplianceError::Netstack {
@@ -231,21 +232,27 @@ pub async fn run(
         };
         if reload {
             match reload_config(reload_from.as_deref()) {
-                Some(new) if new.connection_strings != strings => {
+                Some(new) if Reached::of(&new) != reached => {
                     info!(
                         hcs = new.connection_strings.len(),
-                        "reloading: new connection strings; open flows keep theirs"
+                        "reloading: new connection strings or endpoints; open flows keep theirs"
                     );
-                    match Sender::start(new.connection_strings.clone(), sender_options.clone()) {
+                    match start_upstreams(&new, sender_options.clone()) {
                         Ok(fresh) => {
                             sender = fresh;
-                            strings = new.connection_strings.clone();
+                            reached = Reached::of(&new);
                             changes = sender.changes();
-                            *gate.never_route_mut() =
-                                relay_never_route(&strings, &upstreams, host.clone()).await;
+                            *gate.never_route_mut() = relay_never_route(
+                                &new.connection_strings,
+                                &upstreams,
+                                host.clone(),
+                            )
+                            .await;
                             let _ = wait_for_endpoints(&sender).await;
-                            dispatch.write().unwrap_or_else(|p| p.into_inner()).sender =
-                                sender.clone();
+                            dispatch
+                                .write()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .upstreams = sender.clone();
                         }
                         Err(e) => {
                             warn!(error = %e, "reload failed; keeping the running configuration")
@@ -329,7 +336,7 @@ fn log_decisions(decisions: &Decisions) {
         match &v.state {
             GateState::Ok => {
                 let rule = v.rule.as_ref().map(ToString::to_string).unwrap_or_default();
-                info!(hc = %v.hc, endpoint, allowed_by = %rule, "serving the endpoint the relay announced");
+                info!(hc = %v.hc, endpoint, allowed_by = %rule, "serving the endpoint");
             }
             GateState::Waiting => info!(hc = %v.hc, "the relay announces no endpoint; not served"),
             refused => warn!(
@@ -343,7 +350,13 @@ fn log_decisions(decisions: &Decisions) {
 }
 
 /// Writes `status.json`; a failure is logged, never fatal.
-fn write_status(path: &Path, gate: &Gate, decisions: &Decisions, names: &NameMap, sender: &Sender) {
+fn write_status(
+    path: &Path,
+    gate: &Gate,
+    decisions: &Decisions,
+    names: &NameMap,
+    sender: &Upstreams,
+) {
     let hcs = decisions
         .verdicts
         .iter()
@@ -443,6 +456,38 @@ fn own_sources(host: &[HostAddress]) -> Vec<Ipv4Range> {
     out
 }
 
+/// What decides the relay clients: a change of it on reload starts new
+/// ones.
+#[derive(PartialEq)]
+struct Reached {
+    strings: Vec<ConnectionString>,
+    endpoints: std::collections::BTreeMap<HcName, Endpoint>,
+    ca_file: Option<PathBuf>,
+}
+
+impl Reached {
+    fn of(config: &ApplianceConfig) -> Reached {
+        Reached {
+            strings: config.connection_strings.clone(),
+            endpoints: config.endpoints.clone(),
+            ca_file: config.ca_file.clone(),
+        }
+    }
+}
+
+/// The relay clients of `config`'s strings.
+fn start_upstreams(
+    config: &ApplianceConfig,
+    options: SenderOptions,
+) -> Result<Upstreams, UpstreamError> {
+    Upstreams::start(
+        &config.connection_strings,
+        &config.endpoints,
+        config.ca_file.as_deref(),
+        options,
+    )
+}
+
 fn sender_options() -> SenderOptions {
     SenderOptions {
         label: "appliance".into(),
@@ -474,14 +519,21 @@ fn reload_config(path: Option<&Path>) -> Option<ApplianceConfig> {
 pub async fn announced_endpoints(
     strings: Vec<ConnectionString>,
 ) -> Result<Vec<(HcName, Option<Endpoint>)>, ApplianceError> {
-    let sender = Sender::start(strings, sender_options())?;
+    let strings: Vec<ConnectionString> = strings
+        .into_iter()
+        .filter(|cs| cs.cert_sha256.is_some())
+        .collect();
+    if strings.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sender = Upstreams::start(&strings, &Default::default(), None, sender_options())?;
     Ok(wait_for_endpoints(&sender).await)
 }
 
 /// Waits until the relay has announced an endpoint for every hybrid
 /// connection, or [`ENDPOINT_WAIT`] has passed; returns them all, `None`
 /// for those still unknown.
-async fn wait_for_endpoints(sender: &Sender) -> Vec<(HcName, Option<Endpoint>)> {
+async fn wait_for_endpoints(sender: &Upstreams) -> Vec<(HcName, Option<Endpoint>)> {
     let mut changes = sender.changes();
     let deadline = tokio::time::Instant::now() + ENDPOINT_WAIT;
     loop {

@@ -104,7 +104,7 @@ pub enum AgentCommand {
         /// certificate), whose relay names none: `NAME=HOST:PORT`, or
         /// `HOST:PORT` when only one is served that way. Repeatable. The
         /// on-prem policy applies to it as to any endpoint.
-        #[arg(long = "endpoint", value_name = "[NAME=]HOST:PORT", value_parser = parse_azure_endpoint)]
+        #[arg(long = "endpoint", value_name = "[NAME=]HOST:PORT", value_parser = crate::connection_strings::parse_named_endpoint)]
         endpoints: Vec<(Option<HcName>, Endpoint)>,
         /// For listen strings without CertificateSha256: the CA
         /// certificates (PEM) that may issue the relay's certificate.
@@ -171,6 +171,18 @@ pub enum AgentCommand {
         /// them. For app sides that cannot carry the key.
         #[arg(long)]
         no_end_to_end: bool,
+        /// The endpoint of a hybrid connection served over Azure Relay's
+        /// protocol (a listen string without CertificateSha256), whose relay
+        /// names none: `NAME=HOST:PORT`, or `HOST:PORT` when only one is
+        /// given that way. Kept after its string in agent.conf (`endpoint=`)
+        /// and allowed in the policy. Repeatable.
+        #[arg(long = "endpoint", value_name = "[NAME=]HOST:PORT", value_parser = crate::connection_strings::parse_named_endpoint)]
+        endpoints: Vec<(Option<HcName>, Endpoint)>,
+        /// For listen strings without CertificateSha256: the CA
+        /// certificates (PEM) that may issue the relay's certificate, passed
+        /// to `agent run`. Default: the system's.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
         #[command(flatten)]
         install: crate::install::InstallArgs,
     },
@@ -248,7 +260,7 @@ async fn edit_policy(edit: PolicyEdit, allow: bool) -> anyhow::Result<()> {
         if !allow {
             anyhow::bail!("--endpoint-of only allows; name the host to deny");
         }
-        write_install_policy(&edit.policy, &edit.endpoint_of, &[]).await?;
+        write_install_policy(&edit.policy, &edit.endpoint_of, &[], &Default::default()).await?;
         tell_agent(&edit.status_socket).await;
         return Ok(());
     }
@@ -310,6 +322,8 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             connection_string_file,
             allow,
             no_end_to_end,
+            endpoints,
+            ca_file,
             install,
         } => {
             let strings = crate::connection_strings::gather(
@@ -317,7 +331,12 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                 connection_string_file.as_deref(),
                 crate::connection_strings::from_env(),
             )?;
-            install_agent(strings, &allow, no_end_to_end, &install).await
+            let endpoints = crate::connection_strings::azure_endpoints(&strings, endpoints)?;
+            let azure = AzureInstall {
+                endpoints: endpoints.into_iter().collect(),
+                ca_file,
+            };
+            install_agent(strings, &allow, no_end_to_end, azure, &install).await
         }
         AgentCommand::EndToEndKey { name, config } => {
             let strings = agent::strings_file::read(&config)?;
@@ -370,11 +389,20 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                 )?;
             }
             let mut connection_strings = fixed.clone();
+            let mut file_endpoints = std::collections::HashMap::new();
             if let Some(path) = &strings_file {
-                connection_strings.extend(agent::strings_file::read(path)?);
+                let file = agent::strings_file::read_all(path)?;
+                connection_strings.extend(file.strings);
+                file_endpoints = file.endpoints;
             }
+            // Those of the command line name strings of either source.
+            let fixed_endpoints: std::collections::HashMap<HcName, Endpoint> =
+                crate::connection_strings::azure_endpoints(&connection_strings, endpoints)?
+                    .into_iter()
+                    .collect();
             let sources = agent::reload::ReloadSources {
                 fixed,
+                fixed_endpoints: fixed_endpoints.clone(),
                 policy: policy
                     .clone()
                     .unwrap_or_else(|| default_policy_path(strings_file.as_deref())),
@@ -386,7 +414,8 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             options.dial_timeout = Duration::from_secs(dial_timeout);
             options.token_ttl = Duration::from_secs(token_ttl.max(2));
             options.shares = shares.caps();
-            options.azure_endpoints = azure_endpoints(&options.connection_strings, endpoints)?;
+            options.azure_endpoints = file_endpoints;
+            options.azure_endpoints.extend(fixed_endpoints);
             options.ca_file = ca_file;
             if let Some(label) = label {
                 options.label = label;
@@ -522,12 +551,14 @@ fn with_end_to_end_keys(
 }
 
 /// Adds allow rules to the policy at `path` for the new strings: `allow`
-/// when given, else each endpoint the relay names now (a rule is added only
-/// when the policy does not already allow the endpoint).
+/// when given, else each endpoint the relay names now, or `known` gives
+/// (a rule is added only when the policy does not already allow the
+/// endpoint).
 async fn write_install_policy(
     path: &Path,
     strings: &[ConnectionString],
     allow: &[String],
+    known: &std::collections::HashMap<HcName, Endpoint>,
 ) -> anyhow::Result<()> {
     use agent::policy::{RuleText, read_text, write_text};
     let mut text = read_text(path)?;
@@ -550,7 +581,13 @@ async fn write_install_policy(
             None
         };
         let mut by_relay: Vec<Vec<ConnectionString>> = Vec::new();
+        let mut answered = Vec::new();
         for cs in strings {
+            // Over Azure Relay's protocol the endpoint is the agent's own.
+            if let Some(endpoint) = known.get(&cs.hc) {
+                answered.push((cs.hc.clone(), endpoint.clone()));
+                continue;
+            }
             match by_relay
                 .iter_mut()
                 .find(|g| g[0].relay_host == cs.relay_host && g[0].relay_port == cs.relay_port)
@@ -568,18 +605,21 @@ async fn write_install_policy(
             for (hc, answer) in answers {
                 let endpoint = answer
                     .map_err(|e| anyhow::anyhow!("the relay refused to describe {hc}: {e}"))?;
-                if current
-                    .as_ref()
-                    .is_some_and(|p| p.check_endpoint(&hc, &endpoint).is_ok())
-                {
-                    continue;
-                }
-                wanted.push(RuleText {
-                    host: endpoint.host().to_string(),
-                    ports: Some(vec![agent::policy::PortSpec::One(endpoint.port())]),
-                    hc: Some(hc.to_string()),
-                });
+                answered.push((hc, endpoint));
             }
+        }
+        for (hc, endpoint) in answered {
+            if current
+                .as_ref()
+                .is_some_and(|p| p.check_endpoint(&hc, &endpoint).is_ok())
+            {
+                continue;
+            }
+            wanted.push(RuleText {
+                host: endpoint.host().to_string(),
+                ports: Some(vec![agent::policy::PortSpec::One(endpoint.port())]),
+                hc: Some(hc.to_string()),
+            });
         }
     }
     for rule in wanted {
@@ -605,14 +645,23 @@ async fn write_install_policy(
     Ok(())
 }
 
+/// `agent install --endpoint --ca-file`: how strings over Azure Relay's
+/// protocol are served.
+struct AzureInstall {
+    endpoints: std::collections::HashMap<HcName, Endpoint>,
+    ca_file: Option<PathBuf>,
+}
+
 async fn install_agent(
     strings: Vec<ConnectionString>,
     allow: &[String],
     no_end_to_end: bool,
+    azure: AzureInstall,
     args: &crate::install::InstallArgs,
 ) -> anyhow::Result<()> {
     for cs in &strings {
-        if cs.key_name != "listen" {
+        // An Azure namespace's rules have names of their own choosing.
+        if cs.key_name != "listen" && cs.cert_sha256.is_some() {
             anyhow::bail!(
                 "the connection string for {} is a {} string; the agent needs the listen string (`hybridlink hc keys {} --rule listen --key primary`)",
                 cs.hc,
@@ -621,25 +670,41 @@ async fn install_agent(
             );
         }
     }
-    let unit = unit(&args.binary()?);
-    crate::install::make_system_user(args, &unit)?;
+    let unit = unit(&args.binary()?, azure.ca_file.as_deref());
     let conf = args.under_root(Path::new(AGENT_CONF));
     let old = if conf.exists() {
-        agent::strings_file::read(&conf)?
+        agent::strings_file::read_all(&conf)?
     } else {
-        Vec::new()
+        agent::strings_file::StringsFile::default()
     };
-    let strings = with_end_to_end_keys(strings, &old, no_end_to_end)?;
-    let policy = args.under_root(Path::new(POLICY_FILE));
-    write_install_policy(&policy, &strings, allow).await?;
-    let new = strings.clone();
-    let all = merge(old, strings);
-    let mut text = String::from(
-        "# Listen connection strings served by the hybridlink agent, one per line.\n# Written by `hybridlink agent install`, which adds to this list.\n",
-    );
-    for cs in &all {
-        text.push_str(&format!("{cs}\n"));
+    let mut endpoints = old.endpoints.clone();
+    endpoints.extend(azure.endpoints);
+    if let Some(cs) = strings
+        .iter()
+        .find(|cs| cs.cert_sha256.is_none() && !endpoints.contains_key(&cs.hc))
+    {
+        anyhow::bail!(
+            "{hc}: its listen string has no CertificateSha256, so it is served over Azure Relay's protocol, whose relay names no endpoint: give one with --endpoint {hc}=HOST:PORT",
+            hc = cs.hc
+        );
     }
+    crate::install::make_system_user(args, &unit)?;
+    let strings = with_end_to_end_keys(strings, &old.strings, no_end_to_end)?;
+    let policy = args.under_root(Path::new(POLICY_FILE));
+    write_install_policy(&policy, &strings, allow, &endpoints).await?;
+    let new = strings.clone();
+    let all = merge(old.strings, strings);
+    endpoints.retain(|hc, _| {
+        all.iter()
+            .any(|cs| &cs.hc == hc && cs.cert_sha256.is_none())
+    });
+    let file = agent::strings_file::StringsFile {
+        strings: all.clone(),
+        endpoints,
+    };
+    let text = file.to_text(
+        "# Listen connection strings served by the hybridlink agent, one per line\n# (over Azure Relay's protocol, with `endpoint=HOST:PORT` after it).\n# Written by `hybridlink agent install`, which adds to this list.\n",
+    );
     crate::install::write_file(&conf, &text, 0o640)?;
     // Root edits them (`agent allow|deny`, which keeps their owner, group
     // and mode); the agent's group reads them, at start and on every reload.
@@ -677,7 +742,7 @@ pub const USER: SystemUser = SystemUser {
 
 /// The agent's unit: its own user, no capability, nothing writable but its
 /// control socket's directory, which only that user (and root) may enter.
-fn unit(binary: &Path) -> Unit {
+fn unit(binary: &Path, ca_file: Option<&Path>) -> Unit {
     let mut service: Vec<String> = SOCKETS_ONLY.iter().map(|l| l.to_string()).collect();
     service.push("RuntimeDirectory=hybridlink-agent".into());
     service.push("RuntimeDirectoryMode=0700".into());
@@ -694,7 +759,14 @@ fn unit(binary: &Path) -> Unit {
             POLICY_FILE.into(),
             "--status-socket".into(),
             agent::control_socket::SYSTEM_PATH.into(),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            ca_file
+                .map(|f| vec!["--ca-file".into(), f.display().to_string()])
+                .unwrap_or_default(),
+        )
+        .collect(),
         reload_on_hup: true,
         notify: false,
         run_as: RunAs::User(USER),
@@ -705,54 +777,6 @@ fn unit(binary: &Path) -> Unit {
 }
 
 /// `--label`: refused at once rather than cut or refused by the relay later.
-/// `--endpoint [NAME=]HOST:PORT`.
-fn parse_azure_endpoint(text: &str) -> Result<(Option<HcName>, Endpoint), String> {
-    let (name, endpoint) = match text.split_once('=') {
-        Some((name, endpoint)) => (
-            Some(name.parse::<HcName>().map_err(|e| e.to_string())?),
-            endpoint,
-        ),
-        None => (None, text),
-    };
-    let endpoint = endpoint.parse::<Endpoint>().map_err(|e| e.to_string())?;
-    Ok((name, endpoint))
-}
-
-/// The endpoint of each string served over Azure Relay's protocol: named
-/// ones as named, a bare one for the only such string.
-fn azure_endpoints(
-    strings: &[ConnectionString],
-    given: Vec<(Option<HcName>, Endpoint)>,
-) -> anyhow::Result<std::collections::HashMap<HcName, Endpoint>> {
-    let azure: Vec<&HcName> = strings
-        .iter()
-        .filter(|cs| cs.cert_sha256.is_none())
-        .map(|cs| &cs.hc)
-        .collect();
-    let mut out = std::collections::HashMap::new();
-    for (name, endpoint) in given {
-        let name = match name {
-            Some(name) => name,
-            None => match azure.as_slice() {
-                [only] => (*only).clone(),
-                [] => anyhow::bail!(
-                    "--endpoint {endpoint}: no listen string is served over Azure Relay's protocol (those without CertificateSha256); a hybridlink relay names the endpoint itself"
-                ),
-                _ => anyhow::bail!(
-                    "--endpoint {endpoint}: several hybrid connections are served over Azure Relay's protocol; name one: --endpoint NAME={endpoint}"
-                ),
-            },
-        };
-        if !azure.contains(&&name) {
-            anyhow::bail!(
-                "--endpoint {name}={endpoint}: {name} is not a hybrid connection this agent serves over Azure Relay's protocol"
-            );
-        }
-        out.insert(name, endpoint);
-    }
-    Ok(out)
-}
-
 fn parse_label(text: &str) -> Result<String, proto::label::LabelError> {
     proto::label::PeerLabel::parse(text).map(|l| l.to_string())
 }
@@ -797,7 +821,7 @@ WantedBy=multi-user.target
 "
         );
         assert_eq!(
-            unit(Path::new("/usr/local/bin/hybridlink")).render(),
+            unit(Path::new("/usr/local/bin/hybridlink"), None).render(),
             expected
         );
     }

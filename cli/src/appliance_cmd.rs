@@ -9,6 +9,7 @@ use appliance::config::{ApplianceConfig, check_tun, parse_range};
 use appliance::status::{STATUS_FILE, Status};
 use clap::Subcommand;
 use proto::connection_string::ConnectionString;
+use proto::name::{Endpoint, HcName};
 
 use crate::install::{RunAs, Unit};
 
@@ -46,6 +47,18 @@ pub enum ApplianceCommand {
         /// more.
         #[arg(long = "allow", value_name = "ENTRY")]
         allow: Vec<AllowEntry>,
+        /// The endpoint of a hybrid connection reached over Azure Relay's
+        /// protocol (a send string without CertificateSha256: an Azure Relay
+        /// namespace, or a hybridlink relay's Azure front door), whose relay
+        /// names none: `NAME=HOST:PORT`, or `HOST:PORT` when only one goes that
+        /// way. The app reaches it by this name and port; `allow` applies.
+        /// Repeatable; adds to the config's `[endpoints]`.
+        #[arg(long = "endpoint", value_name = "[NAME=]HOST:PORT", value_parser = crate::connection_strings::parse_named_endpoint)]
+        endpoints: Vec<(Option<HcName>, Endpoint)>,
+        /// For send strings without CertificateSha256: the CA certificates
+        /// (PEM) that may issue the relay's certificate. Default: the system's.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
         #[command(flatten)]
         install: crate::install::InstallArgs,
     },
@@ -96,6 +109,18 @@ pub struct RunArgs {
     /// either, each hybrid connection's first announced host is allowed.
     #[arg(long = "allow", value_name = "ENTRY")]
     allow: Vec<AllowEntry>,
+    /// The endpoint of a hybrid connection reached over Azure Relay's
+    /// protocol (a send string without CertificateSha256: an Azure Relay
+    /// namespace, or a hybridlink relay's Azure front door), whose relay
+    /// names none: `NAME=HOST:PORT`, or `HOST:PORT` when only one goes that
+    /// way. The app reaches it by this name and port; `allow` applies.
+    /// Repeatable; adds to the config's `[endpoints]`.
+    #[arg(long = "endpoint", value_name = "[NAME=]HOST:PORT", value_parser = crate::connection_strings::parse_named_endpoint)]
+    endpoints: Vec<(Option<HcName>, Endpoint)>,
+    /// For send strings without CertificateSha256: the CA certificates
+    /// (PEM) that may issue the relay's certificate. Default: the system's.
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics: app connections
     /// carried, refused and active per hybrid connection, bytes each way,
     /// DNS queries by answer, reconnects, token renewals.
@@ -109,6 +134,7 @@ pub const APPLIANCE_CONF: &str = "/etc/hybridlink/appliance.toml";
 async fn install(
     strings: Vec<ConnectionString>,
     allow: Vec<AllowEntry>,
+    reached: Reached,
     args: &crate::install::InstallArgs,
 ) -> anyhow::Result<()> {
     let path = args.under_root(std::path::Path::new(APPLIANCE_CONF));
@@ -125,15 +151,21 @@ async fn install(
     } else {
         merge_strings(config.connection_strings.clone(), strings.clone())
     };
-    config.connection_strings = merge_strings(config.connection_strings.clone(), strings);
+    config.connection_strings = merge_strings(config.connection_strings.clone(), strings.clone());
+    reached.apply(&strings, &mut config)?;
     // The allow list: what it held, what was asked for, and what was learnt.
     let mut list = config.allow.clone().unwrap_or_default();
     for entry in allow {
         list.insert(entry);
     }
-    let announced = appliance::service::announced_endpoints(learn)
+    let mut announced = appliance::service::announced_endpoints(learn.clone())
         .await
         .context("asking the relay for the endpoints")?;
+    // Those of Azure-protocol strings come from the config.
+    announced.extend(learn.iter().filter_map(|cs| {
+        let endpoint = config.endpoints.get(&cs.hc)?;
+        Some((cs.hc.clone(), Some(endpoint.clone())))
+    }));
     for (hc, endpoint) in announced {
         match endpoint {
             Some(e) => {
@@ -216,6 +248,32 @@ fn unit(binary: &Path, state_dir: &Path) -> Unit {
     }
 }
 
+/// `--endpoint` and `--ca-file`: how strings over Azure Relay's protocol
+/// are reached.
+struct Reached {
+    endpoints: Vec<(Option<HcName>, Endpoint)>,
+    ca_file: Option<PathBuf>,
+}
+
+impl Reached {
+    /// Adds to `config` the endpoints given for `strings` (a bare one for
+    /// the only Azure-protocol string among them) and the CA file, then
+    /// checks that every Azure-protocol string has its endpoint.
+    fn apply(
+        self,
+        strings: &[ConnectionString],
+        config: &mut ApplianceConfig,
+    ) -> anyhow::Result<()> {
+        let named = crate::connection_strings::azure_endpoints(strings, self.endpoints)?;
+        config.endpoints.extend(named);
+        if let Some(ca) = self.ca_file {
+            config.ca_file = Some(ca);
+        }
+        config.check_endpoints()?;
+        Ok(())
+    }
+}
+
 /// `old` with `new` added; a new string for a hybrid connection of the same
 /// relay replaces the old one.
 fn merge_strings(
@@ -237,6 +295,8 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
             connection_strings,
             connection_string_file,
             allow,
+            endpoints,
+            ca_file,
             install: args,
         } => {
             let strings = crate::connection_strings::gather(
@@ -244,7 +304,8 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
                 connection_string_file.as_deref(),
                 crate::connection_strings::from_env(),
             )?;
-            return install(strings, allow, &args).await;
+            let reached = Reached { endpoints, ca_file };
+            return install(strings, allow, reached, &args).await;
         }
         ApplianceCommand::Status { state_dir, json } => return status(&state_dir, json),
         ApplianceCommand::Run(args) => args,
@@ -258,6 +319,8 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
         dns_listen,
         state_dir,
         allow,
+        endpoints,
+        ca_file,
         metrics,
     } = args;
     let mut config_from_file = match &config {
@@ -285,6 +348,8 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
     if !allow.is_empty() {
         config.allow = Some(AllowList::new(allow));
     }
+    let strings = config.connection_strings.clone();
+    Reached { endpoints, ca_file }.apply(&strings, config)?;
     let counted = std::sync::Arc::new(appliance::metrics::ApplianceMetrics::new());
     if let Some(addr) = metrics {
         let counted = counted.clone();

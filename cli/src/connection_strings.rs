@@ -13,6 +13,7 @@ use std::io::Read;
 use std::path::Path;
 
 use proto::connection_string::ConnectionString;
+use proto::name::{Endpoint, HcName};
 
 /// The environment variable that may hold connection strings (several
 /// separated by newlines).
@@ -109,6 +110,54 @@ pub fn gather_one(
 /// The value of [`ENV`], if set.
 pub fn from_env() -> Option<String> {
     std::env::var(ENV).ok()
+}
+
+/// `--endpoint [NAME=]HOST:PORT`.
+pub fn parse_named_endpoint(text: &str) -> Result<(Option<HcName>, Endpoint), String> {
+    let (name, endpoint) = match text.split_once('=') {
+        Some((name, endpoint)) => (
+            Some(name.parse::<HcName>().map_err(|e| e.to_string())?),
+            endpoint,
+        ),
+        None => (None, text),
+    };
+    let endpoint = endpoint.parse::<Endpoint>().map_err(|e| e.to_string())?;
+    Ok((name, endpoint))
+}
+
+/// The endpoint of each string served over Azure Relay's protocol: named
+/// ones as named, a bare one for the only such string.
+pub fn azure_endpoints(
+    strings: &[ConnectionString],
+    given: Vec<(Option<HcName>, Endpoint)>,
+) -> anyhow::Result<std::collections::BTreeMap<HcName, Endpoint>> {
+    let azure: Vec<&HcName> = strings
+        .iter()
+        .filter(|cs| cs.cert_sha256.is_none())
+        .map(|cs| &cs.hc)
+        .collect();
+    let mut out = std::collections::BTreeMap::new();
+    for (name, endpoint) in given {
+        let name = match name {
+            Some(name) => name,
+            None => match azure.as_slice() {
+                [only] => (*only).clone(),
+                [] => anyhow::bail!(
+                    "--endpoint {endpoint}: no connection string goes over Azure Relay's protocol (those without CertificateSha256); a hybridlink relay names the endpoint itself"
+                ),
+                _ => anyhow::bail!(
+                    "--endpoint {endpoint}: several hybrid connections go over Azure Relay's protocol; name one: --endpoint NAME={endpoint}"
+                ),
+            },
+        };
+        if !azure.contains(&&name) {
+            anyhow::bail!(
+                "--endpoint {name}={endpoint}: {name} has no connection string here that goes over Azure Relay's protocol"
+            );
+        }
+        out.insert(name, endpoint);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

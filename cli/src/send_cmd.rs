@@ -12,6 +12,7 @@ use proto::name::HcName;
 use tokio::io::{AsyncWriteExt, copy};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, info, info_span, warn};
+use transport::azure::AzureSender;
 use transport::sender::{Sender, SenderOptions};
 
 /// Options shared by `connect` and `forward`.
@@ -48,35 +49,13 @@ pub enum Framing {
     Raw,
 }
 
-/// A hybrid connection reached over Azure Relay's protocol: one WebSocket
-/// per stream.
-#[derive(Debug, Clone)]
-struct AzureSender {
-    client: transport::azure::Client,
-    cs: ConnectionString,
-    framing: transport::azure::Framing,
-}
-
-impl AzureSender {
-    fn new(cs: &ConnectionString, args: &SendArgs) -> anyhow::Result<AzureSender> {
-        let trust = transport::azure::Trust::for_string(cs, args.ca_file.as_deref())?;
-        Ok(AzureSender {
-            client: transport::azure::Client::for_string(cs, trust)?,
-            cs: cs.clone(),
-            framing: match args.framing {
-                Framing::Azbridge => transport::azure::Framing::Azbridge(args.port_name.clone()),
-                Framing::Raw => transport::azure::Framing::Raw,
-            },
-        })
-    }
-
-    async fn open(&self) -> anyhow::Result<transport::azure::AzureStream> {
-        transport::azure::open_stream(&self.client, &self.cs, &self.framing)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("{}: {}", self.cs.hc, transport::azure::describe_refusal(&e))
-            })
-    }
+/// The Azure-protocol sender `args` describe for `cs`.
+fn azure_sender(cs: &ConnectionString, args: &SendArgs) -> anyhow::Result<AzureSender> {
+    let framing = match args.framing {
+        Framing::Azbridge => transport::azure::Framing::Azbridge(args.port_name.clone()),
+        Framing::Raw => transport::azure::Framing::Raw,
+    };
+    Ok(AzureSender::new(cs, args.ca_file.as_deref(), framing)?)
 }
 
 /// Where `connect` and `forward` take their send connection string from.
@@ -207,9 +186,9 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
 /// `connect` over Azure Relay's protocol: one WebSocket joined to
 /// stdin/stdout, half-close included.
 async fn connect_azure(cs: &ConnectionString, check: bool, send: &SendArgs) -> anyhow::Result<()> {
-    let sender = AzureSender::new(cs, send)?;
+    let sender = azure_sender(cs, send)?;
     let started = std::time::Instant::now();
-    let stream = sender.open().await?;
+    let stream = sender.open().await.map_err(anyhow::Error::msg)?;
     if check {
         println!(
             "{}: reachable through the relay and a listener, over Azure Relay's protocol, {} ({} ms)",
@@ -260,7 +239,7 @@ impl Route {
                     stream.join(conn).await;
                     return;
                 }
-                Err(e) => e,
+                Err(e) => anyhow::Error::msg(e),
             },
         };
         warn!(error = %refused, "stream refused; resetting the local connection");
@@ -274,7 +253,7 @@ impl Route {
 pub async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
     let cs = args.strings.resolve()?;
     let route = if cs.cert_sha256.is_none() {
-        Route::Azure(Box::new(AzureSender::new(&cs, &args.send)?))
+        Route::Azure(Box::new(azure_sender(&cs, &args.send)?))
     } else {
         Route::Native(sender(&cs, &args.send, "forward")?)
     };

@@ -465,3 +465,56 @@ fn an_end_to_end_key_is_checked_inside_the_websocket() -> Result<()> {
     );
     Ok(())
 }
+
+/// A listen string served over the Azure protocol from the agent's
+/// strings file carries its endpoint on its line (`endpoint=HOST:PORT`,
+/// as `agent install --endpoint` writes it); a changed endpoint in the
+/// file is served after `agent reload`.
+#[test]
+fn the_strings_file_gives_azure_endpoints_and_a_reload_moves_them() -> Result<()> {
+    let relay = Relay::start()?;
+    let echo = hybridlink_tests::echo_server_thread()?;
+    // The second target greets and closes.
+    let greeter = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let greeter_addr = greeter.local_addr()?;
+    std::thread::spawn(move || {
+        for mut conn in greeter.incoming().flatten() {
+            let _ = conn.write_all(b"second target\n");
+        }
+    });
+    let (send, listen) = relay.create_hc("payroll", echo)?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("agent.conf");
+    let listen = azure_style(&listen);
+    std::fs::write(&file, format!("{listen} endpoint={echo}\n"))?;
+    let cert = relay.data_dir.join("cert.pem");
+    let agent = Agent::start_with_text(
+        &[],
+        &[
+            "--connection-strings-file",
+            file.to_str().context("utf-8")?,
+            "--ca-file",
+            cert.to_str().context("utf-8")?,
+        ],
+    )?;
+    agent.wait_connected()?;
+    let send = azure_style(&send);
+    let (ok, out, err) = connect(&relay, &send, &[], b"first")?;
+    ensure!(ok && out == b"first", "before the reload: {err}");
+
+    std::fs::write(&file, format!("{listen} endpoint={greeter_addr}\n"))?;
+    let out = Command::new(binary())
+        .args(["agent", "reload", "--status-socket"])
+        .arg(&agent.status_socket)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "agent reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    hybridlink_tests::wait_for("the moved endpoint", 20, || {
+        let (ok, out, _) = connect(&relay, &send, &[], b"")?;
+        Ok(ok && out == b"second target\n")
+    })?;
+    Ok(())
+}

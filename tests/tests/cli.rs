@@ -350,3 +350,121 @@ fn the_relays_certificate_and_extra_listener_flags_are_explained_and_checked() -
     );
     Ok(())
 }
+
+/// An Azure-protocol send string (no `CertificateSha256`) names no
+/// endpoint: `appliance install` refuses it without `--endpoint`, saying
+/// how to give one, and with it writes the endpoint, the CA file and the
+/// endpoint's host (for `allow`) into the config, without asking a relay.
+#[test]
+fn appliance_install_keeps_the_endpoints_of_azure_protocol_strings() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let root_arg = root.path().to_str().context("utf-8")?;
+    let cs = "Endpoint=sb://ns.example/;SharedAccessKeyName=send;SharedAccessKey=Q2hhbmdlTWUtdGhpcy1pcy1hLXRlc3Qta2V5LTAwMDE=;EntityPath=payroll";
+    let install = ["appliance", "install", "--no-start", "--root", root_arg];
+    let mut args = install.to_vec();
+    args.extend(["--connection-string", cs]);
+    let (code, out, err) = run_flat(&args)?;
+    ensure!(
+        code != Some(0) && err.contains("--endpoint payroll=HOST:PORT"),
+        "without --endpoint: exit {code:?}: {out}{err}"
+    );
+    let config = root.path().join("etc/hybridlink/appliance.toml");
+    ensure!(
+        !config.exists(),
+        "a refused install wrote {}",
+        config.display()
+    );
+
+    args.extend(["--endpoint", "sql.corp:1433", "--ca-file", "/etc/ca.pem"]);
+    let (code, out, err) = run_flat(&args)?;
+    ensure!(code == Some(0), "install: exit {code:?}: {out}{err}");
+    let text = std::fs::read_to_string(&config)?;
+    for needle in [
+        "[endpoints]\n\"payroll\" = \"sql.corp:1433\"",
+        "ca_file = \"/etc/ca.pem\"",
+        "\"sql.corp\"",
+    ] {
+        ensure!(text.contains(needle), "no {needle:?} in {text}");
+    }
+
+    // `appliance run` says the same before it touches the namespace.
+    let (code, out, err) = run_flat(&["appliance", "run", "--connection-string", cs])?;
+    ensure!(
+        code != Some(0) && err.contains("--endpoint payroll=HOST:PORT"),
+        "run without --endpoint: exit {code:?}: {out}{err}"
+    );
+    Ok(())
+}
+
+/// `agent install` serves an Azure-protocol listen string (no
+/// `CertificateSha256`, any rule name) only with its endpoint, which it
+/// keeps after the string in agent.conf and allows in the policy, without
+/// asking a relay; `--ca-file` reaches the unit's `agent run`.
+#[test]
+fn agent_install_keeps_the_endpoints_of_azure_protocol_strings() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let root_arg = root.path().to_str().context("utf-8")?;
+    let cs = "Endpoint=sb://ns.example/;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=Q2hhbmdlTWUtdGhpcy1pcy1hLXRlc3Qta2V5LTAwMDE=;EntityPath=payroll";
+    let mut args = vec![
+        "agent",
+        "install",
+        "--no-start",
+        "--root",
+        root_arg,
+        "--binary",
+        "/usr/local/bin/hybridlink",
+        "--connection-string",
+        cs,
+    ];
+    let (code, out, err) = run_flat(&args)?;
+    ensure!(
+        code != Some(0) && err.contains("--endpoint payroll=HOST:PORT"),
+        "without --endpoint: exit {code:?}: {out}{err}"
+    );
+    args.extend(["--endpoint", "sql.corp:1433", "--ca-file", "/etc/ca.pem"]);
+    let (code, out, err) = run_flat(&args)?;
+    ensure!(code == Some(0), "install: exit {code:?}: {out}{err}");
+    let conf = std::fs::read_to_string(root.path().join("etc/hybridlink/agent.conf"))?;
+    ensure!(
+        conf.lines()
+            .any(|l| l.starts_with("Endpoint=sb://ns.example")
+                && l.ends_with(" endpoint=sql.corp:1433")),
+        "agent.conf: {conf}"
+    );
+    let policy = std::fs::read_to_string(root.path().join("etc/hybridlink/policy.toml"))?;
+    ensure!(
+        policy.contains("host = \"sql.corp\"") && policy.contains("1433"),
+        "policy: {policy}"
+    );
+    let unit = std::fs::read_to_string(
+        root.path()
+            .join("etc/systemd/system/hybridlink-agent.service"),
+    )?;
+    ensure!(unit.contains("--ca-file /etc/ca.pem"), "unit: {unit}");
+
+    // A second install of another string keeps the first one's endpoint.
+    let other = cs.replace("EntityPath=payroll", "EntityPath=ledger");
+    let (code, out, err) = run_flat(&[
+        "agent",
+        "install",
+        "--no-start",
+        "--root",
+        root_arg,
+        "--binary",
+        "/usr/local/bin/hybridlink",
+        "--connection-string",
+        &other,
+        "--endpoint",
+        "ledger=ledger.corp:5432",
+    ])?;
+    ensure!(code == Some(0), "second install: exit {code:?}: {out}{err}");
+    let conf = std::fs::read_to_string(root.path().join("etc/hybridlink/agent.conf"))?;
+    for needle in [
+        "EntityPath=payroll",
+        " endpoint=sql.corp:1433",
+        " endpoint=ledger.corp:5432",
+    ] {
+        ensure!(conf.contains(needle), "no {needle:?} in agent.conf: {conf}");
+    }
+    Ok(())
+}

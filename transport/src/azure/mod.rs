@@ -599,6 +599,46 @@ pub async fn open_stream(
     Ok(AzureStream::Plain(Box::new(ws)))
 }
 
+/// A sender of one hybrid connection over Azure Relay's protocol: the
+/// relay's client, the send string and how each stream begins. Cheap to
+/// clone; every [`AzureSender::open`] is a WebSocket of its own.
+#[derive(Debug, Clone)]
+pub struct AzureSender {
+    client: Client,
+    cs: ConnectionString,
+    framing: Framing,
+}
+
+impl AzureSender {
+    /// A sender for `cs`, trusting `ca_file` (PEM) or the system's roots
+    /// when `cs` pins no certificate.
+    pub fn new(
+        cs: &ConnectionString,
+        ca_file: Option<&Path>,
+        framing: Framing,
+    ) -> Result<AzureSender, AzureError> {
+        let trust = Trust::for_string(cs, ca_file)?;
+        Ok(AzureSender {
+            client: Client::for_string(cs, trust)?,
+            cs: cs.clone(),
+            framing,
+        })
+    }
+
+    /// The send string.
+    pub fn connection_string(&self) -> &ConnectionString {
+        &self.cs
+    }
+
+    /// Opens one stream; the error says why for people, naming the hybrid
+    /// connection.
+    pub async fn open(&self) -> Result<AzureStream, String> {
+        open_stream(&self.client, &self.cs, &self.framing)
+            .await
+            .map_err(|e| format!("{}: {}", self.cs.hc, describe_refusal(&e)))
+    }
+}
+
 /// A sender waiting for the listener's rendezvous, as an `accept` message
 /// describes it.
 #[derive(Debug, Clone)]
