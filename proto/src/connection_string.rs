@@ -107,7 +107,7 @@ pub enum ConnectionStringError {
     BadKey(KeyError),
     /// No `EntityPath`.
     #[error(
-        "connection string has no EntityPath (the hybrid connection name); copy it again with `hybridlink hc keys NAME`"
+        "connection string has no EntityPath (the hybrid connection name): copy it again with `hybridlink hc keys NAME`; a namespace-level string (Azure's RootManageSharedAccessKey) serves any hybrid connection of its namespace once `;EntityPath=NAME` is appended"
     )]
     MissingEntityPath,
     /// `EntityPath` is not a valid HC name.

@@ -302,6 +302,35 @@ fn an_untrusted_certificate_and_a_missing_endpoint_are_clear_errors() -> Result<
         !out.status.success() && err.contains("--endpoint payroll=HOST:PORT"),
         "an agent without --endpoint: {err}"
     );
+
+    // A pinned string against a relay presenting another certificate (as
+    // Azure's service would): the error says which way out fits.
+    let mut other_pin = send.clone();
+    other_pin.cert_sha256 = Some([7; 32]);
+    let out = Command::new(binary())
+        .args(["connect", "--check", "--wait", "3"])
+        .env("HYBRIDLINK_CONNECTION_STRING", other_pin.to_string())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && err.contains("not the pinned")
+            && err.contains("remove CertificateSha256"),
+        "a pin the relay does not match: {err}"
+    );
+
+    // A namespace-level string (no EntityPath): how to use it.
+    let text = azure_style(&send).to_string();
+    let namespace_level = text.replace(";EntityPath=payroll", "");
+    let out = Command::new(binary())
+        .args(["connect", "--check"])
+        .env("HYBRIDLINK_CONNECTION_STRING", namespace_level)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("append") && err.contains(";EntityPath=NAME"),
+        "a namespace-level string: {err}"
+    );
     Ok(())
 }
 
@@ -463,6 +492,24 @@ fn an_end_to_end_key_is_checked_inside_the_websocket() -> Result<()> {
         !ok && err.contains("sent no end-to-end proof"),
         "a sender without the key: {err}"
     );
+    // Raw framing has no room for the proof: refused before anything is
+    // sent, rather than sending the bytes unverified.
+    let (ok, _, err) = connect(&relay, &keyed, &["--framing", "raw"], b"unverified")?;
+    ensure!(
+        !ok && err.contains("--framing raw cannot carry the end-to-end check"),
+        "raw framing with a key: {err}"
+    );
+    // Azure's own client, which cannot prove the key, is refused by the
+    // agent (403) before it dials.
+    if let Some(dir) = azure_node_clients()? {
+        let env = [("HC", "payroll"), ("SEND_KEY", send.key.as_str())];
+        let out = node(&dir, &relay, HYCO_SENDER, &env).output()?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            !out.status.success() && said.contains("403"),
+            "a hyco-ws sender to a keyed agent: {said}"
+        );
+    }
     Ok(())
 }
 
@@ -516,5 +563,70 @@ fn the_strings_file_gives_azure_endpoints_and_a_reload_moves_them() -> Result<()
         let (ok, out, _) = connect(&relay, &send, &[], b"")?;
         Ok(ok && out == b"second target\n")
     })?;
+    Ok(())
+}
+
+/// The on-prem policy holds for streams already open over the Azure
+/// protocol: a policy that no longer allows the endpoint cuts them, and
+/// new ones are refused.
+#[test]
+fn a_replaced_policy_cuts_open_azure_streams() -> Result<()> {
+    let relay = Relay::start()?;
+    let echo = hybridlink_tests::echo_server_thread()?;
+    let (send, listen) = relay.create_hc("payroll", echo)?;
+    let dir = tempfile::tempdir()?;
+    let policy = dir.path().join("policy.toml");
+    let allow = |port: u16| format!("[[allow]]\nhost = \"127.0.0.1\"\nports = [{port}]\n");
+    std::fs::write(&policy, allow(echo.port()))?;
+    let _agent = agent(
+        &relay,
+        &[&azure_style(&listen)],
+        &[echo.to_string()],
+        Some(&policy),
+    )?;
+    let mut open = Command::new(binary())
+        .args(["connect", "--ca-file"])
+        .arg(relay.data_dir.join("cert.pem"))
+        .env(
+            "HYBRIDLINK_CONNECTION_STRING",
+            azure_style(&send).to_string(),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut stdin = open.stdin.take().context("stdin")?;
+    let mut stdout = open.stdout.take().context("stdout")?;
+    stdin.write_all(b"still here\n")?;
+    let mut line = [0u8; 11];
+    stdout.read_exact(&mut line)?;
+    ensure!(&line == b"still here\n", "the stream did not echo");
+
+    // Only another port from now on: the open stream's endpoint is out.
+    std::fs::write(&policy, allow(echo.port().wrapping_add(1)))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let cut = loop {
+        if let Some(status) = open.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if cut.is_none() {
+        let _ = open.kill();
+        let _ = open.wait();
+    }
+    drop(stdin);
+    ensure!(
+        cut.is_some(),
+        "the open stream outlived the policy that refused it"
+    );
+    let (ok, _, err) = connect(&relay, &azure_style(&send), &["--check"], b"")?;
+    ensure!(
+        !ok && err.contains("polic"),
+        "a new stream after the change: {err}"
+    );
     Ok(())
 }

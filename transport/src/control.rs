@@ -248,7 +248,15 @@ async fn connect(
         TlsConnector::from(tls.clone())
             .connect(server_name, tcp)
             .await
-            .map_err(|e| format!("TLS with relay {} failed: {e}", config.relay))
+            .map_err(|e| match crate::tls::pin_mismatch(&e) {
+                // Another certificate: the relay's was renewed, or it is
+                // not a hybridlink relay at all.
+                Some(pin) => format!(
+                    "the relay at {} presents a certificate other than the connection string's CertificateSha256 ({pin}): if the relay's certificate was renewed, copy the string again (`hybridlink hc keys NAME`); if it is an Azure Relay namespace or presents a CA-issued certificate, remove CertificateSha256 from the string to speak Azure Relay's protocol",
+                    config.relay
+                ),
+                None => format!("TLS with relay {} failed: {e}", config.relay),
+            })
     };
     timeout(HANDSHAKE_TIMEOUT, connect).await.map_err(|_| {
         format!(

@@ -202,6 +202,25 @@ pub fn unpinned_client_config() -> Result<Arc<rustls::ClientConfig>, TlsError> {
 /// Accepts exactly one certificate, named by its SHA-256 (or, made with
 /// [`PinnedCert::any`], whichever the peer shows), and checks that the
 /// handshake was signed with its key.
+/// A certificate other than the pinned one.
+#[derive(Debug, thiserror::Error)]
+#[error("its SHA-256 is {got}, not the pinned {expected}")]
+pub struct PinMismatch {
+    /// The pin.
+    pub expected: Fingerprint,
+    /// What the peer presented.
+    pub got: Fingerprint,
+}
+
+/// The pin mismatch behind a failed handshake, if that is what failed.
+pub fn pin_mismatch(e: &std::io::Error) -> Option<&PinMismatch> {
+    let tls = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) = tls else {
+        return None;
+    };
+    other.0.downcast_ref::<PinMismatch>()
+}
+
 #[derive(Debug)]
 struct PinnedCert {
     expected: Option<Fingerprint>,
@@ -233,7 +252,10 @@ impl PinnedCert {
         } else {
             tracing::warn!(%expected, got = %got, "peer certificate does not match the pinned fingerprint");
             Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch {
+                    expected,
+                    got,
+                }))),
             ))
         }
     }
