@@ -172,16 +172,19 @@ fn curl_reaches_onprem_through_an_azure_protocol_appliance_and_agent() -> Result
     let state = tempfile::tempdir()?;
     let config = state.path().join("appliance.toml");
     let strings: Vec<String> = send.iter().map(|cs| format!("  \"{cs}\",")).collect();
-    std::fs::write(
-        &config,
-        format!(
-            "connection_strings = [\n{}\n]\nstate_dir = \"{}\"\nca_file = \"{ca}\"\n\
-             [endpoints]\npayroll = \"payroll.corp:80\"\ndigest = \"payroll.corp:9000\"\n\
-             closed = \"closed.corp:81\"\n",
-            strings.join("\n"),
-            state.path().join("state").display()
-        ),
-    )?;
+    let write_config = |payroll_port: u16| {
+        std::fs::write(
+            &config,
+            format!(
+                "connection_strings = [\n{}\n]\nstate_dir = \"{}\"\nca_file = \"{ca}\"\n\
+                 [endpoints]\npayroll = \"payroll.corp:{payroll_port}\"\n\
+                 digest = \"payroll.corp:9000\"\nclosed = \"closed.corp:81\"\n",
+                strings.join("\n"),
+                state.path().join("state").display()
+            ),
+        )
+    };
+    write_config(80)?;
     let config = config.to_str().context("utf-8")?;
     let _appliance = lab.hybridlink(
         &lab.app,
@@ -270,6 +273,26 @@ fn curl_reaches_onprem_through_an_azure_protocol_appliance_and_agent() -> Result
             && e2e("closed") == Some(("ok".into(), "relay-trusted".into())),
         "appliance status: {status}"
     );
+
+    // The app-side endpoint is the appliance's own: a changed config is
+    // served without a restart (the agent still dials its own endpoint).
+    write_config(8080)?;
+    hybridlink_tests::wait_for("the moved app-side port", 20, || {
+        let out = lab
+            .command(&lab.app, "curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .arg("http://payroll.corp:8080/big.bin")
+            .output()?;
+        Ok(out.stdout == b"200")
+    })?;
     drop(servers);
     Ok(())
 }
