@@ -27,7 +27,7 @@ use lab::Role;
 use lab::netns::Netns;
 
 use paths::{GREET_PORT, IPERF_PORT, Lab, PathKind, Running};
-use report::{Metric, PathResult, Results};
+use report::{Diagnosis, Metric, PathResult, Results};
 
 /// The lab's name prefix; `hybridlink lab down --prefix hlb` removes a lab
 /// left by a killed run.
@@ -74,7 +74,9 @@ struct Args {
 struct Plan {
     iperf_secs: u32,
     iperf_omit: u32,
-    repeats: usize,
+    /// Every path is measured once a round, the paths taking turns, so
+    /// that a busy minute of the machine falls on all of them alike.
+    rounds: usize,
     latency_count: u32,
     rate_secs: u32,
     holds: Vec<u32>,
@@ -87,7 +89,7 @@ impl Plan {
             Plan {
                 iperf_secs: 1,
                 iperf_omit: 0,
-                repeats: 1,
+                rounds: 1,
                 latency_count: 100,
                 rate_secs: 1,
                 holds: vec![100],
@@ -97,7 +99,7 @@ impl Plan {
             Plan {
                 iperf_secs: 5,
                 iperf_omit: 1,
-                repeats: 3,
+                rounds: 3,
                 latency_count: 2000,
                 rate_secs: 5,
                 holds: vec![1000, 10000],
@@ -216,21 +218,42 @@ fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Resul
         &[],
     )?;
     let mut results = Results::new(if args.smoke { "smoke" } else { "full" }, lab, &plan.holds)?;
-    for &kind in kinds {
-        eprintln!("== {}", kind.title());
-        let started = Instant::now();
-        let mut result = PathResult::new(kind);
-        match lab.start(kind) {
-            Ok(mut running) => {
-                measure(lab, &mut running, plan, &mut result);
-                running.stop(lab);
+    results.rounds = plan.rounds;
+    let mut per_path: Vec<PathResult> = kinds.iter().map(|&k| PathResult::new(k)).collect();
+    for round in 0..plan.rounds {
+        for (&kind, result) in kinds.iter().zip(per_path.iter_mut()) {
+            eprintln!(
+                "== {} (round {} of {})",
+                kind.title(),
+                round + 1,
+                plan.rounds
+            );
+            let started = Instant::now();
+            result.round = round + 1;
+            let failed_before = result.errors.len();
+            match lab.start(kind) {
+                Ok(mut running) => {
+                    measure(lab, &mut running, plan, round, result);
+                    if result.errors.len() > failed_before {
+                        // While the path is still up: what its processes
+                        // were doing when the measurement failed.
+                        result.diagnoses.push(Diagnosis {
+                            round: round + 1,
+                            processes: running.diagnose(),
+                        });
+                    }
+                    running.stop(lab);
+                }
+                Err(e) => result.errors.push(format!("round {}: {e:#}", round + 1)),
             }
-            Err(e) => result.errors.push(format!("{e:#}")),
+            for e in &result.errors[failed_before..] {
+                eprintln!("   ✗ {e}");
+            }
+            eprintln!("   ({:.0} s)", started.elapsed().as_secs_f64());
         }
-        for e in &result.errors {
-            eprintln!("   ✗ {e}");
-        }
-        eprintln!("   ({:.0} s)", started.elapsed().as_secs_f64());
+    }
+    for mut result in per_path {
+        result.finish();
         results.paths.push(result);
     }
     let _ = greeter.kill();
@@ -240,7 +263,7 @@ fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Resul
 
 /// Runs every measurement on a path that is up, recording figures and
 /// errors in `result`.
-fn measure(lab: &Lab, running: &mut Running, plan: &Plan, result: &mut PathResult) {
+fn measure(lab: &Lab, running: &mut Running, plan: &Plan, round: usize, result: &mut PathResult) {
     let host = running.host.to_string();
     match lab.spawn(
         Role::Onprem,
@@ -261,7 +284,7 @@ fn measure(lab: &Lab, running: &mut Running, plan: &Plan, result: &mut PathResul
             let _ = server.kill();
             let _ = server.wait();
         }
-        Err(e) => result.errors.push(format!("iperf3 server: {e:#}")),
+        Err(e) => result.fail(format!("iperf3 server: {e:#}")),
     }
     let target = format!("{host}:{GREET_PORT}");
     let count = plan.latency_count.to_string();
@@ -270,15 +293,17 @@ fn measure(lab: &Lab, running: &mut Running, plan: &Plan, result: &mut PathResul
             result.record(Metric::P50, number(&v, "p50_ms"));
             result.record(Metric::P99, number(&v, "p99_ms"));
             if v["failures"].as_u64().unwrap_or(0) > 0 {
-                result.errors.push(format!(
+                result.fail(format!(
                     "latency: {} connections failed: {}",
                     v["failures"], v["first_error"]
                 ));
             }
         }
-        Err(e) => result.errors.push(format!("latency: {e:#}")),
+        Err(e) => result.fail(format!("latency: {e:#}")),
     }
-    if running.kind != PathKind::Direct {
+    // Holding thousands of connections takes long and varies little:
+    // once, in the first round.
+    if running.kind != PathKind::Direct && round == 0 {
         for (&n, metric) in plan.holds.iter().zip([Metric::Mem1k, Metric::Mem10k]) {
             result.record(metric, idle_memory(lab, running, &target, n));
         }
@@ -303,10 +328,9 @@ fn number(v: &serde_json::Value, key: &str) -> Result<f64> {
     v[key].as_f64().with_context(|| format!("no {key} in {v}"))
 }
 
-/// The median over the plan's repeats of one iperf3 run, in Gbit/s.
+/// One iperf3 run, in Gbit/s.
 fn iperf(lab: &Lab, host: &str, plan: &Plan, streams: u32, reverse: bool) -> Result<f64> {
-    let mut runs = Vec::new();
-    for _ in 0..plan.repeats {
+    {
         let mut line = format!(
             "iperf3 -J -c {host} -p {IPERF_PORT} -t {} -O {} -P {streams}",
             plan.iperf_secs, plan.iperf_omit
@@ -332,10 +356,8 @@ fn iperf(lab: &Lab, host: &str, plan: &Plan, streams: u32, reverse: bool) -> Res
                 None => Ok(v),
             }
         })?;
-        runs.push(number(&v["end"]["sum_received"], "bits_per_second")? / 1e9);
+        Ok(number(&v["end"]["sum_received"], "bits_per_second")? / 1e9)
     }
-    runs.sort_by(f64::total_cmp);
-    Ok(runs[runs.len() / 2])
 }
 
 /// Resident memory of the path's processes per idle connection, in KiB:

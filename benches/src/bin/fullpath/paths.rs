@@ -96,6 +96,9 @@ impl PathKind {
 }
 
 /// The lab with the tools the paths need.
+/// How many log lines of each process a failed measurement records.
+const DIAGNOSIS_LINES: usize = 8;
+
 pub struct Lab {
     pub netns: Netns,
     /// Where configs, keys and logs go.
@@ -116,9 +119,49 @@ pub struct Running {
     pub processes: Vec<(Role, &'static str)>,
     /// The path's DNS server on the app side and the name to ask it, if any.
     pub dns: Option<(String, String)>,
-    children: Vec<Child>,
+    children: Vec<Spawned>,
     /// Shell lines that undo the path's changes to the lab, by role.
     undo: Vec<(Role, String)>,
+}
+
+/// A process a path started, with the log its output goes to.
+pub struct Spawned {
+    pub name: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Spawned {
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        self.child.kill()
+    }
+
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+
+    /// `running`, or how it ended.
+    pub fn state(&mut self) -> String {
+        match self.child.try_wait() {
+            Ok(None) => "running".into(),
+            Ok(Some(status)) => format!("exited: {status}"),
+            Err(e) => format!("unknown ({e})"),
+        }
+    }
+
+    /// The last `n` lines of its log.
+    pub fn tail(&self, n: usize) -> Vec<String> {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..]
+            .iter()
+            .map(|l| l.to_string())
+            .collect()
+    }
 }
 
 impl Lab {
@@ -138,15 +181,21 @@ impl Lab {
         name: &str,
         argv: &[&str],
         env: &[(&str, &str)],
-    ) -> Result<Child> {
-        let log = fs::File::create(self.state.join(format!("{name}.log")))?;
+    ) -> Result<Spawned> {
+        let path = self.state.join(format!("{name}.log"));
+        let log = fs::File::create(&path)?;
         let mut cmd = self.raised(role);
         cmd.args(argv)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        cmd.spawn().with_context(|| format!("starting {name}"))
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        Ok(Spawned {
+            name: name.to_string(),
+            log: path,
+            child,
+        })
     }
 
     /// Runs a shell line in `role`'s namespace; its stdout, or its stderr as
@@ -210,20 +259,18 @@ impl Lab {
             undo: Vec::new(),
         };
         if let Err(e) = self.start_into(&mut running) {
+            let why = running.diagnose().join("\n");
             running.stop(self);
-            return Err(e.context(format!("starting the {} path", kind.id())));
+            return Err(e.context(format!("starting the {} path; {why}", kind.id())));
         }
         let target = format!("{}:{GREET_PORT}", running.host);
         let ready = wait_for(Duration::from_secs(30), || {
             self.probe(Role::App, &["latency", &target, "1"])
         });
         if let Err(e) = ready {
+            let why = running.diagnose().join("\n");
             running.stop(self);
-            return Err(e.context(format!(
-                "the {} path never greeted (logs in {})",
-                kind.id(),
-                self.state.display()
-            )));
+            return Err(e.context(format!("the {} path never greeted; {why}", kind.id())));
         }
         Ok(running)
     }
@@ -665,7 +712,7 @@ impl Running {
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         for child in &mut self.children {
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            while Instant::now() < deadline && matches!(child.child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(50));
             }
             let _ = child.kill();
@@ -675,6 +722,28 @@ impl Running {
         for (role, line) in self.undo.drain(..) {
             let _ = lab.sh(role, &line);
         }
+    }
+
+    /// Why a measurement may have failed, for the report: each process the
+    /// path started, whether it still runs (or how it ended), and the last
+    /// lines of its log.
+    pub fn diagnose(&mut self) -> Vec<String> {
+        self.children
+            .iter_mut()
+            .map(|c| {
+                let state = c.state();
+                let tail = c.tail(DIAGNOSIS_LINES);
+                let mut out = format!("{} ({state}); last lines of {}:", c.name, c.log.display());
+                if tail.is_empty() {
+                    out.push_str(" (empty)");
+                }
+                for line in tail {
+                    out.push_str("\n    ");
+                    out.push_str(line.trim_end());
+                }
+                out
+            })
+            .collect()
     }
 
     /// The resident memory of the path's processes, in KiB.
@@ -722,6 +791,63 @@ pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Result<T>) -> Result<
                 return Err(e.context(format!("still failing after {limit:?}")));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process that died says so, with its exit status and its last log
+    /// lines, as a failed measurement's diagnosis shows it.
+    #[test]
+    fn a_dead_process_is_diagnosed_with_its_status_and_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("relay.log");
+        let file = fs::File::create(&log).unwrap();
+        let child = Command::new("sh")
+            .args(["-c", "for i in $(seq 1 20); do echo line $i; done; exit 3"])
+            .stdout(file)
+            .spawn()
+            .unwrap();
+        let mut dead = Spawned {
+            name: "relay".into(),
+            log: log.clone(),
+            child,
+        };
+        let _ = dead.child.wait();
+        let alive = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut running = Running {
+            kind: PathKind::Hybridlink,
+            host: ONPREM_IP.parse().unwrap(),
+            processes: Vec::new(),
+            dns: None,
+            children: vec![
+                dead,
+                Spawned {
+                    name: "agent".into(),
+                    log: dir.path().join("agent.log"),
+                    child: alive,
+                },
+            ],
+            undo: Vec::new(),
+        };
+        let found = running.diagnose();
+        assert!(
+            found[0].starts_with("relay (exited: exit status: 3)"),
+            "{found:?}"
+        );
+        assert!(
+            found[0].ends_with("line 20")
+                && found[0].contains("line 13")
+                && !found[0].contains("line 12\n"),
+            "the last {DIAGNOSIS_LINES} lines: {found:?}"
+        );
+        assert!(found[1].starts_with("agent (running)"), "{found:?}");
+        for c in &mut running.children {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }

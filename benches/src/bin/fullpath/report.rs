@@ -87,8 +87,27 @@ pub struct PathResult {
     pub id: String,
     pub title: String,
     pub peer: bool,
+    /// The median of each metric's samples.
     pub values: BTreeMap<Metric, f64>,
+    /// Each metric's figure in every round that measured it.
+    #[serde(default)]
+    pub samples: BTreeMap<Metric, Vec<f64>>,
     pub errors: Vec<String>,
+    /// For each round with a failed measurement, the path's processes.
+    #[serde(default)]
+    pub diagnoses: Vec<Diagnosis>,
+    /// The round being measured (errors name it).
+    #[serde(skip)]
+    pub round: usize,
+}
+
+/// The state of a path's processes when a measurement of `round` failed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Diagnosis {
+    pub round: usize,
+    /// A process each: its name, whether it still runs (or its exit
+    /// status), and the last lines of its log.
+    pub processes: Vec<String>,
 }
 
 impl PathResult {
@@ -98,18 +117,48 @@ impl PathResult {
             title: kind.title().into(),
             peer: kind.is_peer(),
             values: BTreeMap::new(),
+            samples: BTreeMap::new(),
             errors: Vec::new(),
+            diagnoses: Vec::new(),
+            round: 1,
         }
     }
+
     /// Keeps a figure (and shows it), or the reason there is none.
     pub fn record(&mut self, metric: Metric, value: Result<f64>) {
         match value {
             Ok(v) => {
                 eprintln!("   {:<44} {}", metric.label(), metric.format(v));
-                self.values.insert(metric, v);
+                self.samples.entry(metric).or_default().push(v);
             }
-            Err(e) => self.errors.push(format!("{}: {e:#}", metric.label())),
+            Err(e) => self.fail(format!("{}: {e:#}", metric.label())),
         }
+    }
+
+    /// Records a failure of the current round.
+    pub fn fail(&mut self, what: String) {
+        self.errors.push(format!("round {}: {what}", self.round));
+    }
+
+    /// Sets each metric's value to the median of its samples.
+    pub fn finish(&mut self) {
+        for (metric, samples) in &mut self.samples {
+            samples.sort_by(f64::total_cmp);
+            if let Some(median) = median(samples) {
+                self.values.insert(*metric, median);
+            }
+        }
+    }
+}
+
+/// The median of sorted `samples` (the mean of the middle two for an even
+/// count).
+fn median(samples: &[f64]) -> Option<f64> {
+    let n = samples.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(samples[n / 2]),
+        _ => Some((samples[n / 2 - 1] + samples[n / 2]) / 2.0),
     }
 }
 
@@ -121,6 +170,9 @@ pub struct Results {
     pub versions: BTreeMap<String, String>,
     /// The idle-connection counts behind `mem1k` and `mem10k`.
     pub holds: Vec<u32>,
+    /// How many rounds measured every path in turn.
+    #[serde(default)]
+    pub rounds: usize,
     pub paths: Vec<PathResult>,
 }
 
@@ -201,6 +253,7 @@ impl Results {
             machine,
             versions,
             holds: holds.to_vec(),
+            rounds: 1,
             paths: Vec::new(),
         })
     }
@@ -288,6 +341,7 @@ pub fn markdown(r: &Results) -> String {
     for line in targets(r) {
         let _ = writeln!(s, "- {line}");
     }
+    spread(&mut s, r);
     let errors: Vec<String> = r
         .paths
         .iter()
@@ -297,6 +351,19 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(s, "\n## Failed measurements\n");
         for e in errors {
             let _ = writeln!(s, "- {e}");
+        }
+        for p in &r.paths {
+            for d in &p.diagnoses {
+                let _ = writeln!(
+                    s,
+                    "\n{}, round {}: the path's processes after the failure\n\n```text",
+                    p.title, d.round
+                );
+                for process in &d.processes {
+                    let _ = writeln!(s, "{process}");
+                }
+                let _ = writeln!(s, "```");
+            }
         }
     }
     let _ = writeln!(s, "\n## Machine and versions\n\n- {}", r.machine);
@@ -309,9 +376,49 @@ pub fn markdown(r: &Results) -> String {
          appliance, relay and agent; rathole: server and client; shadowsocks: sslocal and \
          ssserver; ssh: sshd and both clients) while the connections are held, divided by their \
          number. Latency and connection rate use a target that sends one byte on accept; \
-         throughput is iperf3 (median of the runs)."
+         throughput is iperf3. Each figure is the median of the rounds that measured it."
     );
     s
+}
+
+/// The spread of each figure over the rounds: min–max and the number of
+/// rounds, so that a noisy run shows itself.
+fn spread(s: &mut String, r: &Results) {
+    if r.rounds < 2 {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n## Spread over the rounds\n\nThe paths took turns, round by round ({} rounds); \
+         each cell is the lowest and highest figure of a path's rounds (the table above shows \
+         their median).\n",
+        r.rounds
+    );
+    let titles: Vec<&str> = r.paths.iter().map(|p| p.title.as_str()).collect();
+    let _ = writeln!(s, "| | {} |", titles.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---|".repeat(titles.len()));
+    for m in Metric::ALL {
+        if r.paths
+            .iter()
+            .all(|p| p.samples.get(&m).is_none_or(|v| v.len() < 2))
+        {
+            continue;
+        }
+        let _ = write!(s, "| {} |", r.label(m));
+        for p in &r.paths {
+            match p.samples.get(&m) {
+                Some(v) if !v.is_empty() => {
+                    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let _ = write!(s, " {} – {} (n={}) |", m.format(lo), m.format(hi), v.len());
+                }
+                _ => {
+                    let _ = write!(s, " – |");
+                }
+            }
+        }
+        let _ = writeln!(s);
+    }
 }
 
 /// Each target of issue 7 as a line: met or not, and the figures behind it.
@@ -392,4 +499,59 @@ fn targets(r: &Results) -> Vec<String> {
         false,
     );
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn results(rounds: usize, paths: Vec<PathResult>) -> Results {
+        Results {
+            mode: "full".into(),
+            date: "today".into(),
+            machine: "test".into(),
+            versions: BTreeMap::new(),
+            holds: vec![1000, 10000],
+            rounds,
+            paths,
+        }
+    }
+
+    /// The table shows each figure's median, the spread table the lowest
+    /// and highest round, and a failed round is listed with the state of
+    /// the path's processes.
+    #[test]
+    fn medians_spread_and_diagnoses_reach_the_report() {
+        let mut ours = PathResult::new(PathKind::Hybridlink);
+        for (round, v) in [(1, 3.0), (2, 9.0), (3, 4.0)] {
+            ours.round = round;
+            ours.record(Metric::Up1, Ok(v));
+        }
+        ours.round = 3;
+        ours.record(Metric::P50, Err(anyhow::anyhow!("0 of 300 connected")));
+        ours.diagnoses.push(Diagnosis {
+            round: 3,
+            processes: vec!["relay (exited: signal: 9 (SIGKILL)); last lines of relay.log:".into()],
+        });
+        ours.finish();
+        assert_eq!(ours.values[&Metric::Up1], 4.0, "the median of 3, 9 and 4");
+        let md = markdown(&results(3, vec![ours]));
+        assert!(md.contains("| 4.00 Gbit/s"), "{md}");
+        assert!(md.contains("3.00 Gbit/s – 9.00 Gbit/s (n=3)"), "{md}");
+        assert!(
+            md.contains("round 3: connect to first byte, p50: 0 of 300 connected"),
+            "{md}"
+        );
+        assert!(
+            md.contains("round 3: the path's processes after the failure"),
+            "{md}"
+        );
+        assert!(md.contains("relay (exited: signal: 9 (SIGKILL))"), "{md}");
+    }
+
+    #[test]
+    fn an_even_count_takes_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[1.0, 2.0, 4.0, 10.0]), Some(3.0));
+        assert_eq!(median(&[]), None);
+    }
 }
