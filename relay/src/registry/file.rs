@@ -55,6 +55,17 @@ pub(super) fn load_or_create(dir: &Path) -> Result<State, RegistryError> {
     }
 }
 
+/// The registry in `dir` as it is, for copying elsewhere: nothing is
+/// created or rewritten, and a missing `registry.json` is an error.
+pub(super) fn read_existing(dir: &Path) -> Result<State, RegistryError> {
+    let path = dir.join(REGISTRY_FILE);
+    let bytes = fs::read(&path).map_err(|source| RegistryError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(parse_file(&path, &bytes)?.0)
+}
+
 /// What `registry.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::broadcast;
 
+pub mod etcd;
 mod file;
 
 /// File name of the registry inside the data directory.
@@ -132,6 +133,9 @@ pub enum RegistryError {
         /// The OS error.
         source: io::Error,
     },
+    /// The registry in etcd could not be read or changed.
+    #[error(transparent)]
+    Etcd(#[from] etcd::EtcdError),
     /// `create` beyond the relay's limit of hybrid connections.
     #[error(
         "this relay already holds {0} hybrid connections, its limit (relay serve --max-hcs); delete one first"
@@ -341,6 +345,28 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Makes `new` the record of `name` (`None`: no such HC) and announces
+    /// what changed.
+    fn apply_hc(&self, name: &HcName, new: Option<HcRecord>) {
+        let mut state = self.lock();
+        let old = match new {
+            Some(record) => state.hcs.insert(name.clone(), record),
+            None => state.hcs.remove(name),
+        };
+        let events = hc_events(name, old.as_ref(), state.hcs.get(name));
+        drop(state);
+        self.announce(events);
+    }
+
+    /// Makes `new` the manage keys and announces which slots changed.
+    fn apply_manage_keys(&self, new: SlotKeys) {
+        let mut state = self.lock();
+        let old = std::mem::replace(&mut state.manage_keys, new);
+        let events = manage_key_events(&old, &state.manage_keys);
+        drop(state);
+        self.announce(events);
+    }
+
     fn announce(&self, events: Vec<RegistryEvent>) {
         for event in events {
             // No subscribers is fine.
@@ -349,11 +375,18 @@ impl Shared {
     }
 }
 
+/// A change of one HC's record: given the current record and the number of
+/// HCs, the new record (`None`: delete it) and what to return.
+type HcEdit<'a, T> =
+    dyn FnMut(Option<&HcRecord>, usize) -> Result<(Option<HcRecord>, T), RegistryError> + 'a;
+
 /// Where the registry is kept.
 #[derive(Debug)]
 enum Store {
     /// `registry.json` in the data directory ([`file`]).
     File,
+    /// etcd, shared with other relays ([`etcd`]).
+    Etcd(Box<etcd::EtcdStore>),
 }
 
 #[derive(Debug)]
@@ -383,15 +416,45 @@ impl Registry {
         Registry::with_store(dir, state, Store::File)
     }
 
+    /// Opens the registry kept in etcd, shared with the other relays that
+    /// use the same etcd and prefix, and follows its changes from then on;
+    /// `dir` is this relay's data directory, which gets `manage.key`. Fails,
+    /// rather than start with an empty registry, when etcd does not answer.
+    /// Call from within a multi-threaded tokio runtime.
+    pub async fn open_etcd(
+        dir: &Path,
+        config: &etcd::EtcdConfig,
+    ) -> Result<Registry, RegistryError> {
+        file::create_data_dir(dir)?;
+        let loaded = etcd::connect_and_load(config).await?;
+        file::sync_manage_key_file(dir, &loaded.state.manage_keys.primary)?;
+        let shared = Arc::new(Shared::new(dir, loaded.state));
+        let store = etcd::EtcdStore::start(
+            loaded.client,
+            loaded.layout,
+            loaded.endpoints,
+            loaded.revision,
+            shared.clone(),
+        );
+        Ok(Registry::with_shared(shared, Store::Etcd(Box::new(store))))
+    }
+
     fn with_store(dir: &Path, state: State, store: Store) -> Result<Registry, RegistryError> {
         file::sync_manage_key_file(dir, &state.manage_keys.primary)?;
-        Ok(Registry {
+        Ok(Registry::with_shared(
+            Arc::new(Shared::new(dir, state)),
+            store,
+        ))
+    }
+
+    fn with_shared(shared: Arc<Shared>, store: Store) -> Registry {
+        Registry {
             inner: Arc::new(Inner {
-                shared: Arc::new(Shared::new(dir, state)),
+                shared,
                 store,
                 max_hcs: std::sync::atomic::AtomicUsize::new(usize::MAX),
             }),
-        })
+        }
     }
 
     /// Limits `create` to `max` hybrid connections in all (the ones already
@@ -565,6 +628,7 @@ impl Registry {
                 shared.announce(events);
                 Ok(out)
             }
+            Store::Etcd(store) => store.change_hc(name, &mut edit),
         }
     }
 
@@ -588,6 +652,7 @@ impl Registry {
                 shared.announce(events);
                 Ok(keys)
             }
+            Store::Etcd(store) => store.change_manage_keys(&mut edit),
         }
     }
 }
