@@ -656,7 +656,7 @@ mod tests {
         );
         let down = EtcdError::Request {
             endpoints: "http://127.0.0.1:2379".into(),
-            source: etcd_client::Error::InvalidArgs("x".into()),
+            error: etcd_client::Error::InvalidArgs("x".into()),
         };
         assert_eq!(
             ApiError::from(RegistryError::from(down)).0,

@@ -76,32 +76,32 @@ pub enum EtcdError {
     #[error("etcd key prefix {0:?} must start and end with '/', e.g. /hybridlink/")]
     BadPrefix(String),
     /// A TLS file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     TlsFile {
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// etcd did not answer, or refused the credentials, at start.
     #[error(
-        "cannot read the registry from etcd at {endpoints}: {source}; check that etcd runs there and that its TLS settings and user match (a relay never starts without its registry)"
+        "cannot read the registry from etcd at {endpoints}: {error}; check that etcd runs there and that its TLS settings and user match (a relay never starts without its registry)"
     )]
     Connect {
         /// The endpoints tried.
         endpoints: String,
         /// What the client said.
-        source: etcd_client::Error,
+        error: etcd_client::Error,
     },
     /// A request failed after start.
     #[error(
-        "etcd at {endpoints} failed: {source}; the change may not have been made, check with `hybridlink hc show`"
+        "etcd at {endpoints} failed: {error}; the change may not have been made, check with `hybridlink hc show`"
     )]
     Request {
         /// The endpoints.
         endpoints: String,
         /// What the client said.
-        source: etcd_client::Error,
+        error: etcd_client::Error,
     },
     /// A value under the prefix is not what this relay wrote.
     #[error("etcd key {key} is corrupt: {reason}; fix or delete it with etcdctl")]
@@ -240,9 +240,9 @@ impl EtcdConfig {
             return Err(EtcdError::BadPrefix(self.prefix.clone()));
         }
         let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|source| EtcdError::TlsFile {
+            std::fs::read(path).map_err(|error| EtcdError::TlsFile {
                 path: path.clone(),
-                source,
+                error,
             })
         };
         let mut options = ConnectOptions::new()
@@ -266,9 +266,9 @@ impl EtcdConfig {
         let urls: Vec<String> = self.describe().split(',').map(str::to_owned).collect();
         let client = Client::connect(urls, Some(options))
             .await
-            .map_err(|source| EtcdError::Connect {
+            .map_err(|error| EtcdError::Connect {
                 endpoints: self.describe(),
-                source,
+                error,
             })?;
         Ok((client, Layout::new(&self.prefix)))
     }
@@ -409,9 +409,9 @@ pub(super) struct Loaded {
 /// none yet.
 pub(super) async fn connect_and_load(config: &EtcdConfig) -> Result<Loaded, RegistryError> {
     let (client, layout) = config.connect().await?;
-    let connect_error = |source| EtcdError::Connect {
+    let connect_error = |error| EtcdError::Connect {
         endpoints: config.describe(),
-        source,
+        error,
     };
     loop {
         let snapshot = match read_all(&client, &layout).await {
@@ -508,10 +508,10 @@ impl EtcdStore {
         tokio::task::block_in_place(|| self.runtime.block_on(future))
     }
 
-    fn request_error(&self, source: etcd_client::Error) -> RegistryError {
+    fn request_error(&self, error: etcd_client::Error) -> RegistryError {
         EtcdError::Request {
             endpoints: self.endpoints.clone(),
-            source,
+            error,
         }
         .into()
     }
@@ -826,10 +826,10 @@ pub async fn copy_to_etcd(
     let state = file::read_existing(dir)?;
     let (client, layout) = config.connect().await?;
     let mut kv = client.kv_client();
-    let failed = |source| -> RegistryError {
+    let failed = |error| -> RegistryError {
         EtcdError::Connect {
             endpoints: config.describe(),
-            source,
+            error,
         }
         .into()
     };
