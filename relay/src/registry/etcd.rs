@@ -855,13 +855,14 @@ pub async fn copy_to_etcd(
     let mut first = true;
     while !puts.is_empty() {
         let batch: Vec<TxnOp> = puts.drain(..puts.len().min(OPS_PER_TXN)).collect();
-        let mut txn = Txn::new().and_then(batch);
+        let mut txn = Txn::new();
         if first {
             // Nothing under the prefix.
             txn = txn.when([
                 Compare::create_revision(layout.prefix.as_str(), CompareOp::Equal, 0).with_prefix(),
             ]);
         }
+        let txn = txn.and_then(batch);
         let response = kv.txn(txn).await.map_err(failed)?;
         if first && !response.succeeded() {
             let count = kv

@@ -1,0 +1,139 @@
+//! A throwaway etcd for the tests: one member on loopback, on ports the
+//! kernel picked, with its data in a temporary directory; killed and
+//! removed when dropped, so a failing test leaves neither a process nor a
+//! directory behind.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::Proc;
+
+/// Where Debian's `etcd-server` puts the server.
+const ETCD: &str = "etcd";
+
+/// A running etcd member.
+#[derive(Debug)]
+pub struct Etcd {
+    // Dropped in this order: the process first, then its data.
+    proc: Proc,
+    client: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers. `None` (the caller skips)
+    /// when etcd is not installed, unless HYBRIDLINK_REQUIRE_TOOLS is set,
+    /// when that is an error.
+    pub fn start() -> Result<Option<Etcd>> {
+        let installed = Command::new(ETCD)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !installed {
+            if std::env::var_os("HYBRIDLINK_REQUIRE_TOOLS").is_some() {
+                bail!("etcd is missing (apt-get install etcd-server)");
+            }
+            eprintln!("SKIP: etcd is missing (apt-get install etcd-server)");
+            return Ok(None);
+        }
+        // A port picked by the kernel may be taken again before etcd binds
+        // it: try a few times.
+        let mut last = None;
+        for _ in 0..3 {
+            match Etcd::try_start() {
+                Ok(etcd) => return Ok(Some(etcd)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("three tries were made"))
+    }
+
+    fn try_start() -> Result<Etcd> {
+        let dir = tempfile::tempdir()?;
+        let client = free_port()?;
+        let peer = free_port()?;
+        let client_url = format!("http://{client}");
+        let peer_url = format!("http://{peer}");
+        let data = dir.path().join("data");
+        let data = data.to_str().context("utf-8 temp dir")?;
+        let cluster = format!("test={peer_url}");
+        let mut proc = Proc::start_program_quiet(
+            ETCD,
+            "etcd",
+            &[
+                "--name",
+                "test",
+                "--data-dir",
+                data,
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &cluster,
+                "--logger",
+                "zap",
+                "--log-level",
+                "error",
+            ],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !healthy(client) {
+            if Instant::now() > deadline {
+                proc.kill();
+                bail!("etcd on {client} did not become healthy within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Etcd {
+            proc,
+            client,
+            _dir: dir,
+        })
+    }
+
+    /// What `relay serve --registry` takes: `etcd://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.client)
+    }
+
+    /// The client address.
+    pub fn client(&self) -> SocketAddr {
+        self.client
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+}
+
+fn free_port() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+/// Whether etcd's `/health` says it serves.
+fn healthy(client: SocketAddr) -> bool {
+    let Ok(mut conn) = TcpStream::connect_timeout(&client, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+    if conn
+        .write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    answer.contains("\"health\":\"true\"")
+}
