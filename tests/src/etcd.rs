@@ -21,6 +21,7 @@ pub struct Etcd {
     // Dropped in this order: the process first, then its data.
     proc: Proc,
     client: SocketAddr,
+    args: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -61,43 +62,61 @@ impl Etcd {
         let data = dir.path().join("data");
         let data = data.to_str().context("utf-8 temp dir")?;
         let cluster = format!("test={peer_url}");
-        let mut proc = Proc::start_program_quiet(
-            ETCD,
-            "etcd",
-            &[
-                "--name",
-                "test",
-                "--data-dir",
-                data,
-                "--listen-client-urls",
-                &client_url,
-                "--advertise-client-urls",
-                &client_url,
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &cluster,
-                "--logger",
-                "zap",
-                "--log-level",
-                "error",
-            ],
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !healthy(client) {
-            if Instant::now() > deadline {
-                proc.kill();
-                bail!("etcd on {client} did not become healthy within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let args: Vec<String> = [
+            "--name",
+            "test",
+            "--data-dir",
+            data,
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &cluster,
+            "--logger",
+            "zap",
+            "--log-level",
+            "error",
+        ]
+        .map(String::from)
+        .to_vec();
+        let proc = run(&args, client)?;
         Ok(Etcd {
             proc,
             client,
+            args,
             _dir: dir,
         })
+    }
+
+    /// Kills etcd (SIGKILL) and starts it again on the same ports with the
+    /// same data.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        // The ports may linger for a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match run(&self.args, self.client) {
+                Ok(proc) => {
+                    self.proc = proc;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("etcd restart: {e:#}; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Kills etcd (SIGKILL) and waits for it to end.
+    pub fn stop(&mut self) {
+        self.proc.kill();
     }
 
     /// What `relay serve --registry` takes: `etcd://127.0.0.1:PORT`.
@@ -114,6 +133,21 @@ impl Etcd {
     pub fn pid(&self) -> u32 {
         self.proc.pid()
     }
+}
+
+/// Starts etcd with `args` and waits until it answers on `client`.
+fn run(args: &[String], client: SocketAddr) -> Result<Proc> {
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut proc = Proc::start_program_quiet(ETCD, "etcd", &argv)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !healthy(client) {
+        if Instant::now() > deadline {
+            proc.kill();
+            bail!("etcd on {client} did not become healthy within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(proc)
 }
 
 fn free_port() -> Result<SocketAddr> {

@@ -3,7 +3,9 @@
 //! made through one relay is served by the other, a key regenerated through
 //! one is refused by the other within a second, concurrent changes through
 //! both lose nothing, `relay migrate` copies a single relay's registry, and
-//! a relay that cannot reach etcd does not start.
+//! a relay that cannot reach etcd does not start; the quota and the manage
+//! keys are shared, and a relay whose watch broke when etcd restarted
+//! catches up.
 
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
@@ -369,5 +371,89 @@ fn a_relay_refuses_to_start_without_etcd_or_with_a_bad_registry_url() -> Result<
     if err.is_empty() {
         bail!("no error at all");
     }
+    Ok(())
+}
+
+#[test]
+fn the_quota_holds_across_relays_and_a_new_manage_key_reaches_every_relay() -> Result<()> {
+    let Some(etcd) = Etcd::start()? else {
+        return Ok(());
+    };
+    let (dir1, dir2) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let url = etcd.url();
+    let one_hc = ["--registry", url.as_str(), "--max-hcs", "1"];
+    let node1 = Arc::new(Relay::start_with(dir1.path(), "127.0.0.1:0", &one_hc)?);
+    let node2 = Arc::new(Relay::start_with(dir2.path(), "127.0.0.1:0", &one_hc)?);
+
+    // Two creates at the same moment through the two relays, with room for
+    // one: one is made, the other refused for the quota.
+    let barrier = Arc::new(Barrier::new(2));
+    let create = |node: &Arc<Relay>, name: &'static str| {
+        let node = Arc::clone(node);
+        let barrier = Arc::clone(&barrier);
+        std::thread::spawn(move || {
+            barrier.wait();
+            node.hc(&["create", name, "--host", "198.18.7.3", "--port", "80"])
+        })
+    };
+    let answers = [create(&node1, "alpha"), create(&node2, "bravo")]
+        .map(|t| t.join().expect("the thread ran"));
+    let made = answers.iter().filter(|a| a.is_ok()).count();
+    ensure!(made == 1, "{answers:?}");
+    let refused = answers
+        .iter()
+        .find_map(|a| a.as_ref().err())
+        .context("one refused")?
+        .to_string();
+    ensure!(
+        refused.contains("already holds 1 hybrid connections, its limit"),
+        "{refused}"
+    );
+    for node in [&node1, &node2] {
+        wait_for("one HC on each relay", 2, || {
+            Ok(node.hc(&["list"])?.as_array().map(Vec::len) == Some(1))
+        })?;
+    }
+
+    // The primary manage key, regenerated through node 2: node 1's
+    // manage.key follows within a second and opens node 1's API.
+    let keys = node2.hc(&["manage-keys", "regenerate", "--key", "primary"])?;
+    let primary = keys["primary"].as_str().context("a primary")?.to_owned();
+    wait_for("node 1's manage.key following", 1, || {
+        Ok(std::fs::read_to_string(dir1.path().join("manage.key"))?.trim() == primary)
+    })?;
+    assert_eq!(node1.hc(&["list"])?.as_array().map(Vec::len), Some(1));
+    Ok(())
+}
+
+#[test]
+fn after_etcd_restarts_every_relay_sees_the_changes_made_since() -> Result<()> {
+    let Some(mut etcd) = Etcd::start()? else {
+        return Ok(());
+    };
+    let (dir1, dir2) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let node1 = relay_on(&etcd, &dir1)?;
+    let node2 = relay_on(&etcd, &dir2)?;
+    node1.hc(&["create", "payroll", "--host", "198.18.7.4", "--port", "80"])?;
+
+    // etcd down: a change is refused, saying etcd failed.
+    etcd.stop();
+    let err = node2
+        .hc(&["update", "payroll", "--port", "81"])
+        .expect_err("a change without etcd");
+    let err = format!("{err:#}");
+    ensure!(
+        err.contains("etcd at") && err.contains("may not have been made"),
+        "{err}"
+    );
+
+    // etcd back: a change through node 2 reaches node 1, whose watch broke.
+    etcd.restart()?;
+    wait_for("a change through node 2 after the restart", 15, || {
+        Ok(node2.hc(&["update", "payroll", "--port", "82"]).is_ok())
+    })?;
+    wait_for("node 1 seeing it", 10, || {
+        Ok(node1.hc(&["show", "payroll"])?["port"] == 82)
+    })?;
     Ok(())
 }
