@@ -30,6 +30,11 @@ impl Etcd {
     /// when etcd is not installed, unless HYBRIDLINK_REQUIRE_TOOLS is set,
     /// when that is an error.
     pub fn start() -> Result<Option<Etcd>> {
+        Etcd::start_with(&[])
+    }
+
+    /// Starts etcd with more flags, as [`Etcd::start`] does.
+    pub fn start_with(extra: &[&str]) -> Result<Option<Etcd>> {
         let installed = Command::new(ETCD)
             .arg("--version")
             .output()
@@ -45,7 +50,7 @@ impl Etcd {
         // it: try a few times.
         let mut last = None;
         for _ in 0..3 {
-            match Etcd::try_start() {
+            match Etcd::try_start(extra) {
                 Ok(etcd) => return Ok(Some(etcd)),
                 Err(e) => last = Some(e),
             }
@@ -53,7 +58,7 @@ impl Etcd {
         Err(last.expect("three tries were made"))
     }
 
-    fn try_start() -> Result<Etcd> {
+    fn try_start(extra: &[&str]) -> Result<Etcd> {
         let dir = tempfile::tempdir()?;
         let client = free_port()?;
         let peer = free_port()?;
@@ -82,8 +87,10 @@ impl Etcd {
             "--log-level",
             "error",
         ]
+        .into_iter()
+        .chain(extra.iter().copied())
         .map(String::from)
-        .to_vec();
+        .collect();
         let proc = run(&args, client)?;
         Ok(Etcd {
             proc,
@@ -91,6 +98,29 @@ impl Etcd {
             args,
             _dir: dir,
         })
+    }
+
+    /// Turns etcd's authentication on, with one user, `root`, whose
+    /// password is `password` (through etcd's JSON gateway, so that no
+    /// etcdctl is needed).
+    pub fn enable_auth(&self, password: &str) -> Result<()> {
+        let user = serde_json::json!({ "name": "root", "password": password });
+        let steps = [
+            ("/v3/auth/user/add", user),
+            ("/v3/auth/role/add", serde_json::json!({ "name": "root" })),
+            (
+                "/v3/auth/user/grant",
+                serde_json::json!({ "user": "root", "role": "root" }),
+            ),
+            ("/v3/auth/enable", serde_json::json!({})),
+        ];
+        for (path, body) in steps {
+            let answer = post(self.client, path, &body.to_string())?;
+            if !answer.starts_with("HTTP/1.0 200") && !answer.starts_with("HTTP/1.1 200") {
+                bail!("etcd {path}: {answer}");
+            }
+        }
+        Ok(())
     }
 
     /// Kills etcd (SIGKILL) and starts it again on the same ports with the
@@ -153,6 +183,20 @@ fn run(args: &[String], client: SocketAddr) -> Result<Proc> {
 fn free_port() -> Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?)
+}
+
+/// POSTs `body` to `path` on etcd's client port; the whole answer.
+fn post(client: SocketAddr, path: &str, body: &str) -> Result<String> {
+    let mut conn = TcpStream::connect_timeout(&client, Duration::from_secs(2))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        conn,
+        "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    Ok(answer)
 }
 
 /// Whether etcd's `/health` says it serves.

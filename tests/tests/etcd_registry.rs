@@ -457,3 +457,72 @@ fn after_etcd_restarts_every_relay_sees_the_changes_made_since() -> Result<()> {
     })?;
     Ok(())
 }
+
+#[test]
+fn a_relay_signs_in_to_etcd_with_a_password_kept_off_its_command_line_and_outlives_its_token()
+-> Result<()> {
+    // Tokens that expire after a second idle.
+    let Some(etcd) = Etcd::start_with(&["--auth-token-ttl", "1"])? else {
+        return Ok(());
+    };
+    etcd.enable_auth("s3cret")?;
+    let dir = tempfile::tempdir()?;
+    let secrets = tempfile::tempdir()?;
+    let url = etcd.url();
+    let serve = |password: Option<&str>| -> Result<std::process::Output> {
+        let mut cmd = Command::new(binary());
+        cmd.args([
+            "relay",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .args(["--registry", &url, "--etcd-user", "root", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("HYBRIDLINK_ETCD_PASSWORD")
+        .stdin(Stdio::null());
+        if let Some(password) = password {
+            cmd.env("HYBRIDLINK_ETCD_PASSWORD", password);
+        }
+        Ok(cmd.output()?)
+    };
+    // The wrong password: no start, and etcd's reason.
+    let out = serve(Some("wrong"))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(out.stdout.is_empty());
+    // None: where it may come from.
+    let out = serve(None)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("needs a password: set HYBRIDLINK_ETCD_PASSWORD or give --etcd-password-file"),
+        "{err}"
+    );
+
+    // The right one, from a file.
+    let password_file = secrets.path().join("etcd.password");
+    std::fs::write(&password_file, "s3cret\n")?;
+    let password_file = password_file.to_str().context("utf-8")?;
+    let node = Relay::start_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            "--registry",
+            &url,
+            "--etcd-user",
+            "root",
+            "--etcd-password-file",
+            password_file,
+        ],
+    )?;
+    node.hc(&["create", "payroll", "--host", "198.18.7.5", "--port", "80"])?;
+    // Its token has expired by now: changes go on.
+    std::thread::sleep(Duration::from_millis(2500));
+    node.hc(&["update", "payroll", "--port", "81"])?;
+    assert_eq!(node.hc(&["show", "payroll"])?["port"], 81);
+    Ok(())
+}

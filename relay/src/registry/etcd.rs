@@ -249,7 +249,12 @@ impl EtcdConfig {
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            // A member cut off from its cluster answers nothing current.
+            .with_require_leader(true)
+            // etcd's tokens expire (after 5 min idle by default); without
+            // this, the first change after a quiet spell would fail.
+            .with_auto_token_refresh(true);
         if self.tls() {
             let mut tls = TlsOptions::new();
             if let Some(ca) = &self.ca_file {
