@@ -5,6 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -21,8 +22,22 @@ pub struct Etcd {
     // Dropped in this order: the process first, then its data.
     proc: Proc,
     client: SocketAddr,
+    /// Plain HTTP `/health`, whether the client port speaks TLS or not.
+    health: SocketAddr,
     args: Vec<String>,
+    tls: Option<TlsFiles>,
     _dir: tempfile::TempDir,
+}
+
+/// The files of an etcd that speaks TLS and asks clients for certificates.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA that issued etcd's certificate and the client's.
+    pub ca: PathBuf,
+    /// A client certificate etcd accepts.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
 }
 
 impl Etcd {
@@ -33,24 +48,30 @@ impl Etcd {
         Etcd::start_with(&[])
     }
 
+    /// Starts etcd speaking TLS on its client port, asking clients for a
+    /// certificate from its CA ([`Etcd::tls_files`]).
+    pub fn start_tls() -> Result<Option<Etcd>> {
+        if !installed()? {
+            return Ok(None);
+        }
+        Etcd::try_start(&[], true).map(Some)
+    }
+
+    /// The CA and client certificate of an etcd from [`Etcd::start_tls`].
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
     /// Starts etcd with more flags, as [`Etcd::start`] does.
     pub fn start_with(extra: &[&str]) -> Result<Option<Etcd>> {
-        let installed = Command::new(ETCD)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !installed {
-            if std::env::var_os("HYBRIDLINK_REQUIRE_TOOLS").is_some() {
-                bail!("etcd is missing (apt-get install etcd-server)");
-            }
-            eprintln!("SKIP: etcd is missing (apt-get install etcd-server)");
+        if !installed()? {
             return Ok(None);
         }
         // A port picked by the kernel may be taken again before etcd binds
         // it: try a few times.
         let mut last = None;
         for _ in 0..3 {
-            match Etcd::try_start(extra) {
+            match Etcd::try_start(extra, false) {
                 Ok(etcd) => return Ok(Some(etcd)),
                 Err(e) => last = Some(e),
             }
@@ -58,11 +79,14 @@ impl Etcd {
         Err(last.expect("three tries were made"))
     }
 
-    fn try_start(extra: &[&str]) -> Result<Etcd> {
+    fn try_start(extra: &[&str], tls: bool) -> Result<Etcd> {
         let dir = tempfile::tempdir()?;
         let client = free_port()?;
         let peer = free_port()?;
-        let client_url = format!("http://{client}");
+        let health = free_port()?;
+        let scheme = if tls { "https" } else { "http" };
+        let client_url = format!("{scheme}://{client}");
+        let health_url = format!("http://{health}");
         let peer_url = format!("http://{peer}");
         let data = dir.path().join("data");
         let data = data.to_str().context("utf-8 temp dir")?;
@@ -82,6 +106,8 @@ impl Etcd {
             &peer_url,
             "--initial-cluster",
             &cluster,
+            "--listen-metrics-urls",
+            &health_url,
             "--logger",
             "zap",
             "--log-level",
@@ -91,11 +117,29 @@ impl Etcd {
         .chain(extra.iter().copied())
         .map(String::from)
         .collect();
-        let proc = run(&args, client)?;
+        let mut args = args;
+        let tls = if tls {
+            let (files, server_cert, server_key) = issue(dir.path())?;
+            for (flag, path) in [
+                ("--cert-file", &server_cert),
+                ("--key-file", &server_key),
+                ("--trusted-ca-file", &files.ca),
+            ] {
+                args.push(flag.into());
+                args.push(path.to_str().context("utf-8 temp dir")?.into());
+            }
+            args.push("--client-cert-auth".into());
+            Some(files)
+        } else {
+            None
+        };
+        let proc = run(&args, health)?;
         Ok(Etcd {
             proc,
             client,
+            health,
             args,
+            tls,
             _dir: dir,
         })
     }
@@ -130,7 +174,7 @@ impl Etcd {
         // The ports may linger for a moment.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match run(&self.args, self.client) {
+            match run(&self.args, self.health) {
                 Ok(proc) => {
                     self.proc = proc;
                     return Ok(());
@@ -165,15 +209,72 @@ impl Etcd {
     }
 }
 
-/// Starts etcd with `args` and waits until it answers on `client`.
-fn run(args: &[String], client: SocketAddr) -> Result<Proc> {
+/// Whether etcd is installed; when it is not, an error under
+/// HYBRIDLINK_REQUIRE_TOOLS, else `false` (the caller skips).
+fn installed() -> Result<bool> {
+    let installed = Command::new(ETCD)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        if std::env::var_os("HYBRIDLINK_REQUIRE_TOOLS").is_some() {
+            bail!("etcd is missing (apt-get install etcd-server)");
+        }
+        eprintln!("SKIP: etcd is missing (apt-get install etcd-server)");
+    }
+    Ok(installed)
+}
+
+/// A CA, a certificate for etcd on 127.0.0.1 and one for its client,
+/// written to `dir`; the client's files, and etcd's certificate and key.
+fn issue(dir: &Path) -> Result<(TlsFiles, PathBuf, PathBuf)> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "hybridlink test etcd CA");
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+    let write = |name: &str, text: &str| -> Result<PathBuf> {
+        let path = dir.join(name);
+        std::fs::write(&path, text)?;
+        Ok(path)
+    };
+    let leaf = |name: &str, purpose: ExtendedKeyUsagePurpose| -> Result<(PathBuf, PathBuf)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![purpose];
+        let cert = params.signed_by(&key, &ca)?;
+        Ok((
+            write(&format!("{name}.pem"), &cert.pem())?,
+            write(&format!("{name}.key"), &key.serialize_pem())?,
+        ))
+    };
+    let (server_cert, server_key) = leaf("etcd", ExtendedKeyUsagePurpose::ServerAuth)?;
+    let (client_cert, client_key) = leaf("relay", ExtendedKeyUsagePurpose::ClientAuth)?;
+    let files = TlsFiles {
+        ca: write("ca.pem", &ca.pem())?,
+        client_cert,
+        client_key,
+    };
+    Ok((files, server_cert, server_key))
+}
+
+/// Starts etcd with `args` and waits until its `/health` on `health` says
+/// it serves.
+fn run(args: &[String], health: SocketAddr) -> Result<Proc> {
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut proc = Proc::start_program_quiet(ETCD, "etcd", &argv)?;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !healthy(client) {
+    while !healthy(health) {
         if Instant::now() > deadline {
             proc.kill();
-            bail!("etcd on {client} did not become healthy within 20 s");
+            bail!("etcd did not become healthy within 20 s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -200,8 +301,8 @@ fn post(client: SocketAddr, path: &str, body: &str) -> Result<String> {
 }
 
 /// Whether etcd's `/health` says it serves.
-fn healthy(client: SocketAddr) -> bool {
-    let Ok(mut conn) = TcpStream::connect_timeout(&client, Duration::from_millis(200)) else {
+fn healthy(health: SocketAddr) -> bool {
+    let Ok(mut conn) = TcpStream::connect_timeout(&health, Duration::from_millis(200)) else {
         return false;
     };
     let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));

@@ -526,3 +526,64 @@ fn a_relay_signs_in_to_etcd_with_a_password_kept_off_its_command_line_and_outliv
     assert_eq!(node.hc(&["show", "payroll"])?["port"], 81);
     Ok(())
 }
+
+#[test]
+fn relays_reach_an_etcd_that_speaks_tls_and_asks_for_client_certificates() -> Result<()> {
+    let Some(etcd) = Etcd::start_tls()? else {
+        return Ok(());
+    };
+    let files = etcd.tls_files().context("TLS files")?.clone();
+    let path = |p: &std::path::Path| p.to_str().context("utf-8").map(str::to_owned);
+    let (ca, cert, key) = (
+        path(&files.ca)?,
+        path(&files.client_cert)?,
+        path(&files.client_key)?,
+    );
+    let url = etcd.url();
+    let dir = tempfile::tempdir()?;
+    let serve = |flags: &[&str]| -> Result<std::process::Output> {
+        Ok(Command::new(binary())
+            .args([
+                "relay",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--api",
+                "127.0.0.1:0",
+            ])
+            .args(["--registry", &url, "--data-dir"])
+            .arg(dir.path())
+            .args(flags)
+            .stdin(Stdio::null())
+            .output()?)
+    };
+    // Without the CA, or without a client certificate: no start.
+    for flags in [&[][..], &["--etcd-ca-file", &ca][..]] {
+        let out = serve(flags)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flags:?}: {err}");
+        assert!(
+            err.contains("cannot read the registry from etcd at"),
+            "{flags:?}: {err}"
+        );
+    }
+    // With both: two relays share the registry over TLS.
+    let tls = [
+        "--registry",
+        &url,
+        "--etcd-ca-file",
+        &ca,
+        "--etcd-cert",
+        &cert,
+        "--etcd-key",
+        &key,
+    ];
+    let (dir1, dir2) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let node1 = Relay::start_with(dir1.path(), "127.0.0.1:0", &tls)?;
+    let node2 = Relay::start_with(dir2.path(), "127.0.0.1:0", &tls)?;
+    node1.hc(&["create", "payroll", "--host", "198.18.7.6", "--port", "80"])?;
+    wait_for("node 2 seeing it", 2, || {
+        Ok(node2.hc(&["show", "payroll"]).is_ok())
+    })?;
+    Ok(())
+}
