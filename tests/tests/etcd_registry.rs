@@ -312,6 +312,26 @@ fn migrate_copies_a_single_relays_registry_into_etcd_and_refuses_to_overwrite() 
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // An etcd that does not answer: said so.
+    let closed = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let out = Command::new(binary())
+        .args([
+            "relay",
+            "migrate",
+            "--to",
+            &format!("etcd://{closed}"),
+            "--from",
+        ])
+        .arg(&single.data_dir)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot copy the registry into etcd at http://{closed}"
+        )),
+        "{err}"
+    );
     // A data dir with no registry is refused, naming the file.
     let empty = tempfile::tempdir()?;
     let out = Command::new(binary())

@@ -93,6 +93,16 @@ pub enum EtcdError {
         /// What the client said.
         error: etcd_client::Error,
     },
+    /// `migrate` could not reach etcd or write to it.
+    #[error(
+        "cannot copy the registry into etcd at {endpoints}: {error}; check that etcd runs there and that its TLS settings and user match"
+    )]
+    Copy {
+        /// The endpoints tried.
+        endpoints: String,
+        /// What the client said.
+        error: etcd_client::Error,
+    },
     /// A request failed after start.
     #[error(
         "etcd at {endpoints} failed: {error}; the change may not have been made, check with `hybridlink hc show`"
@@ -829,10 +839,13 @@ pub async fn copy_to_etcd(
     force: bool,
 ) -> Result<Copied, RegistryError> {
     let state = file::read_existing(dir)?;
-    let (client, layout) = config.connect().await?;
+    let (client, layout) = config.connect().await.map_err(|e| match e {
+        EtcdError::Connect { endpoints, error } => EtcdError::Copy { endpoints, error },
+        other => other,
+    })?;
     let mut kv = client.kv_client();
     let failed = |error| -> RegistryError {
-        EtcdError::Connect {
+        EtcdError::Copy {
             endpoints: config.describe(),
             error,
         }

@@ -997,6 +997,44 @@ mod tests {
     }
 
     #[test]
+    fn events_are_the_differences_between_two_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        let old = registry.create(name("payroll"), endpoint("sql:1")).unwrap();
+        let mut new = old.clone();
+        new.endpoint = endpoint("sql:2");
+        new.send.secondary = Key::generate().unwrap();
+        new.listen.primary = Key::generate().unwrap();
+        let n = name("payroll");
+        assert_eq!(
+            hc_events(&n, Some(&old), Some(&new)),
+            [
+                RegistryEvent::KeysChanged {
+                    name: n.clone(),
+                    right: Right::Send,
+                    slot: KeySlot::Secondary
+                },
+                RegistryEvent::KeysChanged {
+                    name: n.clone(),
+                    right: Right::Listen,
+                    slot: KeySlot::Primary
+                },
+                RegistryEvent::Updated { name: n.clone() },
+            ]
+        );
+        assert!(hc_events(&n, Some(&old), Some(&old)).is_empty());
+        assert!(hc_events(&n, None, None).is_empty());
+        assert_eq!(
+            hc_events(&n, None, Some(&old)),
+            [RegistryEvent::Created { name: n.clone() }]
+        );
+        assert_eq!(
+            hc_events(&n, Some(&old), None),
+            [RegistryEvent::Deleted { name: n }]
+        );
+    }
+
+    #[test]
     fn rules_verify_tokens_and_regeneration_revokes() {
         let dir = tempfile::tempdir().unwrap();
         let registry = Registry::open(dir.path()).unwrap();
