@@ -607,3 +607,62 @@ fn relays_reach_an_etcd_that_speaks_tls_and_asks_for_client_certificates() -> Re
     })?;
     Ok(())
 }
+
+#[test]
+fn hundreds_of_hybrid_connections_are_copied_and_read_back_whole() -> Result<()> {
+    let Some(etcd) = Etcd::start()? else {
+        return Ok(());
+    };
+    // A single relay's registry.json with 250 HCs: more than one copying
+    // transaction and more than one page of the relay's read at start.
+    let single = tempfile::tempdir()?;
+    let key = || proto::key::Key::generate().map(|k| k.as_str().to_owned());
+    let mut hcs = Vec::new();
+    for i in 0..250 {
+        hcs.push(serde_json::json!({
+            "name": format!("hc-{i:03}"),
+            "endpoint": format!("198.18.8.{}:{}", i % 250 + 1, 1000 + i),
+            "created_unix": 1_800_000_000u64 + i,
+            "send": { "primary": key()?, "secondary": key()? },
+            "listen": { "primary": key()?, "secondary": key()? },
+        }));
+    }
+    let registry = serde_json::json!({
+        "version": 2,
+        "manage_keys": { "primary": key()?, "secondary": key()? },
+        "hcs": hcs,
+    });
+    std::fs::write(
+        single.path().join("registry.json"),
+        serde_json::to_vec_pretty(&registry)?,
+    )?;
+    let out = Command::new(binary())
+        .args(["relay", "migrate", "--to", &etcd.url(), "--from"])
+        .arg(single.path())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)?["hcs"],
+        250
+    );
+
+    let dir = tempfile::tempdir()?;
+    let node = relay_on(&etcd, &dir)?;
+    let list = node.hc(&["list"])?;
+    let list = list.as_array().context("a list")?;
+    assert_eq!(list.len(), 250);
+    for (i, hc) in list.iter().enumerate() {
+        assert_eq!(hc["name"], format!("hc-{i:03}"));
+        assert_eq!(hc["port"], 1000 + i);
+    }
+    let keys = node.hc(&["keys", "hc-249"])?;
+    assert_eq!(
+        string_of(&keys, "listen", "secondary")?.key.as_str(),
+        registry["hcs"][249]["listen"]["secondary"]
+    );
+    Ok(())
+}

@@ -60,6 +60,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a change waits to come back through this relay's watch.
 const APPLIED_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How many keys one read at start (or after the watch broke) asks for.
+const PAGE: i64 = 100;
+
 /// The most operations put in one transaction when copying a registry
 /// (etcd refuses more than 128 by default).
 const OPS_PER_TXN: usize = 64;
@@ -372,34 +375,63 @@ struct Snapshot {
     revision: i64,
 }
 
+/// Reads everything under the prefix at one revision, [`PAGE`] keys a
+/// request (a registry of thousands of HCs is larger than one gRPC message
+/// may be).
 async fn read_all(client: &Client, layout: &Layout) -> Result<Snapshot, ReadError> {
     let mut kv = client.kv_client();
-    let response = kv
-        .get(
-            layout.prefix.as_str(),
-            Some(GetOptions::new().with_prefix()),
-        )
-        .await
-        .map_err(ReadError::Etcd)?;
-    let revision = response.header().map_or(0, |h| h.revision());
+    let end = prefix_end(layout.prefix.as_bytes());
+    let mut from = layout.prefix.as_bytes().to_vec();
     let mut snapshot = Snapshot {
         manage_keys: None,
         hcs: BTreeMap::new(),
-        revision,
+        revision: 0,
     };
-    for kv in response.kvs() {
-        match layout.record(kv.key()).map_err(ReadError::Corrupt)? {
-            Some(Record::ManageKeys) => {
-                snapshot.manage_keys = Some(parse_manage_keys(kv).map_err(ReadError::Corrupt)?);
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if snapshot.revision != 0 {
+            options = options.with_revision(snapshot.revision);
+        }
+        let response = kv
+            .get(from.clone(), Some(options))
+            .await
+            .map_err(ReadError::Etcd)?;
+        if snapshot.revision == 0 {
+            snapshot.revision = response.header().map_or(0, |h| h.revision());
+        }
+        for kv in response.kvs() {
+            match layout.record(kv.key()).map_err(ReadError::Corrupt)? {
+                Some(Record::ManageKeys) => {
+                    snapshot.manage_keys = Some(parse_manage_keys(kv).map_err(ReadError::Corrupt)?);
+                }
+                Some(Record::Hc(name)) => {
+                    let record = parse_hc(kv, &name).map_err(ReadError::Corrupt)?;
+                    snapshot.hcs.insert(name, record);
+                }
+                None => {}
             }
-            Some(Record::Hc(name)) => {
-                let record = parse_hc(kv, &name).map_err(ReadError::Corrupt)?;
-                snapshot.hcs.insert(name, record);
+        }
+        match response.kvs().last() {
+            Some(last) if response.more() => {
+                from = last.key().to_vec();
+                from.push(0);
             }
-            None => {}
+            _ => return Ok(snapshot),
         }
     }
-    Ok(snapshot)
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only 0xff bytes: to the end of the key space.
+    vec![0]
 }
 
 /// Why the prefix could not be read.
@@ -428,7 +460,8 @@ pub(super) async fn connect_and_load(config: &EtcdConfig) -> Result<Loaded, Regi
         endpoints: config.describe(),
         error,
     };
-    loop {
+    // Read, make the keys if missing, read again: twice is enough.
+    for _ in 0..2 {
         let snapshot = match read_all(&client, &layout).await {
             Ok(s) => s,
             Err(ReadError::Etcd(e)) => return Err(connect_error(e).into()),
@@ -459,6 +492,11 @@ pub(super) async fn connect_and_load(config: &EtcdConfig) -> Result<Loaded, Regi
             )]);
         client.kv_client().txn(txn).await.map_err(connect_error)?;
     }
+    Err(EtcdError::Corrupt {
+        key: layout.manage_keys(),
+        reason: "the manage keys could neither be read nor made".into(),
+    }
+    .into())
 }
 
 /// The etcd side of a [`super::Registry`]: changes go to etcd, and a watch
@@ -929,6 +967,13 @@ mod tests {
             assert!(err.contains(says), "{bad}: {err}");
             assert!(err.contains("etcd://HOST:PORT"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn the_end_of_a_prefix_is_the_first_key_after_it() {
+        assert_eq!(prefix_end(b"/hybridlink/"), b"/hybridlink0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), [0]);
     }
 
     #[test]
