@@ -427,6 +427,13 @@ impl Registry {
     ) -> Result<Registry, RegistryError> {
         file::create_data_dir(dir)?;
         let loaded = etcd::connect_and_load(config).await?;
+        tracing::info!(
+            etcd = %loaded.endpoints,
+            prefix = %config.prefix,
+            hcs = loaded.state.hcs.len(),
+            revision = loaded.revision,
+            "registry read from etcd; following its changes"
+        );
         file::sync_manage_key_file(dir, &loaded.state.manage_keys.primary)?;
         let shared = Arc::new(Shared::new(dir, loaded.state));
         let store = etcd::EtcdStore::start(
