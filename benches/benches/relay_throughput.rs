@@ -78,6 +78,7 @@ async fn main() {
         public_host: None,
         public_port: None,
         limits: relay::Limits::default(),
+        etcd: None,
     }
     .start()
     .await

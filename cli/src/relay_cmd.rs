@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Subcommand;
 use proto::control::hex_encode;
+use relay::registry::etcd::{self, EtcdConfig, EtcdEndpoints};
 
 use crate::install::{RunAs, SOCKETS_ONLY, SystemUser, Unit};
 
@@ -155,6 +156,34 @@ pub enum RelayCommand {
         /// bytes, refusals by reason, token renewals.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
+        /// Keep the registry (hybrid connections, keys, manage keys) in etcd,
+        /// shared with every relay started with the same etcd and
+        /// --etcd-prefix, instead of DATA_DIR/registry.json. The relay
+        /// refuses to start when etcd does not answer. The data dir still
+        /// holds this relay's certificate and manage.key.
+        #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]")]
+        registry: Option<EtcdEndpoints>,
+        #[command(flatten)]
+        etcd: Box<EtcdArgs>,
+    },
+    /// Copy a single relay's registry (hybrid connections with their keys
+    /// and replaced keys, and the manage keys) into etcd, for relays started
+    /// with `serve --registry`. Stop the single relay first. Refuses when
+    /// etcd holds anything under the prefix, unless --force. Prints the
+    /// number of hybrid connections copied as JSON.
+    Migrate {
+        /// The single relay's data dir; its registry.json is read, never
+        /// changed.
+        #[arg(long, value_name = "DATA_DIR")]
+        from: PathBuf,
+        /// The etcd to copy into.
+        #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]")]
+        to: EtcdEndpoints,
+        /// Delete every key under the prefix first.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        etcd: Box<EtcdArgs>,
     },
     /// Set the relay up as a systemd service: writes
     /// /etc/systemd/system/hybridlink-relay.service, enables and (re)starts
@@ -194,6 +223,69 @@ pub enum RelayCommand {
         #[command(flatten)]
         install: crate::install::InstallArgs,
     },
+}
+
+/// How to reach etcd, for `serve --registry` and `migrate`.
+#[derive(clap::Args, Debug)]
+pub struct EtcdArgs {
+    /// Every key of the registry in etcd starts with this; relays share a
+    /// registry when they use the same etcd and prefix.
+    #[arg(long, value_name = "PREFIX", default_value = etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// The CA certificate (PEM) etcd's certificate is checked against;
+    /// etcd is then spoken to over TLS.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for an etcd that asks for one
+    /// (--client-cert-auth); implies TLS.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// An etcd user, for an etcd with authentication on; the password is
+    /// read from HYBRIDLINK_ETCD_PASSWORD or --etcd-password-file, never
+    /// from the command line.
+    #[arg(long, value_name = "NAME")]
+    etcd_user: Option<String>,
+    /// A file whose first line is the password of --etcd-user.
+    #[arg(long, value_name = "FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+}
+
+/// The variable that may hold the password of `--etcd-user`.
+const ETCD_PASSWORD_VAR: &str = "HYBRIDLINK_ETCD_PASSWORD";
+
+impl EtcdArgs {
+    /// The settings for `endpoints`, with the password read.
+    fn config(&self, endpoints: EtcdEndpoints) -> anyhow::Result<EtcdConfig> {
+        let user = match &self.etcd_user {
+            None => None,
+            Some(name) => {
+                let password = match &self.etcd_password_file {
+                    Some(path) => std::fs::read_to_string(path)
+                        .with_context(|| format!("reading the etcd password from {}", path.display()))?
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_owned(),
+                    None => std::env::var(ETCD_PASSWORD_VAR).map_err(|_| {
+                        anyhow::anyhow!(
+                            "--etcd-user {name} needs a password: set {ETCD_PASSWORD_VAR} or give --etcd-password-file"
+                        )
+                    })?,
+                };
+                Some((name.clone(), password))
+            }
+        };
+        Ok(EtcdConfig {
+            endpoints,
+            prefix: self.etcd_prefix.clone(),
+            ca_file: self.etcd_ca_file.clone(),
+            client_cert: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+            user,
+        })
+    }
 }
 
 /// The user the relay's service runs as.
@@ -268,6 +360,25 @@ fn unit(binary: &Path, serve: Serve) -> Unit {
 /// Runs a relay subcommand.
 pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
     match cmd {
+        RelayCommand::Migrate {
+            from,
+            to,
+            force,
+            etcd,
+        } => {
+            let config = etcd.config(to.clone())?;
+            let copied = etcd::copy_to_etcd(&from, &config, force)
+                .await
+                .with_context(|| format!("copying the registry in {} to {to}", from.display()))?;
+            let report = serde_json::json!({
+                "from": from.display().to_string(),
+                "to": to.to_string(),
+                "prefix": config.prefix,
+                "hcs": copied.hcs,
+            });
+            println!("{report}");
+            Ok(())
+        }
         RelayCommand::Install {
             data_dir,
             listen,
@@ -321,9 +432,15 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             http_response_timeout,
             max_http_requests_per_hc,
             metrics,
+            registry,
+            etcd,
         } => {
+            let etcd = registry
+                .map(|endpoints| etcd.config(endpoints))
+                .transpose()?;
             let config = relay::RelayConfig {
                 data_dir: data_dir.clone(),
+                etcd,
                 listen,
                 also_listen,
                 ca_cert: tls_cert

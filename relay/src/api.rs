@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::hub::{AttachedAgent, Hub};
+use crate::registry::etcd::EtcdError;
 use crate::registry::{HcRecord, Registry, RegistryError, SlotKeys};
 
 /// The OpenAPI 3 description of this API, served at `/openapi.json`.
@@ -344,6 +345,8 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
             RegistryError::NoSuchRule(_) => StatusCode::BAD_REQUEST,
             RegistryError::Quota(_) => StatusCode::CONFLICT,
+            RegistryError::Etcd(EtcdError::Contention { .. }) => StatusCode::CONFLICT,
+            RegistryError::Etcd(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
@@ -643,6 +646,21 @@ mod tests {
         assert_eq!(
             ApiError::from(RegistryError::NoSuchRule(Right::Manage)).0,
             StatusCode::BAD_REQUEST
+        );
+        // Another relay kept winning: try again. etcd not answering: the
+        // service is unavailable, not broken.
+        let contention = EtcdError::Contention { what: "x".into() };
+        assert_eq!(
+            ApiError::from(RegistryError::from(contention)).0,
+            StatusCode::CONFLICT
+        );
+        let down = EtcdError::Request {
+            endpoints: "http://127.0.0.1:2379".into(),
+            error: etcd_client::Error::InvalidArgs("x".into()),
+        };
+        assert_eq!(
+            ApiError::from(RegistryError::from(down)).0,
+            StatusCode::SERVICE_UNAVAILABLE
         );
     }
 }

@@ -43,6 +43,9 @@ pub struct RelayConfig {
     pub public_port: Option<u16>,
     /// Relay-wide quotas.
     pub limits: Limits,
+    /// Keep the registry in etcd, shared with other relays, instead of
+    /// `DATA_DIR/registry.json` ([`crate::registry::etcd`]).
+    pub etcd: Option<crate::registry::etcd::EtcdConfig>,
 }
 
 /// Relay-wide quotas; exceeding one is a clear error for that request or
@@ -253,7 +256,10 @@ impl RelayConfig {
             ca.as_ref().map(|(_, served)| served.clone()),
         )
         .server_config()?;
-        let registry = Registry::open(&self.data_dir)?;
+        let registry = match &self.etcd {
+            None => Registry::open(&self.data_dir)?,
+            Some(config) => Registry::open_etcd(&self.data_dir, config).await?,
+        };
         let listener = bind(self.listen).await?;
         let mut also = Vec::new();
         for &addr in &self.also_listen {

@@ -1,33 +1,27 @@
 //! The hybrid-connection registry: every HC the relay knows, its endpoint and
 //! its keys, plus the relay-wide `manage` rule's two keys.
 //!
-//! It lives in `DATA_DIR/registry.json` (mode 0600: it holds every key). The
-//! primary manage key is also written to `DATA_DIR/manage.key` (mode 0600) so
-//! that the CLI on the same host can authenticate to the management API;
-//! `registry.json` is authoritative and `manage.key` is rewritten from it at
+//! The registry is held in memory and kept in a *store*: by default one
+//! JSON file, `DATA_DIR/registry.json` (mode 0600: it holds every key; see
+//! [`file`](self::file)). Every change goes to the store before it becomes
+//! visible, and a change that the store refuses changes nothing.
+//!
+//! The primary manage key is also written to `DATA_DIR/manage.key` (mode
+//! 0600) so that the CLI on the same host can authenticate to the management
+//! API; the store is authoritative and `manage.key` is rewritten from it at
 //! start when it is missing or differs, and whenever the primary is
 //! regenerated. Like every rule, `manage` has a primary and a secondary key,
 //! so that one can be replaced while the tools that manage the relay move to
 //! the other.
 //!
-//! Format version 1 held a single manage key (`manage_key`); such a file is
-//! read with that key as the primary, a fresh secondary is made, and the
-//! file is rewritten as version 2 at once.
-//!
-//! Every change is written to disk before it becomes visible: the new state
-//! goes to a temporary file, which is fsynced, renamed over the old file, and
-//! the directory is fsynced, so a crash leaves either the old or the new
-//! registry, never a torn one. A registry file that cannot be read or parsed
-//! is an error at start, naming the file; it is never silently reset.
-//!
 //! Changes are announced on a broadcast channel ([`Registry::subscribe`]) so
 //! that the control server can end sessions whose key was regenerated or
-//! whose HC was deleted.
+//! whose HC was deleted. The events are worked out from the records before
+//! and after each change ([`hc_events`]), so they are the same whoever made
+//! the change.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -38,7 +32,9 @@ use proto::sas::RuleKeys;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::broadcast;
-use transport::atomic_file::AtomicFile;
+
+pub mod etcd;
+mod file;
 
 /// File name of the registry inside the data directory.
 pub const REGISTRY_FILE: &str = "registry.json";
@@ -137,6 +133,9 @@ pub enum RegistryError {
         /// The OS error.
         source: io::Error,
     },
+    /// The registry in etcd could not be read or changed.
+    #[error(transparent)]
+    Etcd(#[from] etcd::EtcdError),
     /// `create` beyond the relay's limit of hybrid connections.
     #[error(
         "this relay already holds {0} hybrid connections, its limit (relay serve --max-hcs); delete one first"
@@ -311,43 +310,89 @@ impl RegistryEvent {
         }
     }
 }
-
-/// What `registry.json` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegistryFile {
-    version: u32,
-    manage_keys: SlotKeys,
-    hcs: Vec<HcRecord>,
-}
-
-/// What `registry.json` held in format version 1: one manage key.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegistryFileOneManageKey {
-    #[allow(dead_code)] // Checked before this is parsed.
-    version: u32,
-    manage_key: Key,
-    hcs: Vec<HcRecord>,
-}
-
-/// Just the version of a `registry.json`, to know how to read the rest.
-#[derive(Debug, Deserialize)]
-struct VersionOnly {
-    version: u32,
-}
-
+/// What the registry holds.
 #[derive(Debug, Clone)]
 struct State {
     manage_keys: SlotKeys,
     hcs: BTreeMap<HcName, HcRecord>,
 }
 
+/// The in-memory registry that every clone of a [`Registry`] (and a store
+/// that learns of changes by itself) reads and changes.
 #[derive(Debug)]
-struct Inner {
+struct Shared {
+    /// The data directory, where `manage.key` is kept.
     dir: PathBuf,
     state: Mutex<State>,
     events: broadcast::Sender<RegistryEvent>,
+}
+
+impl Shared {
+    fn new(dir: &Path, state: State) -> Shared {
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        Shared {
+            dir: dir.to_owned(),
+            state: Mutex::new(state),
+            events,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-changed:
+        // every change builds the new value first and then stores it.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Makes `new` the record of `name` (`None`: no such HC) and announces
+    /// what changed.
+    fn apply_hc(&self, name: &HcName, new: Option<HcRecord>) {
+        let mut state = self.lock();
+        let old = match new {
+            Some(record) => state.hcs.insert(name.clone(), record),
+            None => state.hcs.remove(name),
+        };
+        let events = hc_events(name, old.as_ref(), state.hcs.get(name));
+        drop(state);
+        self.announce(events);
+    }
+
+    /// Makes `new` the manage keys and announces which slots changed.
+    fn apply_manage_keys(&self, new: SlotKeys) {
+        let mut state = self.lock();
+        let old = std::mem::replace(&mut state.manage_keys, new);
+        let events = manage_key_events(&old, &state.manage_keys);
+        drop(state);
+        self.announce(events);
+    }
+
+    fn announce(&self, events: Vec<RegistryEvent>) {
+        for event in events {
+            // No subscribers is fine.
+            let _ = self.events.send(event);
+        }
+    }
+}
+
+/// A change of one HC's record: given the current record and the number of
+/// HCs, the new record (`None`: delete it) and what to return.
+type HcEdit<'a, T> =
+    dyn FnMut(Option<&HcRecord>, usize) -> Result<(Option<HcRecord>, T), RegistryError> + 'a;
+
+/// Where the registry is kept.
+#[derive(Debug)]
+enum Store {
+    /// `registry.json` in the data directory ([`file`]).
+    File,
+    /// etcd, shared with other relays ([`etcd`]).
+    Etcd(Box<etcd::EtcdStore>),
+}
+
+#[derive(Debug)]
+struct Inner {
+    shared: Arc<Shared>,
+    store: Store,
     /// The most HCs `create` allows.
     max_hcs: std::sync::atomic::AtomicUsize,
 }
@@ -355,8 +400,9 @@ struct Inner {
 /// The registry of hybrid connections, shared by the management API and the
 /// control server. Cheap to clone; all clones see the same state.
 ///
-/// Methods block on file I/O (a write and two fsyncs per change); call the
-/// changing ones from `tokio::task::spawn_blocking` in async code.
+/// Reads are from memory. The methods that change the registry block on the
+/// store (a write and two fsyncs for the file); call them from
+/// `tokio::task::spawn_blocking` in async code.
 #[derive(Debug, Clone)]
 pub struct Registry {
     inner: Arc<Inner>,
@@ -366,40 +412,56 @@ impl Registry {
     /// Opens the registry in `dir`, creating the directory (mode 0700), a new
     /// empty registry and a new manage key on first start.
     pub fn open(dir: &Path) -> Result<Registry, RegistryError> {
-        create_data_dir(dir)?;
-        let path = dir.join(REGISTRY_FILE);
-        let state = match fs::read(&path) {
-            Ok(bytes) => {
-                let (state, migrated) = parse_file(&path, &bytes)?;
-                if migrated {
-                    save(dir, &state)?;
-                    tracing::info!(
-                        path = %path.display(),
-                        "registry upgraded to format version {REGISTRY_VERSION}: the manage key is now the primary, and a secondary manage key was made"
-                    );
-                }
-                state
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let state = State {
-                    manage_keys: SlotKeys::generate()?,
-                    hcs: BTreeMap::new(),
-                };
-                save(dir, &state)?;
-                state
-            }
-            Err(source) => return Err(RegistryError::Read { path, source }),
-        };
-        sync_manage_key_file(dir, &state.manage_keys.primary)?;
-        let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        Ok(Registry {
+        let state = file::load_or_create(dir)?;
+        Registry::with_store(dir, state, Store::File)
+    }
+
+    /// Opens the registry kept in etcd, shared with the other relays that
+    /// use the same etcd and prefix, and follows its changes from then on;
+    /// `dir` is this relay's data directory, which gets `manage.key`. Fails,
+    /// rather than start with an empty registry, when etcd does not answer.
+    /// Call from within a multi-threaded tokio runtime.
+    pub async fn open_etcd(
+        dir: &Path,
+        config: &etcd::EtcdConfig,
+    ) -> Result<Registry, RegistryError> {
+        file::create_data_dir(dir)?;
+        let loaded = etcd::connect_and_load(config).await?;
+        tracing::info!(
+            etcd = %loaded.endpoints,
+            prefix = %config.prefix,
+            hcs = loaded.state.hcs.len(),
+            revision = loaded.revision,
+            "registry read from etcd; following its changes"
+        );
+        file::sync_manage_key_file(dir, &loaded.state.manage_keys.primary)?;
+        let shared = Arc::new(Shared::new(dir, loaded.state));
+        let store = etcd::EtcdStore::start(
+            loaded.client,
+            loaded.layout,
+            loaded.endpoints,
+            loaded.revision,
+            shared.clone(),
+        );
+        Ok(Registry::with_shared(shared, Store::Etcd(Box::new(store))))
+    }
+
+    fn with_store(dir: &Path, state: State, store: Store) -> Result<Registry, RegistryError> {
+        file::sync_manage_key_file(dir, &state.manage_keys.primary)?;
+        Ok(Registry::with_shared(
+            Arc::new(Shared::new(dir, state)),
+            store,
+        ))
+    }
+
+    fn with_shared(shared: Arc<Shared>, store: Store) -> Registry {
+        Registry {
             inner: Arc::new(Inner {
-                dir: dir.to_owned(),
-                state: Mutex::new(state),
-                events,
+                shared,
+                store,
                 max_hcs: std::sync::atomic::AtomicUsize::new(usize::MAX),
             }),
-        })
+        }
     }
 
     /// Limits `create` to `max` hybrid connections in all (the ones already
@@ -410,9 +472,9 @@ impl Registry {
             .store(max, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The data directory this registry lives in.
+    /// The data directory this registry's node keeps `manage.key` in.
     pub fn dir(&self) -> &Path {
-        &self.inner.dir
+        &self.inner.shared.dir
     }
 
     /// Every HC, sorted by name.
@@ -440,12 +502,13 @@ impl Registry {
     /// working. A new primary is also written to `manage.key`.
     pub fn regenerate_manage_key(&self, slot: KeySlot) -> Result<SlotKeys, RegistryError> {
         let key = Key::generate()?;
-        let keys = self.change(RegistryEvent::ManageKeyRegenerated { slot }, |state| {
-            *state.manage_keys.get_mut(slot) = key.clone();
-            Ok(state.manage_keys.clone())
+        let keys = self.change_manage_keys(|keys| {
+            let mut keys = keys.clone();
+            *keys.get_mut(slot) = key.clone();
+            keys
         })?;
         if slot == KeySlot::Primary {
-            sync_manage_key_file(&self.inner.dir, &keys.primary).map_err(|e| match e {
+            file::sync_manage_key_file(self.dir(), &keys.primary).map_err(|e| match e {
                 RegistryError::Write { path, source } | RegistryError::Read { path, source } => {
                     RegistryError::ManageKeyFile { path, source }
                 }
@@ -469,26 +532,22 @@ impl Registry {
             .inner
             .max_hcs
             .load(std::sync::atomic::Ordering::Relaxed);
-        self.change(RegistryEvent::Created { name: name.clone() }, |state| {
-            let hcs = &mut state.hcs;
-            if hcs.contains_key(&name) {
+        self.change_hc(&name, |old, count| {
+            if old.is_some() {
                 return Err(RegistryError::Duplicate(name.clone()));
             }
-            if hcs.len() >= max {
+            if count >= max {
                 return Err(RegistryError::Quota(max));
             }
-            hcs.insert(name.clone(), record.clone());
-            Ok(record.clone())
+            Ok((Some(record.clone()), record.clone()))
         })
     }
 
     /// Deletes an HC and returns what it was.
     pub fn delete(&self, name: &HcName) -> Result<HcRecord, RegistryError> {
-        self.change(RegistryEvent::Deleted { name: name.clone() }, |state| {
-            state
-                .hcs
-                .remove(name)
-                .ok_or_else(|| RegistryError::NotFound(name.clone()))
+        self.change_hc(name, |old, _| {
+            let old = old.ok_or_else(|| RegistryError::NotFound(name.clone()))?;
+            Ok((None, old.clone()))
         })
     }
 
@@ -504,16 +563,10 @@ impl Registry {
             return Err(RegistryError::NoSuchRule(right));
         }
         let key = Key::generate()?;
-        let event = RegistryEvent::KeysChanged {
-            name: name.clone(),
-            right,
-            slot,
-        };
-        self.change(event, |state| {
-            let hc = state
-                .hcs
-                .get_mut(name)
-                .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
+        self.change_hc(name, |old, _| {
+            let mut hc = old
+                .ok_or_else(|| RegistryError::NotFound(name.clone()))?
+                .clone();
             let keys = match right {
                 Right::Send => &mut hc.send,
                 _ => &mut hc.listen,
@@ -527,7 +580,7 @@ impl Registry {
             });
             let excess = hc.retired.len().saturating_sub(RETIRED_KEYS_KEPT);
             hc.retired.drain(..excess);
-            Ok(hc.clone())
+            Ok((Some(hc.clone()), hc))
         })
     }
 
@@ -537,47 +590,123 @@ impl Registry {
         name: &HcName,
         endpoint: Endpoint,
     ) -> Result<HcRecord, RegistryError> {
-        self.change(RegistryEvent::Updated { name: name.clone() }, |state| {
-            let hc = state
-                .hcs
-                .get_mut(name)
-                .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
+        self.change_hc(name, |old, _| {
+            let mut hc = old
+                .ok_or_else(|| RegistryError::NotFound(name.clone()))?
+                .clone();
             hc.endpoint = endpoint.clone();
-            Ok(hc.clone())
+            Ok((Some(hc.clone()), hc))
         })
     }
 
     /// A receiver of every change made after this call.
     pub fn subscribe(&self) -> broadcast::Receiver<RegistryEvent> {
-        self.inner.events.subscribe()
+        self.inner.shared.events.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the state half-changed:
-        // `change` swaps in a fully built map only after the write succeeded.
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.shared.lock()
     }
 
-    /// Applies `edit` to a copy of the state, writes the result, then makes
-    /// it current and announces `event`. On any error nothing changes.
-    fn change<T>(
+    /// Changes the record of `name` in the store, then in memory, and
+    /// announces what changed. `edit` gets the current record and the number
+    /// of HCs, and returns the new record (`None`: delete it) and what to
+    /// return; an error from it changes nothing. A store shared with other
+    /// relays may call `edit` more than once, with fresher records.
+    fn change_hc<T>(
         &self,
-        event: RegistryEvent,
-        edit: impl FnOnce(&mut State) -> Result<T, RegistryError>,
+        name: &HcName,
+        mut edit: impl FnMut(Option<&HcRecord>, usize) -> Result<(Option<HcRecord>, T), RegistryError>,
     ) -> Result<T, RegistryError> {
-        let mut state = self.lock();
-        let mut next = state.clone();
-        let out = edit(&mut next)?;
-        save(&self.inner.dir, &next)?;
-        *state = next;
-        drop(state);
-        // No subscribers is fine.
-        let _ = self.inner.events.send(event);
-        Ok(out)
+        let shared = &self.inner.shared;
+        match &self.inner.store {
+            Store::File => {
+                let mut state = shared.lock();
+                let (new, out) = edit(state.hcs.get(name), state.hcs.len())?;
+                let mut next = state.clone();
+                let old = match new {
+                    Some(record) => next.hcs.insert(name.clone(), record),
+                    None => next.hcs.remove(name),
+                };
+                file::save(&shared.dir, &next)?;
+                let events = hc_events(name, old.as_ref(), next.hcs.get(name));
+                *state = next;
+                drop(state);
+                shared.announce(events);
+                Ok(out)
+            }
+            Store::Etcd(store) => store.change_hc(name, &mut edit),
+        }
     }
+
+    /// Changes the manage keys in the store, then in memory, and returns
+    /// them.
+    fn change_manage_keys(
+        &self,
+        mut edit: impl FnMut(&SlotKeys) -> SlotKeys,
+    ) -> Result<SlotKeys, RegistryError> {
+        let shared = &self.inner.shared;
+        match &self.inner.store {
+            Store::File => {
+                let mut state = shared.lock();
+                let mut next = state.clone();
+                next.manage_keys = edit(&state.manage_keys);
+                file::save(&shared.dir, &next)?;
+                let events = manage_key_events(&state.manage_keys, &next.manage_keys);
+                let keys = next.manage_keys.clone();
+                *state = next;
+                drop(state);
+                shared.announce(events);
+                Ok(keys)
+            }
+            Store::Etcd(store) => store.change_manage_keys(&mut edit),
+        }
+    }
+}
+
+/// What changed between two versions of the record of `name` (`None`: no
+/// such HC), in the order the hub should hear it.
+pub fn hc_events(
+    name: &HcName,
+    old: Option<&HcRecord>,
+    new: Option<&HcRecord>,
+) -> Vec<RegistryEvent> {
+    let name = name.clone();
+    match (old, new) {
+        (None, None) => Vec::new(),
+        (None, Some(_)) => vec![RegistryEvent::Created { name }],
+        (Some(_), None) => vec![RegistryEvent::Deleted { name }],
+        (Some(old), Some(new)) => {
+            let mut events = Vec::new();
+            for (right, before, after) in [
+                (Right::Send, &old.send, &new.send),
+                (Right::Listen, &old.listen, &new.listen),
+            ] {
+                for slot in [KeySlot::Primary, KeySlot::Secondary] {
+                    if before.get(slot) != after.get(slot) {
+                        events.push(RegistryEvent::KeysChanged {
+                            name: name.clone(),
+                            right,
+                            slot,
+                        });
+                    }
+                }
+            }
+            if old.endpoint != new.endpoint {
+                events.push(RegistryEvent::Updated { name });
+            }
+            events
+        }
+    }
+}
+
+/// Which manage keys changed.
+fn manage_key_events(old: &SlotKeys, new: &SlotKeys) -> Vec<RegistryEvent> {
+    [KeySlot::Primary, KeySlot::Secondary]
+        .into_iter()
+        .filter(|&slot| old.get(slot) != new.get(slot))
+        .map(|slot| RegistryEvent::ManageKeyRegenerated { slot })
+        .collect()
 }
 
 fn unix_now() -> u64 {
@@ -586,103 +715,11 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn create_data_dir(dir: &Path) -> Result<(), RegistryError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| RegistryError::CreateDir {
-            path: dir.to_owned(),
-            source,
-        })
-}
-
-/// The state a `registry.json` holds, and whether it was in an older format
-/// (to be rewritten in the current one).
-fn parse_file(path: &Path, bytes: &[u8]) -> Result<(State, bool), RegistryError> {
-    let corrupt = |source| RegistryError::Corrupt {
-        path: path.to_owned(),
-        source,
-    };
-    let version = serde_json::from_slice::<VersionOnly>(bytes)
-        .map_err(corrupt)?
-        .version;
-    let (manage_keys, hcs, migrated) = match version {
-        REGISTRY_VERSION => {
-            let file: RegistryFile = serde_json::from_slice(bytes).map_err(corrupt)?;
-            (file.manage_keys, file.hcs, false)
-        }
-        REGISTRY_VERSION_ONE_MANAGE_KEY => {
-            let file: RegistryFileOneManageKey = serde_json::from_slice(bytes).map_err(corrupt)?;
-            let keys = SlotKeys {
-                primary: file.manage_key,
-                secondary: Key::generate()?,
-            };
-            (keys, file.hcs, true)
-        }
-        found => {
-            return Err(RegistryError::UnsupportedVersion {
-                path: path.to_owned(),
-                found,
-            });
-        }
-    };
-    let mut by_name = BTreeMap::new();
-    for hc in hcs {
-        let name = hc.name.clone();
-        if by_name.insert(name.clone(), hc).is_some() {
-            return Err(RegistryError::DuplicateInFile {
-                path: path.to_owned(),
-                name,
-            });
-        }
-    }
-    let state = State {
-        manage_keys,
-        hcs: by_name,
-    };
-    Ok((state, migrated))
-}
-
-fn save(dir: &Path, state: &State) -> Result<(), RegistryError> {
-    let file = RegistryFile {
-        version: REGISTRY_VERSION,
-        manage_keys: state.manage_keys.clone(),
-        hcs: state.hcs.values().cloned().collect(),
-    };
-    let mut json = serde_json::to_vec_pretty(&file).map_err(|e| RegistryError::Write {
-        path: dir.join(REGISTRY_FILE),
-        source: io::Error::other(e),
-    })?;
-    json.push(b'\n');
-    let path = dir.join(REGISTRY_FILE);
-    AtomicFile::new(&path)
-        .mode(0o600)
-        .write(&json)
-        .map_err(|source| RegistryError::Write { path, source })
-}
-
-fn sync_manage_key_file(dir: &Path, key: &Key) -> Result<(), RegistryError> {
-    let path = dir.join(MANAGE_KEY_FILE);
-    let current = match fs::read_to_string(&path) {
-        Ok(text) => Some(text),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(source) => return Err(RegistryError::Read { path, source }),
-    };
-    if current.as_deref().map(str::trim) != Some(key.as_str()) {
-        let text = format!("{}\n", key.as_str());
-        AtomicFile::new(&path)
-            .mode(0o600)
-            .write(text.as_bytes())
-            .map_err(|source| RegistryError::Write { path, source })?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proto::sas;
+    use std::fs;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn name(s: &str) -> HcName {
@@ -963,6 +1000,44 @@ mod tests {
                     name: name("payroll")
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn events_are_the_differences_between_two_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        let old = registry.create(name("payroll"), endpoint("sql:1")).unwrap();
+        let mut new = old.clone();
+        new.endpoint = endpoint("sql:2");
+        new.send.secondary = Key::generate().unwrap();
+        new.listen.primary = Key::generate().unwrap();
+        let n = name("payroll");
+        assert_eq!(
+            hc_events(&n, Some(&old), Some(&new)),
+            [
+                RegistryEvent::KeysChanged {
+                    name: n.clone(),
+                    right: Right::Send,
+                    slot: KeySlot::Secondary
+                },
+                RegistryEvent::KeysChanged {
+                    name: n.clone(),
+                    right: Right::Listen,
+                    slot: KeySlot::Primary
+                },
+                RegistryEvent::Updated { name: n.clone() },
+            ]
+        );
+        assert!(hc_events(&n, Some(&old), Some(&old)).is_empty());
+        assert!(hc_events(&n, None, None).is_empty());
+        assert_eq!(
+            hc_events(&n, None, Some(&old)),
+            [RegistryEvent::Created { name: n.clone() }]
+        );
+        assert_eq!(
+            hc_events(&n, Some(&old), None),
+            [RegistryEvent::Deleted { name: n }]
         );
     }
 
