@@ -163,6 +163,12 @@ pub enum RelayCommand {
         /// holds this relay's certificate and manage.key.
         #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]")]
         registry: Option<EtcdEndpoints>,
+        /// With --registry: when etcd does not answer at start, serve the
+        /// registry this relay last saw (DATA_DIR/registry-cache.json,
+        /// written while it runs with etcd) and refuse changes until etcd
+        /// answers, instead of refusing to start.
+        #[arg(long, requires = "registry")]
+        serve_from_cache: bool,
         #[command(flatten)]
         etcd: Box<EtcdArgs>,
     },
@@ -284,6 +290,7 @@ impl EtcdArgs {
             ca_file: self.etcd_ca_file.clone(),
             client_cert: self.etcd_cert.clone().zip(self.etcd_key.clone()),
             user,
+            serve_from_cache: false,
         })
     }
 }
@@ -433,10 +440,16 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             max_http_requests_per_hc,
             metrics,
             registry,
+            serve_from_cache,
             etcd,
         } => {
             let etcd = registry
-                .map(|endpoints| etcd.config(endpoints))
+                .map(|endpoints| {
+                    etcd.config(endpoints).map(|mut c| {
+                        c.serve_from_cache = serve_from_cache;
+                        c
+                    })
+                })
                 .transpose()?;
             let config = relay::RelayConfig {
                 data_dir: data_dir.clone(),

@@ -84,6 +84,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/hcs/{name}/status", get(hc_status))
         .route("/api/v1/status", get(all_status))
         .route("/api/v1/manage-keys", get(show_manage_keys))
+        .route("/api/v1/registry", get(registry_health))
         .route(
             "/api/v1/manage-keys/regenerate",
             post(regenerate_manage_key),
@@ -162,6 +163,13 @@ async fn hc_status(
 ) -> ApiResult<axum::Json<RelayHcStatus>> {
     let hc = find(&state, &name)?;
     Ok(axum::Json(status_of(&state, &hc)))
+}
+
+/// `GET /api/v1/registry`: whether the registry's store takes changes.
+async fn registry_health(
+    State(state): State<ApiState>,
+) -> axum::Json<crate::registry::StoreHealth> {
+    axum::Json(state.registry.health())
 }
 
 async fn all_status(State(state): State<ApiState>) -> axum::Json<Vec<RelayHcStatus>> {

@@ -77,6 +77,7 @@ pub struct RelayMetrics {
     azure_connections: Counter,
     azure_connections_active: Gauge,
     azure_http_requests: Counter,
+    registry_writable: Gauge,
 }
 
 impl Default for RelayMetrics {
@@ -100,6 +101,7 @@ impl RelayMetrics {
         let azure_connections = Counter::default();
         let azure_connections_active = Gauge::default();
         let azure_http_requests = Counter::default();
+        let registry_writable = Gauge::default();
         let mut registry = Registry::with_prefix("hybridlink_relay");
         registry.register(
             "hybrid_connections",
@@ -153,8 +155,14 @@ impl RelayMetrics {
             "Azure-protocol HTTP requests sent on to a listener",
             azure_http_requests.clone(),
         );
+        registry.register(
+            "registry_writable",
+            "1 while the registry's store takes changes; 0 while a relay on etcd cannot reach it (it serves what it knows and refuses changes)",
+            registry_writable.clone(),
+        );
         RelayMetrics {
             registry,
+            registry_writable,
             hybrid_connections,
             agents,
             senders,
@@ -225,6 +233,11 @@ impl RelayMetrics {
             self.agents.get_or_create(&label).set(gauge(*agents));
             self.senders.get_or_create(&label).set(gauge(*senders));
         }
+    }
+
+    /// Sets whether the registry's store takes changes now.
+    pub fn set_registry_writable(&self, writable: bool) {
+        self.registry_writable.set(i64::from(writable));
     }
 
     /// The metrics in the Prometheus text format.

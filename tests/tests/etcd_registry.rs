@@ -446,28 +446,105 @@ fn the_quota_holds_across_relays_and_a_new_manage_key_reaches_every_relay() -> R
     Ok(())
 }
 
+/// `GET /api/v1/registry` on `node`.
+fn registry_health(node: &Relay) -> Result<serde_json::Value> {
+    let key = std::fs::read_to_string(node.data_dir.join("manage.key"))?;
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-H"])
+        .arg(format!("Authorization: Bearer {}", key.trim()))
+        .arg(format!("http://{}/api/v1/registry", node.api))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The relay's `hybridlink_relay_registry_writable`, from its metrics.
+fn writable_metric(addr: &str) -> Result<String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://{addr}/metrics"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with("hybridlink_relay_registry_writable "))
+        .map(|l| l.to_string())
+        .with_context(|| format!("no registry_writable in {text}"))
+}
+
 #[test]
-fn after_etcd_restarts_every_relay_sees_the_changes_made_since() -> Result<()> {
+fn with_etcd_down_relays_serve_what_they_know_refuse_changes_and_catch_up_after() -> Result<()> {
     let Some(mut etcd) = Etcd::start()? else {
         return Ok(());
     };
     let (dir1, dir2) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let node1 = relay_on(&etcd, &dir1)?;
+    let url = etcd.url();
+    let node1 = Relay::start_with(
+        dir1.path(),
+        "127.0.0.1:0",
+        &["--registry", &url, "--metrics", "127.0.0.1:0"],
+    )?;
     let node2 = relay_on(&etcd, &dir2)?;
-    node1.hc(&["create", "payroll", "--host", "198.18.7.4", "--port", "80"])?;
+    let metrics = node1.ready["metrics"]
+        .as_str()
+        .context("metrics address in the ready line")?
+        .to_string();
+    let (send, listen) = node1.create_hc("payroll", echo_server_thread()?)?;
+    let agent = Agent::start(&[&listen], &[])?;
+    agent.wait_connected()?;
+    let health = registry_health(&node1)?;
+    ensure!(
+        health["store"] == "etcd" && health["writable"] == true,
+        "{health}"
+    );
 
-    // etcd down: a change is refused, saying etcd failed.
+    // etcd down: both relays say so (API, metrics) and refuse changes at
+    // once, saying why; a stream opened before and new streams go on.
+    let mut before = OpenStream::open(&send)?;
     etcd.stop();
+    wait_for("node 1 noticing etcd is down", 10, || {
+        Ok(registry_health(&node1)?["writable"] == false)
+    })?;
+    let health = registry_health(&node1)?;
+    ensure!(
+        health["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{health}"
+    );
+    ensure!(
+        writable_metric(&metrics)? == "hybridlink_relay_registry_writable 0",
+        "metrics while etcd is down"
+    );
+    wait_for("node 2 noticing etcd is down", 10, || {
+        Ok(registry_health(&node2)?["writable"] == false)
+    })?;
+    let asked = Instant::now();
     let err = node2
         .hc(&["update", "payroll", "--port", "81"])
         .expect_err("a change without etcd");
     let err = format!("{err:#}");
     ensure!(
-        err.contains("etcd at") && err.contains("may not have been made"),
+        err.contains("does not answer") && err.contains("refuses changes"),
         "{err}"
     );
+    ensure!(
+        asked.elapsed() < Duration::from_secs(3),
+        "the refusal took {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(before.echo("still flowing\n")?, "still flowing\n");
+    before.close();
+    let mut during = OpenStream::open(&send)?;
+    assert_eq!(
+        during.echo("opened while etcd is down\n")?,
+        "opened while etcd is down\n"
+    );
+    during.close();
 
-    // etcd back: a change through node 2 reaches node 1, whose watch broke.
+    // etcd back: changes are taken again and reach the relay whose watch
+    // broke.
     etcd.restart()?;
     wait_for("a change through node 2 after the restart", 15, || {
         Ok(node2.hc(&["update", "payroll", "--port", "82"]).is_ok())
@@ -475,6 +552,9 @@ fn after_etcd_restarts_every_relay_sees_the_changes_made_since() -> Result<()> {
     wait_for("node 1 seeing it", 10, || {
         Ok(node1.hc(&["show", "payroll"])?["port"] == 82)
     })?;
+    ensure!(registry_health(&node1)?["writable"] == true);
+    ensure!(writable_metric(&metrics)? == "hybridlink_relay_registry_writable 1");
+    drop(agent);
     Ok(())
 }
 
@@ -665,4 +745,78 @@ fn hundreds_of_hybrid_connections_are_copied_and_read_back_whole() -> Result<()>
         registry["hcs"][249]["listen"]["secondary"]
     );
     Ok(())
+}
+
+/// A relay restarted while etcd is down starts only when told to serve
+/// from its cache: without `--serve-from-cache` it refuses (saying the
+/// flag), with it it serves the hybrid connections it last saw (an agent
+/// attaches, a stream flows) and refuses changes until etcd answers, then
+/// takes them again.
+#[test]
+fn a_relay_restarted_while_etcd_is_down_serves_from_its_cache_only_when_told() -> Result<()> {
+    let Some(mut etcd) = Etcd::start()? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let url = etcd.url();
+    let listen_addr = format!("127.0.0.1:{}", free_port()?);
+    let node = Relay::start_with(dir.path(), &listen_addr, &["--registry", &url])?;
+    let (send, listen) = node.create_hc("payroll", echo_server_thread()?)?;
+    let cache = dir.path().join("registry-cache.json");
+    wait_for("the registry cache", 10, || {
+        Ok(std::fs::read_to_string(&cache).is_ok_and(|t| t.contains("\"payroll\"")))
+    })?;
+    drop(node);
+    etcd.stop();
+
+    let out = Command::new(binary())
+        .args(["relay", "serve", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--listen",
+            &listen_addr,
+            "--api",
+            "127.0.0.1:0",
+            "--registry",
+            &url,
+        ])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("--serve-from-cache"),
+        "a restart without etcd: {err}"
+    );
+
+    // The same address and certificate: the strings made before still work.
+    let node = Relay::start_with(
+        dir.path(),
+        &listen_addr,
+        &["--registry", &url, "--serve-from-cache"],
+    )?;
+    let health = registry_health(&node)?;
+    ensure!(health["writable"] == false, "{health}");
+    let agent = Agent::start(&[&listen], &[])?;
+    agent.wait_connected()?;
+    let mut stream = OpenStream::open(&send)?;
+    assert_eq!(
+        stream.echo("served from the cache\n")?,
+        "served from the cache\n"
+    );
+    stream.close();
+    let err = node
+        .hc(&["update", "payroll", "--port", "81"])
+        .expect_err("a change while etcd is down");
+    ensure!(format!("{err:#}").contains("refuses changes"), "{err:#}");
+
+    etcd.restart()?;
+    wait_for("changes taken once etcd answers", 20, || {
+        Ok(node.hc(&["update", "payroll", "--port", "82"]).is_ok())
+    })?;
+    ensure!(registry_health(&node)?["writable"] == true);
+    drop(agent);
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

@@ -206,6 +206,7 @@ impl Hub {
     pub fn render_metrics(&self) -> String {
         let metrics = &self.inner.metrics;
         metrics.set_attachments(self.registry().list().len(), &self.attachment_counts());
+        metrics.set_registry_writable(self.registry().health().writable);
         metrics.render()
     }
 

@@ -167,11 +167,13 @@ async function poll() {
     const list = name
       ? [await api('GET', `/api/v1/hcs/${enc(name)}/status`)]
       : await api('GET', '/api/v1/status');
+    const registry = await api('GET', '/api/v1/registry');
     if (round !== pollRound) return;
     record(list);
     if (name) renderDetail(list[0]);
     else renderList(list);
     $('offline').hidden = true;
+    showRegistry(registry);
   } catch (e) {
     if (e instanceof SignedOut || round !== pollRound) return;
     if (name && e.status === 404) {
@@ -183,6 +185,20 @@ async function poll() {
     $('offline').hidden = false;
   }
   pollTimer = setTimeout(poll, POLL_MS);
+}
+
+// A relay on etcd that cannot reach it serves what it knows and refuses
+// changes: say so, with since when and why.
+function showRegistry(health) {
+  const banner = $('registry-down');
+  if (health.writable) {
+    banner.hidden = true;
+    return;
+  }
+  const since = new Date(health.since_unix * 1000).toLocaleTimeString();
+  banner.textContent = `The registry's store (${health.store}) does not answer since ${since}: ` +
+    `this relay keeps serving the hybrid connections it knows, but refuses changes until it answers (${health.error}).`;
+  banner.hidden = false;
 }
 
 function record(list) {

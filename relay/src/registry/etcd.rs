@@ -42,7 +42,7 @@ use proto::name::HcName;
 use thiserror::Error;
 use tokio::sync::watch;
 
-use super::{HcEdit, HcRecord, RegistryError, Shared, SlotKeys, State, file};
+use super::{HcEdit, HcRecord, RegistryError, Shared, SlotKeys, State, StoreHealth, file};
 
 /// The prefix of every key when none is given.
 pub const DEFAULT_PREFIX: &str = "/hybridlink/";
@@ -88,7 +88,7 @@ pub enum EtcdError {
     },
     /// etcd did not answer, or refused the credentials, at start.
     #[error(
-        "cannot read the registry from etcd at {endpoints}: {error}; check that etcd runs there and that its TLS settings and user match (a relay never starts without its registry)"
+        "cannot read the registry from etcd at {endpoints}: {error}; check that etcd runs there and that its TLS settings and user match (a relay never starts without its registry; with --serve-from-cache it serves the registry it last saw, refusing changes, until etcd answers)"
     )]
     Connect {
         /// The endpoints tried.
@@ -115,6 +115,16 @@ pub enum EtcdError {
         endpoints: String,
         /// What the client said.
         error: etcd_client::Error,
+    },
+    /// etcd has not answered this relay's watch: changes are refused.
+    #[error(
+        "etcd at {endpoints} does not answer ({error}); this relay keeps serving the registry it knows but refuses changes until etcd answers again"
+    )]
+    Unreachable {
+        /// The endpoints.
+        endpoints: String,
+        /// The last error seen.
+        error: String,
     },
     /// A value under the prefix is not what this relay wrote.
     #[error("etcd key {key} is corrupt: {reason}; fix or delete it with etcdctl")]
@@ -207,6 +217,10 @@ pub struct EtcdConfig {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// A user and password, for etcd's own authentication.
     pub user: Option<(String, String)>,
+    /// When etcd does not answer at start, serve the registry this relay
+    /// last saw (its cache in the data dir) and refuse changes until etcd
+    /// answers, instead of refusing to start.
+    pub serve_from_cache: bool,
 }
 
 impl fmt::Debug for EtcdConfig {
@@ -217,6 +231,7 @@ impl fmt::Debug for EtcdConfig {
             .field("ca_file", &self.ca_file)
             .field("client_cert", &self.client_cert)
             .field("user", &self.user.as_ref().map(|(name, _)| name))
+            .field("serve_from_cache", &self.serve_from_cache)
             .finish()
     }
 }
@@ -230,6 +245,7 @@ impl EtcdConfig {
             ca_file: None,
             client_cert: None,
             user: None,
+            serve_from_cache: false,
         }
     }
 
@@ -238,7 +254,7 @@ impl EtcdConfig {
     }
 
     /// The endpoints as they appear in messages.
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         let scheme = if self.tls() { "https" } else { "http" };
         self.endpoints
             .hosts()
@@ -502,11 +518,15 @@ pub(super) async fn connect_and_load(config: &EtcdConfig) -> Result<Loaded, Regi
 /// The etcd side of a [`super::Registry`]: changes go to etcd, and a watch
 /// brings every change (its own and other relays') into memory.
 pub(super) struct EtcdStore {
-    client: Client,
+    /// Set once etcd has been reached (at once, unless the relay started
+    /// from its cache while etcd did not answer).
+    client: Arc<std::sync::OnceLock<Client>>,
     layout: Layout,
     endpoints: String,
     /// The revision the memory is up to date with.
     applied: watch::Receiver<i64>,
+    /// Whether the watch reaches etcd now.
+    health: watch::Receiver<StoreHealth>,
     runtime: tokio::runtime::Handle,
     watcher: tokio::task::JoinHandle<()>,
 }
@@ -537,9 +557,39 @@ impl EtcdStore {
         revision: i64,
         shared: Arc<Shared>,
     ) -> EtcdStore {
+        let cell = Arc::new(std::sync::OnceLock::new());
+        let _ = cell.set(client);
+        EtcdStore::follow(cell, None, layout, endpoints, revision, shared)
+    }
+
+    /// Starts from the registry cached in the data dir while etcd does not
+    /// answer: connects in the background, and reads the whole registry
+    /// once etcd answers.
+    pub(super) fn start_from_cache(
+        config: EtcdConfig,
+        endpoints: String,
+        shared: Arc<Shared>,
+    ) -> EtcdStore {
+        let layout = Layout::new(&config.prefix);
+        let cell = Arc::new(std::sync::OnceLock::new());
+        // Revision 0: nothing from etcd applied yet.
+        EtcdStore::follow(cell, Some(config), layout, endpoints, 0, shared)
+    }
+
+    fn follow(
+        client: Arc<std::sync::OnceLock<Client>>,
+        connect: Option<EtcdConfig>,
+        layout: Layout,
+        endpoints: String,
+        revision: i64,
+        shared: Arc<Shared>,
+    ) -> EtcdStore {
         let (applied_tx, applied) = watch::channel(revision);
+        let health = shared.health.subscribe();
+        tokio::spawn(keep_cache(shared.clone(), applied.clone()));
         let watcher = tokio::spawn(keep_watching(
             client.clone(),
+            connect,
             layout.clone(),
             shared,
             revision,
@@ -550,6 +600,7 @@ impl EtcdStore {
             layout,
             endpoints,
             applied,
+            health,
             runtime: tokio::runtime::Handle::current(),
             watcher,
         }
@@ -559,6 +610,26 @@ impl EtcdStore {
     /// registry's changing methods are synchronous).
     fn block_on<F: Future>(&self, future: F) -> F::Output {
         tokio::task::block_in_place(|| self.runtime.block_on(future))
+    }
+
+    /// Refuses a change at once while the watch cannot reach etcd (rather
+    /// than after the request's timeout).
+    fn check_reachable(&self) -> Result<&Client, RegistryError> {
+        let health = self.health.borrow();
+        let refused = |error: String| {
+            Err(EtcdError::Unreachable {
+                endpoints: self.endpoints.clone(),
+                error,
+            }
+            .into())
+        };
+        if let (Some(error), false) = (&health.error, health.writable) {
+            return refused(error.clone());
+        }
+        match self.client.get() {
+            Some(client) => Ok(client),
+            None => refused("not reached since this relay started".into()),
+        }
     }
 
     fn request_error(&self, error: etcd_client::Error) -> RegistryError {
@@ -576,10 +647,11 @@ impl EtcdStore {
         name: &HcName,
         edit: &mut HcEdit<'_, T>,
     ) -> Result<T, RegistryError> {
+        let client = self.check_reachable()?;
         self.block_on(async {
             let key = self.layout.hc(name);
             let hcs = self.layout.hcs();
-            let mut kv = self.client.kv_client();
+            let mut kv = client.kv_client();
             for attempt in 0..MAX_ATTEMPTS {
                 // The record and the number of HCs at one revision.
                 let read = Txn::new().and_then([
@@ -642,9 +714,10 @@ impl EtcdStore {
         &self,
         edit: &mut dyn FnMut(&SlotKeys) -> SlotKeys,
     ) -> Result<SlotKeys, RegistryError> {
+        let client = self.check_reachable()?;
         self.block_on(async {
             let key = self.layout.manage_keys();
-            let mut kv = self.client.kv_client();
+            let mut kv = client.kv_client();
             for attempt in 0..MAX_ATTEMPTS {
                 let response = kv
                     .get(key.as_str(), None)
@@ -707,18 +780,42 @@ async fn backoff(attempt: usize) {
 /// after the watch breaks reads everything again and applies the
 /// difference.
 async fn keep_watching(
-    client: Client,
+    cell: Arc<std::sync::OnceLock<Client>>,
+    connect: Option<EtcdConfig>,
     layout: Layout,
     shared: Arc<Shared>,
     mut revision: i64,
     applied: watch::Sender<i64>,
 ) {
     let mut pause = Duration::from_millis(100);
+    // Started from the cache: reach etcd first, then read it all.
+    let client = match cell.get() {
+        Some(client) => client.clone(),
+        None => {
+            let Some(config) = connect else { return };
+            let client = loop {
+                match config.connect().await {
+                    Ok((client, _)) => break client,
+                    Err(e) => shared.set_health(Some(e.to_string())),
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            };
+            let _ = cell.set(client.clone());
+            client
+        }
+    };
+    let mut read_first = revision == 0;
     loop {
-        match watch_from(&client, &layout, &shared, &mut revision, &applied).await {
-            Ok(()) => tracing::warn!("the etcd watch ended; reading the registry again"),
-            Err(e) => {
-                tracing::warn!(error = %e, "the etcd watch failed; reading the registry again")
+        if read_first {
+            read_first = false;
+        } else {
+            match watch_from(&client, &layout, &shared, &mut revision, &applied).await {
+                Ok(()) => tracing::warn!("the etcd watch ended; reading the registry again"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the etcd watch failed; reading the registry again");
+                    shared.set_health(Some(e.to_string()));
+                }
             }
         }
         loop {
@@ -727,19 +824,52 @@ async fn keep_watching(
                     revision = snapshot.revision;
                     apply_snapshot(&shared, snapshot);
                     applied.send_replace(revision);
+                    shared.set_health(None);
                     pause = Duration::from_millis(100);
                     break;
                 }
                 Err(ReadError::Etcd(e)) => {
                     tracing::warn!(error = %e, "cannot read the registry from etcd; this relay serves what it knows and tries again");
+                    shared.set_health(Some(e.to_string()));
                 }
                 Err(ReadError::Corrupt(e)) => {
                     tracing::error!(error = %e, "the registry in etcd cannot be read; this relay serves what it knows and tries again");
+                    shared.set_health(Some(e.to_string()));
                 }
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+/// How long the cache waits after a change before it is written, so that
+/// a burst of changes is written once.
+const CACHE_DELAY: Duration = Duration::from_secs(1);
+
+/// Keeps `registry-cache.json` in the data dir equal to what this relay
+/// has applied from etcd, for `--serve-from-cache`.
+async fn keep_cache(shared: Arc<Shared>, mut applied: watch::Receiver<i64>) {
+    let mut written = None;
+    loop {
+        let revision = *applied.borrow_and_update();
+        // Revision 0: started from the cache, nothing newer to write yet.
+        if revision != 0 && written != Some(revision) {
+            let state = shared.lock().clone();
+            let dir = shared.dir.clone();
+            let saved =
+                tokio::task::spawn_blocking(move || file::save_as(&dir, file::CACHE_FILE, &state))
+                    .await;
+            match saved {
+                Ok(Ok(())) => written = Some(revision),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the registry cache"),
+                Err(e) => tracing::warn!(error = %e, "writing the registry cache failed"),
+            }
+        }
+        if applied.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(CACHE_DELAY).await;
     }
 }
 

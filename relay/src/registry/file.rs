@@ -66,6 +66,16 @@ pub(super) fn read_existing(dir: &Path) -> Result<State, RegistryError> {
     Ok(parse_file(&path, &bytes)?.0)
 }
 
+/// The registry cached in `dir` ([`CACHE_FILE`]).
+pub(super) fn read_cache(dir: &Path) -> Result<State, RegistryError> {
+    let path = dir.join(CACHE_FILE);
+    let bytes = fs::read(&path).map_err(|source| RegistryError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(parse_file(&path, &bytes)?.0)
+}
+
 /// What `registry.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,17 +160,26 @@ pub(super) fn parse_file(path: &Path, bytes: &[u8]) -> Result<(State, bool), Reg
 }
 
 pub(super) fn save(dir: &Path, state: &State) -> Result<(), RegistryError> {
+    save_as(dir, REGISTRY_FILE, state)
+}
+
+/// A relay on etcd's copy of the registry it last saw, in the format of
+/// `registry.json`, for `--serve-from-cache`.
+pub(super) const CACHE_FILE: &str = "registry-cache.json";
+
+/// Writes `state` to `dir/name` in the format of `registry.json`.
+pub(super) fn save_as(dir: &Path, name: &str, state: &State) -> Result<(), RegistryError> {
     let file = RegistryFile {
         version: REGISTRY_VERSION,
         manage_keys: state.manage_keys.clone(),
         hcs: state.hcs.values().cloned().collect(),
     };
     let mut json = serde_json::to_vec_pretty(&file).map_err(|e| RegistryError::Write {
-        path: dir.join(REGISTRY_FILE),
+        path: dir.join(name),
         source: io::Error::other(e),
     })?;
     json.push(b'\n');
-    let path = dir.join(REGISTRY_FILE);
+    let path = dir.join(name);
     AtomicFile::new(&path)
         .mode(0o600)
         .write(&json)

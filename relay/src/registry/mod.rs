@@ -31,7 +31,7 @@ use proto::name::{Endpoint, HcName};
 use proto::sas::RuleKeys;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 pub mod etcd;
 mod file;
@@ -56,6 +56,16 @@ const EVENT_CAPACITY: usize = 256;
 /// Why the registry could not be opened or changed.
 #[derive(Debug, Error)]
 pub enum RegistryError {
+    /// `--serve-from-cache` with etcd not answering and no usable cache.
+    #[error(
+        "{why}; and there is no registry cache to serve from ({cache}): the cache is written while this relay runs with etcd, so start it once with etcd answering"
+    )]
+    NoCache {
+        /// Why etcd was not used.
+        why: String,
+        /// Why the cache could not be read.
+        cache: String,
+    },
     /// The data directory could not be created.
     #[error("cannot create data directory {path}: {source}")]
     CreateDir {
@@ -317,6 +327,32 @@ struct State {
     hcs: BTreeMap<HcName, HcRecord>,
 }
 
+/// Whether the registry's store takes changes now: the file always does;
+/// a relay on etcd keeps serving the registry it knows while etcd does not
+/// answer, and refuses changes until it does.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoreHealth {
+    /// `file` or `etcd`.
+    pub store: &'static str,
+    /// Whether changes are taken.
+    pub writable: bool,
+    /// Since when (Unix seconds) the store has been in this state.
+    pub since_unix: u64,
+    /// Why changes are refused, when they are.
+    pub error: Option<String>,
+}
+
+impl StoreHealth {
+    fn up(store: &'static str) -> StoreHealth {
+        StoreHealth {
+            store,
+            writable: true,
+            since_unix: unix_now(),
+            error: None,
+        }
+    }
+}
+
 /// The in-memory registry that every clone of a [`Registry`] (and a store
 /// that learns of changes by itself) reads and changes.
 #[derive(Debug)]
@@ -325,16 +361,43 @@ struct Shared {
     dir: PathBuf,
     state: Mutex<State>,
     events: broadcast::Sender<RegistryEvent>,
+    health: watch::Sender<StoreHealth>,
 }
 
 impl Shared {
-    fn new(dir: &Path, state: State) -> Shared {
+    fn new(dir: &Path, state: State, store: &'static str) -> Shared {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Shared {
             dir: dir.to_owned(),
             state: Mutex::new(state),
             events,
+            health: watch::channel(StoreHealth::up(store)).0,
         }
+    }
+
+    /// Records that the store takes changes again (`None`) or does not
+    /// (`Some(why)`); logs and stamps only a change of state.
+    fn set_health(&self, refused: Option<String>) {
+        self.health.send_if_modified(|h| {
+            if h.writable == refused.is_none() {
+                if refused.is_some() && h.error != refused {
+                    h.error = refused;
+                    return true;
+                }
+                return false;
+            }
+            match &refused {
+                Some(why) => tracing::warn!(store = h.store, error = %why, "the registry's store does not answer: serving the registry this relay knows; management changes are refused until it answers"),
+                None => tracing::info!(store = h.store, "the registry's store answers again; management changes are taken"),
+            }
+            *h = StoreHealth {
+                store: h.store,
+                writable: refused.is_none(),
+                since_unix: unix_now(),
+                error: refused,
+            };
+            true
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -426,7 +489,15 @@ impl Registry {
         config: &etcd::EtcdConfig,
     ) -> Result<Registry, RegistryError> {
         file::create_data_dir(dir)?;
-        let loaded = etcd::connect_and_load(config).await?;
+        let loaded = match etcd::connect_and_load(config).await {
+            Ok(loaded) => loaded,
+            Err(RegistryError::Etcd(e @ etcd::EtcdError::Connect { .. }))
+                if config.serve_from_cache =>
+            {
+                return Registry::open_etcd_cache(dir, config, e);
+            }
+            Err(e) => return Err(e),
+        };
         tracing::info!(
             etcd = %loaded.endpoints,
             prefix = %config.prefix,
@@ -435,7 +506,7 @@ impl Registry {
             "registry read from etcd; following its changes"
         );
         file::sync_manage_key_file(dir, &loaded.state.manage_keys.primary)?;
-        let shared = Arc::new(Shared::new(dir, loaded.state));
+        let shared = Arc::new(Shared::new(dir, loaded.state, "etcd"));
         let store = etcd::EtcdStore::start(
             loaded.client,
             loaded.layout,
@@ -446,10 +517,35 @@ impl Registry {
         Ok(Registry::with_shared(shared, Store::Etcd(Box::new(store))))
     }
 
+    /// `--serve-from-cache` with etcd not answering (`why`): the registry
+    /// this relay last saw, unwritable until etcd answers.
+    fn open_etcd_cache(
+        dir: &Path,
+        config: &etcd::EtcdConfig,
+        why: etcd::EtcdError,
+    ) -> Result<Registry, RegistryError> {
+        let state = file::read_cache(dir).map_err(|e| RegistryError::NoCache {
+            why: why.to_string(),
+            cache: e.to_string(),
+        })?;
+        tracing::warn!(
+            error = %why,
+            hcs = state.hcs.len(),
+            cache = %dir.join(file::CACHE_FILE).display(),
+            "etcd does not answer: serving the registry this relay last saw; changes are refused until etcd answers"
+        );
+        file::sync_manage_key_file(dir, &state.manage_keys.primary)?;
+        let shared = Arc::new(Shared::new(dir, state, "etcd"));
+        shared.set_health(Some(format!("not reached since start: {why}")));
+        let store =
+            etcd::EtcdStore::start_from_cache(config.clone(), config.describe(), shared.clone());
+        Ok(Registry::with_shared(shared, Store::Etcd(Box::new(store))))
+    }
+
     fn with_store(dir: &Path, state: State, store: Store) -> Result<Registry, RegistryError> {
         file::sync_manage_key_file(dir, &state.manage_keys.primary)?;
         Ok(Registry::with_shared(
-            Arc::new(Shared::new(dir, state)),
+            Arc::new(Shared::new(dir, state, "file")),
             store,
         ))
     }
@@ -475,6 +571,16 @@ impl Registry {
     /// The data directory this registry's node keeps `manage.key` in.
     pub fn dir(&self) -> &Path {
         &self.inner.shared.dir
+    }
+
+    /// Whether the store takes changes now, and since when.
+    pub fn health(&self) -> StoreHealth {
+        self.inner.shared.health.borrow().clone()
+    }
+
+    /// Changes whenever [`Registry::health`] does.
+    pub fn health_changes(&self) -> watch::Receiver<StoreHealth> {
+        self.inner.shared.health.subscribe()
     }
 
     /// Every HC, sorted by name.
