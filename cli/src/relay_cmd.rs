@@ -163,6 +163,12 @@ pub enum RelayCommand {
         /// holds this relay's certificate and manage.key.
         #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]")]
         registry: Option<EtcdEndpoints>,
+        /// With --registry: the HOST:PORT agents and senders dial to reach
+        /// this node, listed in etcd for as long as the node lives (every
+        /// node of a cluster is told the list, and so are its peers).
+        /// Defaults to --public-host and the public port.
+        #[arg(long, value_name = "HOST:PORT", requires = "registry")]
+        advertise: Option<String>,
         #[command(flatten)]
         etcd: Box<EtcdArgs>,
     },
@@ -433,6 +439,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             max_http_requests_per_hc,
             metrics,
             registry,
+            advertise,
             etcd,
         } => {
             let etcd = registry
@@ -450,6 +457,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 api_tls,
                 public_host,
                 public_port,
+                advertise,
                 limits: relay::Limits {
                     max_hcs,
                     max_agents_per_hc: max_agents,

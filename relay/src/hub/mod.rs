@@ -24,7 +24,7 @@ use proto::label::PeerLabel;
 use proto::name::HcName;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::metrics::{RefusedReason, RelayMetrics};
 use crate::registry::Registry;
@@ -127,6 +127,9 @@ struct Inner {
     next_session: AtomicU64,
     rng: SystemRandom,
     metrics: Arc<RelayMetrics>,
+    /// The relay nodes sharing this registry (`HOST:PORT`, sorted); empty
+    /// for a relay on its own.
+    nodes: watch::Sender<Vec<String>>,
 }
 
 #[derive(Debug)]
@@ -186,6 +189,7 @@ impl Hub {
                 next_session: AtomicU64::new(1),
                 rng: SystemRandom::new(),
                 metrics,
+                nodes: watch::Sender::new(Vec::new()),
             }),
         }
     }
@@ -193,6 +197,21 @@ impl Hub {
     /// The registry this hub checks tokens against.
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
+    }
+
+    /// Replaces the list of relay nodes sharing this registry.
+    pub fn set_nodes(&self, nodes: Vec<String>) {
+        self.inner.nodes.send_if_modified(|old| {
+            let changed = *old != nodes;
+            *old = nodes;
+            changed
+        });
+    }
+
+    /// The relay nodes sharing this registry, following changes; empty for
+    /// a relay on its own.
+    pub fn nodes(&self) -> watch::Receiver<Vec<String>> {
+        self.inner.nodes.subscribe()
     }
 
     /// The relay's metrics, which the hub and the relay port count into.
