@@ -4,7 +4,9 @@
 //! --advertise`) at `PREFIX` `nodes/` `HOST:PORT`, attached to a lease of
 //! [`NODE_TTL`] that it keeps alive; a node that dies leaves the list when
 //! its lease expires. Every node watches `PREFIX` `nodes/` and hands the
-//! list to its hub (`GET /api/v1/nodes` shows it).
+//! list to its hub, which tells the peers that understand it
+//! ([`proto::control::RelayMessage::Nodes`]): agents attach on every node,
+//! senders fail over to another.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

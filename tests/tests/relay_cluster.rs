@@ -1,15 +1,17 @@
 //! Three relay nodes on one etcd, with the same certificate, the real
-//! binary on loopback: every node lists the three, and a killed node
-//! (SIGKILL) leaves the list within its lease.
+//! binary on loopback: every node lists the three; an agent given a listen
+//! string naming node 1 attaches on all three; a sender through node 3
+//! reaches the target; a killed node (SIGKILL) leaves the list within its
+//! lease.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use hybridlink_tests::etcd::Etcd;
-use hybridlink_tests::{Relay, wait_for};
+use hybridlink_tests::{Proc, Relay, echo_server_thread, wait_for};
 
 /// How long a node stays listed after it dies (`relay::membership::NODE_TTL`),
 /// and the slack allowed on top for etcd's lease check.
@@ -55,6 +57,24 @@ fn nodes_of(relay: &Relay) -> Result<Vec<String>> {
         .iter()
         .filter_map(|n| n.as_str().map(str::to_owned))
         .collect())
+}
+
+fn listeners(relay: &Relay) -> Result<u64> {
+    relay.hc(&["status", "payroll"])?["listener_count"]
+        .as_u64()
+        .context("listener_count")
+}
+
+/// One connection through `hybridlink forward` at `local`: sends `text`,
+/// half-closes, returns what came back.
+fn through_forward(local: SocketAddr, text: &str) -> Result<String> {
+    let mut conn = TcpStream::connect(local)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(text.as_bytes())?;
+    conn.shutdown(std::net::Shutdown::Write)?;
+    let mut back = String::new();
+    conn.read_to_string(&mut back)?;
+    Ok(back)
 }
 
 /// A port free right now on loopback, for a node that must know its own
@@ -156,4 +176,44 @@ fn every_node_lists_the_others_and_a_killed_node_leaves_within_its_lease() -> Re
     let mut cluster = Cluster::start(&etcd)?;
     cluster.nodes[2].proc.kill();
     cluster.wait_for_node3_to_leave(Instant::now())
+}
+
+#[test]
+fn an_agent_given_one_node_attaches_on_every_node() -> Result<()> {
+    let Some(etcd) = Etcd::start()? else {
+        return Ok(());
+    };
+    let cluster = Cluster::start(&etcd)?;
+    let [node1, _, node3] = &cluster.nodes;
+
+    // An HC made on node 1; the agent is given node 1's listen string only
+    // and attaches on all three.
+    let (send1, listen1) = node1.create_hc("payroll", echo_server_thread()?)?;
+    let agent = hybridlink_tests::Agent::start(&[&listen1], &[])?;
+    agent.wait_connected()?;
+    for relay in &cluster.nodes {
+        wait_for("the agent attached on every node", 10, || {
+            Ok(listeners(relay)? == 1)
+        })?;
+    }
+
+    // Node 3's string differs from node 1's only by its port: one
+    // certificate, one set of keys.
+    let send3 = node3.strings("payroll")?.0;
+    ensure!(send3.cert_sha256 == send1.cert_sha256 && send3.key == send1.key);
+    ensure!(send3.relay_port == node3.listen.port());
+
+    // A sender through node 3 reaches the target.
+    let mut forward = Proc::start(
+        "forward",
+        &["forward", "--listen", "127.0.0.1:0", &send3.to_string()],
+    )?;
+    let local: SocketAddr = forward.ready_line()?["listen"]
+        .as_str()
+        .context("listen")?
+        .parse()?;
+    ensure!(through_forward(local, "through node 3")? == "through node 3");
+
+    forward.kill();
+    Ok(())
 }

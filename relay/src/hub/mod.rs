@@ -199,7 +199,8 @@ impl Hub {
         &self.inner.registry
     }
 
-    /// Replaces the list of relay nodes sharing this registry.
+    /// Replaces the list of relay nodes sharing this registry; peers that
+    /// understand [`RelayMessage::Nodes`] are told at once.
     pub fn set_nodes(&self, nodes: Vec<String>) {
         self.inner.nodes.send_if_modified(|old| {
             let changed = *old != nodes;
