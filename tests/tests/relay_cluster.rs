@@ -1,17 +1,18 @@
 //! Three relay nodes on one etcd, with the same certificate, the real
 //! binary on loopback: every node lists the three; an agent given a listen
 //! string naming node 1 attaches on all three; a sender through node 3
-//! reaches the target; a killed node (SIGKILL) leaves the list within its
-//! lease.
+//! reaches the target; when node 3 is killed (SIGKILL) the sender's next
+//! connection succeeds through another node within 5 s, a stream carried
+//! by node 2 sees no error, and node 3 leaves the list within its lease.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use hybridlink_tests::etcd::Etcd;
-use hybridlink_tests::{Proc, Relay, echo_server_thread, wait_for};
+use hybridlink_tests::{OpenStream, Proc, Relay, echo_server_thread, wait_for};
 
 /// How long a node stays listed after it dies (`relay::membership::NODE_TTL`),
 /// and the slack allowed on top for etcd's lease check.
@@ -179,12 +180,12 @@ fn every_node_lists_the_others_and_a_killed_node_leaves_within_its_lease() -> Re
 }
 
 #[test]
-fn an_agent_given_one_node_attaches_on_every_node() -> Result<()> {
+fn every_node_serves_every_agent_and_a_sender_outlives_its_node() -> Result<()> {
     let Some(etcd) = Etcd::start()? else {
         return Ok(());
     };
-    let cluster = Cluster::start(&etcd)?;
-    let [node1, _, node3] = &cluster.nodes;
+    let mut cluster = Cluster::start(&etcd)?;
+    let [node1, node2, node3] = &cluster.nodes;
 
     // An HC made on node 1; the agent is given node 1's listen string only
     // and attaches on all three.
@@ -202,6 +203,7 @@ fn an_agent_given_one_node_attaches_on_every_node() -> Result<()> {
     let send3 = node3.strings("payroll")?.0;
     ensure!(send3.cert_sha256 == send1.cert_sha256 && send3.key == send1.key);
     ensure!(send3.relay_port == node3.listen.port());
+    let send2 = node2.strings("payroll")?.0;
 
     // A sender through node 3 reaches the target.
     let mut forward = Proc::start(
@@ -214,6 +216,38 @@ fn an_agent_given_one_node_attaches_on_every_node() -> Result<()> {
         .parse()?;
     ensure!(through_forward(local, "through node 3")? == "through node 3");
 
+    // A stream through node 2, open while node 3 dies.
+    let mut held = OpenStream::open(&send2)?;
+    ensure!(held.echo("before\n")? == "before\n");
+
+    cluster.nodes[2].proc.kill();
+    let killed = Instant::now();
+    let recovered = loop {
+        match through_forward(local, "after node 3") {
+            Ok(back) if back == "after node 3" => break killed.elapsed(),
+            outcome => {
+                if killed.elapsed() > Duration::from_secs(5) {
+                    bail!("no connection through forward 5 s after its node died: {outcome:?}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    eprintln!(
+        "the sender's next connection succeeded {} ms after its node died",
+        recovered.as_millis()
+    );
+    ensure!(
+        !held.ended() && held.echo("after\n")? == "after\n",
+        "the stream through node 2 was cut when node 3 died"
+    );
+    cluster.wait_for_node3_to_leave(killed)?;
+
+    // The agent is still served by the two that are left.
+    let [node1, node2, _] = &cluster.nodes;
+    ensure!(listeners(node1)? == 1 && listeners(node2)? == 1);
+    ensure!(through_forward(local, "still")? == "still");
+    held.close();
     forward.kill();
     Ok(())
 }
