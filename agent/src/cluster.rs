@@ -27,6 +27,10 @@ pub(crate) struct Cluster {
     /// generation's own.
     origin: RelayAddr,
     strings: Vec<ConnectionString>,
+    /// The listed node that the origin's channel reached, as the node
+    /// said: no second channel goes there (the strings may name the
+    /// relay by a name that reaches any node).
+    origin_node: Mutex<Option<RelayAddr>>,
     channels: Mutex<HashMap<RelayAddr, AbortHandle>>,
 }
 
@@ -36,6 +40,7 @@ impl Cluster {
         Cluster {
             origin,
             strings,
+            origin_node: Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -43,8 +48,18 @@ impl Cluster {
     /// Follows a new node list: a channel to each node not yet reached, and
     /// none to a node no longer listed. `ctx` is the context of the channel
     /// that brought the list; `cluster` is this, for the new channels' own
-    /// lists.
-    pub(crate) fn update(&self, ctx: &serve::Context, cluster: &Weak<Cluster>, nodes: &[String]) {
+    /// lists; `this_node` is the sending node's own entry.
+    pub(crate) fn update(
+        &self,
+        ctx: &serve::Context,
+        cluster: &Weak<Cluster>,
+        nodes: &[String],
+        this_node: Option<&str>,
+    ) {
+        let mut origin_node = self.origin_node.lock().unwrap_or_else(|p| p.into_inner());
+        if ctx.relay == self.origin {
+            *origin_node = this_node.and_then(|node| node_addr(node, &self.origin));
+        }
         let wanted: HashSet<RelayAddr> = nodes
             .iter()
             .filter_map(|node| {
@@ -54,8 +69,9 @@ impl Cluster {
                 }
                 addr
             })
-            .filter(|addr| *addr != self.origin)
+            .filter(|addr| *addr != self.origin && Some(addr) != origin_node.as_ref())
             .collect();
+        drop(origin_node);
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         channels.retain(|addr, task| {
             let keep = wanted.contains(addr);

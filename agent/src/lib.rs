@@ -722,9 +722,9 @@ fn handle_message(ctx: &serve::Context, msg: RelayMessage) {
                 }
             }
         }
-        RelayMessage::Nodes { nodes } => {
+        RelayMessage::Nodes { nodes, this_node } => {
             if let Some(cluster) = ctx.cluster.upgrade() {
-                cluster.update(ctx, &ctx.cluster, &nodes);
+                cluster.update(ctx, &ctx.cluster, &nodes, this_node.as_deref());
             }
         }
         other => tracing::debug!(?other, "ignored relay message"),

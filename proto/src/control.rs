@@ -363,8 +363,13 @@ pub enum RelayMessage {
     /// The relay nodes serving this registry, as `HOST:PORT` that peers
     /// dial (the whole list, this node included). Sent when the list
     /// changes, and only to peers that offered [`NODES_ALPN`]: older peers
-    /// would not decode it.
-    Nodes { nodes: Vec<String> },
+    /// would not decode it. `this_node` is the sender of the list, as it
+    /// appears in it.
+    Nodes {
+        nodes: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        this_node: Option<String>,
+    },
 }
 
 /// The ALPN protocol id a peer offers, beside `hybridlink/1`, to say it
@@ -655,9 +660,11 @@ mod tests {
     fn the_node_list_is_pinned_json() {
         let nodes = RelayMessage::Nodes {
             nodes: vec!["relay-a.example:9443".into(), "10.0.0.2:9443".into()],
+            this_node: Some("10.0.0.2:9443".into()),
         };
         let json = serde_json::json!({"type": "nodes",
-            "nodes": ["relay-a.example:9443", "10.0.0.2:9443"]});
+            "nodes": ["relay-a.example:9443", "10.0.0.2:9443"],
+            "this_node": "10.0.0.2:9443"});
         assert_eq!(serde_json::to_value(&nodes).unwrap(), json);
         assert_eq!(serde_json::from_value::<RelayMessage>(json).unwrap(), nodes);
     }

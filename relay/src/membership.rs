@@ -49,6 +49,7 @@ struct NodeRecord {
 /// Keeps this node listed as `advertise` and `hub`'s node list current,
 /// until the relay stops.
 pub async fn keep_listed(config: EtcdConfig, advertise: String, hub: Hub) {
+    hub.set_this_node(advertise.clone());
     loop {
         if let Err(e) = listed_once(&config, &advertise, &hub).await {
             warn!(error = %e, %advertise, "relay node list: registering again");

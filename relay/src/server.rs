@@ -227,11 +227,15 @@ struct NodesFeed(tokio::task::JoinHandle<()>);
 impl NodesFeed {
     fn start(hub: &Hub, outbox: Outbox) -> NodesFeed {
         let mut nodes = hub.nodes();
+        let hub = hub.clone();
         NodesFeed(tokio::spawn(async move {
             loop {
                 let list = nodes.borrow_and_update().clone();
                 if !list.is_empty() {
-                    outbox.send(RelayMessage::Nodes { nodes: list });
+                    outbox.send(RelayMessage::Nodes {
+                        nodes: list,
+                        this_node: hub.this_node(),
+                    });
                 }
                 if nodes.changed().await.is_err() {
                     return;

@@ -187,9 +187,11 @@ fn every_node_serves_every_agent_and_a_sender_outlives_its_node() -> Result<()> 
     let mut cluster = Cluster::start(&etcd)?;
     let [node1, node2, node3] = &cluster.nodes;
 
-    // An HC made on node 1; the agent is given node 1's listen string only
-    // and attaches on all three.
-    let (send1, listen1) = node1.create_hc("payroll", echo_server_thread()?)?;
+    // An HC made on node 1; the agent is given node 1's listen string only,
+    // naming it `localhost` as a string names a relay by a DNS name, and
+    // attaches on all three, once on each.
+    let (send1, mut listen1) = node1.create_hc("payroll", echo_server_thread()?)?;
+    listen1.relay_host = "localhost".into();
     let agent = hybridlink_tests::Agent::start(&[&listen1], &[])?;
     agent.wait_connected()?;
     for relay in &cluster.nodes {

@@ -413,7 +413,7 @@ async fn connect_and_serve(
                 ControlEvent::Connected
             }
             PeerEvent::Message(msg) => {
-                if let RelayMessage::Nodes { nodes: listed } = &msg {
+                if let RelayMessage::Nodes { nodes: listed, .. } = &msg {
                     nodes.clone_from(listed);
                 }
                 ControlEvent::Message(msg)

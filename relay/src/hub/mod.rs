@@ -130,6 +130,8 @@ struct Inner {
     /// The relay nodes sharing this registry (`HOST:PORT`, sorted); empty
     /// for a relay on its own.
     nodes: watch::Sender<Vec<String>>,
+    /// This node's address in `nodes`, once it is listed.
+    this_node: Mutex<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -190,6 +192,7 @@ impl Hub {
                 rng: SystemRandom::new(),
                 metrics,
                 nodes: watch::Sender::new(Vec::new()),
+                this_node: Mutex::new(None),
             }),
         }
     }
@@ -207,6 +210,24 @@ impl Hub {
             *old = nodes;
             changed
         });
+    }
+
+    /// Records this node's own address in the node list.
+    pub fn set_this_node(&self, address: String) {
+        *self
+            .inner
+            .this_node
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(address);
+    }
+
+    /// This node's own address in the node list, if it is listed.
+    pub fn this_node(&self) -> Option<String> {
+        self.inner
+            .this_node
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The relay nodes sharing this registry, following changes; empty for
