@@ -295,6 +295,9 @@ async fn serve_control(
     // Counted as unauthenticated until a token verifies.
     let mut unauthenticated = Some(slot);
     let mut registered: Option<Unregister> = None;
+    // The node list goes only to a peer that understands it, once a token
+    // verified: it names the nodes' addresses.
+    let mut feed_to: Option<Outbox> = None;
     let mut _nodes_feed: Option<NodesFeed> = None;
     let served = transport::control::drive(stream, &mut session, &mut rx, |session, event| {
         match event {
@@ -306,7 +309,7 @@ async fn serve_control(
                 let Some(tx) = tx.take() else {
                     return ControlFlow::Break(());
                 };
-                let feed = understands_nodes.then(|| tx.clone());
+                feed_to = understands_nodes.then(|| tx.clone());
                 let id = hub.register(role, identity, label.clone(), addr, tx);
                 registered = Some(Unregister {
                     hub: hub.clone(),
@@ -316,7 +319,6 @@ async fn serve_control(
                 if session.welcome(id, std::time::Instant::now()).is_err() {
                     return ControlFlow::Break(());
                 }
-                _nodes_feed = feed.map(|outbox| NodesFeed::start(&hub, outbox));
             }
             RelayEvent::Message(msg) => {
                 let Some(id) = registered.as_ref().map(|r| r.id) else {
@@ -352,6 +354,7 @@ async fn serve_control(
                 if unauthenticated.is_some() && hub.has_attachment(id) {
                     session.authenticated();
                     unauthenticated = None;
+                    _nodes_feed = feed_to.take().map(|outbox| NodesFeed::start(&hub, outbox));
                 }
             }
         }
