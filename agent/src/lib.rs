@@ -7,6 +7,7 @@
 //! destination: a stream names only its hybrid connection.
 
 pub mod azure;
+mod cluster;
 pub mod control_socket;
 pub mod dial;
 pub mod metrics;
@@ -248,6 +249,9 @@ struct Generation {
     /// The tasks following each relay's control channel; aborting one
     /// closes its channel (the relay takes the agent out of rotation).
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The channels to the other nodes of each relay cluster; dropped
+    /// after `tasks` are aborted, which closes them too.
+    _clusters: Vec<Arc<cluster::Cluster>>,
 }
 
 impl Drop for Generation {
@@ -522,7 +526,9 @@ fn spawn_generation(
         };
         tasks.push(tokio::spawn(azure::run(ctx, client, cs)));
     }
+    let mut clusters = Vec::new();
     for (relay, relay_strings) in by_relay {
+        let cluster = Arc::new(cluster::Cluster::new(relay.clone(), relay_strings.clone()));
         let mut config = ControlConfig::new(
             PeerRole::Agent,
             identity.fingerprint(),
@@ -540,13 +546,16 @@ fn spawn_generation(
             active: active.clone(),
             shares: shares.clone(),
             metrics: metrics.clone(),
+            cluster: Arc::downgrade(&cluster),
         };
         tasks.push(tokio::spawn(run_relay(ctx, handle, events)));
+        clusters.push(cluster);
     }
     Ok(Generation {
         strings,
         shared,
         tasks,
+        _clusters: clusters,
     })
 }
 
@@ -557,7 +566,7 @@ pub(crate) fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> 
 
 /// Follows one relay's control channel (and reports stream counters on it). Holding `control` keeps the channel
 /// open for as long as this task runs.
-async fn run_relay(
+pub(crate) async fn run_relay(
     ctx: serve::Context,
     control: control::ControlHandle,
     mut events: mpsc::UnboundedReceiver<ControlEvent>,
@@ -579,10 +588,19 @@ async fn run_relay(
             ControlEvent::Connected => {}
             ControlEvent::Disconnected(reason) => {
                 ctx.metrics.control().reconnects.inc();
+                let origin = ctx
+                    .cluster
+                    .upgrade()
+                    .is_none_or(|cluster| cluster.is_origin(&ctx.relay));
                 let mut shared = lock(&ctx.shared);
                 shared.grants.retain(|(relay, _), _| *relay != ctx.relay);
-                for s in shared.hcs.values_mut() {
-                    s.reconnecting(&reason);
+                // The hybrid connections' state follows the node the
+                // strings name; the other nodes' channels come and go
+                // with the cluster.
+                if origin {
+                    for s in shared.hcs.values_mut() {
+                        s.reconnecting(&reason);
+                    }
                 }
             }
             ControlEvent::Message(msg) => handle_message(&ctx, msg),
@@ -702,6 +720,11 @@ fn handle_message(ctx: &serve::Context, msg: RelayMessage) {
                         .refused(full.label(), metrics::StreamRefusedReason::pipe_setups);
                     debug!(sender = %peer, account = ?full, "pipe offer ignored: at the cap of pipe set-ups in progress");
                 }
+            }
+        }
+        RelayMessage::Nodes { nodes, this_node } => {
+            if let Some(cluster) = ctx.cluster.upgrade() {
+                cluster.update(ctx, &ctx.cluster, &nodes, this_node.as_deref());
             }
         }
         other => tracing::debug!(?other, "ignored relay message"),

@@ -39,6 +39,8 @@ pub(crate) struct Context {
     pub shares: Arc<Shares>,
     /// What the agent counts.
     pub metrics: Arc<AgentMetrics>,
+    /// The other nodes of this channel's relay cluster.
+    pub cluster: std::sync::Weak<crate::cluster::Cluster>,
 }
 
 /// Counts a stream as active while it lives.

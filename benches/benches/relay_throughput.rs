@@ -79,6 +79,7 @@ async fn main() {
         public_port: None,
         limits: relay::Limits::default(),
         etcd: None,
+        advertise: None,
     }
     .start()
     .await

@@ -169,6 +169,12 @@ pub enum RelayCommand {
         /// answers, instead of refusing to start.
         #[arg(long, requires = "registry")]
         serve_from_cache: bool,
+        /// With --registry: the HOST:PORT agents and senders dial to reach
+        /// this node, listed in etcd for as long as the node lives (every
+        /// node of a cluster is told the list, and so are its peers).
+        /// Defaults to --public-host and the public port.
+        #[arg(long, value_name = "HOST:PORT", requires = "registry")]
+        advertise: Option<String>,
         #[command(flatten)]
         etcd: Box<EtcdArgs>,
     },
@@ -441,6 +447,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             metrics,
             registry,
             serve_from_cache,
+            advertise,
             etcd,
         } => {
             let etcd = registry
@@ -463,6 +470,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 api_tls,
                 public_host,
                 public_port,
+                advertise,
                 limits: relay::Limits {
                     max_hcs,
                     max_agents_per_hc: max_agents,

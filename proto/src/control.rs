@@ -360,7 +360,22 @@ pub enum RelayMessage {
         hc: HcName,
         endpoint: Endpoint,
     },
+    /// The relay nodes serving this registry, as `HOST:PORT` that peers
+    /// dial (the whole list, this node included). Sent when the list
+    /// changes, and only to peers that offered [`NODES_ALPN`]: older peers
+    /// would not decode it. `this_node` is the sender of the list, as it
+    /// appears in it.
+    Nodes {
+        nodes: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        this_node: Option<String>,
+    },
 }
+
+/// The ALPN protocol id a peer offers, beside `hybridlink/1`, to say it
+/// understands [`RelayMessage::Nodes`]. A relay that knows the message
+/// selects it; an older relay selects nothing and never sends it.
+pub const NODES_ALPN: &[u8] = b"hybridlink/1+nodes";
 
 /// The request that opens a stream inside a pipe: which hybrid connection.
 /// The agent dials only the endpoint it learned for that HC from the relay;
@@ -639,6 +654,19 @@ mod tests {
             err.contains("control character") && !err.contains("forged"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_node_list_is_pinned_json() {
+        let nodes = RelayMessage::Nodes {
+            nodes: vec!["relay-a.example:9443".into(), "10.0.0.2:9443".into()],
+            this_node: Some("10.0.0.2:9443".into()),
+        };
+        let json = serde_json::json!({"type": "nodes",
+            "nodes": ["relay-a.example:9443", "10.0.0.2:9443"],
+            "this_node": "10.0.0.2:9443"});
+        assert_eq!(serde_json::to_value(&nodes).unwrap(), json);
+        assert_eq!(serde_json::from_value::<RelayMessage>(json).unwrap(), nodes);
     }
 
     #[test]

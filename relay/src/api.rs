@@ -23,6 +23,7 @@
 //! | `PATCH /api/v1/hcs/{name}` `{"host"?, "port"?}` | the HC with its new endpoint (agents use it for new streams) |
 //! | `GET /api/v1/hcs/{name}/status` | `RelayHcStatus`: `Connected` or `Not connected`, the agents and the Azure-protocol listeners |
 //! | `GET /api/v1/status` | `[RelayHcStatus, ...]` |
+//! | `GET /api/v1/nodes` | `{"nodes": ["HOST:PORT", ...]}`: the relay nodes sharing this registry on etcd (empty for a relay on its own) |
 //! | `GET /api/v1/manage-keys` | `{"primary","secondary"}`: the manage keys |
 //! | `POST /api/v1/manage-keys/regenerate` `{"key"}` | `{"primary","secondary"}` with the new key; the old one is refused from then on |
 //! | `GET /openapi.json` | the OpenAPI 3 description of all of this (no key needed) |
@@ -83,6 +84,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/hcs/{name}/keys/regenerate", post(regenerate_key))
         .route("/api/v1/hcs/{name}/status", get(hc_status))
         .route("/api/v1/status", get(all_status))
+        .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/manage-keys", get(show_manage_keys))
         .route("/api/v1/registry", get(registry_health))
         .route(
@@ -175,6 +177,17 @@ async fn registry_health(
 async fn all_status(State(state): State<ApiState>) -> axum::Json<Vec<RelayHcStatus>> {
     let list = state.registry.list();
     axum::Json(list.iter().map(|hc| status_of(&state, hc)).collect())
+}
+
+/// Answer of `GET /api/v1/nodes`.
+#[derive(Debug, Serialize)]
+struct NodesBody {
+    nodes: Vec<String>,
+}
+
+async fn list_nodes(State(state): State<ApiState>) -> axum::Json<NodesBody> {
+    let nodes = state.hub.nodes().borrow().clone();
+    axum::Json(NodesBody { nodes })
 }
 
 /// Body of `PATCH /api/v1/hcs/{name}`: `host`, `port` or both; each, when

@@ -11,6 +11,7 @@ pub mod azure;
 pub mod ca_cert;
 pub mod hub;
 pub mod identity;
+pub mod membership;
 pub mod metrics;
 pub mod portal;
 pub mod preauth;

@@ -46,6 +46,10 @@ pub struct RelayConfig {
     /// Keep the registry in etcd, shared with other relays, instead of
     /// `DATA_DIR/registry.json` ([`crate::registry::etcd`]).
     pub etcd: Option<crate::registry::etcd::EtcdConfig>,
+    /// `HOST:PORT` other relays' peers dial to reach this node, listed in
+    /// etcd ([`crate::membership`]); defaults to the public host and port.
+    /// Used only with `etcd`.
+    pub advertise: Option<String>,
 }
 
 /// Relay-wide quotas; exceeding one is a clear error for that request or
@@ -300,6 +304,10 @@ impl RelayConfig {
             .clone()
             .unwrap_or_else(|| listen.ip().to_string());
         let public_port = self.public_port.unwrap_or(listen.port());
+        let advertise = self
+            .advertise
+            .clone()
+            .unwrap_or_else(|| join_host_port(&public_host, public_port));
         let azure = crate::azure::Azure::new(
             hub.clone(),
             limits.max_agents_per_hc,
@@ -328,6 +336,13 @@ impl RelayConfig {
                 relay_tls.clone(),
                 gate.clone(),
                 azure.clone(),
+            )));
+        }
+        if let Some(etcd) = &self.etcd {
+            tasks.push(tokio::spawn(crate::membership::keep_listed(
+                etcd.clone(),
+                advertise,
+                hub.clone(),
             )));
         }
         if let Some((watch, served)) = ca {
@@ -408,6 +423,15 @@ impl RelayConfig {
             limits,
             tasks,
         })
+    }
+}
+
+/// `HOST:PORT`, with an IPv6 literal in brackets.
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 

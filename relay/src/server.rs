@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::channel::{HANDSHAKE_TIMEOUT, RelayEvent, RelaySession, Timing};
-use proto::control::{self, PIPE_PREAMBLE_LEN, PeerMessage, PipeRole};
+use proto::control::{self, NODES_ALPN, PIPE_PREAMBLE_LEN, PeerMessage, PipeRole, RelayMessage};
 use proto::label::sanitized;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 use transport::control::Ended;
 
@@ -42,7 +42,7 @@ pub async fn accept_loop(
     gate: PreAuthGate,
     azure: Azure,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
+    let acceptor = ControlTls::new(tls);
     let mut refusals = RefusalLog::default();
     loop {
         let (conn, addr) = match listener.accept().await {
@@ -184,16 +184,83 @@ async fn serve_pipe(
     }
 }
 
+/// The relay port's TLS: the same configuration twice, one selecting
+/// [`NODES_ALPN`] for the peers that offer it. rustls refuses a client
+/// whose ALPN offer misses every protocol the server has, so the id is
+/// selected only when offered, after reading the ClientHello.
+#[derive(Clone)]
+struct ControlTls {
+    plain: Arc<rustls::ServerConfig>,
+    nodes: Arc<rustls::ServerConfig>,
+}
+
+impl ControlTls {
+    fn new(plain: Arc<rustls::ServerConfig>) -> ControlTls {
+        let mut nodes = (*plain).clone();
+        nodes.alpn_protocols = vec![NODES_ALPN.to_vec()];
+        ControlTls {
+            plain,
+            nodes: Arc::new(nodes),
+        }
+    }
+
+    /// Completes the handshake; whether the peer understands the node list.
+    async fn accept(
+        &self,
+        conn: TcpStream,
+    ) -> std::io::Result<(tokio_rustls::server::TlsStream<TcpStream>, bool)> {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), conn).await?;
+        let nodes = start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == NODES_ALPN));
+        let config = if nodes { &self.nodes } else { &self.plain };
+        let stream = start.into_stream(config.clone()).await?;
+        Ok((stream, nodes))
+    }
+}
+
+/// Tells one peer the node list now and whenever it changes, for as long
+/// as it lives (aborted on drop).
+struct NodesFeed(tokio::task::JoinHandle<()>);
+
+impl NodesFeed {
+    fn start(hub: &Hub, outbox: Outbox) -> NodesFeed {
+        let mut nodes = hub.nodes();
+        let hub = hub.clone();
+        NodesFeed(tokio::spawn(async move {
+            loop {
+                let list = nodes.borrow_and_update().clone();
+                if !list.is_empty() {
+                    outbox.send(RelayMessage::Nodes {
+                        nodes: list,
+                        this_node: hub.this_node(),
+                    });
+                }
+                if nodes.changed().await.is_err() {
+                    return;
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for NodesFeed {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn serve_control(
     conn: TcpStream,
     addr: SocketAddr,
     hub: Hub,
     azure: Azure,
-    acceptor: TlsAcceptor,
+    acceptor: ControlTls,
     slot: PreAuthSlot,
     deadline: Instant,
 ) -> Result<(), String> {
-    let stream = timeout_at(deadline, acceptor.accept(conn))
+    let (stream, understands_nodes) = timeout_at(deadline, acceptor.accept(conn))
         .await
         .map_err(|_| "no TLS handshake in time".to_string())?
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
@@ -228,6 +295,10 @@ async fn serve_control(
     // Counted as unauthenticated until a token verifies.
     let mut unauthenticated = Some(slot);
     let mut registered: Option<Unregister> = None;
+    // The node list goes only to a peer that understands it, once a token
+    // verified: it names the nodes' addresses.
+    let mut feed_to: Option<Outbox> = None;
+    let mut _nodes_feed: Option<NodesFeed> = None;
     let served = transport::control::drive(stream, &mut session, &mut rx, |session, event| {
         match event {
             RelayEvent::Hello {
@@ -238,6 +309,7 @@ async fn serve_control(
                 let Some(tx) = tx.take() else {
                     return ControlFlow::Break(());
                 };
+                feed_to = understands_nodes.then(|| tx.clone());
                 let id = hub.register(role, identity, label.clone(), addr, tx);
                 registered = Some(Unregister {
                     hub: hub.clone(),
@@ -282,6 +354,7 @@ async fn serve_control(
                 if unauthenticated.is_some() && hub.has_attachment(id) {
                     session.authenticated();
                     unauthenticated = None;
+                    _nodes_feed = feed_to.take().map(|outbox| NodesFeed::start(&hub, outbox));
                 }
             }
         }

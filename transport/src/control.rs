@@ -101,9 +101,17 @@ pub enum ControlEvent {
 #[derive(Clone, Debug)]
 pub struct ControlHandle {
     tx: mpsc::Sender<PeerMessage>,
+    relay: Arc<std::sync::Mutex<RelayAddr>>,
 }
 
 impl ControlHandle {
+    /// The relay node the channel is (or is being) connected to: pipes go
+    /// there, to the node that issues their tickets. It changes only with
+    /// [`ControlConfig::fail_over`].
+    pub fn relay(&self) -> RelayAddr {
+        self.relay.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Queues a message for the relay; dropped if the queue is full, as if
     /// the channel were down.
     pub fn send(&self, msg: PeerMessage) {
@@ -130,6 +138,11 @@ pub struct ControlConfig {
     pub attachments: Vec<ConnectionString>,
     /// Lifetime of the tokens we sign; renewed at 80 % of it.
     pub token_ttl: Duration,
+    /// When the channel drops, reconnect to the next node of the relay
+    /// cluster (as the relay listed them, [`RelayMessage::Nodes`]) rather
+    /// than to `relay` again. For senders: an agent keeps a channel to
+    /// every node instead.
+    pub fail_over: bool,
 }
 
 impl ControlConfig {
@@ -157,6 +170,7 @@ impl ControlConfig {
             label,
             attachments: strings,
             token_ttl: Duration::from_secs(3600),
+            fail_over: false,
         })
     }
 }
@@ -175,8 +189,9 @@ pub fn spawn(
     let tls = tls::relay_client_config(config.relay.cert)?;
     let (out_tx, out_rx) = mpsc::channel(COMMAND_QUEUE);
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(config, tls, out_rx, ev_tx));
-    Ok((ControlHandle { tx: out_tx }, ev_rx))
+    let relay = Arc::new(std::sync::Mutex::new(config.relay.clone()));
+    tokio::spawn(run(config, tls, out_rx, ev_tx, relay.clone()));
+    Ok((ControlHandle { tx: out_tx, relay }, ev_rx))
 }
 
 fn unix_now() -> u64 {
@@ -199,11 +214,15 @@ async fn run(
     tls: Arc<rustls::ClientConfig>,
     mut out_rx: mpsc::Receiver<PeerMessage>,
     events: mpsc::UnboundedSender<ControlEvent>,
+    current: Arc<std::sync::Mutex<RelayAddr>>,
 ) {
     let mut backoff = Backoff::default();
+    let mut nodes: Vec<String> = Vec::new();
+    let mut attempt = config.clone();
     loop {
         let started = Instant::now();
-        let reason = match connect_and_serve(&config, &tls, &mut out_rx, &events).await {
+        let served = connect_and_serve(&attempt, &tls, &mut out_rx, &events, &mut nodes).await;
+        let reason = match served {
             Ok(()) => return, // the owner went away
             Err(e) => e,
         };
@@ -217,11 +236,46 @@ async fn run(
             backoff.reset();
         }
         let delay = backoff.next_delay();
-        warn!(relay = %config.relay, %reason, retry_in = ?delay, "control channel down");
+        warn!(relay = %attempt.relay, %reason, retry_in = ?delay, "control channel down");
+        if config.fail_over {
+            let next = next_node(&config.relay, &attempt.relay, &nodes);
+            if next != attempt.relay {
+                info!(from = %attempt.relay, to = %next, "control channel: trying another relay node");
+            }
+            *current.lock().unwrap_or_else(|p| p.into_inner()) = next.clone();
+            attempt.relay = next;
+        }
         tokio::time::sleep(delay).await;
         // Requests queued while down are stale; their owners time out.
         while out_rx.try_recv().is_ok() {}
     }
+}
+
+/// The node to try after `failed`: the next of the connection string's
+/// relay and the listed nodes, in turn. Nodes are `HOST:PORT` and pinned to
+/// the same certificate as `origin`: every node presents the same one.
+fn next_node(origin: &RelayAddr, failed: &RelayAddr, nodes: &[String]) -> RelayAddr {
+    let mut candidates = vec![origin.clone()];
+    for node in nodes {
+        let Some((host, port)) = node.rsplit_once(':') else {
+            continue;
+        };
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let Ok(port) = port.parse() else { continue };
+        let addr = RelayAddr {
+            host: host.to_owned(),
+            port,
+            cert: origin.cert,
+        };
+        if !host.is_empty() && !candidates.contains(&addr) {
+            candidates.push(addr);
+        }
+    }
+    let at = candidates.iter().position(|c| c == failed).unwrap_or(0);
+    candidates[(at + 1) % candidates.len()].clone()
 }
 
 type RelayStream = tokio_rustls::client::TlsStream<TcpStream>;
@@ -347,6 +401,7 @@ async fn connect_and_serve(
     tls: &Arc<rustls::ClientConfig>,
     out_rx: &mut mpsc::Receiver<PeerMessage>,
     events: &mpsc::UnboundedSender<ControlEvent>,
+    nodes: &mut Vec<String>,
 ) -> Result<(), String> {
     let stream = connect(config, tls).await?;
     let mut session = peer_session(config, config.attachments.clone());
@@ -357,7 +412,12 @@ async fn connect_and_serve(
                 info!(%relay, session, "control channel up");
                 ControlEvent::Connected
             }
-            PeerEvent::Message(msg) => ControlEvent::Message(msg),
+            PeerEvent::Message(msg) => {
+                if let RelayMessage::Nodes { nodes: listed, .. } = &msg {
+                    nodes.clone_from(listed);
+                }
+                ControlEvent::Message(msg)
+            }
         };
         match events.send(event) {
             Ok(()) => ControlFlow::Continue(()),
@@ -520,4 +580,31 @@ where
         }
     }
     ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(host: &str, port: u16) -> RelayAddr {
+        RelayAddr {
+            host: host.into(),
+            port,
+            cert: Fingerprint([1; 32]),
+        }
+    }
+
+    #[test]
+    fn a_failed_node_is_followed_by_the_next_listed_one() {
+        let origin = addr("relay.example", 9443);
+        let nodes: Vec<String> = vec!["10.0.0.1:9443".into(), "[::1]:9443".into(), "bad".into()];
+        let first = next_node(&origin, &origin, &nodes);
+        assert_eq!(first, addr("10.0.0.1", 9443));
+        let second = next_node(&origin, &first, &nodes);
+        assert_eq!(second, addr("::1", 9443));
+        // Round the list, back to the connection string's relay.
+        assert_eq!(next_node(&origin, &second, &nodes), origin);
+        // No list (a relay on its own): the same relay again.
+        assert_eq!(next_node(&origin, &origin, &[]), origin);
+    }
 }

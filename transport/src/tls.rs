@@ -165,7 +165,9 @@ pub fn relay_client_config(relay_cert: Fingerprint) -> Result<Arc<rustls::Client
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCert::new(relay_cert, &provider)))
         .with_no_client_auth();
-    config.alpn_protocols = vec![RELAY_ALPN.to_vec()];
+    // The second id asks for the relay node list; a relay selects it or
+    // nothing, and an older one ignores it.
+    config.alpn_protocols = vec![RELAY_ALPN.to_vec(), proto::control::NODES_ALPN.to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -366,7 +368,10 @@ mod tests {
     #[test]
     fn relay_clients_offer_the_hybridlink_alpn_id() {
         let config = relay_client_config(Fingerprint([7; 32])).unwrap();
-        assert_eq!(config.alpn_protocols, vec![b"hybridlink/1".to_vec()]);
+        assert_eq!(
+            config.alpn_protocols,
+            vec![b"hybridlink/1".to_vec(), b"hybridlink/1+nodes".to_vec()]
+        );
     }
 
     #[test]

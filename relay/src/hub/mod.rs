@@ -24,7 +24,7 @@ use proto::label::PeerLabel;
 use proto::name::HcName;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::metrics::{RefusedReason, RelayMetrics};
 use crate::registry::Registry;
@@ -127,6 +127,11 @@ struct Inner {
     next_session: AtomicU64,
     rng: SystemRandom,
     metrics: Arc<RelayMetrics>,
+    /// The relay nodes sharing this registry (`HOST:PORT`, sorted); empty
+    /// for a relay on its own.
+    nodes: watch::Sender<Vec<String>>,
+    /// This node's address in `nodes`, once it is listed.
+    this_node: Mutex<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -186,6 +191,8 @@ impl Hub {
                 next_session: AtomicU64::new(1),
                 rng: SystemRandom::new(),
                 metrics,
+                nodes: watch::Sender::new(Vec::new()),
+                this_node: Mutex::new(None),
             }),
         }
     }
@@ -193,6 +200,40 @@ impl Hub {
     /// The registry this hub checks tokens against.
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
+    }
+
+    /// Replaces the list of relay nodes sharing this registry; peers that
+    /// understand [`RelayMessage::Nodes`] are told at once.
+    pub fn set_nodes(&self, nodes: Vec<String>) {
+        self.inner.nodes.send_if_modified(|old| {
+            let changed = *old != nodes;
+            *old = nodes;
+            changed
+        });
+    }
+
+    /// Records this node's own address in the node list.
+    pub fn set_this_node(&self, address: String) {
+        *self
+            .inner
+            .this_node
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(address);
+    }
+
+    /// This node's own address in the node list, if it is listed.
+    pub fn this_node(&self) -> Option<String> {
+        self.inner
+            .this_node
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The relay nodes sharing this registry, following changes; empty for
+    /// a relay on its own.
+    pub fn nodes(&self) -> watch::Receiver<Vec<String>> {
+        self.inner.nodes.subscribe()
     }
 
     /// The relay's metrics, which the hub and the relay port count into.

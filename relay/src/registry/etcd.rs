@@ -264,6 +264,11 @@ impl EtcdConfig {
             .join(",")
     }
 
+    /// A client of etcd, as the registry's (for [`crate::membership`]).
+    pub(crate) async fn client(&self) -> Result<Client, EtcdError> {
+        self.connect().await.map(|(client, _)| client)
+    }
+
     async fn connect(&self) -> Result<(Client, Layout), EtcdError> {
         if !(self.prefix.starts_with('/') && self.prefix.ends_with('/')) {
             return Err(EtcdError::BadPrefix(self.prefix.clone()));

@@ -1,6 +1,7 @@
 //! The sending side: opens streams to hybrid connections.
 //!
-//! A [`Sender`] keeps one control channel to the relay (send tokens), learns
+//! A [`Sender`] keeps one control channel to the relay (send tokens; when
+//! its node of a relay cluster dies, to another node), learns
 //! the live agents of each hybrid connection, keeps a pipe open to each of
 //! them ahead of need, and opens each new stream on the next agent in round
 //! robin order. Opening a stream then costs one round trip to the agent, which
@@ -25,9 +26,7 @@ use proto::name::{Endpoint, HcName};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::control::{
-    self, ControlClientError, ControlConfig, ControlEvent, ControlHandle, RelayAddr,
-};
+use crate::control::{self, ControlClientError, ControlConfig, ControlEvent, ControlHandle};
 use crate::metrics::ControlCounters;
 use crate::mux::{MuxConfig, MuxHandle, MuxStream, OpenError};
 use crate::pipe::{self, PipeError};
@@ -151,7 +150,6 @@ struct State {
 
 #[derive(Debug)]
 struct Inner {
-    relay: RelayAddr,
     identity: DataIdentity,
     control: ControlHandle,
     options: SenderOptions,
@@ -183,7 +181,8 @@ impl Sender {
             strings.clone(),
         )?;
         config.token_ttl = options.token_ttl;
-        let relay = config.relay.clone();
+        // When its relay node dies, the sender goes on through another.
+        config.fail_over = true;
         let (control, events) = control::spawn(config)?;
         let state = State {
             roster: Roster::new(strings.iter().map(|cs| cs.hc.clone())),
@@ -201,7 +200,6 @@ impl Sender {
             }
         }
         let inner = Arc::new(Inner {
-            relay,
             identity,
             control,
             options,
@@ -446,13 +444,15 @@ impl Inner {
         index: usize,
         slot: &mut Option<(MuxHandle, ChannelBinding)>,
     ) -> Result<(MuxHandle, ChannelBinding), SendError> {
+        // The node the ticket comes from, which the pipe must reach.
+        let relay = self.control.relay();
         let ticket = self.request_ticket(agent.id).await?;
         let pipe::Pipe {
             mux,
             mut incoming,
             binding,
         } = pipe::connect_as_sender(
-            &self.relay,
+            &relay,
             &ticket,
             &self.identity,
             agent.identity,

@@ -1,0 +1,255 @@
+//! Three relay nodes on one etcd, with the same certificate, the real
+//! binary on loopback: every node lists the three; an agent given a listen
+//! string naming node 1 attaches on all three; a sender through node 3
+//! reaches the target; when node 3 is killed (SIGKILL) the sender's next
+//! connection succeeds through another node within 5 s, a stream carried
+//! by node 2 sees no error, and node 3 leaves the list within its lease.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use hybridlink_tests::etcd::Etcd;
+use hybridlink_tests::{OpenStream, Proc, Relay, echo_server_thread, wait_for};
+
+/// How long a node stays listed after it dies (`relay::membership::NODE_TTL`),
+/// and the slack allowed on top for etcd's lease check.
+const NODE_TTL: Duration = relay::membership::NODE_TTL;
+const LEASE_SLACK: Duration = Duration::from_secs(2);
+
+/// A relay node on loopback whose registry is in `etcd`, with `extra` flags.
+fn node(etcd: &Etcd, dir: &Path, listen: &str, extra: &[&str]) -> Result<Relay> {
+    let url = etcd.url();
+    let mut args = vec!["--registry", url.as_str()];
+    args.extend_from_slice(extra);
+    Relay::start_with(dir, listen, &args)
+}
+
+/// Gives `dir` the certificate and key of `from`: how an operator makes
+/// every node present the one certificate connection strings pin.
+fn copy_certificate(from: &Path, dir: &Path) -> Result<()> {
+    for file in [relay::identity::CERT_FILE, relay::identity::KEY_FILE] {
+        std::fs::copy(from.join(file), dir.join(file))
+            .with_context(|| format!("copying {file}"))?;
+    }
+    Ok(())
+}
+
+/// `GET /api/v1/nodes` of `relay`, with its manage key.
+fn nodes_of(relay: &Relay) -> Result<Vec<String>> {
+    let key = std::fs::read_to_string(relay.data_dir.join("manage.key"))?;
+    let mut conn = TcpStream::connect(relay.api)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        conn,
+        "GET /api/v1/nodes HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        relay.api,
+        key.trim()
+    )?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").context("an HTTP answer")?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    let body: serde_json::Value = serde_json::from_str(body).with_context(|| answer.clone())?;
+    let nodes = body["nodes"].as_array().context("a node list")?;
+    Ok(nodes
+        .iter()
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect())
+}
+
+fn listeners(relay: &Relay) -> Result<u64> {
+    relay.hc(&["status", "payroll"])?["listener_count"]
+        .as_u64()
+        .context("listener_count")
+}
+
+/// One connection through `hybridlink forward` at `local`: sends `text`,
+/// half-closes, returns what came back.
+fn through_forward(local: SocketAddr, text: &str) -> Result<String> {
+    let mut conn = TcpStream::connect(local)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(text.as_bytes())?;
+    conn.shutdown(std::net::Shutdown::Write)?;
+    let mut back = String::new();
+    conn.read_to_string(&mut back)?;
+    Ok(back)
+}
+
+/// A port free right now on loopback, for a node that must know its own
+/// address before it starts.
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Three nodes on `etcd` with node 1's certificate; node 3 listens on a
+/// port chosen first and says so with `--advertise`.
+struct Cluster {
+    nodes: [Relay; 3],
+    /// Node 3's address, as it advertises it.
+    advertise3: String,
+    _dirs: [tempfile::TempDir; 3],
+}
+
+impl Cluster {
+    fn start(etcd: &Etcd) -> Result<Cluster> {
+        let dirs = [
+            tempfile::tempdir()?,
+            tempfile::tempdir()?,
+            tempfile::tempdir()?,
+        ];
+        let node1 = node(etcd, dirs[0].path(), "127.0.0.1:0", &[])?;
+        copy_certificate(dirs[0].path(), dirs[1].path())?;
+        copy_certificate(dirs[0].path(), dirs[2].path())?;
+        let node2 = node(etcd, dirs[1].path(), "127.0.0.1:0", &[])?;
+        let advertise3 = format!("127.0.0.1:{}", free_port()?);
+        let node3 = node(
+            etcd,
+            dirs[2].path(),
+            &advertise3,
+            &["--advertise", &advertise3],
+        )?;
+        ensure!(
+            node1.ready["cert_sha256"] == node2.ready["cert_sha256"]
+                && node1.ready["cert_sha256"] == node3.ready["cert_sha256"],
+            "one certificate on every node: {} {} {}",
+            node1.ready,
+            node2.ready,
+            node3.ready
+        );
+        let cluster = Cluster {
+            nodes: [node1, node2, node3],
+            advertise3,
+            _dirs: dirs,
+        };
+        let all = cluster.addresses(&[0, 1, 2]);
+        for relay in &cluster.nodes {
+            wait_for("every node listing the three", 10, || {
+                Ok(nodes_of(relay)? == all)
+            })?;
+        }
+        Ok(cluster)
+    }
+
+    /// The sorted addresses of these nodes.
+    fn addresses(&self, which: &[usize]) -> Vec<String> {
+        let mut list: Vec<String> = which
+            .iter()
+            .map(|&i| match i {
+                2 => self.advertise3.clone(),
+                i => self.nodes[i].listen.to_string(),
+            })
+            .collect();
+        list.sort();
+        list
+    }
+
+    /// Waits for nodes 1 and 2 to list only themselves after node 3 was
+    /// killed at `killed`, and fails if that took longer than the lease.
+    fn wait_for_node3_to_leave(&self, killed: Instant) -> Result<()> {
+        let left = self.addresses(&[0, 1]);
+        let secs = (NODE_TTL + LEASE_SLACK).as_secs();
+        for relay in &self.nodes[..2] {
+            wait_for("node 3 leaving the list", secs, || {
+                Ok(nodes_of(relay)? == left)
+            })?;
+        }
+        eprintln!(
+            "node 3 left the list {} ms after it died",
+            killed.elapsed().as_millis()
+        );
+        ensure!(
+            killed.elapsed() <= NODE_TTL + LEASE_SLACK,
+            "node 3 was listed for {:?} after it died",
+            killed.elapsed()
+        );
+        Ok(())
+    }
+}
+
+#[test]
+fn every_node_lists_the_others_and_a_killed_node_leaves_within_its_lease() -> Result<()> {
+    let Some(etcd) = Etcd::start()? else {
+        return Ok(());
+    };
+    let mut cluster = Cluster::start(&etcd)?;
+    cluster.nodes[2].proc.kill();
+    cluster.wait_for_node3_to_leave(Instant::now())
+}
+
+#[test]
+fn every_node_serves_every_agent_and_a_sender_outlives_its_node() -> Result<()> {
+    let Some(etcd) = Etcd::start()? else {
+        return Ok(());
+    };
+    let mut cluster = Cluster::start(&etcd)?;
+    let [node1, node2, node3] = &cluster.nodes;
+
+    // An HC made on node 1; the agent is given node 1's listen string only,
+    // naming it `localhost` as a string names a relay by a DNS name, and
+    // attaches on all three, once on each.
+    let (send1, mut listen1) = node1.create_hc("payroll", echo_server_thread()?)?;
+    listen1.relay_host = "localhost".into();
+    let agent = hybridlink_tests::Agent::start(&[&listen1], &[])?;
+    agent.wait_connected()?;
+    for relay in &cluster.nodes {
+        wait_for("the agent attached on every node", 10, || {
+            Ok(listeners(relay)? == 1)
+        })?;
+    }
+
+    // Node 3's string differs from node 1's only by its port: one
+    // certificate, one set of keys.
+    let send3 = node3.strings("payroll")?.0;
+    ensure!(send3.cert_sha256 == send1.cert_sha256 && send3.key == send1.key);
+    ensure!(send3.relay_port == node3.listen.port());
+    let send2 = node2.strings("payroll")?.0;
+
+    // A sender through node 3 reaches the target.
+    let mut forward = Proc::start(
+        "forward",
+        &["forward", "--listen", "127.0.0.1:0", &send3.to_string()],
+    )?;
+    let local: SocketAddr = forward.ready_line()?["listen"]
+        .as_str()
+        .context("listen")?
+        .parse()?;
+    ensure!(through_forward(local, "through node 3")? == "through node 3");
+
+    // A stream through node 2, open while node 3 dies.
+    let mut held = OpenStream::open(&send2)?;
+    ensure!(held.echo("before\n")? == "before\n");
+
+    cluster.nodes[2].proc.kill();
+    let killed = Instant::now();
+    let recovered = loop {
+        match through_forward(local, "after node 3") {
+            Ok(back) if back == "after node 3" => break killed.elapsed(),
+            outcome => {
+                if killed.elapsed() > Duration::from_secs(5) {
+                    bail!("no connection through forward 5 s after its node died: {outcome:?}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    eprintln!(
+        "the sender's next connection succeeded {} ms after its node died",
+        recovered.as_millis()
+    );
+    ensure!(
+        !held.ended() && held.echo("after\n")? == "after\n",
+        "the stream through node 2 was cut when node 3 died"
+    );
+    cluster.wait_for_node3_to_leave(killed)?;
+
+    // The agent is still served by the two that are left.
+    let [node1, node2, _] = &cluster.nodes;
+    ensure!(listeners(node1)? == 1 && listeners(node2)? == 1);
+    ensure!(through_forward(local, "still")? == "still");
+    held.close();
+    forward.kill();
+    Ok(())
+}
