@@ -58,12 +58,12 @@ impl Cluster {
     ) {
         let mut origin_node = self.origin_node.lock().unwrap_or_else(|p| p.into_inner());
         if ctx.relay == self.origin {
-            *origin_node = this_node.and_then(|node| node_addr(node, &self.origin));
+            *origin_node = this_node.and_then(|node| control::parse_node(node, &self.origin));
         }
         let wanted: HashSet<RelayAddr> = nodes
             .iter()
             .filter_map(|node| {
-                let addr = node_addr(node, &self.origin);
+                let addr = control::parse_node(node, &self.origin);
                 if addr.is_none() {
                     warn!(%node, "ignored a relay node whose address does not read as HOST:PORT");
                 }
@@ -109,11 +109,28 @@ impl Cluster {
         )?;
         config.relay = node.clone();
         config.token_ttl = ctx.options.token_ttl;
-        let (handle, events) = control::spawn(config)?;
         let mut node_ctx = ctx.clone();
-        node_ctx.relay = node;
+        node_ctx.relay = node.clone();
         node_ctx.cluster = cluster.clone();
-        Ok(tokio::spawn(crate::run_relay(node_ctx, handle, events)).abort_handle())
+        let origin = self.origin.clone();
+        Ok(tokio::spawn(async move {
+            // The relay chose this address: dial it only if the relay's own
+            // name leads there, so that no relay can make this agent
+            // connect elsewhere.
+            if !control::node_allowed(&node, &origin).await {
+                warn!(
+                    node = %node,
+                    relay = %origin.host,
+                    "not attaching on a listed relay node at an address the relay's name does not resolve to (list every node's address under that name)"
+                );
+                return;
+            }
+            match control::spawn(config) {
+                Ok((handle, events)) => crate::run_relay(node_ctx, handle, events).await,
+                Err(e) => warn!(node = %node, error = %e, "cannot attach on relay node"),
+            }
+        })
+        .abort_handle())
     }
 
     /// Whether `relay` is the node the strings name (its channel's end is
@@ -132,24 +149,6 @@ impl Drop for Cluster {
     }
 }
 
-/// The address of a listed node (`HOST:PORT`, `[V6]:PORT`), pinned to the
-/// same certificate as `origin`: every node presents the same one.
-fn node_addr(node: &str, origin: &RelayAddr) -> Option<RelayAddr> {
-    let (host, port) = node.rsplit_once(':')?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if host.is_empty() {
-        return None;
-    }
-    Some(RelayAddr {
-        host: host.to_owned(),
-        port: port.parse().ok()?,
-        cert: origin.cert,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,15 +161,15 @@ mod tests {
             port: 9443,
             cert: Fingerprint([7; 32]),
         };
-        let a = node_addr("10.0.0.2:9444", &origin).unwrap();
+        let a = control::parse_node("10.0.0.2:9444", &origin).unwrap();
         assert_eq!(
             (a.host.as_str(), a.port, a.cert),
             ("10.0.0.2", 9444, origin.cert)
         );
-        let v6 = node_addr("[::1]:9443", &origin).unwrap();
+        let v6 = control::parse_node("[::1]:9443", &origin).unwrap();
         assert_eq!(v6.host, "::1");
-        assert!(node_addr("no-port", &origin).is_none());
-        assert!(node_addr(":9443", &origin).is_none());
-        assert!(node_addr("host:99999", &origin).is_none());
+        assert!(control::parse_node("no-port", &origin).is_none());
+        assert!(control::parse_node(":9443", &origin).is_none());
+        assert!(control::parse_node("host:99999", &origin).is_none());
     }
 }

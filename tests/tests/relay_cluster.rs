@@ -253,3 +253,38 @@ fn every_node_serves_every_agent_and_a_sender_outlives_its_node() -> Result<()> 
     forward.kill();
     Ok(())
 }
+
+/// A relay lists the nodes, and a relay may be hostile: an agent attaches
+/// only on listed nodes at an address the relay's name resolves to, so no
+/// relay can make it dial elsewhere. Here a node listed at 127.0.0.2 (with
+/// the one certificate, so only the address rule can refuse it) gets no
+/// agent, while the node the string names does.
+#[test]
+fn an_agent_dials_no_listed_node_outside_the_addresses_of_the_relays_name() -> Result<()> {
+    let Some(etcd) = Etcd::start()? else {
+        return Ok(());
+    };
+    let (dir1, dir2) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let node1 = node(&etcd, dir1.path(), "127.0.0.1:0", &[])?;
+    copy_certificate(dir1.path(), dir2.path())?;
+    let port = TcpListener::bind("127.0.0.2:0")?.local_addr()?.port();
+    let elsewhere = format!("127.0.0.2:{port}");
+    let node2 = node(&etcd, dir2.path(), &elsewhere, &["--advertise", &elsewhere])?;
+    wait_for("node 1 listing the node at 127.0.0.2", 10, || {
+        Ok(nodes_of(&node1)?.contains(&elsewhere))
+    })?;
+
+    let (_, mut listen) = node1.create_hc("payroll", echo_server_thread()?)?;
+    // `localhost` resolves to 127.0.0.1 (and ::1), never to 127.0.0.2.
+    listen.relay_host = "localhost".into();
+    let agent = hybridlink_tests::Agent::start(&[&listen], &[])?;
+    agent.wait_connected()?;
+    wait_for("the agent on node 1", 10, || Ok(listeners(&node1)? == 1))?;
+    // Long enough for a channel to the listed node to have attached.
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        listeners(&node2)? == 0,
+        "the agent attached on a node the relay's name does not lead to"
+    );
+    Ok(())
+}

@@ -238,7 +238,8 @@ async fn run(
         let delay = backoff.next_delay();
         warn!(relay = %attempt.relay, %reason, retry_in = ?delay, "control channel down");
         if config.fail_over {
-            let next = next_node(&config.relay, &attempt.relay, &nodes);
+            let allowed = allowed_nodes(&config.relay, &nodes).await;
+            let next = next_node(&config.relay, &attempt.relay, &allowed);
             if next != attempt.relay {
                 info!(from = %attempt.relay, to = %next, "control channel: trying another relay node");
             }
@@ -251,26 +252,70 @@ async fn run(
     }
 }
 
+/// Whether a peer may dial the listed relay node `node`: it is the relay
+/// the connection strings name, by that name, or an address that name
+/// resolves to now. Relays list the nodes, and a relay may be hostile:
+/// without this check one could make an on-prem agent open connections to
+/// any address its network reaches. So every node's address must be listed
+/// under the relay's name (one DNS record per node).
+pub async fn node_allowed(node: &RelayAddr, origin: &RelayAddr) -> bool {
+    if node.host.eq_ignore_ascii_case(&origin.host) {
+        return true;
+    }
+    let Ok(ip) = node.host.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    match tokio::net::lookup_host((origin.host.as_str(), origin.port)).await {
+        Ok(mut addrs) => addrs.any(|a| a.ip() == ip),
+        Err(_) => false,
+    }
+}
+
+/// The listed nodes a peer may dial ([`node_allowed`]); the others are
+/// logged once each time the list is read.
+async fn allowed_nodes(origin: &RelayAddr, nodes: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for node in nodes {
+        let Some(addr) = parse_node(node, origin) else {
+            continue;
+        };
+        if node_allowed(&addr, origin).await {
+            out.push(node.clone());
+        } else {
+            warn!(%node, relay = %origin.host, "ignoring a listed relay node at an address the relay's name does not resolve to");
+        }
+    }
+    out
+}
+
+/// A listed node (`HOST:PORT`, `[V6]:PORT`), pinned to `origin`'s
+/// certificate: every node presents the same one.
+pub fn parse_node(node: &str, origin: &RelayAddr) -> Option<RelayAddr> {
+    let (host, port) = node.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    Some(RelayAddr {
+        host: host.to_owned(),
+        port: port.parse().ok()?,
+        cert: origin.cert,
+    })
+}
+
 /// The node to try after `failed`: the next of the connection string's
 /// relay and the listed nodes, in turn. Nodes are `HOST:PORT` and pinned to
 /// the same certificate as `origin`: every node presents the same one.
 fn next_node(origin: &RelayAddr, failed: &RelayAddr, nodes: &[String]) -> RelayAddr {
     let mut candidates = vec![origin.clone()];
     for node in nodes {
-        let Some((host, port)) = node.rsplit_once(':') else {
+        let Some(addr) = parse_node(node, origin) else {
             continue;
         };
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        let Ok(port) = port.parse() else { continue };
-        let addr = RelayAddr {
-            host: host.to_owned(),
-            port,
-            cert: origin.cert,
-        };
-        if !host.is_empty() && !candidates.contains(&addr) {
+        if !candidates.contains(&addr) {
             candidates.push(addr);
         }
     }
