@@ -58,22 +58,21 @@ pub(super) fn load_or_create(dir: &Path) -> Result<State, RegistryError> {
 /// The registry in `dir` as it is, for copying elsewhere: nothing is
 /// created or rewritten, and a missing `registry.json` is an error.
 pub(super) fn read_existing(dir: &Path) -> Result<State, RegistryError> {
-    let path = dir.join(REGISTRY_FILE);
-    let bytes = fs::read(&path).map_err(|source| RegistryError::Read {
-        path: path.clone(),
+    read_state(&dir.join(REGISTRY_FILE))
+}
+
+/// The state a file in `registry.json`'s format holds, as it is.
+fn read_state(path: &Path) -> Result<State, RegistryError> {
+    let bytes = fs::read(path).map_err(|source| RegistryError::Read {
+        path: path.to_owned(),
         source,
     })?;
-    Ok(parse_file(&path, &bytes)?.0)
+    Ok(parse_file(path, &bytes)?.0)
 }
 
 /// The registry cached in `dir` ([`CACHE_FILE`]).
 pub(super) fn read_cache(dir: &Path) -> Result<State, RegistryError> {
-    let path = dir.join(CACHE_FILE);
-    let bytes = fs::read(&path).map_err(|source| RegistryError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    Ok(parse_file(&path, &bytes)?.0)
+    read_state(&dir.join(CACHE_FILE))
 }
 
 /// What `registry.json` holds.
