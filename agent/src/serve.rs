@@ -13,15 +13,16 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use transport::control::RelayAddr;
 use transport::metrics::Direction;
 use transport::mux::PendingStream;
-use transport::pipe;
 use transport::tls::DataIdentity;
+use transport::{pipe, pump};
 
 use crate::dial::DialError;
 use crate::metrics::AgentMetrics;
 use crate::shares::{Account, Share, Shares};
 use crate::{AgentOptions, PolicyCell, Shared, dial, endpoint_of, lock, record_policy};
 
-/// Copy buffer per direction between a stream and its target.
+/// Most bytes read from the target at once (the buffer is allocated on the
+/// first byte the target sends).
 const COPY_BUFFER: usize = 256 * 1024;
 
 /// What a pipe task needs.
@@ -269,18 +270,18 @@ async fn serve_stream(
         };
         let metrics = &ctx.metrics;
         let mut stream = metrics.counted(pending.accept(accept), hc.as_str(), Direction::to_target);
-        let mut target = metrics.counted(target, hc.as_str(), Direction::from_target);
-        let copy = tokio::io::copy_bidirectional_with_sizes(
-            &mut stream,
-            &mut target,
-            COPY_BUFFER,
+        // The stream's chunks go straight to the target's socket; what the
+        // target sends goes through one buffer, allocated on its first byte.
+        let mut target = pump::Buffered::new(
+            metrics.counted(target, hc.as_str(), Direction::from_target),
             COPY_BUFFER,
         );
+        let copy = pump::join(&mut stream, &mut target);
         let refused_later =
             crate::refused_later(&ctx.policy, policy_changes, &hc, &endpoint, addr.ip());
         tokio::select! {
             result = copy => match result {
-                Ok((up, down)) => debug!(up, down, "stream closed"),
+                Ok((down, up)) => debug!(up, down, "stream closed"),
                 Err(e) => debug!(error = %e, "stream ended with an error"),
             },
             denial = refused_later => {

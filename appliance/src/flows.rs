@@ -3,20 +3,22 @@
 //! the target before it answers), and only then is the SYN answered. A
 //! refused or unreachable target reaches the app as a refused connection.
 
+use std::io;
 use std::net::Ipv4Addr;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use netstack::{IncomingFlow, IncomingFlows};
+use netstack::{IncomingFlow, IncomingFlows, TcpFlow};
+use tokio::io::AsyncWrite;
 use tracing::{Instrument, debug, info, info_span, warn};
 use transport::metrics::Direction;
+use transport::pump::{Lend, Lent, Take};
 
 use crate::metrics::{ApplianceMetrics, FlowRefusedReason};
 use crate::table::FlowTable;
 use crate::upstream::{Upstream, Upstreams};
-
-/// Copy buffer per direction between an app flow and its stream.
-const COPY_BUFFER: usize = 256 * 1024;
 
 /// How long a SYN may wait for the agent's answer. The netstack refuses
 /// undecided flows after its own decision timeout anyway.
@@ -103,26 +105,53 @@ async fn serve_flow(
             return;
         }
     };
-    let mut app = metrics.counted(app, hc.as_str(), Direction::to_target);
     match stream {
         Upstream::Native(stream) => {
+            // The flow's received bytes go straight into the stream's frames
+            // and the stream's chunks straight into the flow.
+            let mut app = metrics.counted(AppFlow(app), hc.as_str(), Direction::to_target);
             let mut stream = metrics.counted(stream, hc.as_str(), Direction::from_target);
-            match tokio::io::copy_bidirectional_with_sizes(
-                &mut app,
-                &mut stream,
-                COPY_BUFFER,
-                COPY_BUFFER,
-            )
-            .await
-            {
+            match transport::pump::join(&mut stream, &mut app).await {
                 Ok((up, down)) => debug!(up, down, "flow closed"),
                 Err(e) => debug!(error = %e, "flow ended with an error"),
             }
         }
         Upstream::Azure(stream) => {
+            let mut app = metrics.counted(app, hc.as_str(), Direction::to_target);
             let (down, up) = stream.join(&mut app).await;
             metrics.add_bytes(hc.as_str(), Direction::from_target, down);
             debug!(up, down, "flow closed");
         }
+    }
+}
+
+/// The app's flow as a [`Lend`] source: it offers its receive buffer to the
+/// stream, which copies the bytes straight into its frames.
+#[derive(Debug)]
+struct AppFlow(TcpFlow);
+
+impl Lend for AppFlow {
+    fn poll_lend(&mut self, cx: &mut Context<'_>, take: &mut Take<'_>) -> Poll<io::Result<Lent>> {
+        self.0
+            .poll_lend(cx, take)
+            .map_ok(|taken| taken.map_or(Lent::End, Lent::Took))
+    }
+}
+
+impl AsyncWrite for AppFlow {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

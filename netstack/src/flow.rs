@@ -191,6 +191,10 @@ fn store_waker(slot: &mut Option<Waker>, cx: &Context<'_>) {
     }
 }
 
+/// What [`TcpFlow::poll_lend`] offers the received bytes to: it returns how
+/// many it took, or `Pending` after registering the waker.
+pub type Taker<'a> = dyn FnMut(&mut Context<'_>, &[u8]) -> Poll<io::Result<usize>> + 'a;
+
 /// An accepted TCP flow: the bytes the client sends are read here, and bytes
 /// written here reach the client.
 ///
@@ -236,6 +240,63 @@ impl TcpFlow {
     pub fn reset(self) {
         self.shared.lock().reset_requested = true;
         // Drop notifies the stack.
+    }
+
+    /// Offers the bytes received from the client, not yet read, to `take`
+    /// without copying them out, front first; `take` returns how many it
+    /// took, or `Pending` (having registered the waker) when it can take
+    /// none. `Some(n)`: `n` bytes (at least one) were taken; `None`: the
+    /// client finished sending and everything was taken. `Pending` when
+    /// nothing is buffered yet or `take` took nothing.
+    ///
+    /// The flow's lock is held while `take` runs, so `take` must not block.
+    pub fn poll_lend(
+        &mut self,
+        cx: &mut Context<'_>,
+        take: &mut Taker<'_>,
+    ) -> Poll<io::Result<Option<usize>>> {
+        let mut b = self.shared.lock();
+        if let Some(kind) = b.error {
+            return Poll::Ready(Err(kind.into()));
+        }
+        if b.rx.is_empty() {
+            if b.rx_eof || b.detached {
+                return Poll::Ready(Ok(None));
+            }
+            store_waker(&mut b.read_waker, cx);
+            return Poll::Pending;
+        }
+        let mut taken = 0;
+        let mut failed = None;
+        while !b.rx.is_empty() {
+            let (front, _) = b.rx.as_slices();
+            let offered = front.len();
+            match take(cx, front) {
+                Poll::Ready(Ok(n)) => {
+                    let n = n.min(offered);
+                    b.rx.drain(..n);
+                    taken += n;
+                    if n < offered {
+                        break;
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    failed = Some(e);
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        drop(b);
+        if taken > 0 {
+            // Room in the receive buffer: the stack may move more in.
+            self.notify();
+        }
+        match failed {
+            Some(e) => Poll::Ready(Err(e)),
+            None if taken > 0 => Poll::Ready(Ok(Some(taken))),
+            None => Poll::Pending,
+        }
     }
 
     fn notify(&self) {

@@ -183,7 +183,77 @@ impl Lab {
         full.extend_from_slice(argv);
         Proc::start_program_quiet("ip", name, &full)
     }
+
+    /// Starts, inside `ns`, a server at `bind:port` that reads each
+    /// connection until the client half-closes, then answers
+    /// `LENGTH SHA256` and closes: the answer arrives only if the
+    /// half-close went through.
+    pub fn digest_server(&self, ns: &str, bind: &str, port: u16) -> Result<Proc> {
+        let script = DIGEST_SERVER
+            .replace("BIND", bind)
+            .replace("PORT", &port.to_string());
+        self.spawn(ns, &format!("digest-{port}"), &["python3", "-c", &script])
+    }
+
+    /// From `ns`, sends `mib` MiB to `host:port` (a [`Lab::digest_server`]),
+    /// half-closes, and checks that the server saw exactly those bytes.
+    pub fn send_digest(&self, ns: &str, host: &str, port: u16, mib: u32) -> Result<()> {
+        let script = DIGEST_CLIENT
+            .replace("HOST", host)
+            .replace("PORT", &port.to_string())
+            .replace("MIB", &mib.to_string());
+        let out = self.command(ns, "python3").args(["-c", &script]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        anyhow::ensure!(
+            out.status.success() && lines.len() == 2 && lines[0] == lines[1],
+            "{mib} MiB to {host}:{port} and a half-close: the server saw {:?}, \
+             the client sent {:?} ({})",
+            lines.first(),
+            lines.get(1),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
 }
+
+const DIGEST_SERVER: &str = r#"
+import hashlib, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("BIND", PORT))
+s.listen(8)
+while True:
+    c, _ = s.accept()
+    h, n = hashlib.sha256(), 0
+    while True:
+        b = c.recv(1 << 16)
+        if not b:
+            break
+        h.update(b)
+        n += len(b)
+    c.sendall(f"{n} {h.hexdigest()}\n".encode())
+    c.close()
+"#;
+
+const DIGEST_CLIENT: &str = r#"
+import hashlib, socket
+block = bytes((i * 7 + 3) % 251 for i in range(1 << 16))
+s = socket.create_connection(("HOST", PORT), timeout=120)
+h = hashlib.sha256()
+for _ in range(MIB * 16):
+    s.sendall(block)
+    h.update(block)
+s.shutdown(socket.SHUT_WR)
+answer = b""
+while True:
+    b = s.recv(4096)
+    if not b:
+        break
+    answer += b
+print(answer.decode().strip())
+print(f"{MIB * 16 * len(block)} {h.hexdigest()}")
+"#;
 
 impl Drop for Lab {
     fn drop(&mut self) {

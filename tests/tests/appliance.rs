@@ -54,6 +54,7 @@ const HCS: &[(&str, &str, &str)] = &[
     ("stopped", "stopped.corp", "81"),
     ("sql", "sql.corp", "5432"),
     ("cache", "cache.corp", "6379"),
+    ("digest", "digest.corp", "9000"),
 ];
 
 /// The lab with a relay, an HTTP server on-prem reachable by name and by
@@ -65,6 +66,7 @@ fn setup(tag: &str, options: Options) -> Result<Setup> {
         ("127.0.0.1", "stopped.corp"),
         ("127.0.0.1", "sql.corp"),
         ("127.0.0.1", "cache.corp"),
+        ("127.0.0.1", "digest.corp"),
     ])?;
     let site = tempfile::tempdir()?;
     std::fs::write(
@@ -74,6 +76,7 @@ fn setup(tag: &str, options: Options) -> Result<Setup> {
     let mut servers = vec![
         lab.web_server(&lab.onprem, "127.0.0.1", 80, site.path())?,
         lab.web_server(&lab.onprem, ONPREM_IP, 8080, site.path())?,
+        lab.digest_server(&lab.onprem, "127.0.0.1", 9000)?,
     ];
     servers.push(lab.spawn(
         &lab.relay,
@@ -442,6 +445,26 @@ print(data.decode().split("\r\n\r\n", 1)[1], end="")
         String::from_utf8_lossy(&out.stdout),
         "payroll page from on-prem\n"
     );
+
+    // Bulk both ways, byte-exact: 256 MiB down with curl, 256 MiB up and a
+    // half-close, the server's digest coming back after it.
+    let big = s.site.path().join("big.bin");
+    let made = s.lab.sh(
+        &s.lab.onprem,
+        &format!("head -c 268435456 /dev/urandom > {}", big.display()),
+    )?;
+    assert!(made.status.success(), "writing big.bin failed");
+    let sum = |ns: &str, line: &str| -> Result<String> {
+        let out = s.lab.sh(ns, line)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let expected = sum(&s.lab.onprem, &format!("sha256sum < {}", big.display()))?;
+    let got = sum(
+        &s.lab.app,
+        "curl -sS --max-time 120 http://payroll.corp/big.bin | sha256sum",
+    )?;
+    assert_eq!(got, expected, "256 MiB down through the appliance");
+    s.lab.send_digest(&s.lab.app, "digest.corp", 9000, 256)?;
 
     // A port no hybrid connection serves on a mapped address: refused at once.
     let out = s.curl("http://payroll.corp:9999/");

@@ -12,46 +12,6 @@ use hybridlink_tests::lab::{Lab, RELAY_IP};
 use hybridlink_tests::{Proc, azure_style, binary};
 use proto::connection_string::ConnectionString;
 
-/// Reads until the client half-closes, then answers `LENGTH SHA256` and
-/// closes: the answer arrives only if the half-close went through.
-const DIGEST_SERVER: &str = r#"
-import hashlib, socket
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", 9000))
-s.listen(8)
-while True:
-    c, _ = s.accept()
-    h, n = hashlib.sha256(), 0
-    while True:
-        b = c.recv(1 << 16)
-        if not b:
-            break
-        h.update(b)
-        n += len(b)
-    c.sendall(f"{n} {h.hexdigest()}\n".encode())
-    c.close()
-"#;
-
-/// Sends 64 MiB to payroll.corp:9000, half-closes, and prints what the
-/// server answered and what it should have.
-const DIGEST_CLIENT: &str = r#"
-import hashlib, socket
-block = bytes((i * 7 + 3) % 251 for i in range(1 << 16))
-data = block * 1024
-s = socket.create_connection(("payroll.corp", 9000), timeout=120)
-s.sendall(data)
-s.shutdown(socket.SHUT_WR)
-answer = b""
-while True:
-    b = s.recv(4096)
-    if not b:
-        break
-    answer += b
-print(answer.decode().strip())
-print(f"{len(data)} {hashlib.sha256(data).hexdigest()}")
-"#;
-
 fn string(text: &str) -> Result<ConnectionString> {
     text.parse().map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -76,11 +36,7 @@ fn curl_reaches_onprem_through_an_azure_protocol_appliance_and_agent() -> Result
     )?;
     let mut servers: Vec<Proc> = vec![
         lab.web_server(&lab.onprem, "127.0.0.1", 80, site.path())?,
-        lab.spawn(
-            &lab.onprem,
-            "digest-server",
-            &["python3", "-c", DIGEST_SERVER],
-        )?,
+        lab.digest_server(&lab.onprem, "127.0.0.1", 9000)?,
     ];
 
     let data = tempfile::tempdir()?;
@@ -229,18 +185,7 @@ fn curl_reaches_onprem_through_an_azure_protocol_appliance_and_agent() -> Result
     );
 
     // 64 MiB up, then a half-close: the server's answer comes back after it.
-    let out = sh(
-        &lab,
-        &lab.app,
-        &format!("python3 -c '{}'", DIGEST_CLIENT.replace('\'', "\"")),
-    )?;
-    let lines: Vec<&str> = out.lines().collect();
-    ensure!(
-        lines.len() == 2 && lines[0] == lines[1],
-        "the server saw {:?}, the client sent {:?}",
-        lines.first(),
-        lines.get(1)
-    );
+    lab.send_digest(&lab.app, "payroll.corp", 9000, 64)?;
 
     // A target that refuses: the app sees a refused connection, as it
     // would without the tunnel (the agent dials before the stream opens).

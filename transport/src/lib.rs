@@ -8,6 +8,8 @@
 //!   reconnects, token renewal).
 //! - [`pipe`]: pipes through the relay with TLS end to end.
 //! - [`mux`]: streams multiplexed over a pipe.
+//! - [`pump`]: one stream's bytes moved both ways between the multiplexer
+//!   and the app's flow or the target's socket.
 //! - [`sender`]: the sending side's API, used by the appliance, `connect` and
 //!   `forward`.
 //! - [`tls`]: pinned-key TLS configurations and the data identity.
@@ -24,5 +26,6 @@ pub mod fd_limit;
 pub mod metrics;
 pub mod mux;
 pub mod pipe;
+pub mod pump;
 pub mod sender;
 pub mod tls;

@@ -114,6 +114,17 @@ impl<T> Counted<T> {
     pub fn new(inner: T, read: Counter) -> Counted<T> {
         Counted { inner, read }
     }
+
+    /// The wrapped stream, for readers that count through [`Self::count`].
+    pub fn inner_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+
+    /// Counts `n` bytes read from the wrapped stream by other means than
+    /// `poll_read`.
+    pub fn count(&self, n: usize) {
+        self.read.inc_by(n as u64);
+    }
 }
 
 impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {

@@ -652,6 +652,42 @@ impl MuxStream {
         self.session.inner.lock().mux.buffered(self.id).unwrap_or(0)
     }
 
+    /// The next received chunk of at most `max` bytes, without copying it
+    /// (a slice of the pipe's read buffer); `None` is the end of the stream.
+    pub fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        if self.read_eof {
+            return Poll::Ready(Ok(None));
+        }
+        let inner = &self.session.inner;
+        let id = self.id;
+        let mut s = inner.lock();
+        let had_output = s.mux.pending_output() > 0;
+        let result = match s.mux.read_chunk(id, max.max(1), now()) {
+            Ok(Some(chunk)) => Poll::Ready(Ok(Some(chunk))),
+            Ok(None) => {
+                self.read_eof = true;
+                Poll::Ready(Ok(None))
+            }
+            Err(StreamError::Blocked) => {
+                if let Some(w) = s.wakers.get_mut(&id) {
+                    park(&mut w.read, cx);
+                }
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(self.error(&s, e, false))),
+        };
+        // Reading may have granted credit (WINDOW) or released the stream.
+        inner.dispatch(&mut s);
+        if !had_output && s.mux.pending_output() > 0 {
+            inner.writer.notify_one();
+        }
+        result
+    }
+
     fn error(&self, s: &Shared, e: StreamError, write: bool) -> io::Error {
         let kind = if write {
             io::ErrorKind::BrokenPipe
