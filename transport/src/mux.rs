@@ -7,8 +7,10 @@
 //!   machine (DATA payloads stay slices of that buffer until the application
 //!   reads them);
 //! - the *writer* takes everything the machine has queued (frames of all
-//!   streams, up to about 1 MiB) and writes it with one `write_all`, while
-//!   the application keeps queueing into a second buffer;
+//!   streams, up to about 1 MiB) and writes it, while the application keeps
+//!   queueing into a second buffer; opens, their answers, window updates
+//!   and pings go first, so a new stream never waits behind another
+//!   stream's backlog of DATA (only behind the batch already being written);
 //! - the *timer* fires keep-alives and detects a dead peer, independently of
 //!   a writer that may be stuck on a full socket.
 //!
@@ -327,17 +329,18 @@ async fn reader_task<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R) {
 
 async fn writer_task<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W) {
     let mut closed_rx = inner.closed.subscribe();
+    let mut urgent = BytesMut::new();
     let mut out = BytesMut::with_capacity(1024 * 1024);
     loop {
         let closed = inner.with(|s| {
             let was_backlogged = !s.mux.wants_input();
-            s.mux.poll_transmit(&mut out);
+            s.mux.poll_transmit_split(&mut urgent, &mut out);
             if was_backlogged {
                 inner.reader.notify_one();
             }
             s.mux.is_closed()
         });
-        if out.is_empty() {
+        if urgent.is_empty() && out.is_empty() {
             if closed {
                 let _ = tokio::time::timeout(LINGER, wr.shutdown()).await;
                 return;
@@ -346,7 +349,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W) {
             continue;
         }
         let result = {
-            let write = write_batch(&mut wr, &out);
+            let write = write_batch(&mut wr, &urgent, &out);
             tokio::pin!(write);
             tokio::select! {
                 r = &mut write => r,
@@ -359,6 +362,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W) {
                 }
             }
         };
+        urgent.clear();
         out.clear();
         if let Err(e) = result {
             if !closed {
@@ -379,7 +383,13 @@ async fn wait_closed(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|c| *c).await;
 }
 
-async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> io::Result<()> {
+/// Writes the frames that jump the queue, then the rest, then flushes.
+async fn write_batch<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    urgent: &[u8],
+    out: &[u8],
+) -> io::Result<()> {
+    wr.write_all(urgent).await?;
     wr.write_all(out).await?;
     wr.flush().await
 }

@@ -52,7 +52,7 @@ impl Mux {
             s.recv_window += increment;
             s.recv_limit = u64::from(s.recv_window);
             self.session_window += u64::from(increment);
-            self.push(&Frame::Window { id, increment });
+            self.push_urgent(&Frame::Window { id, increment });
         }
     }
 
@@ -82,7 +82,7 @@ impl Mux {
         // new_limit - recv_limit <= window <= u32::MAX.
         let increment = (new_limit - s.recv_limit) as u32;
         s.recv_limit = new_limit;
-        self.push(&Frame::Window { id, increment });
+        self.push_urgent(&Frame::Window { id, increment });
         let stale = self
             .last_rtt_sample
             .is_none_or(|t| now >= t + RTT_PROBE_INTERVAL);

@@ -200,6 +200,12 @@ pub struct Mux {
     /// Highest id the peer has opened.
     max_peer: u32,
     out: BytesMut,
+    /// Frames that go out before everything in `out`: opens and their
+    /// answers, window updates, pings and pongs. A new stream's OPEN (or a
+    /// peer's credit) never waits behind a backlog of other streams' DATA.
+    /// Nothing here must keep its place relative to DATA: FIN and RST, which
+    /// must follow their stream's DATA, go into `out`.
+    urgent: BytesMut,
     /// Header offset in `out` of the DATA frame `out` ends with, so small
     /// writes to the same stream extend it instead of adding frames.
     open_data_frame: Option<(StreamId, usize)>,
@@ -233,6 +239,7 @@ impl Mux {
             },
             max_peer: 0,
             out: BytesMut::new(),
+            urgent: BytesMut::new(),
             open_data_frame: None,
             output_blocked: Vec::new(),
             events: VecDeque::new(),
@@ -300,12 +307,12 @@ impl Mux {
     /// that floods PINGs but reads nothing); reading resumes once
     /// [`Mux::poll_transmit`] has drained it.
     pub fn wants_input(&self) -> bool {
-        self.out.len() <= 2 * self.config.max_buffered_output
+        self.pending_output() <= 2 * self.config.max_buffered_output
     }
 
-    /// Bytes waiting in the output buffer.
+    /// Bytes waiting to be written to the pipe.
     pub fn pending_output(&self) -> usize {
-        self.out.len()
+        self.out.len() + self.urgent.len()
     }
 
     /// Feeds bytes read from the pipe. Consumes every complete frame of
@@ -370,17 +377,24 @@ impl Mux {
     /// refused for lack of output room become possible again, signalled by
     /// [`Event::Writable`].
     pub fn poll_transmit(&mut self, out: &mut BytesMut) {
+        move_into(out, &mut self.urgent);
+        self.transmit_data(out);
+    }
+
+    /// As [`Self::poll_transmit`], with the frames that jump the queue
+    /// (opens and their answers, window updates, pings and pongs) appended
+    /// to `urgent` and the rest to `data`: the caller writes `urgent`
+    /// first, and a large `data` batch is handed over without a copy.
+    pub fn poll_transmit_split(&mut self, urgent: &mut BytesMut, data: &mut BytesMut) {
+        move_into(urgent, &mut self.urgent);
+        self.transmit_data(data);
+    }
+
+    fn transmit_data(&mut self, out: &mut BytesMut) {
         if self.out.is_empty() {
             return;
         }
-        if out.is_empty() {
-            // Hand the whole buffer over and take the caller's (empty) one
-            // back: no copy, and both allocations get reused.
-            std::mem::swap(out, &mut self.out);
-        } else {
-            out.extend_from_slice(&self.out);
-            self.out.clear();
-        }
+        move_into(out, &mut self.out);
         self.open_data_frame = None;
         for id in std::mem::take(&mut self.output_blocked) {
             if let Some(s) = self.streams.get_mut(&id)
@@ -415,7 +429,7 @@ impl Mux {
         let raw = u32::try_from(self.next_local).map_err(|_| OpenError::IdsExhausted)?;
         self.next_local += 2;
         let id = StreamId::new(raw);
-        self.push(&Frame::Open { id, request });
+        self.push_urgent(&Frame::Open { id, request });
         let mut stream = Stream::new(State::Opening);
         self.commit_base();
         self.grant_initial(id, &mut stream);
@@ -430,7 +444,7 @@ impl Mux {
             return Err(StreamError::UnknownStream(id));
         };
         s.state = State::Open;
-        self.push(&Frame::Accept { id, payload });
+        self.push_urgent(&Frame::Accept { id, payload });
         self.grant_initial(id, &mut s);
         self.streams.insert(id, s);
         Ok(())
@@ -440,7 +454,7 @@ impl Mux {
     pub fn reject(&mut self, id: StreamId, payload: Bytes) -> Result<(), StreamError> {
         self.stream_for_answer(id)?;
         self.release(id);
-        self.push(&Frame::Reject { id, payload });
+        self.push_urgent(&Frame::Reject { id, payload });
         Ok(())
     }
 
@@ -515,12 +529,17 @@ impl Mux {
         self.open_data_frame = None;
     }
 
+    /// Queues a frame ahead of the DATA backlog (see `urgent`).
+    fn push_urgent(&mut self, frame: &Frame) {
+        frame.encode(&mut self.urgent);
+    }
+
     fn send_ping(&mut self, now: Instant) {
         let opaque = self.next_ping;
         self.next_ping += 1;
         self.ping_outstanding = Some((opaque, now));
         self.last_ping = Some(now);
-        self.push(&Frame::Ping { opaque });
+        self.push_urgent(&Frame::Ping { opaque });
     }
 
     /// Whether an id of a frame for a stream we do not hold is one that
@@ -554,7 +573,7 @@ impl Mux {
                 // the session budget cannot cover is refused like one past
                 // the stream limit. The budget is committed from the OPEN.
                 if self.streams.len() >= self.config.max_streams || !self.has_room_for_a_stream() {
-                    self.push(&Frame::Reject {
+                    self.push_urgent(&Frame::Reject {
                         id,
                         payload: Bytes::from_static(TOO_MANY_STREAMS),
                     });
@@ -648,7 +667,7 @@ impl Mux {
                     self.events.push_back(Event::Reset { id });
                 }
             }
-            Frame::Ping { opaque } => self.push(&Frame::Pong { opaque }),
+            Frame::Ping { opaque } => self.push_urgent(&Frame::Pong { opaque }),
             Frame::Pong { opaque } => self.on_pong(opaque, now),
             Frame::GoAway { reason } => {
                 let text = String::from_utf8_lossy(&reason[..reason.len().min(256)]).into_owned();
@@ -656,5 +675,19 @@ impl Mux {
             }
         }
         Ok(())
+    }
+}
+
+/// Appends `from` to `to` and empties `from`; when `to` is empty, the two
+/// buffers are swapped instead (no copy, and both allocations are reused).
+fn move_into(to: &mut BytesMut, from: &mut BytesMut) {
+    if from.is_empty() {
+        return;
+    }
+    if to.is_empty() {
+        std::mem::swap(to, from);
+    } else {
+        to.extend_from_slice(from);
+        from.clear();
     }
 }

@@ -789,3 +789,57 @@ fn can_open_says_when_a_stream_would_be_refused() {
     p.client.close("done");
     assert!(!p.client.can_open());
 }
+
+#[test]
+fn opens_and_credit_overtake_a_backlog_of_data() {
+    let mut p = Pair::new(Config::default());
+    let bulk = p.open_accepted(b"bulk");
+    // A backlog of DATA on one stream, not yet transmitted...
+    let written = p.client.write(bulk, &vec![7u8; 200_000]).unwrap();
+    assert!(written > 0);
+    // ...then a new stream's OPEN and a PING's PONG to answer.
+    let fresh = p.client.open(Bytes::from_static(b"new")).unwrap();
+    let mut ping = BytesMut::new();
+    Frame::Ping { opaque: 42 }.encode(&mut ping);
+    p.client.handle_input(&mut ping, p.now);
+    let mut out = BytesMut::new();
+    p.client.poll_transmit(&mut out);
+    let sent = frames(out);
+    let first_data = sent
+        .iter()
+        .position(|f| matches!(f, Frame::Data { .. }))
+        .expect("the DATA goes out too");
+    let open_at = sent
+        .iter()
+        .position(|f| matches!(f, Frame::Open { id, .. } if *id == fresh));
+    let pong_at = sent
+        .iter()
+        .position(|f| matches!(f, Frame::Pong { opaque: 42 }));
+    assert!(
+        open_at < Some(first_data) && pong_at < Some(first_data),
+        "the OPEN or the PONG waited behind DATA: {:?}",
+        &sent[..first_data + 1]
+    );
+    let data: usize = sent
+        .iter()
+        .map(|f| match f {
+            Frame::Data { id, data } if *id == bulk => data.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(data, written, "the DATA still goes out, after them");
+}
+
+#[test]
+fn a_streams_fin_never_overtakes_its_data() {
+    let mut p = Pair::new(Config::default());
+    let id = p.open_accepted(b"x");
+    p.client.write(id, b"last bytes").unwrap();
+    p.client.shutdown_write(id).unwrap();
+    let mut out = BytesMut::new();
+    p.client.poll_transmit(&mut out);
+    let sent = frames(out);
+    let data_at = sent.iter().position(|f| matches!(f, Frame::Data { .. }));
+    let fin_at = sent.iter().position(|f| matches!(f, Frame::Fin { .. }));
+    assert!(data_at.is_some() && data_at < fin_at, "{sent:?}");
+}
