@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Subcommand;
 use proto::control::hex_encode;
 use relay::registry::etcd::{self, EtcdConfig, EtcdEndpoints};
@@ -232,13 +232,29 @@ pub enum RelayCommand {
         /// strings).
         #[arg(long)]
         public_host: String,
+        /// Keep the registry in etcd, as for `relay serve --registry`: this
+        /// node joins every relay started with the same etcd and
+        /// --etcd-prefix. Files given to the --etcd-* flags must be readable
+        /// by the service's user (hybridlink-relay) and not under /home,
+        /// /root or /tmp, which the service's sandbox hides.
+        #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]")]
+        registry: Option<EtcdEndpoints>,
+        /// As for `relay serve --serve-from-cache`.
+        #[arg(long, requires = "registry")]
+        serve_from_cache: bool,
+        /// As for `relay serve --advertise`.
+        #[arg(long, value_name = "HOST:PORT", requires = "registry")]
+        advertise: Option<String>,
+        #[command(flatten)]
+        etcd: Box<EtcdArgs>,
         #[command(flatten)]
         install: crate::install::InstallArgs,
     },
 }
 
-/// How to reach etcd, for `serve --registry` and `migrate`.
-#[derive(clap::Args, Debug)]
+/// How to reach etcd, for `serve --registry`, `install --registry` and
+/// `migrate`.
+#[derive(clap::Args, Debug, Clone)]
 pub struct EtcdArgs {
     /// Every key of the registry in etcd starts with this; relays share a
     /// registry when they use the same etcd and prefix.
@@ -301,6 +317,48 @@ impl EtcdArgs {
     }
 }
 
+impl EtcdArgs {
+    /// These flags as `relay serve` takes them, for the unit `install`
+    /// writes. The password is never among them: the unit names the file
+    /// that holds it.
+    fn serve_args(&self) -> anyhow::Result<Vec<String>> {
+        if let (Some(name), None) = (&self.etcd_user, &self.etcd_password_file) {
+            bail!(
+                "--etcd-user {name} needs --etcd-password-file FILE with `relay install` (a file the service's user can read): the password is never written into the unit"
+            );
+        }
+        let mut args = Vec::new();
+        if self.etcd_prefix != etcd::DEFAULT_PREFIX {
+            args.extend(["--etcd-prefix".into(), self.etcd_prefix.clone()]);
+        }
+        let files = [
+            ("--etcd-ca-file", &self.etcd_ca_file),
+            ("--etcd-cert", &self.etcd_cert),
+            ("--etcd-key", &self.etcd_key),
+        ];
+        for (flag, path) in files {
+            if let Some(path) = path {
+                args.extend([flag.into(), path.display().to_string()]);
+            }
+        }
+        if let Some(name) = &self.etcd_user {
+            args.extend(["--etcd-user".into(), name.clone()]);
+        }
+        if let Some(path) = &self.etcd_password_file {
+            args.extend(["--etcd-password-file".into(), path.display().to_string()]);
+        }
+        Ok(args)
+    }
+
+    /// Whether any flag differs from its default.
+    fn any(&self) -> bool {
+        self.etcd_prefix != etcd::DEFAULT_PREFIX
+            || self.etcd_ca_file.is_some()
+            || self.etcd_cert.is_some()
+            || self.etcd_user.is_some()
+    }
+}
+
 /// The user the relay's service runs as.
 pub const USER: SystemUser = SystemUser {
     name: "hybridlink-relay",
@@ -316,6 +374,9 @@ struct Serve {
     tls: Option<(PathBuf, PathBuf)>,
     api: SocketAddr,
     public_host: String,
+    /// `--registry` and the flags that go with it, as `relay serve` takes
+    /// them.
+    registry: Vec<String>,
 }
 
 /// The relay's unit: its own user, which may write only the data dir and
@@ -353,6 +414,7 @@ fn unit(binary: &Path, serve: Serve) -> Unit {
         "--public-host".into(),
         serve.public_host,
     ]);
+    exec_start.extend(serve.registry);
     Unit {
         name: "hybridlink-relay",
         description: "hybridlink relay: the rendezvous of hybrid connections",
@@ -400,8 +462,27 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             tls_key,
             api,
             public_host,
+            registry,
+            serve_from_cache,
+            advertise,
+            etcd,
             install,
         } => {
+            let registry = match registry {
+                None if etcd.any() => bail!("the --etcd-* flags need --registry"),
+                None => Vec::new(),
+                Some(endpoints) => {
+                    let mut args = vec!["--registry".to_string(), endpoints.to_string()];
+                    if serve_from_cache {
+                        args.push("--serve-from-cache".into());
+                    }
+                    if let Some(advertise) = advertise {
+                        args.extend(["--advertise".into(), advertise]);
+                    }
+                    args.extend(etcd.serve_args()?);
+                    args
+                }
+            };
             let serve = Serve {
                 data_dir: data_dir.clone(),
                 listen,
@@ -409,6 +490,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 tls: tls_cert.zip(tls_key),
                 api,
                 public_host,
+                registry,
             };
             let unit = unit(&install.binary()?, serve);
             crate::install::make_system_user(&install, &unit)?;
@@ -532,6 +614,7 @@ mod tests {
             tls: None,
             api: "127.0.0.1:9444".parse().unwrap(),
             public_host: "relay.example.com".into(),
+            registry: Vec::new(),
         }
     }
 

@@ -1,7 +1,7 @@
-//! A throwaway etcd for the tests: one member on loopback, on ports the
-//! kernel picked, with its data in a temporary directory; killed and
-//! removed when dropped, so a failing test leaves neither a process nor a
-//! directory behind.
+//! A throwaway etcd for the tests: one member ([`Etcd`]) or a cluster of
+//! three ([`EtcdCluster`]) on loopback, on ports the kernel picked, with
+//! its data in a temporary directory; killed and removed when dropped, so a
+//! failing test leaves neither a process nor a directory behind.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::Proc;
 
@@ -206,6 +206,220 @@ impl Etcd {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+}
+
+/// One member of an [`EtcdCluster`]: its flags, and its process while it
+/// runs.
+#[derive(Debug)]
+struct Member {
+    client: SocketAddr,
+    health: SocketAddr,
+    args: Vec<String>,
+    proc: Option<Proc>,
+}
+
+/// Three etcd members on loopback forming one cluster (one
+/// `--initial-cluster` naming all three), each with its data directory
+/// kept across restarts, so that a member can be killed, stopped and
+/// started again, alone or all together.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    // Dropped in this order: the processes first, then their data.
+    members: Vec<Member>,
+    _dir: tempfile::TempDir,
+}
+
+/// How many members an [`EtcdCluster`] has.
+pub const CLUSTER_SIZE: usize = 3;
+
+impl EtcdCluster {
+    /// Starts three members and waits until the cluster is healthy (every
+    /// member answers `/health` with a leader). `None` when etcd is not
+    /// installed, as [`Etcd::start`].
+    pub fn start() -> Result<Option<EtcdCluster>> {
+        if !installed()? {
+            return Ok(None);
+        }
+        // A port picked by the kernel may be taken again before etcd binds
+        // it: try a few times.
+        let mut last = None;
+        for _ in 0..3 {
+            match EtcdCluster::try_start() {
+                Ok(cluster) => return Ok(Some(cluster)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("three tries were made"))
+    }
+
+    fn try_start() -> Result<EtcdCluster> {
+        let dir = tempfile::tempdir()?;
+        let mut ports = Vec::new();
+        for _ in 0..CLUSTER_SIZE {
+            ports.push((free_port()?, free_port()?, free_port()?));
+        }
+        let initial_cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer, _))| format!("m{i}=http://{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (i, &(client, peer, health)) in ports.iter().enumerate() {
+            let data = dir.path().join(format!("m{i}"));
+            let data = data.to_str().context("utf-8 temp dir")?;
+            let client_url = format!("http://{client}");
+            let peer_url = format!("http://{peer}");
+            let args = [
+                "--name",
+                &format!("m{i}"),
+                "--data-dir",
+                data,
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &initial_cluster,
+                "--initial-cluster-token",
+                "hybridlink-test",
+                "--listen-metrics-urls",
+                &format!("http://{health}"),
+                "--logger",
+                "zap",
+                "--log-level",
+                "error",
+            ]
+            .map(String::from)
+            .to_vec();
+            members.push(Member {
+                client,
+                health,
+                args,
+                proc: None,
+            });
+        }
+        let mut cluster = EtcdCluster { members, _dir: dir };
+        cluster.start_all()?;
+        Ok(cluster)
+    }
+
+    /// What `relay serve --registry` takes: every member's client address,
+    /// `etcd://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.members.iter().map(|m| m.client.to_string()).collect();
+        format!("etcd://{}", hosts.join(","))
+    }
+
+    /// Member `i`'s client address.
+    pub fn client(&self, i: usize) -> SocketAddr {
+        self.members[i].client
+    }
+
+    /// Whether member `i` runs (was not killed or stopped since it last
+    /// started).
+    pub fn running(&self, i: usize) -> bool {
+        self.members[i].proc.is_some()
+    }
+
+    /// Kills member `i` (SIGKILL) and waits for it to end.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut proc) = self.members[i].proc.take() {
+            proc.kill();
+        }
+    }
+
+    /// Stops member `i` the way a service manager does (SIGTERM; SIGKILL
+    /// after 5 s).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut proc) = self.members[i].proc.take() {
+            proc.terminate();
+        }
+    }
+
+    /// Starts member `i` again with its data and ports, and waits until it
+    /// is healthy (it needs a quorum for that: at least one other member
+    /// running).
+    pub fn start_member(&mut self, i: usize) -> Result<()> {
+        self.spawn(i)?;
+        self.wait_healthy(&[i])
+    }
+
+    /// Stops every member (SIGTERM).
+    pub fn stop_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.stop(i);
+        }
+    }
+
+    /// Starts every member that does not run, with its data, and waits
+    /// until all are healthy. They start together: none is healthy
+    /// without a quorum.
+    pub fn start_all(&mut self) -> Result<()> {
+        for i in 0..self.members.len() {
+            if !self.running(i) {
+                self.spawn(i)?;
+            }
+        }
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        self.wait_healthy(&all)
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        ensure!(!self.running(i), "etcd member {i} runs already");
+        let argv: Vec<&str> = self.members[i].args.iter().map(String::as_str).collect();
+        let proc = Proc::start_program_quiet(ETCD, &format!("etcd member {i}"), &argv)?;
+        self.members[i].proc = Some(proc);
+        Ok(())
+    }
+
+    /// Waits until the members `which` say they are healthy; on a timeout,
+    /// kills them (so that a retry on other ports starts clean).
+    fn wait_healthy(&mut self, which: &[usize]) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !which.iter().all(|&i| healthy(self.members[i].health)) {
+            if Instant::now() > deadline {
+                for &i in which {
+                    self.kill(i);
+                }
+                bail!("etcd members {which:?} did not become healthy within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// The index of the member that leads the cluster now, as a running
+    /// member's `/v3/maintenance/status` (etcd's JSON gateway) says.
+    pub fn leader(&self) -> Result<usize> {
+        let mut ids = Vec::new();
+        let mut leader = None;
+        for member in &self.members {
+            if member.proc.is_none() {
+                ids.push(None);
+                continue;
+            }
+            let answer = post(member.client, "/v3/maintenance/status", "{}")?;
+            let body = answer
+                .split_once("\r\n\r\n")
+                .map(|(_, body)| body)
+                .with_context(|| format!("etcd status: {answer}"))?;
+            let status: serde_json::Value =
+                serde_json::from_str(body).with_context(|| format!("etcd status: {answer}"))?;
+            ids.push(status["header"]["member_id"].as_str().map(str::to_owned));
+            if let Some(id) = status["leader"].as_str() {
+                leader = Some(id.to_owned());
+            }
+        }
+        let leader = leader.context("no running member names a leader")?;
+        ids.iter()
+            .position(|id| id.as_deref() == Some(leader.as_str()))
+            .with_context(|| format!("the leader {leader} is none of the running members"))
     }
 }
 

@@ -17,6 +17,7 @@ use proto::connection_string::ConnectionString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+pub mod cluster;
 pub mod etcd;
 pub mod hostile_relay;
 pub mod lab;

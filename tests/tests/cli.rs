@@ -468,3 +468,106 @@ fn agent_install_keeps_the_endpoints_of_azure_protocol_strings() -> Result<()> {
     }
     Ok(())
 }
+
+/// `relay install --registry ...` writes a unit whose `relay serve` joins
+/// the cluster as the operator said: the etcd members, the advertised
+/// address, serving from the cache, the etcd CA, client certificate, user
+/// and password file. The password itself never reaches the unit: without
+/// a password file the install is refused, even with the password in
+/// HYBRIDLINK_ETCD_PASSWORD, and writes nothing.
+#[test]
+fn relay_install_passes_the_cluster_flags_into_the_unit_and_never_the_etcd_password() -> Result<()>
+{
+    let root = tempfile::tempdir()?;
+    let root_arg = root.path().to_str().context("utf-8")?;
+    let unit_path = root
+        .path()
+        .join("etc/systemd/system/hybridlink-relay.service");
+    let install = |extra: &[&str]| -> Result<std::process::Output> {
+        Ok(Command::new(binary())
+            .args([
+                "relay",
+                "install",
+                "--no-start",
+                "--root",
+                root_arg,
+                "--binary",
+                "/usr/local/bin/hybridlink",
+                "--public-host",
+                "relay1.example",
+                "--registry",
+                "etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379",
+                "--etcd-ca-file",
+                "/etc/hybridlink-relay/etcd-ca.pem",
+                "--etcd-cert",
+                "/etc/hybridlink-relay/etcd.pem",
+                "--etcd-key",
+                "/etc/hybridlink-relay/etcd.key",
+                "--etcd-user",
+                "relay",
+            ])
+            .args(extra)
+            .env("HYBRIDLINK_ETCD_PASSWORD", "s3cret-in-env")
+            .output()?)
+    };
+    let out = install(&[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && err.contains("--etcd-user relay needs --etcd-password-file FILE")
+            && err.contains("never written into the unit"),
+        "without a password file: {err}"
+    );
+    ensure!(!unit_path.exists(), "a refused install wrote the unit");
+
+    let out = install(&[
+        "--etcd-password-file",
+        "/etc/hybridlink-relay/etcd.password",
+        "--advertise",
+        "relay1.example:9443",
+        "--serve-from-cache",
+        "--etcd-prefix",
+        "/prod/",
+    ])?;
+    ensure!(
+        out.status.success(),
+        "install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unit = std::fs::read_to_string(&unit_path)?;
+    let exec = unit
+        .lines()
+        .find(|l| l.starts_with("ExecStart="))
+        .context("an ExecStart")?;
+    for needle in [
+        " relay serve ",
+        " --registry etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379",
+        " --serve-from-cache",
+        " --advertise relay1.example:9443",
+        " --etcd-prefix /prod/",
+        " --etcd-ca-file /etc/hybridlink-relay/etcd-ca.pem",
+        " --etcd-cert /etc/hybridlink-relay/etcd.pem",
+        " --etcd-key /etc/hybridlink-relay/etcd.key",
+        " --etcd-user relay",
+        " --etcd-password-file /etc/hybridlink-relay/etcd.password",
+    ] {
+        ensure!(exec.contains(needle), "no {needle:?} in {exec}");
+    }
+    ensure!(
+        !unit.contains("s3cret"),
+        "the password is in the unit: {unit}"
+    );
+
+    // The etcd flags mean nothing without --registry: refused.
+    let out = Command::new(binary())
+        .args(["relay", "install", "--no-start", "--root", root_arg])
+        .args(["--public-host", "relay1.example"])
+        .args(["--etcd-ca-file", "/etc/hybridlink-relay/etcd-ca.pem"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("the --etcd-* flags need --registry"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -878,3 +878,79 @@ async fn a_token_valid_for_centuries_is_refused() -> Result<()> {
     }
     Ok(())
 }
+
+/// Whether `tls` receives a node list within `within`: the list, or `None`
+/// when the time ran out or the relay closed first.
+async fn nodes_within(
+    tls: &mut TlsStream<TcpStream>,
+    buf: &mut BytesMut,
+    within: Duration,
+) -> Result<Option<Vec<String>>> {
+    let read = async {
+        loop {
+            match read_message::<RelayMessage, _>(tls, buf).await {
+                Ok(Some(RelayMessage::Nodes { nodes, .. })) => return Some(nodes),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    };
+    Ok(tokio::time::timeout(within, read).await.unwrap_or(None))
+}
+
+/// The node list names the addresses of every relay node, so a relay
+/// tells it only to a peer whose token verified: a stranger who offers
+/// the ALPN id of the list and says hello, with no token or a wrong one,
+/// is never told it; a peer with a good token is, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_node_list_goes_only_to_a_peer_whose_token_verified() -> Result<()> {
+    let Some(etcd) = hybridlink_tests::etcd::Etcd::start()? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let relay = Relay::start_with(dir.path(), "127.0.0.1:0", &["--registry", &etcd.url()])?;
+    let (send, listen) = relay.create_hc("payroll", echo_server_thread()?)?;
+    let listed = relay.listen.to_string();
+    hybridlink_tests::wait_for("the relay listing itself", 10, || {
+        Ok(hybridlink_tests::cluster::nodes_of(&relay)? == [listed.clone()])
+    })?;
+    let quiet = Duration::from_secs(2);
+    let stranger = Ipv4Addr::new(127, 0, 0, 2);
+
+    // No token at all: hello, then silence.
+    let (mut tls, mut buf) = welcomed(stranger, &relay, &send, PeerRole::Sender).await?;
+    ensure!(
+        tls.get_ref().1.alpn_protocol() == Some(proto::control::NODES_ALPN),
+        "the relay did not select the node list's ALPN id"
+    );
+    let told = nodes_within(&mut tls, &mut buf, quiet).await?;
+    ensure!(told.is_none(), "told a peer with no token: {told:?}");
+
+    // A wrong key, as a sender and as an agent: refused, and not told.
+    for (cs, role) in [(&send, PeerRole::Sender), (&listen, PeerRole::Agent)] {
+        let mut forged = cs.clone();
+        forged.key = Key::generate()?;
+        let (mut tls, mut buf) = welcomed(stranger, &relay, &forged, role).await?;
+        let attach = PeerMessage::Attach {
+            hc: forged.hc.clone(),
+            token: forged.token(ten_minutes_from_now()?),
+        };
+        write_message(&mut tls, &attach).await?;
+        let told = nodes_within(&mut tls, &mut buf, quiet).await?;
+        ensure!(told.is_none(), "told a {role:?} with a wrong key: {told:?}");
+    }
+
+    // The listen key: told the list.
+    let (mut tls, mut buf) = welcomed(stranger, &relay, &listen, PeerRole::Agent).await?;
+    let attach = PeerMessage::Attach {
+        hc: listen.hc.clone(),
+        token: listen.token(ten_minutes_from_now()?),
+    };
+    write_message(&mut tls, &attach).await?;
+    let told = nodes_within(&mut tls, &mut buf, Duration::from_secs(5)).await?;
+    ensure!(
+        told == Some(vec![listed.clone()]),
+        "a peer with a good token was not told the list: {told:?}"
+    );
+    Ok(())
+}

@@ -400,7 +400,6 @@ struct Snapshot {
 /// request (a registry of thousands of HCs is larger than one gRPC message
 /// may be).
 async fn read_all(client: &Client, layout: &Layout) -> Result<Snapshot, ReadError> {
-    let mut kv = client.kv_client();
     let end = prefix_end(layout.prefix.as_bytes());
     let mut from = layout.prefix.as_bytes().to_vec();
     let mut snapshot = Snapshot {
@@ -413,10 +412,13 @@ async fn read_all(client: &Client, layout: &Layout) -> Result<Snapshot, ReadErro
         if snapshot.revision != 0 {
             options = options.with_revision(snapshot.revision);
         }
-        let response = kv
-            .get(from.clone(), Some(options))
-            .await
-            .map_err(ReadError::Etcd)?;
+        let response = until_sent(|| {
+            let mut kv = client.kv_client();
+            let (from, options) = (from.clone(), options.clone());
+            async move { kv.get(from, Some(options)).await }
+        })
+        .await
+        .map_err(ReadError::Etcd)?;
         if snapshot.revision == 0 {
             snapshot.revision = response.header().map_or(0, |h| h.revision());
         }
@@ -656,7 +658,13 @@ impl EtcdStore {
         self.block_on(async {
             let key = self.layout.hc(name);
             let hcs = self.layout.hcs();
-            let mut kv = client.kv_client();
+            let txn = |txn: Txn| {
+                until_sent(move || {
+                    let mut kv = client.kv_client();
+                    let txn = txn.clone();
+                    async move { kv.txn(txn).await }
+                })
+            };
             for attempt in 0..MAX_ATTEMPTS {
                 // The record and the number of HCs at one revision.
                 let read = Txn::new().and_then([
@@ -666,7 +674,7 @@ impl EtcdStore {
                         Some(GetOptions::new().with_prefix().with_count_only()),
                     ),
                 ]);
-                let response = kv.txn(read).await.map_err(|e| self.request_error(e))?;
+                let response = txn(read).await.map_err(|e| self.request_error(e))?;
                 let revision = response.header().map_or(0, |h| h.revision());
                 let mut old = None;
                 let mut count = 0;
@@ -698,7 +706,7 @@ impl EtcdStore {
                     None => TxnOp::delete(key.as_str(), None),
                 };
                 let write = Txn::new().when(guards).and_then([op]);
-                let response = kv.txn(write).await.map_err(|e| self.request_error(e))?;
+                let response = txn(write).await.map_err(|e| self.request_error(e))?;
                 if response.succeeded() {
                     self.wait_applied(response.header().map_or(0, |h| h.revision()))
                         .await;
@@ -722,12 +730,14 @@ impl EtcdStore {
         let client = self.check_reachable()?;
         self.block_on(async {
             let key = self.layout.manage_keys();
-            let mut kv = client.kv_client();
             for attempt in 0..MAX_ATTEMPTS {
-                let response = kv
-                    .get(key.as_str(), None)
-                    .await
-                    .map_err(|e| self.request_error(e))?;
+                let response = until_sent(|| {
+                    let mut kv = client.kv_client();
+                    let key = key.clone();
+                    async move { kv.get(key, None).await }
+                })
+                .await
+                .map_err(|e| self.request_error(e))?;
                 let Some(current) = response.kvs().first() else {
                     return Err(EtcdError::Corrupt {
                         key: key.clone(),
@@ -744,7 +754,13 @@ impl EtcdStore {
                         current.mod_revision(),
                     )])
                     .and_then([TxnOp::put(key.as_str(), to_json(&keys), None)]);
-                let response = kv.txn(write).await.map_err(|e| self.request_error(e))?;
+                let response = until_sent(|| {
+                    let mut kv = client.kv_client();
+                    let write = write.clone();
+                    async move { kv.txn(write).await }
+                })
+                .await
+                .map_err(|e| self.request_error(e))?;
                 if response.succeeded() {
                     self.wait_applied(response.header().map_or(0, |h| h.revision()))
                         .await;
@@ -770,6 +786,37 @@ impl EtcdStore {
                 revision,
                 "a change was written to etcd but has not come back through this relay's watch yet; it shows here once it does"
             );
+        }
+    }
+}
+
+/// How many more times a request goes whose connection to a member could
+/// not be made. The client spreads requests over the members at random, a
+/// dead one included, and such a request was never sent, so sending it
+/// again (to another member, most likely) is safe.
+const UNSENT_RETRIES: usize = 8;
+
+/// Whether `error` says the connection to a member could not be made
+/// (tonic's words for it): the request was not sent.
+fn not_sent(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status) if status.message() == "tcp connect error")
+}
+
+/// Runs `request` until it was sent to a member that took the
+/// connection, [`UNSENT_RETRIES`] more times at most.
+async fn until_sent<T, F, Fut>(mut request: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut retries = 0;
+    loop {
+        match request().await {
+            Err(e) if not_sent(&e) && retries < UNSENT_RETRIES => {
+                retries += 1;
+                tracing::debug!(error = %e, "an etcd member refused the connection; sending the request to another");
+            }
+            answer => return answer,
         }
     }
 }
@@ -898,10 +945,12 @@ async fn watch_from(
         .with_prefix()
         .with_start_revision(*revision + 1)
         .with_progress_notify();
-    let mut stream = client
-        .watch_client()
-        .watch(layout.prefix.as_str(), Some(options))
-        .await?;
+    let mut stream = until_sent(|| {
+        let mut watch = client.watch_client();
+        let (prefix, options) = (layout.prefix.clone(), options.clone());
+        async move { watch.watch(prefix, Some(options)).await }
+    })
+    .await?;
     while let Some(response) = stream.message().await? {
         if response.canceled() || response.compact_revision() != 0 {
             return Err(WatchEnd::Cancelled(format!(
