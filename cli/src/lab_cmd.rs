@@ -31,16 +31,28 @@ pub enum LabCommand {
     Up {
         #[command(flatten)]
         lab: LabArgs,
+        /// Relay nodes: 1, or 2 to 3 for a relay cluster on etcd, each node
+        /// with an etcd member in its own namespace (PREFIXrly,
+        /// PREFIXrly2, PREFIXrly3), all reached by the name relay.lab.test.
+        #[arg(long, default_value_t = 1)]
+        relays: usize,
         /// Do not install missing packages; name the apt-get line instead.
         #[arg(long)]
         no_install: bool,
     },
     /// Run unmodified clients (curl, psql, redis-cli) in the app namespace
     /// against the on-prem servers and print a report. Brings the lab up
-    /// first if it is not, and then down again unless --keep.
+    /// first if it is not, and then down again unless --keep. With a relay
+    /// cluster it also kills the node the appliance uses and checks that
+    /// the app's next connection by host name succeeds and that the agent
+    /// is attached on the remaining nodes, then starts the node again.
     Demo {
         #[command(flatten)]
         lab: LabArgs,
+        /// Relay nodes of a lab the demo brings up (as for `lab up`); a
+        /// running lab is checked with the nodes it has.
+        #[arg(long)]
+        relays: Option<usize>,
         /// Leave a lab this command brought up running afterwards.
         #[arg(long)]
         keep: bool,
@@ -48,8 +60,8 @@ pub enum LabCommand {
         #[arg(long)]
         no_install: bool,
     },
-    /// Stop every process of the lab and remove its namespaces, interfaces
-    /// and files.
+    /// Stop every process of the lab (relay nodes and etcd members too) and
+    /// remove its namespaces, interfaces and files (etcd's data with them).
     Down {
         #[command(flatten)]
         lab: LabArgs,
@@ -84,7 +96,7 @@ fn netns(args: &LabArgs) -> anyhow::Result<Netns> {
 
 /// Builds and provisions a namespace lab, replacing any leftover.
 fn up(lab: &Netns, no_install: bool) -> anyhow::Result<()> {
-    lab::packages::ensure(!no_install)?;
+    lab::packages::ensure(!no_install, lab.relays() > 1)?;
     if !lab.existing().is_empty() || lab.state_root().exists() {
         eprintln!(
             "lab: removing the earlier lab {:?} first",
@@ -92,14 +104,18 @@ fn up(lab: &Netns, no_install: bool) -> anyhow::Result<()> {
         );
         lab.remove()?;
     }
-    eprintln!(
-        "lab: building namespaces {}, {}, {}",
-        lab.ns(Role::App),
-        lab.ns(Role::Relay),
-        lab.ns(Role::Onprem)
-    );
+    eprintln!("lab: building namespaces {}", namespaces(lab));
     let provisioned = lab.build().and_then(|()| {
-        eprintln!("lab: starting the relay, the on-prem servers and agent, and the appliance");
+        if lab.relays() > 1 {
+            eprintln!(
+                "lab: starting {} etcd members and relay nodes, the on-prem servers and agent, and the appliance",
+                lab.relays()
+            );
+        } else {
+            eprintln!(
+                "lab: starting the relay, the on-prem servers and agent, and the appliance"
+            );
+        }
         demo::provision(lab)
     });
     if let Err(e) = provisioned {
@@ -110,18 +126,31 @@ fn up(lab: &Netns, no_install: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The lab's namespaces, as a person reads them.
+fn namespaces(lab: &Netns) -> String {
+    Role::all(lab.relays())
+        .iter()
+        .map(|r| lab.ns(*r))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The tails of the role logs, for an error message.
 fn logs(lab: &Netns) -> String {
     let mut out = String::new();
-    for (role, name) in [
-        (Role::Relay, "relay"),
-        (Role::Onprem, "agent"),
-        (Role::App, "appliance"),
-    ] {
+    let mut logs: Vec<(Role, &str)> = Vec::new();
+    for node in Role::relay_nodes(lab.relays()) {
+        logs.push((*node, "relay"));
+        if lab.relays() > 1 {
+            logs.push((*node, "etcd"));
+        }
+    }
+    logs.extend([(Role::Onprem, "agent"), (Role::App, "appliance")]);
+    for (role, name) in logs {
         if let Ok(text) = demo::role_log(lab, role, name)
             && !text.trim().is_empty()
         {
-            out.push_str(&format!("\n--- {name}.log ---\n{text}"));
+            out.push_str(&format!("\n--- {}/{name}.log ---\n{text}", role.name()));
         }
     }
     out
@@ -130,29 +159,40 @@ fn logs(lab: &Netns) -> String {
 /// Runs a lab subcommand.
 pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
     match cmd {
-        LabCommand::Up { lab, no_install } => {
-            let lab = netns(&lab)?;
+        LabCommand::Up {
+            lab,
+            relays,
+            no_install,
+        } => {
+            let lab = netns(&lab)?.with_relays(relays)?;
             up(&lab, no_install)?;
             println!("{}", usage(&lab));
             Ok(())
         }
         LabCommand::Demo {
             lab,
+            relays,
             keep,
             no_install,
         } => {
             let lab = netns(&lab)?;
-            let was_up = lab.existing().len() == 3 && lab.state_root().exists();
-            if !was_up {
+            let running = lab.running_relays();
+            let was_up =
+                running > 0 && lab.existing().len() == running + 2 && lab.state_root().exists();
+            let lab = if was_up {
+                if let Some(asked) = relays.filter(|n| *n != running) {
+                    bail!(
+                        "the running lab has {running} relay node(s), not {asked}: run `hybridlink lab down` first, or leave out --relays"
+                    );
+                }
+                lab.with_relays(running)?
+            } else {
+                let lab = lab.with_relays(relays.unwrap_or(1))?;
                 up(&lab, no_install)?;
-            }
+                lab
+            };
             let report = demo::run_checks(&lab);
-            println!(
-                "hybridlink lab demo: namespaces {}, {}, {}\n",
-                lab.ns(Role::App),
-                lab.ns(Role::Relay),
-                lab.ns(Role::Onprem)
-            );
+            println!("hybridlink lab demo: namespaces {}\n", namespaces(&lab));
             print!("{}", report.render());
             if !report.passed() {
                 eprint!("{}", logs(&lab));
@@ -210,8 +250,23 @@ fn usage(lab: &Netns) -> String {
     let app = lab.ns(Role::App);
     let onp = lab.ns(Role::Onprem);
     let state = PathBuf::from(lab.state(Role::Onprem));
+    let mut nodes = String::new();
+    if lab.relays() > 1 {
+        let names: Vec<String> = Role::relay_nodes(lab.relays())
+            .iter()
+            .map(|r| lab.ns(*r))
+            .collect();
+        nodes = format!(
+            "Relay nodes {} (each with an etcd member), all named {} on app and onprem:\n  ip netns exec {} {} hc --api http://127.0.0.1:9444 --data-dir {}/data status payroll\n",
+            names.join(", "),
+            lab::RELAY_NAME,
+            names[1],
+            lab.hybridlink(),
+            lab.state(Role::Relay2),
+        );
+    }
     format!(
-        "The lab is up. Try:\n  ip netns exec {app} curl http://payroll.corp/\n  ip netns exec {app} psql -h sql.corp -U postgres -c 'select 1'\n  ip netns exec {app} redis-cli -h cache.corp ping\n  ip netns exec {onp} {} agent status --status-socket {}\nLogs: {}/*/*.log. Remove it with: hybridlink lab down{}",
+        "The lab is up. Try:\n  ip netns exec {app} curl http://payroll.corp/\n  ip netns exec {app} psql -h sql.corp -U postgres -c 'select 1'\n  ip netns exec {app} redis-cli -h cache.corp ping\n  ip netns exec {onp} {} agent status --status-socket {}\n{nodes}Logs: {}/*/*.log. Remove it with: hybridlink lab down{}",
         lab.hybridlink(),
         state.join("agent.sock").display(),
         lab.state_root().display(),

@@ -3,6 +3,10 @@
 # vagrant/: the caller sets LAB_STATE (this role's directory), HYBRIDLINK
 # (the binary) and SERVICES, and the role's own variables.
 #
+# RELAY_NAME and RELAY_ADDRESSES (optional, a relay cluster): the relay's
+# name resolves here to each of the addresses (one per node), as a name
+# with one DNS record per node does.
+#
 # SERVICES says how hybridlink's roles run: "processes" (the default), in
 # the background of the script (see daemon below), as namespaces have no
 # init system; or "systemd", as the units `hybridlink ROLE install` writes,
@@ -13,15 +17,24 @@ set -eu
 : "${SERVICES:=processes}"
 mkdir -p "$LAB_STATE"
 
+# alive PID: the process runs (a killed one nobody has reaped yet, a
+# zombie, does not).
+alive() {
+    [ -r "/proc/$1/stat" ] && [ "$(sed 's/.*) //' "/proc/$1/stat" | cut -c1)" != Z ]
+}
+
 # daemon NAME CMD...: start CMD in its own session with its output in
 # $LAB_STATE/NAME.log, unless the one started last time still runs.
 daemon() {
     name=$1
     shift
-    if [ -s "$LAB_STATE/$name.pid" ] && kill -0 "$(cat "$LAB_STATE/$name.pid")" 2>/dev/null; then
+    if [ -s "$LAB_STATE/$name.pid" ] && alive "$(cat "$LAB_STATE/$name.pid")"; then
         return 0
     fi
-    setsid "$@" >"$LAB_STATE/$name.log" 2>&1 </dev/null &
+    # Emptied here, not by the background job: a wait for a line in the
+    # log must not see the line of a process started earlier.
+    : >"$LAB_STATE/$name.log"
+    setsid "$@" >>"$LAB_STATE/$name.log" 2>&1 </dev/null &
     echo $! >"$LAB_STATE/$name.pid"
 }
 
@@ -48,3 +61,14 @@ wait_for() {
 add_host() {
     grep -q "[[:space:]]$2\$" /etc/hosts || echo "$1 $2" >>/etc/hosts
 }
+
+# add_address IP NAME: make NAME resolve to IP too on this machine.
+add_address() {
+    grep -q "^$1[[:space:]]$2\$" /etc/hosts || echo "$1 $2" >>/etc/hosts
+}
+
+if [ -n "${RELAY_ADDRESSES:-}" ]; then
+    for address in $RELAY_ADDRESSES; do
+        add_address "$address" "${RELAY_NAME:?RELAY_NAME must name the relay}"
+    done
+fi

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Machines, ONPREM_IP, RELAY_IP, Role, Services, shell_quote};
+use crate::{
+    APP_IP, Machines, ONPREM_IP, RELAY_IP, RELAY_NAME, Role, Services, relay_cluster_ip,
+    relay_node_ip, shell_quote,
+};
 
 /// The lab's hybrid connections, as `relay.sh` creates them: name, the
 /// endpoint the app uses.
@@ -54,11 +57,64 @@ fn script(m: &dyn Machines, role: Role, name: &str, env: &[(&str, &str)]) -> Res
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Provisions the three roles in order (relay, onprem, app) with the role
-/// scripts, handing the connection strings from the relay to the others.
+/// The name or address connection strings give for the relay: its
+/// address with one relay, a name resolving to every node with several.
+pub fn relay_host(m: &dyn Machines) -> &'static str {
+    if m.relays() > 1 { RELAY_NAME } else { RELAY_IP }
+}
+
+/// What app and onprem need to resolve the relay's name to every node
+/// (nothing with one relay, whose strings name its address).
+fn relay_name_env(m: &dyn Machines) -> Vec<(&'static str, String)> {
+    if m.relays() == 1 {
+        return Vec::new();
+    }
+    let addresses: Vec<String> = (1..=m.relays()).map(relay_node_ip).collect();
+    vec![
+        ("RELAY_NAME", RELAY_NAME.to_string()),
+        ("RELAY_ADDRESSES", addresses.join(" ")),
+    ]
+}
+
+/// Runs `relay.sh` for relay node `node` with `extra` variables; returns
+/// what it printed (node 1: the connection strings).
+pub fn start_relay_node(m: &dyn Machines, node: Role, extra: &[(&str, &str)]) -> Result<String> {
+    let n = node.relay_node().context("not a relay node")?;
+    let mut env: Vec<(&str, String)> = vec![
+        ("RELAY_IP", relay_host(m).to_string()),
+        ("ONPREM_IP", ONPREM_IP.to_string()),
+    ];
+    if m.relays() > 1 {
+        let members: Vec<String> = (1..=m.relays()).map(relay_cluster_ip).collect();
+        env.extend([
+            ("RELAY_NODE", n.to_string()),
+            ("ETCD_IPS", members.join(" ")),
+            ("ADVERTISE_IP", relay_node_ip(n)),
+            ("CERT_FROM", format!("{}/data", m.state(Role::Relay))),
+        ]);
+        env.extend(relay_name_env(m));
+    }
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.extend_from_slice(extra);
+    script(m, node, "relay.sh", &env)
+}
+
+/// Provisions the roles in order (the relay nodes, onprem, app) with the
+/// role scripts, handing the connection strings from the relay to the
+/// others. A cluster's etcd members are all started first; node 1 then
+/// makes the certificate and the hybrid connections, and the other nodes
+/// start with a copy of its certificate.
 pub fn provision(m: &dyn Machines) -> Result<Strings> {
-    let env = [("RELAY_IP", RELAY_IP), ("ONPREM_IP", ONPREM_IP)];
-    let out = script(m, Role::Relay, "relay.sh", &env)?;
+    let nodes = Role::relay_nodes(m.relays());
+    if nodes.len() > 1 {
+        for node in nodes {
+            start_relay_node(m, *node, &[("ETCD_ONLY", "yes")])?;
+        }
+    }
+    let out = start_relay_node(m, Role::Relay, &[])?;
+    for node in &nodes[1..] {
+        start_relay_node(m, *node, &[])?;
+    }
     let mut strings = Strings::default();
     for line in out.lines() {
         let mut parts = line.splitn(3, ' ');
@@ -84,18 +140,19 @@ pub fn provision(m: &dyn Machines) -> Result<Strings> {
     };
     let listen = join(&strings.listen);
     let mib = m.big_file_mib().to_string();
-    script(
-        m,
-        Role::Onprem,
-        "onprem.sh",
-        &[
-            ("ONPREM_IP", ONPREM_IP),
-            ("LISTEN_STRINGS", &listen),
-            ("BIG_MIB", &mib),
-        ],
-    )?;
+    let name_env = relay_name_env(m);
+    let name_env: Vec<(&str, &str)> = name_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut env = vec![
+        ("ONPREM_IP", ONPREM_IP),
+        ("LISTEN_STRINGS", listen.as_str()),
+        ("BIG_MIB", mib.as_str()),
+    ];
+    env.extend_from_slice(&name_env);
+    script(m, Role::Onprem, "onprem.sh", &env)?;
     let send = join(&strings.send);
-    script(m, Role::App, "app.sh", &[("SEND_STRINGS", &send)])?;
+    let mut env = vec![("SEND_STRINGS", send.as_str())];
+    env.extend_from_slice(&name_env);
+    script(m, Role::App, "app.sh", &env)?;
     Ok(strings)
 }
 
@@ -371,6 +428,9 @@ pub fn run_checks(m: &dyn Machines) -> Report {
             .map(|s| big_file_bytes as f64 * 8.0 / s / 1e9);
     }
     report.checks.push(download);
+    if m.relays() > 1 {
+        report.checks.extend(cluster_checks(m));
+    }
 
     let names: Vec<&str> = HCS
         .iter()
@@ -411,6 +471,162 @@ pub fn run_checks(m: &dyn Machines) -> Report {
         report.services = crate::services::checks(m);
     }
     report
+}
+
+/// How long the cluster checks wait for the app's next connection and for
+/// the agent to be attached on the remaining nodes; the nodes' lease is
+/// 5 s.
+const FAILOVER_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The relay's API on each node, as `hc` takes it.
+fn hc_on(m: &dyn Machines, node: Role) -> String {
+    let data = shell_quote(&format!("{}/data", m.state(node)));
+    format!(
+        "{} hc --api http://127.0.0.1:9444 --data-dir {data}",
+        shell_quote(&m.hybridlink())
+    )
+}
+
+/// The relay node whose port the appliance (on the app, at [`APP_IP`]) is
+/// connected to.
+fn appliance_node(m: &dyn Machines) -> Option<Role> {
+    Role::relay_nodes(m.relays()).iter().copied().find(|node| {
+        m.sh(*node, "ss -Htn state established '( sport = :9443 )'", &[])
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .any(|w| w.starts_with(&format!("{APP_IP}:")))
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// How many agents node `node` has attached for `payroll`.
+fn payroll_listeners(m: &dyn Machines, node: Role) -> std::result::Result<u64, String> {
+    let out = m
+        .sh(
+            node,
+            &format!("{} --json status payroll", hc_on(m, node)),
+            &[],
+        )
+        .map_err(|e| format!("{e:#}"))?;
+    if !out.status.success() {
+        return Err(first_line(&String::from_utf8_lossy(&out.stderr)));
+    }
+    let status: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("hc status: {e}"))?;
+    status["listener_count"]
+        .as_u64()
+        .ok_or_else(|| format!("hc status has no listener_count: {status}"))
+}
+
+/// The cluster's checks: the relay node the appliance uses is killed
+/// (SIGKILL); the app's next connection by host name still succeeds,
+/// through another node, and the agent is attached on every remaining
+/// node. The node is started again afterwards, so the lab stays whole.
+fn cluster_checks(m: &dyn Machines) -> Vec<Check> {
+    let started = Instant::now();
+    let nodes = Role::relay_nodes(m.relays());
+    let Some(victim) = appliance_node(m) else {
+        return vec![Check {
+            what: "find the relay node the appliance is connected to".into(),
+            ok: false,
+            detail: format!("no node has a connection from {APP_IP} on port 9443"),
+            took: started.elapsed(),
+        }];
+    };
+    let mut checks = Vec::new();
+    let pid_file = shell_quote(&format!("{}/relay.pid", m.state(victim)));
+    let killed = m
+        .sh(victim, &format!("kill -KILL \"$(cat {pid_file})\""), &[])
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let what = format!(
+        "kill -9 the relay on {} (the appliance's node): curl http://payroll.corp/ by host name still succeeds",
+        victim.name()
+    );
+    if !killed {
+        checks.push(Check {
+            what,
+            ok: false,
+            detail: format!("could not kill the relay on {}", victim.name()),
+            took: started.elapsed(),
+        });
+        return checks;
+    }
+    let killed_at = Instant::now();
+    let mut attempts = 0;
+    let mut last = String::new();
+    let ok = loop {
+        attempts += 1;
+        match m.sh(Role::App, "curl -sS --max-time 5 http://payroll.corp/", &[]) {
+            Ok(o) if o.status.success() && o.stdout == PAGE.as_bytes() => break true,
+            Ok(o) => last = first_line(&String::from_utf8_lossy(&o.stderr)),
+            Err(e) => last = format!("{e:#}"),
+        }
+        if killed_at.elapsed() > FAILOVER_DEADLINE {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    checks.push(Check {
+        what,
+        ok,
+        detail: if ok {
+            format!(
+                "the page came back {} ms after the kill ({attempts} attempt{})",
+                killed_at.elapsed().as_millis(),
+                if attempts == 1 { "" } else { "s" }
+            )
+        } else {
+            format!("no page within {FAILOVER_DEADLINE:?}: {last}")
+        },
+        took: killed_at.elapsed(),
+    });
+
+    let rest: Vec<Role> = nodes.iter().copied().filter(|n| *n != victim).collect();
+    let names: Vec<&str> = rest.iter().map(|n| n.name()).collect();
+    let waited = Instant::now();
+    let (ok, seen) = loop {
+        let seen: Vec<_> = rest.iter().map(|n| payroll_listeners(m, *n)).collect();
+        if seen.iter().all(|l| matches!(l, Ok(n) if *n >= 1)) {
+            break (true, seen);
+        }
+        if killed_at.elapsed() > FAILOVER_DEADLINE {
+            break (false, seen);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let listed: Vec<String> = names
+        .iter()
+        .zip(&seen)
+        .map(|(name, l)| match l {
+            Ok(n) => format!("{name}: {n}"),
+            Err(e) => format!("{name}: {e}"),
+        })
+        .collect();
+    checks.push(Check {
+        what: format!(
+            "the agent is attached on the remaining nodes ({})",
+            names.join(", ")
+        ),
+        ok,
+        detail: format!("payroll's agents per node: {}", listed.join(", ")),
+        took: waited.elapsed(),
+    });
+
+    let restarted = Instant::now();
+    let (ok, detail) = match start_relay_node(m, victim, &[]) {
+        Ok(_) => (true, "its relay serves again".to_string()),
+        Err(e) => (false, format!("{e:#}")),
+    };
+    checks.push(Check {
+        what: format!("{} started again (the lab stays whole)", victim.name()),
+        ok,
+        detail,
+        took: restarted.elapsed(),
+    });
+    checks
 }
 
 /// Reads a role's log file, for error messages.

@@ -1,4 +1,4 @@
-//! The lab as three network namespaces on this host:
+//! The lab as network namespaces on this host:
 //!
 //! ```text
 //!  app 198.18.1.2 ──veth── 198.18.1.1 relay 198.18.2.1 ──veth── 198.18.2.2 onprem
@@ -11,9 +11,31 @@
 //! the files in `/etc`: on-prem host names resolve only on-prem, and the
 //! app's resolver points into the lab until the appliance takes over.
 //!
-//! Names: PREFIX + `app`, `rly`, `onp` for the namespaces, PREFIX + `a`,
-//! `ar`, `o`, `or` for the veths (interface names are limited to 15 bytes,
-//! so a prefix has at most 10).
+//! With `relays` 2 or 3, nodes 2 and 3 are namespaces of their own, built
+//! like node 1, each holding a relay node and an etcd member as a relay
+//! host of a real cluster would:
+//!
+//! ```text
+//!                 ┌─ relay  (lo 198.18.0.1) ─┐
+//!  app 198.18.1.2 ┼─ relay2 (lo 198.18.0.2) ─┼ 198.18.2.2 onprem
+//!                 └─ relay3 (lo 198.18.0.3) ─┘
+//!        relay ── relay2 ── relay3 ── relay: 198.18.3.N (etcd)
+//! ```
+//!
+//! App and onprem keep their one address on every link (node N's side is
+//! 198.18.1.1N, 198.18.2.1N, point to point) and route each node's address
+//! over that node's link; the nodes are joined pairwise, each at its
+//! cluster address 198.18.3.N, where its etcd member listens and to which
+//! app and onprem have no route. No node forwards: app and onprem still
+//! reach each other only through a relay program. A node and its etcd
+//! member share a namespace so that the lab is the three-host cluster of
+//! README "Running several relays", and so that the role script that
+//! starts both serves one VM per node as well.
+//!
+//! Names: PREFIX + `app`, `rly`, `rly2`, `rly3`, `onp` for the namespaces;
+//! PREFIX + `a`, `ar`, `o`, `or` for node 1's veths, `aN`, `arN`, `oN`,
+//! `orN` for node N's, `nNM` for node N's end of the link to node M
+//! (interface names are limited to 15 bytes, so a prefix has at most 10).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -21,7 +43,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{APP_IP, Machines, ONPREM_IP, RELAY_APP_SIDE_IP, RELAY_IP, RELAY_ONPREM_SIDE_IP, Role};
+use crate::{
+    APP_IP, MAX_RELAYS, Machines, ONPREM_IP, RELAY_APP_SIDE_IP, RELAY_IP, RELAY_ONPREM_SIDE_IP,
+    Role, relay_cluster_ip, relay_node_ip,
+};
 
 /// A lab's namespaces, by prefix. Building and removing are explicit: the
 /// CLI's lab outlives the command that built it.
@@ -30,6 +55,7 @@ pub struct Netns {
     prefix: String,
     binary: PathBuf,
     state_root: PathBuf,
+    relays: usize,
 }
 
 /// How long processes get to exit on SIGTERM before they are killed.
@@ -51,7 +77,27 @@ impl Netns {
             prefix: prefix.to_string(),
             binary: binary.to_path_buf(),
             state_root: state_root.join(prefix),
+            relays: 1,
         })
+    }
+
+    /// The same lab with `relays` relay nodes (1 to 3; more than one: a
+    /// cluster on etcd, see the module's doc).
+    pub fn with_relays(self, relays: usize) -> Result<Netns> {
+        if !(1..=MAX_RELAYS).contains(&relays) {
+            bail!("--relays {relays}: a lab has 1 to {MAX_RELAYS} relay nodes");
+        }
+        Ok(Netns { relays, ..self })
+    }
+
+    /// The relay nodes of the lab as it runs now: how many of its relay
+    /// namespaces exist (0 when there is no lab).
+    pub fn running_relays(&self) -> usize {
+        let existing = self.existing();
+        Role::RELAY_NODES
+            .iter()
+            .take_while(|r| existing.contains(&self.ns(**r)))
+            .count()
     }
 
     /// The namespace of `role`.
@@ -59,6 +105,8 @@ impl Netns {
         let suffix = match role {
             Role::App => "app",
             Role::Relay => "rly",
+            Role::Relay2 => "rly2",
+            Role::Relay3 => "rly3",
             Role::Onprem => "onp",
         };
         format!("{}{suffix}", self.prefix)
@@ -80,7 +128,9 @@ impl Netns {
             .lines()
             .filter_map(|l| l.split_whitespace().next())
             .collect();
-        Role::ALL
+        // Every role a lab of this prefix may have, whatever its size, so
+        // that `down` removes a cluster lab too.
+        Role::all(MAX_RELAYS)
             .iter()
             .map(|r| self.ns(*r))
             .filter(|ns| present.contains(&ns.as_str()))
@@ -92,10 +142,11 @@ impl Netns {
     /// [`Netns::remove`] first); on failure, call `remove` to clean up the
     /// part that was made.
     pub fn build(&self) -> Result<()> {
-        for role in Role::ALL {
-            let ns = self.ns(role);
+        let roles = Role::all(self.relays);
+        for role in &roles {
+            let ns = self.ns(*role);
             ip(&["netns", "add", &ns])?;
-            self.sh_ok(role, "ip link set lo up")?;
+            self.sh_ok(*role, "ip link set lo up")?;
         }
         let p = &self.prefix;
         let (a, ar, o, or) = (
@@ -104,18 +155,8 @@ impl Netns {
             format!("{p}o"),
             format!("{p}or"),
         );
-        let (app, relay, onprem) = (
-            self.ns(Role::App),
-            self.ns(Role::Relay),
-            self.ns(Role::Onprem),
-        );
-        ip(&[
-            "link", "add", &a, "netns", &app, "type", "veth", "peer", "name", &ar, "netns", &relay,
-        ])?;
-        ip(&[
-            "link", "add", &o, "netns", &onprem, "type", "veth", "peer", "name", &or, "netns",
-            &relay,
-        ])?;
+        self.veth(Role::App, &a, Role::Relay, &ar)?;
+        self.veth(Role::Onprem, &o, Role::Relay, &or)?;
         self.sh_ok(
             Role::App,
             &format!("ip addr add {APP_IP}/24 dev {a} && ip link set {a} up && ip route add {RELAY_IP}/32 via {RELAY_APP_SIDE_IP}"),
@@ -132,7 +173,12 @@ impl Netns {
                  ip addr add {RELAY_IP}/32 dev lo && sysctl -qw net.ipv4.ip_forward=0"
             ),
         )?;
-        for role in Role::ALL {
+        for &node in &Role::relay_nodes(self.relays)[1..] {
+            self.build_node(node)?;
+        }
+        self.build_node_links()?;
+        for role in &roles {
+            let role = *role;
             let etc = etc_dir(&self.ns(role));
             std::fs::create_dir_all(&etc)?;
             std::fs::write(etc.join("hosts"), "127.0.0.1 localhost\n")?;
@@ -149,8 +195,77 @@ impl Netns {
         }
         // PostgreSQL runs as its own user and must reach its directory.
         set_mode(&self.state_root, 0o755)?;
-        for role in Role::ALL {
+        for role in &roles {
             set_mode(&self.state_root.join(role.name()), 0o755)?;
+        }
+        Ok(())
+    }
+
+    /// A veth with end `a` in `role_a`'s namespace and `b` in `role_b`'s.
+    fn veth(&self, role_a: Role, a: &str, role_b: Role, b: &str) -> Result<()> {
+        let (ns_a, ns_b) = (self.ns(role_a), self.ns(role_b));
+        ip(&[
+            "link", "add", a, "netns", &ns_a, "type", "veth", "peer", "name", b, "netns", &ns_b,
+        ])?;
+        Ok(())
+    }
+
+    /// Joins relay node `node` (2 or 3) to app and onprem: point-to-point
+    /// links on which app and onprem keep their one address, and a route
+    /// to the node's address over its link.
+    fn build_node(&self, node: Role) -> Result<()> {
+        let n = node.relay_node().context("a relay node")?;
+        let p = &self.prefix;
+        let node_ip = relay_node_ip(n);
+        for (side, side_ip, node_side_ip, letter) in [
+            (Role::App, APP_IP, format!("198.18.1.1{n}"), "a"),
+            (Role::Onprem, ONPREM_IP, format!("198.18.2.1{n}"), "o"),
+        ] {
+            let (outer, inner) = (format!("{p}{letter}{n}"), format!("{p}{letter}r{n}"));
+            self.veth(side, &outer, node, &inner)?;
+            self.sh_ok(
+                side,
+                &format!(
+                    "ip addr add {side_ip}/32 peer {node_side_ip}/32 dev {outer} && ip link set {outer} up && \
+                     ip route add {node_ip}/32 via {node_side_ip}"
+                ),
+            )?;
+            self.sh_ok(
+                node,
+                &format!(
+                    "ip addr add {node_side_ip}/32 peer {side_ip}/32 dev {inner} && ip link set {inner} up"
+                ),
+            )?;
+        }
+        self.sh_ok(
+            node,
+            &format!("ip addr add {node_ip}/32 dev lo && sysctl -qw net.ipv4.ip_forward=0"),
+        )?;
+        Ok(())
+    }
+
+    /// Joins every pair of relay nodes by a link between their cluster
+    /// addresses (the same address on each of a node's links, point to
+    /// point), for etcd.
+    fn build_node_links(&self) -> Result<()> {
+        let nodes = Role::relay_nodes(self.relays);
+        let p = &self.prefix;
+        for (i, &one) in nodes.iter().enumerate() {
+            for (j, &other) in nodes.iter().enumerate().skip(i + 1) {
+                let (n, m) = (i + 1, j + 1);
+                let (here, there) = (format!("{p}n{n}{m}"), format!("{p}n{m}{n}"));
+                self.veth(one, &here, other, &there)?;
+                for (role, dev, own, peer) in [(one, &here, n, m), (other, &there, m, n)] {
+                    self.sh_ok(
+                        role,
+                        &format!(
+                            "ip addr add {}/32 peer {}/32 dev {dev} && ip link set {dev} up",
+                            relay_cluster_ip(own),
+                            relay_cluster_ip(peer)
+                        ),
+                    )?;
+                }
+            }
         }
         Ok(())
     }
@@ -182,7 +297,7 @@ impl Netns {
                 }
             }
         }
-        for role in Role::ALL {
+        for role in Role::all(MAX_RELAYS) {
             let _ = std::fs::remove_dir_all(etc_dir(&self.ns(role)));
         }
         if self.state_root.exists() {
@@ -244,6 +359,10 @@ impl Machines for Netns {
 
     fn state(&self, role: Role) -> String {
         self.state_root.join(role.name()).display().to_string()
+    }
+
+    fn relays(&self) -> usize {
+        self.relays
     }
 }
 

@@ -19,12 +19,18 @@ const NEEDS: &[(&str, &str)] = &[
     ("/usr/bin/redis-cli", "redis-tools"),
     ("/usr/bin/setsid", "util-linux"),
     ("/usr/bin/truncate", "coreutils"),
+    ("/usr/bin/ss", "iproute2"),
 ];
 
-/// The packages whose files are missing, each named once.
-pub fn missing() -> Vec<&'static str> {
+/// What a lab with a relay cluster needs on top: an etcd member per node.
+const CLUSTER_NEEDS: &[(&str, &str)] = &[("/usr/bin/etcd", "etcd-server")];
+
+/// The packages whose files are missing, each named once; `cluster`: for a
+/// lab with several relay nodes.
+pub fn missing(cluster: bool) -> Vec<&'static str> {
     let mut out: Vec<&str> = Vec::new();
-    for (file, package) in NEEDS {
+    let cluster_needs = if cluster { CLUSTER_NEEDS } else { &[] };
+    for (file, package) in NEEDS.iter().chain(cluster_needs) {
         if !Path::new(file).exists() && !out.contains(package) {
             out.push(package);
         }
@@ -44,10 +50,11 @@ pub fn install_line(packages: &[&str]) -> String {
     format!("apt-get install -y {}", packages.join(" "))
 }
 
-/// Makes sure every package is there: installs the missing ones with
-/// apt-get when `install` is set, else fails naming the line to run.
-pub fn ensure(install: bool) -> Result<()> {
-    let missing = missing();
+/// Makes sure every package is there (with etcd for a `cluster`): installs
+/// the missing ones with apt-get when `install` is set, else fails naming
+/// the line to run.
+pub fn ensure(install: bool, cluster: bool) -> Result<()> {
+    let missing = missing(cluster);
     if missing.is_empty() {
         return Ok(());
     }
@@ -65,7 +72,7 @@ pub fn ensure(install: bool) -> Result<()> {
     if !update.success() || !status.success() {
         bail!("installing the lab's packages failed; run it yourself: {line}");
     }
-    let still = self::missing();
+    let still = self::missing(cluster);
     if !still.is_empty() {
         bail!("still missing after apt-get: {}", still.join(" "));
     }

@@ -1,7 +1,8 @@
 //! `hybridlink lab up | demo | down` as a person runs them: the demo's
 //! report shows every check passed, and `down` (or the end of a demo) leaves
-//! no namespace, interface, rule, file or process behind. Needs root; skips
-//! with a message otherwise.
+//! no namespace, interface, rule, file or process behind; with three relay
+//! nodes, the demo's clients outlive the node the appliance used. Needs
+//! root; skips with a message otherwise.
 
 use std::process::{Command, Output};
 
@@ -39,7 +40,7 @@ fn traces(prefix: &str) -> Result<Vec<String>> {
     if std::path::Path::new(&state).exists() {
         found.push(format!("directory {state}"));
     }
-    for ns in ["app", "rly", "onp"] {
+    for ns in ["app", "rly", "rly2", "rly3", "onp"] {
         let etc = format!("/etc/netns/{prefix}{ns}");
         if std::path::Path::new(&etc).exists() {
             found.push(format!("directory {etc}"));
@@ -202,6 +203,87 @@ fn lab_up_recovers_from_a_crash_and_down_removes_everything() -> Result<()> {
     ensure!(left.is_empty(), "lab down left behind: {left:#?}");
     let out = hybridlink_lab(&["down", "--prefix", &prefix])?;
     ensure!(out.status.success() && text(&out.stdout).contains("no lab to remove"));
+    drop(guard);
+    Ok(())
+}
+
+/// Connects from namespace `ns` to `addr` (HOST:PORT); returns how it
+/// failed (`ENETUNREACH`, `ECONNREFUSED`, ...) or `connected`.
+fn connect_from(ns: &str, host: &str, port: u16) -> Result<String> {
+    let script = format!(
+        "import errno, socket\ntry:\n    socket.create_connection(('{host}', {port}), 2)\n    print('connected')\nexcept OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &script])
+        .output()?;
+    Ok(text(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn lab_demo_with_three_relays_outlives_a_killed_node_and_down_leaves_nothing() -> Result<()> {
+    if !root_or_skip("lab_demo_with_three_relays_outlives_a_killed_node_and_down_leaves_nothing") {
+        return Ok(());
+    }
+    let prefix = format!("hl{}c", std::process::id() % 10000);
+    let guard = Down(prefix.clone());
+    let out = hybridlink_lab(&["demo", "--relays", "3", "--keep", "--prefix", &prefix])?;
+    let report = text(&out.stdout);
+    println!("{report}\n{}", text(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "lab demo --relays 3 failed:\n{report}\n{}",
+        text(&out.stderr)
+    );
+    let checks = checks(&report);
+    ensure!(
+        checks.iter().all(|(ok, _)| *ok)
+            && report.contains(&format!("{n} of {n} checks passed", n = checks.len())),
+        "a check failed:\n{report}"
+    );
+    ensure!(
+        report.contains(&format!("{prefix}rly, {prefix}rly2, {prefix}rly3")),
+        "the report does not name the three relay nodes:\n{report}"
+    );
+    // The cluster's own checks: the appliance's node killed, the next
+    // connection by name through another, the agent on the others.
+    for what in [
+        "(the appliance's node): curl http://payroll.corp/ by host name still succeeds",
+        "the agent is attached on the remaining nodes",
+        "started again",
+    ] {
+        ensure!(
+            checks.iter().any(|(_, l)| l.contains(what)),
+            "no check {what:?} in:\n{report}"
+        );
+    }
+    ensure!(
+        report.lines().filter(|l| l.contains("Connected")).count() == 4,
+        "the agent does not show 4 of its hybrid connections connected:\n{report}"
+    );
+    // App and onprem still reach each other only through a relay program:
+    // onprem has no route to the app, nor either of them to etcd.
+    let (app, onp) = (format!("{prefix}app"), format!("{prefix}onp"));
+    ensure!(connect_from(&onp, "198.18.1.2", 9)? == "ENETUNREACH");
+    for member in ["198.18.3.1", "198.18.3.2", "198.18.3.3"] {
+        ensure!(connect_from(&onp, member, 2379)? == "ENETUNREACH");
+        let from_app = connect_from(&app, member, 2379)?;
+        ensure!(from_app != "connected", "the app reaches etcd at {member}");
+    }
+    for node in ["rly", "rly2", "rly3"] {
+        let ns = format!("{prefix}{node}");
+        let forward = text(
+            &Command::new("ip")
+                .args(["netns", "exec", &ns, "sysctl", "-n", "net.ipv4.ip_forward"])
+                .output()?
+                .stdout,
+        );
+        ensure!(forward.trim() == "0", "{ns} forwards packets");
+    }
+
+    let out = hybridlink_lab(&["down", "--prefix", &prefix])?;
+    ensure!(out.status.success(), "lab down: {}", text(&out.stderr));
+    let left = traces(&prefix)?;
+    ensure!(left.is_empty(), "lab down left behind: {left:#?}");
     drop(guard);
     Ok(())
 }
