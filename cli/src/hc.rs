@@ -151,13 +151,17 @@ pub enum HcCommand {
     /// List the hybrid connections: name, endpoint, whether an agent serves
     /// it.
     List,
-    /// Show one hybrid connection and the agents serving it.
+    /// Show one hybrid connection and the agents serving it (on a relay
+    /// cluster: per node, with each node's agents, senders and pipes).
     Show {
         /// Name of the hybrid connection.
         name: HcName,
     },
     /// Whether each hybrid connection (or just NAME) is served: `Connected`
-    /// with its agents (address, connected since), or `Not connected`.
+    /// with its agents (address, connected since), or `Not connected`. On a
+    /// relay cluster, asked of any node: the agents of every node, each
+    /// with its node, and the nodes with their state (up, stale,
+    /// certificate_mismatch, registry_not_writable).
     Status {
         /// Only this hybrid connection.
         name: Option<HcName>,
@@ -232,7 +236,7 @@ pub fn run(cmd: HcCommand, api: &ApiArgs) -> anyhow::Result<()> {
         HcCommand::List if api.json => client.call("GET", "/api/v1/hcs", None)?,
         HcCommand::List => {
             let all = client.call("GET", "/api/v1/status", None)?;
-            return print_line(&status_table(&all));
+            return print_line(&with_nodes(&client, status_table(&all)));
         }
         HcCommand::Show { name } => {
             let hc = client.call("GET", &format!("/api/v1/hcs/{name}"), None)?;
@@ -258,7 +262,7 @@ pub fn run(cmd: HcCommand, api: &ApiArgs) -> anyhow::Result<()> {
             if api.json {
                 answer
             } else {
-                return print_line(&status_table(&answer));
+                return print_line(&with_nodes(&client, status_table(&answer)));
             }
         }
         HcCommand::Update { name, host, port } => {
@@ -368,11 +372,9 @@ fn status_table(all: &Value) -> String {
     );
     let list = all.as_array().map(Vec::as_slice).unwrap_or_default();
     for hc in list {
-        let agents: Vec<String> = hc["listeners"]
-            .as_array()
+        let agents: Vec<String> = per_node_listeners(hc)
             .into_iter()
-            .flatten()
-            .map(|l| {
+            .map(|(l, node)| {
                 let mut line = format!(
                     "{} {} (since {}, end-to-end: {})",
                     printable(l["label"].as_str().unwrap_or("?")),
@@ -380,6 +382,9 @@ fn status_table(all: &Value) -> String {
                     ago(l["connected_since"].as_u64().unwrap_or(0)),
                     l["end_to_end"].as_str().unwrap_or("?"),
                 );
+                if let Some(node) = node {
+                    line.push_str(&format!(" on {}", printable(node)));
+                }
                 if let Some(refusal) = l["policy_refusal"].as_str() {
                     line.push_str(&format!(" [{}]", printable(refusal)));
                 }
@@ -405,6 +410,74 @@ fn status_table(all: &Value) -> String {
     out
 }
 
+/// The agents of one HC's status, each with the relay node it is attached
+/// on when the relay is a cluster (`cluster` in the answer), else this
+/// relay's own.
+fn per_node_listeners(status: &Value) -> Vec<(&Value, Option<&str>)> {
+    match status["cluster"].as_array() {
+        Some(nodes) if !nodes.is_empty() => nodes
+            .iter()
+            .flat_map(|n| {
+                let node = n["node"].as_str();
+                n["listeners"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(move |l| (l, node))
+            })
+            .collect(),
+        _ => status["listeners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| (l, None))
+            .collect(),
+    }
+}
+
+/// `table` with the relay nodes and their state under it, when the relay
+/// is a cluster (a relay that cannot say is shown without them).
+fn with_nodes(client: &Client, table: String) -> String {
+    match client.call("GET", "/api/v1/nodes", None) {
+        Ok(nodes) => match nodes_footer(&nodes) {
+            Some(footer) => format!("{table}\n\n{footer}"),
+            None => table,
+        },
+        Err(_) => table,
+    }
+}
+
+/// The relay nodes of `GET /api/v1/nodes` with their state, one line;
+/// `None` for a relay on its own.
+fn nodes_footer(nodes: &Value) -> Option<String> {
+    let states = nodes["states"].as_array().filter(|s| !s.is_empty())?;
+    let each: Vec<String> = states
+        .iter()
+        .map(|n| {
+            let mut text = format!(
+                "{} {}",
+                printable(n["address"].as_str().unwrap_or("?")),
+                n["state"].as_str().unwrap_or("?")
+            );
+            if n["this_node"].as_bool() == Some(true) {
+                text.push_str(" (this node)");
+            }
+            text
+        })
+        .collect();
+    let mut out = format!("relay nodes: {}", each.join(", "));
+    for n in states {
+        for problem in n["problems"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "\n  {}: {}",
+                printable(n["address"].as_str().unwrap_or("?")),
+                printable(problem.as_str().unwrap_or("?"))
+            ));
+        }
+    }
+    Some(out)
+}
+
 /// One HC as `key: value` lines.
 fn show_text(hc: &Value, status: &Value) -> String {
     let mut out = format!(
@@ -424,7 +497,21 @@ fn show_text(hc: &Value, status: &Value) -> String {
         n("bytes_to_target"),
         n("bytes_from_target")
     ));
-    for l in status["listeners"].as_array().into_iter().flatten() {
+    for n in status["cluster"].as_array().into_iter().flatten() {
+        let st = &n["streams"];
+        let n_of = |k: &str| st[k].as_u64().unwrap_or(0);
+        out.push_str(&format!(
+            "\nnode:      {} ({}): {} agents, {} senders, {} pipes, {} streams open, {} opened",
+            printable(n["node"].as_str().unwrap_or("?")),
+            n["node_state"].as_str().unwrap_or("?"),
+            n["listener_count"].as_u64().unwrap_or(0),
+            n["senders"].as_u64().unwrap_or(0),
+            n["pipes"].as_u64().unwrap_or(0),
+            n_of("open"),
+            n_of("opened"),
+        ));
+    }
+    for (l, node) in per_node_listeners(status) {
         out.push_str(&format!(
             "\nagent:     {} at {}, connected {}, end-to-end: {}",
             printable(l["label"].as_str().unwrap_or("?")),
@@ -432,6 +519,9 @@ fn show_text(hc: &Value, status: &Value) -> String {
             ago(l["connected_since"].as_u64().unwrap_or(0)),
             l["end_to_end"].as_str().unwrap_or("?"),
         ));
+        if let Some(node) = node {
+            out.push_str(&format!(", on {}", printable(node)));
+        }
         if let Some(refusal) = l["policy_refusal"].as_str() {
             out.push_str(&format!("\n           {}", printable(refusal)));
         }

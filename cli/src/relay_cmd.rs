@@ -596,6 +596,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
             crate::shutdown_signal().await;
             tracing::info!("relay stopping");
+            relay.leave().await;
             Ok(())
         }
     }

@@ -21,9 +21,9 @@
 //! | `GET /api/v1/hcs/{name}/keys` | `{"name", "connection_strings"}` |
 //! | `POST /api/v1/hcs/{name}/keys/regenerate` `{"rule","key"}` | `{"name", "connection_strings"}` with the new key |
 //! | `PATCH /api/v1/hcs/{name}` `{"host"?, "port"?}` | the HC with its new endpoint (agents use it for new streams) |
-//! | `GET /api/v1/hcs/{name}/status` | `RelayHcStatus`: `Connected` or `Not connected`, the agents and the Azure-protocol listeners |
+//! | `GET /api/v1/hcs/{name}/status` | `RelayHcStatus`: `Connected` or `Not connected`, the agents and the Azure-protocol listeners; on a relay cluster also `node` and `cluster`, the agents and pipes of every node |
 //! | `GET /api/v1/status` | `[RelayHcStatus, ...]` |
-//! | `GET /api/v1/nodes` | `{"nodes": ["HOST:PORT", ...]}`: the relay nodes sharing this registry on etcd (empty for a relay on its own) |
+//! | `GET /api/v1/nodes` | `{"nodes": ["HOST:PORT", ...], "states": [NodeView, ...]}`: the relay nodes sharing this registry on etcd and how each is doing (both empty for a relay on its own) |
 //! | `GET /api/v1/manage-keys` | `{"primary","secondary"}`: the manage keys |
 //! | `POST /api/v1/manage-keys/regenerate` `{"key"}` | `{"primary","secondary"}` with the new key; the old one is refused from then on |
 //! | `GET /openapi.json` | the OpenAPI 3 description of all of this (no key needed) |
@@ -32,6 +32,9 @@
 //! An HC reads `{"name","host","port","endpoint","created_unix"}`;
 //! `connection_strings` reads
 //! `{"send":{"primary","secondary"},"listen":{"primary","secondary"}}`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -46,6 +49,7 @@ use proto::name::{Endpoint, HcName, Host};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::cluster::{NodeState, NodeSummary, NodeView};
 use crate::hub::{AttachedAgent, Hub};
 use crate::registry::etcd::EtcdError;
 use crate::registry::{HcRecord, Registry, RegistryError, SlotKeys};
@@ -131,9 +135,97 @@ pub struct RelayHcStatus {
     /// traffic.
     #[serde(default)]
     pub azure_listeners: Vec<crate::azure::AzureListenerView>,
+    /// The node that answered, on a relay cluster; the fields above are
+    /// its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// On a relay cluster: this HC on every node, this one first, each as
+    /// the node published it (see [`crate::cluster`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster: Vec<NodeHcStatus>,
+}
+
+/// One HC on one node of a relay cluster (`NodeHcStatus` in the OpenAPI
+/// description).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeHcStatus {
+    /// `HOST:PORT` of the node.
+    pub node: String,
+    /// How the node is doing, as the node that answered sees it.
+    pub node_state: NodeState,
+    /// Agents attached on that node.
+    pub listener_count: usize,
+    /// Those agents (empty with `listener_count` set when the node left
+    /// their details out of a summary that was too big).
+    pub listeners: Vec<AttachedAgent>,
+    /// Their streams, summed, as they report them.
+    pub streams: proto::control::StreamStats,
+    /// Pipes (one sender to one agent) the node carries now.
+    pub pipes: usize,
+    /// Senders attached on the node.
+    pub senders: usize,
+}
+
+/// The cluster as the node that answers sees it.
+struct ClusterNow {
+    /// This node's live state.
+    own: NodeSummary,
+    /// The other nodes' published state, with its age.
+    peers: BTreeMap<String, (NodeSummary, Duration)>,
+    /// Every listed node and its state.
+    states: Vec<NodeView>,
+}
+
+/// The cluster now; `None` for a relay on its own.
+fn cluster_now(state: &ApiState) -> Option<ClusterNow> {
+    let this = state.hub.this_node()?;
+    let listed = state.hub.nodes().borrow().clone();
+    let own = crate::cluster::summary_of(
+        &state.hub,
+        &this,
+        &proto::control::hex_encode(&state.cert_sha256),
+    );
+    let peers = state.hub.cluster().summaries(std::time::Instant::now());
+    let states = crate::cluster::node_states(&listed, &own, &peers);
+    Some(ClusterNow { own, peers, states })
+}
+
+/// `hc` on every listed node whose summary is known, this node first.
+fn per_node(hc: &HcName, cluster: &ClusterNow) -> Vec<NodeHcStatus> {
+    let ClusterNow { own, peers, states } = cluster;
+    let mut list = Vec::new();
+    let ordered = std::iter::once(own).chain(
+        states
+            .iter()
+            .filter(|v| !v.this_node)
+            .filter_map(|v| peers.get(&v.address).map(|(s, _)| s)),
+    );
+    for summary in ordered {
+        let node_state = states
+            .iter()
+            .find(|v| v.address == summary.address)
+            .map_or(NodeState::Stale, |v| v.state);
+        let entry = summary.hcs.get(hc.as_str()).cloned().unwrap_or_default();
+        list.push(NodeHcStatus {
+            node: summary.address.clone(),
+            node_state,
+            listener_count: entry.listener_count,
+            listeners: entry.listeners,
+            streams: entry.streams,
+            pipes: entry.pipes,
+            senders: entry.senders,
+        });
+    }
+    list
 }
 
 fn status_of(state: &ApiState, hc: &HcRecord) -> RelayHcStatus {
+    let cluster = cluster_now(state);
+    status_in(state, hc, cluster.as_ref())
+}
+
+/// `hc`'s status, with its entries on every node when `cluster` is given.
+fn status_in(state: &ApiState, hc: &HcRecord, cluster: Option<&ClusterNow>) -> RelayHcStatus {
     let agents = state.hub.agents(&hc.name);
     let azure_listeners = state
         .azure
@@ -156,6 +248,8 @@ fn status_of(state: &ApiState, hc: &HcRecord) -> RelayHcStatus {
         azure_listeners,
         agent_count: agents.len(),
         agents,
+        node: cluster.map(|c| c.own.address.clone()),
+        cluster: cluster.map(|c| per_node(&hc.name, c)).unwrap_or_default(),
     }
 }
 
@@ -176,18 +270,27 @@ async fn registry_health(
 
 async fn all_status(State(state): State<ApiState>) -> axum::Json<Vec<RelayHcStatus>> {
     let list = state.registry.list();
-    axum::Json(list.iter().map(|hc| status_of(&state, hc)).collect())
+    let cluster = cluster_now(&state);
+    axum::Json(
+        list.iter()
+            .map(|hc| status_in(&state, hc, cluster.as_ref()))
+            .collect(),
+    )
 }
 
 /// Answer of `GET /api/v1/nodes`.
 #[derive(Debug, Serialize)]
 struct NodesBody {
+    /// The listed nodes' addresses, sorted.
     nodes: Vec<String>,
+    /// The same nodes with their state.
+    states: Vec<NodeView>,
 }
 
 async fn list_nodes(State(state): State<ApiState>) -> axum::Json<NodesBody> {
     let nodes = state.hub.nodes().borrow().clone();
-    axum::Json(NodesBody { nodes })
+    let states = cluster_now(&state).map(|c| c.states).unwrap_or_default();
+    axum::Json(NodesBody { nodes, states })
 }
 
 /// Body of `PATCH /api/v1/hcs/{name}`: `host`, `port` or both; each, when

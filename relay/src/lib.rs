@@ -9,6 +9,7 @@ pub mod api;
 pub mod api_tls;
 pub mod azure;
 pub mod ca_cert;
+pub mod cluster;
 pub mod hub;
 pub mod identity;
 pub mod membership;

@@ -7,14 +7,27 @@
 //! list to its hub, which tells the peers that understand it
 //! ([`proto::control::RelayMessage::Nodes`]): agents attach on every node,
 //! senders fail over to another.
+//!
+//! Under the same lease each node publishes a summary of its live state at
+//! `PREFIX` `status/` `HOST:PORT` ([`crate::cluster`]): when it changed, at
+//! most once per [`KEEPALIVE_INTERVAL`], and at least every
+//! [`cluster::REFRESH_EVERY`]; so at most one write a second per node. It
+//! watches the others' summaries, for status answers that cover the
+//! cluster.
+//!
+//! A node stopped cleanly ([`Membership::leave`]) revokes its lease, so it
+//! leaves the list, and its summary goes, at once rather than after
+//! [`NODE_TTL`].
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
 use thiserror::Error;
 use tracing::{info, warn};
 
+use crate::cluster;
 use crate::hub::Hub;
 use crate::registry::etcd::{EtcdConfig, EtcdError};
 
@@ -25,6 +38,8 @@ pub const NODE_TTL: Duration = Duration::from_secs(5);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause before registering again after etcd failed.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// How long a clean stop waits for etcd to revoke the lease.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a node's registration ended (it is made again after [`RETRY_PAUSE`]).
 #[derive(Debug, Error)]
@@ -35,7 +50,7 @@ enum MembershipError {
     Etcd(#[from] etcd_client::Error),
     #[error("etcd let this node's lease expire")]
     LeaseLost,
-    #[error("etcd ended the watch of the node list")]
+    #[error("etcd ended the watch of the node list or of the nodes' status")]
     WatchEnded,
 }
 
@@ -46,12 +61,80 @@ struct NodeRecord {
     address: String,
 }
 
-/// Keeps this node listed as `advertise` and `hub`'s node list current,
-/// until the relay stops.
-pub async fn keep_listed(config: EtcdConfig, advertise: String, hub: Hub) {
+/// The lease this node is listed under, with a client to revoke it.
+type HeldLease = Arc<Mutex<Option<(Client, i64)>>>;
+
+/// This node's place in the node list, kept until [`Membership::leave`]
+/// or the relay stops.
+pub struct Membership {
+    task: tokio::task::JoinHandle<()>,
+    lease: HeldLease,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("listed", &!self.task.is_finished())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Membership {
+    /// Lists this node as `advertise`, publishes its state (it presents
+    /// the certificate `cert_sha256`, hex) and keeps `hub`'s node list and
+    /// cluster view current, until [`Membership::leave`] or the relay stops.
+    pub fn start(
+        config: EtcdConfig,
+        advertise: String,
+        hub: Hub,
+        cert_sha256: String,
+    ) -> Membership {
+        let lease = HeldLease::default();
+        let task = tokio::spawn(keep_listed(
+            config,
+            advertise,
+            hub,
+            cert_sha256,
+            lease.clone(),
+        ));
+        Membership { task, lease }
+    }
+
+    /// Stops following the cluster and revokes this node's lease, so the
+    /// other nodes drop it (and its status) at once. Gives up after
+    /// [`LEAVE_TIMEOUT`]; the lease then expires on its own.
+    pub async fn leave(&self) {
+        self.task.abort();
+        let held = self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some((client, lease)) = held else { return };
+        match tokio::time::timeout(LEAVE_TIMEOUT, client.lease_client().revoke(lease)).await {
+            Ok(Ok(_)) => info!("relay node left the node list"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "relay node could not revoke its lease; the others drop it when it expires")
+            }
+            Err(_) => warn!(
+                "etcd did not answer the lease revocation in time; the others drop this node when its lease expires"
+            ),
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn keep_listed(
+    config: EtcdConfig,
+    advertise: String,
+    hub: Hub,
+    cert_sha256: String,
+    lease: HeldLease,
+) {
     hub.set_this_node(advertise.clone());
     loop {
-        if let Err(e) = listed_once(&config, &advertise, &hub).await {
+        if let Err(e) = listed_once(&config, &advertise, &hub, &cert_sha256, &lease).await {
             warn!(error = %e, %advertise, "relay node list: registering again");
         }
         tokio::time::sleep(RETRY_PAUSE).await;
@@ -63,11 +146,16 @@ async fn listed_once(
     config: &EtcdConfig,
     advertise: &str,
     hub: &Hub,
+    cert_sha256: &str,
+    held: &HeldLease,
 ) -> Result<(), MembershipError> {
     let client: Client = config.client().await?;
     let prefix = format!("{}nodes/", config.prefix);
+    let status_prefix = format!("{}status/", config.prefix);
+    let status_key = format!("{status_prefix}{advertise}");
     let ttl = i64::try_from(NODE_TTL.as_secs()).unwrap_or(5);
     let lease = client.lease_client().grant(ttl, None).await?.id();
+    *held.lock().unwrap_or_else(|p| p.into_inner()) = Some((client.clone(), lease));
     let record = serde_json::to_string(&NodeRecord {
         address: advertise.to_owned(),
     })
@@ -104,10 +192,62 @@ async fn listed_once(
             ),
         )
         .await?;
+    let mut publisher = Publisher::default();
+    publisher
+        .publish(&client, &status_key, lease, hub, advertise, cert_sha256)
+        .await?;
+    let view = hub.cluster();
+    view.forget_all();
+    let statuses = client
+        .kv_client()
+        .get(
+            status_prefix.as_str(),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await?;
+    for kv in statuses.kvs() {
+        heard(view, &status_prefix, kv, cert_sha256);
+    }
+    let status_revision = statuses.header().map_or(0, |h| h.revision());
+    let mut status_changes = client
+        .watch_client()
+        .watch(
+            status_prefix.as_str(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(status_revision + 1),
+            ),
+        )
+        .await?;
     let mut tick = tokio::time::interval(KEEPALIVE_INTERVAL);
     loop {
         tokio::select! {
-            _ = tick.tick() => keeper.keep_alive().await?,
+            _ = tick.tick() => {
+                keeper.keep_alive().await?;
+                publisher
+                    .publish(&client, &status_key, lease, hub, advertise, cert_sha256)
+                    .await?;
+            }
+            change = status_changes.message() => {
+                let Some(change) = change? else {
+                    return Err(MembershipError::WatchEnded);
+                };
+                if change.canceled() {
+                    return Err(MembershipError::WatchEnded);
+                }
+                for event in change.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    match event.event_type() {
+                        EventType::Put => heard(view, &status_prefix, kv, cert_sha256),
+                        EventType::Delete => {
+                            if let Some(node) = node_of(&status_prefix, kv.key()) {
+                                view.forget(node);
+                            }
+                        }
+                    }
+                }
+            }
             answer = kept.message() => match answer? {
                 Some(answer) if answer.ttl() > 0 => {}
                 _ => return Err(MembershipError::LeaseLost),
@@ -135,6 +275,59 @@ async fn listed_once(
                 publish(hub, &nodes);
             }
         }
+    }
+}
+
+/// Writes this node's summary when it changed, or when it was last
+/// written [`cluster::REFRESH_EVERY`] ago.
+#[derive(Default)]
+struct Publisher {
+    last: Option<(String, Instant)>,
+}
+
+impl Publisher {
+    async fn publish(
+        &mut self,
+        client: &Client,
+        key: &str,
+        lease: i64,
+        hub: &Hub,
+        advertise: &str,
+        cert_sha256: &str,
+    ) -> Result<(), etcd_client::Error> {
+        let value = cluster::encode(&cluster::summary_of(hub, advertise, cert_sha256));
+        if let Some((last, at)) = &self.last
+            && *last == value
+            && at.elapsed() < cluster::REFRESH_EVERY
+        {
+            return Ok(());
+        }
+        client
+            .kv_client()
+            .put(
+                key,
+                value.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+        self.last = Some((value, Instant::now()));
+        Ok(())
+    }
+}
+
+/// The node a key under `prefix` names.
+fn node_of<'k>(prefix: &str, key: &'k [u8]) -> Option<&'k str> {
+    std::str::from_utf8(key).ok()?.strip_prefix(prefix)
+}
+
+/// Records another node's summary (this node's own is live, not read back).
+fn heard(view: &cluster::ClusterView, prefix: &str, kv: &etcd_client::KeyValue, ours: &str) {
+    let Some(node) = node_of(prefix, kv.key()) else {
+        return;
+    };
+    match serde_json::from_slice::<cluster::NodeSummary>(kv.value()) {
+        Ok(summary) => view.heard(node, summary, Instant::now(), ours),
+        Err(e) => warn!(%node, error = %e, "ignored a relay node's status that does not read"),
     }
 }
 

@@ -215,6 +215,8 @@ pub struct RunningRelay {
     /// The quotas in force: those asked for, fitted to the open-files limit.
     pub limits: Limits,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// This node's place in the etcd node list, if it has one.
+    membership: Option<crate::membership::Membership>,
 }
 
 impl RunningRelay {
@@ -222,6 +224,16 @@ impl RunningRelay {
     pub fn stop(&self) {
         for t in &self.tasks {
             t.abort();
+        }
+    }
+
+    /// Leaves the etcd node list at once (revoking this node's lease), so
+    /// that the other nodes and the agents stop using it now rather than
+    /// when its lease expires; a relay on its own has nothing to leave.
+    /// Call it when stopping cleanly.
+    pub async fn leave(&self) {
+        if let Some(membership) = &self.membership {
+            membership.leave().await;
         }
     }
 }
@@ -338,13 +350,14 @@ impl RelayConfig {
                 azure.clone(),
             )));
         }
-        if let Some(etcd) = &self.etcd {
-            tasks.push(tokio::spawn(crate::membership::keep_listed(
+        let membership = self.etcd.as_ref().map(|etcd| {
+            crate::membership::Membership::start(
                 etcd.clone(),
                 advertise,
                 hub.clone(),
-            )));
-        }
+                proto::control::hex_encode(&identity.cert_sha256()),
+            )
+        });
         if let Some((watch, served)) = ca {
             tasks.push(tokio::spawn(crate::ca_cert::keep_reloading(watch, served)));
         }
@@ -422,6 +435,7 @@ impl RelayConfig {
             hub,
             limits,
             tasks,
+            membership,
         })
     }
 }

@@ -4,6 +4,9 @@
 //! reaches the target; when node 3 is killed (SIGKILL) the sender's next
 //! connection succeeds through another node within 5 s, a stream carried
 //! by node 2 sees no error, and node 3 leaves the list within its lease.
+//! Asked of node 1, status shows the agents and pipes of every node,
+//! labelled with their node; a node stopped with SIGTERM leaves at once; a
+//! node with another certificate is named as such.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -39,12 +42,33 @@ fn copy_certificate(from: &Path, dir: &Path) -> Result<()> {
 
 /// `GET /api/v1/nodes` of `relay`, with its manage key.
 fn nodes_of(relay: &Relay) -> Result<Vec<String>> {
+    let body = api_get(relay, "/api/v1/nodes")?;
+    let nodes = body["nodes"].as_array().context("a node list")?;
+    Ok(nodes
+        .iter()
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect())
+}
+
+/// The state `relay` gives the node at `address` in `GET /api/v1/nodes`.
+fn state_of(relay: &Relay, address: &str) -> Result<Option<String>> {
+    let body = api_get(relay, "/api/v1/nodes")?;
+    Ok(body["states"]
+        .as_array()
+        .context("node states")?
+        .iter()
+        .find(|n| n["address"] == address)
+        .and_then(|n| n["state"].as_str().map(str::to_owned)))
+}
+
+/// `GET path` of `relay`'s API, with its manage key; the JSON answer.
+fn api_get(relay: &Relay, path: &str) -> Result<serde_json::Value> {
     let key = std::fs::read_to_string(relay.data_dir.join("manage.key"))?;
     let mut conn = TcpStream::connect(relay.api)?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         conn,
-        "GET /api/v1/nodes HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
         relay.api,
         key.trim()
     )?;
@@ -52,12 +76,30 @@ fn nodes_of(relay: &Relay) -> Result<Vec<String>> {
     conn.read_to_string(&mut answer)?;
     let (head, body) = answer.split_once("\r\n\r\n").context("an HTTP answer")?;
     ensure!(head.starts_with("HTTP/1.1 200"), "{answer}");
-    let body: serde_json::Value = serde_json::from_str(body).with_context(|| answer.clone())?;
-    let nodes = body["nodes"].as_array().context("a node list")?;
-    Ok(nodes
+    serde_json::from_str(body).with_context(|| answer.clone())
+}
+
+/// The entry of node `node` in the `cluster` of `payroll`'s status as
+/// `relay` answers it.
+fn payroll_on(relay: &Relay, node: &str) -> Result<Option<serde_json::Value>> {
+    let status = api_get(relay, "/api/v1/hcs/payroll/status")?;
+    Ok(status["cluster"]
+        .as_array()
+        .context("a cluster list in the status")?
         .iter()
-        .filter_map(|n| n.as_str().map(str::to_owned))
-        .collect())
+        .find(|n| n["node"] == node)
+        .cloned())
+}
+
+/// `hybridlink hc ARGS...` of `relay` as a person reads it.
+fn hc_text(relay: &Relay, args: &[&str]) -> Result<String> {
+    let out = relay.hc_command()?.args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "hc {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 fn listeners(relay: &Relay) -> Result<u64> {
@@ -285,6 +327,176 @@ fn an_agent_dials_no_listed_node_outside_the_addresses_of_the_relays_name() -> R
     ensure!(
         listeners(&node2)? == 0,
         "the agent attached on a node the relay's name does not lead to"
+    );
+    Ok(())
+}
+
+/// Whether `hc status` text shows an agent labelled `on NODE` (the agents
+/// are listed `..., ...` with their node last).
+fn labels_an_agent_with(text: &str, node: &str) -> bool {
+    let label = format!(" on {node}");
+    text.lines()
+        .flat_map(|line| line.split(", "))
+        .any(|item| item.trim_end().ends_with(&label))
+}
+
+/// An agent and a sender's stream on node 3 are seen by asking node 1 (the
+/// API, `hc status`, `hc show`), labelled node 3, and leave with node 3's
+/// lease when it is killed.
+#[test]
+fn status_asked_of_one_node_shows_every_node_s_agents_and_streams() -> Result<()> {
+    let Some(etcd) = Etcd::start()? else {
+        return Ok(());
+    };
+    let mut cluster = Cluster::start(&etcd)?;
+    let [node1, _, node3] = &cluster.nodes;
+    let node3_at = cluster.advertise3.clone();
+    let (_, listen1) = node1.create_hc("payroll", echo_server_thread()?)?;
+    let agent = hybridlink_tests::Agent::start(&[&listen1], &[])?;
+    agent.wait_connected()?;
+    wait_for("the agent attached on node 3", 10, || {
+        Ok(listeners(node3)? == 1)
+    })?;
+    let send3 = node3.strings("payroll")?.0;
+    let mut held = OpenStream::open(&send3)?;
+    ensure!(held.echo("through node 3\n")? == "through node 3\n");
+
+    // Node 3 publishes within a second; node 1 shows it, labelled.
+    wait_for("node 1 showing node 3's agent and pipe", 5, || {
+        Ok(payroll_on(node1, &node3_at)?.is_some_and(|n| {
+            n["listener_count"] == 1 && n["pipes"] == 1 && n["node_state"] == "up"
+        }))
+    })?;
+    let all = api_get(node1, "/api/v1/status")?;
+    ensure!(
+        all[0]["node"] == node1.listen.to_string()
+            && all[0]["cluster"].as_array().map(Vec::len) == Some(3),
+        "every node in /api/v1/status of node 1: {all}"
+    );
+    let status = hc_text(node1, &["status", "payroll"])?;
+    ensure!(
+        labels_an_agent_with(&status, &node3_at) && status.contains("relay nodes:"),
+        "hc status of node 1 does not show node 3's agent:\n{status}"
+    );
+    let show = hc_text(node1, &["show", "payroll"])?;
+    ensure!(
+        show.contains(&format!(
+            "node:      {node3_at} (up): 1 agents, 1 senders, 1 pipes"
+        )),
+        "hc show of node 1 does not show node 3's pipe:\n{show}"
+    );
+    eprintln!("{status}\n{show}");
+
+    cluster.nodes[2].proc.kill();
+    let killed = Instant::now();
+    let node1 = &cluster.nodes[0];
+    wait_for(
+        "node 3's entries leaving node 1's status",
+        (NODE_TTL + LEASE_SLACK).as_secs(),
+        || Ok(payroll_on(node1, &node3_at)?.is_none()),
+    )?;
+    eprintln!(
+        "node 3's entries left node 1's status {} ms after it died",
+        killed.elapsed().as_millis()
+    );
+    ensure!(!labels_an_agent_with(
+        &hc_text(node1, &["status", "payroll"])?,
+        &node3_at
+    ));
+    held.close();
+    Ok(())
+}
+
+/// A node stopped with SIGTERM revokes its lease: the others drop it
+/// within a second, not after its lease.
+#[test]
+fn a_node_stopped_cleanly_leaves_the_list_within_a_second() -> Result<()> {
+    let Some(etcd) = Etcd::start()? else {
+        return Ok(());
+    };
+    let mut cluster = Cluster::start(&etcd)?;
+    let stopped = Instant::now();
+    cluster.nodes[2].proc.terminate();
+    let left = cluster.addresses(&[0, 1]);
+    for relay in &cluster.nodes[..2] {
+        wait_for(
+            "node 3 leaving the list",
+            2,
+            || Ok(nodes_of(relay)? == left),
+        )?;
+    }
+    eprintln!(
+        "node 3 left the list {} ms after SIGTERM",
+        stopped.elapsed().as_millis()
+    );
+    ensure!(
+        stopped.elapsed() <= Duration::from_secs(1),
+        "node 3 was listed for {:?} after SIGTERM",
+        stopped.elapsed()
+    );
+    Ok(())
+}
+
+/// A node started with another certificate than the others is named: node
+/// 1 logs an error naming it, and its state says so.
+#[test]
+fn a_node_with_another_certificate_is_named_as_such() -> Result<()> {
+    let Some(etcd) = Etcd::start()? else {
+        return Ok(());
+    };
+    let logs = tempfile::tempdir()?;
+    let log1 = logs.path().join("node1.log");
+    let url = etcd.url();
+    let node1 = Relay::start_with_log(&["--registry", &url], &log1)?;
+    let dir2 = tempfile::tempdir()?;
+    copy_certificate(&node1.data_dir, dir2.path())?;
+    let node2 = node(&etcd, dir2.path(), "127.0.0.1:0", &[])?;
+    // Its own data dir, so its own certificate.
+    let other = Relay::start_with_log(&["--registry", &url], &logs.path().join("other.log"))?;
+    ensure!(other.ready["cert_sha256"] != node1.ready["cert_sha256"]);
+    let other_at = other.listen.to_string();
+    let node2_at = node2.listen.to_string();
+    wait_for(
+        "node 1 naming the node with another certificate",
+        10,
+        || Ok(state_of(&node1, &other_at)?.as_deref() == Some("certificate_mismatch")),
+    )?;
+    ensure!(state_of(&node1, &node2_at)?.as_deref() == Some("up"));
+    let log = std::fs::read_to_string(&log1)?;
+    ensure!(
+        log.contains(&format!(
+            "relay node {other_at} presents another certificate than this node"
+        )),
+        "node 1's log does not name the node:\n{log}"
+    );
+
+    // An agent told of the node by node 1 is refused by its pin there: it
+    // says so once, naming the node, and does not retry in a storm.
+    let (_, listen1) = node1.create_hc("payroll", echo_server_thread()?)?;
+    let agent_log = logs.path().join("agent.log");
+    let socket = logs.path().join("agent.sock");
+    let child = std::process::Command::new(hybridlink_tests::binary())
+        .args(["agent", "run", "--status-socket"])
+        .arg(&socket)
+        .args(["--connection-string", &listen1.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&agent_log)?)
+        .spawn()?;
+    let _agent = Proc::adopt(child, "agent");
+    wait_for("the agent on node 1 and node 2", 10, || {
+        Ok(listeners(&node1)? == 1 && listeners(&node2)? == 1)
+    })?;
+    // Long enough for several retries at the usual reconnect backoff.
+    std::thread::sleep(Duration::from_secs(6));
+    ensure!(listeners(&other)? == 0);
+    let log = std::fs::read_to_string(&agent_log)?;
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&other_at) && l.contains("certificate other than"))
+        .collect();
+    ensure!(
+        refusals.len() == 1 && refusals[0].contains("wrong relay certificate"),
+        "the agent should say once that {other_at} presents another certificate:\n{log}"
     );
     Ok(())
 }

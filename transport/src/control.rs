@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::tls;
@@ -209,6 +209,11 @@ pub fn clock() -> Clock {
     }
 }
 
+/// First pause after a relay presented another certificate than the pinned
+/// one; the pauses double up to [`WRONG_CERTIFICATE_RETRY_MAX`].
+const WRONG_CERTIFICATE_RETRY: Duration = Duration::from_secs(10);
+const WRONG_CERTIFICATE_RETRY_MAX: Duration = Duration::from_secs(300);
+
 async fn run(
     config: ControlConfig,
     tls: Arc<rustls::ClientConfig>,
@@ -217,15 +222,20 @@ async fn run(
     current: Arc<std::sync::Mutex<RelayAddr>>,
 ) {
     let mut backoff = Backoff::default();
+    // A relay presenting another certificate keeps doing so: it is said
+    // once, and tried again seldom, until something else happens.
+    let mut wrong_certificate = Backoff::new(WRONG_CERTIFICATE_RETRY, WRONG_CERTIFICATE_RETRY_MAX);
+    let mut said_wrong_certificate = false;
     let mut nodes: Vec<String> = Vec::new();
     let mut attempt = config.clone();
     loop {
         let started = Instant::now();
         let served = connect_and_serve(&attempt, &tls, &mut out_rx, &events, &mut nodes).await;
-        let reason = match served {
+        let down = match served {
             Ok(()) => return, // the owner went away
             Err(e) => e,
         };
+        let reason = down.reason;
         if events
             .send(ControlEvent::Disconnected(reason.clone()))
             .is_err()
@@ -235,8 +245,22 @@ async fn run(
         if started.elapsed() > Duration::from_secs(30) {
             backoff.reset();
         }
-        let delay = backoff.next_delay();
-        warn!(relay = %attempt.relay, %reason, retry_in = ?delay, "control channel down");
+        let delay = if down.wrong_certificate {
+            let delay = wrong_certificate.next_delay();
+            if said_wrong_certificate {
+                debug!(relay = %attempt.relay, retry_in = ?delay, "relay still presents another certificate");
+            } else {
+                said_wrong_certificate = true;
+                error!(relay = %attempt.relay, %reason, retry_in = ?delay, "control channel refused: wrong relay certificate");
+            }
+            delay
+        } else {
+            said_wrong_certificate = false;
+            wrong_certificate.reset();
+            let delay = backoff.next_delay();
+            warn!(relay = %attempt.relay, %reason, retry_in = ?delay, "control channel down");
+            delay
+        };
         if config.fail_over {
             let allowed = allowed_nodes(&config.relay, &nodes).await;
             let next = next_node(&config.relay, &attempt.relay, &allowed);
@@ -330,7 +354,7 @@ type RelayStream = tokio_rustls::client::TlsStream<TcpStream>;
 async fn connect(
     config: &ControlConfig,
     tls: &Arc<rustls::ClientConfig>,
-) -> Result<RelayStream, String> {
+) -> Result<RelayStream, Down> {
     let connect = async {
         let tcp = config
             .relay
@@ -350,19 +374,52 @@ async fn connect(
             .map_err(|e| match crate::tls::pin_mismatch(&e) {
                 // Another certificate: the relay's was renewed, or it is
                 // not a hybridlink relay at all.
-                Some(pin) => format!(
-                    "the relay at {} presents a certificate other than the connection string's CertificateSha256 ({pin}): if the relay's certificate was renewed, copy the string again (`hybridlink hc keys NAME`); if it is an Azure Relay namespace or presents a CA-issued certificate, remove CertificateSha256 from the string to speak Azure Relay's protocol",
+                Some(pin) => Down::wrong_certificate(format!(
+                    "the relay at {} presents a certificate other than the connection string's CertificateSha256 ({pin}): if the relay's certificate was renewed, copy the string again (`hybridlink hc keys NAME`); if it is an Azure Relay namespace or presents a CA-issued certificate, remove CertificateSha256 from the string to speak Azure Relay's protocol; if it is one node of a relay cluster, that node was given another certificate than the others",
                     config.relay
-                ),
-                None => format!("TLS with relay {} failed: {e}", config.relay),
+                )),
+                None => format!("TLS with relay {} failed: {e}", config.relay).into(),
             })
     };
     timeout(HANDSHAKE_TIMEOUT, connect).await.map_err(|_| {
-        format!(
+        Down::from(format!(
             "relay {} did not answer within {HANDSHAKE_TIMEOUT:?}",
             config.relay
-        )
+        ))
     })?
+}
+
+/// Why a control channel is down.
+#[derive(Debug)]
+struct Down {
+    reason: String,
+    /// The relay presented another certificate than the pinned one:
+    /// retrying soon cannot help.
+    wrong_certificate: bool,
+}
+
+impl Down {
+    fn wrong_certificate(reason: String) -> Down {
+        Down {
+            reason,
+            wrong_certificate: true,
+        }
+    }
+}
+
+impl From<String> for Down {
+    fn from(reason: String) -> Down {
+        Down {
+            reason,
+            wrong_certificate: false,
+        }
+    }
+}
+
+impl From<&str> for Down {
+    fn from(reason: &str) -> Down {
+        reason.to_owned().into()
+    }
 }
 
 /// A session that says hello for `config` and attaches `attachments`.
@@ -394,7 +451,7 @@ pub async fn describe(
     )
     .map_err(|e| e.to_string())?;
     let tls = tls::relay_client_config(config.relay.cert).map_err(|e| e.to_string())?;
-    let stream = connect(&config, &tls).await?;
+    let stream = connect(&config, &tls).await.map_err(|d| d.reason)?;
     let mut session = peer_session(&config, Vec::new());
     // Nothing else is sent: the commands end with the session's own.
     let (_commands_tx, mut commands) = mpsc::channel(1);
@@ -447,7 +504,7 @@ async fn connect_and_serve(
     out_rx: &mut mpsc::Receiver<PeerMessage>,
     events: &mpsc::UnboundedSender<ControlEvent>,
     nodes: &mut Vec<String>,
-) -> Result<(), String> {
+) -> Result<(), Down> {
     let stream = connect(config, tls).await?;
     let mut session = peer_session(config, config.attachments.clone());
     let relay = &config.relay;
@@ -474,7 +531,7 @@ async fn connect_and_serve(
         // The owner went away.
         Ended::Commands | Ended::Stopped => Ok(()),
         Ended::Eof => Err("relay closed the control channel".into()),
-        other => Err(other.to_string()),
+        other => Err(other.to_string().into()),
     }
 }
 

@@ -132,6 +132,10 @@ struct Inner {
     nodes: watch::Sender<Vec<String>>,
     /// This node's address in `nodes`, once it is listed.
     this_node: Mutex<Option<String>>,
+    /// The other nodes' published state.
+    cluster: crate::cluster::ClusterView,
+    /// Unix seconds when this hub was made (the relay started).
+    started_unix: u64,
 }
 
 #[derive(Debug)]
@@ -193,6 +197,8 @@ impl Hub {
                 metrics,
                 nodes: watch::Sender::new(Vec::new()),
                 this_node: Mutex::new(None),
+                cluster: crate::cluster::ClusterView::default(),
+                started_unix: unix_now(),
             }),
         }
     }
@@ -228,6 +234,16 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The other nodes' published state (empty for a relay on its own).
+    pub fn cluster(&self) -> &crate::cluster::ClusterView {
+        &self.inner.cluster
+    }
+
+    /// Unix seconds when the relay started.
+    pub fn started_unix(&self) -> u64 {
+        self.inner.started_unix
     }
 
     /// The relay nodes sharing this registry, following changes; empty for
@@ -486,6 +502,11 @@ impl Hub {
     /// Every hybrid connection some session is attached to.
     pub fn attached_hcs(&self) -> Vec<HcName> {
         self.lock().state.attached_hcs()
+    }
+
+    /// Pipes spliced or pending for `hc` on this relay.
+    pub fn pipes_of(&self, hc: &HcName) -> usize {
+        self.lock().state.pipes_of(hc)
     }
 
     /// The agents currently serving `hc`.

@@ -299,8 +299,13 @@ function renderDetail(s) {
     el('td', { 'data-label': 'On-prem policy', class: 'policy' }, 'its own (not a hybridlink agent)'),
     el('td', { 'data-label': 'Open streams', class: 'num' }, '–'),
     el('td', { 'data-label': 'Bytes to / from target', class: 'num' }, '–')));
-  $('agent-rows').replaceChildren(...s.listeners.map((l) => el('tr', {},
-    el('td', { 'data-label': 'Address' }, l.address),
+  // On a relay cluster every node's agents, each labelled with its node.
+  const cluster = s.cluster ?? [];
+  const agents = cluster.length
+    ? cluster.flatMap((n) => n.listeners.map((l) => ({ ...l, node: n.node })))
+    : s.listeners;
+  $('agent-rows').replaceChildren(...agents.map((l) => el('tr', {},
+    el('td', { 'data-label': 'Address' }, l.node ? `${l.address} on ${l.node}` : l.address),
     el('td', { 'data-label': 'Agent' }, l.label),
     el('td', { 'data-label': 'Connected since' }, since(l.connected_since)),
     el('td', { 'data-label': 'End-to-end' },
@@ -314,9 +319,18 @@ function renderDetail(s) {
     el('td', { 'data-label': 'Open streams', class: 'num' }, String(l.streams.open)),
     el('td', { 'data-label': 'Bytes to / from target', class: 'num' },
       `${bytes(l.streams.bytes_to_target)} / ${bytes(l.streams.bytes_from_target)}`))), ...azureRows);
-  const rows = s.listeners.length + azureRows.length;
+  const rows = agents.length + azureRows.length;
   $('agents-empty').hidden = rows > 0;
   $('agent-rows').closest('table').hidden = rows === 0;
+  $('nodes-card').hidden = cluster.length === 0;
+  $('node-rows').replaceChildren(...cluster.map((n) => el('tr', {},
+    el('td', { 'data-label': 'Node' }, n.node),
+    el('td', { 'data-label': 'State' },
+      el('span', { class: n.node_state === 'up' ? 'badge on' : 'badge' }, n.node_state.replaceAll('_', ' '))),
+    el('td', { 'data-label': 'Agents', class: 'num' }, String(n.listener_count)),
+    el('td', { 'data-label': 'Senders', class: 'num' }, String(n.senders)),
+    el('td', { 'data-label': 'Pipes', class: 'num' }, String(n.pipes)),
+    el('td', { 'data-label': 'Open streams', class: 'num' }, String(n.streams.open)))));
   drawCharts(s.name);
 }
 
