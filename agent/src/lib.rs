@@ -580,7 +580,12 @@ pub(crate) async fn run_relay(
                 None => return,
             },
             _ = report.tick() => {
-                report_stats(&ctx, &control);
+                // The counters are this agent's, whichever node carried
+                // the streams: told to one node only, so that a status
+                // summed over the cluster counts them once.
+                if is_origin(&ctx) {
+                    report_stats(&ctx, &control);
+                }
                 continue;
             }
         };
@@ -588,10 +593,7 @@ pub(crate) async fn run_relay(
             ControlEvent::Connected => {}
             ControlEvent::Disconnected(reason) => {
                 ctx.metrics.control().reconnects.inc();
-                let origin = ctx
-                    .cluster
-                    .upgrade()
-                    .is_none_or(|cluster| cluster.is_origin(&ctx.relay));
+                let origin = is_origin(&ctx);
                 let mut shared = lock(&ctx.shared);
                 shared.grants.retain(|(relay, _), _| *relay != ctx.relay);
                 // The hybrid connections' state follows the node the
@@ -606,6 +608,14 @@ pub(crate) async fn run_relay(
             ControlEvent::Message(msg) => handle_message(&ctx, msg),
         }
     }
+}
+
+/// Whether this channel goes to the node the connection strings name (the
+/// other nodes of a cluster come and go with the node list).
+fn is_origin(ctx: &serve::Context) -> bool {
+    ctx.cluster
+        .upgrade()
+        .is_none_or(|cluster| cluster.is_origin(&ctx.relay))
 }
 
 /// How often an agent tells the relay how its streams are doing.

@@ -47,7 +47,8 @@ if [ -n "${RELAY_NODE:-}" ]; then
         --listen-client-urls "http://$own:2379" --advertise-client-urls "http://$own:2379" \
         --listen-peer-urls "http://$own:2380" --initial-advertise-peer-urls "http://$own:2380" \
         --initial-cluster "$members" --initial-cluster-token hybridlink-lab \
-        --initial-cluster-state new --logger zap --log-level warn
+        --initial-cluster-state new --logger zap --log-level warn \
+        --auto-compaction-mode periodic --auto-compaction-retention 1h
     [ "${ETCD_ONLY:-}" = yes ] && exit 0
     healthy() { curl -sf "http://$own:2379/health" | grep -q '"health":"true"'; }
     wait_for "etcd" 30 healthy

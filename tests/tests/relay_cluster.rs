@@ -386,6 +386,26 @@ fn status_asked_of_one_node_shows_every_node_s_agents_and_streams() -> Result<()
         "hc show of node 1 does not show node 3's pipe:\n{show}"
     );
     eprintln!("{status}\n{show}");
+    // The agent's stream counters are its own, whichever node carried the
+    // stream: summed over the cluster they count the one open stream once.
+    let open_streams = || -> Result<u64> {
+        let status = api_get(node1, "/api/v1/hcs/payroll/status")?;
+        let open: u64 = status["cluster"]
+            .as_array()
+            .context("a cluster list in the status")?
+            .iter()
+            .filter_map(|n| n["streams"]["open"].as_u64())
+            .sum();
+        ensure!(open <= 1, "one open stream counted {open} times: {status}");
+        Ok(open)
+    };
+    wait_for("the cluster counting the open stream", 10, || {
+        Ok(open_streams()? == 1)
+    })?;
+    // Long enough for every node to have heard the agent's next report
+    // (every 2 s) and published it (within 1 s).
+    std::thread::sleep(Duration::from_millis(3500));
+    ensure!(open_streams()? == 1, "the open stream is no longer counted");
 
     cluster.nodes[2].proc.kill();
     let killed = Instant::now();
