@@ -33,6 +33,23 @@ pub const STALE_AFTER: Duration = Duration::from_secs(10);
 /// A summary bigger than this is published without its agents' details
 /// (counts and counters stay), well under etcd's 1.5 MiB request limit.
 pub const MAX_SUMMARY_BYTES: usize = 512 * 1024;
+/// Most summary bytes a node writes to etcd a second, on average: a bigger
+/// summary is written less often (512 KiB: every 32 s), so that the
+/// history etcd keeps until it compacts stays small whatever the size of
+/// the cluster (README: auto-compaction).
+pub const WRITE_BUDGET: usize = 16 * 1024;
+
+/// The least time between two writes of a summary of `len` bytes: one
+/// second, longer for one bigger than [`WRITE_BUDGET`].
+pub fn write_gap(len: usize) -> Duration {
+    Duration::from_secs(1).max(Duration::from_secs_f64(len as f64 / WRITE_BUDGET as f64))
+}
+
+/// How long a node may leave a summary of `len` bytes unwritten when it did
+/// not change.
+pub fn refresh_after(len: usize) -> Duration {
+    REFRESH_EVERY.max(write_gap(len))
+}
 
 /// One node's live state, as it publishes it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +69,18 @@ pub struct NodeSummary {
     /// small ([`MAX_SUMMARY_BYTES`]).
     #[serde(default)]
     pub listeners_omitted: bool,
+    /// Seconds within which the node writes this summary again even if
+    /// nothing changed ([`refresh_after`] its size); readers mark it stale
+    /// only well after that.
+    #[serde(default)]
+    pub refresh_secs: u64,
+}
+
+impl NodeSummary {
+    /// How old this summary may be before it is stale.
+    pub fn stale_after(&self) -> Duration {
+        STALE_AFTER.max(Duration::from_secs(self.refresh_secs.saturating_mul(3) + 1))
+    }
 }
 
 /// One hybrid connection on one node.
@@ -215,22 +244,25 @@ pub fn summary_of(hub: &Hub, address: &str, cert_sha256: &str) -> NodeSummary {
         cert_sha256: cert_sha256.to_owned(),
         hcs,
         listeners_omitted: false,
+        refresh_secs: 0,
     }
 }
 
 /// `summary` as the JSON to publish, without the agents' details if it
 /// would be bigger than [`MAX_SUMMARY_BYTES`].
+/// It says within how long it will be written again ([`refresh_after`]).
 pub fn encode(summary: &NodeSummary) -> String {
-    let full = serde_json::to_string(summary).unwrap_or_default();
-    if full.len() <= MAX_SUMMARY_BYTES {
-        return full;
+    let mut summary = summary.clone();
+    let mut text = serde_json::to_string(&summary).unwrap_or_default();
+    if text.len() > MAX_SUMMARY_BYTES {
+        for hc in summary.hcs.values_mut() {
+            hc.listeners.clear();
+        }
+        summary.listeners_omitted = true;
+        text = serde_json::to_string(&summary).unwrap_or_default();
     }
-    let mut small = summary.clone();
-    for hc in small.hcs.values_mut() {
-        hc.listeners.clear();
-    }
-    small.listeners_omitted = true;
-    serde_json::to_string(&small).unwrap_or_default()
+    summary.refresh_secs = refresh_after(text.len()).as_secs_f64().ceil() as u64;
+    serde_json::to_string(&summary).unwrap_or_default()
 }
 
 /// The state of each node in `listed`, given this node's own summary
@@ -280,7 +312,7 @@ fn view_of(
                     summary.cert_sha256
                 ));
             }
-            if age > STALE_AFTER {
+            if age > summary.stale_after() {
                 states.push(NodeState::Stale);
                 problems.push(format!(
                     "its summary was last heard {} s ago: what is shown of it may be out of date",
@@ -318,6 +350,7 @@ mod tests {
             cert_sha256: cert.into(),
             hcs: BTreeMap::new(),
             listeners_omitted: false,
+            refresh_secs: 0,
         }
     }
 
@@ -382,5 +415,30 @@ mod tests {
         assert!(back.listeners_omitted);
         assert_eq!(back.hcs["hc7"].listener_count, 1);
         assert!(back.hcs["hc7"].listeners.is_empty());
+    }
+
+    #[test]
+    fn a_big_summary_is_written_less_often_and_goes_stale_later() {
+        assert_eq!(write_gap(2_000), Duration::from_secs(1));
+        assert_eq!(write_gap(MAX_SUMMARY_BYTES), Duration::from_secs(32));
+        let mut big = summary("b:1", "aa", true);
+        big.hcs.insert(
+            "payroll".into(),
+            HcSummary {
+                pipes: 1,
+                ..HcSummary::default()
+            },
+        );
+        let small: NodeSummary = serde_json::from_str(&encode(&big)).unwrap();
+        assert_eq!(small.refresh_secs, REFRESH_EVERY.as_secs());
+        assert_eq!(small.stale_after(), STALE_AFTER);
+        big.refresh_secs = 32;
+        assert_eq!(big.stale_after(), Duration::from_secs(97));
+        // A summary from a relay that does not say stays under the old rule.
+        let old: NodeSummary = serde_json::from_str(
+            r#"{"address":"c:1","started_unix":1,"registry_writable":true,"cert_sha256":"aa"}"#,
+        )
+        .unwrap();
+        assert_eq!(old.stale_after(), STALE_AFTER);
     }
 }

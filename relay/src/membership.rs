@@ -10,8 +10,9 @@
 //!
 //! Under the same lease each node publishes a summary of its live state at
 //! `PREFIX` `status/` `HOST:PORT` ([`crate::cluster`]): when it changed, at
-//! most once per [`KEEPALIVE_INTERVAL`], and at least every
-//! [`cluster::REFRESH_EVERY`]; so at most one write a second per node. It
+//! most once per [`KEEPALIVE_INTERVAL`] and within [`cluster::WRITE_BUDGET`]
+//! bytes a second, and at least every [`cluster::REFRESH_EVERY`] (longer
+//! for a big summary); so at most one write and 16 KiB a second per node. It
 //! watches the others' summaries, for status answers that cover the
 //! cluster.
 //!
@@ -279,7 +280,8 @@ async fn listed_once(
 }
 
 /// Writes this node's summary when it changed, or when it was last
-/// written [`cluster::REFRESH_EVERY`] ago.
+/// written [`cluster::refresh_after`] ago; never sooner than
+/// [`cluster::write_gap`] after the last write.
 #[derive(Default)]
 struct Publisher {
     last: Option<(String, Instant)>,
@@ -296,11 +298,13 @@ impl Publisher {
         cert_sha256: &str,
     ) -> Result<(), etcd_client::Error> {
         let value = cluster::encode(&cluster::summary_of(hub, advertise, cert_sha256));
-        if let Some((last, at)) = &self.last
-            && *last == value
-            && at.elapsed() < cluster::REFRESH_EVERY
-        {
-            return Ok(());
+        if let Some((last, at)) = &self.last {
+            let since = at.elapsed();
+            if since < cluster::write_gap(last.len())
+                || (*last == value && since < cluster::refresh_after(value.len()))
+            {
+                return Ok(());
+            }
         }
         client
             .kv_client()
