@@ -520,3 +520,61 @@ fn a_node_with_another_certificate_is_named_as_such() -> Result<()> {
     );
     Ok(())
 }
+
+/// The portal of node 1, in a real browser (`tests/portal/cluster.mjs`):
+/// the detail view shows the three relay nodes, each up, and the agent
+/// once per node, labelled with that node.
+#[test]
+fn the_portal_of_one_node_shows_every_node_and_their_agents() -> Result<()> {
+    let chromium = std::env::var_os("CHROMIUM")
+        .map_or_else(|| std::path::PathBuf::from("/usr/bin/chromium"), Into::into);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("tests/ has a parent")?;
+    let script_dir = root.join("tests/portal");
+    let tools = chromium.exists()
+        && script_dir.join("node_modules/playwright-core").exists()
+        && std::process::Command::new("node")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !tools {
+        ensure!(
+            std::env::var_os("HYBRIDLINK_REQUIRE_TOOLS").is_none(),
+            "chromium, node or tests/portal/node_modules is missing (scripts/test-all installs them)"
+        );
+        eprintln!("SKIP: chromium, node or tests/portal/node_modules is missing");
+        return Ok(());
+    }
+    let Some(etcd) = Etcd::start()? else {
+        return Ok(());
+    };
+    let cluster = Cluster::start(&etcd)?;
+    let node1 = &cluster.nodes[0];
+    let (_, listen1) = node1.create_hc("payroll", echo_server_thread()?)?;
+    let agent = hybridlink_tests::Agent::start(&[&listen1], &[])?;
+    agent.wait_connected()?;
+    for relay in &cluster.nodes {
+        wait_for("the agent on every node", 10, || Ok(listeners(relay)? == 1))?;
+    }
+    let key = std::fs::read_to_string(node1.data_dir.join("manage.key"))?;
+    let shots = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("portal-screenshots");
+    let mut browser = std::process::Command::new("timeout")
+        .args(["120", "node", "cluster.mjs"])
+        .current_dir(&script_dir)
+        .env("HYBRIDLINK_API", format!("http://{}", node1.api))
+        .env("HYBRIDLINK_MANAGE_KEY", key.trim())
+        .env("HYBRIDLINK_NODES", cluster.addresses(&[0, 1, 2]).join(","))
+        .env("HYBRIDLINK_PORTAL_SCREENSHOTS", &shots)
+        .spawn()
+        .context("starting node")?;
+    let status = browser.wait()?;
+    ensure!(
+        status.success(),
+        "the browser found the cluster view wrong ({status}); its output is above"
+    );
+    Ok(())
+}
