@@ -580,12 +580,7 @@ pub(crate) async fn run_relay(
                 None => return,
             },
             _ = report.tick() => {
-                // The counters are this agent's, whichever node carried
-                // the streams: told to one node only, so that a status
-                // summed over the cluster counts them once.
-                if is_origin(&ctx) {
-                    report_stats(&ctx, &control);
-                }
+                report_stats(&ctx, &control, is_origin(&ctx));
                 continue;
             }
         };
@@ -622,8 +617,12 @@ fn is_origin(ctx: &serve::Context) -> bool {
 const STATS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Sends the stream counters of every hybrid connection attached on this
-/// relay (the relay's status shows them).
-fn report_stats(ctx: &serve::Context, control: &control::ControlHandle) {
+/// relay (the relay's status shows them), with whether the end-to-end key
+/// holds and what the policy refuses. The counters are this agent's,
+/// whichever node of a cluster carried the streams, so only the node the
+/// connection strings name (`origin`) gets them and the others get zeros:
+/// a status summed over the cluster counts each stream once.
+fn report_stats(ctx: &serve::Context, control: &control::ControlHandle, origin: bool) {
     let connected: Vec<(HcName, u64, bool, Option<String>)> = lock(&ctx.shared)
         .hcs
         .iter()
@@ -638,7 +637,11 @@ fn report_stats(ctx: &serve::Context, control: &control::ControlHandle) {
         })
         .collect();
     for (hc, refused, end_to_end, policy_refusal) in connected {
-        let stats = ctx.metrics.stream_stats(&hc, refused);
+        let stats = if origin {
+            ctx.metrics.stream_stats(&hc, refused)
+        } else {
+            proto::control::StreamStats::default()
+        };
         control.send(proto::control::PeerMessage::Stats {
             hc,
             stats,

@@ -378,9 +378,9 @@ fn status_table(all: &Value) -> String {
                 let mut line = format!(
                     "{} {} (since {}, end-to-end: {})",
                     printable(l["label"].as_str().unwrap_or("?")),
-                    l["address"].as_str().unwrap_or("?"),
+                    printable(l["address"].as_str().unwrap_or("?")),
                     ago(l["connected_since"].as_u64().unwrap_or(0)),
-                    l["end_to_end"].as_str().unwrap_or("?"),
+                    printable(l["end_to_end"].as_str().unwrap_or("?")),
                 );
                 if let Some(node) = node {
                     line.push_str(&format!(" on {}", printable(node)));
@@ -503,7 +503,7 @@ fn show_text(hc: &Value, status: &Value) -> String {
         out.push_str(&format!(
             "\nnode:      {} ({}): {} agents, {} senders, {} pipes, {} streams open, {} opened",
             printable(n["node"].as_str().unwrap_or("?")),
-            n["node_state"].as_str().unwrap_or("?"),
+            printable(n["node_state"].as_str().unwrap_or("?")),
             n["listener_count"].as_u64().unwrap_or(0),
             n["senders"].as_u64().unwrap_or(0),
             n["pipes"].as_u64().unwrap_or(0),
@@ -515,9 +515,9 @@ fn show_text(hc: &Value, status: &Value) -> String {
         out.push_str(&format!(
             "\nagent:     {} at {}, connected {}, end-to-end: {}",
             printable(l["label"].as_str().unwrap_or("?")),
-            l["address"].as_str().unwrap_or("?"),
+            printable(l["address"].as_str().unwrap_or("?")),
             ago(l["connected_since"].as_u64().unwrap_or(0)),
-            l["end_to_end"].as_str().unwrap_or("?"),
+            printable(l["end_to_end"].as_str().unwrap_or("?")),
         ));
         if let Some(node) = node {
             out.push_str(&format!(", on {}", printable(node)));

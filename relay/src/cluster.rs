@@ -69,6 +69,11 @@ pub struct NodeSummary {
     /// small ([`MAX_SUMMARY_BYTES`]).
     #[serde(default)]
     pub listeners_omitted: bool,
+    /// Hybrid connections left out, the least busy first, because even
+    /// without the agents' details the summary was bigger than
+    /// [`MAX_SUMMARY_BYTES`].
+    #[serde(default)]
+    pub hcs_omitted: usize,
     /// Seconds within which the node writes this summary again even if
     /// nothing changed ([`refresh_after`] its size); readers mark it stale
     /// only well after that.
@@ -79,7 +84,9 @@ pub struct NodeSummary {
 impl NodeSummary {
     /// How old this summary may be before it is stale.
     pub fn stale_after(&self) -> Duration {
-        STALE_AFTER.max(Duration::from_secs(self.refresh_secs.saturating_mul(3) + 1))
+        STALE_AFTER.max(Duration::from_secs(
+            self.refresh_secs.saturating_mul(3).saturating_add(1),
+        ))
     }
 }
 
@@ -244,6 +251,7 @@ pub fn summary_of(hub: &Hub, address: &str, cert_sha256: &str) -> NodeSummary {
         cert_sha256: cert_sha256.to_owned(),
         hcs,
         listeners_omitted: false,
+        hcs_omitted: 0,
         refresh_secs: 0,
     }
 }
@@ -261,8 +269,33 @@ pub fn encode(summary: &NodeSummary) -> String {
         summary.listeners_omitted = true;
         text = serde_json::to_string(&summary).unwrap_or_default();
     }
+    if text.len() > MAX_SUMMARY_BYTES {
+        // Still too big (thousands of hybrid connections): keep the
+        // busiest, dropping a tenth of the rest at a time.
+        let mut by_activity: Vec<(usize, String)> = summary
+            .hcs
+            .iter()
+            .map(|(name, hc)| (activity(hc), name.clone()))
+            .collect();
+        by_activity.sort();
+        let mut dropped = by_activity.into_iter();
+        while text.len() > MAX_SUMMARY_BYTES && !summary.hcs.is_empty() {
+            let step = (summary.hcs.len() / 10).max(1);
+            for (_, name) in dropped.by_ref().take(step) {
+                summary.hcs.remove(&name);
+                summary.hcs_omitted += 1;
+            }
+            text = serde_json::to_string(&summary).unwrap_or_default();
+        }
+    }
     summary.refresh_secs = refresh_after(text.len()).as_secs_f64().ceil() as u64;
     serde_json::to_string(&summary).unwrap_or_default()
+}
+
+/// How busy a hybrid connection is on a node, to choose which to keep in
+/// a summary that must shrink.
+fn activity(hc: &HcSummary) -> usize {
+    hc.pipes + hc.senders + hc.listener_count + hc.streams.open as usize
 }
 
 /// The state of each node in `listed`, given this node's own summary
@@ -350,6 +383,7 @@ mod tests {
             cert_sha256: cert.into(),
             hcs: BTreeMap::new(),
             listeners_omitted: false,
+            hcs_omitted: 0,
             refresh_secs: 0,
         }
     }
@@ -440,5 +474,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(old.stale_after(), STALE_AFTER);
+    }
+
+    #[test]
+    fn thousands_of_hybrid_connections_keep_the_summary_under_the_limit_busiest_first() {
+        let mut many = summary("m:1", "aa", true);
+        for i in 0..20_000 {
+            many.hcs.insert(
+                format!("hybrid-connection-number-{i:05}"),
+                HcSummary {
+                    listener_count: 1,
+                    pipes: usize::from(i == 7),
+                    ..HcSummary::default()
+                },
+            );
+        }
+        let text = encode(&many);
+        assert!(text.len() <= MAX_SUMMARY_BYTES, "{} bytes", text.len());
+        let kept: NodeSummary = serde_json::from_str(&text).unwrap();
+        assert!(kept.hcs_omitted > 0);
+        assert_eq!(kept.hcs.len() + kept.hcs_omitted, 20_000);
+        assert!(kept.hcs.contains_key("hybrid-connection-number-00007"));
     }
 }

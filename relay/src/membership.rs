@@ -30,7 +30,7 @@ use tracing::{info, warn};
 
 use crate::cluster;
 use crate::hub::Hub;
-use crate::registry::etcd::{EtcdConfig, EtcdError};
+use crate::registry::etcd::{EtcdConfig, EtcdError, until_sent};
 
 /// How long a node stays listed after its last keep-alive.
 pub const NODE_TTL: Duration = Duration::from_secs(5);
@@ -108,7 +108,11 @@ impl Membership {
         self.task.abort();
         let held = self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some((client, lease)) = held else { return };
-        match tokio::time::timeout(LEAVE_TIMEOUT, client.lease_client().revoke(lease)).await {
+        let revoke = until_sent(|| {
+            let mut leases = client.lease_client();
+            async move { leases.revoke(lease).await }
+        });
+        match tokio::time::timeout(LEAVE_TIMEOUT, revoke).await {
             Ok(Ok(_)) => info!("relay node left the node list"),
             Ok(Err(e)) => {
                 warn!(error = %e, "relay node could not revoke its lease; the others drop it when it expires")
@@ -155,25 +159,35 @@ async fn listed_once(
     let status_prefix = format!("{}status/", config.prefix);
     let status_key = format!("{status_prefix}{advertise}");
     let ttl = i64::try_from(NODE_TTL.as_secs()).unwrap_or(5);
-    let lease = client.lease_client().grant(ttl, None).await?.id();
+    // Every request goes to another member when one refuses the
+    // connection (a dead member of three), as the registry's do.
+    let lease = until_sent(|| {
+        let mut leases = client.lease_client();
+        async move { leases.grant(ttl, None).await }
+    })
+    .await?
+    .id();
     *held.lock().unwrap_or_else(|p| p.into_inner()) = Some((client.clone(), lease));
     let record = serde_json::to_string(&NodeRecord {
         address: advertise.to_owned(),
     })
     .unwrap_or_default();
-    client
-        .kv_client()
-        .put(
-            format!("{prefix}{advertise}"),
-            record,
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await?;
-    let (mut keeper, mut kept) = client.lease_client().keep_alive(lease).await?;
-    let listed = client
-        .kv_client()
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-        .await?;
+    let node_key = format!("{prefix}{advertise}");
+    until_sent(|| {
+        let mut kv = client.kv_client();
+        let (key, record) = (node_key.clone(), record.clone());
+        async move {
+            kv.put(key, record, Some(PutOptions::new().with_lease(lease)))
+                .await
+        }
+    })
+    .await?;
+    let (mut keeper, mut kept) = until_sent(|| {
+        let mut leases = client.lease_client();
+        async move { leases.keep_alive(lease).await }
+    })
+    .await?;
+    let listed = get_prefix(&client, &prefix).await?;
     let mut nodes: BTreeMap<Vec<u8>, String> = listed
         .kvs()
         .iter()
@@ -182,45 +196,19 @@ async fn listed_once(
     let revision = listed.header().map_or(0, |h| h.revision());
     publish(hub, &nodes);
     info!(%advertise, nodes = nodes.len(), "relay node listed in etcd");
-    let mut changes = client
-        .watch_client()
-        .watch(
-            prefix.as_str(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(revision + 1),
-            ),
-        )
-        .await?;
+    let mut changes = watch_prefix(&client, &prefix, revision + 1).await?;
     let mut publisher = Publisher::default();
     publisher
         .publish(&client, &status_key, lease, hub, advertise, cert_sha256)
-        .await?;
+        .await;
     let view = hub.cluster();
     view.forget_all();
-    let statuses = client
-        .kv_client()
-        .get(
-            status_prefix.as_str(),
-            Some(GetOptions::new().with_prefix()),
-        )
-        .await?;
+    let statuses = get_prefix(&client, &status_prefix).await?;
     for kv in statuses.kvs() {
         heard(view, &status_prefix, kv, cert_sha256);
     }
     let status_revision = statuses.header().map_or(0, |h| h.revision());
-    let mut status_changes = client
-        .watch_client()
-        .watch(
-            status_prefix.as_str(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(status_revision + 1),
-            ),
-        )
-        .await?;
+    let mut status_changes = watch_prefix(&client, &status_prefix, status_revision + 1).await?;
     let mut tick = tokio::time::interval(KEEPALIVE_INTERVAL);
     loop {
         tokio::select! {
@@ -228,7 +216,7 @@ async fn listed_once(
                 keeper.keep_alive().await?;
                 publisher
                     .publish(&client, &status_key, lease, hub, advertise, cert_sha256)
-                    .await?;
+                    .await;
             }
             change = status_changes.message() => {
                 let Some(change) = change? else {
@@ -296,27 +284,72 @@ impl Publisher {
         hub: &Hub,
         advertise: &str,
         cert_sha256: &str,
-    ) -> Result<(), etcd_client::Error> {
+    ) {
         let value = cluster::encode(&cluster::summary_of(hub, advertise, cert_sha256));
         if let Some((last, at)) = &self.last {
             let since = at.elapsed();
             if since < cluster::write_gap(last.len())
                 || (*last == value && since < cluster::refresh_after(value.len()))
             {
-                return Ok(());
+                return;
             }
         }
-        client
-            .kv_client()
-            .put(
-                key,
-                value.as_str(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await?;
-        self.last = Some((value, Instant::now()));
-        Ok(())
+        let written = until_sent(|| {
+            let mut kv = client.kv_client();
+            let (key, value) = (key.to_owned(), value.clone());
+            async move {
+                kv.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await;
+        match written {
+            Ok(_) => self.last = Some((value, Instant::now())),
+            // The node stays listed; the summary is written again on a
+            // later tick (the others mark it stale meanwhile).
+            Err(e) => {
+                warn!(error = %e, bytes = value.len(), "relay node status not written to etcd")
+            }
+        }
     }
+}
+
+/// Every key under `prefix`.
+async fn get_prefix(
+    client: &Client,
+    prefix: &str,
+) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+    until_sent(|| {
+        let mut kv = client.kv_client();
+        let prefix = prefix.to_owned();
+        async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+    })
+    .await
+}
+
+/// A watch of every key under `prefix` from `revision` on.
+async fn watch_prefix(
+    client: &Client,
+    prefix: &str,
+    revision: i64,
+) -> Result<etcd_client::WatchStream, etcd_client::Error> {
+    until_sent(|| {
+        let mut watch = client.watch_client();
+        let prefix = prefix.to_owned();
+        async move {
+            watch
+                .watch(
+                    prefix,
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(revision),
+                    ),
+                )
+                .await
+        }
+    })
+    .await
 }
 
 /// The node a key under `prefix` names.
@@ -330,7 +363,17 @@ fn heard(view: &cluster::ClusterView, prefix: &str, kv: &etcd_client::KeyValue, 
         return;
     };
     match serde_json::from_slice::<cluster::NodeSummary>(kv.value()) {
-        Ok(summary) => view.heard(node, summary, Instant::now(), ours),
+        Ok(summary) if summary.address != node => warn!(
+            %node,
+            claimed = %summary.address,
+            "ignored a relay node's status that names another node"
+        ),
+        Ok(mut summary) => {
+            // How often it is written follows from its size, whatever it
+            // says.
+            summary.refresh_secs = cluster::refresh_after(kv.value().len()).as_secs();
+            view.heard(node, summary, Instant::now(), ours)
+        }
         Err(e) => warn!(%node, error = %e, "ignored a relay node's status that does not read"),
     }
 }

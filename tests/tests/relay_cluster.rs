@@ -499,6 +499,8 @@ fn a_node_with_another_certificate_is_named_as_such() -> Result<()> {
         .args(["agent", "run", "--status-socket"])
         .arg(&socket)
         .args(["--connection-string", &listen1.to_string()])
+        // Every retry of the node shows, even the quiet ones.
+        .env("RUST_LOG", "info,transport::control=debug")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&agent_log)?)
         .spawn()?;
@@ -517,6 +519,16 @@ fn a_node_with_another_certificate_is_named_as_such() -> Result<()> {
     ensure!(
         refusals.len() == 1 && refusals[0].contains("wrong relay certificate"),
         "the agent should say once that {other_at} presents another certificate:\n{log}"
+    );
+    // The first retry of that node waits at least 5 s: in 6 s there is at
+    // most one (the usual backoff would have made several).
+    let retries = log
+        .lines()
+        .filter(|l| l.contains(&other_at) && l.contains("still presents another certificate"))
+        .count();
+    ensure!(
+        retries <= 1,
+        "the agent retried {other_at} {retries} times in 6 s:\n{log}"
     );
     Ok(())
 }

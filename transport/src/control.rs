@@ -245,22 +245,10 @@ async fn run(
         if started.elapsed() > Duration::from_secs(30) {
             backoff.reset();
         }
-        let delay = if down.wrong_certificate {
-            let delay = wrong_certificate.next_delay();
-            if said_wrong_certificate {
-                debug!(relay = %attempt.relay, retry_in = ?delay, "relay still presents another certificate");
-            } else {
-                said_wrong_certificate = true;
-                error!(relay = %attempt.relay, %reason, retry_in = ?delay, "control channel refused: wrong relay certificate");
-            }
-            delay
-        } else {
-            said_wrong_certificate = false;
-            wrong_certificate.reset();
-            let delay = backoff.next_delay();
-            warn!(relay = %attempt.relay, %reason, retry_in = ?delay, "control channel down");
-            delay
-        };
+        // A sender that fails over tries the next node at the usual pace;
+        // only a retry of the same node that presented another
+        // certificate waits long.
+        let failed = attempt.relay.clone();
         if config.fail_over {
             let allowed = allowed_nodes(&config.relay, &nodes).await;
             let next = next_node(&config.relay, &attempt.relay, &allowed);
@@ -270,6 +258,26 @@ async fn run(
             *current.lock().unwrap_or_else(|p| p.into_inner()) = next.clone();
             attempt.relay = next;
         }
+        let delay = if down.wrong_certificate {
+            let delay = if attempt.relay == failed {
+                wrong_certificate.next_delay()
+            } else {
+                backoff.next_delay()
+            };
+            if said_wrong_certificate {
+                debug!(relay = %failed, retry_in = ?delay, "relay still presents another certificate");
+            } else {
+                said_wrong_certificate = true;
+                error!(relay = %failed, %reason, retry_in = ?delay, "control channel refused: wrong relay certificate");
+            }
+            delay
+        } else {
+            said_wrong_certificate = false;
+            wrong_certificate.reset();
+            let delay = backoff.next_delay();
+            warn!(relay = %failed, %reason, retry_in = ?delay, "control channel down");
+            delay
+        };
         tokio::time::sleep(delay).await;
         // Requests queued while down are stale; their owners time out.
         while out_rx.try_recv().is_ok() {}

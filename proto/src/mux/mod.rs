@@ -206,6 +206,11 @@ pub struct Mux {
     /// Nothing here must keep its place relative to DATA: FIN and RST, which
     /// must follow their stream's DATA, go into `out`.
     urgent: BytesMut,
+    /// An RST waits in `out`. Its stream is already released here, so a
+    /// new OPEN could count on its room; until the RST is transmitted,
+    /// frames that would jump the queue keep their order instead, so the
+    /// peer frees the stream before it sees the OPEN.
+    rst_waiting: bool,
     /// Header offset in `out` of the DATA frame `out` ends with, so small
     /// writes to the same stream extend it instead of adding frames.
     open_data_frame: Option<(StreamId, usize)>,
@@ -240,6 +245,7 @@ impl Mux {
             max_peer: 0,
             out: BytesMut::new(),
             urgent: BytesMut::new(),
+            rst_waiting: false,
             open_data_frame: None,
             output_blocked: Vec::new(),
             events: VecDeque::new(),
@@ -396,6 +402,7 @@ impl Mux {
         }
         move_into(out, &mut self.out);
         self.open_data_frame = None;
+        self.rst_waiting = false;
         for id in std::mem::take(&mut self.output_blocked) {
             if let Some(s) = self.streams.get_mut(&id)
                 && std::mem::take(&mut s.write_blocked)
@@ -484,6 +491,7 @@ impl Mux {
         let peer_knows = s.send_error.is_some();
         if !clean && !peer_knows && self.closed.is_none() {
             self.push(&Frame::Rst { id });
+            self.rst_waiting = true;
         }
     }
 
@@ -531,7 +539,11 @@ impl Mux {
 
     /// Queues a frame ahead of the DATA backlog (see `urgent`).
     fn push_urgent(&mut self, frame: &Frame) {
-        frame.encode(&mut self.urgent);
+        if self.rst_waiting {
+            self.push(frame);
+        } else {
+            frame.encode(&mut self.urgent);
+        }
     }
 
     fn send_ping(&mut self, now: Instant) {

@@ -843,3 +843,42 @@ fn a_streams_fin_never_overtakes_its_data() {
     let fin_at = sent.iter().position(|f| matches!(f, Frame::Fin { .. }));
     assert!(data_at.is_some() && data_at < fin_at, "{sent:?}");
 }
+
+#[test]
+fn an_open_after_a_reset_never_overtakes_the_rst() {
+    let mut p = Pair::new(Config::default());
+    let old = p.open_accepted(b"old");
+    // A backlog of DATA, then the stream is dropped: its RST waits behind
+    // the DATA, and its room is free again on this side at once.
+    p.client.write(old, &vec![1u8; 100_000]).unwrap();
+    p.client.reset(old);
+    let fresh = p.client.open(Bytes::from_static(b"fresh")).unwrap();
+    let mut out = BytesMut::new();
+    p.client.poll_transmit(&mut out);
+    let sent = frames(out.clone());
+    let rst_at = sent
+        .iter()
+        .position(|f| matches!(f, Frame::Rst { id } if *id == old));
+    let open_at = sent
+        .iter()
+        .position(|f| matches!(f, Frame::Open { id, .. } if *id == fresh));
+    assert!(rst_at.is_some() && rst_at < open_at, "{:?}", &sent);
+    // The peer learns of the reset before it sees the new stream.
+    p.server.handle_input(&mut out, p.now);
+    while let Some(e) = p.server.poll_event() {
+        p.server_events.push(e);
+    }
+    let reset_at = p
+        .server_events
+        .iter()
+        .position(|e| matches!(e, Event::Reset { id } if *id == old));
+    let incoming_at = p
+        .server_events
+        .iter()
+        .position(|e| matches!(e, Event::IncomingStream { id, .. } if *id == fresh));
+    assert!(
+        reset_at.is_some() && (incoming_at.is_none() || reset_at < incoming_at),
+        "{:?}",
+        p.server_events
+    );
+}

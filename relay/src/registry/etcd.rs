@@ -804,7 +804,7 @@ fn not_sent(error: &etcd_client::Error) -> bool {
 
 /// Runs `request` until it was sent to a member that took the
 /// connection, [`UNSENT_RETRIES`] more times at most.
-async fn until_sent<T, F, Fut>(mut request: F) -> Result<T, etcd_client::Error>
+pub(crate) async fn until_sent<T, F, Fut>(mut request: F) -> Result<T, etcd_client::Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, etcd_client::Error>>,
