@@ -219,13 +219,7 @@ async fn listed_once(
                     .await;
             }
             change = status_changes.message() => {
-                let Some(change) = change? else {
-                    return Err(MembershipError::WatchEnded);
-                };
-                if change.canceled() {
-                    return Err(MembershipError::WatchEnded);
-                }
-                for event in change.events() {
+                for event in watched(change)?.events() {
                     let Some(kv) = event.kv() else { continue };
                     match event.event_type() {
                         EventType::Put => heard(view, &status_prefix, kv, cert_sha256),
@@ -242,13 +236,7 @@ async fn listed_once(
                 _ => return Err(MembershipError::LeaseLost),
             },
             change = changes.message() => {
-                let Some(change) = change? else {
-                    return Err(MembershipError::WatchEnded);
-                };
-                if change.canceled() {
-                    return Err(MembershipError::WatchEnded);
-                }
-                for event in change.events() {
+                for event in watched(change)?.events() {
                     let Some(kv) = event.kv() else { continue };
                     match event.event_type() {
                         EventType::Put => {
@@ -350,6 +338,16 @@ async fn watch_prefix(
         }
     })
     .await
+}
+
+/// A watch's next answer, or why the watch ended.
+fn watched(
+    change: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>,
+) -> Result<etcd_client::WatchResponse, MembershipError> {
+    match change? {
+        Some(change) if !change.canceled() => Ok(change),
+        _ => Err(MembershipError::WatchEnded),
+    }
 }
 
 /// The node a key under `prefix` names.

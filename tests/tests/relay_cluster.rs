@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use hybridlink_tests::cluster::{self, copy_certificate, nodes_of};
 use hybridlink_tests::etcd::Etcd;
 use hybridlink_tests::{OpenStream, Proc, Relay, echo_server_thread, wait_for};
 
@@ -30,26 +31,6 @@ fn node(etcd: &Etcd, dir: &Path, listen: &str, extra: &[&str]) -> Result<Relay> 
     Relay::start_with(dir, listen, &args)
 }
 
-/// Gives `dir` the certificate and key of `from`: how an operator makes
-/// every node present the one certificate connection strings pin.
-fn copy_certificate(from: &Path, dir: &Path) -> Result<()> {
-    for file in [relay::identity::CERT_FILE, relay::identity::KEY_FILE] {
-        std::fs::copy(from.join(file), dir.join(file))
-            .with_context(|| format!("copying {file}"))?;
-    }
-    Ok(())
-}
-
-/// `GET /api/v1/nodes` of `relay`, with its manage key.
-fn nodes_of(relay: &Relay) -> Result<Vec<String>> {
-    let body = api_get(relay, "/api/v1/nodes")?;
-    let nodes = body["nodes"].as_array().context("a node list")?;
-    Ok(nodes
-        .iter()
-        .filter_map(|n| n.as_str().map(str::to_owned))
-        .collect())
-}
-
 /// The state `relay` gives the node at `address` in `GET /api/v1/nodes`.
 fn state_of(relay: &Relay, address: &str) -> Result<Option<String>> {
     let body = api_get(relay, "/api/v1/nodes")?;
@@ -61,22 +42,12 @@ fn state_of(relay: &Relay, address: &str) -> Result<Option<String>> {
         .and_then(|n| n["state"].as_str().map(str::to_owned)))
 }
 
-/// `GET path` of `relay`'s API, with its manage key; the JSON answer.
+/// `GET path` of `relay`'s API, with its manage key; the JSON answer of
+/// a 200.
 fn api_get(relay: &Relay, path: &str) -> Result<serde_json::Value> {
-    let key = std::fs::read_to_string(relay.data_dir.join("manage.key"))?;
-    let mut conn = TcpStream::connect(relay.api)?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-        relay.api,
-        key.trim()
-    )?;
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer)?;
-    let (head, body) = answer.split_once("\r\n\r\n").context("an HTTP answer")?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "{answer}");
-    serde_json::from_str(body).with_context(|| answer.clone())
+    let (status, body) = cluster::api_get(relay, path)?;
+    ensure!(status.starts_with("HTTP/1.1 200"), "{status} {body}");
+    Ok(body)
 }
 
 /// The entry of node `node` in the `cluster` of `payroll`'s status as
