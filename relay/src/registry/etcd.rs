@@ -619,10 +619,23 @@ impl EtcdStore {
         tokio::task::block_in_place(|| self.runtime.block_on(future))
     }
 
-    /// Refuses a change at once while the watch cannot reach etcd (rather
-    /// than after the request's timeout).
-    fn check_reachable(&self) -> Result<&Client, RegistryError> {
-        let health = self.health.borrow();
+    /// The client to change the registry with, once the watch reaches
+    /// etcd. While etcd has stopped answering only just now (its leader
+    /// died and the others are electing one, or the member this relay's
+    /// watch used died), the change waits for it, [`RIDE_OUT`] from the
+    /// start of the outage at most; after that it is refused at once,
+    /// rather than after a request's timeout.
+    async fn reachable(&self) -> Result<&Client, RegistryError> {
+        let mut health = self.health.clone();
+        let outage_ends = {
+            let h = health.borrow();
+            (!h.writable).then(|| tokio::time::Instant::from_std(h.since + RIDE_OUT))
+        };
+        if let Some(ends) = outage_ends {
+            // Timing out leaves the store unwritable, which is refused below.
+            let _ = tokio::time::timeout_at(ends, health.wait_for(|h| h.writable)).await;
+        }
+        let health = health.borrow();
         let refused = |error: String| {
             Err(EtcdError::Unreachable {
                 endpoints: self.endpoints.clone(),
@@ -654,8 +667,8 @@ impl EtcdStore {
         name: &HcName,
         edit: &mut HcEdit<'_, T>,
     ) -> Result<T, RegistryError> {
-        let client = self.check_reachable()?;
         self.block_on(async {
+            let client = self.reachable().await?;
             let key = self.layout.hc(name);
             let hcs = self.layout.hcs();
             let txn = |txn: Txn| {
@@ -665,7 +678,12 @@ impl EtcdStore {
                     async move { kv.txn(txn).await }
                 })
             };
-            for attempt in 0..MAX_ATTEMPTS {
+            let patience = Patience::new();
+            // A write whose answer was lost, and what it would have
+            // returned: it took effect if the record now reads as written.
+            let mut unsure: Option<(Option<HcRecord>, T)> = None;
+            let mut attempt = 0;
+            while attempt < MAX_ATTEMPTS {
                 // The record and the number of HCs at one revision.
                 let read = Txn::new().and_then([
                     TxnOp::get(key.as_str(), None),
@@ -674,7 +692,13 @@ impl EtcdStore {
                         Some(GetOptions::new().with_prefix().with_count_only()),
                     ),
                 ]);
-                let response = txn(read).await.map_err(|e| self.request_error(e))?;
+                let response = match txn(read).await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        patience.again(e).await.map_err(|e| self.request_error(e))?;
+                        continue;
+                    }
+                };
                 let revision = response.header().map_or(0, |h| h.revision());
                 let mut old = None;
                 let mut count = 0;
@@ -688,6 +712,12 @@ impl EtcdStore {
                             count = usize::try_from(get.count()).unwrap_or(usize::MAX);
                         }
                     }
+                }
+                if let Some((written, out)) = unsure.take()
+                    && old.as_ref().map(|(r, _)| r) == written.as_ref()
+                {
+                    self.wait_applied(revision).await;
+                    return Ok(out);
                 }
                 let (new, out) = edit(old.as_ref().map(|(r, _)| r), count)?;
                 let mut guards = vec![match &old {
@@ -706,7 +736,14 @@ impl EtcdStore {
                     None => TxnOp::delete(key.as_str(), None),
                 };
                 let write = Txn::new().when(guards).and_then([op]);
-                let response = txn(write).await.map_err(|e| self.request_error(e))?;
+                let response = match txn(write).await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        patience.again(e).await.map_err(|e| self.request_error(e))?;
+                        unsure = Some((new, out));
+                        continue;
+                    }
+                };
                 if response.succeeded() {
                     self.wait_applied(response.header().map_or(0, |h| h.revision()))
                         .await;
@@ -714,6 +751,7 @@ impl EtcdStore {
                 }
                 tracing::debug!(hc = %name, attempt, "changed by another relay meanwhile; trying again");
                 backoff(attempt).await;
+                attempt += 1;
             }
             Err(EtcdError::Contention {
                 what: format!("hybrid connection {name}"),
@@ -727,17 +765,28 @@ impl EtcdStore {
         &self,
         edit: &mut dyn FnMut(&SlotKeys) -> SlotKeys,
     ) -> Result<SlotKeys, RegistryError> {
-        let client = self.check_reachable()?;
         self.block_on(async {
+            let client = self.reachable().await?;
             let key = self.layout.manage_keys();
-            for attempt in 0..MAX_ATTEMPTS {
-                let response = until_sent(|| {
+            let patience = Patience::new();
+            // Keys written without an answer: they took effect if they are
+            // what etcd now holds.
+            let mut unsure: Option<SlotKeys> = None;
+            let mut attempt = 0;
+            while attempt < MAX_ATTEMPTS {
+                let read = until_sent(|| {
                     let mut kv = client.kv_client();
                     let key = key.clone();
                     async move { kv.get(key, None).await }
                 })
-                .await
-                .map_err(|e| self.request_error(e))?;
+                .await;
+                let response = match read {
+                    Ok(response) => response,
+                    Err(e) => {
+                        patience.again(e).await.map_err(|e| self.request_error(e))?;
+                        continue;
+                    }
+                };
                 let Some(current) = response.kvs().first() else {
                     return Err(EtcdError::Corrupt {
                         key: key.clone(),
@@ -746,7 +795,14 @@ impl EtcdStore {
                     }
                     .into());
                 };
-                let keys = edit(&parse_manage_keys(current)?);
+                let now = parse_manage_keys(current)?;
+                if let Some(written) = unsure.take()
+                    && written == now
+                {
+                    self.wait_applied(current.mod_revision()).await;
+                    return Ok(written);
+                }
+                let keys = edit(&now);
                 let write = Txn::new()
                     .when([Compare::mod_revision(
                         key.as_str(),
@@ -754,19 +810,27 @@ impl EtcdStore {
                         current.mod_revision(),
                     )])
                     .and_then([TxnOp::put(key.as_str(), to_json(&keys), None)]);
-                let response = until_sent(|| {
+                let written = until_sent(|| {
                     let mut kv = client.kv_client();
                     let write = write.clone();
                     async move { kv.txn(write).await }
                 })
-                .await
-                .map_err(|e| self.request_error(e))?;
+                .await;
+                let response = match written {
+                    Ok(response) => response,
+                    Err(e) => {
+                        patience.again(e).await.map_err(|e| self.request_error(e))?;
+                        unsure = Some(keys);
+                        continue;
+                    }
+                };
                 if response.succeeded() {
                     self.wait_applied(response.header().map_or(0, |h| h.revision()))
                         .await;
                     return Ok(keys);
                 }
                 backoff(attempt).await;
+                attempt += 1;
             }
             Err(EtcdError::Contention {
                 what: "the manage keys".into(),
@@ -818,6 +882,58 @@ where
             }
             answer => return answer,
         }
+    }
+}
+
+/// How long a change waits for etcd that stopped answering only just now,
+/// before it is refused. Losing etcd's leader costs an election (about two
+/// seconds with etcd's default timeouts, measured with three members); a
+/// change made meanwhile waits for the new leader rather than failing.
+const RIDE_OUT: Duration = Duration::from_secs(5);
+
+/// The pause before a request that failed for want of a leader (or of the
+/// member it went to) is sent again.
+const RIDE_OUT_PAUSE: Duration = Duration::from_millis(100);
+
+/// gRPC's codes (a wire standard) for the failures that pass with an
+/// election: UNKNOWN (the connection to a member broke mid-request),
+/// DEADLINE_EXCEEDED and UNAVAILABLE (`etcdserver: leader changed`, `no
+/// leader`).
+const PASSING_CODES: [i32; 3] = [2, 4, 14];
+
+/// Whether `error` may pass by itself within [`RIDE_OUT`]: the member went
+/// away or etcd is electing a leader.
+fn passing(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => PASSING_CODES.contains(&(status.code() as i32)),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
+/// How long one change goes on sending requests that failed in passing.
+struct Patience {
+    until: tokio::time::Instant,
+}
+
+impl Patience {
+    fn new() -> Patience {
+        Patience {
+            until: tokio::time::Instant::now() + RIDE_OUT,
+        }
+    }
+
+    /// Returns after a short pause when `error` may pass and the change
+    /// has time left; otherwise gives the error back. A write whose answer
+    /// was lost this way may have been applied: the caller reads the
+    /// record again before deciding.
+    async fn again(&self, error: etcd_client::Error) -> Result<(), etcd_client::Error> {
+        if !passing(&error) || tokio::time::Instant::now() + RIDE_OUT_PAUSE > self.until {
+            return Err(error);
+        }
+        tracing::debug!(error = %error, "etcd did not answer a change (an election, or a member gone); sending it again");
+        tokio::time::sleep(RIDE_OUT_PAUSE).await;
+        Ok(())
     }
 }
 

@@ -338,6 +338,9 @@ pub struct StoreHealth {
     pub writable: bool,
     /// Since when (Unix seconds) the store has been in this state.
     pub since_unix: u64,
+    /// The same instant on this machine's monotonic clock.
+    #[serde(skip)]
+    pub since: std::time::Instant,
     /// Why changes are refused, when they are.
     pub error: Option<String>,
 }
@@ -348,6 +351,7 @@ impl StoreHealth {
             store,
             writable: true,
             since_unix: unix_now(),
+            since: std::time::Instant::now(),
             error: None,
         }
     }
@@ -394,6 +398,7 @@ impl Shared {
                 store: h.store,
                 writable: refused.is_none(),
                 since_unix: unix_now(),
+                since: std::time::Instant::now(),
                 error: refused,
             };
             true
