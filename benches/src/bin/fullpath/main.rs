@@ -15,6 +15,7 @@
 
 mod paths;
 mod probe;
+mod profile;
 mod report;
 
 use std::io::{BufRead, BufReader, Write};
@@ -26,7 +27,7 @@ use clap::Parser;
 use lab::Role;
 use lab::netns::Netns;
 
-use paths::{GREET_PORT, IPERF_PORT, Lab, PathKind, Running};
+use paths::{GREET_PORT, IPERF_PORT, Lab, PathKind, Running, Spawned};
 use report::{Diagnosis, Metric, PathResult, Results};
 
 /// The lab's name prefix; `hybridlink lab down --prefix hlb` removes a lab
@@ -68,6 +69,14 @@ struct Args {
     /// The hybridlink binary to measure.
     #[arg(long, default_value = "target/release/hybridlink")]
     hybridlink: PathBuf,
+    /// Instead of measuring, profile hybridlink's path (one stream each
+    /// way under perf) and write flame graphs and README.md into DIR.
+    #[arg(long, value_name = "DIR")]
+    profile: Option<PathBuf>,
+    /// The directory with `inferno-collapse-perf` and `inferno-flamegraph`
+    /// (for --profile).
+    #[arg(long, default_value = "target/bench-peers/bin")]
+    tools: PathBuf,
 }
 
 /// How long each measurement runs.
@@ -153,6 +162,18 @@ fn run(args: Args) -> Result<()> {
         hybridlink,
         peers,
     };
+    if let Some(dir) = &args.profile {
+        let profiled = prepare(&lab).and_then(|mut greeter| {
+            let profiled = profile::run(&lab, dir, &std::path::absolute(&args.tools)?);
+            let _ = greeter.kill();
+            let _ = greeter.wait();
+            profiled
+        });
+        let removed = lab.netns.remove();
+        let _ = std::fs::remove_file(PathBuf::from(STATE_ROOT).join(format!("{PREFIX}.bench.pid")));
+        profiled?;
+        return removed;
+    }
     let outcome = measure_all(&lab, &kinds, &Plan::new(args.smoke), &args);
     let removed = lab.netns.remove();
     let _ = std::fs::remove_file(PathBuf::from(STATE_ROOT).join(format!("{PREFIX}.bench.pid")));
@@ -192,7 +213,10 @@ fn claim_lab() -> Result<()> {
     Ok(())
 }
 
-fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Result<Results> {
+/// Readies the lab for any path: the namespaces' sysctls, the target's
+/// name on-prem, and the greeter every path's latency is measured against
+/// (and whose greeting tells that a path is up).
+fn prepare(lab: &Lab) -> Result<Spawned> {
     std::fs::create_dir_all(&lab.state)?;
     for role in [Role::App, Role::Relay, Role::Onprem] {
         // Thousands of connections a second leave sockets in TIME-WAIT, so
@@ -211,12 +235,16 @@ fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Resul
     )?;
     let me = lab.me.display().to_string();
     let greet = format!("0.0.0.0:{GREET_PORT}");
-    let mut greeter = lab.spawn(
+    lab.spawn(
         Role::Onprem,
         "greeter",
         &[&me, "probe", "greet", &greet],
         &[],
-    )?;
+    )
+}
+
+fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Result<Results> {
+    let mut greeter = prepare(lab)?;
     let mut results = Results::new(if args.smoke { "smoke" } else { "full" }, lab, &plan.holds)?;
     results.rounds = plan.rounds;
     let mut per_path: Vec<PathResult> = kinds.iter().map(|&k| PathResult::new(k)).collect();

@@ -747,6 +747,15 @@ impl Running {
     }
 
     /// The resident memory of the path's processes, in KiB.
+    /// The path's own processes by the name they were started under, with
+    /// their pids.
+    pub fn children(&self) -> Vec<(String, u32)> {
+        self.children
+            .iter()
+            .map(|c| (c.name.clone(), c.id()))
+            .collect()
+    }
+
     pub fn resident_kib(&self, lab: &Lab) -> u64 {
         let mut total = 0;
         for (role, name) in &self.processes {
