@@ -74,27 +74,50 @@ enum Command {
     },
 }
 
-/// glibc's mmap threshold for the appliance. With glibc's default (a
-/// threshold that grows after large frees), the netstack's per-flow buffers
-/// come from recycled heap memory that stays resident; a fixed 128 KiB
-/// threshold keeps idle flows at about 9 KiB each (`netstack_tun` bench).
-const APPLIANCE_MMAP_THRESHOLD: &str = "131072";
+/// glibc's mmap threshold for the appliance and the agent. With glibc's
+/// default (a threshold that grows after large frees), the netstack's
+/// per-flow buffers come from recycled heap memory that stays resident; a
+/// fixed threshold at their size (512 KiB each by default) maps each
+/// fresh, so that an idle flow holds about 9 KiB (`netstack_tun` bench).
+/// It is not lower: the
+/// multiplexer's 256 KiB read buffers must come from the heap, where freed
+/// memory is reused as it is, since mapping each fresh cost a page fault
+/// every 4 KiB received, a quarter of the appliance's CPU on-prem → app.
+const MMAP_THRESHOLD: &str = "524288";
+
+/// glibc's trim threshold for the appliance and the agent: how much free
+/// memory at the top of a heap is kept rather than given back. At its
+/// default (128 KiB) the memory of the multiplexer's read buffers went
+/// back to the kernel as soon as the streams had passed it on and was
+/// faulted in again a page at a time by the next read (about a sixth of
+/// the appliance's CPU on-prem → app, a tenth of the agent's app →
+/// on-prem). 32 MiB covers the buffers of a busy pipe; the memory is only
+/// kept where it was used at a peak.
+const TRIM_THRESHOLD: &str = "33554432";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Appliance { .. })
-        && std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none()
+    if matches!(
+        cli.command,
+        Command::Appliance { .. } | Command::Agent { .. }
+    ) && std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_none()
     {
-        // The setting is read by glibc at start, so run ourselves again
-        // with it (same pid: exec replaces this process).
+        // glibc reads these at start, so run ourselves again with them
+        // (same pid: exec replaces this process).
         use std::os::unix::process::CommandExt;
         if let Ok(exe) = std::env::current_exe() {
-            let err = std::process::Command::new(exe)
+            let mut again = std::process::Command::new(exe);
+            again
                 .args(std::env::args_os().skip(1))
-                .env("MALLOC_MMAP_THRESHOLD_", APPLIANCE_MMAP_THRESHOLD)
-                .exec();
+                .env("MALLOC_TRIM_THRESHOLD_", TRIM_THRESHOLD);
+            // Fixing one of glibc's thresholds fixes the other at its
+            // default, which would map every read buffer fresh.
+            if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+                again.env("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD);
+            }
+            let err = again.exec();
             eprintln!(
-                "hybridlink: could not re-run with a fixed mmap threshold ({err}); continuing without"
+                "hybridlink: could not re-run with glibc's thresholds fixed ({err}); continuing without"
             );
         }
     }

@@ -129,9 +129,10 @@ pub struct StackConfig {
     /// TCP receive buffer of each flow inside smoltcp: the largest window
     /// advertised to the client. Reserved per flow when it is accepted; its
     /// pages become resident only as data passes, provided the allocator
-    /// maps large blocks fresh (with glibc, run with a fixed
-    /// `MALLOC_MMAP_THRESHOLD_=131072`; its default dynamic threshold hands
-    /// out recycled, pre-zeroed heap memory instead).
+    /// maps blocks of this size fresh (with glibc, run with a fixed
+    /// `MALLOC_MMAP_THRESHOLD_` at or below it, as `hybridlink appliance`
+    /// does with 524288; its default dynamic threshold hands out recycled,
+    /// pre-zeroed heap memory instead).
     pub tcp_rx_buffer: usize,
     /// TCP send buffer of each flow inside smoltcp.
     pub tcp_tx_buffer: usize,

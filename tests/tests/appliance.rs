@@ -344,8 +344,14 @@ fn unmodified_clients_reach_onprem_servers_by_name_and_literal() -> Result<()> {
     assert!(
         environ
             .split(|b| *b == 0)
-            .any(|v| v == b"MALLOC_MMAP_THRESHOLD_=131072"),
+            .any(|v| v == b"MALLOC_MMAP_THRESHOLD_=524288"),
         "the appliance does not run with the fixed mmap threshold"
+    );
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v == b"MALLOC_TRIM_THRESHOLD_=33554432"),
+        "the appliance does not run with the fixed trim threshold"
     );
 
     let out = s.curl("http://payroll.corp/");
