@@ -8,8 +8,9 @@
 //! For each path: iperf3 throughput with 1 and 8 streams in both
 //! directions; connect-to-first-byte latency (p50, p99) over fresh
 //! connections; new connections per second; resident memory of the path's
-//! processes per idle connection; DNS answers per second where the path has
-//! a DNS server on the app side. Results go to `OUT/latest.json` and
+//! processes per idle connection, with every connection held shown still
+//! answering; DNS answers per second where the path has a DNS server on the
+//! app side. Results go to `OUT/latest.json` and
 //! `OUT/latest.md`; each figure is also given as a ratio to direct TCP and
 //! to the best peer.
 
@@ -29,8 +30,8 @@ use lab::netns::Netns;
 use paths::{GREET_PORT, IPERF_PORT, Lab, PathKind, Running};
 use report::{Diagnosis, Metric, PathResult, Results};
 
-/// The lab's name prefix; `hybridlink lab down --prefix hlb` removes a lab
-/// left by a killed run.
+/// The lab's default name prefix; `hybridlink lab down --prefix hlb`
+/// removes a lab left by a killed run.
 const PREFIX: &str = "hlb";
 const STATE_ROOT: &str = "/run/hybridlink-lab";
 
@@ -68,6 +69,16 @@ struct Args {
     /// The hybridlink binary to measure.
     #[arg(long, default_value = "target/release/hybridlink")]
     hybridlink: PathBuf,
+    /// The numbers of connections held for the memory rows, comma
+    /// separated, instead of the plan's (full: 1000,10000,50000; smoke:
+    /// 100).
+    #[arg(long, value_delimiter = ',', value_name = "N,M")]
+    holds: Option<Vec<u32>>,
+    /// The lab's name prefix (its namespaces are PREFIXapp, PREFIXrly and
+    /// PREFIXonp); another prefix lets a second run go on beside one that
+    /// holds the default.
+    #[arg(long, default_value = PREFIX)]
+    lab_prefix: String,
 }
 
 /// How long each measurement runs.
@@ -102,7 +113,7 @@ impl Plan {
                 rounds: 3,
                 latency_count: 2000,
                 rate_secs: 5,
-                holds: vec![1000, 10000],
+                holds: vec![1000, 10000, 50000],
                 dns_secs: 5,
             }
         }
@@ -140,22 +151,43 @@ fn run(args: Args) -> Result<()> {
     let hybridlink = std::fs::canonicalize(&args.hybridlink)
         .with_context(|| format!("the hybridlink binary {}", args.hybridlink.display()))?;
     let peers = std::path::absolute(&args.peers)?;
-    let netns = Netns::new(PREFIX, &hybridlink, STATE_ROOT.as_ref())?;
-    claim_lab()?;
+    let prefix = args.lab_prefix.as_str();
+    let netns = Netns::new(prefix, &hybridlink, STATE_ROOT.as_ref())?;
+    claim_lab(prefix)?;
     netns.remove()?;
     netns.build()?;
     let state = std::path::absolute(&args.logs)?;
     let _ = std::fs::remove_dir_all(&state);
-    let lab = Lab {
+    let mut plan = Plan::new(args.smoke);
+    if let Some(holds) = &args.holds {
+        if holds.contains(&0) || holds.len() > Metric::MEMORY.len() {
+            bail!(
+                "--holds: give 1 to {} counts, each at least 1",
+                Metric::MEMORY.len()
+            );
+        }
+        plan.holds.clone_from(holds);
+    }
+    let mut lab = Lab {
         state,
         netns,
         me: std::env::current_exe()?,
         hybridlink,
         peers,
+        files: 0,
+        spread: 1,
     };
-    let outcome = measure_all(&lab, &kinds, &Plan::new(args.smoke), &args);
+    lab.files = lab.open_files()?;
+    lab.spread = lab.processes_for(plan.holds.iter().copied().max().unwrap_or(0));
+    if lab.spread > 1 {
+        eprintln!(
+            "the open-files limit is {} (the hard limit could not be raised): the greeter, the hold probe and hybridlink's agent run as {} processes each",
+            lab.files, lab.spread
+        );
+    }
+    let outcome = measure_all(&lab, &kinds, &plan, &args);
     let removed = lab.netns.remove();
-    let _ = std::fs::remove_file(PathBuf::from(STATE_ROOT).join(format!("{PREFIX}.bench.pid")));
+    let _ = std::fs::remove_file(PathBuf::from(STATE_ROOT).join(format!("{prefix}.bench.pid")));
     let results = outcome?;
     removed?;
     std::fs::create_dir_all(&args.out)?;
@@ -178,13 +210,15 @@ fn run(args: Args) -> Result<()> {
 
 /// Refuses to start while another run is alive (it would remove that run's
 /// lab under it); a run that was killed leaves a stale pid file, taken over.
-fn claim_lab() -> Result<()> {
-    let pid_file = PathBuf::from(STATE_ROOT).join(format!("{PREFIX}.bench.pid"));
+fn claim_lab(prefix: &str) -> Result<()> {
+    let pid_file = PathBuf::from(STATE_ROOT).join(format!("{prefix}.bench.pid"));
     if let Ok(pid) = std::fs::read_to_string(&pid_file) {
         let pid = pid.trim();
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         if comm.trim() == "fullpath" && pid != std::process::id().to_string() {
-            bail!("another benchmark run (pid {pid}) is using the lab {PREFIX}");
+            bail!(
+                "another benchmark run (pid {pid}) is using the lab {prefix}: wait for it, or give another --lab-prefix"
+            );
         }
     }
     std::fs::create_dir_all(STATE_ROOT)?;
@@ -211,14 +245,22 @@ fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Resul
     )?;
     let me = lab.me.display().to_string();
     let greet = format!("0.0.0.0:{GREET_PORT}");
-    let mut greeter = lab.spawn(
-        Role::Onprem,
-        "greeter",
-        &[&me, "probe", "greet", &greet],
-        &[],
-    )?;
+    // Sharing the port (SO_REUSEPORT) when one may not hold every
+    // connection.
+    let mut greeters = (0..lab.spread)
+        .map(|i| {
+            lab.spawn(
+                Role::Onprem,
+                &format!("greeter{i}"),
+                &[&me, "probe", "greet", &greet],
+                &[],
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut results = Results::new(if args.smoke { "smoke" } else { "full" }, lab, &plan.holds)?;
     results.rounds = plan.rounds;
+    results.open_files = lab.files;
+    results.spread = lab.spread;
     let mut per_path: Vec<PathResult> = kinds.iter().map(|&k| PathResult::new(k)).collect();
     for round in 0..plan.rounds {
         for (&kind, result) in kinds.iter().zip(per_path.iter_mut()) {
@@ -256,8 +298,10 @@ fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Resul
         result.finish();
         results.paths.push(result);
     }
-    let _ = greeter.kill();
-    let _ = greeter.wait();
+    for greeter in &mut greeters {
+        let _ = greeter.kill();
+        let _ = greeter.wait();
+    }
     Ok(results)
 }
 
@@ -304,8 +348,16 @@ fn measure(lab: &Lab, running: &mut Running, plan: &Plan, round: usize, result: 
     // Holding thousands of connections takes long and varies little:
     // once, in the first round.
     if running.kind != PathKind::Direct && round == 0 {
-        for (&n, metric) in plan.holds.iter().zip([Metric::Mem1k, Metric::Mem10k]) {
-            result.record(metric, idle_memory(lab, running, &target, n));
+        let mut all_answered = None;
+        for (&n, metric) in plan.holds.iter().zip(Metric::MEMORY) {
+            let held = idle_memory(lab, running, &target, n);
+            if held.is_ok() {
+                all_answered = all_answered.max(Some(n));
+            }
+            result.record(metric, held);
+        }
+        if let Some(n) = all_answered {
+            result.record(Metric::Held, Ok(f64::from(n)));
         }
     }
     let secs = plan.rate_secs.to_string();
@@ -361,30 +413,67 @@ fn iperf(lab: &Lab, host: &str, plan: &Plan, streams: u32, reverse: bool) -> Res
 }
 
 /// Resident memory of the path's processes per idle connection, in KiB:
-/// the growth while `n` greeted connections are held open.
+/// the growth while `n` greeted connections are held open. Fails unless
+/// all `n` opened and, once the memory is read, every one sends back a
+/// byte written to it.
 fn idle_memory(lab: &Lab, running: &Running, target: &str, n: u32) -> Result<f64> {
     // Let the memory of earlier measurements settle first.
     std::thread::sleep(Duration::from_secs(1));
     let before = running.resident_kib(lab);
-    let mut child = lab.probe_child(Role::App, &["hold", target, &n.to_string()])?;
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().context("hold's stdout")?).read_line(&mut first)?;
-    let report: serde_json::Value =
-        serde_json::from_str(&first).with_context(|| format!("hold printed {first:?}"))?;
+    // As many probes as the open-files limit needs, each holding its share.
+    let shares = (0..lab.spread).map(|i| n / lab.spread + u32::from(i < n % lab.spread));
+    let mut probes = Vec::new();
+    for share in shares.filter(|&share| share > 0) {
+        let mut child = lab.probe_child(Role::App, &["hold", target, &share.to_string()])?;
+        let stdout = BufReader::new(child.stdout.take().context("hold's stdout")?);
+        probes.push((child, stdout));
+    }
+    let started = Instant::now();
+    let mut held = 0;
+    let mut first_error = serde_json::Value::Null;
+    for (_, stdout) in &mut probes {
+        let report = json_line(stdout, "hold")?;
+        held += report["held"].as_u64().unwrap_or(0);
+        if first_error.is_null() {
+            first_error = report["first_error"].clone();
+        }
+    }
+    let opening = started.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     let after = running.resident_kib(lab);
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.flush();
+    let mut answered = 0;
+    for (child, stdout) in &mut probes {
+        if let Some(stdin) = child.stdin.as_mut() {
+            writeln!(stdin, "check")?;
+            stdin.flush()?;
+        }
+        answered += json_line(stdout, "hold's check")?["answered"]
+            .as_u64()
+            .unwrap_or(0);
     }
-    let _ = child.wait();
-    let held = report["held"].as_u64().unwrap_or(0);
+    for (mut child, _) in probes {
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
+    let per_connection = after.saturating_sub(before) as f64 / held.max(1) as f64;
+    eprintln!(
+        "   {n} wanted, {held} held: opened in {:.1} s, {per_connection:.1} KiB each, {answered} answering",
+        opening.as_secs_f64()
+    );
     if held < u64::from(n) {
-        bail!(
-            "only {held} of {n} connections opened: {}",
-            report["first_error"]
-        );
+        bail!("only {held} of {n} connections opened: {first_error}");
+    }
+    if answered < held {
+        bail!("of {held} connections held, only {answered} sent back a byte written to them");
     }
     // Closing thousands of flows takes the paths a moment.
-    std::thread::sleep(Duration::from_secs(2));
-    Ok(after.saturating_sub(before) as f64 / held as f64)
+    std::thread::sleep(Duration::from_secs(2).max(Duration::from_micros(100) * n));
+    Ok(per_connection)
+}
+
+/// The next line a probe printed, as JSON.
+fn json_line(stdout: &mut impl BufRead, what: &str) -> Result<serde_json::Value> {
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    serde_json::from_str(&line).with_context(|| format!("{what} printed {line:?}"))
 }

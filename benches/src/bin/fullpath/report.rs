@@ -23,11 +23,17 @@ pub enum Metric {
     Rate,
     Mem1k,
     Mem10k,
+    Mem50k,
+    /// The largest count held with every connection still answering.
+    Held,
     Dns,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 10] = [
+    /// The memory rows, one per count held, in the plan's order.
+    pub const MEMORY: [Metric; 3] = [Metric::Mem1k, Metric::Mem10k, Metric::Mem50k];
+
+    pub const ALL: [Metric; 12] = [
         Metric::Up1,
         Metric::Up8,
         Metric::Down1,
@@ -37,6 +43,8 @@ impl Metric {
         Metric::Rate,
         Metric::Mem1k,
         Metric::Mem10k,
+        Metric::Mem50k,
+        Metric::Held,
         Metric::Dns,
     ];
 
@@ -51,6 +59,8 @@ impl Metric {
             Metric::Rate => "new connections per second",
             Metric::Mem1k => "memory per idle connection (first count)",
             Metric::Mem10k => "memory per idle connection (second count)",
+            Metric::Mem50k => "memory per idle connection (third count)",
+            Metric::Held => "connections held, every one answering",
             Metric::Dns => "DNS answers per second",
         }
     }
@@ -60,7 +70,8 @@ impl Metric {
             Metric::Up1 | Metric::Up8 | Metric::Down1 | Metric::Down8 => "Gbit/s",
             Metric::P50 | Metric::P99 => "ms",
             Metric::Rate | Metric::Dns => "/s",
-            Metric::Mem1k | Metric::Mem10k => "KiB",
+            Metric::Mem1k | Metric::Mem10k | Metric::Mem50k => "KiB",
+            Metric::Held => "connections",
         }
     }
 
@@ -68,14 +79,14 @@ impl Metric {
     fn higher_is_better(self) -> bool {
         !matches!(
             self,
-            Metric::P50 | Metric::P99 | Metric::Mem1k | Metric::Mem10k
+            Metric::P50 | Metric::P99 | Metric::Mem1k | Metric::Mem10k | Metric::Mem50k
         )
     }
 
     pub fn format(self, v: f64) -> String {
         let digits = match self {
-            Metric::Rate | Metric::Dns => 0,
-            Metric::Mem1k | Metric::Mem10k => 1,
+            Metric::Rate | Metric::Dns | Metric::Held => 0,
+            Metric::Mem1k | Metric::Mem10k | Metric::Mem50k => 1,
             _ => 2,
         };
         format!("{v:.digits$} {}", self.unit())
@@ -168,8 +179,15 @@ pub struct Results {
     pub date: String,
     pub machine: String,
     pub versions: BTreeMap<String, String>,
-    /// The idle-connection counts behind `mem1k` and `mem10k`.
+    /// The idle-connection counts behind `mem1k`, `mem10k` and `mem50k`.
     pub holds: Vec<u32>,
+    /// The open-files limit of the lab's processes.
+    #[serde(default)]
+    pub open_files: u32,
+    /// How many greeters, hold probes and hybridlink agents shared the
+    /// connections held, each within that limit.
+    #[serde(default)]
+    pub spread: u32,
     /// How many rounds measured every path in turn.
     #[serde(default)]
     pub rounds: usize,
@@ -253,6 +271,8 @@ impl Results {
             machine,
             versions,
             holds: holds.to_vec(),
+            open_files: 0,
+            spread: 1,
             rounds: 1,
             paths: Vec::new(),
         })
@@ -283,8 +303,8 @@ impl Results {
 
     fn label(&self, m: Metric) -> String {
         match m {
-            Metric::Mem1k | Metric::Mem10k => {
-                let i = usize::from(m == Metric::Mem10k);
+            Metric::Mem1k | Metric::Mem10k | Metric::Mem50k => {
+                let i = Metric::MEMORY.iter().position(|&x| x == m).unwrap_or(0);
                 match self.holds.get(i) {
                     Some(n) => format!("memory per idle connection, {n} held"),
                     None => m.label().to_string(),
@@ -375,9 +395,20 @@ pub fn markdown(r: &Results) -> String {
         "\nMemory is the growth of the resident set of the path's own processes (hybridlink: \
          appliance, relay and agent; rathole: server and client; shadowsocks: sslocal and \
          ssserver; ssh: sshd and both clients) while the connections are held, divided by their \
-         number. Latency and connection rate use a target that sends one byte on accept; \
-         throughput is iperf3. Each figure is the median of the rounds that measured it."
+         number; a count is held only if every connection, once the memory is read, sends \
+         back a byte written to it (the row \"connections held, every one answering\" is the \
+         largest such count). Latency and connection rate use a target that sends one byte on \
+         accept; throughput is iperf3. Each figure is the median of the rounds that measured it."
     );
+    if r.spread > 1 {
+        let _ = writeln!(
+            s,
+            "\nThe open-files limit of this machine's processes was {} and could not be raised, \
+             so the target, the probe holding the connections and hybridlink's agent each ran \
+             as {} processes sharing the connections (one file per connection each).",
+            r.open_files, r.spread
+        );
+    }
     s
 }
 
@@ -486,11 +517,11 @@ fn targets(r: &Results) -> Vec<String> {
     );
     // At the larger count if both held it, else at the smaller.
     let both = |m| r.value("hybridlink", m).is_some() && r.value("rathole", m).is_some();
-    let mem = if both(Metric::Mem10k) {
-        Metric::Mem10k
-    } else {
-        Metric::Mem1k
-    };
+    let mem = Metric::MEMORY
+        .into_iter()
+        .rev()
+        .find(|&m| both(m))
+        .unwrap_or(Metric::Mem1k);
     check(
         "memory per idle connection below rathole's",
         mem,
@@ -511,7 +542,9 @@ mod tests {
             date: "today".into(),
             machine: "test".into(),
             versions: BTreeMap::new(),
-            holds: vec![1000, 10000],
+            holds: vec![1000, 10000, 50000],
+            open_files: 0,
+            spread: 1,
             rounds,
             paths,
         }
