@@ -18,7 +18,7 @@ PANELS = [
     ("Connect to first byte (ms, lower is better)", [("p50", "p50"), ("p99", "p99")], True),
     ("New connections per second (higher is better)", [("rate", "conn/s")], False),
     ("Memory per idle connection (KiB, lower is better)",
-     [("mem1k", "first count"), ("mem10k", "second count")], False),
+     [("mem1k", "first count"), ("mem10k", "second count"), ("mem50k", "third count")], False),
 ]
 
 
@@ -34,7 +34,7 @@ def main(src, dst):
         labels = []
         for key, label in metrics:
             if key.startswith("mem") and holds:
-                i = 0 if key == "mem1k" else 1
+                i = ["mem1k", "mem10k", "mem50k"].index(key)
                 label = f"{holds[i]} held" if i < len(holds) else label
             labels.append(label)
         width = 0.8 / len(paths)

@@ -17,6 +17,7 @@
 //! # strings without CertificateSha256 go over Azure Relay's protocol,
 //! # whose relay names no endpoint: the config does, and `allow` applies
 //! ca_file = "/etc/hybridlink/relay-ca.pem"   # default: the system's roots
+//! max_flows = 65536   # TCP connections held at once through the tun
 //! [endpoints]
 //! payroll = "payroll.corp:1433"
 //! ```
@@ -76,6 +77,11 @@ pub enum ConfigError {
     /// A name for the tun device that Linux would refuse.
     #[error("tun name {0:?} must be 1 to 15 characters of letters, digits, '-' or '_'")]
     TunName(String),
+    /// A flow limit of zero or past [`MAX_FLOWS_LIMIT`].
+    #[error(
+        "max_flows = {0}: give 1 to {MAX_FLOWS_LIMIT}; each connection held costs the appliance about 10 to 25 KiB when idle and reserves 1 MiB of TCP buffers, resident only as data passes (default {DEFAULT_MAX_FLOWS})"
+    )]
+    MaxFlows(i64),
     /// An entry of `allow` did not parse.
     #[error("in `allow` of the appliance config: {0}")]
     Allow(#[from] AllowError),
@@ -100,6 +106,15 @@ pub enum ConfigError {
     StrayEndpoint(HcName, Endpoint, &'static str),
 }
 
+/// How many TCP connections through the tun the appliance holds at once
+/// unless `max_flows` says otherwise: a sender opens up to 16 pipes to an
+/// agent of up to 4,096 streams each (`transport::sender`), so one hybrid
+/// connection can carry this many.
+pub const DEFAULT_MAX_FLOWS: usize = 65_536;
+
+/// The largest `max_flows` accepted.
+pub const MAX_FLOWS_LIMIT: usize = 1_048_576;
+
 /// The raw file, as written by a person.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,6 +127,7 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     allow: Option<Vec<String>>,
     ca_file: Option<PathBuf>,
+    max_flows: Option<i64>,
     endpoints: Option<BTreeMap<String, String>>,
 }
 
@@ -142,6 +158,9 @@ pub struct ApplianceConfig {
     /// The CA certificates (PEM) an Azure-protocol relay's certificate must
     /// chain to; `None`: the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// Most TCP connections through the tun held at once (`max_flows` in
+    /// the file); a connection past it is refused with a reset.
+    pub max_flows: usize,
 }
 
 impl ApplianceConfig {
@@ -158,6 +177,7 @@ impl ApplianceConfig {
             allow: None,
             endpoints: BTreeMap::new(),
             ca_file: None,
+            max_flows: DEFAULT_MAX_FLOWS,
         })
     }
 
@@ -237,6 +257,9 @@ impl ApplianceConfig {
             config.allow = Some(AllowList::parse(&a)?);
         }
         config.ca_file = raw.ca_file;
+        if let Some(n) = raw.max_flows {
+            config.max_flows = parse_max_flows(n)?;
+        }
         for (name, value) in raw.endpoints.unwrap_or_default() {
             let bad = |message: String| ConfigError::EndpointSyntax {
                 name: name.clone(),
@@ -297,6 +320,9 @@ impl ApplianceConfig {
         if let Some(ca) = &self.ca_file {
             out.push_str(&format!("ca_file = {}\n", quote(&ca.display().to_string())));
         }
+        if self.max_flows != defaults.max_flows {
+            out.push_str(&format!("max_flows = {}\n", self.max_flows));
+        }
         // A table comes last: every key after it would belong to it.
         if !self.endpoints.is_empty() {
             out.push_str("[endpoints]\n");
@@ -327,6 +353,14 @@ fn check_strings(strings: &[ConnectionString]) -> Result<(), ConfigError> {
 /// Parses `virtual_range` as written in the file or on the command line.
 pub fn parse_range(s: &str) -> Result<VirtualRange, ConfigError> {
     Ok(s.parse()?)
+}
+
+/// Checks `max_flows` as written in the file.
+pub fn parse_max_flows(n: i64) -> Result<usize, ConfigError> {
+    match usize::try_from(n) {
+        Ok(n) if (1..=MAX_FLOWS_LIMIT).contains(&n) => Ok(n),
+        _ => Err(ConfigError::MaxFlows(n)),
+    }
 }
 
 /// Checks a tun device name.
@@ -360,6 +394,33 @@ mod tests {
         assert_eq!(c.tun, "hl9");
         assert_eq!(c.mtu, 65535);
         assert_eq!(c.dns_listen, "127.0.0.53:53".parse().unwrap());
+    }
+
+    #[test]
+    fn max_flows_is_read_and_bad_values_say_what_to_give() {
+        let p = Path::new("a.toml");
+        let file = |v: &str| format!("connection_strings = [\"{CS}\"]\nmax_flows = {v}\n");
+        let c = ApplianceConfig::parse(&file("100000"), p).unwrap();
+        assert_eq!(c.max_flows, 100_000);
+        let back = ApplianceConfig::parse(&c.to_toml().unwrap(), p).unwrap();
+        assert_eq!(back.max_flows, 100_000);
+        let c = ApplianceConfig::parse(&format!("connection_strings = [\"{CS}\"]"), p).unwrap();
+        assert_eq!(c.max_flows, DEFAULT_MAX_FLOWS);
+        for bad in ["0", "-5", "1048577", "99999999999"] {
+            let err = ApplianceConfig::parse(&file(bad), p).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::MaxFlows(_))
+                    && err
+                        .to_string()
+                        .contains(&format!("max_flows = {bad}: give 1 to 1048576")),
+                "{bad}: {err}"
+            );
+        }
+        let err = ApplianceConfig::parse(&file("\"many\""), p).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Syntax { message, .. } if message.contains("max_flows")),
+            "{err}"
+        );
     }
 
     #[test]

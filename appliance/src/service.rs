@@ -166,6 +166,7 @@ pub async fn run(
     })?;
     let mut stack_config = StackConfig::new(vec![any]);
     stack_config.mtu = config.mtu;
+    stack_config.max_flows = config.max_flows;
     stack_config.sources = Some(own_sources(&host));
     let stack = Netstack::spawn(tun, stack_config).map_err(|e| ApplianceError::Netstack {
         tun: config.tun.clone(),

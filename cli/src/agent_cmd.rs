@@ -315,6 +315,25 @@ fn default_policy_path(strings_file: Option<&Path>) -> PathBuf {
 }
 
 /// Runs an agent subcommand.
+/// Open files the agent wants: one per stream it carries to a target, and a
+/// sender opens up to 16 pipes of 4,096 streams each (65,536), plus room
+/// for its pipes and control channels.
+const FILES_WANTED: u64 = 65_536 + 1_024;
+
+/// Says at start when the open-files limit (already raised to the hard
+/// limit) caps the streams the agent can carry.
+fn warn_if_few_files() {
+    if let Some(soft) = transport::fd_limit::soft()
+        && soft < FILES_WANTED
+    {
+        tracing::warn!(
+            open_files = soft,
+            wanted = FILES_WANTED,
+            "the open-files limit lets this agent carry about {soft} connections at once, fewer than one sender can open ({FILES_WANTED}); raise it (the unit sets LimitNOFILE=1048576; or ulimit -Hn as root)"
+        );
+    }
+}
+
 pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
     match cmd {
         AgentCommand::Install {
@@ -421,6 +440,7 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                 options.label = label;
             }
             let agent = agent::Agent::start(options)?;
+            warn_if_few_files();
             if let Some(addr) = metrics {
                 let metrics = agent.metrics();
                 let bound = transport::metrics::serve(addr, move || metrics.render())

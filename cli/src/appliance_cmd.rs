@@ -104,6 +104,11 @@ pub struct RunArgs {
     /// /var/lib/hybridlink-appliance).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Most TCP connections through the tun held at once, 1 to 1048576
+    /// (default 65536; `max_flows` in the config). One past it is refused;
+    /// each idle one costs about 10 to 25 KiB.
+    #[arg(long, value_name = "N", value_parser = parse_max_flows_arg)]
+    max_flows: Option<usize>,
     /// Allow the relay to announce this host name, `.suffix` or IPv4
     /// network; repeat for more. Replaces the config's `allow`. Without
     /// either, each hybrid connection's first announced host is allowed.
@@ -126,6 +131,14 @@ pub struct RunArgs {
     /// DNS queries by answer, reconnects, token renewals.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+}
+
+/// `--max-flows`, checked like `max_flows` in the config.
+fn parse_max_flows_arg(s: &str) -> Result<usize, String> {
+    let n: i64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of connections"))?;
+    appliance::config::parse_max_flows(n).map_err(|e| e.to_string())
 }
 
 /// Where `appliance install` keeps the config.
@@ -318,6 +331,7 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
         tun,
         dns_listen,
         state_dir,
+        max_flows,
         allow,
         endpoints,
         ca_file,
@@ -344,6 +358,9 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
     }
     if let Some(s) = state_dir {
         config.state_dir = s;
+    }
+    if let Some(n) = max_flows {
+        config.max_flows = n;
     }
     if !allow.is_empty() {
         config.allow = Some(AllowList::new(allow));

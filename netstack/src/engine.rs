@@ -28,6 +28,10 @@ use crate::packet::{self, Classified, FourTuple};
 
 /// How often every flow is checked for timeouts.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// Flow counts up to this are swept whole every [`SWEEP_INTERVAL`].
+const SWEEP_ALL_BELOW: usize = 1024;
+/// Past [`SWEEP_ALL_BELOW`], a sweep visits this fraction of the flows.
+const SWEEP_SLICES: usize = 10;
 /// Most rounds of egress per poll; each round emits up to one segment per
 /// socket.
 const EGRESS_ROUNDS: usize = 256;
@@ -115,6 +119,8 @@ pub(crate) struct Engine {
     events: VecDeque<Event>,
     cmd: mpsc::UnboundedSender<Command>,
     next_sweep: Instant,
+    /// The flows the running sweep has yet to visit (see [`Self::sweep`]).
+    to_sweep: Vec<FlowId>,
     counters: Arc<Counters>,
     last_foreign_warning: Option<Instant>,
 }
@@ -157,6 +163,7 @@ impl Engine {
             events: VecDeque::new(),
             cmd,
             next_sweep: now + SWEEP_INTERVAL,
+            to_sweep: Vec::new(),
             counters,
             last_foreign_warning: None,
         }
@@ -448,11 +455,21 @@ impl Engine {
         }
     }
 
-    /// Checks every flow for timeouts, and services them all so that state
-    /// changes made by smoltcp timers (retransmission give-up, TIME-WAIT)
-    /// are seen.
+    /// Checks flows for timeouts, and services them so that state changes
+    /// made by smoltcp timers (retransmission give-up, TIME-WAIT) are seen.
+    /// Up to [`SWEEP_ALL_BELOW`] flows are all visited every
+    /// [`SWEEP_INTERVAL`]; past that, a tenth of them each time, so that
+    /// every flow is still visited once a second while tens of thousands
+    /// held cost a tenth of the work per tick.
     fn sweep(&mut self, now: Instant) {
-        let ids: Vec<FlowId> = self.entries.keys().copied().collect();
+        if self.to_sweep.is_empty() {
+            self.to_sweep.extend(self.entries.keys().copied());
+        }
+        let n = self
+            .to_sweep
+            .len()
+            .min(SWEEP_ALL_BELOW.max(self.entries.len().div_ceil(SWEEP_SLICES)));
+        let ids: Vec<FlowId> = self.to_sweep.drain(self.to_sweep.len() - n..).collect();
         for id in ids {
             let expired = match self.entries.get_mut(&id) {
                 Some(Entry::Pending(p)) => now >= p.deadline,

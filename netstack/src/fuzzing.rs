@@ -430,6 +430,38 @@ mod tests {
         assert_eq!(rb.filled(), b"ping");
     }
 
+    /// A `max_flows` above the old fixed 16,384 is what the stack holds:
+    /// 20,000 flows (one established, the rest waiting for a decision, which
+    /// count alike), and the next SYN is refused with a reset at once.
+    #[test]
+    fn a_configured_flow_cap_above_16384_is_honoured() {
+        let mut config = lab_range();
+        config.max_flows = 20_000;
+        config.mtu = 1500;
+        config.tcp_rx_buffer = 4096;
+        config.tcp_tx_buffer = 4096;
+        let mut h = Harness::established(config);
+        let client = |i: u32| {
+            let [_, _, a, b] = (i + 1).to_be_bytes();
+            SocketAddrV4::new(std::net::Ipv4Addr::new(10, 2, a, b), 40000)
+        };
+        for i in 0..19_999 {
+            h.feed(build_syn(client(i), addr(SERVER), 7));
+        }
+        assert_eq!(h.engine.flow_count(), 20_000);
+        h.drain();
+        h.feed(build_syn(client(19_999), addr(SERVER), 7));
+        assert_eq!(h.engine.flow_count(), 20_000, "the flow past the cap");
+        let refusal = h
+            .engine
+            .peek_transmit()
+            .expect("a reset for the refused SYN");
+        let ip = Ipv4Packet::new_checked(refusal).unwrap();
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert_eq!(ip.dst_addr(), *client(19_999).ip());
+        assert!(tcp.rst());
+    }
+
     #[test]
     fn retransmitted_syn_makes_no_second_flow() {
         let mut h = Harness::new();

@@ -495,6 +495,47 @@ fn open_past_the_stream_cap_is_rejected_with_a_reason() {
     assert_eq!(p.server.stream_count(), 2);
 }
 
+/// The bound a pipe keeps against a peer opening streams without end: with
+/// the default config, the session window covers 4,096 streams (256 MiB of
+/// [`BASE_WINDOW`] each), below `max_streams`; every OPEN past them is
+/// refused and the session stays up.
+#[test]
+fn a_pipe_holds_4096_streams_and_refuses_the_rest() {
+    let config = Config::default();
+    let bound = (config.max_session_window / u64::from(BASE_WINDOW)) as usize;
+    assert_eq!(bound, 4096);
+    assert!(bound <= config.max_streams);
+    let now = Instant::now();
+    let mut server = Mux::new(Side::Server, config, now);
+    let mut input = BytesMut::new();
+    for i in 0..5000u32 {
+        Frame::Open {
+            id: StreamId::new(2 * i + 1),
+            request: Bytes::new(),
+        }
+        .encode(&mut input);
+    }
+    server.handle_input(&mut input, now);
+    let mut incoming = 0;
+    while let Some(e) = server.poll_event() {
+        assert!(matches!(e, Event::IncomingStream { .. }), "{e:?}");
+        incoming += 1;
+    }
+    assert_eq!(incoming, bound);
+    assert_eq!(server.stream_count(), bound);
+    let mut out = BytesMut::new();
+    server.poll_transmit(&mut out);
+    let mut rejects = 0;
+    while let Some(frame) = Frame::decode(&mut out, u32::MAX).unwrap() {
+        if let Frame::Reject { payload, .. } = frame {
+            assert_eq!(payload, TOO_MANY_STREAMS);
+            rejects += 1;
+        }
+    }
+    assert_eq!(rejects, 5000 - bound);
+    assert!(!server.is_closed());
+}
+
 fn violation(frames: &[Frame]) -> CloseReason {
     let mut p = Pair::new(Config::default());
     let mut buf = BytesMut::new();

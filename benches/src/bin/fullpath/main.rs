@@ -8,8 +8,9 @@
 //! For each path: iperf3 throughput with 1 and 8 streams in both
 //! directions; connect-to-first-byte latency (p50, p99) over fresh
 //! connections; new connections per second; resident memory of the path's
-//! processes per idle connection; DNS answers per second where the path has
-//! a DNS server on the app side. Results go to `OUT/latest.json` and
+//! processes per idle connection, with every connection held shown still
+//! answering; DNS answers per second where the path has a DNS server on the
+//! app side. Results go to `OUT/latest.json` and
 //! `OUT/latest.md`; each figure is also given as a ratio to direct TCP and
 //! to the best peer.
 
@@ -30,8 +31,8 @@ use lab::netns::Netns;
 use paths::{GREET_PORT, IPERF_PORT, Lab, PathKind, Running, Spawned};
 use report::{Diagnosis, Metric, PathResult, Results};
 
-/// The lab's name prefix; `hybridlink lab down --prefix hlb` removes a lab
-/// left by a killed run.
+/// The lab's default name prefix; `hybridlink lab down --prefix hlb`
+/// removes a lab left by a killed run.
 const PREFIX: &str = "hlb";
 const STATE_ROOT: &str = "/run/hybridlink-lab";
 
@@ -77,7 +78,22 @@ struct Args {
     /// (for --profile).
     #[arg(long, default_value = "target/bench-peers/bin")]
     tools: PathBuf,
+    /// The numbers of connections held for the memory rows, comma
+    /// separated, instead of the plan's (full: 1000,10000,50000; smoke:
+    /// 100).
+    #[arg(long, value_delimiter = ',', value_name = "N,M")]
+    holds: Option<Vec<u32>>,
+    /// The lab's name prefix (its namespaces are PREFIXapp, PREFIXrly and
+    /// PREFIXonp); another prefix lets a second run go on beside one that
+    /// holds the default.
+    #[arg(long, default_value = PREFIX)]
+    lab_prefix: String,
 }
+
+/// The most connections the peers and the Azure-protocol path are asked
+/// to hold: the counts past it are about one appliance's limits, and a
+/// peer's failing attempt at them would only cost the run minutes.
+const PEER_HOLD_MOST: u32 = 10_000;
 
 /// How long each measurement runs.
 struct Plan {
@@ -111,7 +127,7 @@ impl Plan {
                 rounds: 3,
                 latency_count: 2000,
                 rate_secs: 5,
-                holds: vec![1000, 10000],
+                holds: vec![1000, 10000, 50000],
                 dns_secs: 5,
             }
         }
@@ -149,34 +165,59 @@ fn run(args: Args) -> Result<()> {
     let hybridlink = std::fs::canonicalize(&args.hybridlink)
         .with_context(|| format!("the hybridlink binary {}", args.hybridlink.display()))?;
     let peers = std::path::absolute(&args.peers)?;
-    let netns = Netns::new(PREFIX, &hybridlink, STATE_ROOT.as_ref())?;
-    claim_lab()?;
+    let prefix = args.lab_prefix.as_str();
+    let netns = Netns::new(prefix, &hybridlink, STATE_ROOT.as_ref())?;
+    claim_lab(prefix)?;
     netns.remove()?;
     netns.build()?;
     let state = std::path::absolute(&args.logs)?;
     let _ = std::fs::remove_dir_all(&state);
-    let lab = Lab {
+    let mut plan = Plan::new(args.smoke);
+    if let Some(holds) = &args.holds {
+        if holds.contains(&0) || holds.len() > Metric::MEMORY.len() {
+            bail!(
+                "--holds: give 1 to {} counts, each at least 1",
+                Metric::MEMORY.len()
+            );
+        }
+        plan.holds.clone_from(holds);
+    }
+    let mut lab = Lab {
         state,
         netns,
         me: std::env::current_exe()?,
         hybridlink,
         peers,
+        files: 0,
+        spread: 1,
     };
+    lab.files = lab.open_files()?;
+    // A profile holds no connections: one agent, as users run it.
+    let most_held = match args.profile {
+        Some(_) => 0,
+        None => plan.holds.iter().copied().max().unwrap_or(0),
+    };
+    lab.spread = lab.processes_for(most_held);
+    if lab.spread > 1 {
+        eprintln!(
+            "the open-files limit is {} (the hard limit could not be raised): the greeter, the hold probe and hybridlink's agent run as {} processes each",
+            lab.files, lab.spread
+        );
+    }
     if let Some(dir) = &args.profile {
-        let profiled = prepare(&lab).and_then(|mut greeter| {
+        let profiled = prepare(&lab).and_then(|mut greeters| {
             let profiled = profile::run(&lab, dir, &std::path::absolute(&args.tools)?);
-            let _ = greeter.kill();
-            let _ = greeter.wait();
+            stop_all(&mut greeters);
             profiled
         });
         let removed = lab.netns.remove();
-        let _ = std::fs::remove_file(PathBuf::from(STATE_ROOT).join(format!("{PREFIX}.bench.pid")));
+        let _ = std::fs::remove_file(PathBuf::from(STATE_ROOT).join(format!("{prefix}.bench.pid")));
         profiled?;
         return removed;
     }
-    let outcome = measure_all(&lab, &kinds, &Plan::new(args.smoke), &args);
+    let outcome = measure_all(&lab, &kinds, &plan, &args);
     let removed = lab.netns.remove();
-    let _ = std::fs::remove_file(PathBuf::from(STATE_ROOT).join(format!("{PREFIX}.bench.pid")));
+    let _ = std::fs::remove_file(PathBuf::from(STATE_ROOT).join(format!("{prefix}.bench.pid")));
     let results = outcome?;
     removed?;
     std::fs::create_dir_all(&args.out)?;
@@ -199,13 +240,15 @@ fn run(args: Args) -> Result<()> {
 
 /// Refuses to start while another run is alive (it would remove that run's
 /// lab under it); a run that was killed leaves a stale pid file, taken over.
-fn claim_lab() -> Result<()> {
-    let pid_file = PathBuf::from(STATE_ROOT).join(format!("{PREFIX}.bench.pid"));
+fn claim_lab(prefix: &str) -> Result<()> {
+    let pid_file = PathBuf::from(STATE_ROOT).join(format!("{prefix}.bench.pid"));
     if let Ok(pid) = std::fs::read_to_string(&pid_file) {
         let pid = pid.trim();
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         if comm.trim() == "fullpath" && pid != std::process::id().to_string() {
-            bail!("another benchmark run (pid {pid}) is using the lab {PREFIX}");
+            bail!(
+                "another benchmark run (pid {pid}) is using the lab {prefix}: wait for it, or give another --lab-prefix"
+            );
         }
     }
     std::fs::create_dir_all(STATE_ROOT)?;
@@ -216,7 +259,7 @@ fn claim_lab() -> Result<()> {
 /// Readies the lab for any path: the namespaces' sysctls, the target's
 /// name on-prem, and the greeter every path's latency is measured against
 /// (and whose greeting tells that a path is up).
-fn prepare(lab: &Lab) -> Result<Spawned> {
+fn prepare(lab: &Lab) -> Result<Vec<Spawned>> {
     std::fs::create_dir_all(&lab.state)?;
     for role in [Role::App, Role::Relay, Role::Onprem] {
         // Thousands of connections a second leave sockets in TIME-WAIT, so
@@ -235,18 +278,33 @@ fn prepare(lab: &Lab) -> Result<Spawned> {
     )?;
     let me = lab.me.display().to_string();
     let greet = format!("0.0.0.0:{GREET_PORT}");
-    lab.spawn(
-        Role::Onprem,
-        "greeter",
-        &[&me, "probe", "greet", &greet],
-        &[],
-    )
+    // Sharing the port (SO_REUSEPORT) when one may not hold every
+    // connection.
+    (0..lab.spread)
+        .map(|i| {
+            lab.spawn(
+                Role::Onprem,
+                &format!("greeter{i}"),
+                &[&me, "probe", "greet", &greet],
+                &[],
+            )
+        })
+        .collect()
+}
+
+fn stop_all(children: &mut [Spawned]) {
+    for child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Result<Results> {
-    let mut greeter = prepare(lab)?;
+    let mut greeters = prepare(lab)?;
     let mut results = Results::new(if args.smoke { "smoke" } else { "full" }, lab, &plan.holds)?;
     results.rounds = plan.rounds;
+    results.open_files = lab.files;
+    results.spread = lab.spread;
     let mut per_path: Vec<PathResult> = kinds.iter().map(|&k| PathResult::new(k)).collect();
     for round in 0..plan.rounds {
         for (&kind, result) in kinds.iter().zip(per_path.iter_mut()) {
@@ -284,8 +342,7 @@ fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Resul
         result.finish();
         results.paths.push(result);
     }
-    let _ = greeter.kill();
-    let _ = greeter.wait();
+    stop_all(&mut greeters);
     Ok(results)
 }
 
@@ -329,13 +386,6 @@ fn measure(lab: &Lab, running: &mut Running, plan: &Plan, round: usize, result: 
         }
         Err(e) => result.fail(format!("latency: {e:#}")),
     }
-    // Holding thousands of connections takes long and varies little:
-    // once, in the first round.
-    if running.kind != PathKind::Direct && round == 0 {
-        for (&n, metric) in plan.holds.iter().zip([Metric::Mem1k, Metric::Mem10k]) {
-            result.record(metric, idle_memory(lab, running, &target, n));
-        }
-    }
     let secs = plan.rate_secs.to_string();
     result.record(
         Metric::Rate,
@@ -349,6 +399,25 @@ fn measure(lab: &Lab, running: &mut Running, plan: &Plan, round: usize, result: 
             lab.probe(Role::App, &["dns", &server, &name, &secs, "8"])
                 .and_then(|v| number(&v, "per_sec")),
         );
+    }
+    // Holding thousands of connections takes long and varies little:
+    // once, in the first round, and last, so that a path left struggling
+    // by a count it could not hold does not spoil the other rows.
+    if running.kind != PathKind::Direct && round == 0 {
+        let mut all_answered = None;
+        for (&n, metric) in plan.holds.iter().zip(Metric::MEMORY) {
+            if n > PEER_HOLD_MOST && running.kind != PathKind::Hybridlink {
+                continue;
+            }
+            let held = idle_memory(lab, running, &target, n);
+            if held.is_ok() {
+                all_answered = all_answered.max(Some(n));
+            }
+            result.record(metric, held);
+        }
+        if let Some(n) = all_answered {
+            result.record(Metric::Held, Ok(f64::from(n)));
+        }
     }
 }
 
@@ -389,30 +458,67 @@ fn iperf(lab: &Lab, host: &str, plan: &Plan, streams: u32, reverse: bool) -> Res
 }
 
 /// Resident memory of the path's processes per idle connection, in KiB:
-/// the growth while `n` greeted connections are held open.
+/// the growth while `n` greeted connections are held open. Fails unless
+/// all `n` opened and, once the memory is read, every one sends back a
+/// byte written to it.
 fn idle_memory(lab: &Lab, running: &Running, target: &str, n: u32) -> Result<f64> {
     // Let the memory of earlier measurements settle first.
     std::thread::sleep(Duration::from_secs(1));
     let before = running.resident_kib(lab);
-    let mut child = lab.probe_child(Role::App, &["hold", target, &n.to_string()])?;
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().context("hold's stdout")?).read_line(&mut first)?;
-    let report: serde_json::Value =
-        serde_json::from_str(&first).with_context(|| format!("hold printed {first:?}"))?;
+    // As many probes as the open-files limit needs, each holding its share.
+    let shares = (0..lab.spread).map(|i| n / lab.spread + u32::from(i < n % lab.spread));
+    let mut probes = Vec::new();
+    for share in shares.filter(|&share| share > 0) {
+        let mut child = lab.probe_child(Role::App, &["hold", target, &share.to_string()])?;
+        let stdout = BufReader::new(child.stdout.take().context("hold's stdout")?);
+        probes.push((child, stdout));
+    }
+    let started = Instant::now();
+    let mut held = 0;
+    let mut first_error = serde_json::Value::Null;
+    for (_, stdout) in &mut probes {
+        let report = json_line(stdout, "hold")?;
+        held += report["held"].as_u64().unwrap_or(0);
+        if first_error.is_null() {
+            first_error = report["first_error"].clone();
+        }
+    }
+    let opening = started.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     let after = running.resident_kib(lab);
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.flush();
+    let mut answered = 0;
+    for (child, stdout) in &mut probes {
+        if let Some(stdin) = child.stdin.as_mut() {
+            writeln!(stdin, "check")?;
+            stdin.flush()?;
+        }
+        answered += json_line(stdout, "hold's check")?["answered"]
+            .as_u64()
+            .unwrap_or(0);
     }
-    let _ = child.wait();
-    let held = report["held"].as_u64().unwrap_or(0);
+    for (mut child, _) in probes {
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
+    let per_connection = after.saturating_sub(before) as f64 / held.max(1) as f64;
+    eprintln!(
+        "   {n} wanted, {held} held: opened in {:.1} s, {per_connection:.1} KiB each, {answered} answering",
+        opening.as_secs_f64()
+    );
     if held < u64::from(n) {
-        bail!(
-            "only {held} of {n} connections opened: {}",
-            report["first_error"]
-        );
+        bail!("only {held} of {n} connections opened: {first_error}");
+    }
+    if answered < held {
+        bail!("of {held} connections held, only {answered} sent back a byte written to them");
     }
     // Closing thousands of flows takes the paths a moment.
-    std::thread::sleep(Duration::from_secs(2));
-    Ok(after.saturating_sub(before) as f64 / held as f64)
+    std::thread::sleep(Duration::from_secs(2).max(Duration::from_micros(100) * n));
+    Ok(per_connection)
+}
+
+/// The next line a probe printed, as JSON.
+fn json_line(stdout: &mut impl BufRead, what: &str) -> Result<serde_json::Value> {
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    serde_json::from_str(&line).with_context(|| format!("{what} printed {line:?}"))
 }

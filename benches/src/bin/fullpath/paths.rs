@@ -17,9 +17,14 @@ use anyhow::{Context, Result, bail};
 use lab::netns::Netns;
 use lab::{ONPREM_IP, RELAY_APP_SIDE_IP, RELAY_IP, RELAY_ONPREM_SIDE_IP, Role};
 
-/// A shell prefix that raises the open-files limit to the hard limit (every
-/// process of every path gets the same) and runs its arguments.
-const RAISE_FILES: &str = "ulimit -n \"$(ulimit -Hn)\" && exec \"$@\"";
+/// A shell prefix that raises the open-files limit (every process of every
+/// path gets the same) and runs its arguments: the hard limit to 1,048,576
+/// where it is lower (the harness runs as root; holding 50,000 connections
+/// takes that many files in the probe, the greeter and a path's on-prem
+/// side each), then the soft limit to the hard one.
+const RAISE_FILES: &str = "h=$(ulimit -Hn); \
+     { [ \"$h\" = unlimited ] || [ \"$h\" -ge 1048576 ] || ulimit -Hn 1048576 2>/dev/null; }; \
+     ulimit -n \"$(ulimit -Hn)\" && exec \"$@\"";
 
 /// The target ports, the same on every path.
 pub const IPERF_PORT: u16 = 5201;
@@ -108,6 +113,11 @@ pub struct Lab {
     pub hybridlink: PathBuf,
     /// Where `rathole`, `sslocal` and `ssserver` are.
     pub peers: PathBuf,
+    /// The open-files limit every process of the lab gets.
+    pub files: u32,
+    /// How many greeters, hold probes and hybridlink agents share the
+    /// connections held, so that none needs more files than it may open.
+    pub spread: u32,
 }
 
 /// A path that is up: the processes to stop and what the app dials.
@@ -165,6 +175,34 @@ impl Spawned {
 }
 
 impl Lab {
+    /// The open-files limit the lab's processes get (see [`RAISE_FILES`]).
+    pub fn open_files(&self) -> Result<u32> {
+        let out = self
+            .raised(Role::App)
+            .args(["sh", "-c", "ulimit -n"])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text.trim() {
+            "unlimited" => Ok(u32::MAX),
+            n => n
+                .parse::<u64>()
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+                .with_context(|| format!("ulimit -n printed {text:?}")),
+        }
+    }
+
+    /// How many processes share `connections` held so that each stays well
+    /// inside the open-files limit (one file per connection, a tenth spare
+    /// for an uneven share and the process's own files).
+    pub fn processes_for(&self, connections: u32) -> u32 {
+        let per_process = (u64::from(self.files).saturating_sub(1024) * 9 / 10).max(1);
+        u64::from(connections)
+            .div_ceil(per_process)
+            .clamp(1, 64)
+            .try_into()
+            .unwrap_or(1)
+    }
+
     /// A command in `role`'s namespace that raises the open-files limit and
     /// then runs the arguments it is given.
     fn raised(&self, role: Role) -> Command {
@@ -586,8 +624,33 @@ impl Lab {
     /// The agent in the onprem namespace, allowed exactly the two
     /// endpoints (the policy `agent install` would write).
     fn start_agent(&self, r: &mut Running, listen: &[String], extra: &[&str]) -> Result<()> {
+        for i in 0..self.spread {
+            self.start_one_agent(r, i, listen, extra)?;
+        }
+        Ok(())
+    }
+
+    /// Agent number `i` (of [`Lab::spread`], each carrying a share of the
+    /// streams, one file each).
+    fn start_one_agent(
+        &self,
+        r: &mut Running,
+        i: u32,
+        listen: &[String],
+        extra: &[&str],
+    ) -> Result<()> {
         let bin = self.hybridlink.display().to_string();
-        let agent_socket = self.state.join("agent.sock").display().to_string();
+        let name = if i == 0 {
+            "agent".to_string()
+        } else {
+            format!("agent{i}")
+        };
+        let agent_socket = self
+            .state
+            .join(format!("{name}.sock"))
+            .display()
+            .to_string();
+        let label = name.replace("agent", "bench");
         let policy = self.write(
             "policy.toml",
             &format!("[[allow]]\nhost = \"{TARGET_NAME}\"\nports = [{IPERF_PORT}, {GREET_PORT}]\n"),
@@ -599,14 +662,14 @@ impl Lab {
             "--status-socket",
             &agent_socket,
             "--label",
-            "bench",
+            &label,
             "--policy",
             &policy,
         ];
         argv.extend_from_slice(extra);
         r.children.push(self.spawn(
             Role::Onprem,
-            "agent",
+            &name,
             &argv,
             &[("HYBRIDLINK_CONNECTION_STRING", &listen.join("\n"))],
         )?);

@@ -3,13 +3,17 @@
 //! `fullpath probe <what> ...`; each prints one JSON object on stdout.
 //!
 //! - `greet LISTEN`: the target. Writes one byte to every connection it
-//!   accepts, then reads until the peer closes.
+//!   accepts, then sends back whatever it reads until the peer closes.
+//!   Binds with `SO_REUSEPORT`, so several can share the port (and the
+//!   connections, when one process may not hold them all).
 //! - `latency TARGET COUNT`: COUNT fresh connections one after another, each
 //!   timed from `connect` to the greeting byte.
 //! - `rate TARGET SECS WORKERS`: connections (connect, greeting, close) per
 //!   second with WORKERS at a time.
 //! - `hold TARGET COUNT`: opens COUNT connections, waits for each greeting,
-//!   prints a first JSON line, and holds them until stdin closes.
+//!   prints a first JSON line, and holds them until stdin closes; each line
+//!   `check` on stdin sends a byte on every connection held and prints how
+//!   many sent it back.
 //! - `dns SERVER NAME SECS WORKERS`: A queries per second answered.
 //! - `resolve SERVER NAME`: the first A record SERVER answers for NAME.
 
@@ -60,6 +64,7 @@ pub fn main(args: &[String]) -> Result<()> {
 async fn greet(listen: SocketAddr) -> Result<()> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.bind(listen)?;
     let listener = socket.listen(4096)?;
     loop {
@@ -72,7 +77,7 @@ async fn greet(listen: SocketAddr) -> Result<()> {
             }
             let mut buf = [0u8; 512];
             while let Ok(n) = conn.read(&mut buf).await {
-                if n == 0 {
+                if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
                     break;
                 }
             }
@@ -198,32 +203,40 @@ fn rate(target: SocketAddr, secs: u64, workers: u64) -> Result<serde_json::Value
 fn hold(target: SocketAddr, count: u64) -> Result<()> {
     const THREADS: u64 = 16;
     // Opening 10,000 takes seconds on a working path; a path answering
-    // each connection only near its timeout would take hours.
-    const DEADLINE: Duration = Duration::from_secs(120);
+    // each connection only near its timeout would take hours. 6 ms each
+    // (five minutes for 50,000) leaves room for a netstack that slows as
+    // flows add up, and bounds what a full run spends on a count a path
+    // cannot hold.
+    let deadline = Duration::from_secs(120).max(Duration::from_millis(6) * count as u32);
     let start = Instant::now();
     let threads: Vec<_> = (0..THREADS)
         .map(|t| {
             let mine = count / THREADS + u64::from(t < count % THREADS);
-            std::thread::spawn(move || -> Result<Vec<TcpStream>> {
+            // A thread that fails keeps what it opened: the count held
+            // is what the report shows.
+            std::thread::spawn(move || -> (Vec<TcpStream>, Option<anyhow::Error>) {
                 let mut held = Vec::with_capacity(mine as usize);
                 for _ in 0..mine {
-                    if start.elapsed() > DEADLINE {
-                        bail!("gave up after {} s", DEADLINE.as_secs());
+                    if start.elapsed() > deadline {
+                        let e = anyhow::anyhow!("gave up after {} s", deadline.as_secs());
+                        return (held, Some(e));
                     }
-                    held.push(greeted_retrying(target)?);
+                    match greeted_retrying(target) {
+                        Ok(s) => held.push(s),
+                        Err(e) => return (held, Some(e)),
+                    }
                 }
-                Ok(held)
+                (held, None)
             })
         })
         .collect();
     let mut held = Vec::with_capacity(count as usize);
     let mut first_error = None;
     for t in threads {
-        match t.join().expect("hold thread") {
-            Ok(v) => held.extend(v),
-            Err(e) => {
-                first_error.get_or_insert_with(|| format!("{e:#}"));
-            }
+        let (mine, error) = t.join().expect("hold thread");
+        held.extend(mine);
+        if let Some(e) = error {
+            first_error.get_or_insert_with(|| format!("{e:#}"));
         }
     }
     println!(
@@ -235,10 +248,62 @@ fn hold(target: SocketAddr, count: u64) -> Result<()> {
         })
     );
     std::io::stdout().flush()?;
-    let mut rest = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut rest);
+    for line in std::io::stdin().lines() {
+        if line?.trim() == "check" {
+            let start = Instant::now();
+            let answered = answering(&held);
+            println!(
+                "{}",
+                json!({
+                    "answered": answered,
+                    "of": held.len(),
+                    "secs": start.elapsed().as_secs_f64(),
+                })
+            );
+            std::io::stdout().flush()?;
+        }
+    }
     drop(held);
     Ok(())
+}
+
+/// How many of `held` send back a byte written to them: the byte goes out
+/// on every connection first, then each answer is awaited (up to
+/// [`CONNECT_TIMEOUT`] each, all within a deadline that grows with the
+/// count), a few threads sharing the work.
+fn answering(held: &[TcpStream]) -> u64 {
+    const THREADS: usize = 16;
+    let deadline =
+        Instant::now() + Duration::from_secs(30) + Duration::from_millis(2) * held.len() as u32;
+    let answered = AtomicU64::new(0);
+    let chunk = held.len().div_ceil(THREADS).max(1);
+    std::thread::scope(|scope| {
+        for part in held.chunks(chunk) {
+            let answered = &answered;
+            scope.spawn(move || {
+                let sent: Vec<&TcpStream> = part
+                    .iter()
+                    .filter(|s| {
+                        let mut s: &TcpStream = s;
+                        s.write_all(b"?").is_ok()
+                    })
+                    .collect();
+                for mut s in sent {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero()
+                        || s.set_read_timeout(Some(left.min(CONNECT_TIMEOUT))).is_err()
+                    {
+                        break;
+                    }
+                    let mut byte = [0u8; 1];
+                    if s.read_exact(&mut byte).is_ok() && byte == *b"?" {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    answered.into_inner()
 }
 
 /// An A query for `name` with id `id`, recursion desired.

@@ -23,11 +23,17 @@ pub enum Metric {
     Rate,
     Mem1k,
     Mem10k,
+    Mem50k,
+    /// The largest count held with every connection still answering.
+    Held,
     Dns,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 10] = [
+    /// The memory rows, one per count held, in the plan's order.
+    pub const MEMORY: [Metric; 3] = [Metric::Mem1k, Metric::Mem10k, Metric::Mem50k];
+
+    pub const ALL: [Metric; 12] = [
         Metric::Up1,
         Metric::Up8,
         Metric::Down1,
@@ -37,6 +43,8 @@ impl Metric {
         Metric::Rate,
         Metric::Mem1k,
         Metric::Mem10k,
+        Metric::Mem50k,
+        Metric::Held,
         Metric::Dns,
     ];
 
@@ -51,6 +59,8 @@ impl Metric {
             Metric::Rate => "new connections per second",
             Metric::Mem1k => "memory per idle connection (first count)",
             Metric::Mem10k => "memory per idle connection (second count)",
+            Metric::Mem50k => "memory per idle connection (third count)",
+            Metric::Held => "connections held, every one answering",
             Metric::Dns => "DNS answers per second",
         }
     }
@@ -60,7 +70,8 @@ impl Metric {
             Metric::Up1 | Metric::Up8 | Metric::Down1 | Metric::Down8 => "Gbit/s",
             Metric::P50 | Metric::P99 => "ms",
             Metric::Rate | Metric::Dns => "/s",
-            Metric::Mem1k | Metric::Mem10k => "KiB",
+            Metric::Mem1k | Metric::Mem10k | Metric::Mem50k => "KiB",
+            Metric::Held => "connections",
         }
     }
 
@@ -68,14 +79,14 @@ impl Metric {
     fn higher_is_better(self) -> bool {
         !matches!(
             self,
-            Metric::P50 | Metric::P99 | Metric::Mem1k | Metric::Mem10k
+            Metric::P50 | Metric::P99 | Metric::Mem1k | Metric::Mem10k | Metric::Mem50k
         )
     }
 
     pub fn format(self, v: f64) -> String {
         let digits = match self {
-            Metric::Rate | Metric::Dns => 0,
-            Metric::Mem1k | Metric::Mem10k => 1,
+            Metric::Rate | Metric::Dns | Metric::Held => 0,
+            Metric::Mem1k | Metric::Mem10k | Metric::Mem50k => 1,
             _ => 2,
         };
         format!("{v:.digits$} {}", self.unit())
@@ -168,8 +179,15 @@ pub struct Results {
     pub date: String,
     pub machine: String,
     pub versions: BTreeMap<String, String>,
-    /// The idle-connection counts behind `mem1k` and `mem10k`.
+    /// The idle-connection counts behind `mem1k`, `mem10k` and `mem50k`.
     pub holds: Vec<u32>,
+    /// The open-files limit of the lab's processes.
+    #[serde(default)]
+    pub open_files: u32,
+    /// How many greeters, hold probes and hybridlink agents shared the
+    /// connections held, each within that limit.
+    #[serde(default)]
+    pub spread: u32,
     /// How many rounds measured every path in turn.
     #[serde(default)]
     pub rounds: usize,
@@ -253,6 +271,8 @@ impl Results {
             machine,
             versions,
             holds: holds.to_vec(),
+            open_files: 0,
+            spread: 1,
             rounds: 1,
             paths: Vec::new(),
         })
@@ -283,8 +303,8 @@ impl Results {
 
     fn label(&self, m: Metric) -> String {
         match m {
-            Metric::Mem1k | Metric::Mem10k => {
-                let i = usize::from(m == Metric::Mem10k);
+            Metric::Mem1k | Metric::Mem10k | Metric::Mem50k => {
+                let i = Metric::MEMORY.iter().position(|&x| x == m).unwrap_or(0);
                 match self.holds.get(i) {
                     Some(n) => format!("memory per idle connection, {n} held"),
                     None => m.label().to_string(),
@@ -337,7 +357,7 @@ pub fn markdown(r: &Results) -> String {
         }
         let _ = writeln!(s);
     }
-    let _ = writeln!(s, "\n## Targets (issue 7)\n");
+    let _ = writeln!(s, "\n## Targets (issue 19)\n");
     for line in targets(r) {
         let _ = writeln!(s, "- {line}");
     }
@@ -375,9 +395,20 @@ pub fn markdown(r: &Results) -> String {
         "\nMemory is the growth of the resident set of the path's own processes (hybridlink: \
          appliance, relay and agent; rathole: server and client; shadowsocks: sslocal and \
          ssserver; ssh: sshd and both clients) while the connections are held, divided by their \
-         number. Latency and connection rate use a target that sends one byte on accept; \
-         throughput is iperf3. Each figure is the median of the rounds that measured it."
+         number; a count is held only if every connection, once the memory is read, sends \
+         back a byte written to it (the row \"connections held, every one answering\" is the \
+         largest such count). Latency and connection rate use a target that sends one byte on \
+         accept; throughput is iperf3. Each figure is the median of the rounds that measured it."
     );
+    if r.spread > 1 {
+        let _ = writeln!(
+            s,
+            "\nThe open-files limit of this machine's processes was {} and could not be raised, \
+             so the target, the probe holding the connections and hybridlink's agent each ran \
+             as {} processes sharing the connections (one file per connection each).",
+            r.open_files, r.spread
+        );
+    }
     s
 }
 
@@ -421,82 +452,117 @@ fn spread(s: &mut String, r: &Results) {
     }
 }
 
-/// Each target of issue 7 as a line: met or not, and the figures behind it.
+/// Each target of issue 19 (performance, round two) as a line: met or
+/// not, and the figures behind it.
 fn targets(r: &Results) -> Vec<String> {
     let mut lines = Vec::new();
-    let mut check = |what: &str, ours: Metric, peer: &str, factor: f64, at_least: bool| {
-        let (Some(a), Some(b)) = (r.value("hybridlink", ours), r.value(peer, ours)) else {
-            lines.push(format!("{what}: not measured"));
-            return;
-        };
+    let ours = |m| r.value("hybridlink", m);
+    let mut line = |what: &str, figures: Option<(bool, String)>| match figures {
+        Some((met, why)) => lines.push(format!("{} {what}: {why}", if met { "✓" } else { "✗" })),
+        None => lines.push(format!("{what}: not measured")),
+    };
+    // Ours against another path's figure times `factor`.
+    let against = |m: Metric, other: &str, factor: f64, at_least: bool| {
+        let (a, b) = (ours(m)?, r.value(other, m)?);
         let met = if at_least {
             a >= factor * b
         } else {
             a <= factor * b
         };
-        lines.push(format!(
-            "{} {what}: hybridlink {} vs {peer} {} ({:.2}×)",
-            if met { "✓" } else { "✗" },
-            ours.format(a),
-            ours.format(b),
-            a / b
-        ));
+        Some((
+            met,
+            format!(
+                "hybridlink {} vs {other} {} ({:.2}×)",
+                m.format(a),
+                m.format(b),
+                a / b
+            ),
+        ))
     };
-    check(
-        "single stream app → on-prem ≥ 1.3× rathole",
-        Metric::Up1,
-        "rathole",
-        1.3,
-        true,
+    for (m, way) in [
+        (Metric::Up1, "app → on-prem"),
+        (Metric::Down1, "on-prem → app"),
+    ] {
+        line(
+            &format!("single stream {way} ≥ 0.35× direct TCP"),
+            against(m, "direct", 0.35, true),
+        );
+        line(
+            &format!("single stream {way} ≥ 3× rathole"),
+            against(m, "rathole", 3.0, true),
+        );
+    }
+    line(
+        "single stream on-prem → app within 10 % of app → on-prem",
+        ours(Metric::Up1)
+            .zip(ours(Metric::Down1))
+            .map(|(up, down)| {
+                (
+                    down >= 0.9 * up,
+                    format!(
+                        "{} vs {} ({:.2}×)",
+                        Metric::Down1.format(down),
+                        Metric::Up1.format(up),
+                        down / up
+                    ),
+                )
+            }),
     );
-    check(
-        "single stream on-prem → app ≥ 1.3× rathole",
-        Metric::Down1,
-        "rathole",
-        1.3,
-        true,
+    line(
+        "8 streams app → on-prem ≥ our single stream",
+        ours(Metric::Up8)
+            .zip(ours(Metric::Up1))
+            .map(|(eight, one)| {
+                (
+                    eight >= one,
+                    format!(
+                        "{} vs {} ({:.2}×)",
+                        Metric::Up8.format(eight),
+                        Metric::Up1.format(one),
+                        eight / one
+                    ),
+                )
+            }),
     );
-    check(
-        "single stream app → on-prem ≥ 2.5× shadowsocks",
-        Metric::Up1,
-        "shadowsocks",
-        2.5,
-        true,
+    line(
+        "new connections per second ≥ 2× rathole",
+        against(Metric::Rate, "rathole", 2.0, true),
     );
-    check(
-        "single stream on-prem → app ≥ 2.5× shadowsocks",
-        Metric::Down1,
-        "shadowsocks",
-        2.5,
-        true,
+    line(
+        "connect-to-first-byte p50 ≤ 0.75× rathole's",
+        against(Metric::P50, "rathole", 0.75, false),
     );
-    check(
-        "connect-to-first-byte p50 ≤ rathole's",
-        Metric::P50,
-        "rathole",
-        1.0,
-        false,
+    line(
+        "connect-to-first-byte p99 ≤ 1.5× rathole's",
+        against(Metric::P99, "rathole", 1.5, false),
     );
-    check(
-        "connect-to-first-byte p99 ≤ 2× rathole's",
-        Metric::P99,
-        "rathole",
-        2.0,
-        false,
+    line(
+        "memory per idle connection at 10,000 ≤ 32 KiB and below every peer",
+        ours(Metric::Mem10k).map(|kib| {
+            let peer = r.best_peer(Metric::Mem10k);
+            let below = peer.is_none_or(|(best, _)| kib < best);
+            (
+                kib <= 32.0 && below,
+                match peer {
+                    Some((best, name)) => format!(
+                        "hybridlink {} vs the best peer ({name}) {}",
+                        Metric::Mem10k.format(kib),
+                        Metric::Mem10k.format(best)
+                    ),
+                    None => format!(
+                        "hybridlink {} (no peer held 10,000)",
+                        Metric::Mem10k.format(kib)
+                    ),
+                },
+            )
+        }),
     );
-    // At the larger count if both held it, else at the smaller.
-    let both = |m| r.value("hybridlink", m).is_some() && r.value("rathole", m).is_some();
-    let mem = if both(Metric::Mem10k) {
-        Metric::Mem10k
-    } else {
-        Metric::Mem1k
-    };
-    check(
-        "memory per idle connection below rathole's",
-        mem,
-        "rathole",
-        1.0,
-        false,
+    line(
+        "50,000 connections held through one appliance, every one answering",
+        Some(match ours(Metric::Held) {
+            Some(n) => (n >= 50_000.0, format!("{n:.0} held")),
+            None => (false, "none of the counts held".into()),
+        }),
     );
     lines
 }
@@ -511,7 +577,9 @@ mod tests {
             date: "today".into(),
             machine: "test".into(),
             versions: BTreeMap::new(),
-            holds: vec![1000, 10000],
+            holds: vec![1000, 10000, 50000],
+            open_files: 0,
+            spread: 1,
             rounds,
             paths,
         }
