@@ -657,3 +657,38 @@ async fn more_streams_than_one_pipe_carries_go_on_further_pipes() -> Result<()> 
     assert_eq!(sender.open_pipes(), 3, "twelve streams, four per pipe");
     Ok(())
 }
+
+/// An agent may count less room on a pipe than its sender does (the two
+/// ends' counts drift apart under churn, or their windows differ): a
+/// sender refused for room on a pipe passes it over and opens the stream
+/// on another, instead of trying the same pipe again. Here the agent's
+/// pipes take four streams while the sender counts room for 4,096.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pipe_the_agent_says_is_full_is_passed_over_for_another() -> Result<()> {
+    let relay = Relay::start()?;
+    let echo = echo_server().await?;
+    let (send, listen) = relay.create_hc("crowd", echo)?;
+    let mut options = agent::AgentOptions::new(vec![listen]);
+    options.mux = transport::mux::MuxConfig {
+        initial_window: proto::mux::BASE_WINDOW,
+        max_session_window: 4 * u64::from(proto::mux::BASE_WINDOW),
+        ..transport::mux::MuxConfig::default()
+    };
+    options.policy = agent::policy::Policy::parse(
+        hybridlink_tests::TEST_POLICY,
+        std::path::Path::new("test-policy.toml"),
+    )?;
+    let _agent = agent::Agent::start(options)?;
+    let sender = Sender::start(vec![send.clone()], SenderOptions::default())?;
+    let mut held = Vec::new();
+    for i in 0..12u32 {
+        let mut s = tokio::time::timeout(Duration::from_secs(10), sender.open(&send.hc))
+            .await
+            .with_context(|| format!("stream {i} of 12: no answer"))?
+            .with_context(|| format!("stream {i} of 12"))?;
+        echo_roundtrip(&mut s, format!("stream {i}").as_bytes()).await?;
+        held.push(s);
+    }
+    assert_eq!(sender.open_pipes(), 3, "twelve streams, four per pipe");
+    Ok(())
+}

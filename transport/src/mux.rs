@@ -45,6 +45,10 @@ pub use proto::mux::{Config as MuxConfig, Side, StreamId};
 /// Bytes the reader asks the pipe for at once.
 const READ_CHUNK: usize = 256 * 1024;
 
+/// How long a pipe whose peer refused a stream for room is passed over
+/// for new streams.
+const PEER_FULL_FOR: Duration = Duration::from_secs(1);
+
 /// Read buffers kept for reuse once the streams have taken every chunk of
 /// them (see [`ReadBuffers`]).
 const SPARE_READ_BUFFERS: usize = 2;
@@ -122,6 +126,9 @@ struct Shared {
     opens: HashMap<StreamId, oneshot::Sender<OpenResult>>,
     incoming: Option<mpsc::UnboundedSender<PendingStream>>,
     end: Option<SessionEnd>,
+    /// Until when the peer is taken to have no room for another stream,
+    /// after it refused one for room ([`MuxHandle::peer_is_full`]).
+    peer_full_until: Option<std::time::Instant>,
 }
 
 struct Inner {
@@ -275,6 +282,7 @@ where
             opens: HashMap::new(),
             incoming: Some(tx),
             end: None,
+            peer_full_until: None,
         }),
         writer: Notify::new(),
         reader: Notify::new(),
@@ -550,9 +558,23 @@ impl MuxHandle {
     }
 
     /// Whether [`MuxHandle::open`] would be given a stream now rather than
-    /// refused for a full session ([`proto::mux::Mux::can_open`]).
+    /// refused for a full session ([`proto::mux::Mux::can_open`]), and the
+    /// peer has not just refused one for room.
     pub fn can_open(&self) -> bool {
-        self.session.inner.lock().mux.can_open()
+        let s = self.session.inner.lock();
+        s.mux.can_open()
+            && s.peer_full_until
+                .is_none_or(|until| std::time::Instant::now() >= until)
+    }
+
+    /// Records that the peer refused a stream for room
+    /// ([`proto::mux::TOO_MANY_STREAMS`]): [`MuxHandle::can_open`] says no
+    /// for the next [`PEER_FULL_FOR`]. The two ends count room alike only
+    /// while every stream keeps its base window; the peer may have given
+    /// some more, and a sender that went on choosing this pipe because it
+    /// still counted room was refused on it every time.
+    pub fn peer_is_full(&self) {
+        self.session.inner.lock().peer_full_until = Some(std::time::Instant::now() + PEER_FULL_FOR);
     }
 
     /// Ends the session: sends GOAWAY, fails every stream, closes the pipe.

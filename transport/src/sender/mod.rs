@@ -285,16 +285,20 @@ impl Sender {
     }
 
     async fn open_on(&self, hc: &HcName, agent: &AgentInfo) -> Result<Stream, SendError> {
-        // Concurrent opens can fill a pipe between the choice and the open:
-        // then the refusal names a full pipe, and the next choice skips it.
+        // Concurrent opens can fill a pipe between the choice and the open,
+        // and the agent may count less room than we do: then the refusal
+        // names a full pipe, which is passed over for a while, and the
+        // next choice takes another.
         let mut tries = 0;
         loop {
-            let opened = self.open_on_a_pipe(hc, agent).await;
+            let (mux, binding) = self.inner.pipe_to(agent).await?;
+            let opened = self.open_on_a_pipe(hc, &mux, binding).await;
             match &opened {
                 Err(SendError::Refused { refusal, .. })
                     if refusal.message.as_bytes() == proto::mux::TOO_MANY_STREAMS
                         && tries < MAX_PIPES_PER_AGENT =>
                 {
+                    mux.peer_is_full();
                     tries += 1;
                 }
                 _ => return opened,
@@ -302,8 +306,12 @@ impl Sender {
         }
     }
 
-    async fn open_on_a_pipe(&self, hc: &HcName, agent: &AgentInfo) -> Result<Stream, SendError> {
-        let (mux, binding) = self.inner.pipe_to(agent).await?;
+    async fn open_on_a_pipe(
+        &self,
+        hc: &HcName,
+        mux: &MuxHandle,
+        binding: ChannelBinding,
+    ) -> Result<Stream, SendError> {
         let key = self.inner.end_to_end.get(hc);
         let request = StreamRequest {
             hc: hc.clone(),
@@ -313,7 +321,7 @@ impl Sender {
         #[allow(clippy::expect_used)]
         let request = serde_json::to_vec(&request).expect("request serialises");
         let verify = key.map(|k| (k, binding));
-        self.open_request(hc, &mux, Bytes::from(request), verify)
+        self.open_request(hc, mux, Bytes::from(request), verify)
             .await
     }
 
