@@ -40,7 +40,7 @@ const STATE_ROOT: &str = "/run/hybridlink-lab";
 #[command(
     about = "Measure hybridlink's full path against direct TCP, ssh, rathole and shadowsocks-rust across the lab (root)",
     after_help = "Normally run as ./scripts/bench, which installs the peers first.\n\
-                  A run takes about 20 minutes; --smoke takes well under one."
+                  A run takes about 40 minutes; --smoke takes well under one."
 )]
 struct Args {
     /// A few seconds per path instead of the full measurement (CI uses it to
