@@ -427,34 +427,49 @@ fn number(v: &serde_json::Value, key: &str) -> Result<f64> {
 
 /// One iperf3 run, in Gbit/s.
 fn iperf(lab: &Lab, host: &str, plan: &Plan, streams: u32, reverse: bool) -> Result<f64> {
-    {
-        let mut line = format!(
-            "iperf3 -J -c {host} -p {IPERF_PORT} -t {} -O {} -P {streams}",
-            plan.iperf_secs, plan.iperf_omit
-        );
-        if reverse {
-            line.push_str(" -R");
-        }
-        // The server may still be finishing the previous test.
-        let v = paths::wait_for(Duration::from_secs(5), || {
-            let out = lab
-                .netns
-                .command(Role::App, "sh")
-                .args(["-c", &line])
-                .output()?;
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-                format!(
-                    "iperf3 printed no JSON: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            })?;
-            match v["error"].as_str() {
-                Some(e) => bail!("iperf3: {e}"),
-                None => Ok(v),
-            }
-        })?;
-        Ok(number(&v["end"]["sum_received"], "bits_per_second")? / 1e9)
+    let v = run_iperf(
+        lab,
+        host,
+        plan.iperf_secs,
+        plan.iperf_omit,
+        streams,
+        reverse,
+    )?;
+    Ok(number(&v["end"]["sum_received"], "bits_per_second")? / 1e9)
+}
+
+/// Runs the iperf3 client in the app's namespace against `host` for
+/// `secs` (the first `omit` left out), and returns its JSON report.
+pub(crate) fn run_iperf(
+    lab: &Lab,
+    host: &str,
+    secs: u32,
+    omit: u32,
+    streams: u32,
+    reverse: bool,
+) -> Result<serde_json::Value> {
+    let mut line = format!("iperf3 -J -c {host} -p {IPERF_PORT} -t {secs} -O {omit} -P {streams}");
+    if reverse {
+        line.push_str(" -R");
     }
+    // The server may still be finishing the previous test.
+    paths::wait_for(Duration::from_secs(5), || {
+        let out = lab
+            .netns
+            .command(Role::App, "sh")
+            .args(["-c", &line])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "iperf3 printed no JSON: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        match v["error"].as_str() {
+            Some(e) => bail!("iperf3: {e}"),
+            None => Ok(v),
+        }
+    })
 }
 
 /// Resident memory of the path's processes per idle connection, in KiB:

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use lab::Role;
 
-use crate::paths::{self, GREET_PORT, IPERF_PORT, Lab, PathKind};
+use crate::paths::{GREET_PORT, IPERF_PORT, Lab, PathKind};
 
 /// How long each direction is sampled.
 const PROFILE_SECS: u32 = 10;
@@ -195,23 +195,7 @@ impl Work {
 
 /// One iperf3 stream for [`PROFILE_SECS`].
 fn iperf(lab: &Lab, host: &str, reverse: bool) -> Result<Done> {
-    let mut line = format!("iperf3 -J -c {host} -p {IPERF_PORT} -t {PROFILE_SECS} -P 1");
-    if reverse {
-        line.push_str(" -R");
-    }
-    let v = paths::wait_for(Duration::from_secs(5), || {
-        let out = lab
-            .netns
-            .command(Role::App, "sh")
-            .args(["-c", &line])
-            .output()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("iperf3: {}", String::from_utf8_lossy(&out.stderr)))?;
-        match v["error"].as_str() {
-            Some(e) => bail!("iperf3: {e}"),
-            None => Ok(v),
-        }
-    })?;
+    let v = crate::run_iperf(lab, host, PROFILE_SECS, 0, 1, reverse)?;
     let sum = &v["end"]["sum_received"];
     let bytes = sum["bytes"].as_f64().context("iperf3's bytes")?;
     let bits = sum["bits_per_second"].as_f64().context("iperf3's rate")?;

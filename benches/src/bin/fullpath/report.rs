@@ -492,37 +492,21 @@ fn targets(r: &Results) -> Vec<String> {
             against(m, "rathole", 3.0, true),
         );
     }
+    // One of our figures against another of ours, at least `factor` times it.
+    let ours_against = |a: Metric, b: Metric, factor: f64| {
+        let (x, y) = (ours(a)?, ours(b)?);
+        Some((
+            x >= factor * y,
+            format!("{} vs {} ({:.2}×)", a.format(x), b.format(y), x / y),
+        ))
+    };
     line(
         "single stream on-prem → app within 10 % of app → on-prem",
-        ours(Metric::Up1)
-            .zip(ours(Metric::Down1))
-            .map(|(up, down)| {
-                (
-                    down >= 0.9 * up,
-                    format!(
-                        "{} vs {} ({:.2}×)",
-                        Metric::Down1.format(down),
-                        Metric::Up1.format(up),
-                        down / up
-                    ),
-                )
-            }),
+        ours_against(Metric::Down1, Metric::Up1, 0.9),
     );
     line(
         "8 streams app → on-prem ≥ our single stream",
-        ours(Metric::Up8)
-            .zip(ours(Metric::Up1))
-            .map(|(eight, one)| {
-                (
-                    eight >= one,
-                    format!(
-                        "{} vs {} ({:.2}×)",
-                        Metric::Up8.format(eight),
-                        Metric::Up1.format(one),
-                        eight / one
-                    ),
-                )
-            }),
+        ours_against(Metric::Up8, Metric::Up1, 1.0),
     );
     line(
         "new connections per second ≥ 2× rathole",
