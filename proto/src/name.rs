@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::num::NonZeroU16;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -313,6 +314,14 @@ impl Endpoint {
     /// The TCP port to dial (never 0).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// This endpoint with `host`, `port` or both replaced.
+    pub fn with(&self, host: Option<Host>, port: Option<NonZeroU16>) -> Endpoint {
+        Endpoint {
+            host: host.unwrap_or_else(|| self.host.clone()),
+            port: port.map_or(self.port, NonZeroU16::get),
+        }
     }
 }
 

@@ -34,6 +34,7 @@
 //! `{"send":{"primary","secondary"},"listen":{"primary","secondary"}}`.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU16;
 use std::time::Duration;
 
 use axum::Router;
@@ -326,7 +327,7 @@ async fn update_hc(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<axum::Json<HcView>> {
-    let hc = find(&state, &name)?;
+    let name = parse_name(&name)?;
     let body: UpdateBody = parse_body(&body)?;
     if body.host.is_none() && body.port.is_none() {
         return Err(ApiError::bad_request(
@@ -334,17 +335,17 @@ async fn update_hc(
         ));
     }
     let host = match body.host {
-        Some(h) => h.parse().map_err(ApiError::bad_request)?,
-        None => hc.endpoint.host().clone(),
+        Some(h) => Some(h.parse().map_err(ApiError::bad_request)?),
+        None => None,
     };
     let port = match body.port {
-        Some(p) => parse_port(&p)?,
-        None => hc.endpoint.port(),
+        Some(p) => NonZeroU16::new(parse_port(&p)?),
+        None => None,
     };
-    let endpoint = Endpoint::new(host, port).map_err(ApiError::bad_request)?;
+    // What is left out is kept as the store has it, which may be newer
+    // than this relay's view (another relay of a cluster changed it).
     let registry = state.registry.clone();
-    let name = hc.name.clone();
-    let hc = blocking(move || registry.set_endpoint(&name, endpoint)).await?;
+    let hc = blocking(move || registry.update_endpoint(&name, host, port)).await?;
     tracing::info!(hc = %hc.name, endpoint = %hc.endpoint, "hybrid connection updated");
     Ok(axum::Json(HcView::from(&hc)))
 }

@@ -225,7 +225,10 @@ fn when_etcds_leader_is_killed_streams_go_on_and_changes_are_still_taken() -> Re
     }
     // Changes right after the kill, through every node, come while the two
     // left elect a leader and while each node's watch moves to a member
-    // that lives: each waits for that and is taken at the first try.
+    // that lives: each waits for that and is taken at the first try. The
+    // updates through nodes 2 and 3 may come before their watch brought
+    // the create through node 1: a change starts from etcd's record, not
+    // from the node's memory.
     node1
         .hc(&["create", "billing", "--host", "198.18.7.2", "--port", "80"])
         .context("a change through node 1 right after etcd's leader died")?;

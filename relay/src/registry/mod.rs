@@ -22,12 +22,13 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::num::NonZeroU16;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use proto::key::{Key, KeyError, KeySlot, Right};
-use proto::name::{Endpoint, HcName};
+use proto::name::{Endpoint, HcName, Host};
 use proto::sas::RuleKeys;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -695,17 +696,22 @@ impl Registry {
         })
     }
 
-    /// Changes the endpoint of an HC and returns the updated HC.
-    pub fn set_endpoint(
+    /// Changes the host, the port or both of an HC and returns the updated
+    /// HC. What is not given is kept as the store has it at the change, not
+    /// as this relay last saw it: through a relay whose view lags, a port
+    /// change neither undoes a host change made elsewhere nor misses an HC
+    /// just made elsewhere.
+    pub fn update_endpoint(
         &self,
         name: &HcName,
-        endpoint: Endpoint,
+        host: Option<Host>,
+        port: Option<NonZeroU16>,
     ) -> Result<HcRecord, RegistryError> {
         self.change_hc(name, |old, _| {
             let mut hc = old
                 .ok_or_else(|| RegistryError::NotFound(name.clone()))?
                 .clone();
-            hc.endpoint = endpoint.clone();
+            hc.endpoint = hc.endpoint.with(host.clone(), port);
             Ok((Some(hc.clone()), hc))
         })
     }
@@ -841,6 +847,10 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn host(s: &str) -> Host {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn first_open_makes_an_empty_registry_and_a_manage_key() {
         let dir = tempfile::tempdir().unwrap();
@@ -880,7 +890,10 @@ mod tests {
         assert_eq!(regenerated.listen.primary, payroll.listen.primary);
         assert_eq!(regenerated.send, payroll.send);
         registry
-            .set_endpoint(&name("billing"), endpoint("10.4.5.7:5432"))
+            .update_endpoint(&name("billing"), Some(host("10.4.5.7")), None)
+            .unwrap();
+        registry
+            .update_endpoint(&name("billing"), None, NonZeroU16::new(5433))
             .unwrap();
 
         let reopened = Registry::open(dir.path()).unwrap();
@@ -889,7 +902,7 @@ mod tests {
         assert_eq!(reopened.get(&name("payroll")).unwrap(), regenerated);
         assert_eq!(
             reopened.get(&name("billing")).unwrap().endpoint,
-            endpoint("10.4.5.7:5432")
+            endpoint("10.4.5.7:5433")
         );
         assert_eq!(reopened.manage_key(), registry.manage_key());
 
@@ -1086,7 +1099,7 @@ mod tests {
             .regenerate(&name("payroll"), Right::Send, KeySlot::Primary)
             .unwrap();
         registry
-            .set_endpoint(&name("payroll"), endpoint("sql:2"))
+            .update_endpoint(&name("payroll"), None, NonZeroU16::new(2))
             .unwrap();
         registry.delete(&name("payroll")).unwrap();
         let mut seen = Vec::new();
