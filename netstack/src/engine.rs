@@ -4,15 +4,14 @@
 //! come out. The tokio task in `stack.rs` only moves bytes between this and
 //! the tun; the fuzz target drives it with a fake clock.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use smoltcp::iface::{
-    Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
-};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::socket::tcp::{self, CongestionControl, State};
 use smoltcp::time::{Duration, Instant};
@@ -39,6 +38,13 @@ const EGRESS_ROUNDS: usize = 256;
 const SHRINK_AFTER: Duration = Duration::from_secs(1);
 /// Packets dropped for their source are logged at WARN at most this often.
 const FOREIGN_WARN_EVERY: Duration = Duration::from_secs(10);
+/// Sockets of finished flows kept, buffers and all, for the next flows.
+/// A new socket's buffers (`tcp_rx_buffer` + `tcp_tx_buffer`, 1 MiB by
+/// default) come zeroed from the allocator, which zeroed them by hand when
+/// it served them from memory it kept: 29 % of the appliance's CPU for
+/// short connections. A reused socket costs nothing; at most this many
+/// keep their touched pages resident.
+const SPARE_SOCKETS: usize = 16;
 
 /// Something the caller must hear about.
 #[derive(Debug)]
@@ -84,7 +90,17 @@ struct Pending {
 #[derive(Debug)]
 struct Active {
     tuple: FourTuple,
+    /// The flow's own socket set, of its one socket: smoltcp finds the
+    /// socket of a segment, and what to send, by asking every socket of
+    /// the set it is given, so the engine routes by four-tuple itself and
+    /// gives smoltcp just this one (a segment costs the same with 50,000
+    /// flows as with one).
+    sockets: SocketSet<'static>,
     handle: SocketHandle,
+    /// When smoltcp last asked to be polled for this socket (a
+    /// retransmission, a delayed ACK, a keep-alive), as queued in
+    /// [`Engine::timers`].
+    timer: Option<Instant>,
     shared: Arc<FlowShared>,
     /// Waiting `accept` call, answered once the handshake ends.
     reply: Option<oneshot::Sender<Result<TcpFlow, AcceptError>>>,
@@ -109,7 +125,17 @@ pub(crate) struct Engine {
     config: StackConfig,
     caps: ChecksumCapabilities,
     iface: Interface,
-    sockets: SocketSet<'static>,
+    /// An empty set, for what belongs to no flow (smoltcp answers a segment
+    /// of no flow with a reset, an ICMP echo with its reply).
+    no_sockets: SocketSet<'static>,
+    /// Packets taken in and not yet given to smoltcp, with their flow.
+    inbox: VecDeque<(Packet, Option<FlowId>)>,
+    /// The flows' timers, earliest first. A flow whose timer moves later
+    /// keeps its earlier entry (it is serviced once for nothing), so each
+    /// flow has few entries; one whose time is not its flow's is stale.
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
+    /// See [`SPARE_SOCKETS`].
+    spare: Vec<(SocketSet<'static>, SocketHandle)>,
     device: QueueDevice,
     entries: HashMap<FlowId, Entry>,
     by_tuple: HashMap<FourTuple, FlowId>,
@@ -153,7 +179,10 @@ impl Engine {
             config,
             caps,
             iface,
-            sockets: SocketSet::new(Vec::new()),
+            no_sockets: SocketSet::new(Vec::new()),
+            inbox: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            spare: Vec::new(),
             device,
             entries: HashMap::new(),
             by_tuple: HashMap::new(),
@@ -207,7 +236,7 @@ impl Engine {
                 Some(id) => match self.entries.get(&id) {
                     Some(Entry::Active(_)) => {
                         self.mark_dirty(id);
-                        self.device.rx.push_back(packet);
+                        self.inbox.push_back((packet, Some(id)));
                     }
                     // A retransmitted SYN of a flow still waiting for a decision.
                     _ => self.device.recycle_rx(packet.buf),
@@ -244,18 +273,23 @@ impl Engine {
                 }
             },
             Classified::Tcp { tuple } => {
-                if let Some(&id) = self.by_tuple.get(&tuple) {
+                let flow = self
+                    .by_tuple
+                    .get(&tuple)
+                    .copied()
+                    .filter(|id| matches!(self.entries.get(id), Some(Entry::Active(_))));
+                if let Some(id) = flow {
                     self.mark_dirty(id);
                 }
                 // Segments for unknown flows get smoltcp's RST.
-                self.device.rx.push_back(packet);
+                self.inbox.push_back((packet, flow));
             }
             Classified::HookedUdp { src, dst, payload } => {
                 let payload = payload.to_vec();
                 self.device.recycle_rx(packet.buf);
                 self.events.push_back(Event::Datagram { src, dst, payload });
             }
-            Classified::Other => self.device.rx.push_back(packet),
+            Classified::Other => self.inbox.push_back((packet, None)),
         }
     }
 
@@ -325,14 +359,26 @@ impl Engine {
         };
         self.n_pending -= 1;
         let tuple = pending.tuple;
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_rx_buffer]),
-            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_tx_buffer]),
-        );
+        let (mut sockets, handle) = self.spare.pop().unwrap_or_else(|| {
+            let mut sockets = SocketSet::new(Vec::with_capacity(1));
+            let handle = sockets.add(tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0u8; self.config.tcp_rx_buffer]),
+                tcp::SocketBuffer::new(vec![0u8; self.config.tcp_tx_buffer]),
+            ));
+            (sockets, handle)
+        });
+        let socket = sockets.get_mut::<tcp::Socket<'static>>(handle);
+        // Everything a finished flow may have set, set again; `listen`
+        // clears the connection's state and empties the buffers.
         socket.set_nagle_enabled(false);
         socket.set_ack_delay(None);
         socket.set_congestion_control(CongestionControl::Cubic);
         socket.set_timeout(Some(self.config.ack_timeout.into()));
+        // Set before the handshake: smoltcp arms it from the ACK that ends
+        // the handshake. Set on an established, idle socket, it sends a
+        // probe at once (two packets more per connection, which every
+        // connection paid until this moved here).
+        socket.set_keep_alive(self.config.keep_alive.map(Into::into));
         let endpoint = IpListenEndpoint {
             addr: Some((*tuple.dst.ip()).into()),
             port: tuple.dst.port(),
@@ -344,17 +390,15 @@ impl Engine {
             let _ = reply.send(Err(AcceptError::ClientGone));
             return;
         }
-        let handle = self.sockets.add(socket);
-        // No other socket is ever left listening, so this SYN can only land
-        // on the new one.
+        // The socket is alone in its set, so this SYN can only land on it.
         self.device.rx.push_front(pending.syn);
         let _ = self
             .iface
-            .poll_ingress_single(now, &mut self.device, &mut self.sockets);
-        let state = self.sockets.get::<tcp::Socket<'_>>(handle).state();
+            .poll_ingress_single(now, &mut self.device, &mut sockets);
+        let state = sockets.get::<tcp::Socket<'_>>(handle).state();
         if state != State::SynReceived {
             debug!(id, ?state, "stored SYN did not open the socket");
-            self.sockets.remove(handle);
+            self.keep_spare(sockets, handle);
             self.by_tuple.remove(&tuple);
             self.send_refusal(&tuple, pending.seq, pending.seg_len);
             let _ = reply.send(Err(AcceptError::ClientGone));
@@ -366,7 +410,9 @@ impl Engine {
             id,
             Entry::Active(Active {
                 tuple,
+                sockets,
                 handle,
+                timer: None,
                 shared,
                 reply: Some(reply),
                 established: false,
@@ -378,6 +424,19 @@ impl Engine {
                 queued: false,
             }),
         );
+        // Its SYN-ACK goes out at the next poll.
+        self.mark_dirty(id);
+    }
+
+    /// Keeps the socket set of a finished flow for the next one, up to
+    /// [`SPARE_SOCKETS`].
+    fn keep_spare(&mut self, mut sockets: SocketSet<'static>, handle: SocketHandle) {
+        if self.spare.len() < SPARE_SOCKETS {
+            // Closed, so that `listen` takes it (TIME-WAIT is not open
+            // either, but its four-tuple would linger).
+            sockets.get_mut::<tcp::Socket<'static>>(handle).abort();
+            self.spare.push((sockets, handle));
+        }
     }
 
     fn refuse(&mut self, id: FlowId) {
@@ -411,29 +470,33 @@ impl Engine {
     /// Runs smoltcp: every queued packet in, every flow touched since the
     /// last poll serviced, timeouts checked, segments out.
     pub fn poll(&mut self, now: Instant) {
-        loop {
-            match self
+        while let Some((packet, flow)) = self.inbox.pop_front() {
+            let sockets = match flow.and_then(|id| self.entries.get_mut(&id)) {
+                Some(Entry::Active(flow)) => &mut flow.sockets,
+                _ => &mut self.no_sockets,
+            };
+            self.device.rx.push_back(packet);
+            // The device holds this one packet, which the call takes.
+            let _ = self
                 .iface
-                .poll_ingress_single(now, &mut self.device, &mut self.sockets)
+                .poll_ingress_single(now, &mut self.device, sockets);
+        }
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(Entry::Active(flow)) = self.entries.get_mut(&id)
+                && flow.timer == Some(at)
             {
-                PollIngressSingleResult::None => break,
-                PollIngressSingleResult::PacketProcessed
-                | PollIngressSingleResult::SocketStateChanged => {}
+                flow.timer = None;
+                self.mark_dirty(id);
             }
         }
         self.service_dirty(now);
         if now >= self.next_sweep {
             self.sweep(now);
             self.next_sweep = now + SWEEP_INTERVAL;
-        }
-        for _ in 0..EGRESS_ROUNDS {
-            if self
-                .iface
-                .poll_egress(now, &mut self.device, &mut self.sockets)
-                == PollResult::None
-            {
-                break;
-            }
         }
         self.counters
             .pending
@@ -474,7 +537,7 @@ impl Engine {
             let expired = match self.entries.get_mut(&id) {
                 Some(Entry::Pending(p)) => now >= p.deadline,
                 Some(Entry::Active(flow)) => {
-                    let socket = self.sockets.get_mut::<tcp::Socket<'_>>(flow.handle);
+                    let socket = flow.sockets.get_mut::<tcp::Socket<'_>>(flow.handle);
                     let idle = now - flow.last_activity;
                     if let Some(limit) = self.config.idle_timeout
                         && flow.established
@@ -513,14 +576,20 @@ impl Engine {
     }
 
     /// Moves bytes between a flow's smoltcp socket and its stream buffers,
-    /// and follows its state.
+    /// sends what smoltcp has for it, and follows its state.
     fn service(&mut self, id: FlowId, now: Instant) {
+        self.exchange(id, now);
+        self.transmit(id, now);
+    }
+
+    /// The bytes and the state of [`Self::service`].
+    fn exchange(&mut self, id: FlowId, now: Instant) {
         let Some(Entry::Active(flow)) = self.entries.get_mut(&id) else {
             return;
         };
         flow.queued = false;
         flow.shared.notified.store(false, Ordering::Release);
-        let socket = self.sockets.get_mut::<tcp::Socket<'static>>(flow.handle);
+        let socket = flow.sockets.get_mut::<tcp::Socket<'static>>(flow.handle);
 
         if !flow.established {
             match socket.state() {
@@ -542,7 +611,6 @@ impl Engine {
                 }
                 _ => {
                     flow.established = true;
-                    socket.set_keep_alive(self.config.keep_alive.map(Into::into));
                     if let Some(reply) = flow.reply.take() {
                         let stream = TcpFlow::new(
                             flow.shared.clone(),
@@ -649,33 +717,61 @@ impl Engine {
         if moved {
             flow.last_activity = now;
         }
+    }
 
+    /// The segments of [`Self::service`]: smoltcp's for this flow's socket
+    /// out, then the flow ended if its socket is done, or its timer set.
+    fn transmit(&mut self, id: FlowId, now: Instant) {
+        let Some(Entry::Active(flow)) = self.entries.get_mut(&id) else {
+            return;
+        };
+        for _ in 0..EGRESS_ROUNDS {
+            if self
+                .iface
+                .poll_egress(now, &mut self.device, &mut flow.sockets)
+                == PollResult::None
+            {
+                break;
+            }
+        }
+        let socket = flow.sockets.get::<tcp::Socket<'static>>(flow.handle);
+        let state = socket.state();
         let done = match state {
             State::TimeWait => true,
-            State::Closed => {
-                if !(flow.we_closed && flow.peer_fin) && b.error.is_none() && !b.dropped {
-                    b.error = Some(io::ErrorKind::ConnectionReset);
-                }
-                // Wait until smoltcp sent the RST of an abort.
-                socket.remote_endpoint().is_none()
-            }
+            // Once smoltcp sent the RST of an abort.
+            State::Closed => socket.remote_endpoint().is_none(),
             _ => false,
         };
-        if done {
-            b.detached = true;
-            b.wake_reader();
-            b.wake_writer();
-            drop(b);
-            let handle = flow.handle;
-            let tuple = flow.tuple;
-            trace!(id, ?state, "flow finished");
-            if let Some(reply) = flow.reply.take() {
-                let _ = reply.send(Err(AcceptError::ClientGone));
+        if !done {
+            if let Some(at) = self.iface.poll_at(now, &flow.sockets)
+                && flow.timer.is_none_or(|t| at < t)
+            {
+                flow.timer = Some(at);
+                self.timers.push(Reverse((at, id)));
             }
-            self.sockets.remove(handle);
-            self.entries.remove(&id);
-            self.by_tuple.remove(&tuple);
+            return;
         }
+        let mut b = flow.shared.lock();
+        if state == State::Closed
+            && !(flow.we_closed && flow.peer_fin)
+            && b.error.is_none()
+            && !b.dropped
+        {
+            b.error = Some(io::ErrorKind::ConnectionReset);
+        }
+        b.detached = true;
+        b.wake_reader();
+        b.wake_writer();
+        drop(b);
+        trace!(id, ?state, "flow finished");
+        if let Some(reply) = flow.reply.take() {
+            let _ = reply.send(Err(AcceptError::ClientGone));
+        }
+        let tuple = flow.tuple;
+        if let Some(Entry::Active(flow)) = self.entries.remove(&id) {
+            self.keep_spare(flow.sockets, flow.handle);
+        }
+        self.by_tuple.remove(&tuple);
     }
 
     /// The next event for the caller.
@@ -698,10 +794,10 @@ impl Engine {
     /// When [`Self::poll`] must run next even if nothing arrives.
     pub fn poll_at(&mut self, now: Instant) -> Instant {
         let mut at = self.next_sweep;
-        if let Some(t) = self.iface.poll_at(now, &self.sockets) {
+        if let Some(&Reverse((t, _))) = self.timers.peek() {
             at = at.min(t);
         }
-        if !self.dirty.is_empty() || !self.device.rx.is_empty() {
+        if !self.dirty.is_empty() || !self.inbox.is_empty() {
             at = now;
         }
         at
@@ -711,6 +807,12 @@ impl Engine {
     #[cfg(test)]
     pub fn flow_count(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Number of sockets kept for reuse.
+    #[cfg(test)]
+    pub fn spare_count(&self) -> usize {
+        self.spare.len()
     }
 
     /// Resets every flow (stack shutdown).

@@ -462,6 +462,152 @@ mod tests {
         assert!(tcp.rst());
     }
 
+    /// The segments the engine sent to `client` since the last drain.
+    fn segments_to(
+        h: &mut Harness,
+        client: SocketAddrV4,
+    ) -> Vec<(TcpControl, TcpSeqNumber, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let Some(p) = h.engine.peek_transmit() {
+            if let Ok(ip) = Ipv4Packet::new_checked(p)
+                && ip.dst_addr() == *client.ip()
+                && let Ok(tcp) = TcpPacket::new_checked(ip.payload())
+                && tcp.dst_port() == client.port()
+            {
+                let control = if tcp.rst() {
+                    TcpControl::Rst
+                } else if tcp.syn() {
+                    TcpControl::Syn
+                } else if tcp.fin() {
+                    TcpControl::Fin
+                } else {
+                    TcpControl::None
+                };
+                out.push((control, tcp.seq_number(), tcp.payload().to_vec()));
+            }
+            h.engine.pop_transmit();
+        }
+        out
+    }
+
+    fn read_all(stream: &mut TcpFlow) -> Vec<u8> {
+        let mut buf = [0u8; 4096];
+        let mut rb = ReadBuf::new(&mut buf);
+        let mut cx = Context::from_waker(Waker::noop());
+        let _ = Pin::new(stream).poll_read(&mut cx, &mut rb);
+        rb.filled().to_vec()
+    }
+
+    /// A finished flow's socket serves the next flow, and carries nothing
+    /// of the first over: the second client gets its own handshake, its
+    /// stream reads its own bytes only, and what the caller writes reaches
+    /// it from the first byte; a segment on the first flow's four-tuple is
+    /// answered with a reset, as for any unknown flow.
+    #[test]
+    fn a_finished_flows_socket_serves_the_next_flow_afresh() {
+        let mut config = lab_range();
+        config.mtu = 1500;
+        let mut h = Harness::established(config);
+        let first = addr(CLIENT);
+        let data = build_tcp(
+            first,
+            addr(SERVER),
+            TcpControl::Psh,
+            h.client_seq,
+            Some(h.server_seq),
+            &[b'A'; 1000],
+        );
+        h.feed(data);
+        h.step();
+        assert!(
+            read_all(&mut h.streams[0]) == [b'A'; 1000],
+            "the first flow's bytes"
+        );
+        let mut cx = Context::from_waker(Waker::noop());
+        let _ = Pin::new(&mut h.streams[0]).poll_write(&mut cx, &[b'B'; 1000]);
+        h.step();
+        h.drain();
+        // The client resets: the flow ends and its socket is kept.
+        h.feed(build_tcp(
+            first,
+            addr(SERVER),
+            TcpControl::Rst,
+            h.client_seq + 1000,
+            None,
+            &[],
+        ));
+        h.step();
+        h.drain();
+        assert_eq!(h.engine.flow_count(), 0);
+        assert_eq!(h.engine.spare_count(), 1);
+
+        let second = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 1, 0, 9), 40009);
+        h.feed(build_syn(second, addr(SERVER), 70_000));
+        h.step();
+        assert_eq!(h.engine.spare_count(), 0, "the kept socket was taken");
+        let synack = segments_to(&mut h, second);
+        let [(TcpControl::Syn, isn, _)] = synack[..] else {
+            panic!("one SYN-ACK, not {synack:?}");
+        };
+        let client_seq = TcpSeqNumber(70_001);
+        h.feed(build_tcp(
+            second,
+            addr(SERVER),
+            TcpControl::Psh,
+            client_seq,
+            Some(isn + 1),
+            b"second",
+        ));
+        h.step();
+        assert_eq!(h.streams.len(), 2);
+        assert_eq!(read_all(&mut h.streams[1]), b"second");
+        let _ = Pin::new(&mut h.streams[1]).poll_write(&mut cx, b"reply");
+        h.step();
+        let sent: Vec<_> = segments_to(&mut h, second)
+            .into_iter()
+            .filter(|(_, _, payload)| !payload.is_empty())
+            .collect();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(sent[0].1, isn + 1, "from its first byte");
+        assert_eq!(sent[0].2, b"reply");
+        // Keep-alive is armed by the handshake: no probe at once (there
+        // was none above), one once the flow was idle for its interval.
+        h.feed(build_tcp(
+            second,
+            addr(SERVER),
+            TcpControl::None,
+            client_seq + 6,
+            Some(isn + 6),
+            &[],
+        ));
+        h.step();
+        h.now += Duration::from_secs(30);
+        h.step();
+        assert!(segments_to(&mut h, second).is_empty(), "nothing at 30 s");
+        h.now += Duration::from_secs(31);
+        h.step();
+        let probe = segments_to(&mut h, second);
+        assert!(
+            matches!(&probe[..], [(TcpControl::None, seq, payload)] if *seq == isn + 5 && payload == &[0]),
+            "a keep-alive probe at 61 s: {probe:?}"
+        );
+
+        h.feed(build_tcp(
+            first,
+            addr(SERVER),
+            TcpControl::None,
+            h.client_seq + 1000,
+            Some(h.server_seq),
+            b"late",
+        ));
+        h.step();
+        let answer = segments_to(&mut h, first);
+        assert!(
+            matches!(answer[..], [(TcpControl::Rst, _, _)]),
+            "{answer:?}"
+        );
+    }
+
     #[test]
     fn retransmitted_syn_makes_no_second_flow() {
         let mut h = Harness::new();
