@@ -608,6 +608,73 @@ mod tests {
         );
     }
 
+    /// Thousands of flows held, each sent a byte at once: every byte is
+    /// acknowledged and reaches its stream, in one poll.
+    #[test]
+    fn every_one_of_thousands_of_flows_takes_a_byte_sent_to_all_at_once() {
+        const FLOWS: u32 = 3000;
+        let mut config = lab_range();
+        config.mtu = 1500;
+        config.max_flows = 10_000;
+        config.tcp_rx_buffer = 4096;
+        config.tcp_tx_buffer = 4096;
+        let mut h = Harness::established(config);
+        let client = |i: u32| {
+            let [_, _, a, b] = (i + 1).to_be_bytes();
+            SocketAddrV4::new(std::net::Ipv4Addr::new(10, 3, a, b), 40000)
+        };
+        let mut isns = Vec::new();
+        for i in 0..FLOWS {
+            h.feed(build_syn(client(i), addr(SERVER), 100));
+            h.step();
+            let synack = segments_to(&mut h, client(i));
+            let [(TcpControl::Syn, isn, _)] = synack[..] else {
+                panic!("flow {i}: one SYN-ACK, not {synack:?}");
+            };
+            h.feed(build_tcp(
+                client(i),
+                addr(SERVER),
+                TcpControl::None,
+                TcpSeqNumber(101),
+                Some(isn + 1),
+                &[],
+            ));
+            isns.push(isn);
+        }
+        h.step();
+        h.drain();
+        assert_eq!(h.streams.len(), FLOWS as usize + 1);
+        for (i, isn) in isns.iter().enumerate() {
+            h.feed(build_tcp(
+                client(i as u32),
+                addr(SERVER),
+                TcpControl::Psh,
+                TcpSeqNumber(101),
+                Some(*isn + 1),
+                b"?",
+            ));
+        }
+        h.step();
+        let mut acked = 0;
+        while let Some(p) = h.engine.peek_transmit() {
+            if let Ok(ip) = Ipv4Packet::new_checked(p)
+                && let Ok(tcp) = TcpPacket::new_checked(ip.payload())
+                && tcp.ack()
+                && tcp.ack_number() == TcpSeqNumber(102)
+            {
+                acked += 1;
+            }
+            h.engine.pop_transmit();
+        }
+        assert_eq!(acked, FLOWS, "flows whose byte was acknowledged");
+        let delivered = h.streams[1..]
+            .iter_mut()
+            .map(read_all)
+            .filter(|got| got == b"?")
+            .count();
+        assert_eq!(delivered, FLOWS as usize, "flows whose stream got the byte");
+    }
+
     #[test]
     fn retransmitted_syn_makes_no_second_flow() {
         let mut h = Harness::new();

@@ -20,6 +20,17 @@ const READ_BATCH: usize = 64;
 /// Most commands handled per round.
 const COMMAND_BATCH: usize = 1024;
 
+/// Packets the kernel queues for the stack to read before it drops them
+/// (the tun's `txqueuelen`; Linux's default for a tun is 500). Every app
+/// connection writing at once (a pool waking, 30,000 held connections each
+/// sent a byte) queues a packet each faster than one task reads them; a
+/// dropped packet waits for its sender's retransmission, 200 ms and then
+/// doubling, so a burst past 500 left thousands of connections silent for
+/// seconds. Each queued packet holds only its own bytes, and one bulk
+/// connection cannot fill the queue (the kernel bounds what a socket has
+/// queued below it, 1 MiB by default).
+const TUN_QUEUE: u32 = 10_000;
+
 /// Creates a tun device named `name` (for example `hl0`) with the given MTU,
 /// up, without addresses: route the virtual ranges into it afterwards.
 /// Needs CAP_NET_ADMIN in the current network namespace.
@@ -27,6 +38,7 @@ pub fn create_tun(name: &str, mtu: u16) -> Result<AsyncDevice, StackError> {
     tun_rs::DeviceBuilder::new()
         .name(name)
         .mtu(mtu)
+        .tx_queue_len(TUN_QUEUE)
         .build_async()
         .map_err(|source| StackError::CreateTun {
             name: name.to_owned(),

@@ -105,6 +105,33 @@ where
     });
 }
 
+/// The tun's transmit queue length and the packets the kernel dropped
+/// there, from `ip -s -j link show`.
+fn tun_queue_and_drops() -> (u64, u64) {
+    let out = Command::new("ip")
+        .args(["-s", "-j", "link", "show", TUN])
+        .output()
+        .expect("run ip");
+    let json = String::from_utf8(out.stdout).expect("ip prints UTF-8");
+    let number_after = |from: usize, key: &str| -> u64 {
+        let at = json[from..]
+            .find(key)
+            .unwrap_or_else(|| panic!("{key} in {json}"))
+            + from;
+        json[at + key.len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap_or_else(|_| panic!("a number after {key} in {json}"))
+    };
+    let tx = json.find("\"tx\":{").expect("tx statistics");
+    (
+        number_after(0, "\"txqlen\":"),
+        number_after(tx, "\"dropped\":"),
+    )
+}
+
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
@@ -484,6 +511,11 @@ fn thousand_concurrent_flows_complete() {
             let stats = handle.stats();
             assert_eq!(stats.accepted, 1000);
             assert_eq!(stats.refused_over_cap, 0);
+            // The kernel queued every packet for the stack: none dropped
+            // at the tun (its default queue of 500 overflowed here).
+            let (queue, dropped) = tun_queue_and_drops();
+            assert_eq!(queue, 10_000, "the tun's txqueuelen");
+            assert_eq!(dropped, 0, "packets the kernel dropped at the tun");
             // Closed flows are reaped without lingering in TIME-WAIT.
             let deadline = Instant::now() + Duration::from_secs(5);
             while handle.stats().active_flows > 0 {
