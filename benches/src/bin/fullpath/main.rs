@@ -190,6 +190,7 @@ fn run(args: Args) -> Result<()> {
         peers,
         files: 0,
         spread: 1,
+        hold_ports: 1,
     };
     lab.files = lab.open_files()?;
     // A profile holds no connections: one agent, as users run it.
@@ -198,6 +199,7 @@ fn run(args: Args) -> Result<()> {
         None => plan.holds.iter().copied().max().unwrap_or(0),
     };
     lab.spread = lab.processes_for(most_held);
+    lab.hold_ports = lab.hold_ports_for(most_held);
     if lab.spread > 1 {
         eprintln!(
             "the open-files limit is {} (the hard limit could not be raised): the greeter, the hold probe and hybridlink's agent run as {} processes each",
@@ -268,7 +270,7 @@ fn prepare(lab: &Lab) -> Result<Vec<Spawned>> {
         lab.sh(
             role,
             "sysctl -qw net.ipv4.ip_local_port_range='1024 65000' net.ipv4.tcp_tw_reuse=1 \
-             net.ipv4.ip_local_reserved_ports=2222,2333,5201,5300,5353,8388,9443-9444,15201,15300",
+             net.ipv4.ip_local_reserved_ports=2222,2333,5201,5300,5310-5319,5353,8388,9443-9444,15201,15300",
         )?;
     }
     let hosts = lab.netns.hosts_file(Role::Onprem);
@@ -277,17 +279,26 @@ fn prepare(lab: &Lab) -> Result<Vec<Spawned>> {
         format!("127.0.0.1 localhost\n127.0.0.1 {}\n", paths::TARGET_NAME),
     )?;
     let me = lab.me.display().to_string();
-    let greet = format!("0.0.0.0:{GREET_PORT}");
-    // Sharing the port (SO_REUSEPORT) when one may not hold every
-    // connection.
+    let hold_ports: Vec<u16> = lab.hold_ports().collect();
+    // Sharing the greeting port (SO_REUSEPORT) when one may not hold every
+    // connection, and the hold ports dealt out.
     (0..lab.spread)
         .map(|i| {
-            lab.spawn(
-                Role::Onprem,
-                &format!("greeter{i}"),
-                &[&me, "probe", "greet", &greet],
-                &[],
-            )
+            let mut argv = vec![
+                me.clone(),
+                "probe".to_string(),
+                "greet".to_string(),
+                format!("0.0.0.0:{GREET_PORT}"),
+            ];
+            argv.extend(
+                hold_ports
+                    .iter()
+                    .skip(i as usize)
+                    .step_by(lab.spread as usize)
+                    .map(|port| format!("0.0.0.0:{port}")),
+            );
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            lab.spawn(Role::Onprem, &format!("greeter{i}"), &argv, &[])
         })
         .collect()
 }
@@ -305,6 +316,7 @@ fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Resul
     results.rounds = plan.rounds;
     results.open_files = lab.files;
     results.spread = lab.spread;
+    results.hold_ports = lab.hold_ports;
     let mut per_path: Vec<PathResult> = kinds.iter().map(|&k| PathResult::new(k)).collect();
     for round in 0..plan.rounds {
         for (&kind, result) in kinds.iter().zip(per_path.iter_mut()) {
@@ -480,10 +492,24 @@ fn idle_memory(lab: &Lab, running: &Running, target: &str, n: u32) -> Result<f64
     // Let the memory of earlier measurements settle first.
     std::thread::sleep(Duration::from_secs(1));
     let before = running.resident_kib(lab);
-    // As many probes as the open-files limit needs, each holding its share.
-    let shares = (0..lab.spread).map(|i| n / lab.spread + u32::from(i < n % lab.spread));
+    // As many probes as the open-files limit needs, each holding its share;
+    // hybridlink's on ports of their own (`paths::HOLD_PORT`).
+    let targets: Vec<String> = if running.kind == PathKind::Hybridlink {
+        let host = running.host;
+        lab.hold_ports()
+            .map(|port| format!("{host}:{port}"))
+            .collect()
+    } else {
+        vec![target.to_string(); lab.spread as usize]
+    };
+    let parts = targets.len() as u32;
     let mut probes = Vec::new();
-    for share in shares.filter(|&share| share > 0) {
+    for (i, target) in targets.iter().enumerate() {
+        let i = i as u32;
+        let share = n / parts + u32::from(i < n % parts);
+        if share == 0 {
+            continue;
+        }
         let mut child = lab.probe_child(Role::App, &["hold", target, &share.to_string()])?;
         let stdout = BufReader::new(child.stdout.take().context("hold's stdout")?);
         probes.push((child, stdout));

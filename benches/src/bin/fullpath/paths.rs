@@ -29,6 +29,19 @@ const RAISE_FILES: &str = "h=$(ulimit -Hn); \
 /// The target ports, the same on every path.
 pub const IPERF_PORT: u16 = 5201;
 pub const GREET_PORT: u16 = 5300;
+/// hybridlink's hold of share `i` (of [`Lab::spread`]) dials its own port,
+/// `HOLD_PORT + i`, each a hybrid connection of its own to greeter `i`.
+/// Linux picks a connection's ephemeral port by searching for one whose
+/// four-tuple is free, even ports first: past about 32,000 connections
+/// from one address to one address and port, every `connect` walks the
+/// used ones first (88 % of the machine's CPU in `__inet_check_established`
+/// while the 50,000-connection hold crept past 40,000, in the probe and in
+/// the agent alike). One destination port per share keeps each below it.
+pub const HOLD_PORT: u16 = 5310;
+/// Most connections hybridlink's hold puts on one destination port.
+const HOLD_PER_PORT: u32 = 25_000;
+/// Most hold ports ([`HOLD_PORT`] on; the lab reserves them).
+pub const HOLD_PORTS_MOST: u32 = 10;
 /// The name the tun paths resolve; it resolves on-prem (and, for
 /// shadowsocks, on the relay) only.
 pub const TARGET_NAME: &str = "bench.corp";
@@ -118,6 +131,9 @@ pub struct Lab {
     /// How many greeters, hold probes and hybridlink agents share the
     /// connections held, so that none needs more files than it may open.
     pub spread: u32,
+    /// How many ports hybridlink's hold spreads over (see [`HOLD_PORT`]):
+    /// one a share, and at most [`HOLD_PER_PORT`] connections on each.
+    pub hold_ports: u32,
 }
 
 /// A path that is up: the processes to stop and what the app dials.
@@ -194,6 +210,19 @@ impl Lab {
     /// How many processes share `connections` held so that each stays well
     /// inside the open-files limit (one file per connection, a tenth spare
     /// for an uneven share and the process's own files).
+    /// The number of ports hybridlink's hold of `connections` spreads
+    /// over: one a process, and enough for [`HOLD_PER_PORT`] each.
+    pub fn hold_ports_for(&self, connections: u32) -> u32 {
+        self.processes_for(connections)
+            .max(connections.div_ceil(HOLD_PER_PORT))
+            .min(HOLD_PORTS_MOST)
+    }
+
+    /// The ports of hybridlink's hold.
+    pub fn hold_ports(&self) -> impl Iterator<Item = u16> + use<> {
+        (0..self.hold_ports.min(HOLD_PORTS_MOST)).map(|i| HOLD_PORT + i as u16)
+    }
+
     pub fn processes_for(&self, connections: u32) -> u32 {
         let per_process = (u64::from(self.files).saturating_sub(1024) * 9 / 10).max(1);
         u64::from(connections)
@@ -605,7 +634,14 @@ impl Lab {
         };
         let form = if azure { " --azure" } else { "" };
         let (mut send, mut listen) = (Vec::new(), Vec::new());
-        for (name, port) in [("iperf", IPERF_PORT), ("greet", GREET_PORT)] {
+        let mut hcs = vec![
+            ("iperf".to_string(), IPERF_PORT),
+            ("greet".to_string(), GREET_PORT),
+        ];
+        if !azure {
+            hcs.extend(self.hold_ports().map(|port| (format!("hold{port}"), port)));
+        }
+        for (name, port) in hcs {
             wait_for(Duration::from_secs(20), || {
                 hc(&format!("create {name} --host {TARGET_NAME} --port {port}"))
             })?;
@@ -651,9 +687,17 @@ impl Lab {
             .display()
             .to_string();
         let label = name.replace("agent", "bench");
+        let ports: Vec<String> = [IPERF_PORT, GREET_PORT]
+            .into_iter()
+            .chain(self.hold_ports())
+            .map(|p| p.to_string())
+            .collect();
         let policy = self.write(
             "policy.toml",
-            &format!("[[allow]]\nhost = \"{TARGET_NAME}\"\nports = [{IPERF_PORT}, {GREET_PORT}]\n"),
+            &format!(
+                "[[allow]]\nhost = \"{TARGET_NAME}\"\nports = [{}]\n",
+                ports.join(", ")
+            ),
         )?;
         let mut argv = vec![
             bin.as_str(),

@@ -2,10 +2,11 @@
 //! The harness runs them inside the lab's namespaces as
 //! `fullpath probe <what> ...`; each prints one JSON object on stdout.
 //!
-//! - `greet LISTEN`: the target. Writes one byte to every connection it
-//!   accepts, then sends back whatever it reads until the peer closes.
-//!   Binds with `SO_REUSEPORT`, so several can share the port (and the
-//!   connections, when one process may not hold them all).
+//! - `greet LISTEN...`: the target, on one address or more. Writes one
+//!   byte to every connection it accepts, then sends back whatever it
+//!   reads until the peer closes. Binds with `SO_REUSEPORT`, so several
+//!   can share a port (and the connections, when one process may not hold
+//!   them all).
 //! - `latency TARGET COUNT`: COUNT fresh connections one after another, each
 //!   timed from `connect` to the greeting byte.
 //! - `rate TARGET SECS WORKERS`: connections (connect, greeting, close) per
@@ -48,7 +49,16 @@ pub fn main(args: &[String]) -> Result<()> {
             .with_context(|| format!("probe {}: argument {i} is not an address", args[0]))
     };
     let out = match args.first().map(String::as_str) {
-        Some("greet") => return greet(addr(1)?),
+        Some("greet") => {
+            let listen = args[1..]
+                .iter()
+                .map(|a| {
+                    a.parse()
+                        .with_context(|| format!("{a:?} is not an address"))
+                })
+                .collect::<Result<Vec<SocketAddr>>>()?;
+            return greet(listen);
+        }
         Some("latency") => latency(addr(1)?, num(2)?)?,
         Some("rate") => rate(addr(1)?, num(2)?, num(3)?)?,
         Some("hold") => return hold(addr(1)?, num(2)?),
@@ -61,12 +71,26 @@ pub fn main(args: &[String]) -> Result<()> {
 }
 
 #[tokio::main]
-async fn greet(listen: SocketAddr) -> Result<()> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(listen)?;
-    let listener = socket.listen(4096)?;
+async fn greet(listen: Vec<SocketAddr>) -> Result<()> {
+    let mut listeners = Vec::new();
+    for addr in listen {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        listeners.push(socket.listen(4096)?);
+    }
+    let mut accepting = tokio::task::JoinSet::new();
+    for listener in listeners {
+        accepting.spawn(serve_greetings(listener));
+    }
+    match accepting.join_next().await {
+        Some(ended) => ended?,
+        None => bail!("greet: no address to listen on"),
+    }
+}
+
+async fn serve_greetings(listener: tokio::net::TcpListener) -> Result<()> {
     loop {
         let (mut conn, _) = listener.accept().await?;
         tokio::spawn(async move {

@@ -188,6 +188,9 @@ pub struct Results {
     /// connections held, each within that limit.
     #[serde(default)]
     pub spread: u32,
+    /// How many destination ports hybridlink's hold spread over.
+    #[serde(default)]
+    pub hold_ports: u32,
     /// How many rounds measured every path in turn.
     #[serde(default)]
     pub rounds: usize,
@@ -273,6 +276,7 @@ impl Results {
             holds: holds.to_vec(),
             open_files: 0,
             spread: 1,
+            hold_ports: 1,
             rounds: 1,
             paths: Vec::new(),
         })
@@ -407,6 +411,16 @@ pub fn markdown(r: &Results) -> String {
              so the target, the probe holding the connections and hybridlink's agent each ran \
              as {} processes sharing the connections (one file per connection each).",
             r.open_files, r.spread
+        );
+    }
+    if r.hold_ports > 1 {
+        let _ = writeln!(
+            s,
+            "\nhybridlink's hold dialled {} ports, each a hybrid connection of its own, with \
+             at most 25,000 connections on each: past about 32,000 connections from one \
+             address to one address and port, Linux's search for a free ephemeral port in \
+             `connect` costs more than the path (in the app's kernel and the agent's alike).",
+            r.hold_ports
         );
     }
     s
@@ -564,6 +578,7 @@ mod tests {
             holds: vec![1000, 10000, 50000],
             open_files: 0,
             spread: 1,
+            hold_ports: 1,
             rounds,
             paths,
         }
