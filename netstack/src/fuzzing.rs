@@ -435,16 +435,8 @@ mod tests {
     /// count alike), and the next SYN is refused with a reset at once.
     #[test]
     fn a_configured_flow_cap_above_16384_is_honoured() {
-        let mut config = lab_range();
-        config.max_flows = 20_000;
-        config.mtu = 1500;
-        config.tcp_rx_buffer = 4096;
-        config.tcp_tx_buffer = 4096;
-        let mut h = Harness::established(config);
-        let client = |i: u32| {
-            let [_, _, a, b] = (i + 1).to_be_bytes();
-            SocketAddrV4::new(std::net::Ipv4Addr::new(10, 2, a, b), 40000)
-        };
+        let mut h = small_stack(20_000);
+        let client = |i| numbered_client(2, i);
         for i in 0..19_999 {
             h.feed(build_syn(client(i), addr(SERVER), 7));
         }
@@ -460,6 +452,23 @@ mod tests {
         let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
         assert_eq!(ip.dst_addr(), *client(19_999).ip());
         assert!(tcp.rst());
+    }
+
+    /// A stack of 4 KiB socket buffers holding up to `max_flows`, with one
+    /// flow established.
+    fn small_stack(max_flows: usize) -> Harness {
+        let mut config = lab_range();
+        config.max_flows = max_flows;
+        config.mtu = 1500;
+        config.tcp_rx_buffer = 4096;
+        config.tcp_tx_buffer = 4096;
+        Harness::established(config)
+    }
+
+    /// Client `i` of network `10.net.0.0/16`.
+    fn numbered_client(net: u8, i: u32) -> SocketAddrV4 {
+        let [_, _, a, b] = (i + 1).to_be_bytes();
+        SocketAddrV4::new(std::net::Ipv4Addr::new(10, net, a, b), 40000)
     }
 
     /// The segments the engine sent to `client` since the last drain.
@@ -613,16 +622,8 @@ mod tests {
     #[test]
     fn every_one_of_thousands_of_flows_takes_a_byte_sent_to_all_at_once() {
         const FLOWS: u32 = 3000;
-        let mut config = lab_range();
-        config.mtu = 1500;
-        config.max_flows = 10_000;
-        config.tcp_rx_buffer = 4096;
-        config.tcp_tx_buffer = 4096;
-        let mut h = Harness::established(config);
-        let client = |i: u32| {
-            let [_, _, a, b] = (i + 1).to_be_bytes();
-            SocketAddrV4::new(std::net::Ipv4Addr::new(10, 3, a, b), 40000)
-        };
+        let mut h = small_stack(10_000);
+        let client = |i| numbered_client(3, i);
         let mut isns = Vec::new();
         for i in 0..FLOWS {
             h.feed(build_syn(client(i), addr(SERVER), 100));
