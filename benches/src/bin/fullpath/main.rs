@@ -170,6 +170,7 @@ fn run(args: Args) -> Result<()> {
     claim_lab(prefix)?;
     netns.remove()?;
     netns.build()?;
+    remove_lab_on_interrupt(netns.clone(), prefix.to_owned());
     let state = std::path::absolute(&args.logs)?;
     let _ = std::fs::remove_dir_all(&state);
     let mut plan = Plan::new(args.smoke);
@@ -238,6 +239,44 @@ fn run(args: Args) -> Result<()> {
         bail!("some measurements failed:\n  {}", failed.join("\n  "));
     }
     Ok(())
+}
+
+/// Removes the lab when the run is interrupted (Ctrl-C, SIGTERM): its
+/// namespaces, the processes in them and the pid file, as a run that ends
+/// does; then exits as the signal would have (130, 143).
+fn remove_lab_on_interrupt(netns: Netns, prefix: String) {
+    std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        let code = runtime.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut interrupt), Ok(mut terminate)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return None;
+            };
+            tokio::select! {
+                _ = interrupt.recv() => Some(130),
+                _ = terminate.recv() => Some(143),
+            }
+        });
+        if let Some(code) = code {
+            eprintln!("interrupted: removing the lab {prefix}");
+            if let Err(e) = netns.remove() {
+                eprintln!(
+                    "could not remove the lab: {e:#}; `hybridlink lab down --prefix {prefix}` will"
+                );
+            }
+            let _ =
+                std::fs::remove_file(PathBuf::from(STATE_ROOT).join(format!("{prefix}.bench.pid")));
+            std::process::exit(code);
+        }
+    });
 }
 
 /// Refuses to start while another run is alive (it would remove that run's
