@@ -56,6 +56,8 @@ pub enum AgentCommand {
         /// A listen connection string (`hybridlink hc keys NAME`); repeat for
         /// more hybrid connections. Other users of this machine can read a
         /// command line: prefer --connection-strings-file.
+        #[command(flatten)]
+        threads: crate::threads::ThreadsArg,
         #[arg(long = "connection-string", value_name = "CS")]
         connection_strings: Vec<ConnectionString>,
         /// A file of listen connection strings, one per line (`#` starts a
@@ -207,6 +209,16 @@ pub enum AgentCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+impl AgentCommand {
+    /// The threads `agent run` was asked for.
+    pub fn threads(&self) -> Option<u16> {
+        match self {
+            AgentCommand::Run { threads, .. } => threads.threads,
+            _ => None,
+        }
+    }
 }
 
 /// Where `agent install` writes the on-prem policy.
@@ -379,6 +391,7 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AgentCommand::Run {
+            threads: _,
             connection_strings,
             connection_strings_file,
             status_socket,

@@ -75,6 +75,16 @@ pub enum ApplianceCommand {
     },
 }
 
+impl ApplianceCommand {
+    /// The threads `appliance run` was asked for.
+    pub fn threads(&self) -> Option<u16> {
+        match self {
+            ApplianceCommand::Run(args) => args.threads.threads,
+            _ => None,
+        }
+    }
+}
+
 /// Options of `appliance run`.
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -131,6 +141,8 @@ pub struct RunArgs {
     /// DNS queries by answer, reconnects, token renewals.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    #[command(flatten)]
+    threads: crate::threads::ThreadsArg,
 }
 
 /// `--max-flows`, checked like `max_flows` in the config.
@@ -336,6 +348,7 @@ pub async fn run(cmd: ApplianceCommand) -> anyhow::Result<()> {
         endpoints,
         ca_file,
         metrics,
+        threads: _,
     } = args;
     let mut config_from_file = match &config {
         Some(path) => ApplianceConfig::load(path)?,

@@ -10,6 +10,7 @@ mod install;
 mod lab_cmd;
 mod relay_cmd;
 mod send_cmd;
+mod threads;
 
 use std::process::ExitCode;
 
@@ -148,7 +149,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Hc { cmd, api } => hc::run(cmd, &api),
         Command::Lab { cmd } => lab_cmd::run(cmd),
-        other => runtime().and_then(|rt| {
+        other => runtime(&other).and_then(|rt| {
             let result = rt.block_on(async move {
                 match other {
                     Command::Relay { cmd } => relay_cmd::run(cmd).await,
@@ -179,10 +180,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+/// The runtime for `cmd`, with the threads it asks for (`--threads`) or
+/// its role's default.
+fn runtime(cmd: &Command) -> anyhow::Result<tokio::runtime::Runtime> {
+    use threads::Role;
+    let (asked, role) = match cmd {
+        Command::Relay { cmd } => (cmd.threads(), Role::Owner),
+        Command::Agent { cmd } => (cmd.threads(), Role::Guest),
+        Command::Appliance { cmd } => (cmd.threads(), Role::Guest),
+        _ => (None, Role::Owner),
+    };
+    threads::runtime(asked, role)
 }
 
 /// Resolves on SIGINT or SIGTERM.

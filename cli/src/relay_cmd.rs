@@ -22,6 +22,8 @@ pub enum RelayCommand {
     /// Prints one JSON line on stdout when ready: the bound addresses, the
     /// management API's URL and the certificate fingerprint.
     Serve {
+        #[command(flatten)]
+        threads: crate::threads::ThreadsArg,
         /// Directory for the certificate, registry and manage key.
         #[arg(long, env = "HYBRIDLINK_DATA_DIR")]
         data_dir: PathBuf,
@@ -250,6 +252,16 @@ pub enum RelayCommand {
         #[command(flatten)]
         install: crate::install::InstallArgs,
     },
+}
+
+impl RelayCommand {
+    /// The threads `relay serve` was asked for.
+    pub fn threads(&self) -> Option<u16> {
+        match self {
+            RelayCommand::Serve { threads, .. } => threads.threads,
+            _ => None,
+        }
+    }
 }
 
 /// How to reach etcd, for `serve --registry`, `install --registry` and
@@ -505,6 +517,7 @@ pub async fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             crate::install::install_unit(&install, &unit)
         }
         RelayCommand::Serve {
+            threads: _,
             data_dir,
             listen,
             also_listen,

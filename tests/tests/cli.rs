@@ -571,3 +571,72 @@ fn relay_install_passes_the_cluster_flags_into_the_unit_and_never_the_etcd_passw
     );
     Ok(())
 }
+
+/// `--threads` (or HYBRIDLINK_THREADS) sets how many worker threads a
+/// serving process runs its tasks on; the log says how many it got, and a
+/// count of 0 is a usage error, not a process that can run nothing.
+#[test]
+fn serving_commands_run_on_the_threads_asked_for() -> Result<()> {
+    for cmd in [["relay", "serve"], ["agent", "run"], ["appliance", "run"]] {
+        let (code, help, _) = run_flat(&[cmd[0], cmd[1], "--help"])?;
+        ensure!(code == Some(0), "{cmd:?} --help: exit {code:?}");
+        for needle in [
+            "--threads <N> Worker threads for this process's tasks, 1 to 1024",
+            "[env: HYBRIDLINK_THREADS=]",
+        ] {
+            ensure!(
+                help.contains(needle),
+                "{cmd:?} --help lacks {needle:?}: {help}"
+            );
+        }
+        let (code, _, err) = run_flat(&[cmd[0], cmd[1], "--threads", "0"])?;
+        ensure!(code == Some(2), "{cmd:?} --threads 0: exit {code:?}: {err}");
+        ensure!(
+            err.contains("invalid value '0' for '--threads <N>'"),
+            "{cmd:?} --threads 0: {err}"
+        );
+    }
+
+    let dir = tempfile::tempdir()?;
+    let threads_logged = |log: &std::path::Path| -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("worker threads")) {
+                return Ok(line.to_string());
+            }
+            ensure!(Instant::now() < deadline, "no thread count logged: {text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let log = dir.path().join("flag.log");
+    let relay = Relay::start_with_log(&["--threads", "3"], &log)?;
+    let line = threads_logged(&log)?;
+    ensure!(line.contains("threads=3"), "{line}");
+    drop(relay);
+
+    // The environment, as a unit's Environment= would set it.
+    let log = dir.path().join("env.log");
+    let data = dir.path().join("data");
+    let mut relay = Command::new(binary())
+        .args([
+            "relay",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("HYBRIDLINK_THREADS", "2")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let line = threads_logged(&log);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let line = line?;
+    ensure!(line.contains("threads=2"), "{line}");
+    Ok(())
+}

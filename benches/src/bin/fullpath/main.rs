@@ -83,6 +83,11 @@ struct Args {
     /// 100).
     #[arg(long, value_delimiter = ',', value_name = "N,M")]
     holds: Option<Vec<u32>>,
+    /// How many connections the latency row times, one after the other,
+    /// instead of the plan's (full: 2000; smoke: 100). A large count keeps
+    /// the row running long enough to trace it.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    latency_count: Option<u32>,
     /// The lab's name prefix (its namespaces are PREFIXapp, PREFIXrly and
     /// PREFIXonp); another prefix lets a second run go on beside one that
     /// holds the default.
@@ -182,6 +187,9 @@ fn run(args: Args) -> Result<()> {
             );
         }
         plan.holds.clone_from(holds);
+    }
+    if let Some(count) = args.latency_count {
+        plan.latency_count = count;
     }
     let mut lab = Lab {
         state,
