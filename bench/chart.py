@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = [
     ("Throughput (Gbit/s, higher is better)",
-     [("up1", "→ 1"), ("up8", "→ 8"), ("down1", "← 1"), ("down8", "← 8")], False),
+     [("up1", "→ 1"), ("up8", "→ 8"), ("up64", "→ 64"),
+      ("down1", "← 1"), ("down8", "← 8"), ("down64", "← 64")], False),
     ("Connect to first byte (ms, lower is better)", [("p50", "p50"), ("p99", "p99")], True),
     ("New connections per second (higher is better)", [("rate", "conn/s")], False),
     ("Memory per idle connection (KiB, lower is better)",

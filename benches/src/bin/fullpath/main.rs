@@ -5,7 +5,7 @@
 //! through `./scripts/bench` (root), which installs the peers and renders
 //! the chart.
 //!
-//! For each path: iperf3 throughput with 1 and 8 streams in both
+//! For each path: iperf3 throughput with 1, 8 and 64 streams in both
 //! directions; connect-to-first-byte latency (p50, p99) over fresh
 //! connections; new connections per second; resident memory of the path's
 //! processes per idle connection, with every connection held shown still
@@ -422,6 +422,8 @@ fn measure(lab: &Lab, running: &mut Running, plan: &Plan, round: usize, result: 
                 (Metric::Up8, 8, false),
                 (Metric::Down1, 1, true),
                 (Metric::Down8, 8, true),
+                (Metric::Up64, 64, false),
+                (Metric::Down64, 64, true),
             ] {
                 result.record(metric, iperf(lab, &host, plan, streams, reverse));
             }

@@ -18,6 +18,9 @@ pub enum Metric {
     Up8,
     Down1,
     Down8,
+    /// 64 streams at once: whether the path holds up under many streams.
+    Up64,
+    Down64,
     P50,
     P99,
     Rate,
@@ -33,11 +36,13 @@ impl Metric {
     /// The memory rows, one per count held, in the plan's order.
     pub const MEMORY: [Metric; 3] = [Metric::Mem1k, Metric::Mem10k, Metric::Mem50k];
 
-    pub const ALL: [Metric; 12] = [
+    pub const ALL: [Metric; 14] = [
         Metric::Up1,
         Metric::Up8,
         Metric::Down1,
         Metric::Down8,
+        Metric::Up64,
+        Metric::Down64,
         Metric::P50,
         Metric::P99,
         Metric::Rate,
@@ -54,6 +59,8 @@ impl Metric {
             Metric::Up8 => "throughput app → on-prem, 8 streams",
             Metric::Down1 => "throughput on-prem → app, 1 stream",
             Metric::Down8 => "throughput on-prem → app, 8 streams",
+            Metric::Up64 => "throughput app → on-prem, 64 streams",
+            Metric::Down64 => "throughput on-prem → app, 64 streams",
             Metric::P50 => "connect to first byte, p50",
             Metric::P99 => "connect to first byte, p99",
             Metric::Rate => "new connections per second",
@@ -67,7 +74,12 @@ impl Metric {
 
     fn unit(self) -> &'static str {
         match self {
-            Metric::Up1 | Metric::Up8 | Metric::Down1 | Metric::Down8 => "Gbit/s",
+            Metric::Up1
+            | Metric::Up8
+            | Metric::Down1
+            | Metric::Down8
+            | Metric::Up64
+            | Metric::Down64 => "Gbit/s",
             Metric::P50 | Metric::P99 => "ms",
             Metric::Rate | Metric::Dns => "/s",
             Metric::Mem1k | Metric::Mem10k | Metric::Mem50k => "KiB",
@@ -521,6 +533,10 @@ fn targets(r: &Results) -> Vec<String> {
     line(
         "8 streams app → on-prem ≥ our single stream",
         ours_against(Metric::Up8, Metric::Up1, 1.0),
+    );
+    line(
+        "no collapse with 64 streams: app → on-prem ≥ 0.9× our 8 streams",
+        ours_against(Metric::Up64, Metric::Up8, 0.9),
     );
     line(
         "new connections per second ≥ 2× rathole",
