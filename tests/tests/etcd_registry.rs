@@ -53,7 +53,18 @@ fn a_hybrid_connection_made_on_one_relay_is_served_by_the_other_and_a_key_regene
     assert_eq!(key(&dir1)?, key(&dir2)?);
 
     let (send1, listen1) = node1.create_hc("payroll", echo_server_thread()?)?;
-    let shown = node2.hc(&["show", "payroll"])?;
+    // Node 2 learns it through its watch (about 10 ms on loopback); a
+    // busy machine may take longer, a second is the promise.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let shown = loop {
+        match node2.hc(&["show", "payroll"]) {
+            Ok(shown) => break shown,
+            Err(e) if Instant::now() < deadline && e.to_string().contains("does not exist") => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     assert_eq!(shown["name"], "payroll", "{shown}");
     // Node 2's strings carry node 2's address and certificate, and the
     // same keys.
