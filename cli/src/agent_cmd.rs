@@ -53,11 +53,11 @@ pub enum AgentCommand {
     /// connection strings and forward every stream to the hybrid connection's
     /// host:port. Reconnects by itself when the relay goes away.
     Run {
+        #[command(flatten)]
+        threads: crate::threads::ThreadsArg,
         /// A listen connection string (`hybridlink hc keys NAME`); repeat for
         /// more hybrid connections. Other users of this machine can read a
         /// command line: prefer --connection-strings-file.
-        #[command(flatten)]
-        threads: crate::threads::ThreadsArg,
         #[arg(long = "connection-string", value_name = "CS")]
         connection_strings: Vec<ConnectionString>,
         /// A file of listen connection strings, one per line (`#` starts a

@@ -589,6 +589,14 @@ fn serving_commands_run_on_the_threads_asked_for() -> Result<()> {
                 "{cmd:?} --help lacks {needle:?}: {help}"
             );
         }
+        // The flag sits among the others without taking their help.
+        if cmd == ["agent", "run"] {
+            let needle = "--connection-string <CS> A listen connection string";
+            ensure!(
+                help.contains(needle),
+                "agent run --help lacks {needle:?}: {help}"
+            );
+        }
         let (code, _, err) = run_flat(&[cmd[0], cmd[1], "--threads", "0"])?;
         ensure!(code == Some(2), "{cmd:?} --threads 0: exit {code:?}: {err}");
         ensure!(
