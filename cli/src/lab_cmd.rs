@@ -69,12 +69,16 @@ pub enum LabCommand {
     /// The same lab on three real VMs (vagrant/, libvirt with software
     /// emulation): prepare the host, build the box if missing, bring the VMs
     /// up, provision them with the same role scripts, run the demo's checks
-    /// across them, destroy everything. Root; takes about 15 minutes.
+    /// across them, destroy everything. Root; takes about 15 minutes. One
+    /// lab per host: a second run waits for the first
+    /// (/run/lock/hybridlink-vagrant.lock), and a run removes what an
+    /// interrupted one left.
     Vagrant {
         /// The directory holding the Vagrantfile.
         #[arg(long, default_value = "vagrant")]
         dir: PathBuf,
-        /// Leave the VMs running afterwards.
+        /// Leave the VMs running afterwards. The next `lab vagrant` on this
+        /// host removes them before it starts (the VMs' names are fixed).
         #[arg(long)]
         keep: bool,
     },

@@ -4,7 +4,8 @@
 //! checks of [`crate::services`] on them).
 //!
 //! [`run`] is `hybridlink lab vagrant`: prepare the host
-//! (`scripts/vagrant-host-setup`), build the box if missing
+//! (`scripts/vagrant-host-setup`), remove what an interrupted run left
+//! (`scripts/vagrant-host-clean`), build the box if missing
 //! (`vagrant/build-box`), `vagrant up`, provision the roles in order, run
 //! the demo's checks, then destroy everything and check that nothing is
 //! left (`scripts/vagrant-host-teardown`).
@@ -23,6 +24,11 @@ pub const VM_BINARY: &str = "/usr/local/bin/hybridlink";
 pub const VM_SCRIPTS: &str = "/opt/hybridlink-lab/provision";
 /// The state directories inside each VM.
 pub const VM_STATE: &str = "/var/lib/hybridlink-lab";
+/// The host-wide lock a Vagrant lab holds from preparing the host to
+/// tearing it down. The lab's domain and network names are fixed, so two
+/// labs on one host cannot run at once; and while the lock is held, any
+/// domain with those names belongs to a run that is gone.
+pub const HOST_LOCK: &str = "/run/lock/hybridlink-vagrant.lock";
 
 /// The VMs of the Vagrantfile in `dir`.
 #[derive(Debug, Clone)]
@@ -79,6 +85,13 @@ impl Vagrant {
         self.step(
             "preparing the host (libvirt, qemu)",
             &mut Command::new(self.scripts_dir().join("vagrant-host-setup")),
+        )?;
+        // A run killed before its teardown (a CI job cut off, a machine
+        // shut down) leaves its domains defined, and `vagrant up` then
+        // fails on "name already taken".
+        self.step(
+            "removing what an interrupted lab left",
+            &mut Command::new(self.scripts_dir().join("vagrant-host-clean")),
         )?;
         self.step(
             "building the box if missing",
@@ -223,6 +236,7 @@ impl Machines for Vagrant {
 /// Returns the demo's report; everything is destroyed afterwards unless
 /// `keep`.
 pub fn run(dir: &Path, binary: &Path, keep: bool) -> Result<crate::demo::Report> {
+    let _lock = lock_host()?;
     let mut lab = Vagrant::new(dir, binary);
     let daemons_were_ours = !Command::new("pgrep")
         .args(["-x", "libvirtd"])
@@ -240,7 +254,7 @@ pub fn run(dir: &Path, binary: &Path, keep: bool) -> Result<crate::demo::Report>
     });
     if keep {
         eprintln!(
-            "lab vagrant: --keep: the VMs stay up (vagrant destroy -f in {}, then scripts/vagrant-host-teardown)",
+            "lab vagrant: --keep: the VMs stay up until `vagrant destroy -f` in {}, then scripts/vagrant-host-teardown (the next `lab vagrant` on this host removes them first)",
             dir.display()
         );
         return result;
@@ -249,4 +263,30 @@ pub fn run(dir: &Path, binary: &Path, keep: bool) -> Result<crate::demo::Report>
     let report = result?;
     destroyed?;
     Ok(report)
+}
+
+/// Takes [`HOST_LOCK`], waiting (and saying so) while another lab holds it.
+/// Released when the returned file is dropped or the process ends.
+pub fn lock_host() -> Result<std::fs::File> {
+    if let Some(dir) = Path::new(HOST_LOCK).parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(HOST_LOCK)
+        .with_context(|| format!("opening {HOST_LOCK}"))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!("lab vagrant: another Vagrant lab on this host holds {HOST_LOCK}; waiting");
+            file.lock()
+                .with_context(|| format!("locking {HOST_LOCK}"))?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {HOST_LOCK}"));
+        }
+    }
+    Ok(file)
 }
