@@ -182,6 +182,24 @@ pub struct Relay {
     _dir: Option<tempfile::TempDir>,
 }
 
+/// `hybridlink relay serve` with `data_dir`, its listener and API on
+/// loopback ports the kernel picks, not yet started: for the cases that
+/// watch how a relay starts, or how it refuses to.
+pub fn relay_serve(data_dir: &Path) -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.args([
+        "relay",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(data_dir);
+    cmd
+}
+
 impl Relay {
     /// Starts a relay on loopback with a fresh data dir.
     pub fn start() -> Result<Relay> {

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use hybridlink_tests::{Agent, Proc, Relay, binary, echo_server};
+use hybridlink_tests::{Agent, Proc, Relay, binary, echo_server, relay_serve};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connect_joins_stdin_and_stdout_to_one_stream() -> Result<()> {
@@ -626,17 +626,7 @@ fn serving_commands_run_on_the_threads_asked_for() -> Result<()> {
     // The environment, as a unit's Environment= would set it.
     let log = dir.path().join("env.log");
     let data = dir.path().join("data");
-    let mut relay = Command::new(binary())
-        .args([
-            "relay",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
+    let mut relay = relay_serve(&data)
         .env("HYBRIDLINK_THREADS", "2")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use hybridlink_tests::etcd::Etcd;
-use hybridlink_tests::{Agent, OpenStream, Relay, binary, echo_server_thread, wait_for};
+use hybridlink_tests::{
+    Agent, OpenStream, Relay, binary, echo_server_thread, relay_serve, wait_for,
+};
 use proto::connection_string::ConnectionString;
 
 /// A relay on loopback with a fresh data dir, its registry in `etcd`.
@@ -361,17 +363,7 @@ fn a_relay_refuses_to_start_without_etcd_or_with_a_bad_registry_url() -> Result<
     let closed = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
-    let out = Command::new(binary())
-        .args([
-            "relay",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path())
+    let out = relay_serve(dir.path())
         .args(["--registry", &format!("etcd://{closed}")])
         .stdin(Stdio::null())
         .output()?;
@@ -582,19 +574,10 @@ fn a_relay_signs_in_to_etcd_with_a_password_kept_off_its_command_line_and_outliv
     let secrets = tempfile::tempdir()?;
     let url = etcd.url();
     let serve = |password: Option<&str>| -> Result<std::process::Output> {
-        let mut cmd = Command::new(binary());
-        cmd.args([
-            "relay",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .args(["--registry", &url, "--etcd-user", "root", "--data-dir"])
-        .arg(dir.path())
-        .env_remove("HYBRIDLINK_ETCD_PASSWORD")
-        .stdin(Stdio::null());
+        let mut cmd = relay_serve(dir.path());
+        cmd.args(["--registry", &url, "--etcd-user", "root"])
+            .env_remove("HYBRIDLINK_ETCD_PASSWORD")
+            .stdin(Stdio::null());
         if let Some(password) = password {
             cmd.env("HYBRIDLINK_ETCD_PASSWORD", password);
         }
@@ -654,17 +637,8 @@ fn relays_reach_an_etcd_that_speaks_tls_and_asks_for_client_certificates() -> Re
     let url = etcd.url();
     let dir = tempfile::tempdir()?;
     let serve = |flags: &[&str]| -> Result<std::process::Output> {
-        Ok(Command::new(binary())
-            .args([
-                "relay",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--api",
-                "127.0.0.1:0",
-            ])
-            .args(["--registry", &url, "--data-dir"])
-            .arg(dir.path())
+        Ok(relay_serve(dir.path())
+            .args(["--registry", &url])
             .args(flags)
             .stdin(Stdio::null())
             .output()?)
