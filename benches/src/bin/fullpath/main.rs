@@ -18,6 +18,7 @@ mod paths;
 mod probe;
 mod profile;
 mod report;
+mod steal;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -211,7 +212,7 @@ fn run(args: Args) -> Result<()> {
     lab.hold_ports = lab.hold_ports_for(most_held);
     if lab.spread > 1 {
         eprintln!(
-            "the open-files limit is {} (the hard limit could not be raised): the greeter, the hold probe and hybridlink's agent run as {} processes each",
+            "the open-files limit is {} (the hard limit could not be raised): the greeter, the hold probe and hybridlink's agent run as {} processes each (the extra agents serve only the hold's hybrid connections)",
             lab.files, lab.spread
         );
     }
@@ -364,6 +365,7 @@ fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Resul
     results.open_files = lab.files;
     results.spread = lab.spread;
     results.hold_ports = lab.hold_ports;
+    let run = steal::Clock::start();
     let mut per_path: Vec<PathResult> = kinds.iter().map(|&k| PathResult::new(k)).collect();
     for round in 0..plan.rounds {
         for (&kind, result) in kinds.iter().zip(per_path.iter_mut()) {
@@ -397,6 +399,7 @@ fn measure_all(lab: &Lab, kinds: &[PathKind], plan: &Plan, args: &Args) -> Resul
             eprintln!("   ({:.0} s)", started.elapsed().as_secs_f64());
         }
     }
+    results.steal = run.percent();
     for mut result in per_path {
         result.finish();
         results.paths.push(result);
@@ -425,7 +428,9 @@ fn measure(lab: &Lab, running: &mut Running, plan: &Plan, round: usize, result: 
                 (Metric::Up64, 64, false),
                 (Metric::Down64, 64, true),
             ] {
-                result.record(metric, iperf(lab, &host, plan, streams, reverse));
+                let clock = steal::Clock::start();
+                let gbits = iperf(lab, &host, plan, streams, reverse);
+                result.record(metric, gbits, clock.percent());
             }
             let _ = server.kill();
             let _ = server.wait();
@@ -434,32 +439,56 @@ fn measure(lab: &Lab, running: &mut Running, plan: &Plan, round: usize, result: 
     }
     let target = format!("{host}:{GREET_PORT}");
     let count = plan.latency_count.to_string();
-    match lab.probe(Role::App, &["latency", &target, &count]) {
-        Ok(v) => {
-            result.record(Metric::P50, number(&v, "p50_ms"));
-            result.record(Metric::P99, number(&v, "p99_ms"));
-            if v["failures"].as_u64().unwrap_or(0) > 0 {
-                result.fail(format!(
-                    "latency: {} connections failed: {}",
-                    v["failures"], v["first_error"]
-                ));
+    // One slow connection in a hundred makes the p99: a second in which
+    // the hypervisor takes a fifth of the CPU decides it, for any path.
+    for attempt in 0..=steal::RETRIES {
+        let clock = steal::Clock::start();
+        let timed = lab.probe(Role::App, &["latency", &target, &count]);
+        let stolen = clock.percent();
+        match timed {
+            Ok(v) => {
+                let (p50, p99) = (number(&v, "p50_ms"), number(&v, "p99_ms"));
+                if stolen > steal::LIMIT
+                    && attempt < steal::RETRIES
+                    && let (Ok(p50), Ok(p99)) = (&p50, &p99)
+                {
+                    result.set_aside(Metric::P50, *p50, stolen);
+                    result.set_aside(Metric::P99, *p99, stolen);
+                    if !steal::wait_for_calm(steal::CALM_WAIT) {
+                        eprintln!(
+                            "   the hypervisor kept taking more than {} % of the CPU for {} s",
+                            steal::LIMIT,
+                            steal::CALM_WAIT.as_secs()
+                        );
+                    }
+                    continue;
+                }
+                result.record(Metric::P50, p50, stolen);
+                result.record(Metric::P99, p99, stolen);
+                if v["failures"].as_u64().unwrap_or(0) > 0 {
+                    result.fail(format!(
+                        "latency: {} connections failed: {}",
+                        v["failures"], v["first_error"]
+                    ));
+                }
             }
+            Err(e) => result.fail(format!("latency: {e:#}")),
         }
-        Err(e) => result.fail(format!("latency: {e:#}")),
+        break;
     }
     let secs = plan.rate_secs.to_string();
-    result.record(
-        Metric::Rate,
-        lab.probe(Role::App, &["rate", &target, &secs, "16"])
-            .and_then(|v| number(&v, "per_sec")),
-    );
+    let clock = steal::Clock::start();
+    let rate = lab
+        .probe(Role::App, &["rate", &target, &secs, "16"])
+        .and_then(|v| number(&v, "per_sec"));
+    result.record(Metric::Rate, rate, clock.percent());
     if let Some((server, name)) = running.dns.clone() {
         let secs = plan.dns_secs.to_string();
-        result.record(
-            Metric::Dns,
-            lab.probe(Role::App, &["dns", &server, &name, &secs, "8"])
-                .and_then(|v| number(&v, "per_sec")),
-        );
+        let clock = steal::Clock::start();
+        let answered = lab
+            .probe(Role::App, &["dns", &server, &name, &secs, "8"])
+            .and_then(|v| number(&v, "per_sec"));
+        result.record(Metric::Dns, answered, clock.percent());
     }
     // Holding thousands of connections takes long and varies little:
     // once, in the first round, and last, so that a path left struggling
@@ -470,14 +499,15 @@ fn measure(lab: &Lab, running: &mut Running, plan: &Plan, round: usize, result: 
             if n > PEER_HOLD_MOST && running.kind != PathKind::Hybridlink {
                 continue;
             }
+            let clock = steal::Clock::start();
             let held = idle_memory(lab, running, &target, n);
             if held.is_ok() {
                 all_answered = all_answered.max(Some(n));
             }
-            result.record(metric, held);
+            result.record(metric, held, clock.percent());
         }
         if let Some(n) = all_answered {
-            result.record(Metric::Held, Ok(f64::from(n)));
+            result.record(Metric::Held, Ok(f64::from(n)), 0.0);
         }
     }
 }

@@ -657,11 +657,19 @@ impl Lab {
         self.state.join("relay-data")
     }
 
-    /// The agent in the onprem namespace, allowed exactly the two
-    /// endpoints (the policy `agent install` would write).
+    /// The agent in the onprem namespace, allowed exactly the endpoints
+    /// (the policy `agent install` would write). `listen` holds the iperf
+    /// and greeter hybrid connections' strings, then the hold's. Agent 0
+    /// serves them all, as a user's one agent would; when the open-files
+    /// limit spreads the agent over processes ([`Lab::spread`]), the others
+    /// serve only the hold's, so every other row measures one agent.
     fn start_agent(&self, r: &mut Running, listen: &[String], extra: &[&str]) -> Result<()> {
-        for i in 0..self.spread {
-            self.start_one_agent(r, i, listen, extra)?;
+        self.start_one_agent(r, 0, listen, extra)?;
+        let held = listen.get(2..).unwrap_or_default();
+        if !held.is_empty() {
+            for i in 1..self.spread {
+                self.start_one_agent(r, i, held, extra)?;
+            }
         }
         Ok(())
     }

@@ -119,9 +119,26 @@ pub struct PathResult {
     /// For each round with a failed measurement, the path's processes.
     #[serde(default)]
     pub diagnoses: Vec<Diagnosis>,
+    /// Every figure as measured, in order, with the CPU time the
+    /// hypervisor took meanwhile; the figures set aside for it included.
+    #[serde(default)]
+    pub measured: BTreeMap<Metric, Vec<Measured>>,
     /// The round being measured (errors name it).
     #[serde(skip)]
     pub round: usize,
+}
+
+/// One figure as measured.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Measured {
+    pub round: usize,
+    pub value: f64,
+    /// The share of the machine's CPU time the hypervisor took while it was
+    /// measured, in percent (see `steal.rs`).
+    pub steal: f64,
+    /// Whether the figure counts; one measured while the hypervisor took
+    /// more than `steal::LIMIT` was measured again instead.
+    pub kept: bool,
 }
 
 /// The state of a path's processes when a measurement of `round` failed.
@@ -143,19 +160,48 @@ impl PathResult {
             samples: BTreeMap::new(),
             errors: Vec::new(),
             diagnoses: Vec::new(),
+            measured: BTreeMap::new(),
             round: 1,
         }
     }
 
-    /// Keeps a figure (and shows it), or the reason there is none.
-    pub fn record(&mut self, metric: Metric, value: Result<f64>) {
+    /// Keeps a figure (and shows it), or the reason there is none. `steal`
+    /// is the share of the CPU the hypervisor took while it was measured.
+    pub fn record(&mut self, metric: Metric, value: Result<f64>, steal: f64) {
         match value {
             Ok(v) => {
-                eprintln!("   {:<44} {}", metric.label(), metric.format(v));
+                eprintln!(
+                    "   {:<44} {}{}",
+                    metric.label(),
+                    metric.format(v),
+                    stolen(steal)
+                );
                 self.samples.entry(metric).or_default().push(v);
+                self.note(metric, v, steal, true);
             }
             Err(e) => self.fail(format!("{}: {e:#}", metric.label())),
         }
+    }
+
+    /// Shows a figure measured while the hypervisor took `steal` percent
+    /// of the CPU, and keeps it only for the report: it is measured again.
+    pub fn set_aside(&mut self, metric: Metric, value: f64, steal: f64) {
+        eprintln!(
+            "   {:<44} {}{}: set aside, measuring again",
+            metric.label(),
+            metric.format(value),
+            stolen(steal)
+        );
+        self.note(metric, value, steal, false);
+    }
+
+    fn note(&mut self, metric: Metric, value: f64, steal: f64, kept: bool) {
+        self.measured.entry(metric).or_default().push(Measured {
+            round: self.round,
+            value,
+            steal,
+            kept,
+        });
     }
 
     /// Records a failure of the current round.
@@ -171,6 +217,16 @@ impl PathResult {
                 self.values.insert(*metric, median);
             }
         }
+    }
+}
+
+/// What the console says after a figure when the hypervisor took a share
+/// of the CPU worth noting while it was measured.
+fn stolen(steal: f64) -> String {
+    if steal >= crate::steal::NOTE {
+        format!(" (the hypervisor took {steal:.0} % of the CPU)")
+    } else {
+        String::new()
     }
 }
 
@@ -200,12 +256,21 @@ pub struct Results {
     /// connections held, each within that limit.
     #[serde(default)]
     pub spread: u32,
+    /// Whether hybridlink's extra agent processes (see `spread`) served
+    /// only the hold's hybrid connections, so that its other rows went
+    /// through one agent; runs before 2 December 2026 spread every row.
+    #[serde(default)]
+    pub one_agent_rows: bool,
     /// How many destination ports hybridlink's hold spread over.
     #[serde(default)]
     pub hold_ports: u32,
     /// How many rounds measured every path in turn.
     #[serde(default)]
     pub rounds: usize,
+    /// The share of the machine's CPU time the hypervisor took over the
+    /// whole measurement, in percent.
+    #[serde(default)]
+    pub steal: f64,
     pub paths: Vec<PathResult>,
 }
 
@@ -288,8 +353,10 @@ impl Results {
             holds: holds.to_vec(),
             open_files: 0,
             spread: 1,
+            one_agent_rows: true,
             hold_ports: 1,
             rounds: 1,
+            steal: 0.0,
             paths: Vec::new(),
         })
     }
@@ -378,6 +445,7 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(s, "- {line}");
     }
     spread(&mut s, r);
+    stolen_rows(&mut s, r);
     let errors: Vec<String> = r
         .paths
         .iter()
@@ -421,8 +489,15 @@ pub fn markdown(r: &Results) -> String {
             s,
             "\nThe open-files limit of this machine's processes was {} and could not be raised, \
              so the target, the probe holding the connections and hybridlink's agent each ran \
-             as {} processes sharing the connections (one file per connection each).",
-            r.open_files, r.spread
+             as {} processes sharing the connections (one file per connection each).{}",
+            r.open_files,
+            r.spread,
+            if r.one_agent_rows {
+                " hybridlink's extra agent processes served only the held connections' \
+                 hybrid connections: its other rows went through one agent, as a user runs it."
+            } else {
+                ""
+            }
         );
     }
     if r.hold_ports > 1 {
@@ -436,6 +511,50 @@ pub fn markdown(r: &Results) -> String {
         );
     }
     s
+}
+
+/// Every figure measured while the hypervisor took a share of the CPU
+/// worth noting, and those measured again for it: a noisy neighbour on the
+/// host shows itself rather than passing for the path's figure.
+fn stolen_rows(s: &mut String, r: &Results) {
+    use crate::steal;
+    let _ = writeln!(
+        s,
+        "\n## CPU taken by the hypervisor\n\nThis machine is a virtual one: its \
+         hypervisor took {:.1} % of its CPU time over the run (`steal` in /proc/stat). A \
+         latency row measured while it took more than {:.0} % is set aside and measured \
+         again, up to {} times, for every path alike. Figures measured while it took \
+         {:.0} % or more:\n",
+        r.steal,
+        steal::LIMIT,
+        steal::RETRIES,
+        steal::NOTE
+    );
+    let mut any = false;
+    for p in &r.paths {
+        for (metric, figures) in &p.measured {
+            for m in figures.iter().filter(|m| m.steal >= steal::NOTE) {
+                any = true;
+                let _ = writeln!(
+                    s,
+                    "- {}, {}, round {}: {} while it took {:.0} %{}",
+                    p.title,
+                    r.label(*metric),
+                    m.round,
+                    metric.format(m.value),
+                    m.steal,
+                    if m.kept {
+                        ""
+                    } else {
+                        " (set aside, measured again)"
+                    }
+                );
+            }
+        }
+    }
+    if !any {
+        let _ = writeln!(s, "- none");
+    }
 }
 
 /// The spread of each figure over the rounds: min–max and the number of
@@ -594,8 +713,10 @@ mod tests {
             holds: vec![1000, 10000, 50000],
             open_files: 0,
             spread: 1,
+            one_agent_rows: true,
             hold_ports: 1,
             rounds,
+            steal: 0.0,
             paths,
         }
     }
@@ -608,10 +729,10 @@ mod tests {
         let mut ours = PathResult::new(PathKind::Hybridlink);
         for (round, v) in [(1, 3.0), (2, 9.0), (3, 4.0)] {
             ours.round = round;
-            ours.record(Metric::Up1, Ok(v));
+            ours.record(Metric::Up1, Ok(v), 0.0);
         }
         ours.round = 3;
-        ours.record(Metric::P50, Err(anyhow::anyhow!("0 of 300 connected")));
+        ours.record(Metric::P50, Err(anyhow::anyhow!("0 of 300 connected")), 0.0);
         ours.diagnoses.push(Diagnosis {
             round: 3,
             processes: vec!["relay (exited: signal: 9 (SIGKILL)); last lines of relay.log:".into()],
@@ -630,6 +751,44 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("relay (exited: signal: 9 (SIGKILL))"), "{md}");
+    }
+
+    /// A latency row the hypervisor disturbed is listed with its share of
+    /// the CPU, set aside, and does not make the median; a quiet run says
+    /// so.
+    #[test]
+    fn figures_measured_while_the_hypervisor_took_the_cpu_are_named() {
+        let mut ours = PathResult::new(PathKind::Hybridlink);
+        ours.round = 1;
+        ours.set_aside(Metric::P99, 11.3, 22.8);
+        ours.record(Metric::P99, Ok(0.9), 0.3);
+        ours.round = 2;
+        ours.record(Metric::P99, Ok(2.5), 3.0);
+        ours.finish();
+        assert_eq!(
+            ours.samples[&Metric::P99],
+            vec![0.9, 2.5],
+            "11.3 is not kept"
+        );
+        let mut r = results(2, vec![ours]);
+        r.steal = 1.7;
+        let md = markdown(&r);
+        assert!(md.contains("hypervisor took 1.7 % of its CPU time"), "{md}");
+        assert!(
+            md.contains("round 1: 11.30 ms while it took 23 % (set aside, measured again)"),
+            "{md}"
+        );
+        assert!(md.contains("round 2: 2.50 ms while it took 3 %\n"), "{md}");
+        assert!(
+            !md.contains("0.90 ms while"),
+            "a quiet figure is not listed: {md}"
+        );
+
+        let mut quiet = PathResult::new(PathKind::Hybridlink);
+        quiet.record(Metric::P99, Ok(0.9), 0.0);
+        quiet.finish();
+        let md = markdown(&results(1, vec![quiet]));
+        assert!(md.contains("or more:\n\n- none"), "{md}");
     }
 
     #[test]
