@@ -23,6 +23,14 @@ pub mod hostile_relay;
 pub mod lab;
 pub mod wire;
 
+/// The repository's root directory (the parent of `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
 /// Path of the `hybridlink` binary, built once per test run if needed.
 pub fn binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -30,10 +38,7 @@ pub fn binary() -> PathBuf {
         if let Some(p) = std::env::var_os("HYBRIDLINK_BIN") {
             return PathBuf::from(p);
         }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("tests/ has a parent")
-            .to_path_buf();
+        let root = repo_root();
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"));

@@ -36,9 +36,7 @@ fn the_portal_creates_keys_watches_and_deletes_hybrid_connections() -> Result<()
         eprintln!("SKIP: {missing}");
         return Ok(());
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("tests/ has a parent")?;
+    let root = hybridlink_tests::repo_root();
     let script_dir = root.join("tests/portal");
     for (dir, module) in [
         ("tests/portal", "playwright-core"),

@@ -511,9 +511,7 @@ fn a_node_with_another_certificate_is_named_as_such() -> Result<()> {
 fn the_portal_of_one_node_shows_every_node_and_their_agents() -> Result<()> {
     let chromium = std::env::var_os("CHROMIUM")
         .map_or_else(|| std::path::PathBuf::from("/usr/bin/chromium"), Into::into);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("tests/ has a parent")?;
+    let root = hybridlink_tests::repo_root();
     let script_dir = root.join("tests/portal");
     let tools = chromium.exists()
         && script_dir.join("node_modules/playwright-core").exists()

@@ -7,21 +7,13 @@
 //! (libvirt); skips with a message otherwise.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use hybridlink_tests::binary;
 use hybridlink_tests::lab::root_or_skip;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
+use hybridlink_tests::{binary, repo_root};
 
 fn virsh(args: &[&str]) -> Result<String> {
     let out = Command::new("virsh")
@@ -42,7 +34,7 @@ struct Teardown;
 
 impl Drop for Teardown {
     fn drop(&mut self) {
-        let _ = Command::new(repo().join("scripts/vagrant-host-teardown")).status();
+        let _ = Command::new(repo_root().join("scripts/vagrant-host-teardown")).status();
     }
 }
 
@@ -52,7 +44,7 @@ fn an_interrupted_labs_vms_and_networks_are_removed_before_the_next_lab() -> Res
         return Ok(());
     }
     let _lock = lab::vagrant::lock_host()?;
-    let setup = Command::new(repo().join("scripts/vagrant-host-setup")).status()?;
+    let setup = Command::new(repo_root().join("scripts/vagrant-host-setup")).status()?;
     let _teardown = Teardown;
     ensure!(setup.success(), "vagrant-host-setup: {setup}");
 
@@ -83,7 +75,7 @@ fn an_interrupted_labs_vms_and_networks_are_removed_before_the_next_lab() -> Res
     );
 
     // The step `lab vagrant` runs before `vagrant up`.
-    let out = Command::new(repo().join("scripts/vagrant-host-clean")).output()?;
+    let out = Command::new(repo_root().join("scripts/vagrant-host-clean")).output()?;
     let said = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "vagrant-host-clean failed: {said}");
     ensure!(

@@ -428,9 +428,8 @@ fn measure(lab: &Lab, running: &mut Running, plan: &Plan, round: usize, result: 
                 (Metric::Up64, 64, false),
                 (Metric::Down64, 64, true),
             ] {
-                let clock = steal::Clock::start();
-                let gbits = iperf(lab, &host, plan, streams, reverse);
-                result.record(metric, gbits, clock.percent());
+                let (gbits, stolen) = steal::during(|| iperf(lab, &host, plan, streams, reverse));
+                result.record(metric, gbits, stolen);
             }
             let _ = server.kill();
             let _ = server.wait();
@@ -438,57 +437,20 @@ fn measure(lab: &Lab, running: &mut Running, plan: &Plan, round: usize, result: 
         Err(e) => result.fail(format!("iperf3 server: {e:#}")),
     }
     let target = format!("{host}:{GREET_PORT}");
-    let count = plan.latency_count.to_string();
-    // One slow connection in a hundred makes the p99: a second in which
-    // the hypervisor takes a fifth of the CPU decides it, for any path.
-    for attempt in 0..=steal::RETRIES {
-        let clock = steal::Clock::start();
-        let timed = lab.probe(Role::App, &["latency", &target, &count]);
-        let stolen = clock.percent();
-        match timed {
-            Ok(v) => {
-                let (p50, p99) = (number(&v, "p50_ms"), number(&v, "p99_ms"));
-                if stolen > steal::LIMIT
-                    && attempt < steal::RETRIES
-                    && let (Ok(p50), Ok(p99)) = (&p50, &p99)
-                {
-                    result.set_aside(Metric::P50, *p50, stolen);
-                    result.set_aside(Metric::P99, *p99, stolen);
-                    if !steal::wait_for_calm(steal::CALM_WAIT) {
-                        eprintln!(
-                            "   the hypervisor kept taking more than {} % of the CPU for {} s",
-                            steal::LIMIT,
-                            steal::CALM_WAIT.as_secs()
-                        );
-                    }
-                    continue;
-                }
-                result.record(Metric::P50, p50, stolen);
-                result.record(Metric::P99, p99, stolen);
-                if v["failures"].as_u64().unwrap_or(0) > 0 {
-                    result.fail(format!(
-                        "latency: {} connections failed: {}",
-                        v["failures"], v["first_error"]
-                    ));
-                }
-            }
-            Err(e) => result.fail(format!("latency: {e:#}")),
-        }
-        break;
-    }
+    time_connections(lab, &target, plan.latency_count, result);
     let secs = plan.rate_secs.to_string();
-    let clock = steal::Clock::start();
-    let rate = lab
-        .probe(Role::App, &["rate", &target, &secs, "16"])
-        .and_then(|v| number(&v, "per_sec"));
-    result.record(Metric::Rate, rate, clock.percent());
+    let (rate, stolen) = steal::during(|| {
+        lab.probe(Role::App, &["rate", &target, &secs, "16"])
+            .and_then(|v| number(&v, "per_sec"))
+    });
+    result.record(Metric::Rate, rate, stolen);
     if let Some((server, name)) = running.dns.clone() {
         let secs = plan.dns_secs.to_string();
-        let clock = steal::Clock::start();
-        let answered = lab
-            .probe(Role::App, &["dns", &server, &name, &secs, "8"])
-            .and_then(|v| number(&v, "per_sec"));
-        result.record(Metric::Dns, answered, clock.percent());
+        let (answered, stolen) = steal::during(|| {
+            lab.probe(Role::App, &["dns", &server, &name, &secs, "8"])
+                .and_then(|v| number(&v, "per_sec"))
+        });
+        result.record(Metric::Dns, answered, stolen);
     }
     // Holding thousands of connections takes long and varies little:
     // once, in the first round, and last, so that a path left struggling
@@ -499,16 +461,56 @@ fn measure(lab: &Lab, running: &mut Running, plan: &Plan, round: usize, result: 
             if n > PEER_HOLD_MOST && running.kind != PathKind::Hybridlink {
                 continue;
             }
-            let clock = steal::Clock::start();
-            let held = idle_memory(lab, running, &target, n);
+            let (held, stolen) = steal::during(|| idle_memory(lab, running, &target, n));
             if held.is_ok() {
                 all_answered = all_answered.max(Some(n));
             }
-            result.record(metric, held, clock.percent());
+            result.record(metric, held, stolen);
         }
         if let Some(n) = all_answered {
             result.record(Metric::Held, Ok(f64::from(n)), 0.0);
         }
+    }
+}
+
+/// The latency row: `count` fresh connections to `target`, timed from
+/// connect to the greeting byte. One slow connection in a hundred makes
+/// the p99, so a second in which the hypervisor takes a fifth of the CPU
+/// decides it, for any path: a row taken while it took more than
+/// [`steal::LIMIT`] is set aside and measured again once it calms down.
+fn time_connections(lab: &Lab, target: &str, count: u32, result: &mut PathResult) {
+    let count = count.to_string();
+    for attempt in 0..=steal::RETRIES {
+        let (timed, stolen) = steal::during(|| lab.probe(Role::App, &["latency", target, &count]));
+        let v = match timed {
+            Ok(v) => v,
+            Err(e) => return result.fail(format!("latency: {e:#}")),
+        };
+        let (p50, p99) = (number(&v, "p50_ms"), number(&v, "p99_ms"));
+        if stolen > steal::LIMIT
+            && attempt < steal::RETRIES
+            && let (Ok(p50), Ok(p99)) = (&p50, &p99)
+        {
+            result.set_aside(Metric::P50, *p50, stolen);
+            result.set_aside(Metric::P99, *p99, stolen);
+            if !steal::wait_for_calm(steal::CALM_WAIT) {
+                eprintln!(
+                    "   the hypervisor kept taking more than {} % of the CPU for {} s",
+                    steal::LIMIT,
+                    steal::CALM_WAIT.as_secs()
+                );
+            }
+            continue;
+        }
+        result.record(Metric::P50, p50, stolen);
+        result.record(Metric::P99, p99, stolen);
+        if v["failures"].as_u64().unwrap_or(0) > 0 {
+            result.fail(format!(
+                "latency: {} connections failed: {}",
+                v["failures"], v["first_error"]
+            ));
+        }
+        return;
     }
 }
 

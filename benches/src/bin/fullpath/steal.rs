@@ -79,6 +79,14 @@ impl Clock {
     }
 }
 
+/// Runs `work` and returns its result with the share of the CPU the
+/// hypervisor took meanwhile, in percent.
+pub fn during<T>(work: impl FnOnce() -> T) -> (T, f64) {
+    let clock = Clock::start();
+    let out = work();
+    (out, clock.percent())
+}
+
 fn share(steal: u64, total: u64) -> f64 {
     if total == 0 {
         return 0.0;
